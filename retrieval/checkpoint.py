@@ -1,0 +1,49 @@
+"""Checkpoints: atomic save, load with a clear error, model rebuilt from its own config."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .model import RetrievalModel, fingerprint, model_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_checkpoint(model: RetrievalModel, **extra) -> dict:
+    """The checkpoint dict of a model plus training state (optimizer, epoch, ...)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"model": state, "model_config": model.config.to_dict(), "fingerprint": fingerprint(model), **extra}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint dict, naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for corrupt files
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+    missing = [k for k in ("model", "model_config", "fingerprint") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a retrieval checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RetrievalModel, dict]:
+    """The model of a checkpoint in eval mode, and the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    model = model_from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,55 @@
+"""The ``retrieval`` console script: one subcommand per stage, each a module with ``main(argv)``."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "demo-catalog": ("retrieval.demo", "generate the built-in demo catalog of drawn garments"),
+    "catalog-info": ("retrieval.info", "check a catalog and print a per-group summary"),
+    "cache": ("retrieval.cache", "pre-decode resized catalog images into HDF5 for fast loading"),
+    "train": ("retrieval.train", "train a multi-weight / multi-task / multi-label model"),
+    "predict": ("retrieval.predict", "print each group's labels with probabilities for images"),
+    "embed": ("retrieval.embed", "embed every catalog image into an HDF5 file"),
+    "index": ("retrieval.index_cli", "build, add to or remove from a FAISS index directory"),
+    "evaluate": ("retrieval.evaluation", "per-group mAP@k of embeddings, or --compare reports"),
+    "serve": ("web.serve", "serve the search web UI and JSON API"),
+}
+
+
+def usage() -> str:
+    """The top-level help text."""
+    lines = ["usage: retrieval COMMAND [options]   (retrieval COMMAND --help for details)", "", "commands:"]
+    lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain log lines on stderr, for entry points only."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``retrieval COMMAND ...`` to the command's module."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"retrieval: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    configure_logging()
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return module.main(rest) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"retrieval {name}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

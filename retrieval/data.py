@@ -1,0 +1,149 @@
+"""Datasets: label targets, images from JPEG files or a pre-decoded HDF5 cache."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .catalog import Catalog, Item
+from .images import ImageError, load_image, to_uint8_array
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Targets:
+    """Multi-hot labels and a known-mask per group, row-aligned with a list of items."""
+
+    multi_hot: dict[str, torch.Tensor]
+    known: dict[str, torch.Tensor]
+
+    def take(self, index: torch.Tensor) -> "Targets":
+        """The rows at ``index``."""
+        return Targets({g: t[index] for g, t in self.multi_hot.items()},
+                       {g: k[index] for g, k in self.known.items()})
+
+    def to(self, device) -> "Targets":
+        return Targets({g: t.to(device) for g, t in self.multi_hot.items()},
+                       {g: k.to(device) for g, k in self.known.items()})
+
+    def counts(self) -> dict[str, int]:
+        """Labelled samples per group."""
+        return {g: int(k.sum()) for g, k in self.known.items()}
+
+    def label_counts(self) -> dict[str, torch.Tensor]:
+        """Samples per label of every group."""
+        return {g: t.sum(0) for g, t in self.multi_hot.items()}
+
+
+def build_targets(items: list[Item], vocab: dict[str, list[str]]) -> Targets:
+    """Multi-hot targets of ``items``; labels missing from ``vocab`` are ignored."""
+    multi_hot, known = {}, {}
+    for g, labels in vocab.items():
+        position = {label: i for i, label in enumerate(labels)}
+        t = torch.zeros(len(items), len(labels))
+        for row, item in enumerate(items):
+            for label in item.labels.get(g, ()):
+                if label in position:
+                    t[row, position[label]] = 1
+        multi_hot[g], known[g] = t, t.sum(1) > 0
+    return Targets(multi_hot, known)
+
+
+def drop_labels(items: list[Item], groups: list[str], keep: list[float], seed: int) -> list[Item]:
+    """Emulate incomplete labelling: keep group t's labels on a share ``keep[t]`` of items."""
+    rng = np.random.default_rng(seed)
+    kept = {}
+    for g, share in zip(groups, keep):
+        order = rng.permutation(len(items))
+        kept[g] = set(order[: round(share * len(items))].tolist())
+    return [Item(it.row_id, it.image, it.split, it.title,
+                 {g: (it.labels[g] if i in kept.get(g, range(len(items))) else ()) for g in groups})
+            for i, it in enumerate(items)]
+
+
+LABEL_DROPOUT_PROFILES = {"paper": [1.0, 0.96, 0.82, 0.78, 0.68, 0.61, 0.60]}
+
+
+def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
+    """``paper`` or comma-separated shares, extended with the last share to every group."""
+    shares = LABEL_DROPOUT_PROFILES.get(text)
+    if shares is None:
+        try:
+            shares = [float(s) for s in text.split(",")]
+        except ValueError:
+            raise ValueError(f"Bad --label-dropout {text!r}; use {', '.join(LABEL_DROPOUT_PROFILES)} "
+                             "or shares like 1.0,0.8,0.6") from None
+    if any(not 0 <= s <= 1 for s in shares):
+        raise ValueError(f"--label-dropout shares must lie in [0, 1], got {shares}")
+    return (shares + [shares[-1]] * n_groups)[:n_groups]
+
+
+class ImageCache:
+    """Pre-decoded letterboxed images in HDF5: ``images`` uint8 [N,S,S,3], ``paths``, ``ok``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = None
+        with h5py.File(self.path, "r") as f:
+            if "images" not in f or "paths" not in f:
+                raise ValueError(f"{self.path}: not an image cache (needs datasets images, paths)")
+            self.size = int(f["images"].shape[1])
+            self.done = int(f.attrs.get("done", 0))
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+            ok = f["ok"][:]
+        self.index = {p: i for i, p in enumerate(paths) if i < self.done and ok[i]}
+
+    def __contains__(self, image: str) -> bool:
+        return image in self.index
+
+    def read(self, image: str) -> np.ndarray:
+        """The cached uint8 HWC array of an image path."""
+        if self._file is None:  # opened lazily, once per worker process
+            self._file = h5py.File(self.path, "r")
+        return self._file["images"][self.index[image]]
+
+
+class ImageDataset(Dataset):
+    """Uint8 HWC images of catalog items, from the cache when it has them, else decoded."""
+
+    def __init__(self, catalog: Catalog, items: list[Item], size: int, cache: ImageCache | None = None):
+        if cache is not None and cache.size != size:
+            raise ValueError(f"{cache.path}: cached at {cache.size}px, training needs {size}px")
+        self.catalog, self.items, self.size, self.cache = catalog, items, size, cache
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        if self.cache is not None and item.image in self.cache:
+            return torch.from_numpy(self.cache.read(item.image)), i
+        try:
+            return torch.from_numpy(to_uint8_array(load_image(self.catalog.path_of(item)), self.size)), i
+        except ImageError as err:
+            logger.debug("%s", err)
+            return None, i
+
+
+def collate_images(batch):
+    """Stack readable images; return (images, indices, indices of unreadable ones)."""
+    good = [(img, i) for img, i in batch if img is not None]
+    bad = [i for img, i in batch if img is None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), bad
+    images, index = zip(*good)
+    return torch.stack(images), torch.tensor(index), bad
+
+
+def loader_workers(requested: int | None = None) -> int:
+    """Data loader worker count: as asked, else one per core beyond the first (at most 8)."""
+    if requested is not None:
+        return requested
+    return min(8, max(0, (os.cpu_count() or 1) - 1))

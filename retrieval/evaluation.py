@@ -1,0 +1,260 @@
+"""The ``retrieval evaluate`` command: mAP@k reports from an embeddings file, and run comparisons."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.catalog import Catalog, CatalogError, read_catalog
+from retrieval.metrics import DEVICES, evaluate_retrieval
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("test", "train", "all")
+REPORT_FILE = "report.json"
+VARIANTS = ("map_paper", "map_standard")
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be evaluated; the message says which file and why."""
+
+
+@dataclass
+class Embeddings:
+    """The contents of an ``EMB.h5`` file (see docs/formats.md)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    paths: list[str]
+    group_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+# --------------------------------------------------------------------------- reading and matching
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Load vectors, ids, paths, group vectors and fingerprint from an embeddings HDF5 file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: embeddings file not found")
+    with h5py.File(path, "r") as f:
+        missing = [name for name in ("vectors", "paths") if name not in f]
+        if missing:
+            raise EvaluationError(f"{path}: missing dataset(s) {missing}; expected vectors, ids, paths")
+        groups = {g: np.asarray(f["groups"][g], dtype=np.float32) for g in f["groups"]} if "groups" in f else {}
+        fingerprint = f.attrs.get("fingerprint", "")
+        return Embeddings(vectors=np.asarray(f["vectors"], dtype=np.float32),
+                          ids=np.asarray(f["ids"]) if "ids" in f else np.arange(len(f["vectors"])),
+                          paths=list(f["paths"].asstr()[()]), group_vectors=groups,
+                          fingerprint=fingerprint.decode() if isinstance(fingerprint, bytes) else str(fingerprint))
+
+
+def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarray, list]:
+    """Embedding rows of the split and their catalog items, matched by image path."""
+    by_image = catalog.by_image()
+    unknown = [p for p in paths if p not in by_image]
+    if unknown:
+        shown = ", ".join(repr(p) for p in unknown[:5])
+        raise EvaluationError(f"{len(unknown)} embedded image path(s) are not in the catalog {catalog.root}: "
+                              f"{shown}{' ...' if len(unknown) > 5 else ''}; was EMB.h5 made from this catalog?")
+    if len(set(paths)) != len(paths):
+        raise EvaluationError("the embeddings list some image paths more than once")
+    wanted = {item.image for item in catalog.split_items(split)}
+    rows = np.array([i for i, p in enumerate(paths) if p in wanted], dtype=np.int64)
+    return rows, [by_image[paths[i]] for i in rows]
+
+
+def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "test", k: int = 50,
+                        device: str = "cpu") -> dict:
+    """Report dict (docs/formats.md) of mAP@k on one split of the catalog."""
+    if split not in SPLITS:
+        raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    emb = read_embeddings(emb_path)
+    rows, items = match_rows(emb.paths, catalog, split)
+    if len(rows) < 2:
+        raise EvaluationError(f"only {len(rows)} embedded item(s) in split {split!r}; "
+                              f"choose another split ({', '.join(SPLITS)})")
+    n_missing = len(catalog.split_items(split)) - len(rows)
+    if n_missing:
+        logger.warning("%d item(s) of split %r have no embedding (skipped images); evaluating %d",
+                       n_missing, split, len(rows))
+    labels = {g: [item.labels[g] for item in items] for g in catalog.groups}
+    for g in sorted(set(emb.group_vectors) - set(catalog.groups)):
+        logger.warning("group vectors %r have no matching catalog group; ignored", g)
+    group_vectors = {g: v[rows] for g, v in emb.group_vectors.items() if g in labels}
+    report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=group_vectors,
+                                device=device, progress=True)
+    settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
+                "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve())}
+    return {"settings": settings, **report}
+
+
+# --------------------------------------------------------------------------- writing
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    """Write report.json, table.md and chart.png into ``out_dir``; return the directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / REPORT_FILE, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomic(out_dir / "table.md", lambda p: p.write_text(format_table(report) + "\n"))
+    write_atomic(out_dir / "chart.png", lambda p: draw_chart(report, p))
+    return out_dir
+
+
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal, or a dash when undefined."""
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _pair(entry: dict | None) -> str:
+    """``paper / standard`` cell of a mAP entry."""
+    return "–" if not entry else f"{_pct(entry.get('map_paper'))} / {_pct(entry.get('map_standard'))}"
+
+
+def format_table(report: dict) -> str:
+    """Markdown table of one report: per-group mAP@k (paper / standard), group view, mean."""
+    settings, groups = report["settings"], report["groups"]
+    k, has_view = settings["k"], "group" in report.get("views", {})
+    title = settings.get("title") or Path(settings["embeddings"]).stem
+    lines = [f"### {title}: mAP@{k} on split {settings['split']} ({settings['n_items']} items)", "",
+             f"| group | queries | mAP@{k} paper / standard (%)" + (" | group view (%)" if has_view else "") + " |",
+             "|---|---:|---:" + ("|---:" if has_view else "") + "|"]
+    for g, entry in groups.items():
+        view = f" | {_pair(entry.get('group_view'))}" if has_view else ""
+        lines.append(f"| {g} | {entry['queries']} | {_pair(entry)}{view} |")
+    view = f" | {_pair(report['mean'].get('group_view'))}" if has_view else ""
+    lines.append(f"| **mean** | | {_pair(report['mean'])}{view} |")
+    if report.get("classification"):
+        lines += ["", "| group | accuracy (%) | macro-F1 (%) |", "|---|---:|---:|"]
+        lines += [f"| {g} | {_pct(c.get('accuracy'))} | {_pct(c.get('macro_f1'))} |"
+                  for g, c in report["classification"].items()]
+    return "\n".join(lines)
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    """Grouped bar chart of per-group mAP@k (paper variant), shared vs group view, as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(report["groups"])
+    views = {"shared view": [report["groups"][g]["map_paper"] for g in groups]}
+    if "group" in report.get("views", {}):
+        views["group view"] = [report["groups"][g].get("group_view", {}).get("map_paper") for g in groups]
+    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) + 2), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(views)
+    for i, (name, values) in enumerate(views.items()):
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        ax.bar(np.arange(len(groups)) + (i - (len(views) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=20)
+    ax.set_ylabel(f"mAP@{report['settings']['k']} (paper, %)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+def load_report(report_dir: str | Path) -> dict:
+    """The report.json of a report directory."""
+    path = Path(report_dir) / REPORT_FILE
+    if not path.is_file():
+        raise EvaluationError(f"{path} not found; --compare takes directories written by 'retrieval evaluate'")
+    return json.loads(path.read_text())
+
+
+def compare_reports(dirs: list[str | Path]) -> str:
+    """Markdown table, a row per group and a column per run: mAP@k paper / standard in %."""
+    reports = {Path(d).resolve().name: load_report(d) for d in dirs}
+    if len(reports) != len(dirs):
+        reports = {str(d): load_report(d) for d in dirs}
+    columns = []
+    for name, report in reports.items():
+        columns.append((name, report, None))
+        if "group" in report.get("views", {}):
+            columns.append((f"{name} (group view)", report, "group_view"))
+    groups = list(dict.fromkeys(g for r in reports.values() for g in r["groups"]))
+    ks = sorted({r["settings"]["k"] for r in reports.values()})
+    lines = [f"mAP@{'/'.join(map(str, ks))}, paper / standard (%)", "",
+             "| group | " + " | ".join(name for name, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for g in groups:
+        cells = [_pair(_view(r["groups"].get(g), view)) for _, r, view in columns]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(_pair(_view(r["mean"], view)) for _, r, view in columns) + " |")
+    return "\n".join(lines)
+
+
+def _view(entry: dict | None, view: str | None) -> dict | None:
+    """The shared entry itself, or its group-view sub-entry."""
+    return entry if entry is None or view is None else entry.get(view)
+
+
+# --------------------------------------------------------------------------- command line
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of ``retrieval evaluate``."""
+    parser = argparse.ArgumentParser(prog="retrieval evaluate", description=__doc__)
+    run = parser.add_argument_group("evaluate embeddings")
+    run.add_argument("--embeddings", type=Path, help="EMB.h5 written by 'retrieval embed'")
+    run.add_argument("--catalog", type=Path, help="catalog directory (labels.csv + images)")
+    run.add_argument("--split", default="test", choices=SPLITS, help="items to evaluate (default: test)")
+    run.add_argument("--k", type=int, default=50, help="retrieval depth of mAP@k (default: 50)")
+    run.add_argument("--out", type=Path, help="report directory (default: <embeddings stem>-report beside it)")
+    run.add_argument("--title", help="title of the table and chart (default: the embeddings file name)")
+    run.add_argument("--device", default="auto", choices=DEVICES, help="where to rank neighbours (default: auto)")
+    compare = parser.add_argument_group("compare reports")
+    compare.add_argument("--compare", nargs="+", metavar="REPORT_DIR",
+                         help="print one table comparing report directories instead of evaluating")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``retrieval evaluate``."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.compare:
+            print(compare_reports(args.compare))
+            return 0
+        if args.embeddings is None or args.catalog is None:
+            parser.error("--embeddings and --catalog are required (or use --compare REPORT_DIR ...)")
+        if args.k < 1:
+            parser.error(f"--k must be at least 1, got {args.k}")
+        report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
+                                     args.split, args.k, device=args.device)
+        report["settings"]["title"] = args.title or args.embeddings.stem
+        out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
+    except (EvaluationError, CatalogError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(format_table(report))
+    logger.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Trunk caches: run the frozen part of the trunk once (with flips) and train the rest from HDF5."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .catalog import Catalog, Item
+from .data import ImageCache, ImageDataset, collate_images, loader_workers
+from .images import normalize_batch
+from .model import RetrievalModel, fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
+    """What a trunk cache depends on: trunk weights, cut point, taps, pooling, size, images."""
+    return json.dumps({
+        "trunk": fingerprint(model.trunk), "start": start, "taps": model.taps, "gem_p": model.config.gem_p,
+        "image_size": model.config.image_size, "images": _digest([it.image for it in items]),
+    }, sort_keys=True)
+
+
+def _digest(paths: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+@torch.no_grad()
+def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled taps of units before ``start`` and the input of unit ``start`` (None at the end)."""
+    pooled = []
+    for i, unit in enumerate(model.trunk.units[:start]):
+        x = unit(x)
+        if i in model.taps:
+            pooled.append(model.pool(x))
+    prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
+    return prefix, (x if start < len(model.trunk) else None)
+
+
+class TrunkCache:
+    """HDF5 of per-image frozen outputs, original and flipped: ``prefix`` [N,2,P], ``act`` [N,2,C,H,W]."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            self.ok = f["ok"][:].astype(bool)
+            self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
+            self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
+
+    def inputs(self, index: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached inputs of rows ``index``, flipped variant where ``flip`` is 1."""
+        prefix = self.prefix[index, flip]
+        act = self.act[index, flip].float() if self.act is not None else None
+        return prefix, act
+
+
+def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item], start: int, path: Path,
+                      device: torch.device, batch_size: int = 64, image_cache: ImageCache | None = None,
+                      workers: int | None = None) -> TrunkCache:
+    """Compute (or resume) the trunk cache of ``items`` for training units ``start..``."""
+    path = Path(path)
+    key = cache_key(model, start, items)
+    done = _open_or_create(model, items, start, path, key, device)
+    if done < len(items):
+        _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers)
+    cache = TrunkCache(path)
+    bad = [items[i].image for i in np.flatnonzero(~cache.ok)]
+    if bad:
+        logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
+    return cache
+
+
+def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("key") == key:
+                done = int(f.attrs.get("done", 0))
+                if done:
+                    logger.info("Resuming trunk cache %s at %d/%d images", path, done, len(items))
+                return done
+        logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
+    probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
+    model.trunk.eval()
+    prefix, act = frozen_outputs(model, probe, start)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        n = len(items)
+        f.create_dataset("prefix", (n, 2, prefix.shape[1]), dtype="float16", chunks=(64, 2, prefix.shape[1]))
+        if act is not None:
+            shape = tuple(act.shape[1:])
+            f.create_dataset("act", (n, 2, *shape), dtype="float16", chunks=(16, 2, *shape))
+        f.create_dataset("ok", (n,), dtype="bool")
+        f.create_dataset("paths", data=[it.image for it in items], dtype=h5py.string_dtype())
+        f.attrs["key"], f.attrs["done"] = key, 0
+    tmp.replace(path)
+    return 0
+
+
+def _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers):
+    dataset = ImageDataset(catalog, items[done:], model.config.image_size, image_cache)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers),
+                        collate_fn=collate_images)
+    model.trunk.eval().to(device)
+    began = time.perf_counter()
+    with h5py.File(path, "r+") as f, tqdm(total=len(items), initial=done, unit="img", desc="trunk cache") as bar:
+        offset = done
+        for images, index, bad in loader:
+            n = len(index) + len(bad)
+            if images is not None:
+                rows = (index + done).numpy()
+                x = normalize_batch(images.to(device))
+                outputs = [frozen_outputs(model, v, start) for v in (x, x.flip(3))]
+                f["prefix"][rows] = torch.stack([o[0] for o in outputs], 1).cpu().half().numpy()
+                if outputs[0][1] is not None:
+                    f["act"][rows] = torch.stack([o[1] for o in outputs], 1).cpu().half().numpy()
+                f["ok"][rows] = True
+            offset += n
+            f.attrs["done"] = offset  # written last: an interrupted run resumes here
+            bar.update(n)
+            bar.set_postfix(img_s=f"{(offset - done) / (time.perf_counter() - began):.1f}")

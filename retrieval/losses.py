@@ -1,0 +1,101 @@
+"""Loss weights (Li et al. 2017), masked per-group losses and Range loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GROUP_LOSSES = ("auto", "bce", "ce")
+WEIGHTINGS = ("group", "label", "none")
+
+
+def smoothed_weights(counts, c: float = 3.0) -> list[float]:
+    """Li et al.: r = count / max count; weight = r if r >= mean(r)/c else mean(r)/c."""
+    counts = [float(n) for n in counts]
+    top = max(counts) if counts else 0.0
+    if top <= 0:
+        return [1.0] * len(counts)
+    r = [n / top for n in counts]
+    floor = sum(r) / len(r) / c
+    return [x if x >= floor else floor for x in r]
+
+
+def group_weights(method: str, counts: dict[str, int], c: float = 3.0) -> dict[str, float]:
+    """Per-group loss weights: smoothed proportions for multi-weight, 1 otherwise."""
+    if method != "multi-weight":
+        return {g: 1.0 for g in counts}
+    return dict(zip(counts, smoothed_weights(counts.values(), c)))
+
+
+def label_weights(label_counts: dict[str, torch.Tensor], c: float = 3.0) -> dict[str, torch.Tensor]:
+    """The same smoothing applied per label inside each group."""
+    return {g: torch.tensor(smoothed_weights(n.tolist(), c)) for g, n in label_counts.items()}
+
+
+def resolve_group_loss(choice: str, group: str, multi_label_groups, method: str) -> str:
+    """``ce`` or ``bce`` for a group: auto = softmax CE for single-label groups."""
+    if choice not in GROUP_LOSSES:
+        raise ValueError(f"Unknown --group-loss {choice!r}; choose one of: {', '.join(GROUP_LOSSES)}")
+    if method == "multi-label":
+        return "bce"
+    if choice == "auto":
+        return "bce" if group in multi_label_groups else "ce"
+    return choice
+
+
+def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torch.Tensor, kind: str,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the items labelled in this group; unlabelled items contribute nothing."""
+    if not bool(known.any()):
+        return logits.sum() * 0.0  # keeps the graph (and DDP) whole
+    z, y = logits[known], multi_hot[known]
+    if kind == "ce":
+        target = y / y.sum(1, keepdim=True)
+        per_item = -(target * F.log_softmax(z, dim=1))
+        if class_weights is not None:
+            per_item = per_item * class_weights
+            return per_item.sum() / (target * class_weights).sum()
+        return per_item.sum(1).mean()
+    per_entry = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    if class_weights is not None:
+        return (per_entry * class_weights).sum() / (class_weights.sum() * len(z))
+    return per_entry.mean()
+
+
+def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, str],
+                     weights: dict[str, float], class_weights: dict[str, torch.Tensor] | None = None):
+    """Weighted sum of the per-group losses; returns (total, {group: loss})."""
+    parts = {}
+    for g, z in logits.items():
+        cw = class_weights.get(g) if class_weights else None
+        parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw)
+    total = sum(weights[g] * parts[g] for g in parts)
+    return total, parts
+
+
+def range_loss(emb: torch.Tensor, labels: torch.Tensor, k: int = 2, margin: float = 1.0,
+               alpha: float = 1.0, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Range loss (Zhang et al. 2017) on a batch; ``labels`` -1 = unknown. Returns (loss, intra, inter).
+
+    Intra: per class with >= 2 samples, the harmonic mean of its k largest pairwise distances,
+    summed over classes. Inter: max(0, margin - smallest distance between class centres).
+    """
+    keep = labels >= 0
+    emb, labels = emb[keep], labels[keep]
+    zero = emb.sum() * 0.0
+    classes = labels.unique()
+    intra, centres = zero, []
+    for cls in classes:
+        members = emb[labels == cls]
+        centres.append(members.mean(0))
+        if len(members) < 2:
+            continue
+        d = torch.cdist(members, members)
+        pairs = d[torch.triu_indices(len(members), len(members), 1).unbind()]
+        top = pairs.topk(min(k, len(pairs))).values
+        intra = intra + len(top) / (1.0 / top.clamp_min(1e-12)).sum()
+    inter = zero
+    if len(centres) >= 2:
+        cd = torch.cdist(torch.stack(centres), torch.stack(centres))
+        smallest = cd[torch.triu_indices(len(centres), len(centres), 1).unbind()].min()
+        inter = F.relu(margin - smallest)
+    return alpha * intra + beta * inter, intra, inter

@@ -1,0 +1,162 @@
+"""The retrieval model: trunk, multi-scale pooling, shared embedding layer, one head per group."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import create_trunk
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("multi-weight", "multi-task", "multi-label")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model from a checkpoint."""
+
+    backbone: str = "efficientnet_lite0"
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    multi_label_groups: list[str] = field(default_factory=list)
+    method: str = "multi-weight"
+    embed_dim: int = 256
+    taps: str = "all"
+    gem_p: float = 3.0
+    image_size: int = 224
+    dropout: float = 0.1
+    head_scale: float = 16.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling; p = 1 is average pooling, large p tends to max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = p
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 1:
+            return x.mean(dim=(2, 3))
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+def resolve_taps(taps: str, n_units: int) -> list[int]:
+    """Which trunk units are pooled: ``last``, ``all`` (every unit but the stem) or ``"2,4,8"``."""
+    if taps == "last":
+        return [n_units - 1]
+    if taps == "all":
+        return list(range(1, n_units))
+    try:
+        chosen = sorted({int(t) % n_units for t in taps.split(",")})
+    except ValueError:
+        raise ValueError(f"Unknown taps {taps!r}; choose last, all or comma-separated unit numbers") from None
+    return chosen
+
+
+class RetrievalModel(nn.Module):
+    """Shared trunk and embedding layer; ``forward_heads`` gives ``{group: logits}``."""
+
+    def __init__(self, config: ModelConfig, weights: str | None = None):
+        super().__init__()
+        if config.method not in METHODS:
+            raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
+        self.config = config
+        self.trunk = create_trunk(config.backbone, weights)
+        self.taps = resolve_taps(config.taps, len(self.trunk))
+        self.pool = GeM(config.gem_p)
+        self.feature_dim = sum(self.trunk.channels[i] for i in self.taps)
+        self.embed = nn.Sequential(nn.BatchNorm1d(self.feature_dim), nn.Dropout(config.dropout),
+                                   nn.Linear(self.feature_dim, config.embed_dim))
+        sizes = {g: len(labels) for g, labels in config.groups.items()}
+        if config.method == "multi-label":
+            self.heads = nn.ModuleDict({"all": nn.Linear(config.embed_dim, sum(sizes.values()))})
+        else:
+            self.heads = nn.ModuleDict({g: nn.Linear(config.embed_dim, n) for g, n in sizes.items()})
+
+    def pool_outputs(self, outputs: list[torch.Tensor], start: int = 0) -> list[torch.Tensor]:
+        """Pool the tapped ones of the unit outputs that begin at unit ``start``."""
+        return [self.pool(out) for i, out in enumerate(outputs, start) if i in self.taps]
+
+    def pooled_features(self, x: torch.Tensor, start: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenated pooled features; ``x`` enters at unit ``start``, ``prefix`` holds earlier taps."""
+        pooled = self.pool_outputs(self.trunk(x, start), start)
+        if prefix is not None and prefix.shape[1]:
+            pooled = [prefix, *pooled]
+        return torch.cat(pooled, dim=1)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The shared embedding layer, L2-normalised."""
+        return F.normalize(self.embed(pooled), dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised shared embedding of images (what gets indexed)."""
+        return self.embed_pooled(self.pooled_features(x))
+
+    def forward_heads(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every group from the normalised embedding (a cosine classifier)."""
+        scaled = emb * self.config.head_scale
+        if self.config.method != "multi-label":
+            return {g: head(scaled) for g, head in self.heads.items()}
+        logits = self.heads["all"](scaled)
+        sizes = [len(labels) for labels in self.config.groups.values()]
+        return dict(zip(self.config.groups, logits.split(sizes, dim=1)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        emb = self.forward_features(x)
+        return emb, self.forward_heads(emb)
+
+    def is_multi_label(self, group: str) -> bool:
+        """Whether a group's scores are independent sigmoids (rather than one softmax)."""
+        return self.config.method == "multi-label" or group in self.config.multi_label_groups
+
+    def group_vectors(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Group-focused vectors: sqrt of each head's probabilities, L2-normalised."""
+        return {g: F.normalize(self.probabilities(g, z).sqrt(), dim=1) for g, z in logits.items()}
+
+    def probabilities(self, group: str, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax or sigmoid probabilities of a group's labels."""
+        return torch.sigmoid(logits) if self.is_multi_label(group) else logits.softmax(dim=1)
+
+
+def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 256, *,
+                 method: str = "multi-weight", multi_label_groups=(), weights: str | None = None,
+                 **kwargs) -> RetrievalModel:
+    """Build a retrieval model.
+
+    Args:
+        backbone: a name from ``retrieval.backbones.BACKBONES``.
+        groups: label vocabulary of every attribute group, in order.
+        embed_dim: size of the shared embedding layer.
+        method: ``multi-weight``, ``multi-task`` (per-group heads) or ``multi-label`` (one head).
+        multi_label_groups: groups whose labels are scored with independent sigmoids.
+        weights: trunk weights file; ``None`` = packaged ImageNet weights when available.
+        **kwargs: other ``ModelConfig`` fields (taps, gem_p, image_size, dropout, head_scale).
+    """
+    config = ModelConfig(backbone=backbone, groups={g: list(v) for g, v in groups.items()},
+                         multi_label_groups=list(multi_label_groups), method=method,
+                         embed_dim=embed_dim, **kwargs)
+    return RetrievalModel(config, weights)
+
+
+def model_from_config(config: dict) -> RetrievalModel:
+    """Rebuild a model (random weights, to be loaded) from a checkpoint's config dict."""
+    return RetrievalModel(ModelConfig(**config), weights="none")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the model state (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,55 @@
+"""Per-epoch sample orders: plain shuffling, random over- and under-sampling, sharded per rank."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SAMPLINGS = ("none", "over", "under")
+
+
+def item_classes(multi_hot: torch.Tensor) -> np.ndarray:
+    """Class of each item for sampling: its rarest label; -1 when unlabelled."""
+    y = multi_hot.numpy() > 0
+    counts = y.sum(0)
+    rarity = np.where(y, counts[None, :], np.iinfo(np.int64).max)
+    classes = rarity.argmin(1)
+    classes[~y.any(1)] = -1
+    return classes
+
+
+def balanced_indices(classes: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one epoch: ``over`` repeats every class up to the largest class's size;
+    ``under`` cuts classes above the median class size down to it. Unlabelled items stay once."""
+    if mode not in SAMPLINGS:
+        raise ValueError(f"Unknown sampling {mode!r}; choose one of: {', '.join(SAMPLINGS)}")
+    labelled = classes >= 0
+    if mode == "none" or not labelled.any():
+        return np.arange(len(classes))
+    members = {c: np.flatnonzero(classes == c) for c in np.unique(classes[labelled])}
+    sizes = np.array([len(m) for m in members.values()])
+    target = sizes.max() if mode == "over" else int(np.median(sizes))
+    parts = [np.flatnonzero(~labelled)]
+    for idx in members.values():
+        if mode == "over":
+            extra = rng.choice(idx, target - len(idx), replace=True) if target > len(idx) else idx[:0]
+            parts += [idx, extra]
+        else:
+            parts.append(rng.choice(idx, min(len(idx), target), replace=False))
+    return np.concatenate(parts)
+
+
+def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                classes: np.ndarray | None = None, mode: str = "none") -> np.ndarray:
+    """This rank's shuffled sample order for an epoch, padded so every rank gets as many
+    (the sharding of torch's DistributedSampler, applied after re-sampling)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = np.arange(n) if classes is None else balanced_indices(classes, mode, rng)
+    order = rng.permutation(order)
+    per_rank = -(-len(order) // world)
+    order = np.resize(order, per_rank * world)  # repeats from the start, as DistributedSampler pads
+    return order[rank::world]
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split an order into batches (the last may be short)."""
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,88 @@
+"""``retrieval train``: train a model on a catalog (``torchrun`` for several GPUs or processes)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from .backbones import BACKBONES
+from .losses import GROUP_LOSSES, WEIGHTINGS
+from .model import METHODS
+from .sampling import SAMPLINGS
+from .training import TrainConfig
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrieval train", description=(
+        "Train a shared trunk + shared embedding layer + one head per attribute group. On a CPU the "
+        "default trains the embedding and heads on trunk features computed once and cached; on a GPU "
+        "the whole network is fine-tuned. Launch with torchrun for several GPUs/processes."))
+    p.add_argument("--config", help="YAML file of defaults for any option below")
+    data = p.add_argument_group("data")
+    data.add_argument("--catalog", required=True, metavar="DIR", help="catalog directory (labels.csv + images)")
+    data.add_argument("--out", required=True, metavar="RUN", help="run directory for checkpoints and metrics")
+    data.add_argument("--label-dropout", metavar="PROFILE",
+                      help="keep group t's training labels on a share of images: 'paper' or e.g. 1.0,0.9,0.6")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the train split held out for validation")
+    data.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
+    data.add_argument("--trunk-cache", metavar="H5", help="where to keep cached trunk outputs (default RUN/trunk-cache.h5); "
+                                                         "share one file between runs of the same backbone")
+    data.add_argument("--workers", type=int, help="data loader processes (default: cores - 1)")
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES)
+    model.add_argument("--weights", help="local trunk weights file (efficientnet_lite0 has packaged ImageNet weights)")
+    model.add_argument("--embed-dim", type=int, default=256)
+    model.add_argument("--taps", default="all", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
+    model.add_argument("--gem-p", type=float, default=3.0, help="GeM pooling exponent (1 = average pooling)")
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--trainable-blocks", default="auto",
+                       help="trunk units to train from the top: N, all, or auto (all on GPU, 0 on CPU)")
+    model.add_argument("--freeze-trunk", action="store_const", const="0", dest="trainable_blocks",
+                       help="same as --trainable-blocks 0")
+    model.add_argument("--input", default="auto", choices=("auto", "cached", "images"),
+                       help="cached trunk outputs (with flips) or decoded images (full augmentation)")
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--method", default="multi-weight", choices=METHODS)
+    loss.add_argument("--weighting", default="group", choices=WEIGHTINGS,
+                      help="group: smoothed group weights (multi-weight); label: also per label in each group")
+    loss.add_argument("--smoothing-c", type=float, default=3.0, help="c in the weight floor mean(r)/c")
+    loss.add_argument("--group-loss", default="auto", choices=GROUP_LOSSES,
+                      help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
+    loss.add_argument("--sampling", default="none", choices=SAMPLINGS, help="random over/under-sampling per epoch")
+    loss.add_argument("--sampling-group", help="the group whose classes --sampling balances")
+    loss.add_argument("--range-loss", type=float, default=0.0, metavar="WEIGHT", help="Range loss weight (0 = off)")
+    loss.add_argument("--range-group", help="the group whose classes Range loss uses")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=30)
+    opt.add_argument("--batch-size", type=int, default=128)
+    opt.add_argument("--lr", type=float, default=2e-3)
+    opt.add_argument("--trunk-lr-scale", type=float, default=0.1, help="learning rate factor of trainable trunk units")
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """Arguments (with YAML defaults from --config) as a TrainConfig."""
+    parser = get_args_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        import yaml
+
+        with open(first.config) as f:
+            parser.set_defaults(**(yaml.safe_load(f) or {}))
+    args = vars(parser.parse_args(argv))
+    names = {f.name for f in fields(TrainConfig)}
+    if (args.get("sampling") != "none") and not args.get("sampling_group"):
+        parser.error("--sampling needs --sampling-group")
+    if args.get("range_loss") and not args.get("range_group"):
+        parser.error("--range-loss needs --range-group")
+    return TrainConfig(**{k: v for k, v in args.items() if k in names})
+
+
+def main(argv=None) -> int:
+    from .trainer import train
+
+    train(parse_config(argv))
+    return 0

@@ -1,0 +1,331 @@
+"""Run a training job: data, model, epochs, validation, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import sampling
+from .catalog import read_catalog
+from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels, loader_workers,
+                   parse_dropout_profile)
+from .features import build_trunk_cache
+from .images import augment_batch, normalize_batch
+from .losses import group_weights, label_weights, multi_group_loss, range_loss, resolve_group_loss
+from .model import create_model
+from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
+                       resolve_device, resolve_trainable, setup_distributed, split_validation)
+
+logger = logging.getLogger(__name__)
+
+
+class Job:
+    """Everything one training run holds: data, targets, model, loss settings, state."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        self.catalog = read_catalog(cfg.catalog)
+        self._prepare_items()
+        self._prepare_model()
+        self._prepare_loss()
+
+    def _prepare_items(self):
+        cfg, catalog = self.cfg, self.catalog
+        items = catalog.split_items("train")
+        if cfg.label_dropout:
+            keep = parse_dropout_profile(cfg.label_dropout, len(catalog.groups))
+            items = drop_labels(items, catalog.groups, keep, cfg.seed)
+        self.train_items, self.val_items = split_validation(items, cfg.val_fraction)
+        if not self.train_items:
+            raise ValueError(f"{catalog.root}: no training items (split column has no 'train' rows?)")
+        self.targets = build_targets(self.train_items, catalog.vocab)
+        self.val_targets = build_targets(self.val_items, catalog.vocab)
+
+    def _prepare_model(self):
+        cfg = self.cfg
+        self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
+                                  multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
+                                  taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size)
+        self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
+        freeze_units(self.model, self.start)
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    def _prepare_loss(self):
+        cfg = self.cfg
+        groups = self.catalog.groups
+        self.kinds = {g: resolve_group_loss(cfg.group_loss, g, self.model.config.multi_label_groups, cfg.method)
+                      for g in groups}
+        self.weights = group_weights(cfg.method, self.targets.counts(), cfg.smoothing_c)
+        if cfg.weighting == "none":
+            self.weights = {g: 1.0 for g in groups}
+        self.class_weights = None
+        if cfg.weighting == "label":
+            self.class_weights = {g: w.to(self.device) for g, w in label_weights(self.targets.label_counts(),
+                                                                               cfg.smoothing_c).items()}
+        self.classes = None
+        if cfg.sampling != "none" or cfg.range_loss:
+            group = cfg.sampling_group or cfg.range_group
+            if group not in groups:
+                raise ValueError(f"--sampling-group/--range-group {group!r} unknown; choose one of: {', '.join(groups)}")
+            self.classes = sampling.item_classes(self.targets.multi_hot[group])
+            self.class_group = group
+
+    def describe(self) -> str:
+        """Start-of-run summary: data, mode, loss kinds and weights."""
+        lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items, "
+                 f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
+                 f"world {self.world}, input {self.mode}, trainable trunk units {self.start}..{len(self.model.trunk) - 1}",
+                 f"{'group':<20} {'labelled':>8} {'loss':>4} {'weight':>7}"]
+        for g, n in self.targets.counts().items():
+            lines.append(f"{g:<20} {n:>8} {self.kinds[g]:>4} {self.weights[g]:>7.3f}")
+        return "\n".join(lines)
+
+    # ----- inputs -----
+    def prepare_inputs(self):
+        """Build the trunk cache (cached mode) or the image loader settings (image mode)."""
+        cfg = self.cfg
+        self.image_cache = ImageCache(cfg.image_cache) if cfg.image_cache else None
+        self.bad_rows: set[int] = set()
+        if self.mode != "cached":
+            return
+        path = Path(cfg.trunk_cache) if cfg.trunk_cache else self.out / "trunk-cache.h5"
+        if self.main:
+            build_trunk_cache(self.model, self.catalog, self.catalog.items, self.start, path, self.device,
+                              image_cache=self.image_cache, workers=cfg.workers)
+        if self.world > 1:
+            dist.barrier()
+        from .features import TrunkCache
+        self.trunk_cache = TrunkCache(path)
+        self.train_rows = torch.tensor([it.row_id for it in self.train_items])
+        self.val_rows = torch.tensor([it.row_id for it in self.val_items], dtype=torch.long)
+        self.bad_rows = {i for i, it in enumerate(self.train_items) if not self.trunk_cache.ok[it.row_id]}
+
+    def cached_batch(self, positions: torch.Tensor, rows: torch.Tensor, flip: torch.Tensor):
+        """Cached trunk outputs of the items at ``positions`` (rows of the catalog)."""
+        prefix, act = self.trunk_cache.inputs(rows[positions], flip)
+        return prefix.to(self.device), (act.to(self.device) if act is not None else None)
+
+    def image_batches(self, order: np.ndarray):
+        """Yield (positions, augmented normalised images) for an epoch in image mode."""
+        dataset = ImageDataset(self.catalog, self.train_items, self.cfg.image_size, self.image_cache)
+        loader = DataLoader(dataset, batch_sampler=sampling.batches(order, self.cfg.batch_size),
+                            num_workers=loader_workers(self.cfg.workers), collate_fn=collate_images,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for images, index, bad in loader:
+            self.bad_rows.update(bad)
+            if images is None:
+                continue
+            x = augment_batch(images.to(self.device, non_blocking=True))
+            x = normalize_batch(x)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield index, x
+
+    # ----- epochs -----
+    def epoch_batches(self, epoch: int):
+        """Yield (positions, network inputs) of this rank's share of an epoch."""
+        n = len(self.train_items)
+        order = sampling.epoch_order(n, epoch, self.cfg.seed, self.rank, self.world, self.classes, self.cfg.sampling)
+        order = np.array([i for i in order if i not in self.bad_rows]) if self.bad_rows else order
+        if self.mode == "images":
+            yield from self.image_batches(order)
+            return
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        for positions in sampling.batches(order, self.cfg.batch_size):
+            positions = torch.from_numpy(positions)
+            flip = (torch.rand(len(positions), generator=gen) < 0.5).long()
+            yield positions, self.cached_batch(positions, self.train_rows, flip)
+
+    def loss(self, net, inputs, targets, positions=None):
+        """Total loss and per-group losses of a batch."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
+        logits = {g: z.float() for g, z in logits.items()}
+        total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights)
+        if self.cfg.range_loss and positions is not None:
+            labels = torch.as_tensor(self.classes[positions.numpy()], device=emb.device)
+            total = total + self.cfg.range_loss * range_loss(emb.float(), labels)[0]
+        return total, parts, logits
+
+    def train_epoch(self, net, optimizer, scheduler, epoch: int) -> dict:
+        """One pass over this rank's share of the training items."""
+        net.train()
+        freeze_units(self.model, self.start)
+        torch.manual_seed(self.cfg.seed * 1000 + epoch)
+        seen, total_loss, began = 0, 0.0, time.perf_counter()
+        bar = tqdm(self.epoch_batches(epoch), desc=f"epoch {epoch}", unit="batch", disable=not self.main,
+                   leave=False)
+        for positions, inputs in bar:
+            targets = self.targets.take(positions).to(self.device)
+            loss, _, _ = self.loss(net, inputs, targets, positions)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(positions)
+            total_loss += loss.item() * len(positions)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - began):.0f}")
+        elapsed = time.perf_counter() - began
+        return {"train_loss": total_loss / max(1, seen), "images_per_s": seen * self.world / elapsed, "seconds": elapsed}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation loss (weighted, and per group) and top-1 accuracy per group."""
+        self.model.eval()
+        items, targets = self.val_items, self.val_targets
+        if not items:
+            return {}
+        sums = {"val_loss": 0.0, "n": 0}
+        group_loss = {g: 0.0 for g in self.catalog.groups}
+        hits = {g: [0, 0] for g in self.catalog.groups}
+        for positions, x in self.val_batches():
+            t = targets.take(positions).to(self.device)
+            total, parts, logits = self.loss(self.forward_net, x, t)
+            sums["val_loss"] += total.item() * len(positions)
+            sums["n"] += len(positions)
+            for g, z in logits.items():
+                group_loss[g] += parts[g].item() * len(positions)
+                known = t.known[g]
+                top = z[known].argmax(1)
+                hits[g][0] += int(t.multi_hot[g][known].gather(1, top[:, None]).sum())
+                hits[g][1] += int(known.sum())
+        n = max(1, sums["n"])
+        return {"val_loss": sums["val_loss"] / n,
+                "val_group_loss": {g: v / n for g, v in group_loss.items()},
+                "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()}}
+
+    def val_batches(self):
+        """Validation inputs, unaugmented."""
+        index = torch.arange(len(self.val_items))
+        if self.mode == "cached":
+            ok = self.trunk_cache.ok[self.val_rows.numpy()] if len(self.val_rows) else np.array([], bool)
+            index = index[torch.from_numpy(ok)]
+            for positions in index.split(self.cfg.batch_size):
+                yield positions, self.cached_batch(positions, self.val_rows, torch.zeros(len(positions), dtype=torch.long))
+            return
+        dataset = ImageDataset(self.catalog, self.val_items, self.cfg.image_size, self.image_cache)
+        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate_images,
+                            num_workers=loader_workers(self.cfg.workers))
+        for images, positions, _ in loader:
+            if images is not None:
+                yield positions, normalize_batch(images.to(self.device))
+
+    # ----- run -----
+    def build_net(self):
+        """The module trained (cached forward or the whole model), DDP-wrapped under torchrun."""
+        net = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
+        self.forward_net = net
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(net, device_ids=ids)
+        return net
+
+    def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
+        """The checkpoint dict at the end of an epoch."""
+        return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               epoch=epoch, best_val_loss=best, history=history, group_weights=self.weights,
+                               train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode)
+
+    def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
+        """Resume from RUN/last.pt when asked; returns (first epoch, history, best val loss)."""
+        last = self.out / "last.pt"
+        if not self.cfg.resume or not last.exists():
+            if last.exists():
+                raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue "
+                                      "it or choose another --out")
+            if self.cfg.resume:
+                logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
+            return 0, [], float("inf")
+        ckpt = load_checkpoint(last)
+        if ckpt["model_config"] != self.model.config.to_dict():
+            raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
+        self.model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
+        return ckpt["epoch"] + 1, ckpt.get("history", []), ckpt.get("best_val_loss", float("inf"))
+
+    def run(self) -> list[dict]:
+        """Train for the configured epochs; returns the per-epoch history."""
+        cfg = self.cfg
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(self.describe(), flush=True)
+        self.prepare_inputs()
+        net = self.build_net()
+        optimizer = make_optimizer(self.model, cfg)
+        steps = -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
+                                            self.classes, cfg.sampling)) // cfg.batch_size)
+        scheduler = make_scheduler(optimizer, steps * cfg.epochs, warmup=min(steps, 100))
+        first, history, best = self.restore(optimizer, scheduler)
+        if self.main:
+            write_config(self.out / "config.yaml", cfg)
+        for epoch in range(first, cfg.epochs):
+            record = {"epoch": epoch, **self.train_epoch(net, optimizer, scheduler, epoch)}
+            if self.main:
+                record.update(self.validate())
+                history.append(record)
+                self.save_epoch(optimizer, scheduler, epoch, history, record, best)
+                best = min(best, record.get("val_loss", record["train_loss"]))
+            if self.world > 1:
+                dist.barrier()
+        if self.bad_rows and self.main:
+            bad = sorted(self.train_items[i].image for i in self.bad_rows)
+            logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
+        return history
+
+    def save_epoch(self, optimizer, scheduler, epoch, history, record, best):
+        """Write last.pt, best.pt when validation improved, and metrics.json; log the epoch."""
+        score = record.get("val_loss", record["train_loss"])
+        ckpt = self.checkpoint(optimizer, scheduler, epoch, history, min(best, score))
+        atomic_save(ckpt, self.out / "last.pt")
+        if score < best:
+            ckpt.pop("optimizer"), ckpt.pop("scheduler")
+            atomic_save(ckpt, self.out / "best.pt")
+        write_json(self.out / "metrics.json", history)
+        accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
+        logger.info("epoch %d: train loss %.4f, val loss %.4f, %.0f img/s, %.1fs | val acc %s", epoch,
+                    record["train_loss"], record.get("val_loss", float("nan")), record["images_per_s"],
+                    record["seconds"], accuracy)
+
+
+def write_json(path: Path, data) -> None:
+    """JSON written to a temporary file and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def write_config(path: Path, cfg: TrainConfig) -> None:
+    """The resolved configuration as YAML (atomic)."""
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run a training job from a config."""
+    job = Job(cfg)
+    try:
+        return job.run()
+    finally:
+        if job.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

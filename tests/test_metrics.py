@@ -1,0 +1,272 @@
+"""Tests for retrieval.metrics: naive references and hand-worked cases."""
+import itertools
+
+import numpy as np
+import pytest
+
+from retrieval.metrics import (classification_report, confusion_matrix, count_relevant, evaluate_retrieval,
+                               label_matrix, map_at_k, multilabel_report, topk_neighbors)
+
+
+# --------------------------------------------------------------------------- naive references
+
+def naive_topk(vectors, k):
+    """Full python sort of every row: score descending, then index ascending, self excluded."""
+    scores = np.asarray(vectors, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64).T
+    rows = []
+    for q in range(len(vectors)):
+        others = sorted((j for j in range(len(vectors)) if j != q), key=lambda j: (-scores[q, j], j))
+        rows.append(others[:k])
+    return scores, np.array(rows, dtype=np.int64).reshape(len(vectors), -1)
+
+
+def naive_map(vectors, label_sets, k):
+    """mAP@k of one group straight from the definition, one query at a time."""
+    _, ranked = naive_topk(vectors, len(vectors) - 1)
+    ap_paper, ap_standard = [], []
+    for q, labels in enumerate(label_sets):
+        if not labels:
+            continue
+        shares = [bool(set(labels) & set(label_sets[j])) for j in ranked[q]]
+        rel = shares[:k]
+        summed = sum(sum(rel[:r + 1]) / (r + 1) for r in range(len(rel)) if rel[r])
+        m_paper, m_standard = sum(rel), min(k, sum(shares))
+        ap_paper.append(summed / m_paper if m_paper else 0.0)
+        ap_standard.append(summed / m_standard if m_standard else 0.0)
+    if not ap_paper:
+        return {"map_paper": None, "map_standard": None, "queries": 0}
+    return {"map_paper": np.mean(ap_paper), "map_standard": np.mean(ap_standard), "queries": len(ap_paper)}
+
+
+def random_label_sets(rng, n, vocab, unlabelled=0.2, max_labels=2):
+    """Random multi-label sets, some of them empty (unlabelled items)."""
+    sets = []
+    for _ in range(n):
+        if rng.random() < unlabelled:
+            sets.append(())
+        else:
+            size = rng.integers(1, max_labels + 1)
+            sets.append(tuple(rng.choice(vocab, size=size, replace=False)))
+    return sets
+
+
+def dyadic_unit_vectors(rng, n, dim=8):
+    """Unit vectors with entries in {0, +-0.5, +-1}: normalising and scoring them are exact in float32."""
+    out = np.zeros((n, dim), dtype=np.float32)
+    for i in range(n):
+        if rng.random() < 0.3:
+            out[i, rng.integers(dim)] = rng.choice([-1.0, 1.0])
+        else:
+            out[i, rng.choice(dim, 4, replace=False)] = rng.choice([-0.5, 0.5], size=4)
+    return out
+
+
+def assert_map_equal(got, want):
+    assert got["queries"] == want["queries"]
+    for key in ("map_paper", "map_standard"):
+        if want[key] is None:
+            assert got[key] is None
+        else:
+            assert got[key] == pytest.approx(want[key], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- topk_neighbors
+
+@pytest.mark.parametrize("k", [1, 5, 50, 299, 400])
+@pytest.mark.parametrize("block_size", [7, 64, 1024])
+def test_topk_matches_full_sort_with_many_ties(k, block_size):
+    # Integer vectors in {-1, 0, 1}^3: only 7 possible scores per pair, so nearly every boundary is tied.
+    rng = np.random.default_rng(0)
+    vectors = rng.integers(-1, 2, size=(300, 3)).astype(np.float32)
+    full, want = naive_topk(vectors, k)
+    scores, indices = topk_neighbors(vectors, k, block_size=block_size)
+    assert indices.shape == (300, min(k, 299))
+    np.testing.assert_array_equal(indices, want)
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, want, axis=1))
+
+
+def test_topk_identical_vectors_follow_row_order():
+    # All six vectors identical: every score is 1, so the neighbours are the lowest other ids.
+    vectors = np.ones((6, 4), dtype=np.float32) / 2
+    _, indices = topk_neighbors(vectors, 3, block_size=2)
+    assert indices[0].tolist() == [1, 2, 3]
+    assert indices[2].tolist() == [0, 1, 3]
+    assert indices[5].tolist() == [0, 1, 2]
+
+
+def test_topk_tie_straddling_the_boundary():
+    # 1-D vectors [1, 1, 1, 1, 2]: for row 0 the scores are 1, 1, 1, 2 (rows 1..4); k = 2 keeps
+    # row 4 (score 2) then the lowest-id of the tied rows 1, 2, 3, i.e. row 1.
+    vectors = np.array([[1], [1], [1], [1], [2]], dtype=np.float32)
+    scores, indices = topk_neighbors(vectors, 2, block_size=3)
+    assert indices[0].tolist() == [4, 1]
+    assert scores[0].tolist() == [2.0, 1.0]
+    assert indices[4].tolist() == [0, 1]
+
+
+def test_topk_random_float_vectors():
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((120, 16)).astype(np.float32)
+    _, want = naive_topk(vectors, 10)
+    _, indices = topk_neighbors(vectors, 10, block_size=50)
+    # Float rounding may swap near-equal neighbours; compare as sets with a tiny tolerance budget.
+    agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices, want)])
+    assert agree > 0.99
+
+
+def test_topk_degenerate_sizes():
+    assert topk_neighbors(np.ones((1, 3)), 5)[1].shape == (1, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_neighbors(np.array([[1.0], [np.nan]]), 1)
+
+
+# --------------------------------------------------------------------------- labels and counts
+
+def test_label_matrix_multi_hot():
+    y = label_matrix([("b",), ("a", "c"), ()], ["a", "b", "c"])
+    assert y.tolist() == [[False, True, False], [True, False, True], [False, False, False]]
+    with pytest.raises(ValueError, match="'z'"):
+        label_matrix([("z",)], ["a"])
+
+
+@pytest.mark.parametrize("n_classes", [5, 70])
+def test_count_relevant_matches_brute_force(n_classes):
+    rng = np.random.default_rng(2)
+    vocab = [f"c{i}" for i in range(n_classes)]
+    sets = random_label_sets(rng, 200, vocab, max_labels=3)
+    got = count_relevant(label_matrix(sets, vocab), block_size=16)
+    want = [sum(bool(set(s) & set(t)) for j, t in enumerate(sets) if j != i) for i, s in enumerate(sets)]
+    assert got.tolist() == want
+
+
+# --------------------------------------------------------------------------- mAP against the reference
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50, 500])
+@pytest.mark.parametrize("n_classes", [4, 70])
+def test_map_matches_naive_reference(k, n_classes):
+    # Small integer vectors keep every score exact, so ties are real ties in both implementations.
+    rng = np.random.default_rng(k + n_classes)
+    vectors = rng.integers(-2, 3, size=(150, 4)).astype(np.float32)
+    vocab = [f"l{i}" for i in range(n_classes)]
+    sets = random_label_sets(rng, 150, vocab, max_labels=3 if n_classes > 4 else 2)
+    _, neighbors = topk_neighbors(vectors, k, block_size=32)
+    got = map_at_k(neighbors, label_matrix(sets, vocab), k)
+    assert_map_equal(got, naive_map(vectors, sets, k))
+
+
+def test_evaluate_retrieval_matches_reference_for_both_views():
+    rng = np.random.default_rng(3)
+    shared, own = dyadic_unit_vectors(rng, 90), dyadic_unit_vectors(rng, 90, dim=6)
+    labels = {"colour": random_label_sets(rng, 90, ["red", "blue", "green"]),
+              "style": random_label_sets(rng, 90, ["a", "b", "c", "d", "e"], unlabelled=0.5)}
+    got = evaluate_retrieval(shared, labels, k=20, vectors_by_group={"style": own}, block_size=16)
+    for g, sets in labels.items():
+        assert_map_equal(got["groups"][g], naive_map(shared, sets, 20))
+    want_view = naive_map(own, labels["style"], 20)
+    assert got["groups"]["style"]["group_view"]["map_paper"] == pytest.approx(want_view["map_paper"], abs=1e-12)
+    assert "group_view" not in got["groups"]["colour"]
+    shared_mean = np.mean([got["groups"][g]["map_paper"] for g in labels])
+    assert got["mean"]["map_paper"] == pytest.approx(shared_mean)
+    assert got["views"]["group"]["groups"] == ["style"]
+    assert got["mean"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"])
+
+
+# --------------------------------------------------------------------------- hand-worked mAP cases
+
+# Five 2-D unit vectors; "type" labels, k = 3:
+#   item  vector  type     colour
+#   0     (1,0)   {a}      {red}
+#   1     (1,0)   {b}      {blue}
+#   2     (1,0)   {a,b}    {green}
+#   3     (0,1)   {}       {}        <- unlabelled: never a query, never relevant
+#   4     (0,1)   {a}      {}
+# Items 0, 1, 2 score 1 against each other and 0 against 3, 4; items 3, 4 score 1 together.
+HAND_VECTORS = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+HAND_TYPE = [("a",), ("b",), ("a", "b"), (), ("a",)]
+HAND_COLOUR = [("red",), ("blue",), ("green",), (), ()]
+
+
+def test_hand_worked_ties_overlap_and_unlabelled():
+    # q0 {a}:   ranking 1, 2 (tie, by id), 3, 4 -> top3 [1, 2, 3], rel [0, 1, 0]; sum P(r)rel = 1/2.
+    #           paper M = 1 -> 0.5; relevant in set = {2, 4} = 2 -> standard 0.5 / 2 = 0.25.
+    # q1 {b}:   top3 [0, 2, 3], rel [0, 1, 0] -> 1/2; paper 0.5; relevant {2} -> standard 0.5.
+    # q2 {a,b}: top3 [0, 1, 3], rel [1, 1, 0] -> 1 + 1 = 2; paper 2/2 = 1; relevant {0, 1, 4} -> 2/3.
+    # q3:       unlabelled, skipped.
+    # q4 {a}:   ranking 3 (score 1), then 0, 1, 2 (score 0, by id) -> top3 [3, 0, 1], rel [0, 1, 0]:
+    #           1/2; paper 0.5; relevant {0, 2} -> standard 0.25.
+    # mAP paper = (0.5 + 0.5 + 1 + 0.5) / 4 = 0.625; standard = (0.25 + 0.5 + 2/3 + 0.25) / 4 = 5/12.
+    _, neighbors = topk_neighbors(HAND_VECTORS, 3)
+    got = map_at_k(neighbors, label_matrix(HAND_TYPE, ["a", "b"]), 3)
+    assert got == {"map_paper": pytest.approx(0.625), "map_standard": pytest.approx(5 / 12), "queries": 4}
+
+
+def test_hand_worked_k_larger_than_set():
+    # k = 10 > N - 1 = 4, so every other item is retrieved:
+    # q0: [1, 2, 3, 4] rel [0, 1, 0, 1] -> 1/2 + 2/4 = 1; M = 2 both ways -> 0.5
+    # q1: [0, 2, 3, 4] rel [0, 1, 0, 0] -> 1/2; M = 1 -> 0.5
+    # q2: [0, 1, 3, 4] rel [1, 1, 0, 1] -> 1 + 1 + 3/4 = 2.75; M = 3 -> 11/12
+    # q4: [3, 0, 1, 2] rel [0, 1, 0, 1] -> 1/2 + 2/4 = 1; M = 2 -> 0.5
+    # mAP = (0.5 + 0.5 + 11/12 + 0.5) / 4 = 29/48 for both variants.
+    _, neighbors = topk_neighbors(HAND_VECTORS, 10)
+    assert neighbors.shape == (5, 4)
+    got = map_at_k(neighbors, label_matrix(HAND_TYPE, ["a", "b"]), 10)
+    assert got == {"map_paper": pytest.approx(29 / 48), "map_standard": pytest.approx(29 / 48), "queries": 4}
+
+
+def test_hand_worked_no_relevant_items():
+    # Every colour is unique, so no query has a relevant item: AP = 0, three queries (3, 4 unlabelled).
+    got = evaluate_retrieval(HAND_VECTORS, {"colour": HAND_COLOUR}, k=3)
+    assert got["groups"]["colour"] == {"map_paper": 0.0, "map_standard": 0.0, "queries": 3}
+
+
+def test_group_without_labels_is_left_out_of_the_mean():
+    got = evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE, "empty": [()] * 5}, k=3)
+    assert got["groups"]["empty"] == {"map_paper": None, "map_standard": None, "queries": 0}
+    assert got["mean"]["map_paper"] == pytest.approx(0.625)
+    assert got["views"]["shared"]["groups"] == ["type"]
+
+
+# --------------------------------------------------------------------------- classification
+
+def test_confusion_matrix_and_single_label_report():
+    # true [0,0,0,1,1,2], pred [0,0,1,1,2,2]; class 3 never occurs nor is predicted.
+    #   rows = true: 0 -> [2,1,0,0]; 1 -> [0,1,1,0]; 2 -> [0,0,1,0]; 3 -> [0,0,0,0]
+    # class 0: P = 2/2, R = 2/3, F1 = 0.8; class 1: P = 1/2, R = 1/2, F1 = 0.5;
+    # class 2: P = 1/2, R = 1/1, F1 = 2/3; class 3 excluded from macro.
+    # accuracy = 4/6; macro-F1 = (0.8 + 0.5 + 2/3) / 3 = 59/90.
+    y_true, y_pred = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    cm = confusion_matrix(y_true, y_pred, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    report = classification_report(y_true, y_pred, ["t", "u", "v", "w"])
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    assert report["macro_f1"] == pytest.approx(59 / 90)
+    assert report["classes"]["t"] == {"precision": 1.0, "recall": pytest.approx(2 / 3),
+                                      "f1": pytest.approx(0.8), "support": 3}
+    assert report["classes"]["v"]["f1"] == pytest.approx(2 / 3)
+    assert report["classes"]["w"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_predicted_class_without_support_counts_in_macro():
+    # true [0,0], pred [0,1]: class 0 P = 1, R = 1/2, F1 = 2/3; class 1 predicted once, never true:
+    # P = 0, R = 0/0 -> 0, F1 = 0. macro-F1 = (2/3 + 0) / 2 = 1/3; accuracy 1/2.
+    report = classification_report([0, 0], [0, 1], ["x", "y"])
+    assert report["macro_f1"] == pytest.approx(1 / 3)
+    assert report["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix([0, 2], [0, 0], 2)
+
+
+def test_multilabel_report():
+    # classes x, y, z
+    # true [[1,1,0],[0,1,0],[0,0,0],[1,0,1]]; pred [[1,0,0],[0,1,0],[0,0,0],[1,1,1]]
+    # x: tp 2, pred 2, true 2 -> 1/1/1; y: tp 1 (row 1), pred 2, true 2 -> 0.5/0.5/0.5; z: 1/1/1
+    # macro-F1 = 2.5/3 = 5/6; exact match rows 1, 2 -> 0.5;
+    # sample accuracy = (1/2 + 1/1 + 1 (both empty) + 2/3) / 4 = 19/24.
+    y_true = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0], [1, 0, 1]], dtype=bool)
+    y_pred = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=bool)
+    report = multilabel_report(y_true, y_pred, ["x", "y", "z"])
+    assert report["macro_f1"] == pytest.approx(5 / 6)
+    assert report["exact_match"] == 0.5
+    assert report["sample_accuracy"] == pytest.approx(19 / 24)
+    assert report["classes"]["y"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert list(itertools.islice(report["classes"], 3)) == ["x", "y", "z"]
