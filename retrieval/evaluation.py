@@ -170,8 +170,9 @@ def draw_chart(report: dict, path: Path) -> None:
         ax.bar(np.arange(len(groups)) + (i - (len(views) - 1) / 2) * width, heights, width, label=name)
     ax.set_xticks(np.arange(len(groups)), groups, rotation=20)
     ax.set_ylabel(f"mAP@{report['settings']['k']} (paper, %)")
-    ax.set_ylim(0, 100)
-    ax.legend()
+    ax.set_ylim(0, 105)
+    ax.set_title(report["settings"].get("title") or Path(report["settings"]["embeddings"]).stem)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
 

@@ -99,11 +99,17 @@ def _lowest_ids_at_boundary(row: torch.Tensor, threshold: torch.Tensor, k: int) 
 
 
 def _sort_by_score_then_index(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row by score descending, then index ascending."""
-    idx, perm = torch.sort(idx, dim=1)
-    vals = vals.gather(1, perm)
-    _, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-    return vals.gather(1, perm), idx.gather(1, perm)
+    """Order each row by score descending, then index ascending (rows already in order are kept)."""
+    # Rows with ties, or left unsorted by a boundary fix; topk already sorted all others.
+    rows = torch.nonzero((vals[:, 1:] >= vals[:, :-1]).any(dim=1)).flatten()
+    if rows.numel() == 0:
+        return vals, idx
+    sub_idx, perm = torch.sort(idx[rows], dim=1)
+    sub_vals = vals[rows].gather(1, perm)
+    _, perm = torch.sort(sub_vals, dim=1, descending=True, stable=True)
+    vals, idx = vals.clone(), idx.clone()
+    vals[rows], idx[rows] = sub_vals.gather(1, perm), sub_idx.gather(1, perm)
+    return vals, idx
 
 
 # --------------------------------------------------------------------------- labels and mAP

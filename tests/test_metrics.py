@@ -72,13 +72,18 @@ def assert_map_equal(got, want):
 
 # --------------------------------------------------------------------------- topk_neighbors
 
-@pytest.mark.parametrize("k", [1, 5, 50, 299, 400])
-@pytest.mark.parametrize("block_size", [7, 64, 1024])
-def test_topk_matches_full_sort_with_many_ties(k, block_size):
-    # Integer vectors in {-1, 0, 1}^3: only 7 possible scores per pair, so nearly every boundary is tied.
-    rng = np.random.default_rng(0)
-    vectors = rng.integers(-1, 2, size=(300, 3)).astype(np.float32)
-    full, want = naive_topk(vectors, k)
+@pytest.fixture(scope="module")
+def tied_vectors():
+    """Integer vectors in {-1, 0, 1}^3 (only 7 possible scores per pair) and their full naive ranking."""
+    vectors = np.random.default_rng(0).integers(-1, 2, size=(300, 3)).astype(np.float32)
+    return vectors, *naive_topk(vectors, 299)
+
+
+@pytest.mark.parametrize("k, block_size", [(1, 7), (5, 64), (50, 7), (50, 1024), (299, 64), (400, 1024)])
+def test_topk_matches_full_sort_with_many_ties(tied_vectors, k, block_size):
+    # Nearly every top-k boundary falls inside a run of tied scores.
+    vectors, full, ranking = tied_vectors
+    want = ranking[:, :k]
     scores, indices = topk_neighbors(vectors, k, block_size=block_size)
     assert indices.shape == (300, min(k, 299))
     np.testing.assert_array_equal(indices, want)
@@ -102,6 +107,12 @@ def test_topk_tie_straddling_the_boundary():
     assert indices[0].tolist() == [4, 1]
     assert scores[0].tolist() == [2.0, 1.0]
     assert indices[4].tolist() == [0, 1]
+    # [1, 2, 3, 1, 1]: row 0 scores 2, 3, 1, 1 for rows 1..4; k = 3 -> rows 2 (3), 1 (2), then 3 (1, lower id
+    # than 4). The boundary fix collects rows 1, 2 in id order, so they must be re-sorted by score.
+    vectors = np.array([[1], [2], [3], [1], [1]], dtype=np.float32)
+    scores, indices = topk_neighbors(vectors, 3)
+    assert indices[0].tolist() == [2, 1, 3]
+    assert scores[0].tolist() == [3.0, 2.0, 1.0]
 
 
 def test_topk_random_float_vectors():

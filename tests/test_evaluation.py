@@ -1,0 +1,139 @@
+"""Tests for the ``retrieval evaluate`` command on a tiny hand-built catalog."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.catalog import read_catalog
+from retrieval.evaluation import (EvaluationError, compare_reports, evaluate_embeddings, format_table, main,
+                                  write_report)
+
+E1, E2, E3 = np.eye(3, dtype=np.float32)
+
+# Items 0-7 are test, 8-11 train; item 7's image was skipped by the embedder.
+#   item  shared  type-view  type   colour
+#   0     e1      e1         shirt  red
+#   1     e1      e1         shirt  blue
+#   2     e1      e2         dress  red|blue
+#   3     e2      e2         dress  red
+#   4     e2      e3         -      blue
+#   5     e2      e1         shirt  green
+#   6     e3      e2         dress  green
+#   7     (skipped)          shirt  red
+#   8-11  e1      e1         shirt  red     (train: would change every number if included)
+ROWS = [("shirt", "red", E1, E1), ("shirt", "blue", E1, E1), ("dress", "red|blue", E1, E2),
+        ("dress", "red", E2, E2), ("", "blue", E2, E3), ("shirt", "green", E2, E1),
+        ("dress", "green", E3, E2), ("shirt", "red", None, None)] + [("shirt", "red", E1, E1)] * 4
+
+
+@pytest.fixture
+def catalog_dir(tmp_path):
+    root = tmp_path / "catalog"
+    (root / "img").mkdir(parents=True)
+    lines = ["image,split,title,type,colour"]
+    for i, (kind, colour, _, _) in enumerate(ROWS):
+        Image.new("RGB", (4, 4), (20 * i, 0, 0)).save(root / "img" / f"{i:02d}.png")
+        lines.append(f"img/{i:02d}.png,{'test' if i < 8 else 'train'},item {i},{kind},{colour}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_embeddings(path, rows, paths=None, fingerprint="sha-test"):
+    """An EMB.h5 as docs/formats.md describes, with a group-focused view of 'type'."""
+    kept = [i for i, row in enumerate(rows) if row[2] is not None]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("vectors", data=np.stack([rows[i][2] for i in kept]))
+        f.create_dataset("ids", data=np.array(kept, dtype=np.int64))
+        f.create_dataset("paths", data=paths or [f"img/{i:02d}.png" for i in kept], dtype=h5py.string_dtype())
+        f.create_dataset("groups/type", data=np.stack([rows[i][3] for i in kept]))
+        f.attrs.update({"fingerprint": fingerprint, "backbone": "test", "dimension": 3,
+                        "created": "2024-01-01T00:00:00Z", "groups": json.dumps(["type"]),
+                        "skipped": json.dumps([f"img/{i:02d}.png" for i, r in enumerate(rows) if r[2] is None])})
+    return path
+
+
+# Hand-worked, k = 3, test split = items 0-6 (scores are 1 within {0,1,2} and {3,4,5}, else 0):
+# type   q0 [1,2,3] rel 100 -> paper 1, std 1/2 (shirts 1, 5); q1 [0,2,3] same -> 1, 1/2;
+#        q2 [0,1,3] rel 001 -> 1/3, 1/6; q3 [4,5,0] rel 000 -> 0, 0; q5 [3,4,0] rel 001 -> 1/3, 1/6;
+#        q6 [0,1,2] rel 001 -> 1/3, 1/6; item 4 unlabelled -> 6 queries.
+#        paper (1+1+1/3+0+1/3+1/3)/6 = 1/2; standard (1/2+1/2+1/6+0+1/6+1/6)/6 = 1/4.
+# colour q0 red [1,2,3] rel 011 -> 1/2+2/3 = 7/6, M 2 -> 7/12 both; q1 blue [0,2,3] rel 010 -> 1/2, std 1/4;
+#        q2 red|blue [0,1,3] rel 111 -> 1, 1; q3 red [4,5,0] rel 001 -> 1/3, 1/6; q4, q5, q6 -> 0.
+#        paper (7/12+1/2+1+1/3)/7 = 29/84; standard (7/12+1/4+1+1/6)/7 = 2/7.
+# type group view: every query's two same-type items come first -> 1, 1.
+EXPECTED = {"type": (1 / 2, 1 / 4, 6), "colour": (29 / 84, 2 / 7, 7)}
+
+
+def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--device", "cpu"]) == 0
+    out_dir = tmp_path / "emb-report"
+    assert {p.name for p in out_dir.iterdir()} == {"report.json", "table.md", "chart.png"}
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["settings"] | {"embeddings": None, "catalog": None} == {
+        "split": "test", "k": 3, "fingerprint": "sha-test", "embeddings": None, "n_items": 7,
+        "n_missing": 1, "catalog": None, "title": "emb"}
+    for g, (paper, standard, queries) in EXPECTED.items():
+        assert report["groups"][g]["map_paper"] == pytest.approx(paper)
+        assert report["groups"][g]["map_standard"] == pytest.approx(standard)
+        assert report["groups"][g]["queries"] == queries
+    assert report["groups"]["type"]["group_view"] == {"map_paper": pytest.approx(1.0),
+                                                      "map_standard": pytest.approx(1.0)}
+    assert "group_view" not in report["groups"]["colour"]
+    assert report["mean"]["map_paper"] == pytest.approx((1 / 2 + 29 / 84) / 2)
+    assert report["mean"]["map_standard"] == pytest.approx((1 / 4 + 2 / 7) / 2)
+    assert report["views"]["group"] == {"map_paper": pytest.approx(1.0), "map_standard": pytest.approx(1.0),
+                                        "groups": ["type"]}
+    printed = capsys.readouterr().out
+    assert "| type | 6 | 50.0 / 25.0 | 100.0 / 100.0 |" in printed
+    assert printed.strip() == (out_dir / "table.md").read_text().strip()
+    assert (out_dir / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_split_all_includes_train_items(catalog_dir, tmp_path):
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    report = evaluate_embeddings(emb, read_catalog(catalog_dir), split="all", k=3)
+    assert report["settings"]["n_items"] == 11
+    assert report["groups"]["type"]["queries"] == 10
+
+
+def test_compare_prints_both_runs(catalog_dir, tmp_path, capsys):
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    for name, k in (("run-a", "3"), ("run-b", "2")):
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", k, "--out", str(tmp_path / name)])
+    capsys.readouterr()
+    assert main(["--compare", str(tmp_path / "run-a"), str(tmp_path / "run-b")]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| group"))
+    assert header == "| group | run-a | run-a (group view) | run-b | run-b (group view) |"
+    assert "| type | 50.0 / 25.0 | 100.0 / 100.0 |" in table
+    assert "| **mean** |" in table
+    assert table == compare_reports([tmp_path / "run-a", tmp_path / "run-b"]) + "\n"
+
+
+def test_path_missing_from_catalog_is_a_clear_error(catalog_dir, tmp_path, capsys):
+    paths = [f"img/{i:02d}.png" for i in range(7)] + ["img/ghost.png"] + [f"img/{i:02d}.png" for i in range(9, 12)]
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS, paths=paths)
+    with pytest.raises(EvaluationError, match="img/ghost.png"):
+        evaluate_embeddings(emb, read_catalog(catalog_dir))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir)])
+    assert exit_info.value.code == 2
+    assert "not in the catalog" in capsys.readouterr().err
+
+
+def test_compare_needs_report_directories(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--compare", str(tmp_path)])
+    assert "report.json not found" in capsys.readouterr().err
+
+
+def test_classification_section_is_written(catalog_dir, tmp_path):
+    report = evaluate_embeddings(write_embeddings(tmp_path / "emb.h5", ROWS), read_catalog(catalog_dir), k=3)
+    report["classification"] = {"type": {"accuracy": 0.75, "macro_f1": 0.5}}
+    write_report(report, tmp_path / "out")
+    assert "| type | 75.0 | 50.0 |" in (tmp_path / "out" / "table.md").read_text()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["classification"]["type"]["accuracy"] == 0.75
+    assert format_table(report).count("| type |") == 2
