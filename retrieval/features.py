@@ -94,10 +94,10 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         n = len(items)
-        f.create_dataset("prefix", (n, 2, prefix.shape[1]), dtype="float16", chunks=(64, 2, prefix.shape[1]))
+        f.create_dataset("prefix", (n, 2, prefix.shape[1]), dtype="float16", chunks=(min(n, 64), 2, prefix.shape[1]))
         if act is not None:
             shape = tuple(act.shape[1:])
-            f.create_dataset("act", (n, 2, *shape), dtype="float16", chunks=(16, 2, *shape))
+            f.create_dataset("act", (n, 2, *shape), dtype="float16", chunks=(min(n, 16), 2, *shape))
         f.create_dataset("ok", (n,), dtype="bool")
         f.create_dataset("paths", data=[it.image for it in items], dtype=h5py.string_dtype())
         f.attrs["key"], f.attrs["done"] = key, 0

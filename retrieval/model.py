@@ -62,6 +62,11 @@ def resolve_taps(taps: str, n_units: int) -> list[int]:
     return chosen
 
 
+def head_key(position: int, group: str) -> str:
+    """A ModuleDict key for a group's head (no dots, no clash with Module attributes)."""
+    return f"{position}_" + group.replace(".", "_")
+
+
 class RetrievalModel(nn.Module):
     """Shared trunk and embedding layer; ``forward_heads`` gives ``{group: logits}``."""
 
@@ -80,7 +85,9 @@ class RetrievalModel(nn.Module):
         if config.method == "multi-label":
             self.heads = nn.ModuleDict({"all": nn.Linear(config.embed_dim, sum(sizes.values()))})
         else:
-            self.heads = nn.ModuleDict({g: nn.Linear(config.embed_dim, n) for g, n in sizes.items()})
+            # keys by position: a group may be called "type" or "a.b", which nn.Module cannot hold
+            self.heads = nn.ModuleDict({head_key(i, g): nn.Linear(config.embed_dim, n)
+                                        for i, (g, n) in enumerate(sizes.items())})
 
     def pool_outputs(self, outputs: list[torch.Tensor], start: int = 0) -> list[torch.Tensor]:
         """Pool the tapped ones of the unit outputs that begin at unit ``start``."""
@@ -105,7 +112,7 @@ class RetrievalModel(nn.Module):
         """Logits of every group from the normalised embedding (a cosine classifier)."""
         scaled = emb * self.config.head_scale
         if self.config.method != "multi-label":
-            return {g: head(scaled) for g, head in self.heads.items()}
+            return {g: head(scaled) for g, head in zip(self.config.groups, self.heads.values())}
         logits = self.heads["all"](scaled)
         sizes = [len(labels) for labels in self.config.groups.values()]
         return dict(zip(self.config.groups, logits.split(sizes, dim=1)))

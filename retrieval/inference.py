@@ -1,0 +1,109 @@
+"""Run a model over catalog items or image files: embeddings, head probabilities, group vectors."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .catalog import Catalog, Item
+from .data import ImageCache, ImageDataset, collate_images, loader_workers
+from .features import TrunkCache, cache_key
+from .images import image_tensor, normalize_batch
+from .model import RetrievalModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outputs:
+    """Model outputs of a batch of items (positions into the item list)."""
+
+    positions: np.ndarray
+    vectors: np.ndarray
+    probs: dict[str, np.ndarray]
+    group_vectors: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, heads: bool = True) -> Outputs:
+    """Embedding, probabilities and group vectors from pooled trunk features."""
+    emb = model.embed_pooled(pooled)
+    probs, group_vectors = {}, {}
+    if heads:
+        logits = model.forward_heads(emb)
+        probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
+        group_vectors = {g: v.float().cpu().numpy() for g, v in model.group_vectors(logits).items()}
+    return Outputs(np.asarray(positions), emb.float().cpu().numpy(), probs, group_vectors)
+
+
+def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) -> TrunkCache | None:
+    """A trunk cache usable for this model and catalog, or None (with the reason logged)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        key = f.attrs.get("key")
+    if key != cache_key(model, start, catalog.items):
+        logger.warning("%s does not match this model and catalog: computing from images", path)
+        return None
+    return TrunkCache(path)
+
+
+@torch.no_grad()
+def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], device, batch_size: int = 64,
+                 workers: int | None = None, image_cache: ImageCache | None = None,
+                 trunk_cache: TrunkCache | None = None, start: int = 0, heads: bool = True,
+                 bad: list | None = None):
+    """Yield ``Outputs`` for consecutive batches of ``items``; unreadable ones go to ``bad``."""
+    model.eval().to(device)
+    if trunk_cache is not None:
+        rows = torch.tensor([it.row_id for it in items], dtype=torch.long)
+        for chunk in torch.arange(len(items)).split(batch_size):
+            ok = torch.from_numpy(trunk_cache.ok[rows[chunk].numpy()])
+            if bad is not None:
+                bad.extend(items[i].image for i in chunk[~ok].tolist())
+            chunk = chunk[ok]
+            prefix, act = trunk_cache.inputs(rows[chunk], torch.zeros(len(chunk), dtype=torch.long))
+            pooled = prefix.to(device) if act is None else model.pooled_features(act.to(device), start, prefix.to(device))
+            yield outputs_from_pooled(model, pooled, chunk.numpy(), heads)
+        return
+    dataset = ImageDataset(catalog, items, model.config.image_size, image_cache)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers), collate_fn=collate_images)
+    for images, index, failed in loader:
+        if bad is not None:
+            bad.extend(items[i].image for i in failed)
+        if images is None:
+            continue
+        x = normalize_batch(images.to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            pooled = model.pooled_features(x)
+        yield outputs_from_pooled(model, pooled.float(), index.numpy(), heads)
+
+
+@torch.no_grad()
+def predict_images(model: RetrievalModel, paths, device="cpu") -> list[dict[str, np.ndarray]]:
+    """Per-group label probabilities of image files (raises ImageError on bad files)."""
+    model.eval().to(device)
+    results = []
+    for path in paths:
+        x = image_tensor(path, model.config.image_size).to(device)
+        logits = model.forward_heads(model.forward_features(x))
+        results.append({g: model.probabilities(g, z)[0].cpu().numpy() for g, z in logits.items()})
+    return results
+
+
+def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Score fusion: the mean of two models' class scores, group by group."""
+    missing = sorted(set(a) ^ set(b))
+    if missing:
+        raise ValueError(f"Cannot fuse models with different groups: {', '.join(missing)}")
+    return {g: (a[g] + b[g]) / 2 for g in a}
+
+
+def standardize(vectors: np.ndarray) -> np.ndarray:
+    """Z-score each dimension over the set, then L2-normalise rows."""
+    centred = (vectors - vectors.mean(0)) / (vectors.std(0) + 1e-6)
+    return F.normalize(torch.from_numpy(centred.astype(np.float32)), dim=1).numpy()

