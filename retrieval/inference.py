@@ -107,3 +107,14 @@ def standardize(vectors: np.ndarray) -> np.ndarray:
     """Z-score each dimension over the set, then L2-normalise rows."""
     centred = (vectors - vectors.mean(0)) / (vectors.std(0) + 1e-6)
     return F.normalize(torch.from_numpy(centred.astype(np.float32)), dim=1).numpy()
+
+
+@torch.no_grad()
+def describe_image(model: RetrievalModel, image, device="cpu") -> Outputs:
+    """Embedding, head probabilities and group vectors of one PIL image (for search by photo)."""
+    from .images import to_uint8_array
+
+    array = to_uint8_array(image.convert("RGB"), model.config.image_size)
+    x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))
+    model.eval().to(device)
+    return outputs_from_pooled(model, model.pooled_features(x), np.zeros(1, dtype=np.int64))

@@ -1,0 +1,147 @@
+"""Embedding a catalog (resume, skipped images, pretrained baseline) and the index commands."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from retrieval.catalog import read_catalog
+from retrieval.checkpoint import load_checkpoint
+from retrieval.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def embed(run, catalog, out, *extra):
+    return cli(["embed", "--checkpoint", str(run / "best.pt"), "--catalog", str(catalog), "--out", str(out),
+                "--device", "cpu", "--workers", "0", "--batch-size", "16", *extra])
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_run, demo_catalog, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb") / "emb.h5"
+    assert embed(tiny_run, demo_catalog, out) == 0
+    return out
+
+
+def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog):
+    catalog = read_catalog(demo_catalog)
+    with h5py.File(embeddings) as f:
+        vectors = f["vectors"][:]
+        assert vectors.shape == (60, 256)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        assert f["ids"][:].tolist() == list(range(60))
+        assert list(f["paths"].asstr()[:]) == [it.image for it in catalog.items]
+        assert f.attrs["fingerprint"] == load_checkpoint(tiny_run / "best.pt")["fingerprint"]
+        assert f.attrs["backbone"] == "tiny" and f.attrs["dimension"] == 256 and f.attrs["created"]
+        assert sorted(json.loads(f.attrs["groups"])) == sorted(catalog.groups)
+        for g in catalog.groups:
+            assert np.allclose(np.linalg.norm(f[f"groups/{g}"][:], axis=1), 1, atol=1e-5)
+            assert f[f"probs/{g}"].shape == (60, len(catalog.vocab[g]))
+
+
+def test_trunk_cache_gives_the_same_embeddings(embeddings, tiny_run, demo_catalog, tmp_path):
+    out = tmp_path / "cached.h5"
+    assert embed(tiny_run, demo_catalog, out, "--trunk-cache", str(tiny_run / "trunk-cache.h5")) == 0
+    with h5py.File(embeddings) as a, h5py.File(out) as b:
+        # the cache holds float16 trunk outputs: close, not bit-equal
+        assert np.abs(a["vectors"][:] - b["vectors"][:]).max() < 2e-2
+
+
+def test_interrupted_embedding_resumes(embeddings, tiny_run, demo_catalog, tmp_path, monkeypatch, caplog):
+    from retrieval import embed as embed_module
+
+    real = embed_module.iter_outputs
+
+    def interrupted(*args, **kwargs):
+        for n, outputs in enumerate(real(*args, **kwargs)):
+            if n == 2 and len(args[2]) > 1:
+                raise KeyboardInterrupt  # killed after two batches
+            yield outputs
+
+    caplog.set_level("INFO")
+    out = tmp_path / "emb.h5"
+    monkeypatch.setattr(embed_module, "iter_outputs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed(tiny_run, demo_catalog, out)
+    assert not out.exists() and out.with_name("emb.h5.partial").exists()
+    monkeypatch.setattr(embed_module, "iter_outputs", real)
+    assert embed(tiny_run, demo_catalog, out) == 0
+    assert "Resuming" in caplog.text and "at 32/60" in caplog.text
+    assert not out.with_name("emb.h5.partial").exists()
+    with h5py.File(out) as g, h5py.File(embeddings) as f:
+        assert np.allclose(g["vectors"][:], f["vectors"][:], atol=1e-6)
+        assert np.allclose(g["groups/colours"][:], f["groups/colours"][:], atol=1e-6)
+
+
+def test_unreadable_images_are_listed_and_skipped(tiny_run, demo_catalog, tmp_path):
+    catalog = tmp_path / "cat"
+    shutil.copytree(demo_catalog, catalog)
+    victim = sorted((catalog / "images").glob("*.jpg"))[3]
+    victim.write_bytes(b"\xff\xd8 truncated")
+    assert embed(tiny_run, catalog, tmp_path / "e.h5") == 0
+    with h5py.File(tmp_path / "e.h5") as f:
+        assert len(f["vectors"]) == 59
+        assert json.loads(f.attrs["skipped"]) == [f"images/{victim.name}"]
+        assert 3 not in f["ids"][:].tolist()
+
+
+def test_pretrained_only_baseline(demo_catalog, tmp_path):
+    out = tmp_path / "base.h5"
+    assert cli(["embed", "--pretrained-only", "--backbone", "tiny", "--image-size", "64", "--catalog",
+                str(demo_catalog), "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    with h5py.File(out) as f:
+        assert f["vectors"].shape == (60, 32) and "groups" not in f
+        assert f.attrs["fingerprint"].startswith("pretrained:tiny")
+    assert cli(["embed", "--catalog", str(demo_catalog), "--out", str(out)]) == 1  # neither mode given
+
+
+def test_index_build_add_remove(embeddings, demo_catalog, tmp_path):
+    from indexer import IndexStore
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    store = IndexStore.load(index)
+    assert len(store) == 60 and "group-colours" in store.views
+    with h5py.File(embeddings) as f:
+        assert store.fingerprint == f.attrs["fingerprint"]
+    item = store.item(0)
+    catalog = read_catalog(demo_catalog)
+    assert item["title"] == catalog.items[0].title
+    assert item["labels"]["category"] == list(catalog.items[0].labels["category"])
+    assert cli(["index", "remove", "--index", str(index), "--paths", catalog.items[5].image, "--ids", "7"]) == 0
+    store = IndexStore.load(index)
+    assert len(store) == 58 and not {5, 7} & set(store.ids.tolist())
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+    store = IndexStore.load(index)
+    assert len(store) == 60
+    scores, ids = store.search(np.eye(1, 256, dtype=np.float32), 5, filters={"gender": ["women"]})
+    assert all("women" in store.item(i)["labels"]["gender"] for i in ids[0] if i >= 0)
+    assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg"]) == 1
+
+
+def test_index_add_refuses_other_model(embeddings, tmp_path):
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    other = tmp_path / "other.h5"
+    shutil.copy(embeddings, other)
+    with h5py.File(other, "r+") as f:
+        f.attrs["fingerprint"] = "0" * 64
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(other)]) == 1
+
+
+def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
+    index = tmp_path / "live"
+    env = {**os.environ, "RETRIEVAL": str(Path(sys.executable).with_name("retrieval"))}
+    cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), str(demo_catalog), str(tiny_run / "best.pt"),
+           str(index), "--device", "cpu", "--workers", "0"]
+    for _ in range(2):  # the second run replaces the first index in place
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (index / "sidecar.json").exists() and (tmp_path / "live.embeddings.h5").exists()
+    assert not list(tmp_path.glob(".live*"))
