@@ -145,3 +145,19 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
     assert (index / "sidecar.json").exists() and (tmp_path / "live.embeddings.h5").exists()
     assert not list(tmp_path.glob(".live*"))
+
+
+def test_image_cache_feeds_training(demo_catalog, tmp_path):
+    from retrieval.data import ImageCache
+    from retrieval.images import load_image, to_uint8_array
+
+    cache = tmp_path / "images.h5"
+    assert cli(["cache", "--catalog", str(demo_catalog), "--out", str(cache), "--image-size", "64",
+                "--workers", "0"]) == 0
+    images = ImageCache(cache)
+    catalog = read_catalog(demo_catalog)
+    first = catalog.items[0]
+    assert (images.read(first.image) == to_uint8_array(load_image(catalog.path_of(first)), 64)).all()
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                "--image-size", "64", "--epochs", "1", "--trainable-blocks", "all", "--workers", "0",
+                "--image-cache", str(cache), "--device", "cpu"]) == 0

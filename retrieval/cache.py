@@ -1,0 +1,77 @@
+"""``retrieval cache``: pre-decode letterboxed catalog images into HDF5 for fast training input."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import h5py
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .catalog import Catalog, read_catalog
+from .data import ImageDataset, collate_images, loader_workers
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrieval cache", description=(
+        "Decode every catalog image once, letterbox it to SIZE and store it as uint8 in HDF5; "
+        "'retrieval train --image-cache' then reads it instead of JPEGs. Interrupted runs resume."))
+    p.add_argument("--catalog", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="IMAGES.h5")
+    p.add_argument("--image-size", type=int, default=224, help="must equal the training --image-size")
+    p.add_argument("--workers", type=int)
+    return p
+
+
+def open_cache(path: Path, catalog: Catalog, size: int) -> int:
+    """Create the cache file, or reopen a matching interrupted one; returns images done."""
+    paths = [it.image for it in catalog.items]
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            same = f["images"].shape[1] == size and list(f["paths"].asstr()[:]) == paths
+            if same:
+                return int(f.attrs.get("done", 0))
+        logger.info("%s was made for another catalog or size: rebuilding", path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("images", (len(paths), size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
+        f.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+        f.create_dataset("ok", (len(paths),), dtype="bool")
+        f.attrs["done"] = 0
+    tmp.replace(path)
+    return 0
+
+
+def build_image_cache(catalog: Catalog, path: str | Path, size: int = 224, workers: int | None = None) -> int:
+    """Fill (or resume) the image cache; returns the number of unreadable images."""
+    path = Path(path)
+    done = open_cache(path, catalog, size)
+    dataset = ImageDataset(catalog, catalog.items[done:], size)
+    loader = DataLoader(dataset, batch_size=32, num_workers=loader_workers(workers), collate_fn=collate_images)
+    bad, began = [], time.perf_counter()
+    with h5py.File(path, "r+") as f, tqdm(total=len(catalog), initial=done, unit="img", desc="cache") as bar:
+        for images, index, failed in loader:
+            bad += [dataset.items[i].image for i in failed]
+            if images is not None:
+                rows = (index + done).numpy()
+                f["images"][rows] = images.numpy()
+                f["ok"][rows] = True
+            step = len(index) + len(failed)
+            f.attrs["done"] = int(f.attrs["done"]) + step
+            bar.update(step)
+            bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.0f}")
+    if bad:
+        logger.warning("%d unreadable images skipped: %s", len(bad), ", ".join(bad[:10]))
+    return len(bad)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    catalog = read_catalog(args.catalog)
+    bad = build_image_cache(catalog, args.out, args.image_size, args.workers)
+    print(f"Wrote {args.out}: {len(catalog) - bad} images at {args.image_size}px ({bad} unreadable)")
+    return 0
