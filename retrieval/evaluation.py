@@ -14,6 +14,7 @@ import numpy as np
 
 from retrieval.catalog import Catalog, CatalogError, read_catalog
 from retrieval.metrics import DEVICES, evaluate_retrieval
+from retrieval.classification import classify, draw_class_chart, fuse_files, group_vectors_from_probs, read_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,12 @@ def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarr
 
 
 def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "test", k: int = 50,
-                        device: str = "cpu") -> dict:
-    """Report dict (docs/formats.md) of mAP@k on one split of the catalog."""
+                        device: str = "cpu", fuse: str | Path | None = None) -> dict:
+    """Report dict (docs/formats.md) of mAP@k on one split, plus classification of the heads.
+
+    With ``fuse``, a second embeddings file's head probabilities are averaged in (score fusion):
+    classification and the group view use the fused scores, the shared view stays the first's.
+    """
     if split not in SPLITS:
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     emb = read_embeddings(emb_path)
@@ -91,11 +96,24 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     for g in sorted(set(emb.group_vectors) - set(catalog.groups)):
         logger.warning("group vectors %r have no matching catalog group; ignored", g)
     group_vectors = {g: v[rows] for g, v in emb.group_vectors.items() if g in labels}
+    probs = read_probabilities(emb_path, rows)
+    if fuse:
+        other = read_embeddings(fuse)
+        position = {p: i for i, p in enumerate(other.paths)}
+        missing = [emb.paths[r] for r in rows if emb.paths[r] not in position]
+        if missing:
+            raise EvaluationError(f"{fuse}: lacks {len(missing)} image(s) of {emb_path}, e.g. {missing[:3]}")
+        probs = fuse_files(emb_path, fuse, np.array([position[emb.paths[r]] for r in rows]), probs)
+        group_vectors = {g: v for g, v in group_vectors_from_probs(probs).items() if g in labels}
     report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=group_vectors,
                                 device=device, progress=True)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
-                "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve())}
-    return {"settings": settings, **report}
+                "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve()),
+                "fused_with": str(Path(fuse).resolve()) if fuse else None}
+    report = {"settings": settings, **report}
+    if probs:
+        report["classification"] = classify(probs, items, catalog)
+    return report
 
 
 # --------------------------------------------------------------------------- writing
@@ -227,6 +245,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report directory (default: <embeddings stem>-report beside it)")
     run.add_argument("--title", help="title of the table and chart (default: the embeddings file name)")
     run.add_argument("--device", default="auto", choices=DEVICES, help="where to rank neighbours (default: auto)")
+    run.add_argument("--fuse", type=Path, metavar="EMB_B.h5",
+                     help="score fusion: average the head probabilities of a second model's embeddings")
+    run.add_argument("--class-chart", metavar="GROUP",
+                     help="also draw per-class accuracy of GROUP (class_GROUP.png) to see rare classes")
     compare = parser.add_argument_group("compare reports")
     compare.add_argument("--compare", nargs="+", metavar="REPORT_DIR",
                          help="print one table comparing report directories instead of evaluating")
@@ -247,9 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.k < 1:
             parser.error(f"--k must be at least 1, got {args.k}")
         report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
-                                     args.split, args.k, device=args.device)
+                                     args.split, args.k, device=args.device, fuse=args.fuse)
         report["settings"]["title"] = args.title or args.embeddings.stem
         out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
+        if args.class_chart:
+            classes = report.get("classification", {})
+            if args.class_chart not in classes:
+                raise EvaluationError(f"--class-chart {args.class_chart!r}: no classification for it; "
+                                      f"choose one of: {', '.join(classes) or '(no head probabilities)'}")
+            draw_class_chart(classes[args.class_chart], args.class_chart, out / f"class_{args.class_chart}.png")
     except (EvaluationError, CatalogError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(report))

@@ -74,7 +74,7 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     report = json.loads((out_dir / "report.json").read_text())
     assert report["settings"] | {"embeddings": None, "catalog": None} == {
         "split": "test", "k": 3, "fingerprint": "sha-test", "embeddings": None, "n_items": 7,
-        "n_missing": 1, "catalog": None, "title": "emb"}
+        "n_missing": 1, "catalog": None, "title": "emb", "fused_with": None}
     for g, (paper, standard, queries) in EXPECTED.items():
         assert report["groups"][g]["map_paper"] == pytest.approx(paper)
         assert report["groups"][g]["map_standard"] == pytest.approx(standard)
@@ -137,3 +137,39 @@ def test_classification_section_is_written(catalog_dir, tmp_path):
     assert "| type | 75.0 | 50.0 |" in (tmp_path / "out" / "table.md").read_text()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["classification"]["type"]["accuracy"] == 0.75
     assert format_table(report).count("| type |") == 2
+
+
+def test_classification_and_fusion_from_head_probabilities(tmp_path):
+    """Hand-worked: 4 test items of one single-label group, two models' probabilities."""
+    import h5py
+
+    from conftest import write_catalog
+    from retrieval.catalog import read_catalog
+    from retrieval.evaluation import evaluate_embeddings
+
+    root = write_catalog(tmp_path / "cat", [f"{n}.png,test,,{c},x" for n, c in
+                                            [("a", "red"), ("b", "red"), ("c", "blue"), ("d", "blue")]])
+    catalog = read_catalog(root)  # colour vocab: blue, red
+
+    def write(path, probs):
+        with h5py.File(path, "w") as f:
+            f["vectors"] = np.eye(4, dtype=np.float32)
+            f["ids"] = np.arange(4)
+            f.create_dataset("paths", data=["a.png", "b.png", "c.png", "d.png"], dtype=h5py.string_dtype())
+            f["probs/colour"] = np.array(probs, dtype=np.float32)
+            f["groups/colour"] = np.sqrt(np.array(probs, dtype=np.float32))
+        return path
+
+    # model A: a right (red), b wrong (says blue), c right (blue), d wrong (says red): accuracy 2/4
+    a = write(tmp_path / "a.h5", [[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.4, 0.6]])
+    # model B: a right, b right strongly, c right, d right weakly
+    b = write(tmp_path / "b.h5", [[0.3, 0.7], [0.1, 0.9], [0.8, 0.2], [0.55, 0.45]])
+    alone = evaluate_embeddings(a, catalog, "test", k=3)["classification"]["colour"]
+    assert alone["accuracy"] == pytest.approx(0.5)
+    # per class: red predicted for a, d (1 right of 2) -> P = 1/2, R = 1/2; blue likewise -> macro-F1 0.5
+    assert alone["macro_f1"] == pytest.approx(0.5)
+    fused = evaluate_embeddings(a, catalog, "test", k=3, fuse=b)
+    # fused: a [.25,.75] red ok; b [.35,.65] red ok; c [.85,.15] blue ok; d [.475,.525] red: wrong
+    assert fused["classification"]["colour"]["accuracy"] == pytest.approx(0.75)
+    assert fused["settings"]["fused_with"].endswith("b.h5")
+    assert fused["groups"]["colour"]["group_view"]["map_paper"] is not None
