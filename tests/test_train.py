@@ -144,3 +144,20 @@ def test_predict_bad_image_is_a_clear_error(tiny_run, tmp_path, capsys):
     bad.write_text("not an image")
     assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(bad)]) == 1
     assert "x.jpg: cannot read image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--sampling", "over", "--sampling-group", "category"],
+                                   ["--sampling", "under", "--sampling-group", "category"],
+                                   ["--range-loss", "0.1", "--range-group", "category"],
+                                   ["--weighting", "label"]])
+def test_imbalance_options_train(demo_catalog, tiny_run, tmp_path, extra):
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--trunk-cache", str(tmp_path / "trunk.h5"),
+                 *extra) == 0
+    config = load_checkpoint(tmp_path / "run" / "last.pt")["train_config"]
+    assert all(str(config[k.lstrip("-").replace("-", "_")]) == v for k, v in zip(extra[::2], extra[1::2]))
+
+
+def test_sampling_needs_a_group(demo_catalog, tmp_path):
+    with pytest.raises(SystemExit):
+        train(demo_catalog, tmp_path / "run", "--sampling", "over")
