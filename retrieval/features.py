@@ -21,11 +21,22 @@ logger = logging.getLogger(__name__)
 
 
 def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
-    """What a trunk cache depends on: trunk weights, cut point, taps, pooling, size, images."""
+    """What a trunk cache depends on: trunk weights, cut point, pooling, size, images (and the
+    units it pooled, which may be more than a model taps: any subset is served from it)."""
     return json.dumps({
-        "trunk": fingerprint(model.trunk), "start": start, "taps": model.taps, "gem_p": model.config.gem_p,
+        "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
         "image_size": model.config.image_size, "images": _digest([it.image for it in items]),
     }, sort_keys=True)
+
+
+def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel, start: int) -> bool:
+    """Whether a cache made under ``stored_key`` holds what this model needs below unit ``start``."""
+    if not stored_key:
+        return False
+    stored, wanted = json.loads(stored_key), json.loads(wanted_key)
+    stored_taps = stored.pop("taps")
+    wanted.pop("taps")
+    return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps)
 
 
 def _digest(paths: list[str]) -> str:
@@ -35,26 +46,43 @@ def _digest(paths: list[str]) -> str:
 
 
 @torch.no_grad()
-def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled taps of units before ``start`` and the input of unit ``start`` (None at the end)."""
+def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
+                   taps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled outputs of units ``taps`` (default: the model's) before ``start``, and the input of
+    unit ``start`` (None when the whole trunk is frozen)."""
+    taps = model.taps if taps is None else taps
     pooled = []
     for i, unit in enumerate(model.trunk.units[:start]):
         x = unit(x)
-        if i in model.taps:
+        if i in taps:
             pooled.append(model.pool(x))
     prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
     return prefix, (x if start < len(model.trunk) else None)
 
 
+def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int) -> torch.Tensor:
+    """Columns of a cached prefix (pooled ``stored_taps``) that hold the model's taps below ``start``."""
+    offsets, at = {}, 0
+    for t in stored_taps:
+        offsets[t] = at
+        at += model.trunk.channels[t]
+    wanted = [t for t in model.taps if t < start]
+    return torch.cat([torch.arange(offsets[t], offsets[t] + model.trunk.channels[t]) for t in wanted]) \
+        if wanted else torch.zeros(0, dtype=torch.long)
+
+
 class TrunkCache:
     """HDF5 of per-image frozen outputs, original and flipped: ``prefix`` [N,2,P], ``act`` [N,2,C,H,W]."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model: RetrievalModel | None = None, start: int | None = None):
         self.path = Path(path)
         with h5py.File(self.path, "r") as f:
             self.ok = f["ok"][:].astype(bool)
             self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
+            stored_taps = json.loads(f.attrs["key"])["taps"]
+        if model is not None:  # keep only the model's taps, in its order
+            self.prefix = self.prefix[:, :, prefix_columns(model, stored_taps, start)].contiguous()
 
     def inputs(self, index: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached inputs of rows ``index``, flipped variant where ``flip`` is 1."""
@@ -65,24 +93,25 @@ class TrunkCache:
 
 def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item], start: int, path: Path,
                       device: torch.device, batch_size: int = 64, image_cache: ImageCache | None = None,
-                      workers: int | None = None) -> TrunkCache:
+                      workers: int | None = None) -> Path:
     """Compute (or resume) the trunk cache of ``items`` for training units ``start..``."""
     path = Path(path)
     key = cache_key(model, start, items)
     done = _open_or_create(model, items, start, path, key, device)
     if done < len(items):
         _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers)
-    cache = TrunkCache(path)
-    bad = [items[i].image for i in np.flatnonzero(~cache.ok)]
+    with h5py.File(path, "r") as f:
+        ok = f["ok"][:].astype(bool)
+    bad = [items[i].image for i in np.flatnonzero(~ok)]
     if bad:
         logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
-    return cache
+    return path
 
 
 def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
     if path.exists():
         with h5py.File(path, "r") as f:
-            if f.attrs.get("key") == key:
+            if cache_serves(f.attrs.get("key"), key, model, start):
                 done = int(f.attrs.get("done", 0))
                 if done:
                     logger.info("Resuming trunk cache %s at %d/%d images", path, done, len(items))
@@ -90,7 +119,7 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
         logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
-    prefix, act = frozen_outputs(model, probe, start)
+    prefix, act = frozen_outputs(model, probe, start, list(range(start)))
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         n = len(items)
@@ -110,6 +139,8 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers),
                         collate_fn=collate_images)
     model.trunk.eval().to(device)
+    with h5py.File(path, "r") as f:
+        taps = json.loads(f.attrs["key"])["taps"]
     began = time.perf_counter()
     with h5py.File(path, "r+") as f, tqdm(total=len(items), initial=done, unit="img", desc="trunk cache") as bar:
         offset = done
@@ -118,7 +149,7 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
             if images is not None:
                 rows = (index + done).numpy()
                 x = normalize_batch(images.to(device))
-                outputs = [frozen_outputs(model, v, start) for v in (x, x.flip(3))]
+                outputs = [frozen_outputs(model, v, start, taps) for v in (x, x.flip(3))]
                 f["prefix"][rows] = torch.stack([o[0] for o in outputs], 1).cpu().half().numpy()
                 if outputs[0][1] is not None:
                     f["act"][rows] = torch.stack([o[1] for o in outputs], 1).cpu().half().numpy()

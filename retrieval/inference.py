@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from .catalog import Catalog, Item
 from .data import ImageCache, ImageDataset, collate_images, loader_workers
-from .features import TrunkCache, cache_key
+from .features import TrunkCache, cache_key, cache_serves
 from .images import image_tensor, normalize_batch
 from .model import RetrievalModel
 
@@ -45,11 +45,11 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
     import h5py
 
     with h5py.File(path, "r") as f:
-        key = f.attrs.get("key")
-    if key != cache_key(model, start, catalog.items):
+        key, done = f.attrs.get("key"), int(f.attrs.get("done", 0))
+    if not cache_serves(key, cache_key(model, start, catalog.items), model, start) or done < len(catalog):
         logger.warning("%s does not match this model and catalog: computing from images", path)
         return None
-    return TrunkCache(path)
+    return TrunkCache(path, model, start)
 
 
 @torch.no_grad()

@@ -161,3 +161,19 @@ def test_imbalance_options_train(demo_catalog, tiny_run, tmp_path, extra):
 def test_sampling_needs_a_group(demo_catalog, tmp_path):
     with pytest.raises(SystemExit):
         train(demo_catalog, tmp_path / "run", "--sampling", "over")
+
+
+def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, tmp_path):
+    import h5py
+
+    cache = tmp_path / "trunk.h5"
+    shutil.copy(tiny_run / "trunk-cache.h5", cache)
+    before = cache.stat().st_mtime_ns
+    assert train(demo_catalog, tmp_path / "last", "--epochs", "1", "--taps", "last", "--trunk-cache", str(cache)) == 0
+    assert cache.stat().st_mtime_ns == before  # reused, not rebuilt
+    from retrieval.features import TrunkCache
+    model, ckpt = load_model(tmp_path / "last" / "last.pt")
+    full = TrunkCache(cache)
+    sliced = TrunkCache(cache, model, ckpt["start_unit"])
+    assert sliced.prefix.shape[-1] == 32  # the last unit of the tiny trunk only
+    assert torch.equal(sliced.prefix, full.prefix[..., -32:])
