@@ -1,0 +1,77 @@
+"""Experiment helpers: train → embed → evaluate one configuration, timed, and tabulate the results."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cli import main as cli
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """One row of a comparison: training options (None = pretrained-only embedding) and results."""
+
+    name: str
+    train: list[str] | None = None
+    embed: list[str] = field(default_factory=list)
+    evaluate: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: dict | None = None
+
+
+def _timed(exp: Experiment, stage: str, argv: list[str]) -> None:
+    began = time.perf_counter()
+    code = cli(argv)
+    exp.seconds[stage] = time.perf_counter() - began
+    if code:
+        raise RuntimeError(f"{exp.name}: 'retrieval {' '.join(argv)}' failed with exit code {code}")
+
+
+def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Path | None = None) -> Experiment:
+    """Train (unless pretrained-only), embed and evaluate; reuses finished stages of a rerun."""
+    run, emb, report = workdir / exp.name, workdir / f"{exp.name}.h5", workdir / f"{exp.name}-report"
+    cache = ["--trunk-cache", str(trunk_cache)] if trunk_cache else []
+    if exp.train is not None and not (run / "best.pt").exists():
+        resume = ["--resume"] if (run / "last.pt").exists() else []
+        _timed(exp, "train", ["train", "--catalog", catalog, "--out", str(run), *cache, *exp.train, *resume])
+    if not emb.exists():
+        source = ["--checkpoint", str(run / "best.pt")] if exp.train is not None else ["--pretrained-only"]
+        _timed(exp, "embed", ["embed", *source, "--catalog", catalog, "--out", str(emb), *cache, *exp.embed])
+    _timed(exp, "evaluate", ["evaluate", "--embeddings", str(emb), "--catalog", catalog, "--out", str(report),
+                             "--title", exp.name, *exp.evaluate])
+    exp.report = json.loads((report / "report.json").read_text())
+    return exp
+
+
+def _pct(entry: dict | None, key: str) -> str:
+    value = entry.get(key) if entry else None
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def format_rows(experiments: list[Experiment], focus: str | None = None) -> str:
+    """Markdown table: mean mAP@50 (paper / standard) for both views, a focus group, times."""
+    head = "| embedding | mean (shared) | mean (group view) |"
+    rule = "|---|---:|---:|"
+    if focus:
+        head += f" {focus} (shared) | {focus} (group view) | {focus} acc / macro-F1 |"
+        rule += "---:|---:|---:|"
+    lines = [head + " train s | embed s |", rule + "---:|---:|"]
+    for e in experiments:
+        r = e.report
+        mean, view = r["mean"], r["mean"].get("group_view")
+        row = f"| {e.name} | {_pct(mean, 'map_paper')} / {_pct(mean, 'map_standard')} | " \
+              f"{_pct(view, 'map_paper')} / {_pct(view, 'map_standard')} |"
+        if focus:
+            g = r["groups"].get(focus, {})
+            c = r.get("classification", {}).get(focus)
+            row += f" {_pct(g, 'map_paper')} / {_pct(g, 'map_standard')} | " \
+                   f"{_pct(g.get('group_view'), 'map_paper')} / {_pct(g.get('group_view'), 'map_standard')} | " \
+                   f"{_pct(c, 'accuracy')} / {_pct(c, 'macro_f1')} |"
+        row += f" {e.seconds.get('train', 0):.0f} | {e.seconds.get('embed', 0):.0f} |"
+        lines.append(row)
+    return "\n".join(lines)
