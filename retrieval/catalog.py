@@ -67,6 +67,14 @@ class Catalog:
         return {item.image: item for item in self.items}
 
 
+def select_groups(catalog: Catalog, groups: list[str]) -> Catalog:
+    """The same catalog seen through a subset of its attribute groups."""
+    unknown = [g for g in groups if g not in catalog.groups]
+    if unknown:
+        raise ValueError(f"Unknown group(s) {', '.join(unknown)}; choose from: {', '.join(catalog.groups)}")
+    return Catalog(catalog.root, list(groups), catalog.items, {g: catalog.vocab[g] for g in groups})
+
+
 def hash_split(image: str, test_share: float = 0.2) -> str:
     """Deterministic train/test split from a hash of the image path."""
     digest = hashlib.sha256(image.encode("utf-8")).digest()

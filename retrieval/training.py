@@ -53,6 +53,7 @@ class TrainConfig:
     weighting: str = "group"
     smoothing_c: float = 3.0
     label_dropout: str | None = None
+    groups: str | None = None
     val_fraction: float = 0.1
     sampling: str = "none"
     sampling_group: str | None = None

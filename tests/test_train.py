@@ -177,3 +177,12 @@ def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, t
     sliced = TrunkCache(cache, model, ckpt["start_unit"])
     assert sliced.prefix.shape[-1] == 32  # the last unit of the tiny trunk only
     assert torch.equal(sliced.prefix, full.prefix[..., -32:])
+
+
+def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--groups", "category,pattern",
+                 "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    assert list(load_checkpoint(tmp_path / "run" / "last.pt")["model_config"]["groups"]) == ["category", "pattern"]
+    assert train(demo_catalog, tmp_path / "bad", "--groups", "size") == 1
+    assert "Unknown group(s) size" in capsys.readouterr().err
