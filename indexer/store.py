@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,12 +16,10 @@ import numpy as np
 
 from indexer.filters import EXACT_SUBSET_MAX, build_label_index, filtered_search, pad_results, qualifying_ids
 from indexer.index import as_ids, as_vectors, index_kind, rebuild_hnsw, to_gpu, want_gpu
+from indexer.persist import SIDECAR, check_expected, fsync_file, read_sidecar, read_view, swap_into_place
 
 logger = logging.getLogger(__name__)
 
-SIDECAR = "sidecar.json"
-SIDECAR_FIELDS = ("fingerprint", "type", "dimension", "count", "metric", "created", "views",
-                  "ids", "paths", "titles", "labels")
 VIEW_NAME = re.compile(r"^(shared|group-[A-Za-z0-9_.-]+)$")
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
 HNSW_COMPACT_SHARE = 0.25  # rebuild an HNSW view once this share of its nodes are removed items
@@ -66,57 +63,6 @@ def text_list(values: Sequence | None, count: int, name: str) -> list[str]:
     return values
 
 
-def swap_into_place(new: Path, target: Path) -> None:
-    """Rename the finished directory new to target, moving an existing target away first."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_sidecar(directory: Path) -> dict:
-    """Return the parsed sidecar of an index directory, with clear errors when missing or corrupt."""
-    path = directory / SIDECAR
-    if not path.is_file():
-        raise FileNotFoundError(f"Index sidecar not found: {path} (is {directory} an index directory?)")
-    try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Corrupt index sidecar {path}: {err}") from err
-    missing = [f for f in SIDECAR_FIELDS if not isinstance(sidecar, dict) or f not in sidecar]
-    if missing:
-        raise ValueError(f"Corrupt index sidecar {path}: missing field(s) {', '.join(missing)}")
-    return sidecar
-
-
-def check_expected(sidecar: dict, field: str, expected, path: Path) -> None:
-    """Raise a ValueError naming field and both values when expected is given and differs."""
-    if expected is not None and sidecar[field] != expected:
-        raise ValueError(f"Index {field} mismatch: {path} has {field}={sidecar[field]!r}, "
-                         f"expected {field}={expected!r}; rebuild the index for these embeddings")
-
-
-def read_view(path: Path, dimension: int) -> faiss.Index:
-    """Read one <view>.faiss file, checking it exists, parses and has the sidecar's dimension."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Index view file not found: {path}")
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as err:
-        raise ValueError(f"Corrupt index file {path}: {err}") from err
-    if index.d != dimension:
-        raise ValueError(f"Index file {path} has dimension {index.d}, its sidecar says {dimension}")
-    return index
-
-
 class IndexStore:
     """Named FAISS views ("shared", "group-<name>") over the same catalog ids, with item metadata."""
 
@@ -132,7 +78,7 @@ class IndexStore:
         self.created = created or utc_now()
         self.use_gpu = use_gpu
         self.exact_subset_max = EXACT_SUBSET_MAX
-        self._dead = {view: self._stored_ids(view)[~np.isin(self._stored_ids(view), self.ids)]
+        self._dead = {view: np.setdiff1d(self._stored_ids(view), self.ids)
                       for view in self.views if index_kind(self.views[view]) == "hnsw"}
         self._check_counts()
         self._reset_caches()
@@ -235,10 +181,9 @@ class IndexStore:
         try:
             for view, index in self.views.items():
                 faiss.write_index(index, str(tmp / f"{view}.faiss"))
-            with open(tmp / SIDECAR, "w", encoding="utf-8") as f:
-                json.dump(self.sidecar(), f)
-                f.flush()
-                os.fsync(f.fileno())
+            (tmp / SIDECAR).write_text(json.dumps(self.sidecar()), encoding="utf-8")
+            for path in tmp.iterdir():
+                fsync_file(path)  # the data must be on disk before the rename makes it visible
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; an index is meant to be read by servers
             swap_into_place(tmp, directory)
         except BaseException:
@@ -302,7 +247,10 @@ class IndexStore:
         if view in self._dead:
             self._dead[view] = np.union1d(self._dead[view], ids)  # HNSW cannot delete nodes
             return
-        removed = self.views[view].remove_ids(faiss.IDSelectorArray(ids))
+        # IVF's hashtable direct map only removes through an id array; a hash set is O(1) per row elsewhere
+        ivf = index_kind(self.views[view]) in ("ivf", "ivfpq")
+        selector = faiss.IDSelectorArray(ids) if ivf else faiss.IDSelectorBatch(ids)
+        removed = self.views[view].remove_ids(selector)
         assert removed == len(ids), f"view {view}: removed {removed} of {len(ids)} ids"
 
     def _compact(self, view: str) -> None:

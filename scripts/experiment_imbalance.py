@@ -11,10 +11,12 @@ and writes a per-class accuracy chart for each.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 from retrieval.cli import configure_logging
+from retrieval.cli import main as cli
 from retrieval.experiments import Experiment, run_experiment
 
 
@@ -68,25 +70,22 @@ def main(argv=None):
     for exp in plan(args):
         run_experiment(exp, args.catalog, work, cache)
         lines.append(row(exp.name, exp.report, args.group, sum(exp.seconds.values())))
-    fused = Experiment("baseline", evaluate=["--fuse", str(work / "over-sampling.h5"), "--class-chart", args.group])
-    fused.train = []  # already trained
-    fused.name = "baseline"
-    run_fusion(fused, args, work, lines)
+    run_fusion(args, work, lines)
     lines.append(f"\nTotal {time.perf_counter() - began:.0f} s. Per-class charts: {work}/*-report/class_{args.group}.png")
     text = "\n".join(lines)
     (work / "imbalance.md").write_text(text + "\n")
     print(text)
 
 
-def run_fusion(exp: Experiment, args, work: Path, lines: list[str]) -> None:
+def run_fusion(args, work: Path, lines: list[str]) -> None:
     """Evaluate the baseline fused with the over-sampled model (score fusion)."""
-    from retrieval.cli import main as cli
-    import json
-
     out = work / "fusion-report"
     began = time.perf_counter()
-    assert cli(["evaluate", "--embeddings", str(work / "baseline.h5"), "--catalog", args.catalog, "--out", str(out),
-                "--title", "baseline + over-sampling", *exp.evaluate]) == 0
+    code = cli(["evaluate", "--embeddings", str(work / "baseline.h5"), "--catalog", args.catalog, "--out", str(out),
+                "--title", "baseline + over-sampling", "--fuse", str(work / "over-sampling.h5"),
+                "--class-chart", args.group])
+    if code:
+        raise RuntimeError(f"fused evaluation failed with exit code {code}")
     report = json.loads((out / "report.json").read_text())
     lines.append(row("baseline + over-sampling (fusion)", report, args.group, time.perf_counter() - began))
 
