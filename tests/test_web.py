@@ -1,0 +1,313 @@
+"""The web app through Flask's test client: every route, every bad input, hot reload of the index."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from web_fixtures import app, build_index, client, copy_index, make_config, photo_bytes, runner, web_data  # noqa: F401
+
+from web import create_app
+
+
+def upload(client, data: bytes, name="photo.jpg", url="/api/search", **fields):
+    """POST a photo as multipart field 'image' plus form fields."""
+    return client.post(url, data={"image": (io.BytesIO(data), name), **fields}, content_type="multipart/form-data")
+
+
+def catalog_photo(web_data, fmt="JPEG") -> bytes:
+    return photo_bytes(web_data["catalog"] / "images" / "000003.jpg", fmt)
+
+
+# ---- JSON API ----------------------------------------------------------------------------------
+
+def test_health_reports_index_model_and_views(client):
+    body = client.get("/api/health").get_json()
+    assert body["index_size"] == 60 and body["search_by_photo"] is True
+    assert body["index_fingerprint"] == body["model_fingerprint"] and len(body["model_fingerprint"]) == 64
+    assert body["views"][0] == "shared" and "group-colours" in body["views"]
+
+
+def test_items_pages_filters_and_text(client):
+    first = client.get("/api/items?per_page=25").get_json()
+    assert (first["total"], first["pages"], len(first["items"])) == (60, 3, 25)
+    assert set(first["items"][0]) >= {"id", "title", "labels", "image_url"}
+    assert len(client.get("/api/items?per_page=25&page=3").get_json()["items"]) == 10
+    women = client.get("/api/items?gender=women&per_page=100").get_json()["items"]
+    assert women and all("women" in it["labels"]["gender"] for it in women)
+    either = client.get("/api/items?colours=red,blue&per_page=100").get_json()
+    repeated = client.get("/api/items?colours=red&colours=blue&per_page=100").get_json()
+    assert either == repeated and all({"red", "blue"} & set(it["labels"]["colours"]) for it in either["items"])
+    both = client.get("/api/items?colours=red,blue&gender=women&per_page=100").get_json()["items"]
+    assert {it["id"] for it in both} == {it["id"] for it in either["items"] if "women" in it["labels"]["gender"]}
+    word = first["items"][0]["title"].split()[-1]
+    found = client.get(f"/api/items?q={word.upper()}&per_page=100").get_json()["items"]
+    assert found and all(word.lower() in it["title"].lower() for it in found)
+
+
+@pytest.mark.parametrize("query, status, words", [
+    ("page=4&per_page=25", 404, "past the last page"), ("page=x", 400, "integer"), ("page=0", 400, "between"),
+    ("per_page=1000", 400, "between"), ("colours=purple", 400, "choose from: black, blue"),
+    ("nosuchgroup=1&gender=alien", 400, "women"),
+])
+def test_items_bad_parameters(client, query, status, words):
+    response = client.get(f"/api/items?{query}")
+    assert response.status_code == status and words in response.get_json()["error"]
+
+
+def test_empty_result_is_an_empty_first_page(client):
+    body = client.get("/api/items?q=no-such-title-anywhere").get_json()
+    assert (body["items"], body["total"], body["pages"]) == ([], 0, 0)
+
+
+def test_item_and_unknown_ids(client):
+    assert client.get("/api/items/3").get_json()["id"] == 3
+    for url in ("/api/items/999", "/api/items/-1", "/api/items/abc", "/api/items/999/similar"):
+        response = client.get(url)
+        assert response.status_code == 404 and "error" in response.get_json()
+
+
+def test_similar_is_sorted_excludes_the_item_and_filters(client):
+    body = client.get("/api/items/3/similar?k=10").get_json()
+    scores = [r["score"] for r in body["results"]]
+    assert len(scores) == 10 and scores == sorted(scores, reverse=True)
+    assert 3 not in [r["id"] for r in body["results"]]
+    women = client.get("/api/items/3/similar?k=5&gender=women").get_json()["results"]
+    assert len(women) == 5 and all("women" in r["labels"]["gender"] for r in women)
+    colours = client.get("/api/items/3/similar?k=5&view=group-colours").get_json()
+    assert colours["view"] == "group-colours" and len(colours["results"]) == 5
+    bad = client.get("/api/items/3/similar?view=group-nope")
+    assert bad.status_code == 400 and "group-colours" in bad.get_json()["error"]
+    assert client.get("/api/items/3/similar?k=0").status_code == 400
+
+
+def test_similar_by_id_needs_no_model(web_data, tmp_path, monkeypatch):
+    import retrieval.inference
+
+    monkeypatch.setattr(retrieval.inference, "describe_image", None)  # any call would fail
+    client = create_app(make_config(web_data, tmp_path, CHECKPOINT=None)).test_client()
+    assert len(client.get("/api/items/5/similar?k=4").get_json()["results"]) == 4
+    assert client.get("/api/health").get_json()["model_fingerprint"] is None
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_search_by_photo(client, web_data, fmt):
+    response = upload(client, catalog_photo(web_data, fmt), f"q.{fmt.lower()}", k="5", gender="women")
+    body = response.get_json()
+    assert response.status_code == 200 and set(body["predicted"]) == {"category", "colours", "pattern", "sleeve", "gender"}
+    probs = [p["prob"] for p in body["predicted"]["category"]]
+    assert probs == sorted(probs, reverse=True) and 0 <= probs[0] <= 1
+    assert len(body["results"]) == 5 and all("women" in r["labels"]["gender"] for r in body["results"])
+    again = client.get(f"/api/search/{body['query_id']}?k=3&view=group-colours").get_json()
+    assert again["view"] == "group-colours" and len(again["results"]) == 3
+
+
+def test_search_bad_uploads(client, web_data):
+    from PIL import Image
+
+    jpeg = catalog_photo(web_data)
+    bomb = io.BytesIO()
+    Image.new("1", (6000, 5000)).save(bomb, "PNG")  # 30 Mpx in a few kB
+    cases = [(b"not an image at all", "x.jpg", 400, "not an image"), (jpeg[: len(jpeg) // 2], "cut.jpg", 400, "truncated"),
+             (bomb.getvalue(), "bomb.png", 400, "exceeds"), (catalog_photo(web_data, "GIF"), "a.gif", 400, "GIF"),
+             (b"\xff" * (11 * 1000 * 1000), "big.jpg", 413, "10 MB")]
+    for data, name, status, words in cases:
+        response = upload(client, data, name)
+        assert response.status_code == status, name
+        assert words in response.get_json()["error"] and "Traceback" not in response.get_data(as_text=True)
+    missing = client.post("/api/search", data={}, content_type="multipart/form-data")
+    assert missing.status_code == 400 and "'image'" in missing.get_json()["error"]
+    assert client.get("/api/search/nope").status_code == 404
+
+
+def test_search_without_checkpoint_is_503(web_data, tmp_path):
+    client = create_app(make_config(web_data, tmp_path, CHECKPOINT=None)).test_client()
+    response = upload(client, catalog_photo(web_data))
+    assert response.status_code == 503 and "--checkpoint" in response.get_json()["error"]
+    assert upload(client, catalog_photo(web_data), url="/search").status_code == 503
+    assert "Search by photo is disabled" in client.get("/search").get_data(as_text=True)
+
+
+def test_errors_are_json_under_api_and_html_elsewhere(web_data, tmp_path):
+    app = create_app(make_config(web_data, tmp_path, TESTING=False))
+
+    def boom():
+        raise RuntimeError("secret internals")
+
+    app.add_url_rule("/api/boom", "api_boom", boom)
+    app.add_url_rule("/boom", "boom", boom)
+    client = app.test_client()
+    assert client.get("/api/search").status_code == 405 and "error" in client.get("/api/search").get_json()
+    for url, is_json in (("/api/boom", True), ("/boom", False), ("/api/nope", True), ("/nope", False)):
+        response = client.get(url)
+        text = response.get_data(as_text=True)
+        assert response.is_json == is_json and "secret" not in text and "Traceback" not in text
+    assert client.get("/api/boom").status_code == 500
+
+
+# ---- images -----------------------------------------------------------------------------------
+
+def test_images_and_traversal(client):
+    assert client.get("/images/images/000003.jpg").content_type == "image/jpeg"
+    for url in ("/images/../labels.csv", "/images/%2e%2e/%2e%2e/etc/passwd", "/images/labels.csv",
+                "/images/images/../labels.csv", "/images//etc/passwd"):
+        assert client.get(url, follow_redirects=True).status_code == 404, url
+
+
+def test_thumbnails_are_cached_on_disk(app, client, monkeypatch):
+    from PIL import Image
+
+    import web.media
+
+    response = client.get("/thumbs/7.jpg")
+    assert response.status_code == 200 and response.content_type == "image/jpeg"
+    assert max(Image.open(io.BytesIO(response.data)).size) <= app.config["THUMB_SIZE"]
+    cached = list(Path(app.config["THUMB_DIR"]).rglob("*.jpg"))
+    assert cached and not list(cached[0].parent.glob(".thumb-*"))
+    monkeypatch.setattr(web.media, "write_thumbnail", None)  # a second request must not regenerate
+    assert client.get("/thumbs/7.jpg").data == response.data
+    assert client.get("/thumbs/999.jpg").status_code == 404
+
+
+def test_thumbs_command_fills_the_cache(runner, app):
+    result = runner.invoke(args=["thumbs"])
+    assert "60 thumbnails" in result.output and "0 unreadable" in result.output
+
+
+# ---- pages ------------------------------------------------------------------------------------
+
+def test_browse_page_with_facets_and_pages(client):
+    html = client.get("/?gender=women").get_data(as_text=True)
+    assert 'class="card"' in html and 'class="count"' in html and "aria-checked=\"true\"" in html
+    assert client.get("/?page=99").status_code == 404 and client.get("/?colours=mauve").status_code == 400
+    assert "No products match" in client.get("/?q=zzzz").get_data(as_text=True)
+
+
+def test_facet_counts_follow_the_other_groups_filters(app):
+    facets = app.extensions["retrieval"].index().get().facets
+    filters = {"colours": ["red", "blue"], "gender": ["women"]}
+    counts = facets.counts(filters, "")
+    for row in counts["gender"]:  # a gender count ignores the gender filter itself
+        assert row["count"] == len(facets.select({"colours": ["red", "blue"], "gender": [row["label"]]}))
+    for row in counts["colours"]:
+        assert row["count"] == len(facets.select({"colours": [row["label"]], "gender": ["women"]}))
+    assert [r["label"] for r in counts["gender"] if r["selected"]] == ["women"]
+
+
+def test_product_page_shows_scores_and_shared_labels(client):
+    html = client.get("/items/3?view=group-colours&k=6").get_data(as_text=True)
+    assert html.count('class="score"') == 6 and "chip shared" in html and 'class="segment active"' in html
+    assert client.get("/items/999").status_code == 404
+
+
+def test_photo_search_page_redirects_to_filterable_results(client, web_data):
+    response = upload(client, catalog_photo(web_data), url="/search?gender=women")
+    assert response.status_code == 303 and "gender=women" in response.headers["Location"]
+    html = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "What the model sees" in html and html.count('class="score"') == 24
+    query_url = response.headers["Location"].split("?")[0]
+    assert client.get(f"{query_url}/query.jpg").content_type == "image/jpeg"
+    assert client.get("/search/expired").status_code == 404
+    bad = upload(client, b"nope", url="/search")
+    assert bad.status_code == 400 and "not an image" in bad.get_data(as_text=True) and not bad.is_json
+
+
+def test_evaluation_page(web_data, tmp_path):
+    from retrieval.catalog import read_catalog
+    from retrieval.evaluation import evaluate_embeddings, write_report
+
+    html = create_app(make_config(web_data, tmp_path)).test_client().get("/evaluation").get_data(as_text=True)
+    assert "No evaluation report is configured" in html
+    missing = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(tmp_path / "none"))).test_client()
+    assert "retrieval evaluate" in missing.get("/evaluation").get_data(as_text=True)
+    report = evaluate_embeddings(web_data["emb"], read_catalog(web_data["catalog"]), "all", k=10, device="cpu")
+    write_report(report, tmp_path / "report")
+    client = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(tmp_path / "report"))).test_client()
+    html = client.get("/evaluation").get_data(as_text=True)
+    assert "colours" in html and "mean" in html and "mAP@10" in html
+    assert client.get("/evaluation/chart.png").content_type == "image/png"
+
+
+# ---- hot reload and startup -------------------------------------------------------------------
+
+def test_rebuilt_index_is_picked_up_without_restart(web_data, tmp_path):
+    index = copy_index(web_data, tmp_path)
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    assert client.get("/api/health").get_json()["index_size"] == 60
+    build_index(web_data["emb"], web_data["catalog"], index, keep=range(40))  # atomic swap, like rebuild_index.sh
+    assert client.get("/api/health").get_json()["index_size"] == 40
+    assert client.get("/api/items/50").status_code == 404
+
+
+def test_reload_under_load_fails_no_request(web_data, tmp_path):
+    from web.serve import start_background_server
+
+    index = copy_index(web_data, tmp_path)
+    server = start_background_server(create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))))
+    url = server.url
+    statuses, stop = [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            with urllib.request.urlopen(f"{url}/api/items/1/similar?k=5") as response:
+                statuses.append(response.status)
+
+    worker = threading.Thread(target=hammer)
+    try:
+        worker.start()
+        for keep in (range(30), range(60), range(45)):
+            build_index(web_data["emb"], web_data["catalog"], index, keep=keep)
+            time.sleep(0.2)
+        stop.set()
+        worker.join(10)
+        with urllib.request.urlopen(f"{url}/api/health") as response:
+            assert json.load(response)["index_size"] == 45
+    finally:
+        stop.set()
+        server.close()
+    assert statuses and set(statuses) == {200}
+
+
+def test_mismatched_rebuild_keeps_serving_the_old_index(web_data, tmp_path):
+    index = copy_index(web_data, tmp_path)
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    assert client.get("/api/health").status_code == 200
+    sidecar = json.loads((index / "sidecar.json").read_text())
+    (index / "sidecar.json").write_text(json.dumps({**sidecar, "fingerprint": "0" * 64}))
+    body = client.get("/api/health").get_json()
+    assert body["index_size"] == 60 and "fingerprint" in body["reload_error"]
+
+
+def test_serve_refuses_an_index_of_another_model(web_data, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import web.serve
+    from retrieval.cli import main as cli
+
+    monkeypatch.setattr(web.serve, "use_one_thread_per_search", lambda: None)  # keep FAISS threads for others
+
+    ckpt = torch.load(web_data["checkpoint"], weights_only=False)
+    torch.save({**ckpt, "fingerprint": "f" * 64}, tmp_path / "other.pt")
+    code = cli(["serve", "--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]),
+                "--checkpoint", str(tmp_path / "other.pt"), "--port", "0"])
+    assert code == 1 and "fingerprint mismatch" in capsys.readouterr().err
+
+
+def test_serve_prints_its_address(web_data, tmp_path, monkeypatch, capsys):
+    import web.serve
+
+    made = []
+
+    def fake_server(app, host, port, threads):
+        made.append((app, host, port, threads))
+        return type("Server", (), {"effective_port": 8123, "run": lambda self: None, "close": lambda self: None})()
+
+    monkeypatch.setattr(web.serve, "make_server", fake_server)
+    monkeypatch.setattr(web.serve, "use_one_thread_per_search", lambda: None)
+    assert web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]),
+                           "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+    assert "http://127.0.0.1:8123/" in capsys.readouterr().out and made[0][3] == 2

@@ -1,0 +1,88 @@
+"""Fixtures for the web tests: the demo catalog embedded and indexed, apps and clients over it."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+from retrieval.cli import main as cli
+
+
+def build_index(emb_path: Path, catalog_dir: Path, out: Path, keep=None):
+    """Build and save a flat index of the embeddings (optionally only the ids in keep); return the store."""
+    import numpy as np
+
+    from indexer import build_store_from_embeddings, read_embeddings
+    from retrieval.catalog import read_catalog
+
+    emb = read_embeddings(emb_path)
+    if keep is not None:
+        rows = np.flatnonzero(np.isin(emb["ids"], list(keep)))
+        emb = {**emb, "vectors": emb["vectors"][rows], "ids": emb["ids"][rows],
+               "paths": [emb["paths"][i] for i in rows], "groups": {g: v[rows] for g, v in emb["groups"].items()}}
+    catalog = read_catalog(catalog_dir)
+    by_id = {item.row_id: item for item in catalog.items}
+    items = [by_id[int(i)] for i in emb["ids"]]
+    labels = {g: [list(item.labels[g]) for item in items] for g in catalog.groups}
+    store = build_store_from_embeddings(emb, "flat", titles=[item.title for item in items], labels=labels)
+    store.save(out)
+    return store
+
+
+@pytest.fixture(scope="session")
+def web_data(demo_catalog, tiny_run, tmp_path_factory) -> dict:
+    """The demo catalog embedded with the tiny run, and a pristine flat index of it (never modified)."""
+    root = tmp_path_factory.mktemp("web")
+    emb = root / "emb.h5"
+    assert cli(["embed", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(demo_catalog),
+                "--out", str(emb), "--device", "cpu", "--workers", "0"]) == 0
+    build_index(emb, demo_catalog, root / "index")
+    return {"catalog": demo_catalog, "checkpoint": tiny_run / "best.pt", "emb": emb, "index": root / "index"}
+
+
+def make_config(web_data: dict, tmp_path: Path, **overrides) -> dict:
+    """Return a test app config over web_data with the thumbnail cache in tmp_path."""
+    config = {"TESTING": True, "INDEX_DIR": str(web_data["index"]), "CATALOG_DIR": str(web_data["catalog"]),
+              "CHECKPOINT": str(web_data["checkpoint"]), "THUMB_DIR": str(tmp_path / "thumbs"),
+              "INDEX_CHECK_INTERVAL": 0}
+    config.update(overrides)
+    return config
+
+
+def copy_index(web_data: dict, tmp_path: Path) -> Path:
+    """Return a private copy of the index directory (for tests that replace it)."""
+    target = tmp_path / "index"
+    shutil.copytree(web_data["index"], target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def app(web_data, tmp_path_factory):
+    """An app over the demo index with search by photo (shared by the tests of a module)."""
+    from web import create_app
+
+    return create_app(make_config(web_data, tmp_path_factory.mktemp("instance")))
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client of the shared app."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """A runner for the app's click commands."""
+    return app.test_cli_runner()
+
+
+def photo_bytes(path: Path, fmt: str = "JPEG") -> bytes:
+    """Return a catalog image re-encoded in another format (JPEG, PNG, WEBP, GIF)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(path) as img:
+        img.convert("RGB").save(buffer, fmt)
+    return buffer.getvalue()

@@ -1,0 +1,43 @@
+"""The search web UI and JSON API: a Flask app factory (flaskr style) with one blueprint per area."""
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+DEFAULTS = {
+    "INDEX_DIR": None,  # index directory written by `retrieval index build`
+    "CATALOG_DIR": None,  # the catalog the images are served from
+    "CHECKPOINT": None,  # RUN/best.pt for search by photo; None disables it
+    "REPORT_DIR": None,  # `retrieval evaluate` output for the evaluation page
+    "DEVICE": "cpu",
+    "THUMB_DIR": None,  # default: <instance>/thumbs
+    "THUMB_SIZE": 256,
+    "MAX_CONTENT_LENGTH": 10 * 1000 * 1000,  # uploads over this get 413
+    "UPLOAD_MAX_PIXELS": 25_000_000,  # decompression bombs beyond this get 400
+    "INDEX_CHECK_INTERVAL": 1.0,  # seconds between os.stat checks for a rebuilt index
+    "QUERY_CACHE_SIZE": 256,  # uploads remembered for re-filtering without the model
+}
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create the app from test_config, or from instance/config.py and FLASK_* environment variables."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(DEFAULTS)
+    if test_config is None:
+        app.config.from_pyfile("config.py", silent=True)
+        app.config.from_prefixed_env()
+    else:
+        app.config.from_mapping(test_config)
+    if not app.config["THUMB_DIR"]:
+        app.config["THUMB_DIR"] = os.path.join(app.instance_path, "thumbs")
+
+    from web import api, errors, evaluation, media, resources, views
+
+    resources.init_app(app)
+    errors.init_app(app)
+    media.init_app(app)
+    app.register_blueprint(views.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(evaluation.bp)
+    return app

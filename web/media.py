@@ -1,0 +1,114 @@
+"""Catalog images and cached thumbnails: the /images and /thumbs routes and the `thumbs` command."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import click
+from flask.cli import with_appcontext
+from flask import Blueprint, abort, current_app, send_file, send_from_directory
+
+from web.resources import catalog_dir, get_snapshot, resources
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("media", __name__)
+CACHE_SECONDS = 300  # ids may point at other images after a rebuild: keep browser caching short
+
+
+def thumb_path(cache_dir: Path, image: Path, size: int) -> Path:
+    """Return the cache file of an image's thumbnail, named after its path, size and modification."""
+    st = image.stat()
+    key = f"{image.resolve()}|{st.st_mtime_ns}|{st.st_size}|{size}".encode()
+    digest = hashlib.sha1(key).hexdigest()
+    return cache_dir / digest[:2] / f"{digest}.jpg"
+
+
+def write_thumbnail(image: Path, target: Path, size: int) -> bool:
+    """Write a JPEG thumbnail (longer side <= size) atomically; False when the image is unreadable."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(image) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
+            small = ImageOps.exif_transpose(img).convert("RGB")
+            small.thumbnail((size, size))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        logger.warning("Cannot make a thumbnail of %s: %s", image, err)
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".thumb-", suffix=".jpg")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            small.save(f, "JPEG", quality=85, optimize=True)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def cached_thumbnail(image: Path, cache_dir: Path, size: int) -> Path | None:
+    """Return the cached thumbnail of image, generating it on first request; None when unreadable."""
+    try:
+        target = thumb_path(cache_dir, image, size)
+    except OSError as err:
+        logger.warning("Cannot make a thumbnail of %s: %s", image, err)
+        return None
+    if target.is_file() or write_thumbnail(image, target, size):
+        return target
+    return None
+
+
+def image_file(relative: str) -> Path:
+    """Return the catalog file of an indexed image path, 404 for anything else."""
+    if relative not in get_snapshot().facets.paths:
+        abort(404, f"No indexed image {relative!r}")
+    path = catalog_dir() / relative
+    if not path.is_file():
+        abort(404, f"Image file {relative!r} is missing from the catalog")
+    return path
+
+
+@bp.get("/images/<path:filename>")
+def image(filename: str):
+    """Serve a catalog image (only paths of indexed items; traversal gives 404)."""
+    if filename not in get_snapshot().facets.paths:
+        abort(404, f"No indexed image {filename!r}")
+    return send_from_directory(catalog_dir(), filename, max_age=CACHE_SECONDS)
+
+
+@bp.get("/thumbs/<int:item_id>.jpg")
+def thumb(item_id: int):
+    """Serve an item's thumbnail from the on-disk cache, generating it on first request."""
+    try:
+        item = get_snapshot().store.item(item_id)
+    except KeyError:
+        abort(404, f"No item with id {item_id}")
+    cfg = current_app.config
+    target = cached_thumbnail(image_file(item["path"]), Path(cfg["THUMB_DIR"]), int(cfg["THUMB_SIZE"]))
+    if target is None:
+        abort(404, f"The image of item {item_id} cannot be read")
+    return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
+
+
+@click.command("thumbs")
+@with_appcontext
+def thumbs_command():
+    """Generate the thumbnails of every indexed item that are not cached yet."""
+    cfg = current_app.config
+    snapshot = resources().index().get()
+    done = failed = 0
+    for relative in snapshot.store.paths:
+        ok = cached_thumbnail(Path(cfg["CATALOG_DIR"]) / relative, Path(cfg["THUMB_DIR"]), int(cfg["THUMB_SIZE"]))
+        done, failed = done + bool(ok), failed + (not ok)
+    click.echo(f"{done} thumbnails in {cfg['THUMB_DIR']}, {failed} unreadable images")
+
+
+def init_app(app) -> None:
+    """Register the media routes and the `flask thumbs` command."""
+    app.register_blueprint(bp)
+    app.cli.add_command(thumbs_command)

@@ -1,0 +1,92 @@
+"""Query-string parsing shared by the pages and the API: filters, pagination, k and view."""
+from __future__ import annotations
+
+import math
+from urllib.parse import urlencode
+
+from flask import abort
+from werkzeug.datastructures import MultiDict
+
+RESERVED = ("q", "page", "per_page", "k", "view")
+PER_PAGE = 24
+MAX_PER_PAGE = 100
+DEFAULT_K = 12
+MAX_K = 200
+
+
+def parse_int(args: MultiDict, name: str, default: int, low: int, high: int) -> int:
+    """Return an integer parameter, aborting with 400 when it is not an integer in [low, high]."""
+    raw = args.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, f"Parameter {name!r} must be an integer, got {raw!r}")
+    if not low <= value <= high:
+        abort(400, f"Parameter {name!r} must be between {low} and {high}, got {value}")
+    return value
+
+
+def split_values(raw_values: list[str], labels: list[str]) -> list[str]:
+    """Return the labels of repeated and/or comma-separated values (a value that is a label stays whole)."""
+    out = []
+    for raw in raw_values:
+        parts = [raw] if raw in labels else raw.split(",")
+        out += [p.strip() for p in parts if p.strip()]
+    return list(dict.fromkeys(out))
+
+
+def parse_filters(args: MultiDict, vocab: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Return {group: [labels]} from the parameters named after groups, 400 listing valid labels."""
+    filters = {}
+    for group, labels in vocab.items():
+        if group not in args:
+            continue
+        wanted = split_values(args.getlist(group), labels)
+        unknown = [label for label in wanted if label not in labels]
+        if unknown:
+            abort(400, f"Unknown {group} label(s) {', '.join(map(repr, unknown))}; "
+                       f"choose from: {', '.join(labels)}")
+        if wanted:
+            filters[group] = wanted
+    return filters
+
+
+def parse_view(args: MultiDict, views) -> str:
+    """Return the view parameter ("shared" by default), 400 listing the index's views."""
+    view = args.get("view", "").strip() or "shared"
+    if view not in views:
+        abort(400, f"Unknown view {view!r}; choose one of: {', '.join(views)}")
+    return view
+
+
+def page_bounds(total: int, page: int, per_page: int) -> tuple[int, int, int]:
+    """Return (start, stop, pages); 404 for a page past the last (page 1 of nothing is empty, not 404)."""
+    pages = math.ceil(total / per_page)
+    if page > max(1, pages):
+        abort(404, f"Page {page} is past the last page ({pages}) of {total} items")
+    start = (page - 1) * per_page
+    return start, min(total, start + per_page), pages
+
+
+def filter_params(filters: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Return the filters as (group, comma-joined labels) query pairs."""
+    return [(group, ",".join(labels)) for group, labels in filters.items() if labels]
+
+
+def query_string(filters: dict[str, list[str]], **extra) -> str:
+    """Return "?..." for filters plus extra parameters (None values left out)."""
+    pairs = filter_params(filters) + [(k, str(v)) for k, v in extra.items() if v not in (None, "")]
+    return "?" + urlencode(pairs) if pairs else ""
+
+
+def toggled(filters: dict[str, list[str]], group: str, label: str) -> dict[str, list[str]]:
+    """Return a copy of filters with label added to or removed from its group."""
+    out = {g: list(v) for g, v in filters.items()}
+    current = out.setdefault(group, [])
+    if label in current:
+        current.remove(label)
+    else:
+        current.append(label)
+    return out

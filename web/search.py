@@ -1,0 +1,180 @@
+"""Similarity search for the pages and the API: by catalog id (no model) and by uploaded photo."""
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from flask import abort, current_app, url_for
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
+TOP_LABELS = 3
+QUERY_THUMB = 320
+
+
+@dataclass
+class Query:
+    """An uploaded photo reduced to what searching needs: vectors per view and predicted labels."""
+
+    vectors: dict[str, np.ndarray]
+    predicted: dict[str, list[dict]]
+    labels: dict[str, list[str]]
+    thumbnail: bytes
+    name: str = ""
+
+
+def item_vector(store, item_id: int, view: str) -> np.ndarray:
+    """Return the stored vector of an indexed item in one view (reconstructed by FAISS, no model)."""
+    return np.asarray(store.views[view].reconstruct(int(item_id)), dtype=np.float32)[None, :]
+
+
+def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Return {group: labels an item shares with the query}."""
+    return {g: [x for x in labels.get(g, []) if x in query_labels.get(g, [])] for g in labels}
+
+
+def ranked_results(store, scores: np.ndarray, ids: np.ndarray, k: int, query_labels: dict,
+                   exclude: int | None = None) -> list[dict]:
+    """Return result dicts (item + score + shared labels) best first, without empty slots or exclude."""
+    results = []
+    for score, item_id in zip(scores[0], ids[0]):
+        if item_id < 0 or item_id == exclude:
+            continue
+        item = store.item(int(item_id))
+        item["score"] = round(float(score), 4)
+        item["shared"] = shared_labels(item["labels"], query_labels)
+        results.append(item)
+    return results[:k]
+
+
+def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tuple[dict, list[dict]]:
+    """Return (item, its k most similar other items) in a view, filtered (KeyError for unknown ids)."""
+    item = store.item(item_id)
+    scores, ids = store.search(item_vector(store, item_id, view), k + 1, filters or None, view)
+    return item, ranked_results(store, scores, ids, k, item["labels"], exclude=item_id)
+
+
+def search_query(store, query: Query, k: int, view: str, filters: dict) -> list[dict]:
+    """Return the k items most similar to an uploaded photo in a view, filtered."""
+    scores, ids = store.search(query.vectors[view], k, filters or None, view)
+    return ranked_results(store, scores, ids, k, query.labels)
+
+
+def open_upload(stream, name: str, max_pixels: int):
+    """Return the RGB image of an upload; ImageError with the reason for non-images and other formats."""
+    from PIL import Image
+
+    from retrieval.images import ImageError, load_image
+
+    buffer = io.BytesIO(stream.read())
+    buffer.name = name or "upload"
+    try:
+        with Image.open(buffer) as probe:
+            kind = probe.format
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{buffer.name}: too many pixels ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{buffer.name}: not an image file, or a corrupt one; "
+                         "upload a JPEG, PNG or WebP photo") from err
+    if kind not in UPLOAD_FORMATS:
+        raise ImageError(f"{buffer.name}: unsupported image format {kind}; upload a JPEG, PNG or WebP photo")
+    buffer.seek(0)
+    return load_image(buffer, max_pixels=max_pixels)
+
+
+def predicted_labels(model, probs: dict[str, np.ndarray]) -> dict[str, list[dict]]:
+    """Return {group: top labels [{label, prob}] by probability}."""
+    out = {}
+    for group, labels in model.config.groups.items():
+        p = probs[group][0]
+        order = np.argsort(-p)[:TOP_LABELS]
+        out[group] = [{"label": labels[i], "prob": round(float(p[i]), 4)} for i in order]
+    return out
+
+
+def query_labels(model, probs: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Return the labels taken as the photo's own: top-1, or every label over 0.5 in multi-label groups."""
+    out = {}
+    for group, labels in model.config.groups.items():
+        p = probs[group][0]
+        chosen = np.flatnonzero(p >= 0.5) if model.is_multi_label(group) else []
+        out[group] = [labels[i] for i in (chosen if len(chosen) else [int(np.argmax(p))])]
+    return out
+
+
+def thumbnail_bytes(image, size: int = QUERY_THUMB) -> bytes:
+    """Return a small JPEG of the query photo for the results page."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
+    """Run the model once over an uploaded photo: shared and group vectors, predicted labels."""
+    from retrieval.inference import describe_image
+
+    out = describe_image(model, image, device)
+    vectors = {"shared": out.vectors[:1]}
+    vectors.update({f"group-{g}": v[:1] for g, v in out.group_vectors.items()})
+    return Query(vectors, predicted_labels(model, out.probs), query_labels(model, out.probs),
+                 thumbnail_bytes(image), name)
+
+
+def with_urls(item: dict) -> dict:
+    """Return an item dict with its image and thumbnail URLs added."""
+    item["image_url"] = url_for("media.image", filename=item["path"])
+    item["thumb_url"] = url_for("media.thumb", item_id=item["id"])
+    return item
+
+
+def lookup(store, item_id: int) -> dict:
+    """Return an indexed item, 404 when the id is not in the index."""
+    try:
+        return store.item(item_id)
+    except KeyError:
+        abort(404, f"No item with id {item_id}")
+
+
+def read_query(model, upload, device: str = "cpu") -> Query:
+    """Return the Query of an uploaded file, 400 with the reason when it is not a usable photo."""
+    from retrieval.images import ImageError
+
+    try:
+        image = open_upload(upload.stream, upload.filename, current_app.config["UPLOAD_MAX_PIXELS"])
+    except ImageError as err:
+        abort(400, f"Not a usable photo: {err}")
+    return describe_upload(model, image, device, upload.filename)
+
+
+class QueryCache:
+    """The latest uploaded queries by random id, so filters and views can change without re-uploading."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._items: OrderedDict[str, Query] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, query: Query) -> str:
+        """Store a query and return its new id (the oldest query is dropped when full)."""
+        query_id = secrets.token_urlsafe(9)
+        with self._lock:
+            self._items[query_id] = query
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return query_id
+
+    def get(self, query_id: str) -> Query | None:
+        """Return a stored query, or None when it expired or never existed."""
+        with self._lock:
+            query = self._items.get(query_id)
+            if query is not None:
+                self._items.move_to_end(query_id)
+            return query
