@@ -18,7 +18,7 @@ from .catalog import Catalog, read_catalog
 from .checkpoint import load_model
 from .data import ImageCache
 from .inference import iter_outputs, open_trunk_cache, standardize
-from .model import create_model
+from .model import POOL_WEIGHTINGS, create_model
 from .training import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                   "several are standardised and concatenated")
     p.add_argument("--gem-p", type=float, default=1.0, help="with --pretrained-only: pooling exponent (1 = average)")
     p.add_argument("--image-size", type=int, default=224, help="with --pretrained-only")
+    p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="EMB.h5")
     p.add_argument("--split", default="all", choices=("all", "train", "test"))
@@ -133,10 +134,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:
         model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
-                             gem_p=args.gem_p, image_size=args.image_size)
+                             gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting)
         model.embed = torch.nn.Identity()
         model.embed_pooled = lambda pooled: pooled
-        start, fp = len(model.trunk), f"pretrained:{args.backbone}:{args.taps}:gem{args.gem_p}"
+        start = len(model.trunk)
+        fp = f"pretrained:{args.backbone}:{args.taps}:gem{args.gem_p}:{args.pool_weighting}"
         heads, standardise = False, len(model.taps) > 1
         if not standardise:
             model.embed_pooled = lambda pooled: torch.nn.functional.normalize(pooled, dim=1)

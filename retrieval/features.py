@@ -25,6 +25,7 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     units it pooled, which may be more than a model taps: any subset is served from it)."""
     return json.dumps({
         "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
+        "pool_weighting": model.config.pool_weighting,
         "image_size": model.config.image_size, "images": _digest([it.image for it in items]),
     }, sort_keys=True)
 
@@ -34,6 +35,7 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
     if not stored_key:
         return False
     stored, wanted = json.loads(stored_key), json.loads(wanted_key)
+    stored.setdefault("pool_weighting", "none")  # caches made before the option existed
     stored_taps = stored.pop("taps")
     wanted.pop("taps")
     return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps)
@@ -47,17 +49,22 @@ def _digest(paths: list[str]) -> str:
 
 @torch.no_grad()
 def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
-                   taps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled outputs of units ``taps`` (default: the model's) before ``start``, and the input of
-    unit ``start`` (None when the whole trunk is frozen)."""
+                   taps: list[int] | None = None):
+    """Pooled outputs of units ``taps`` (default: the model's) before ``start``, the input of
+    unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its resolution."""
     taps = model.taps if taps is None else taps
+    weight = model.pool_weight(x)
     pooled = []
     for i, unit in enumerate(model.trunk.units[:start]):
         x = unit(x)
         if i in taps:
-            pooled.append(model.pool(x))
+            pooled.append(model.pool(x, weight))
     prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
-    return prefix, (x if start < len(model.trunk) else None)
+    if start == len(model.trunk):
+        return prefix, None, None
+    if weight is not None:
+        weight = torch.nn.functional.adaptive_avg_pool2d(weight, x.shape[-2:])
+    return prefix, x, weight
 
 
 def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int) -> torch.Tensor:
@@ -80,15 +87,17 @@ class TrunkCache:
             self.ok = f["ok"][:].astype(bool)
             self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
+            self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
             stored_taps = json.loads(f.attrs["key"])["taps"]
         if model is not None:  # keep only the model's taps, in its order
             self.prefix = self.prefix[:, :, prefix_columns(model, stored_taps, start)].contiguous()
 
-    def inputs(self, index: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cached inputs of rows ``index``, flipped variant where ``flip`` is 1."""
+    def inputs(self, index: torch.Tensor, flip: torch.Tensor):
+        """Cached (prefix, activations, pooling weights) of rows ``index``, flipped where ``flip`` is 1."""
         prefix = self.prefix[index, flip]
         act = self.act[index, flip].float() if self.act is not None else None
-        return prefix, act
+        weight = self.weight[index, flip].float() if self.weight is not None else None
+        return prefix, act, weight
 
 
 def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item], start: int, path: Path,
@@ -119,7 +128,7 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
         logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
-    prefix, act = frozen_outputs(model, probe, start, list(range(start)))
+    prefix, act, weight = frozen_outputs(model, probe, start, list(range(start)))
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         n = len(items)
@@ -127,6 +136,9 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
         if act is not None:
             shape = tuple(act.shape[1:])
             f.create_dataset("act", (n, 2, *shape), dtype="float16", chunks=(min(n, 16), 2, *shape))
+        if weight is not None:
+            shape = tuple(weight.shape[1:])
+            f.create_dataset("weight", (n, 2, *shape), dtype="float16", chunks=(min(n, 64), 2, *shape))
         f.create_dataset("ok", (n,), dtype="bool")
         f.create_dataset("paths", data=[it.image for it in items], dtype=h5py.string_dtype())
         f.attrs["key"], f.attrs["done"] = key, 0
@@ -153,6 +165,8 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
                 f["prefix"][rows] = torch.stack([o[0] for o in outputs], 1).cpu().half().numpy()
                 if outputs[0][1] is not None:
                     f["act"][rows] = torch.stack([o[1] for o in outputs], 1).cpu().half().numpy()
+                if outputs[0][2] is not None:
+                    f["weight"][rows] = torch.stack([o[2] for o in outputs], 1).cpu().half().numpy()
                 f["ok"][rows] = True
             offset += n
             f.attrs["done"] = offset  # written last: an interrupted run resumes here

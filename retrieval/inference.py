@@ -66,8 +66,9 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             if bad is not None:
                 bad.extend(items[i].image for i in chunk[~ok].tolist())
             chunk = chunk[ok]
-            prefix, act = trunk_cache.inputs(rows[chunk], torch.zeros(len(chunk), dtype=torch.long))
-            pooled = prefix.to(device) if act is None else model.pooled_features(act.to(device), start, prefix.to(device))
+            prefix, act, weight = trunk_cache.inputs(rows[chunk], torch.zeros(len(chunk), dtype=torch.long))
+            pooled = prefix.to(device) if act is None else model.pooled_features(
+                act.to(device), start, prefix.to(device), weight.to(device) if weight is not None else None)
             yield outputs_from_pooled(model, pooled, chunk.numpy(), heads)
         return
     dataset = ImageDataset(catalog, items, model.config.image_size, image_cache)

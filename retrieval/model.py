@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_trunk
+from .images import IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class ModelConfig:
     image_size: int = 224
     dropout: float = 0.1
     head_scale: float = 16.0
+    pool_weighting: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,10 +45,31 @@ class GeM(nn.Module):
         self.p = p
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 1:
-            return x.mean(dim=(2, 3))
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool NCHW to NC; ``weight`` (N1hw, any resolution) weights the spatial mean."""
+        y = x if self.p == 1 else x.clamp(min=self.eps).pow(self.p)
+        if weight is None:
+            y = y.mean(dim=(2, 3))
+        else:
+            w = F.adaptive_avg_pool2d(weight.to(y.dtype), y.shape[-2:])
+            y = (y * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3)).clamp_min(1e-6)
+        return y if self.p == 1 else y.pow(1.0 / self.p)
+
+
+POOL_WEIGHTINGS = ("none", "foreground")
+
+
+def foreground_weights(x: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
+    """Spatial weights N1HW from a normalised image batch: pixels unlike the border colour count,
+    so pooling describes the product rather than a plain studio background. Where nearly
+    everything differs from the border (a street photo), the weights are nearly uniform."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    colour = border.median(dim=2).values[:, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    distance = ((x - colour) * std).norm(dim=1, keepdim=True)  # in 0..1 pixel units
+    mask = (distance / 0.08).clamp(0, 1)
+    mask = F.avg_pool2d(mask, 9, stride=1, padding=4, count_include_pad=False)
+    return mask.clamp_min(floor)
 
 
 def resolve_taps(taps: str, n_units: int) -> list[int]:
@@ -72,6 +95,9 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, config: ModelConfig, weights: str | None = None):
         super().__init__()
+        if config.pool_weighting not in POOL_WEIGHTINGS:
+            raise ValueError(f"Unknown pool weighting {config.pool_weighting!r}; choose one of: "
+                             f"{', '.join(POOL_WEIGHTINGS)}")
         if config.method not in METHODS:
             raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
         self.config = config
@@ -89,13 +115,22 @@ class RetrievalModel(nn.Module):
             self.heads = nn.ModuleDict({head_key(i, g): nn.Linear(config.embed_dim, n)
                                         for i, (g, n) in enumerate(sizes.items())})
 
-    def pool_outputs(self, outputs: list[torch.Tensor], start: int = 0) -> list[torch.Tensor]:
+    def pool_outputs(self, outputs: list[torch.Tensor], start: int = 0,
+                     weight: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Pool the tapped ones of the unit outputs that begin at unit ``start``."""
-        return [self.pool(out) for i, out in enumerate(outputs, start) if i in self.taps]
+        return [self.pool(out, weight) for i, out in enumerate(outputs, start) if i in self.taps]
 
-    def pooled_features(self, x: torch.Tensor, start: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Concatenated pooled features; ``x`` enters at unit ``start``, ``prefix`` holds earlier taps."""
-        pooled = self.pool_outputs(self.trunk(x, start), start)
+    def pool_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Spatial pooling weights of an image batch (None = uniform)."""
+        return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
+
+    def pooled_features(self, x: torch.Tensor, start: int = 0, prefix: torch.Tensor | None = None,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenated pooled features; ``x`` enters at unit ``start``, ``prefix`` holds earlier taps
+        and ``weight`` the pooling weights (computed from ``x`` when it is the image)."""
+        if start == 0:
+            weight = self.pool_weight(x)
+        pooled = self.pool_outputs(self.trunk(x, start), start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]
         return torch.cat(pooled, dim=1)

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from .backbones import BACKBONES
 from .losses import GROUP_LOSSES, WEIGHTINGS
-from .model import METHODS
+from .model import METHODS, POOL_WEIGHTINGS
 from .sampling import SAMPLINGS
 from .training import TrainConfig
 
@@ -34,6 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--embed-dim", type=int, default=256)
     model.add_argument("--taps", default="all", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, default=3.0, help="GeM pooling exponent (1 = average pooling)")
+    model.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS,
+                       help="foreground: weight pooling towards pixels unlike the image border (the product)")
     model.add_argument("--image-size", type=int, default=224)
     model.add_argument("--trainable-blocks", default="auto",
                        help="trunk units to train from the top: N, all, or auto (all on GPU, 0 on CPU)")

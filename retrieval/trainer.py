@@ -61,7 +61,8 @@ class Job:
         cfg = self.cfg
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
-                                  taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size)
+                                  taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size,
+                                  pool_weighting=cfg.pool_weighting)
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start)
         self.model.to(self.device)
@@ -120,8 +121,8 @@ class Job:
 
     def cached_batch(self, positions: torch.Tensor, rows: torch.Tensor, flip: torch.Tensor):
         """Cached trunk outputs of the items at ``positions`` (rows of the catalog)."""
-        prefix, act = self.trunk_cache.inputs(rows[positions], flip)
-        return prefix.to(self.device), (act.to(self.device) if act is not None else None)
+        prefix, act, weight = self.trunk_cache.inputs(rows[positions], flip)
+        return tuple(t.to(self.device) if t is not None else None for t in (prefix, act, weight))
 
     def image_batches(self, order: np.ndarray):
         """Yield (positions, augmented normalised images) for an epoch in image mode."""

@@ -41,6 +41,7 @@ class TrainConfig:
     embed_dim: int = 256
     taps: str = "all"
     gem_p: float = 3.0
+    pool_weighting: str = "none"
     image_size: int = 224
     epochs: int = 30
     batch_size: int = 128
@@ -126,8 +127,8 @@ class CachedForward(nn.Module):
         super().__init__()
         self.model, self.start = model, start
 
-    def forward(self, prefix, act):
-        pooled = prefix if act is None else self.model.pooled_features(act, self.start, prefix)
+    def forward(self, prefix, act, weight=None):
+        pooled = prefix if act is None else self.model.pooled_features(act, self.start, prefix, weight)
         emb = self.model.embed_pooled(pooled)
         return emb, self.model.forward_heads(emb)
 

@@ -75,3 +75,36 @@ def test_rebuild_from_config_and_fingerprint():
     with torch.no_grad():
         clone.heads["1_type"].bias += 1
     assert fingerprint(clone) != fingerprint(model)
+
+
+def test_foreground_weights_follow_the_product():
+    from retrieval.images import normalize_batch
+    from retrieval.model import foreground_weights
+
+    image = torch.full((1, 64, 64, 3), 255, dtype=torch.uint8)  # white studio background
+    image[0, 16:48, 16:48] = torch.tensor([200, 0, 0], dtype=torch.uint8)  # a red garment
+    w = foreground_weights(normalize_batch(image))
+    assert w.shape == (1, 1, 64, 64)
+    assert w[0, 0, 32, 32] == pytest.approx(1.0) and w[0, 0, 2, 2] == pytest.approx(0.05)
+    noise = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)  # busy street-like scene
+    assert foreground_weights(normalize_batch(noise)).mean() > 0.8
+
+
+def test_weighted_gem_pools_the_weighted_region():
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :2, :] = 2.0
+    w = torch.zeros(1, 1, 4, 4)
+    w[..., :2, :] = 1.0
+    assert GeM(1)(x, w).item() == pytest.approx(2.0)
+    assert GeM(3)(x, w).item() == pytest.approx(2.0, rel=1e-4)
+    assert GeM(1)(x).item() == pytest.approx(1.0)
+
+
+def test_foreground_model_pools_consistently_from_cache(demo_catalog, tmp_path):
+    """Features computed from cached activations equal those from the image."""
+    from retrieval.features import frozen_outputs
+
+    model = create_model("tiny", GROUPS, embed_dim=8, pool_weighting="foreground").eval()
+    x = torch.randn(2, 3, 64, 64)
+    prefix, act, weight = frozen_outputs(model, x, start=2)
+    assert torch.allclose(model.pooled_features(act, 2, prefix, weight), model.pooled_features(x), atol=1e-5)
