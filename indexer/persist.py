@@ -1,0 +1,71 @@
+"""Reading and writing index directories: sidecar checks, view files, atomic directory swap."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import faiss
+
+SIDECAR = "sidecar.json"
+SIDECAR_FIELDS = ("fingerprint", "type", "dimension", "count", "metric", "created", "views",
+                  "ids", "paths", "titles", "labels")
+
+
+def swap_into_place(new: Path, target: Path) -> None:
+    """Rename the finished directory new to target, moving an existing target away first."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush one file's contents to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def read_sidecar(directory: Path) -> dict:
+    """Return the parsed sidecar of an index directory, with clear errors when missing or corrupt."""
+    path = directory / SIDECAR
+    if not path.is_file():
+        raise FileNotFoundError(f"Index sidecar not found: {path} (is {directory} an index directory?)")
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Corrupt index sidecar {path}: {err}") from err
+    missing = [f for f in SIDECAR_FIELDS if not isinstance(sidecar, dict) or f not in sidecar]
+    if missing:
+        raise ValueError(f"Corrupt index sidecar {path}: missing field(s) {', '.join(missing)}")
+    return sidecar
+
+
+def check_expected(sidecar: dict, field: str, expected, path: Path) -> None:
+    """Raise a ValueError naming field and both values when expected is given and differs."""
+    if expected is not None and sidecar[field] != expected:
+        raise ValueError(f"Index {field} mismatch: {path} has {field}={sidecar[field]!r}, "
+                         f"expected {field}={expected!r}; rebuild the index for these embeddings")
+
+
+def read_view(path: Path, dimension: int) -> faiss.Index:
+    """Read one <view>.faiss file, checking it exists, parses and has the sidecar's dimension."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Index view file not found: {path}")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"Corrupt index file {path}: {err}") from err
+    if index.d != dimension:
+        raise ValueError(f"Index file {path} has dimension {index.d}, its sidecar says {dimension}")
+    return index

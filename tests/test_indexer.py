@@ -1,0 +1,373 @@
+"""Tests for indexer/: index building, the index directory, add/remove and filtered search."""
+import json
+import logging
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+
+from indexer import IndexStore, build_index, build_store_from_embeddings, index_kind, read_embeddings
+from indexer import store as store_module
+from indexer.filters import build_label_index, qualifying_ids
+from indexer.index import recall_at_k
+
+COLORS = ["black", "blue", "red", "white"]
+STYLES = ["casual", "formal", "sport"]
+
+
+def clustered(n, d, n_clusters=20, seed=0, spread=0.35, centre_seed=0):
+    """Return n L2-normalised vectors drawn around n_clusters random centres (fixed by centre_seed)."""
+    centres = np.random.default_rng(centre_seed).standard_normal((n_clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    x = centres[rng.integers(0, n_clusters, n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(x, ids, queries, k, allowed=None):
+    """Return exact top-k (scores, ids) over x, optionally restricted to allowed ids, padded like search."""
+    scores = queries @ x.T
+    if allowed is not None:
+        scores[:, ~np.isin(ids, list(allowed))] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    found = np.where(np.isfinite(top), ids[order], -1)
+    if found.shape[1] < k:
+        pad = k - found.shape[1]
+        top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
+        found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+    return top.astype(np.float32), found
+
+
+def make_labels(n, seed=1):
+    """Return {color: one label per item (a few unknown), style: 0-2 labels per item}."""
+    rng = np.random.default_rng(seed)
+    color = [[] if i % 50 == 7 else [COLORS[c]] for i, c in enumerate(rng.integers(0, 4, n))]
+    style = [sorted(set(rng.choice(STYLES, size=rng.integers(0, 3)).tolist())) for _ in range(n)]
+    return {"color": color, "style": style}
+
+
+@pytest.fixture
+def catalog():
+    """A 400-item catalog: shared vectors (D=16), a color-group view (D=8), ids with gaps, labels."""
+    n = 400
+    ids = np.arange(n, dtype=np.int64) * 3 + 5
+    return {"x": clustered(n, 16), "gx": clustered(n, 8, seed=5), "ids": ids,
+            "paths": [f"img/{i}.jpg" for i in ids], "titles": [f"item {i}" for i in ids],
+            "labels": make_labels(n)}
+
+
+def make_store(cat, index_type="flat"):
+    """Return an IndexStore over the catalog fixture with shared and group-color views."""
+    views = {"shared": build_index(cat["x"], cat["ids"], index_type),
+             "group-color": build_index(cat["gx"], cat["ids"], index_type)}
+    return IndexStore(views, cat["ids"], cat["paths"], cat["titles"], cat["labels"], fingerprint="fp-1")
+
+
+def allowed_ids(cat, filters):
+    """Return the ids qualifying for filters by a plain loop; an empty label list places no constraint."""
+    ok = []
+    for pos, item_id in enumerate(cat["ids"]):
+        if all(set(cat["labels"][g][pos]) & set(wanted) for g, wanted in filters.items() if wanted):
+            ok.append(int(item_id))
+    return set(ok)
+
+
+# ---- build_index ----------------------------------------------------------------------------
+def test_flat_equals_brute_force():
+    x, ids = clustered(500, 24), np.arange(500, dtype=np.int64) * 7
+    queries = clustered(20, 24, seed=3)
+    scores, found = IndexStore({"shared": build_index(x, ids, "flat")}, ids, [""] * 500).search(queries, 10)
+    ref_scores, ref_ids = brute_force(x, ids, queries, 10)
+    np.testing.assert_array_equal(found, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_recall(index_type):
+    x, ids = clustered(2000, 32, n_clusters=40), np.arange(2000, dtype=np.int64)
+    queries = clustered(100, 32, n_clusters=40, seed=9)
+    index = build_index(x, ids, index_type)
+    assert index_kind(index) == index_type
+    _, truth = brute_force(x, ids, queries, 10)
+    assert recall_at_k(index.search(queries, 10)[1], truth) >= 0.9
+
+
+def test_ivfpq_builds_and_searches():
+    x, ids = clustered(2000, 32, n_clusters=40), np.arange(2000, dtype=np.int64) + 100
+    queries = clustered(100, 32, n_clusters=40, seed=9)
+    index = build_index(x, ids, "ivfpq")
+    assert index_kind(index) == "ivfpq"
+    _, truth = brute_force(x, ids, queries, 50)
+    assert recall_at_k(index.search(queries, 50)[1], truth) >= 0.8  # PQ codes are lossy
+
+
+def test_small_ivf_falls_back_to_flat(caplog):
+    x, ids = clustered(100, 16), np.arange(100)
+    with caplog.at_level(logging.WARNING, logger="indexer.index"):
+        index = build_index(x, ids, "ivf")
+    assert index_kind(index) == "flat"
+    assert "flat" in caplog.text
+
+
+def test_unknown_index_type_lists_choices():
+    with pytest.raises(ValueError, match="flat, ivf, hnsw, ivfpq"):
+        build_index(clustered(10, 4), np.arange(10), "annoy")
+
+
+def test_explicit_search_depth_is_kept():
+    x, ids = clustered(2000, 16), np.arange(2000)
+    assert faiss.extract_index_ivf(build_index(x, ids, "ivf", nlist=16, nprobe=3)).nprobe == 3
+    hnsw = build_index(x, ids, "hnsw", ef_search=77)
+    assert faiss.downcast_index(hnsw.index).hnsw.efSearch == 77
+
+
+# ---- index directory ------------------------------------------------------------------------
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_save_load_round_trip(tmp_path, catalog, index_type):
+    store = make_store(catalog, index_type)
+    queries = clustered(10, 16, seed=4)
+    store.save(tmp_path / "index")
+    loaded = IndexStore.load(tmp_path / "index", expect_fingerprint="fp-1", expect_dimension=16)
+    for a, b in zip(store.search(queries, 20), loaded.search(queries, 20)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.sidecar() == store.sidecar()
+    assert loaded.item(int(catalog["ids"][3])) == store.item(int(catalog["ids"][3]))
+    assert loaded.index_type == index_type
+
+
+def test_sidecar_follows_formats_md(tmp_path, catalog):
+    make_store(catalog).save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "group-color.faiss", "shared.faiss", "sidecar.json"]
+    side = json.loads((tmp_path / "index" / "sidecar.json").read_text())
+    assert {"fingerprint", "type", "dimension", "count", "metric", "created", "views", "ids", "paths",
+            "titles", "labels"} <= set(side)
+    assert side["metric"] == "inner_product" and side["type"] == "flat"
+    assert side["dimension"] == 16 and side["views"] == {"shared": 16, "group-color": 8}
+    assert side["count"] == 400 and side["ids"] == catalog["ids"].tolist()
+    assert side["labels"]["style"] == catalog["labels"]["style"]
+
+
+@pytest.mark.parametrize("field, kwargs, values", [
+    ("fingerprint", {"expect_fingerprint": "fp-2"}, ["'fp-1'", "'fp-2'"]),
+    ("dimension", {"expect_dimension": 512}, ["16", "512"])])
+def test_load_refuses_mismatch(tmp_path, catalog, field, kwargs, values):
+    make_store(catalog).save(tmp_path / "index")
+    with pytest.raises(ValueError, match=f"{field} mismatch") as err:
+        IndexStore.load(tmp_path / "index", **kwargs)
+    assert all(v in str(err.value) for v in values)
+
+
+def test_load_missing_or_corrupt_sidecar(tmp_path, catalog):
+    with pytest.raises(FileNotFoundError, match="sidecar.json"):
+        IndexStore.load(tmp_path / "nothing")
+    make_store(catalog).save(tmp_path / "index")
+    (tmp_path / "index" / "sidecar.json").write_text("{not json")
+    with pytest.raises(ValueError, match="Corrupt index sidecar .*sidecar.json"):
+        IndexStore.load(tmp_path / "index")
+
+
+def test_save_replaces_existing_dir_atomically(tmp_path, catalog):
+    target = tmp_path / "index"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    make_store(catalog).save(target)
+    assert not (target / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]  # no temp or old dirs left
+    make_store(catalog).save(target)  # replacing a real index works too
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_failed_save_keeps_old_index(tmp_path, catalog, monkeypatch):
+    store = make_store(catalog)
+    store.save(tmp_path / "index")
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store_module.faiss, "write_index", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.save(tmp_path / "index")
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    assert len(IndexStore.load(tmp_path / "index")) == 400
+
+
+# ---- add / remove ---------------------------------------------------------------------------
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_add_then_search_finds_new_items(tmp_path, catalog, index_type):
+    store = make_store(catalog, index_type)
+    new_x, new_gx, new_ids = clustered(5, 16, seed=11), clustered(5, 8, seed=12), np.arange(5) + 10_000
+    store.add({"shared": new_x, "group-color": new_gx}, new_ids, [f"new/{i}.jpg" for i in range(5)],
+              labels={"color": [["green"]] * 5})
+    assert len(store) == 405
+    np.testing.assert_array_equal(store.search(new_x, 1)[1][:, 0], new_ids)
+    np.testing.assert_array_equal(store.search(new_gx, 1, view="group-color")[1][:, 0], new_ids)
+    assert store.item(10_002) == {"id": 10_002, "path": "new/2.jpg", "title": "",
+                                  "labels": {"color": ["green"], "style": []}}
+    _, found = store.search(new_x, 10, filters={"color": ["green"]})
+    assert set(found[0][found[0] >= 0]) == set(new_ids)
+    store.save(tmp_path / "index")
+    assert len(IndexStore.load(tmp_path / "index")) == 405
+
+
+def test_add_refuses_present_ids_and_missing_views(catalog):
+    store = make_store(catalog)
+    with pytest.raises(ValueError, match="already in the index: \\[5\\]"):
+        store.add({"shared": clustered(1, 16), "group-color": clustered(1, 8)}, [5], ["x.jpg"])
+    with pytest.raises(ValueError, match="group-color"):
+        store.add(clustered(1, 16), [1], ["x.jpg"])
+    assert len(store) == 400
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_remove_never_returns_removed_ids(tmp_path, catalog, index_type):
+    store = make_store(catalog, index_type)
+    gone = catalog["ids"][:60]
+    store.remove(gone)
+    assert len(store) == 340
+    for view, queries in (("shared", catalog["x"][:60]), ("group-color", catalog["gx"][:60])):
+        _, found = store.search(queries, 50, view=view)
+        assert not np.isin(found, gone).any() and (found >= 0).all()
+    _, found = store.search(catalog["x"][:60], 50, filters={"color": ["red"]})
+    assert not np.isin(found, gone).any()
+    with pytest.raises(KeyError):
+        store.item(int(gone[0]))
+    store.save(tmp_path / "index")
+    _, found = IndexStore.load(tmp_path / "index").search(catalog["x"][:60], 50)
+    assert not np.isin(found, gone).any()
+
+
+def test_remove_unknown_ids_names_them(catalog):
+    store = make_store(catalog)
+    with pytest.raises(KeyError, match="4, 6"):
+        store.remove([5, 4, 6])
+    assert len(store) == 400
+
+
+def test_hnsw_remove_then_re_add_same_id(catalog):
+    store = make_store(catalog, "hnsw")
+    store.remove([5, 8])
+    store.add({"shared": catalog["x"][:1], "group-color": catalog["gx"][:1]}, [5], ["back.jpg"])
+    assert store.views["shared"].ntotal == 399  # the removed nodes were compacted away
+    _, found = store.search(catalog["x"][:2], 5)
+    assert found[0, 0] == 5 and 8 not in found
+
+
+# ---- filters --------------------------------------------------------------------------------
+FILTERS = [{"color": ["red"]}, {"color": ["red", "blue"]}, {"style": ["formal"]},
+           {"color": ["black"], "style": ["sport", "casual"]}, {"color": ["white"], "style": []}]
+
+
+@pytest.mark.parametrize("exact_max", [20_000, 0], ids=["exact-subset", "selector"])
+@pytest.mark.parametrize("filters", FILTERS)
+def test_filtered_flat_equals_brute_force(catalog, filters, exact_max):
+    store = make_store(catalog)
+    store.exact_subset_max = exact_max
+    queries = clustered(15, 16, seed=7)
+    scores, found = store.search(queries, 20, filters=filters)
+    ref_scores, ref_ids = brute_force(catalog["x"], catalog["ids"], queries, 20, allowed_ids(catalog, filters))
+    np.testing.assert_array_equal(found, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+@pytest.mark.parametrize("exact_max", [20_000, 0], ids=["exact-subset", "selector"])
+def test_filtered_approximate_keeps_recall(index_type, exact_max):
+    x, ids = clustered(2000, 32, n_clusters=40), np.arange(2000, dtype=np.int64)
+    labels = make_labels(2000)
+    store = IndexStore({"shared": build_index(x, ids, index_type)}, ids, [""] * 2000, labels=labels)
+    store.exact_subset_max = exact_max
+    queries = clustered(50, 32, n_clusters=40, seed=9)
+    filters = {"color": ["red"], "style": ["formal"]}
+    allowed = allowed_ids({"ids": ids, "labels": labels}, filters)
+    _, found = store.search(queries, 10, filters=filters)
+    assert np.isin(found[found >= 0], list(allowed)).all()
+    assert recall_at_k(found, brute_force(x, ids, queries, 10, allowed)[1]) >= 0.9
+
+
+def test_filter_matching_three_items_pads(catalog):
+    store = make_store(catalog)
+    few = catalog["ids"][[10, 20, 30]]
+    for pos in (10, 20, 30):
+        store.labels["color"][pos] = ["gold"]
+    store._reset_caches()
+    scores, found = store.search(clustered(4, 16, seed=2), 10, filters={"color": ["gold"]})
+    assert found.shape == (4, 10) and scores.dtype == np.float32 and found.dtype == np.int64
+    assert all(set(row[:3]) == set(few) for row in found)
+    assert (found[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    assert np.isfinite(scores[:, :3]).all()
+
+
+def test_unknown_group_or_label_lists_valid_ones(catalog):
+    store = make_store(catalog)
+    with pytest.raises(ValueError, match="Unknown label group 'size'.*color, style"):
+        store.search(catalog["x"][:1], 5, filters={"size": ["M"]})
+    with pytest.raises(ValueError, match="Unknown label.*'pink'.*black, blue, red, white"):
+        store.search(catalog["x"][:1], 5, filters={"color": ["pink"]})
+    with pytest.raises(ValueError, match="Unknown view 'group-size'"):
+        store.search(catalog["x"][:1], 5, view="group-size")
+
+
+def test_label_index_and_or_semantics():
+    ids = np.array([10, 11, 12, 13])
+    labels = {"color": [["red"], ["blue"], ["red", "blue"], []], "style": [["a"], ["a"], ["b"], ["a"]]}
+    table = build_label_index(ids, labels)
+    assert qualifying_ids({"color": ["red", "blue"]}, table).tolist() == [10, 11, 12]
+    assert qualifying_ids({"color": ["red", "blue"], "style": ["a"]}, table).tolist() == [10, 11]
+    assert qualifying_ids({}, table) is None
+
+
+# ---- embeddings -----------------------------------------------------------------------------
+def write_embeddings(path, x, ids, groups):
+    """Write an embeddings file as docs/formats.md describes."""
+    with h5py.File(path, "w") as f:
+        f["vectors"] = x
+        f["ids"] = ids
+        f.create_dataset("paths", data=[f"img/{i}.jpg" for i in ids], dtype=h5py.string_dtype())
+        for name, gx in groups.items():
+            f[f"groups/{name}"] = gx
+        f.attrs.update({"fingerprint": "abc", "backbone": "resnet50", "dimension": x.shape[1],
+                        "created": "2024-01-01T00:00:00+00:00", "groups": json.dumps(list(groups))})
+
+
+def test_read_embeddings_and_build_store(tmp_path, catalog):
+    path = tmp_path / "emb.h5"
+    write_embeddings(path, catalog["x"], catalog["ids"], {"color": catalog["gx"]})
+    emb = read_embeddings(path)
+    assert emb["paths"][0] == "img/5.jpg" and emb["attrs"]["groups"] == ["color"]
+    assert emb["attrs"]["fingerprint"] == "abc" and emb["groups"]["color"].shape == (400, 8)
+    titles = {int(i): f"t{i}" for i in catalog["ids"]}
+    store = build_store_from_embeddings(emb, "flat", titles=titles, labels=catalog["labels"])
+    assert set(store.views) == {"shared", "group-color"} and store.fingerprint == "abc"
+    assert store.item(5)["title"] == "t5" and store.item(5)["path"] == "img/5.jpg"
+
+
+def test_read_embeddings_names_missing_dataset(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["vectors"] = clustered(3, 4)
+    with pytest.raises(ValueError, match="bad.h5 lacks dataset\\(s\\) ids, paths"):
+        read_embeddings(path)
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        read_embeddings(tmp_path / "missing.h5")
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="FAISS sees no GPU")
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_gpu_search_matches_cpu(tmp_path, catalog, index_type):
+    gpu_store = make_store(catalog, index_type)
+    cpu_store = IndexStore(gpu_store.views, catalog["ids"], catalog["paths"], labels=catalog["labels"],
+                           use_gpu=False)
+    queries = clustered(10, 16, seed=4)
+    _, gpu_ids = gpu_store.search(queries, 10)
+    assert gpu_store._gpu["shared"] is not None
+    assert recall_at_k(gpu_ids, cpu_store.search(queries, 10)[1]) >= 0.95
+    for a, b in zip(gpu_store.search(queries, 10, filters={"color": ["red"]}),
+                    cpu_store.search(queries, 10, filters={"color": ["red"]})):
+        np.testing.assert_array_equal(a, b)
+    gpu_store.save(tmp_path / "index")
+    assert index_kind(faiss.read_index(str(tmp_path / "index" / "shared.faiss"))) == index_type
