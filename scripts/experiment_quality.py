@@ -26,8 +26,12 @@ def experiments(epochs: int, blocks: list[int]) -> list[tuple[Experiment, str]]:
         (Experiment("frozen-last-gem", ["--taps", "last", *e]), "frozen"),
         (Experiment("frozen-all-gem (default)", ["--taps", "all", *e]), "frozen"),
         (Experiment("frozen-all-gem-512d", ["--taps", "all", "--embed-dim", "512", *e]), "frozen"),
+        (Experiment("frozen-all-gem-foreground", ["--pool-weighting", "foreground", *e]), "frozen-fg"),
     ]
-    rows += [(Experiment(f"finetune-last-{n}", ["--trainable-blocks", str(n), *e]), f"blocks{n}") for n in blocks]
+    for n in blocks:
+        rows.append((Experiment(f"finetune-last-{n}", ["--trainable-blocks", str(n), *e]), f"blocks{n}"))
+        rows.append((Experiment(f"finetune-last-{n}-foreground",
+                                ["--trainable-blocks", str(n), "--pool-weighting", "foreground", *e]), f"blocks{n}-fg"))
     return rows
 
 
