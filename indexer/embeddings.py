@@ -95,7 +95,8 @@ def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None
     built = {}
     for view, vectors in views.items():
         logger.info("Building %s view (%s, %d x %d)", view, index_type, *vectors.shape)
-        built[view] = build_index(vectors, ids, index_type, use_gpu=use_gpu, **build_kwargs)
+        built[view] = build_index(vectors, ids, index_type, use_gpu=use_gpu, unit_norm=view == "shared",
+                                  **build_kwargs)
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
     return IndexStore(built, ids, emb["paths"], align_to_ids(titles, ids, "", "titles"), labels,
                       fingerprint=str(emb.get("attrs", {}).get("fingerprint", "")), use_gpu=use_gpu)

@@ -136,11 +136,12 @@ def fill_index(index: faiss.Index, x: np.ndarray, ids: np.ndarray, gpu: bool = F
 
 def build_index(vectors, ids, index_type: str = "flat", *, nlist=None, m_hnsw=32, pq_m=None,
                 use_gpu="auto", nprobe=None, ef_search=None, ef_construction=EF_CONSTRUCTION,
-                target_recall=TARGET_RECALL) -> faiss.Index:
+                target_recall=TARGET_RECALL, unit_norm: bool = True) -> faiss.Index:
     """Build an inner-product index of vectors under catalog ids; always returns a CPU index.
 
     Args:
-        vectors: float32 [N, D], L2-normalised. ids: int64 [N] catalog row ids.
+        vectors: float32 [N, D], L2-normalised unless ``unit_norm`` is False (group views hold
+            probabilities, whose plain inner product is what ranks them). ids: int64 [N] catalog row ids.
         index_type: flat (exact), ivf, hnsw or ivfpq. ivf/ivfpq below MIN_TRAIN_ITEMS build flat.
         nlist, m_hnsw, pq_m, ef_construction: structure parameters (see make_empty_index).
         nprobe, ef_search: search depth; when None it is tuned so leave-one-out recall@50 of
@@ -150,7 +151,8 @@ def build_index(vectors, ids, index_type: str = "flat", *, nlist=None, m_hnsw=32
     check_index_type(index_type)
     x = as_vectors(vectors)
     ids = as_ids(ids, len(x))
-    warn_if_not_normalised(x)
+    if unit_norm:
+        warn_if_not_normalised(x)
     if index_type in ("ivf", "ivfpq") and len(x) < MIN_TRAIN_ITEMS:
         logger.warning("Only %d vectors: building a flat index instead of %s", len(x), index_type)
         index_type = "flat"

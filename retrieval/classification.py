@@ -30,12 +30,8 @@ def fuse_files(path_a, path_b, rows_b: np.ndarray, probs_a: dict) -> dict[str, n
 
 
 def group_vectors_from_probs(probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Group-focused vectors of (fused) probabilities: sqrt, L2-normalised, as the model makes them."""
-    out = {}
-    for g, p in probs.items():
-        v = np.sqrt(np.clip(p, 0, None)).astype(np.float32)
-        out[g] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    return out
+    """Group-focused vectors of (fused) probabilities: the probabilities, as the model makes them."""
+    return {g: np.asarray(p, dtype=np.float32) for g, p in probs.items()}
 
 
 def group_report(probs: np.ndarray, items, group: str, vocab: list[str], multi_label: bool) -> dict | None:

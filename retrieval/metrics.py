@@ -204,7 +204,8 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
         vectors: [N, D] shared embedding (normalised here).
         labels_by_group: {group: one tuple of labels per item}; an empty tuple means unlabelled.
         k: retrieval depth R.
-        vectors_by_group: optional {group: [N, D_g]} group-focused vectors (normalised here).
+        vectors_by_group: optional {group: [N, D_g]} group-focused vectors, ranked by their plain
+            inner product (they are head probabilities: p·q is the chance two items share a label).
         device, block_size, progress: passed to ``topk_neighbors``.
 
     Returns:
@@ -218,7 +219,7 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
     _, shared = topk_neighbors(normalize_rows(vectors), k, **options)
     groups = {g: map_at_k(shared, y, k) for g, y in labels.items()}
     for g, group_vectors in vectors_by_group.items():
-        _, own = topk_neighbors(normalize_rows(group_vectors), k, **options)
+        _, own = topk_neighbors(np.asarray(group_vectors, dtype=np.float32), k, **options)
         view = map_at_k(own, labels[g], k)
         groups[g]["group_view"] = {"map_paper": view["map_paper"], "map_standard": view["map_standard"]}
     views = {"shared": mean_over_groups(groups)}

@@ -161,8 +161,10 @@ class RetrievalModel(nn.Module):
         return self.config.method == "multi-label" or group in self.config.multi_label_groups
 
     def group_vectors(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Group-focused vectors: sqrt of each head's probabilities, L2-normalised."""
-        return {g: F.normalize(self.probabilities(g, z).sqrt(), dim=1) for g, z in logits.items()}
+        """Group-focused vectors: each head's probabilities. Their inner product p·q is the model's
+        probability that two items share the group's label (for multi-label groups, the expected
+        number of shared labels), so ranking by it ranks by the chance of being relevant."""
+        return {g: self.probabilities(g, z) for g, z in logits.items()}
 
     def probabilities(self, group: str, logits: torch.Tensor) -> torch.Tensor:
         """Softmax or sigmoid probabilities of a group's labels."""

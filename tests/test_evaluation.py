@@ -157,7 +157,7 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
             f["ids"] = np.arange(4)
             f.create_dataset("paths", data=["a.png", "b.png", "c.png", "d.png"], dtype=h5py.string_dtype())
             f["probs/colour"] = np.array(probs, dtype=np.float32)
-            f["groups/colour"] = np.sqrt(np.array(probs, dtype=np.float32))
+            f["groups/colour"] = np.array(probs, dtype=np.float32)
         return path
 
     # model A: a right (red), b wrong (says blue), c right (blue), d wrong (says red): accuracy 2/4
@@ -172,4 +172,9 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
     # fused: a [.25,.75] red ok; b [.35,.65] red ok; c [.85,.15] blue ok; d [.475,.525] red: wrong
     assert fused["classification"]["colour"]["accuracy"] == pytest.approx(0.75)
     assert fused["settings"]["fused_with"].endswith("b.h5")
-    assert fused["groups"]["colour"]["group_view"]["map_paper"] is not None
+    # group view ranks by p·q of the fused probabilities (blue, red):
+    #   a: b .575 (red, hit), d .5125, c .325 -> AP 1;  b: a .575 (hit), d .5075, c .395 -> AP 1
+    #   c: d .4825 (blue, hit), b .395, a .325 -> AP 1; d: a .5125, b .5075, c .4825 (hit at 3) -> AP 1/3
+    view = fused["groups"]["colour"]["group_view"]
+    assert view["map_paper"] == pytest.approx((3 + 1 / 3) / 4)
+    assert view["map_standard"] == pytest.approx((3 + 1 / 3) / 4)

@@ -25,13 +25,15 @@ def test_multi_label_method_has_one_head_split_by_group():
     assert model.is_multi_label("type")
 
 
-def test_group_vectors_are_unit_sqrt_probabilities():
+def test_group_vectors_are_head_probabilities():
     model = create_model("tiny", GROUPS, embed_dim=8, multi_label_groups=["colour"]).eval()
     logits = model.forward_heads(model.forward_features(torch.randn(3, 3, 32, 32)))
     vectors = model.group_vectors(logits)
-    for g, v in vectors.items():
-        assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert torch.allclose(vectors["type"] ** 2, logits["type"].softmax(1), atol=1e-5)
+    assert torch.allclose(vectors["type"], logits["type"].softmax(1))
+    assert torch.allclose(vectors["colour"], torch.sigmoid(logits["colour"]))
+    # inner product of two softmax vectors = probability that both carry the same label
+    p, q = vectors["type"][0], vectors["type"][1]
+    assert (p @ q).item() == pytest.approx(sum(p[c].item() * q[c].item() for c in range(2)))
 
 
 def test_unknown_backbone_lists_valid_ones():
