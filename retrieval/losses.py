@@ -99,3 +99,36 @@ def range_loss(emb: torch.Tensor, labels: torch.Tensor, k: int = 2, margin: floa
         smallest = cd[torch.triu_indices(len(centres), len(centres), 1).unbind()].min()
         inter = F.relu(margin - smallest)
     return alpha * intra + beta * inter, intra, inter
+
+
+def label_overlap_targets(targets, weights: dict[str, float]) -> torch.Tensor:
+    """Pairwise agreement in [0, 1]: the weighted share of groups (labelled on both items) in
+    which two items share a label."""
+    agree, total = 0.0, 0.0
+    for g, y in targets.multi_hot.items():
+        known = targets.known[g].float()
+        both = known[:, None] * known[None, :]
+        share = ((y @ y.T) > 0).float() * both
+        agree = agree + weights[g] * share
+        total = total + weights[g] * both
+    return agree / total.clamp_min(1e-6) if torch.is_tensor(total) else None
+
+
+def overlap_contrastive_loss(emb: torch.Tensor, targets, weights: dict[str, float],
+                             temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss with graded positives: each item's softmax over the cosine
+    similarities of the others is pulled towards their label agreement with it, so that the
+    shared embedding ranks items the way the labels of all groups together would."""
+    agreement = label_overlap_targets(targets, weights)
+    if agreement is None:
+        return emb.sum() * 0.0
+    n = len(emb)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=emb.device)
+    agreement = agreement * off_diagonal
+    rows = agreement.sum(1) > 0
+    if not bool(rows.any()):
+        return emb.sum() * 0.0
+    logits = (emb @ emb.T / temperature).masked_fill(~off_diagonal, float("-inf"))
+    log_prob = torch.log_softmax(logits, dim=1).masked_fill(~off_diagonal, 0.0)
+    p = agreement[rows] / agreement[rows].sum(1, keepdim=True)
+    return -(p * log_prob[rows]).sum(1).mean()

@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--sampling", default="none", choices=SAMPLINGS, help="random over/under-sampling per epoch")
     loss.add_argument("--sampling-group", help="the group whose classes --sampling balances")
+    loss.add_argument("--contrastive", type=float, default=0.0, metavar="WEIGHT",
+                      help="weight of a contrastive loss pulling the shared embedding towards label "
+                           "agreement over all groups (0 = off)")
     loss.add_argument("--range-loss", type=float, default=0.0, metavar="WEIGHT", help="Range loss weight (0 = off)")
     loss.add_argument("--range-group", help="the group whose classes Range loss uses")
     opt = p.add_argument_group("optimisation")

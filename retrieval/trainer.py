@@ -21,7 +21,8 @@ from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop
                    parse_dropout_profile)
 from .features import build_trunk_cache
 from .images import augment_batch, normalize_batch
-from .losses import group_weights, label_weights, multi_group_loss, range_loss, resolve_group_loss
+from .losses import (group_weights, label_weights, multi_group_loss, overlap_contrastive_loss, range_loss,
+                     resolve_group_loss)
 from .model import create_model
 from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                        resolve_device, resolve_trainable, setup_distributed, split_validation)
@@ -161,6 +162,8 @@ class Job:
             emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
         logits = {g: z.float() for g, z in logits.items()}
         total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights)
+        if self.cfg.contrastive:
+            total = total + self.cfg.contrastive * overlap_contrastive_loss(emb.float(), targets, self.weights)
         if self.cfg.range_loss and positions is not None:
             labels = torch.as_tensor(self.classes[positions.numpy()], device=emb.device)
             total = total + self.cfg.range_loss * range_loss(emb.float(), labels)[0]

@@ -59,6 +59,7 @@ class TrainConfig:
     sampling: str = "none"
     sampling_group: str | None = None
     range_loss: float = 0.0
+    contrastive: float = 0.0
     range_group: str | None = None
     device: str = "auto"
     workers: int | None = None

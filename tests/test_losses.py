@@ -91,3 +91,30 @@ def test_range_loss_inter_margin():
     # each class has one pair at distance 0.2: harmonic mean of one value = the value
     assert intra.item() == pytest.approx(0.4)
     assert loss.item() == pytest.approx(1.1)
+
+
+def test_label_overlap_contrastive_hand_worked():
+    from retrieval.losses import label_overlap_targets, overlap_contrastive_loss
+
+    # item 0: (A, X), item 1: (A, Y), item 2: (B, Y); item 3 unlabelled in g2
+    t = Targets({"g1": torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]),
+                 "g2": torch.tensor([[1.0, 0], [0, 1], [0, 1], [0, 0]])},
+                {"g1": torch.tensor([True, True, True, True]), "g2": torch.tensor([True, True, True, False])})
+    agreement = label_overlap_targets(t, {"g1": 1.0, "g2": 1.0})
+    # (0,1): share g1 only -> 1/2; (1,2): g2 only -> 1/2; (0,2): none; (2,3): g1 only, g2 unknown on 3 -> 1
+    assert agreement[0, 1].item() == pytest.approx(0.5) and agreement[1, 2].item() == pytest.approx(0.5)
+    assert agreement[0, 2].item() == 0 and agreement[2, 3].item() == pytest.approx(1.0)
+    # orthogonal embeddings: every other item gets softmax 1/3, so each row's loss is log 3
+    loss = overlap_contrastive_loss(torch.eye(4), t, {"g1": 1.0, "g2": 1.0})
+    assert loss.item() == pytest.approx(math.log(3))
+    # descending it brings agreeing items together: item 2 ends nearer 3 (agreement 1) than 0 (0)
+    free = torch.eye(4, requires_grad=True)
+    optimizer = torch.optim.SGD([free], lr=0.5)
+    for _ in range(50):
+        optimizer.zero_grad()
+        emb = torch.nn.functional.normalize(free, dim=1)
+        overlap_contrastive_loss(emb, t, {"g1": 1.0, "g2": 1.0}).backward()
+        optimizer.step()
+    emb = torch.nn.functional.normalize(free.detach(), dim=1)
+    assert overlap_contrastive_loss(emb, t, {"g1": 1.0, "g2": 1.0}).item() < loss.item()
+    assert emb[2] @ emb[3] > emb[2] @ emb[0]
