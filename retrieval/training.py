@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from . import sampling
-from .catalog import Catalog, Item
-from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from .data import (ImageCache, ImageDataset, Targets, build_targets, collate_images, drop_labels,
-                   loader_workers, parse_dropout_profile)
-from .features import TrunkCache, build_trunk_cache
-from .images import augment_batch, normalize_batch
-from .losses import group_weights, label_weights, multi_group_loss, range_loss, resolve_group_loss
-from .model import RetrievalModel, create_model
+from .catalog import Item
+from .model import RetrievalModel
 
 logger = logging.getLogger(__name__)
 
