@@ -29,9 +29,16 @@ def fuse_files(path_a, path_b, rows_b: np.ndarray, probs_a: dict) -> dict[str, n
     return {g: (probs_a[g] + probs_b[g]) / 2 for g in probs_a}
 
 
-def group_vectors_from_probs(probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Group-focused vectors of (fused) probabilities: the probabilities, as the model makes them."""
-    return {g: np.asarray(p, dtype=np.float32) for g, p in probs.items()}
+def group_vectors_from_probs(probs: dict[str, np.ndarray], multi_label_groups=()) -> dict[str, np.ndarray]:
+    """Group-focused vectors of (fused) probabilities, as the model makes them: the softmax as it
+    is for single-label groups, L2-normalised for multi-label ones."""
+    out = {}
+    for g, p in probs.items():
+        v = np.asarray(p, dtype=np.float32)
+        if g in multi_label_groups:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        out[g] = v
+    return out
 
 
 def group_report(probs: np.ndarray, items, group: str, vocab: list[str], multi_label: bool) -> dict | None:

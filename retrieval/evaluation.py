@@ -104,7 +104,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         if missing:
             raise EvaluationError(f"{fuse}: lacks {len(missing)} image(s) of {emb_path}, e.g. {missing[:3]}")
         probs = fuse_files(emb_path, fuse, np.array([position[emb.paths[r]] for r in rows]), probs)
-        group_vectors = {g: v for g, v in group_vectors_from_probs(probs).items() if g in labels}
+        group_vectors = {g: v for g, v in group_vectors_from_probs(probs, catalog.multi_label_groups()).items() if g in labels}
     report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=group_vectors,
                                 device=device, progress=True)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),

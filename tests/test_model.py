@@ -30,7 +30,7 @@ def test_group_vectors_are_head_probabilities():
     logits = model.forward_heads(model.forward_features(torch.randn(3, 3, 32, 32)))
     vectors = model.group_vectors(logits)
     assert torch.allclose(vectors["type"], logits["type"].softmax(1))
-    assert torch.allclose(vectors["colour"], torch.sigmoid(logits["colour"]))
+    assert torch.allclose(vectors["colour"], torch.nn.functional.normalize(torch.sigmoid(logits["colour"]), dim=1))
     # inner product of two softmax vectors = probability that both carry the same label
     p, q = vectors["type"][0], vectors["type"][1]
     assert (p @ q).item() == pytest.approx(sum(p[c].item() * q[c].item() for c in range(2)))
