@@ -38,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gem-p", type=float, default=1.0, help="with --pretrained-only: pooling exponent (1 = average)")
     p.add_argument("--image-size", type=int, default=224, help="with --pretrained-only")
     p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")
+    p.add_argument("--colour-bins", default="none", metavar="L,A,B",
+                   help="with --pretrained-only: prepend a CIELAB colour histogram (e.g. 4,6,6)")
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="EMB.h5")
     p.add_argument("--split", default="all", choices=("all", "train", "test"))
@@ -134,12 +136,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:
         model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
-                             gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting)
+                             gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting, colour_bins=args.colour_bins)
         model.embed = torch.nn.Identity()
         model.embed_pooled = lambda pooled: pooled
         start = len(model.trunk)
-        fp = f"pretrained:{args.backbone}:{args.taps}:gem{args.gem_p}:{args.pool_weighting}"
-        heads, standardise = False, len(model.taps) > 1
+        fp = f"pretrained:{args.backbone}:{args.taps}:gem{args.gem_p}:{args.pool_weighting}:{args.colour_bins}"
+        heads, standardise = False, len(model.taps) > 1 or model.colour_dim > 0
         if not standardise:
             model.embed_pooled = lambda pooled: torch.nn.functional.normalize(pooled, dim=1)
     else:

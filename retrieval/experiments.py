@@ -20,6 +20,7 @@ class Experiment:
     train: list[str] | None = None
     embed: list[str] = field(default_factory=list)
     evaluate: list[str] = field(default_factory=list)
+    checkpoint: str = "best.pt"
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict | None = None
 
@@ -40,7 +41,7 @@ def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Pa
         resume = ["--resume"] if (run / "last.pt").exists() else []
         _timed(exp, "train", ["train", "--catalog", catalog, "--out", str(run), *cache, *exp.train, *resume])
     if not emb.exists():
-        source = ["--checkpoint", str(run / "best.pt")] if exp.train is not None else ["--pretrained-only"]
+        source = ["--checkpoint", str(run / exp.checkpoint)] if exp.train is not None else ["--pretrained-only"]
         _timed(exp, "embed", ["embed", *source, "--catalog", catalog, "--out", str(emb), *cache, *exp.embed])
     _timed(exp, "evaluate", ["evaluate", "--embeddings", str(emb), "--catalog", catalog, "--out", str(report),
                              "--title", exp.name, *exp.evaluate])

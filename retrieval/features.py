@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .catalog import Catalog, Item
+from .colour import histogram_size
 from .data import ImageCache, ImageDataset, collate_images, loader_workers
 from .images import normalize_batch
 from .model import RetrievalModel, fingerprint
@@ -25,7 +26,7 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     units it pooled, which may be more than a model taps: any subset is served from it)."""
     return json.dumps({
         "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
-        "pool_weighting": model.config.pool_weighting,
+        "pool_weighting": model.config.pool_weighting, "colour": model.colour_bins,
         "image_size": model.config.image_size, "images": _digest([it.image for it in items]),
     }, sort_keys=True)
 
@@ -35,10 +36,13 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
     if not stored_key:
         return False
     stored, wanted = json.loads(stored_key), json.loads(wanted_key)
-    stored.setdefault("pool_weighting", "none")  # caches made before the option existed
+    stored.setdefault("pool_weighting", "none")  # caches made before the options existed
+    stored_colour = stored.pop("colour", None)
+    wanted_colour = wanted.pop("colour")
     stored_taps = stored.pop("taps")
     wanted.pop("taps")
-    return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps)
+    return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps) \
+        and wanted_colour in (None, stored_colour)
 
 
 def _digest(paths: list[str]) -> str:
@@ -54,7 +58,7 @@ def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
     unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its resolution."""
     taps = model.taps if taps is None else taps
     weight = model.pool_weight(x)
-    pooled = []
+    pooled = model.colour_features(x) if start > 0 else []  # at 0 the model sees the image itself
     for i, unit in enumerate(model.trunk.units[:start]):
         x = unit(x)
         if i in taps:
@@ -67,15 +71,16 @@ def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
     return prefix, x, weight
 
 
-def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int) -> torch.Tensor:
-    """Columns of a cached prefix (pooled ``stored_taps``) that hold the model's taps below ``start``."""
-    offsets, at = {}, 0
+def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, stored_colour: int = 0) -> torch.Tensor:
+    """Columns of a cached prefix (a colour histogram of ``stored_colour`` columns, then pooled
+    ``stored_taps``) that hold the model's histogram and taps below ``start``."""
+    offsets, at = {}, stored_colour
     for t in stored_taps:
         offsets[t] = at
         at += model.trunk.channels[t]
-    wanted = [t for t in model.taps if t < start]
-    return torch.cat([torch.arange(offsets[t], offsets[t] + model.trunk.channels[t]) for t in wanted]) \
-        if wanted else torch.zeros(0, dtype=torch.long)
+    spans = [torch.arange(model.colour_dim)]
+    spans += [torch.arange(offsets[t], offsets[t] + model.trunk.channels[t]) for t in model.taps if t < start]
+    return torch.cat(spans)
 
 
 class TrunkCache:
@@ -88,9 +93,10 @@ class TrunkCache:
             self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
-            stored_taps = json.loads(f.attrs["key"])["taps"]
-        if model is not None:  # keep only the model's taps, in its order
-            self.prefix = self.prefix[:, :, prefix_columns(model, stored_taps, start)].contiguous()
+            stored = json.loads(f.attrs["key"])
+        if model is not None:  # keep only the model's histogram and taps, in its order
+            columns = prefix_columns(model, stored["taps"], start, histogram_size(stored.get("colour")))
+            self.prefix = self.prefix[:, :, columns].contiguous()
 
     def inputs(self, index: torch.Tensor, flip: torch.Tensor):
         """Cached (prefix, activations, pooling weights) of rows ``index``, flipped where ``flip`` is 1."""

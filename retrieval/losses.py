@@ -43,13 +43,16 @@ def resolve_group_loss(choice: str, group: str, multi_label_groups, method: str)
 
 
 def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torch.Tensor, kind: str,
-                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean loss over the items labelled in this group; unlabelled items contribute nothing."""
+                      class_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean loss over the items labelled in this group; unlabelled items contribute nothing.
+    ``smoothing`` moves that share of a softmax target evenly onto every label."""
     if not bool(known.any()):
         return logits.sum() * 0.0  # keeps the graph (and DDP) whole
     z, y = logits[known], multi_hot[known]
     if kind == "ce":
         target = y / y.sum(1, keepdim=True)
+        if smoothing:
+            target = (1 - smoothing) * target + smoothing / target.shape[1]
         per_item = -(target * F.log_softmax(z, dim=1))
         if class_weights is not None:
             per_item = per_item * class_weights
@@ -62,12 +65,13 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
 
 
 def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, str],
-                     weights: dict[str, float], class_weights: dict[str, torch.Tensor] | None = None):
+                     weights: dict[str, float], class_weights: dict[str, torch.Tensor] | None = None,
+                     smoothing: float = 0.0):
     """Weighted sum of the per-group losses; returns (total, {group: loss})."""
     parts = {}
     for g, z in logits.items():
         cw = class_weights.get(g) if class_weights else None
-        parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw)
+        parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw, smoothing)
     total = sum(weights[g] * parts[g] for g in parts)
     return total, parts
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_trunk
+from .colour import colour_histogram, histogram_size, parse_bins
 from .images import IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class ModelConfig:
     dropout: float = 0.1
     head_scale: float = 16.0
     pool_weighting: str = "none"
+    colour_bins: str = "none"
+    normalized_heads: bool = False
+    embed_hidden: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,9 +108,15 @@ class RetrievalModel(nn.Module):
         self.trunk = create_trunk(config.backbone, weights)
         self.taps = resolve_taps(config.taps, len(self.trunk))
         self.pool = GeM(config.gem_p)
-        self.feature_dim = sum(self.trunk.channels[i] for i in self.taps)
-        self.embed = nn.Sequential(nn.BatchNorm1d(self.feature_dim), nn.Dropout(config.dropout),
-                                   nn.Linear(self.feature_dim, config.embed_dim))
+        self.colour_bins = parse_bins(config.colour_bins)
+        self.colour_dim = histogram_size(self.colour_bins)
+        self.feature_dim = self.colour_dim + sum(self.trunk.channels[i] for i in self.taps)
+        layers = [nn.BatchNorm1d(self.feature_dim), nn.Dropout(config.dropout)]
+        width = self.feature_dim
+        if config.embed_hidden:  # a hidden layer: non-linear mixing of the scales and the colour
+            layers += [nn.Linear(width, config.embed_hidden), nn.BatchNorm1d(config.embed_hidden), nn.ReLU()]
+            width = config.embed_hidden
+        self.embed = nn.Sequential(*layers, nn.Linear(width, config.embed_dim))
         sizes = {g: len(labels) for g, labels in config.groups.items()}
         if config.method == "multi-label":
             self.heads = nn.ModuleDict({"all": nn.Linear(config.embed_dim, sum(sizes.values()))})
@@ -124,13 +134,22 @@ class RetrievalModel(nn.Module):
         """Spatial pooling weights of an image batch (None = uniform)."""
         return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
 
+    def colour_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The product's colour histogram of an image batch, as a list of 0 or 1 tensors."""
+        if self.colour_bins is None:
+            return []
+        return [colour_histogram(x, self.colour_bins, foreground_weights(x)).to(x.dtype)]
+
     def pooled_features(self, x: torch.Tensor, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Concatenated pooled features; ``x`` enters at unit ``start``, ``prefix`` holds earlier taps
-        and ``weight`` the pooling weights (computed from ``x`` when it is the image)."""
+        """Concatenated features: the colour histogram (if any), then the pooled taps. ``x`` enters
+        at unit ``start``; ``prefix`` holds what comes before (histogram and earlier taps) and
+        ``weight`` the pooling weights (computed from ``x`` when it is the image)."""
+        pooled = []
         if start == 0:
             weight = self.pool_weight(x)
-        pooled = self.pool_outputs(self.trunk(x, start), start, weight)
+            pooled = self.colour_features(x)
+        pooled += self.pool_outputs(self.trunk(x, start), start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]
         return torch.cat(pooled, dim=1)
@@ -143,12 +162,19 @@ class RetrievalModel(nn.Module):
         """The L2-normalised shared embedding of images (what gets indexed)."""
         return self.embed_pooled(self.pooled_features(x))
 
+    def _head(self, head: nn.Linear, scaled: torch.Tensor) -> torch.Tensor:
+        if not self.config.normalized_heads:
+            return head(scaled)
+        return F.linear(scaled, F.normalize(head.weight, dim=1), head.bias)
+
     def forward_heads(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of every group from the normalised embedding (a cosine classifier)."""
+        """Logits of every group from the normalised embedding: a cosine classifier (with
+        ``normalized_heads`` the label weights are unit vectors too, so each label is a direction
+        of the embedding and nearness in the embedding is nearness in every group)."""
         scaled = emb * self.config.head_scale
         if self.config.method != "multi-label":
-            return {g: head(scaled) for g, head in zip(self.config.groups, self.heads.values())}
-        logits = self.heads["all"](scaled)
+            return {g: self._head(head, scaled) for g, head in zip(self.config.groups, self.heads.values())}
+        logits = self._head(self.heads["all"], scaled)
         sizes = [len(labels) for labels in self.config.groups.values()]
         return dict(zip(self.config.groups, logits.split(sizes, dim=1)))
 

@@ -63,7 +63,9 @@ class Job:
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
                                   taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size,
-                                  pool_weighting=cfg.pool_weighting)
+                                  pool_weighting=cfg.pool_weighting, colour_bins=cfg.colour_bins,
+                                  dropout=cfg.dropout, head_scale=cfg.head_scale,
+                                  normalized_heads=cfg.normalized_heads, embed_hidden=cfg.embed_hidden)
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start)
         self.model.to(self.device)
@@ -161,7 +163,12 @@ class Job:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
         logits = {g: z.float() for g, z in logits.items()}
-        total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights)
+        total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights,
+                                        self.cfg.label_smoothing)
+        if self.cfg.metric_scale:  # the same heads at a higher temperature: keeps pulling items to their labels
+            soft = {g: z * (self.cfg.metric_scale / self.cfg.head_scale) for g, z in logits.items()}
+            total = total + multi_group_loss(soft, targets, self.kinds, self.weights, self.class_weights,
+                                             self.cfg.label_smoothing)[0]
         if self.cfg.contrastive:
             total = total + self.cfg.contrastive * overlap_contrastive_loss(emb.float(), targets, self.weights)
         if self.cfg.range_loss and positions is not None:

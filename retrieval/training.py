@@ -30,6 +30,13 @@ class TrainConfig:
     taps: str = "all"
     gem_p: float = 3.0
     pool_weighting: str = "none"
+    colour_bins: str = "none"
+    dropout: float = 0.1
+    head_scale: float = 16.0
+    normalized_heads: bool = False
+    embed_hidden: int = 0
+    label_smoothing: float = 0.0
+    metric_scale: float = 0.0
     image_size: int = 224
     epochs: int = 30
     batch_size: int = 128

@@ -118,3 +118,17 @@ def test_label_overlap_contrastive_hand_worked():
     emb = torch.nn.functional.normalize(free.detach(), dim=1)
     assert overlap_contrastive_loss(emb, t, {"g1": 1.0, "g2": 1.0}).item() < loss.item()
     assert emb[2] @ emb[3] > emb[2] @ emb[0]
+
+
+def test_label_smoothing_hand_worked():
+    # 4 labels, target label 0, logits equal: log_softmax = -log 4 everywhere, so any target costs log 4
+    z = torch.zeros(1, 4)
+    y = torch.tensor([[1.0, 0, 0, 0]])
+    known = torch.tensor([True])
+    assert masked_group_loss(z, y, known, "ce", smoothing=0.2).item() == pytest.approx(math.log(4))
+    # logits [2, 0, 0, 0]: log p = [2 - L, -L, -L, -L] with L = log(e^2 + 3);
+    # smoothed target [0.85, 0.05, 0.05, 0.05] costs L - 0.85 * 2
+    z = torch.tensor([[2.0, 0, 0, 0]])
+    expected = math.log(math.exp(2) + 3) - 0.85 * 2
+    assert masked_group_loss(z, y, known, "ce", smoothing=0.2).item() == pytest.approx(expected, rel=1e-6)
+    assert masked_group_loss(z, y, known, "ce").item() == pytest.approx(math.log(math.exp(2) + 3) - 2, rel=1e-6)

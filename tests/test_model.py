@@ -110,3 +110,26 @@ def test_foreground_model_pools_consistently_from_cache(demo_catalog, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     prefix, act, weight = frozen_outputs(model, x, start=2)
     assert torch.allclose(model.pooled_features(act, 2, prefix, weight), model.pooled_features(x), atol=1e-5)
+
+
+def test_normalized_heads_are_cosine_classifiers():
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", normalized_heads=True, head_scale=5.0).eval()
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    head = model.heads["0_colour"]
+    torch.nn.init.zeros_(head.bias)
+    cosine = emb @ torch.nn.functional.normalize(head.weight, dim=1).T
+    assert torch.allclose(model.forward_heads(emb)["colour"], 5.0 * cosine, atol=1e-6)
+    with torch.no_grad():
+        head.weight.mul_(7.0)  # the length of a label's weight no longer matters
+    assert torch.allclose(model.forward_heads(emb)["colour"], 5.0 * cosine, atol=1e-5)
+
+
+def test_embedding_with_a_hidden_layer():
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", embed_hidden=32).eval()
+    linears = [m for m in model.embed if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(model.feature_dim, 32), (32, 8)]
+    emb, _ = model(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 8)
+    rebuilt = model_from_config(model.config.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    assert fingerprint(rebuilt) == fingerprint(model)

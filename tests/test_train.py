@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +163,6 @@ def test_sampling_needs_a_group(demo_catalog, tmp_path):
 
 
 def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, tmp_path):
-    import h5py
 
     cache = tmp_path / "trunk.h5"
     shutil.copy(tiny_run / "trunk-cache.h5", cache)
