@@ -52,6 +52,15 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
     return TrunkCache(path, model, start)
 
 
+def _cached_pooled(model: RetrievalModel, cache: TrunkCache, rows: torch.Tensor, view: int, start: int, device):
+    """Pooled features of cached rows, original (view 0) or mirrored (view 1)."""
+    prefix, act, weight = cache.inputs(rows, torch.full((len(rows),), view, dtype=torch.long))
+    if act is None:
+        return prefix.to(device)
+    return model.pooled_features(act.to(device), start, prefix.to(device),
+                                 weight.to(device) if weight is not None else None)
+
+
 @torch.no_grad()
 def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], device, batch_size: int = 64,
                  workers: int | None = None, image_cache: ImageCache | None = None,
@@ -66,10 +75,9 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             if bad is not None:
                 bad.extend(items[i].image for i in chunk[~ok].tolist())
             chunk = chunk[ok]
-            prefix, act, weight = trunk_cache.inputs(rows[chunk], torch.zeros(len(chunk), dtype=torch.long))
-            pooled = prefix.to(device) if act is None else model.pooled_features(
-                act.to(device), start, prefix.to(device), weight.to(device) if weight is not None else None)
-            yield outputs_from_pooled(model, pooled, chunk.numpy(), heads)
+            views = (0, 1) if model.config.flip_average else (0,)
+            pooled = sum(_cached_pooled(model, trunk_cache, rows[chunk], view, start, device) for view in views)
+            yield outputs_from_pooled(model, pooled / len(views), chunk.numpy(), heads)
         return
     dataset = ImageDataset(catalog, items, model.config.image_size, image_cache)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers), collate_fn=collate_images)
@@ -80,7 +88,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             continue
         x = normalize_batch(images.to(device))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            pooled = model.pooled_features(x)
+            pooled = model.inference_features(x)
         yield outputs_from_pooled(model, pooled.float(), index.numpy(), heads)
 
 
@@ -91,7 +99,7 @@ def predict_images(model: RetrievalModel, paths, device="cpu") -> list[dict[str,
     results = []
     for path in paths:
         x = image_tensor(path, model.config.image_size).to(device)
-        logits = model.forward_heads(model.forward_features(x))
+        logits = model.forward_heads(model.embed_pooled(model.inference_features(x)))
         results.append({g: model.probabilities(g, z)[0].cpu().numpy() for g, z in logits.items()})
     return results
 
@@ -118,4 +126,4 @@ def describe_image(model: RetrievalModel, image, device="cpu") -> Outputs:
     array = to_uint8_array(image.convert("RGB"), model.config.image_size)
     x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))
     model.eval().to(device)
-    return outputs_from_pooled(model, model.pooled_features(x), np.zeros(1, dtype=np.int64))
+    return outputs_from_pooled(model, model.inference_features(x), np.zeros(1, dtype=np.int64))

@@ -36,6 +36,7 @@ class ModelConfig:
     colour_bins: str = "none"
     normalized_heads: bool = False
     embed_hidden: int = 0
+    flip_average: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,14 @@ class RetrievalModel(nn.Module):
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]
         return torch.cat(pooled, dim=1)
+
+    def inference_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features for embedding and prediction: with ``flip_average``, the mean of the
+        image's and its mirror image's (the trunk cache holds both; training sees both)."""
+        pooled = self.pooled_features(x)
+        if self.config.flip_average:
+            pooled = (pooled + self.pooled_features(x.flip(3))) / 2
+        return pooled
 
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The shared embedding layer, L2-normalised."""

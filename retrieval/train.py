@@ -32,20 +32,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES)
     model.add_argument("--weights", help="local trunk weights file (efficientnet_lite0 has packaged ImageNet weights)")
     model.add_argument("--embed-dim", type=int, default=256)
-    model.add_argument("--embed-hidden", type=int, default=0, metavar="WIDTH",
-                       help="a hidden layer of this width in the embedding layer (0 = one linear layer)")
+    model.add_argument("--embed-hidden", type=int, default=1024, metavar="WIDTH",
+                       help="a hidden layer of this width in the embedding layer (0 = one linear layer; default 1024)")
     model.add_argument("--taps", default="all", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, default=3.0, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS,
                        help="foreground: weight pooling towards pixels unlike the image border (the product)")
-    model.add_argument("--colour-bins", default="none", metavar="L,A,B",
+    model.add_argument("--colour-bins", default="4,6,6", metavar="L,A,B",
                        help="add a CIELAB colour histogram of the product with this many bins along L, a "
-                            "and b (e.g. 4,6,6) to the pooled features; none = off")
-    model.add_argument("--dropout", type=float, default=0.1, help="dropout on the pooled features")
+                            "and b to the pooled features (none = off)")
+    model.add_argument("--dropout", type=float, default=0.3, help="dropout on the pooled features")
     model.add_argument("--head-scale", type=float, default=16.0,
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")
-    model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction, default=False,
+    model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction, default=True,
                        help="unit-length label weights in the heads (a pure cosine classifier)")
+    model.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
+                       help="embed and predict from the mean of an image's and its mirror image's features")
     model.add_argument("--image-size", type=int, default=224)
     model.add_argument("--trainable-blocks", default="auto",
                        help="trunk units to train from the top: N, all, or auto (all on GPU, 0 on CPU)")
@@ -62,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
-    loss.add_argument("--metric-scale", type=float, default=0.0, metavar="S",
+    loss.add_argument("--metric-scale", type=float, default=6.0, metavar="S",
                       help="add the heads' loss at logit scale S (below --head-scale): a softer classifier "
                            "that keeps pulling each item towards its labels, which tightens the shared "
                            "embedding (0 = off)")

@@ -65,7 +65,8 @@ class Job:
                                   taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size,
                                   pool_weighting=cfg.pool_weighting, colour_bins=cfg.colour_bins,
                                   dropout=cfg.dropout, head_scale=cfg.head_scale,
-                                  normalized_heads=cfg.normalized_heads, embed_hidden=cfg.embed_hidden)
+                                  normalized_heads=cfg.normalized_heads, embed_hidden=cfg.embed_hidden,
+                                  flip_average=cfg.flip_average)
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start)
         self.model.to(self.device)

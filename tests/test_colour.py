@@ -70,7 +70,7 @@ def test_cache_with_histogram_serves_models_with_and_without_it(demo_catalog, tm
          "--colour-bins", "3,4,4", "--trunk-cache", str(cache)])
     before = cache.stat().st_mtime_ns
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "plain"), *TINY, "--epochs", "1",
-                "--trunk-cache", str(cache)]) == 0
+                "--colour-bins", "none", "--trunk-cache", str(cache)]) == 0
     assert cache.stat().st_mtime_ns == before  # reused, not rebuilt
     full = TrunkCache(cache)
     model, ckpt = load_model(tmp_path / "plain" / "last.pt")
@@ -85,7 +85,7 @@ def test_cache_with_histogram_serves_models_with_and_without_it(demo_catalog, tm
     # a cache without the histogram cannot serve a model that needs one: it is rebuilt
     plain_cache = tmp_path / "plain.h5"
     cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "p2"), *TINY, "--epochs", "1",
-         "--trunk-cache", str(plain_cache)])
+         "--colour-bins", "none", "--trunk-cache", str(plain_cache)])
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "c2"), *TINY, "--epochs", "1",
                 "--colour-bins", "3,4,4", "--trunk-cache", str(plain_cache)]) == 0
     assert TrunkCache(plain_cache).prefix.shape == full.prefix.shape

@@ -133,3 +133,13 @@ def test_embedding_with_a_hidden_layer():
     rebuilt = model_from_config(model.config.to_dict())
     rebuilt.load_state_dict(model.state_dict())
     assert fingerprint(rebuilt) == fingerprint(model)
+
+
+def test_flip_average_is_mirror_invariant():
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", flip_average=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    both = (model.pooled_features(x) + model.pooled_features(x.flip(3))) / 2
+    assert torch.allclose(model.inference_features(x), both, atol=1e-6)
+    assert torch.allclose(model.inference_features(x.flip(3)), both, atol=1e-5)
+    plain = create_model("tiny", GROUPS, embed_dim=8, weights="none").eval()
+    assert torch.equal(plain.inference_features(x), plain.pooled_features(x))

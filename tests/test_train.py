@@ -173,8 +173,9 @@ def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, t
     model, ckpt = load_model(tmp_path / "last" / "last.pt")
     full = TrunkCache(cache)
     sliced = TrunkCache(cache, model, ckpt["start_unit"])
-    assert sliced.prefix.shape[-1] == 32  # the last unit of the tiny trunk only
-    assert torch.equal(sliced.prefix, full.prefix[..., -32:])
+    hist = model.colour_dim  # the default colour histogram comes first
+    assert sliced.prefix.shape[-1] == hist + 32  # and the last unit of the tiny trunk only
+    assert torch.equal(sliced.prefix, torch.cat([full.prefix[..., :hist], full.prefix[..., -32:]], -1))
 
 
 def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):
