@@ -62,6 +62,7 @@ def build_image_cache(catalog: Catalog, path: str | Path, size: int = 224, worke
                 f["ok"][rows] = True
             step = len(index) + len(failed)
             f.attrs["done"] = int(f.attrs["done"]) + step
+            f.flush()  # on disk now: a killed process resumes from here
             bar.update(step)
             bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.0f}")
     if bad:

@@ -117,6 +117,7 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
                 f[f"groups/{g}"][rows], f[f"probs/{g}"][rows] = o.group_vectors[g], o.probs[g]
             f["ok"][rows] = True
             f.attrs["done"] = int(rows.max()) + 1
+            f.flush()  # on disk now: a killed process resumes from here
             bar.n = f.attrs["done"]
             bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.1f}")
             bar.update(0)

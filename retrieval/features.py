@@ -176,5 +176,6 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
                 f["ok"][rows] = True
             offset += n
             f.attrs["done"] = offset  # written last: an interrupted run resumes here
+            f.flush()  # on disk now: a killed process resumes from here
             bar.update(n)
             bar.set_postfix(img_s=f"{(offset - done) / (time.perf_counter() - began):.1f}")

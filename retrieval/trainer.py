@@ -114,7 +114,7 @@ class Job:
         path = Path(cfg.trunk_cache) if cfg.trunk_cache else self.out / "trunk-cache.h5"
         if self.main:
             build_trunk_cache(self.model, self.catalog, self.catalog.items, self.start, path, self.device,
-                              image_cache=self.image_cache, workers=cfg.workers)
+                              batch_size=cfg.batch_size, image_cache=self.image_cache, workers=cfg.workers)
         if self.world > 1:
             dist.barrier()
         from .features import TrunkCache

@@ -185,3 +185,32 @@ def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):
     assert list(load_checkpoint(tmp_path / "run" / "last.pt")["model_config"]["groups"]) == ["category", "pattern"]
     assert train(demo_catalog, tmp_path / "bad", "--groups", "size") == 1
     assert "Unknown group(s) size" in capsys.readouterr().err
+
+
+def test_killed_trunk_cache_resumes(demo_catalog, tmp_path):
+    """A process killed mid-pass (no clean close) leaves a cache that resumes where it stopped."""
+    import h5py
+
+    cache = tmp_path / "trunk.h5"
+    script = f"""
+import os, sys
+import retrieval.features as features
+calls = []
+original = features.frozen_outputs
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 5:  # a probe and two batches (original + flip each) done: die without closing
+        os._exit(3)
+    return original(*args, **kwargs)
+features.frozen_outputs = dying
+from retrieval.cli import main
+main({["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "r"), *TINY, "--epochs", "1",
+       "--trunk-cache", str(cache)]!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    with h5py.File(cache) as f:
+        assert f.attrs["done"] == 32  # two batches of 16
+    assert train(demo_catalog, tmp_path / "r2", "--epochs", "1", "--trunk-cache", str(cache)) == 0
+    with h5py.File(cache) as f:
+        assert f.attrs["done"] == 60 and f["ok"][:].all()
