@@ -81,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=2e-3)
     opt.add_argument("--trunk-lr-scale", type=float, default=0.1, help="learning rate factor of trainable trunk units")
     opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--select-by", default="map", choices=("map", "loss"),
+                     help="best.pt is the epoch with the highest validation mAP (shared and group view "
+                          "among the validation items) or the lowest validation loss")
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--resume", action="store_true", help="continue RUN/last.pt")

@@ -23,6 +23,7 @@ from .features import build_trunk_cache
 from .images import augment_batch, normalize_batch
 from .losses import (group_weights, label_weights, multi_group_loss, overlap_contrastive_loss, range_loss,
                      resolve_group_loss)
+from .metrics import evaluate_retrieval
 from .model import create_model
 from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                        resolve_device, resolve_trainable, setup_distributed, split_validation)
@@ -160,7 +161,7 @@ class Job:
             yield positions, self.cached_batch(positions, self.train_rows, flip)
 
     def loss(self, net, inputs, targets, positions=None):
-        """Total loss and per-group losses of a batch."""
+        """Total loss, per-group losses, logits and embeddings of a batch."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
         logits = {g: z.float() for g, z in logits.items()}
@@ -175,7 +176,7 @@ class Job:
         if self.cfg.range_loss and positions is not None:
             labels = torch.as_tensor(self.classes[positions.numpy()], device=emb.device)
             total = total + self.cfg.range_loss * range_loss(emb.float(), labels)[0]
-        return total, parts, logits
+        return total, parts, logits, emb
 
     def train_epoch(self, net, optimizer, scheduler, epoch: int) -> dict:
         """One pass over this rank's share of the training items."""
@@ -187,7 +188,7 @@ class Job:
                    leave=False)
         for positions, inputs in bar:
             targets = self.targets.take(positions).to(self.device)
-            loss, _, _ = self.loss(net, inputs, targets, positions)
+            loss, *_ = self.loss(net, inputs, targets, positions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -200,7 +201,8 @@ class Job:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation loss (weighted, and per group) and top-1 accuracy per group."""
+        """Validation loss (weighted, and per group), top-1 accuracy per group and retrieval mAP
+        among the validation items (shared embedding and group view, standard normalisation)."""
         self.model.eval()
         items, targets = self.val_items, self.val_targets
         if not items:
@@ -208,9 +210,14 @@ class Job:
         sums = {"val_loss": 0.0, "n": 0}
         group_loss = {g: 0.0 for g in self.catalog.groups}
         hits = {g: [0, 0] for g in self.catalog.groups}
+        seen, vectors, group_vectors = [], [], {g: [] for g in self.catalog.groups}
         for positions, x in self.val_batches():
             t = targets.take(positions).to(self.device)
-            total, parts, logits = self.loss(self.forward_net, x, t)
+            total, parts, logits, emb = self.loss(self.forward_net, x, t)
+            seen.append(positions)
+            vectors.append(emb.float().cpu())
+            for g, v in self.model.group_vectors(logits).items():
+                group_vectors[g].append(v.cpu())
             sums["val_loss"] += total.item() * len(positions)
             sums["n"] += len(positions)
             for g, z in logits.items():
@@ -222,7 +229,22 @@ class Job:
         n = max(1, sums["n"])
         return {"val_loss": sums["val_loss"] / n,
                 "val_group_loss": {g: v / n for g, v in group_loss.items()},
-                "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()}}
+                "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
+                **self.validation_map(seen, vectors, group_vectors)}
+
+    def validation_map(self, seen, vectors, group_vectors) -> dict:
+        """mAP@min(50, n-1) with the validation items as queries and candidates: the shared
+        embedding, the group view, and their mean (``val_map``, what picks best.pt)."""
+        if sum(len(p) for p in seen) < 2:
+            return {}
+        order = torch.cat(seen).tolist()
+        labels = {g: [self.val_items[i].labels[g] for i in order] for g in self.catalog.groups}
+        report = evaluate_retrieval(torch.cat(vectors).numpy(), labels, k=min(50, len(order) - 1),
+                                    vectors_by_group={g: torch.cat(v).numpy() for g, v in group_vectors.items()})
+        shared, view = report["views"]["shared"]["map_standard"], report["views"]["group"]["map_standard"]
+        if shared is None or view is None:
+            return {}
+        return {"val_map_shared": shared, "val_map_group": view, "val_map": (shared + view) / 2}
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
@@ -251,13 +273,13 @@ class Job:
         return net
 
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
-        """The checkpoint dict at the end of an epoch."""
+        """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               epoch=epoch, best_val_loss=best, history=history, group_weights=self.weights,
+                               epoch=epoch, best_score=best, history=history, group_weights=self.weights,
                                train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode)
 
     def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
-        """Resume from RUN/last.pt when asked; returns (first epoch, history, best val loss)."""
+        """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
         last = self.out / "last.pt"
         if not self.cfg.resume or not last.exists():
             if last.exists():
@@ -265,7 +287,7 @@ class Job:
                                       "it or choose another --out")
             if self.cfg.resume:
                 logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
-            return 0, [], float("inf")
+            return 0, [], -float("inf")
         ckpt = load_checkpoint(last)
         if ckpt["model_config"] != self.model.config.to_dict():
             raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
@@ -273,7 +295,9 @@ class Job:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
-        return ckpt["epoch"] + 1, ckpt.get("history", []), ckpt.get("best_val_loss", float("inf"))
+        history = ckpt.get("history", [])
+        best = max((self.selection_score(r) for r in history), default=-float("inf"))
+        return ckpt["epoch"] + 1, history, best
 
     def run(self) -> list[dict]:
         """Train for the configured epochs; returns the per-epoch history."""
@@ -296,7 +320,7 @@ class Job:
                 record.update(self.validate())
                 history.append(record)
                 self.save_epoch(optimizer, scheduler, epoch, history, record, best)
-                best = min(best, record.get("val_loss", record["train_loss"]))
+                best = max(best, self.selection_score(record))
             if self.world > 1:
                 dist.barrier()
         if self.bad_rows and self.main:
@@ -304,19 +328,26 @@ class Job:
             logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
         return history
 
+    def selection_score(self, record: dict) -> float:
+        """Higher is better: validation mAP (``--select-by map``, the default) or minus the
+        validation loss (``loss``; also where there are too few validation items for mAP)."""
+        if self.cfg.select_by == "map" and record.get("val_map") is not None:
+            return record["val_map"]
+        return -record.get("val_loss", record["train_loss"])
+
     def save_epoch(self, optimizer, scheduler, epoch, history, record, best):
         """Write last.pt, best.pt when validation improved, and metrics.json; log the epoch."""
-        score = record.get("val_loss", record["train_loss"])
-        ckpt = self.checkpoint(optimizer, scheduler, epoch, history, min(best, score))
+        score = self.selection_score(record)
+        ckpt = self.checkpoint(optimizer, scheduler, epoch, history, max(best, score))
         atomic_save(ckpt, self.out / "last.pt")
-        if score < best:
+        if score > best:
             ckpt.pop("optimizer"), ckpt.pop("scheduler")
             atomic_save(ckpt, self.out / "best.pt")
         write_json(self.out / "metrics.json", history)
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
-        logger.info("epoch %d: train loss %.4f, val loss %.4f, %.0f img/s, %.1fs | val acc %s", epoch,
-                    record["train_loss"], record.get("val_loss", float("nan")), record["images_per_s"],
-                    record["seconds"], accuracy)
+        logger.info("epoch %d: train loss %.4f, val loss %.4f, val mAP %.3f, %.0f img/s, %.1fs | val acc %s",
+                    epoch, record["train_loss"], record.get("val_loss", float("nan")),
+                    record.get("val_map", float("nan")), record["images_per_s"], record["seconds"], accuracy)
 
 
 def write_json(path: Path, data) -> None:

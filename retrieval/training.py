@@ -38,6 +38,7 @@ class TrainConfig:
     embed_hidden: int = 1024
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
+    select_by: str = "map"
     image_size: int = 224
     epochs: int = 30
     batch_size: int = 128

@@ -214,3 +214,19 @@ main({["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "r"), *T
     assert train(demo_catalog, tmp_path / "r2", "--epochs", "1", "--trunk-cache", str(cache)) == 0
     with h5py.File(cache) as f:
         assert f.attrs["done"] == 60 and f["ok"][:].all()
+
+
+def test_best_checkpoint_has_the_highest_validation_map(demo_catalog, tiny_run, tmp_path):
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "4", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for record in history:
+        assert 0 <= record["val_map_shared"] <= 1 and 0 <= record["val_map_group"] <= 1
+        assert record["val_map"] == pytest.approx((record["val_map_shared"] + record["val_map_group"]) / 2)
+    best = max(history, key=lambda r: r["val_map"])  # the first of equals, as training keeps it
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == best["epoch"]
+    assert train(demo_catalog, tmp_path / "by-loss", "--epochs", "4", "--select-by", "loss",
+                 "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    history = json.loads((tmp_path / "by-loss" / "metrics.json").read_text())
+    best = min(history, key=lambda r: r["val_loss"])
+    assert load_checkpoint(tmp_path / "by-loss" / "best.pt")["epoch"] == best["epoch"]
