@@ -48,7 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="unit-length label weights in the heads (a pure cosine classifier)")
     model.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                        help="embed and predict from the mean of an image's and its mirror image's features")
-    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--image-size", type=int, default=288,
+                       help="input side in pixels (images are letterboxed to a square of this side)")
     model.add_argument("--trainable-blocks", default="auto",
                        help="trunk units to train from the top: N, all, or auto (all on GPU, 0 on CPU)")
     model.add_argument("--freeze-trunk", action="store_const", const="0", dest="trainable_blocks",

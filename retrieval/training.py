@@ -39,7 +39,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
     select_by: str = "map"
-    image_size: int = 224
+    image_size: int = 288
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
