@@ -143,3 +143,10 @@ def test_flip_average_is_mirror_invariant():
     assert torch.allclose(model.inference_features(x.flip(3)), both, atol=1e-5)
     plain = create_model("tiny", GROUPS, embed_dim=8, weights="none").eval()
     assert torch.equal(plain.inference_features(x), plain.pooled_features(x))
+
+
+def test_checkpoint_config_without_new_fields_rebuilds_the_old_model():
+    old = {"backbone": "tiny", "groups": GROUPS, "embed_dim": 8, "taps": "all", "gem_p": 3.0}
+    model = model_from_config(old)
+    assert model.colour_dim == 0 and not model.config.normalized_heads and not model.config.flip_average
+    assert [type(m).__name__ for m in model.embed] == ["BatchNorm1d", "Dropout", "Linear"]
