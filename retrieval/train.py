@@ -45,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--head-scale", type=float, default=16.0,
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")
     model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction, default=True,
-                       help="unit-length label weights in the heads (a pure cosine classifier)")
+                       help="unit-length label weights in the per-group heads: a pure cosine classifier "
+                            "(the multi-label method keeps a plain sigmoid layer)")
     model.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                        help="embed and predict from the mean of an image's and its mirror image's features")
     model.add_argument("--image-size", type=int, default=288,
@@ -66,9 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, default=6.0, metavar="S",
-                      help="add the heads' loss at logit scale S (below --head-scale): a softer classifier "
-                           "that keeps pulling each item towards its labels, which tightens the shared "
-                           "embedding (0 = off)")
+                      help="add the per-group heads' loss at logit scale S (below --head-scale): a "
+                           "softer classifier that keeps pulling each item towards its labels, which "
+                           "tightens the shared embedding (0 = off)")
     loss.add_argument("--sampling", default="none", choices=SAMPLINGS, help="random over/under-sampling per epoch")
     loss.add_argument("--sampling-group", help="the group whose classes --sampling balances")
     loss.add_argument("--contrastive", type=float, default=0.0, metavar="WEIGHT",

@@ -167,7 +167,8 @@ class Job:
         logits = {g: z.float() for g, z in logits.items()}
         total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights,
                                         self.cfg.label_smoothing)
-        if self.cfg.metric_scale:  # the same heads at a higher temperature: keeps pulling items to their labels
+        if self.cfg.metric_scale and self.cfg.method != "multi-label":
+            # the per-group heads again at a higher temperature: keeps pulling items towards their labels
             soft = {g: z * (self.cfg.metric_scale / self.cfg.head_scale) for g, z in logits.items()}
             total = total + multi_group_loss(soft, targets, self.kinds, self.weights, self.class_weights,
                                              self.cfg.label_smoothing)[0]

@@ -29,11 +29,11 @@ def get_args_parser():
 
 
 def validation_table(work: Path, names: list[str]) -> str:
-    """Per-group validation loss / accuracy at the best epoch of every run."""
+    """Per-group validation loss / accuracy at the epoch best.pt holds (highest validation mAP)."""
     lines = ["| run | group | val loss | val accuracy (%) |", "|---|---|---:|---:|"]
     for name in names:
         history = json.loads((work / name / "metrics.json").read_text())
-        best = min(history, key=lambda h: h.get("val_loss", float("inf")))
+        best = max(history, key=lambda h: h.get("val_map", -h.get("val_loss", float("inf"))))
         for g, loss in best["val_group_loss"].items():
             acc = best["val_accuracy"][g]
             lines.append(f"| {name} (epoch {best['epoch']}) | {g} | {loss:.3f} | "

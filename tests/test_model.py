@@ -150,3 +150,12 @@ def test_checkpoint_config_without_new_fields_rebuilds_the_old_model():
     model = model_from_config(old)
     assert model.colour_dim == 0 and not model.config.normalized_heads and not model.config.flip_average
     assert [type(m).__name__ for m in model.embed] == ["BatchNorm1d", "Dropout", "Linear"]
+
+
+def test_multi_label_method_keeps_a_plain_sigmoid_layer():
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", normalized_heads=True,
+                         method="multi-label").eval()
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    logits = model.forward_heads(emb)
+    plain = model.heads["all"](emb * 16.0)
+    assert torch.allclose(torch.cat([logits["colour"], logits["type"]], 1), plain, atol=1e-5)
