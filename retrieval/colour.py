@@ -53,13 +53,18 @@ def _soft_bins(values: torch.Tensor, n: int, lo: float, hi: float) -> torch.Tens
 
 def colour_histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hellinger-normalised L×a×b histogram (N, prod(bins)) of an ImageNet-normalised batch N3HW;
-    ``weight`` (N1hw, any resolution) weights the pixels."""
-    x = F.adaptive_avg_pool2d(x.float(), (min(SIDE, x.shape[-2]), min(SIDE, x.shape[-1])))
+    ``weight`` (N1hw, any resolution) weights the pixels. Always float32 (autocast off)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _histogram(x.float(), bins, None if weight is None else weight.float())
+
+
+def _histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None) -> torch.Tensor:
+    x = F.adaptive_avg_pool2d(x, (min(SIDE, x.shape[-2]), min(SIDE, x.shape[-1])))
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     lab = srgb_to_lab((x * std + mean).clamp(0, 1)).flatten(2)  # N3P
     w = x.new_ones(len(x), lab.shape[-1]) if weight is None else \
-        F.adaptive_avg_pool2d(weight.float(), x.shape[-2:]).flatten(1)
+        F.adaptive_avg_pool2d(weight, x.shape[-2:]).flatten(1)
     (nl, na, nb), ranges = bins, LAB_RANGES
     ml, ma, mb = (_soft_bins(lab[:, c], n, *ranges[c]) for c, n in enumerate((nl, na, nb)))
     hist = torch.einsum("np,npi,npj,npk->nijk", w, ml, ma, mb).flatten(1)

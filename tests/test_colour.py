@@ -89,3 +89,11 @@ def test_cache_with_histogram_serves_models_with_and_without_it(demo_catalog, tm
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "c2"), *TINY, "--epochs", "1",
                 "--colour-bins", "3,4,4", "--trunk-cache", str(plain_cache)]) == 0
     assert TrunkCache(plain_cache).prefix.shape == full.prefix.shape
+
+
+def test_histogram_stays_float32_under_autocast():
+    x = normalised(torch.rand(2, 3, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hist = colour_histogram(x, (4, 6, 6))
+    assert hist.dtype == torch.float32
+    assert torch.allclose(hist, colour_histogram(x, (4, 6, 6)))
