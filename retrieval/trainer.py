@@ -233,15 +233,17 @@ class Job:
                 "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
                 **self.validation_map(seen, vectors, group_vectors)}
 
-    def validation_map(self, seen, vectors, group_vectors) -> dict:
-        """mAP@min(50, n-1) with the validation items as queries and candidates: the shared
-        embedding, the group view, and their mean (``val_map``, what picks best.pt)."""
-        if sum(len(p) for p in seen) < 2:
+    def validation_map(self, seen, vectors, group_vectors, limit: int = 5000) -> dict:
+        """mAP@min(50, n-1) with the validation items (the first ``limit``, so that a huge catalog
+        costs seconds per epoch) as queries and candidates: the shared embedding, the group view,
+        and their mean (``val_map``, what picks best.pt)."""
+        order = torch.cat(seen)[:limit].tolist() if seen else []
+        if len(order) < 2:
             return {}
-        order = torch.cat(seen).tolist()
         labels = {g: [self.val_items[i].labels[g] for i in order] for g in self.catalog.groups}
-        report = evaluate_retrieval(torch.cat(vectors).numpy(), labels, k=min(50, len(order) - 1),
-                                    vectors_by_group={g: torch.cat(v).numpy() for g, v in group_vectors.items()})
+        n = len(order)
+        report = evaluate_retrieval(torch.cat(vectors)[:n].numpy(), labels, k=min(50, n - 1),
+                                    vectors_by_group={g: torch.cat(v)[:n].numpy() for g, v in group_vectors.items()})
         shared, view = report["views"]["shared"]["map_standard"], report["views"]["group"]["map_standard"]
         if shared is None or view is None:
             return {}
