@@ -258,12 +258,19 @@ def test_reload_under_load_fails_no_request(web_data, tmp_path):
             with urllib.request.urlopen(f"{url}/api/items/1/similar?k=5") as response:
                 statuses.append(response.status)
 
+    def served_more_than(n: int, timeout: float = 60.0) -> None:
+        """Wait for the hammer to finish more requests (a loaded machine can be slow to start)."""
+        deadline = time.monotonic() + timeout
+        while len(statuses) <= n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     worker = threading.Thread(target=hammer)
     try:
         worker.start()
+        served_more_than(0)
         for keep in (range(30), range(60), range(45)):
             build_index(web_data["emb"], web_data["catalog"], index, keep=keep)
-            time.sleep(0.2)
+            served_more_than(len(statuses))  # requests really ran against each new index
         stop.set()
         worker.join(10)
         with urllib.request.urlopen(f"{url}/api/health") as response:
