@@ -58,7 +58,7 @@ def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
     unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its resolution."""
     taps = model.taps if taps is None else taps
     weight = model.pool_weight(x)
-    pooled = model.colour_features(x) if start > 0 else []  # at 0 the model sees the image itself
+    pooled = model.colour_features(x, weight) if start > 0 else []  # at 0 the model sees the image itself
     for i, unit in enumerate(model.trunk.units[:start]):
         x = unit(x)
         if i in taps:

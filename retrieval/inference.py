@@ -54,11 +54,9 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
 
 def _cached_pooled(model: RetrievalModel, cache: TrunkCache, rows: torch.Tensor, view: int, start: int, device):
     """Pooled features of cached rows, original (view 0) or mirrored (view 1)."""
-    prefix, act, weight = cache.inputs(rows, torch.full((len(rows),), view, dtype=torch.long))
-    if act is None:
-        return prefix.to(device)
-    return model.pooled_features(act.to(device), start, prefix.to(device),
-                                 weight.to(device) if weight is not None else None)
+    prefix, act, weight = (t if t is None else t.to(device)
+                           for t in cache.inputs(rows, torch.full((len(rows),), view, dtype=torch.long)))
+    return model.pooled_features(act, start, prefix, weight)
 
 
 @torch.no_grad()

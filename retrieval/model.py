@@ -135,21 +135,26 @@ class RetrievalModel(nn.Module):
         """Spatial pooling weights of an image batch (None = uniform)."""
         return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
 
-    def colour_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The product's colour histogram of an image batch, as a list of 0 or 1 tensors."""
+    def colour_features(self, x: torch.Tensor, foreground: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The product's colour histogram of an image batch, as a list of 0 or 1 tensors;
+        ``foreground``: the batch's ``foreground_weights`` when already computed."""
         if self.colour_bins is None:
             return []
-        return [colour_histogram(x, self.colour_bins, foreground_weights(x)).to(x.dtype)]
+        foreground = foreground_weights(x) if foreground is None else foreground
+        return [colour_histogram(x, self.colour_bins, foreground).to(x.dtype)]
 
-    def pooled_features(self, x: torch.Tensor, start: int = 0, prefix: torch.Tensor | None = None,
+    def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenated features: the colour histogram (if any), then the pooled taps. ``x`` enters
-        at unit ``start``; ``prefix`` holds what comes before (histogram and earlier taps) and
-        ``weight`` the pooling weights (computed from ``x`` when it is the image)."""
+        at unit ``start`` (None: the whole trunk is cached, ``prefix`` is everything); ``prefix``
+        holds what comes before (histogram and earlier taps) and ``weight`` the pooling weights
+        (computed from ``x`` when it is the image)."""
+        if x is None:
+            return prefix
         pooled = []
         if start == 0:
-            weight = self.pool_weight(x)
-            pooled = self.colour_features(x)
+            weight = self.pool_weight(x)  # the foreground weights, or None
+            pooled = self.colour_features(x, weight)
         pooled += self.pool_outputs(self.trunk(x, start), start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]

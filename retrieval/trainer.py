@@ -332,11 +332,7 @@ class Job:
         return history
 
     def selection_score(self, record: dict) -> float:
-        """Higher is better: validation mAP (``--select-by map``, the default) or minus the
-        validation loss (``loss``; also where there are too few validation items for mAP)."""
-        if self.cfg.select_by == "map" and record.get("val_map") is not None:
-            return record["val_map"]
-        return -record.get("val_loss", record["train_loss"])
+        return selection_score(record, self.cfg.select_by)
 
     def save_epoch(self, optimizer, scheduler, epoch, history, record, best):
         """Write last.pt, best.pt when validation improved, and metrics.json; log the epoch."""
@@ -351,6 +347,15 @@ class Job:
         logger.info("epoch %d: train loss %.4f, val loss %.4f, val mAP %.3f, %.0f img/s, %.1fs | val acc %s",
                     epoch, record["train_loss"], record.get("val_loss", float("nan")),
                     record.get("val_map", float("nan")), record["images_per_s"], record["seconds"], accuracy)
+
+
+def selection_score(record: dict, select_by: str = "map") -> float:
+    """How an epoch's record ranks for best.pt, higher is better: validation mAP (``map``, the
+    default) or minus the validation loss (``loss``; also where there are too few validation items
+    for mAP)."""
+    if select_by == "map" and record.get("val_map") is not None:
+        return record["val_map"]
+    return -record.get("val_loss", record["train_loss"])
 
 
 def write_json(path: Path, data) -> None:

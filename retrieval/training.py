@@ -126,7 +126,7 @@ class CachedForward(nn.Module):
         self.model, self.start = model, start
 
     def forward(self, prefix, act, weight=None):
-        pooled = prefix if act is None else self.model.pooled_features(act, self.start, prefix, weight)
+        pooled = self.model.pooled_features(act, self.start, prefix, weight)
         emb = self.model.embed_pooled(pooled)
         return emb, self.model.forward_heads(emb)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from retrieval.cli import configure_logging
 from retrieval.evaluation import compare_reports
 from retrieval.experiments import Experiment, format_rows, run_experiment
+from retrieval.trainer import selection_score
 
 METHODS = ("multi-weight", "multi-task", "multi-label")
 
@@ -33,7 +34,7 @@ def validation_table(work: Path, names: list[str]) -> str:
     lines = ["| run | group | val loss | val accuracy (%) |", "|---|---|---:|---:|"]
     for name in names:
         history = json.loads((work / name / "metrics.json").read_text())
-        best = max(history, key=lambda h: h.get("val_map", -h.get("val_loss", float("inf"))))
+        best = max(history, key=selection_score)
         for g, loss in best["val_group_loss"].items():
             acc = best["val_accuracy"][g]
             lines.append(f"| {name} (epoch {best['epoch']}) | {g} | {loss:.3f} | "
