@@ -8,6 +8,8 @@ enters the embedding layer beside the pooled trunk features.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +56,9 @@ def _soft_bins(values: torch.Tensor, n: int, lo: float, hi: float) -> torch.Tens
 def colour_histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hellinger-normalised L×a×b histogram (N, prod(bins)) of an ImageNet-normalised batch N3HW;
     ``weight`` (N1hw, any resolution) weights the pixels. Always float32 (autocast off)."""
-    with torch.autocast(x.device.type, enabled=False):
+    # devices without autocast (meta, in the device-placement tests) need no guard
+    off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else nullcontext()
+    with off:
         return _histogram(x.float(), bins, None if weight is None else weight.float())
 
 

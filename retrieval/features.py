@@ -83,17 +83,48 @@ def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, st
     return torch.cat(spans)
 
 
+FLOAT16_SAFE = 2.0 ** 14  # stored values stay below this; float16 ends at 65504
+
+
+def storage_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-row power-of-two divisor that brings each row of ``x`` within float16's range.
+
+    1 for ordinary activations (so those are stored exactly as before); a power of two otherwise,
+    which divides without rounding. Random-weight ResNet-101 units reach ~1.8e5, past float16."""
+    peak = x.detach().abs().flatten(1).amax(1).float()
+    exponent = torch.log2(peak / FLOAT16_SAFE).ceil().clamp_min(0)
+    return torch.exp2(exponent)
+
+
+def check_finite(x: torch.Tensor, what: str, names) -> None:
+    """Refuse non-finite trunk outputs, naming the images they came from."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{what} are not finite (inf or NaN) for {len(rows)} image(s), e.g. "
+                         f"{', '.join(str(names[i]) for i in rows[:3])}: the trunk's weights overflow float32; "
+                         "give trained weights with --weights or choose another backbone")
+
+
 class TrunkCache:
-    """HDF5 of per-image frozen outputs, original and flipped: ``prefix`` [N,2,P], ``act`` [N,2,C,H,W]."""
+    """HDF5 of per-image frozen outputs, original and flipped: ``prefix`` [N,2,P], ``act`` [N,2,C,H,W],
+    each stored in float16 divided by a per-row power of two (``prefix_scale``/``act_scale`` [N,2];
+    absent = 1, as in caches made before large activations were handled)."""
 
     def __init__(self, path: Path, model: RetrievalModel | None = None, start: int | None = None):
         self.path = Path(path)
         with h5py.File(self.path, "r") as f:
             self.ok = f["ok"][:].astype(bool)
             self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
+            if "prefix_scale" in f:
+                self.prefix *= torch.from_numpy(f["prefix_scale"][:])[:, :, None]
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
+            self.act_scale = torch.from_numpy(f["act_scale"][:]) if "act_scale" in f else None
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
             stored = json.loads(f.attrs["key"])
+        rows = np.flatnonzero(self.ok)
+        check_finite(self.prefix[torch.from_numpy(rows)].flatten(1), f"{self.path}: cached pooled features",
+                     [f"catalog row {i}" for i in rows])
         if model is not None:  # keep only the model's histogram and taps, in its order
             columns = prefix_columns(model, stored["taps"], start, histogram_size(stored.get("colour")))
             self.prefix = self.prefix[:, :, columns].contiguous()
@@ -101,7 +132,12 @@ class TrunkCache:
     def inputs(self, index: torch.Tensor, flip: torch.Tensor):
         """Cached (prefix, activations, pooling weights) of rows ``index``, flipped where ``flip`` is 1."""
         prefix = self.prefix[index, flip]
-        act = self.act[index, flip].float() if self.act is not None else None
+        act = None
+        if self.act is not None:
+            act = self.act[index, flip].float()
+            if self.act_scale is not None:
+                act *= self.act_scale[index, flip].view(-1, *[1] * (act.dim() - 1))
+            check_finite(act, f"{self.path}: cached activations", [f"catalog row {i}" for i in index.tolist()])
         weight = self.weight[index, flip].float() if self.weight is not None else None
         return prefix, act, weight
 
@@ -139,9 +175,11 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
     with h5py.File(tmp, "w") as f:
         n = len(items)
         f.create_dataset("prefix", (n, 2, prefix.shape[1]), dtype="float16", chunks=(min(n, 64), 2, prefix.shape[1]))
+        f.create_dataset("prefix_scale", (n, 2), dtype="float32", fillvalue=1.0)
         if act is not None:
             shape = tuple(act.shape[1:])
             f.create_dataset("act", (n, 2, *shape), dtype="float16", chunks=(min(n, 16), 2, *shape))
+            f.create_dataset("act_scale", (n, 2), dtype="float32", fillvalue=1.0)
         if weight is not None:
             shape = tuple(weight.shape[1:])
             f.create_dataset("weight", (n, 2, *shape), dtype="float16", chunks=(min(n, 64), 2, *shape))
@@ -168,9 +206,10 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
                 rows = (index + done).numpy()
                 x = normalize_batch(images.to(device))
                 outputs = [frozen_outputs(model, v, start, taps) for v in (x, x.flip(3))]
-                f["prefix"][rows] = torch.stack([o[0] for o in outputs], 1).cpu().half().numpy()
+                names = [items[i].image for i in rows]
+                _write_scaled(f, "prefix", rows, torch.stack([o[0] for o in outputs], 1), names)
                 if outputs[0][1] is not None:
-                    f["act"][rows] = torch.stack([o[1] for o in outputs], 1).cpu().half().numpy()
+                    _write_scaled(f, "act", rows, torch.stack([o[1] for o in outputs], 1), names)
                 if outputs[0][2] is not None:
                     f["weight"][rows] = torch.stack([o[2] for o in outputs], 1).cpu().half().numpy()
                 f["ok"][rows] = True
@@ -179,3 +218,17 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
             f.flush()  # on disk now: a killed process resumes from here
             bar.update(n)
             bar.set_postfix(img_s=f"{(offset - done) / (time.perf_counter() - began):.1f}")
+
+
+def _write_scaled(f: h5py.File, name: str, rows: np.ndarray, values: torch.Tensor, names: list[str]) -> None:
+    """Write [n, 2, ...] values as float16 with their per-row scales (``name``_scale), refusing
+    non-finite values: a cache never holds inf or NaN."""
+    values = values.float()
+    check_finite(values.flatten(1), f"trunk outputs ({name})", names)
+    scale = storage_scale(values.flatten(0, 1)).view(len(values), 2)
+    f[name][rows] = (values / scale.view(*scale.shape, *[1] * (values.dim() - 2))).cpu().half().numpy()
+    if f"{name}_scale" in f:
+        f[f"{name}_scale"][rows] = scale.cpu().numpy()
+    elif bool((scale != 1).any()):
+        raise ValueError(f"{f.filename}: values up to {float(values.abs().max()):.3g} need a scaled cache, "
+                         "and this one was made before scales were stored; delete it to rebuild")

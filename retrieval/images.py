@@ -71,14 +71,23 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(batch: torch.Tensor, generator: torch.Generator | None = None, pad: int = 16) -> torch.Tensor:
-    """Random flip and random crop (from a border-padded copy) of a uint8 NHWC batch."""
+    """Random flip and random crop (from a border-padded copy) of a uint8 NHWC batch.
+
+    Everything happens on the batch's device, with no host round trip: the random draws are made
+    there (or on ``generator``'s device and moved), and the crops are one gather."""
     n, h, w, _ = batch.shape
-    flips = torch.rand(n, generator=generator) < 0.5
+    device = batch.device
+    draw_on = generator.device if generator is not None else device
+    flips = (torch.rand(n, generator=generator, device=draw_on) < 0.5).to(device)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=draw_on).to(device)
     batch = torch.where(flips.view(n, 1, 1, 1), batch.flip(2), batch)
     padded = torch.nn.functional.pad(batch.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
-    crops = [padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets.tolist())]
-    return torch.stack(crops).permute(0, 2, 3, 1).round().to(torch.uint8)
+    rows = (offsets[:, 0, None] + torch.arange(h, device=device)).view(n, 1, h, 1)
+    cols = (offsets[:, 1, None] + torch.arange(w, device=device)).view(n, 1, 1, w)
+    items = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channels = torch.arange(padded.shape[1], device=device).view(1, -1, 1, 1)
+    crops = padded[items, channels, rows, cols]
+    return crops.permute(0, 2, 3, 1).round().to(torch.uint8)
 
 
 def image_tensor(path: str | Path, size: int) -> torch.Tensor:

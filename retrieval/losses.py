@@ -45,23 +45,24 @@ def resolve_group_loss(choice: str, group: str, multi_label_groups, method: str)
 def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torch.Tensor, kind: str,
                       class_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """Mean loss over the items labelled in this group; unlabelled items contribute nothing.
-    ``smoothing`` moves that share of a softmax target evenly onto every label."""
-    if not bool(known.any()):
-        return logits.sum() * 0.0  # keeps the graph (and DDP) whole
-    z, y = logits[known], multi_hot[known]
+    ``smoothing`` moves that share of a softmax target evenly onto every label.
+
+    Computed on every row and masked (no boolean indexing, no ``if known.any()``), so a step never
+    waits for the GPU to say which rows are labelled; a batch without labels gives 0, graph kept."""
+    mask = known.to(logits.dtype)[:, None]
+    n_known = mask.sum()
     if kind == "ce":
-        target = y / y.sum(1, keepdim=True)
+        target = multi_hot / multi_hot.sum(1, keepdim=True).clamp_min(1)
         if smoothing:
             target = (1 - smoothing) * target + smoothing / target.shape[1]
-        per_item = -(target * F.log_softmax(z, dim=1))
+        per_item = -(target * F.log_softmax(logits, dim=1)) * mask
         if class_weights is not None:
-            per_item = per_item * class_weights
-            return per_item.sum() / (target * class_weights).sum()
-        return per_item.sum(1).mean()
-    per_entry = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+            return (per_item * class_weights).sum() / (target * mask * class_weights).sum().clamp_min(1e-12)
+        return per_item.sum() / n_known.clamp_min(1)
+    per_entry = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none") * mask
     if class_weights is not None:
-        return (per_entry * class_weights).sum() / (class_weights.sum() * len(z))
-    return per_entry.mean()
+        return (per_entry * class_weights).sum() / (class_weights.sum() * n_known).clamp_min(1e-12)
+    return per_entry.sum() / (n_known * logits.shape[1]).clamp_min(1)
 
 
 def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, str],
@@ -94,13 +95,13 @@ def range_loss(emb: torch.Tensor, labels: torch.Tensor, k: int = 2, margin: floa
         if len(members) < 2:
             continue
         d = torch.cdist(members, members)
-        pairs = d[torch.triu_indices(len(members), len(members), 1).unbind()]
+        pairs = d[torch.triu_indices(len(members), len(members), 1, device=emb.device).unbind()]
         top = pairs.topk(min(k, len(pairs))).values
         intra = intra + len(top) / (1.0 / top.clamp_min(1e-12)).sum()
     inter = zero
     if len(centres) >= 2:
         cd = torch.cdist(torch.stack(centres), torch.stack(centres))
-        smallest = cd[torch.triu_indices(len(centres), len(centres), 1).unbind()].min()
+        smallest = cd[torch.triu_indices(len(centres), len(centres), 1, device=emb.device).unbind()].min()
         inter = F.relu(margin - smallest)
     return alpha * intra + beta * inter, intra, inter
 
@@ -129,10 +130,9 @@ def overlap_contrastive_loss(emb: torch.Tensor, targets, weights: dict[str, floa
     n = len(emb)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=emb.device)
     agreement = agreement * off_diagonal
-    rows = agreement.sum(1) > 0
-    if not bool(rows.any()):
-        return emb.sum() * 0.0
+    total = agreement.sum(1, keepdim=True)
+    rows = (total > 0).to(emb.dtype)  # items with at least one agreeing other item (no host sync)
     logits = (emb @ emb.T / temperature).masked_fill(~off_diagonal, float("-inf"))
     log_prob = torch.log_softmax(logits, dim=1).masked_fill(~off_diagonal, 0.0)
-    p = agreement[rows] / agreement[rows].sum(1, keepdim=True)
-    return -(p * log_prob[rows]).sum(1).mean()
+    p = agreement / total.clamp_min(1e-12)
+    return -((p * log_prob).sum(1) * rows[:, 0]).sum() / rows.sum().clamp_min(1)

@@ -39,12 +39,17 @@ def balanced_indices(classes: np.ndarray, mode: str, rng: np.random.Generator) -
 
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
-                classes: np.ndarray | None = None, mode: str = "none") -> np.ndarray:
+                classes: np.ndarray | None = None, mode: str = "none",
+                exclude: np.ndarray | None = None) -> np.ndarray:
     """This rank's shuffled sample order for an epoch, padded so every rank gets as many
-    (the sharding of torch's DistributedSampler, applied after re-sampling)."""
+    (the sharding of torch's DistributedSampler, applied after re-sampling). ``exclude`` (item
+    positions, e.g. unreadable images known to every rank) is left out *before* sharding, so
+    ranks still get orders of the same length and take the same number of steps."""
     rng = np.random.default_rng([seed, epoch])
     order = np.arange(n) if classes is None else balanced_indices(classes, mode, rng)
     order = rng.permutation(order)
+    if exclude is not None and len(exclude):
+        order = order[~np.isin(order, np.asarray(list(exclude), dtype=np.int64))]
     per_rank = -(-len(order) // world)
     order = np.resize(order, per_rank * world)  # repeats from the start, as DistributedSampler pads
     return order[rank::world]

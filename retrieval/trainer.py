@@ -137,7 +137,9 @@ class Job:
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images, index, bad in loader:
             self.bad_rows.update(bad)
-            if images is None:
+            if not self.all_ranks_have(images is not None and len(images) > 1):
+                # every rank skips together (a lone skip would hang the others' all-reduce); one
+                # image is no batch for the embedding layer's batch norm
                 continue
             x = augment_batch(images.to(self.device, non_blocking=True))
             x = normalize_batch(x)
@@ -145,17 +147,35 @@ class Job:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield index, x
 
+    def all_ranks_have(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (itself when not distributed)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def share_bad_rows(self) -> None:
+        """Unreadable images found by any rank become known to all, so the next epochs leave the
+        same items out of every rank's order before sharding."""
+        if self.world > 1:
+            found = [None] * self.world
+            dist.all_gather_object(found, sorted(self.bad_rows))
+            self.bad_rows = set().union(*found)
+
     # ----- epochs -----
     def epoch_batches(self, epoch: int):
         """Yield (positions, network inputs) of this rank's share of an epoch."""
         n = len(self.train_items)
-        order = sampling.epoch_order(n, epoch, self.cfg.seed, self.rank, self.world, self.classes, self.cfg.sampling)
-        order = np.array([i for i in order if i not in self.bad_rows]) if self.bad_rows else order
+        order = sampling.epoch_order(n, epoch, self.cfg.seed, self.rank, self.world, self.classes,
+                                     self.cfg.sampling, exclude=np.array(sorted(self.bad_rows), dtype=np.int64))
         if self.mode == "images":
             yield from self.image_batches(order)
             return
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         for positions in sampling.batches(order, self.cfg.batch_size):
+            if len(positions) < 2:
+                continue  # a final batch of one: batch norm cannot train on it (same on every rank)
             positions = torch.from_numpy(positions)
             flip = (torch.rand(len(positions), generator=gen) < 0.5).long()
             yield positions, self.cached_batch(positions, self.train_rows, flip)
@@ -319,6 +339,7 @@ class Job:
             write_config(self.out / "config.yaml", cfg)
         for epoch in range(first, cfg.epochs):
             record = {"epoch": epoch, **self.train_epoch(net, optimizer, scheduler, epoch)}
+            self.share_bad_rows()
             if self.main:
                 record.update(self.validate())
                 history.append(record)

@@ -230,3 +230,32 @@ def test_best_checkpoint_has_the_highest_validation_map(demo_catalog, tiny_run, 
     history = json.loads((tmp_path / "by-loss" / "metrics.json").read_text())
     best = min(history, key=lambda r: r["val_loss"])
     assert load_checkpoint(tmp_path / "by-loss" / "best.pt")["epoch"] == best["epoch"]
+
+
+def test_torchrun_images_mode_with_unreadable_images_on_one_rank(demo_catalog, tmp_path):
+    # Ranks find unreadable images on their own shards: they must still take the same number of
+    # steps (skipped batches, later epochs without those items), or DDP's all-reduce hangs.
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    images = sorted((catalog / "images").glob("*.jpg"))
+    for path in images[::3]:
+        path.write_bytes(b"not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrieval.cli", "train", "--catalog", str(catalog), "--out", str(tmp_path / "ddp"),
+           "--epochs", "2", *TINY, "--batch-size", "2", "--trainable-blocks", "all"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "input images" in result.stdout and "world 2" in result.stdout
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 1
+    assert "unreadable training images were skipped" in result.stderr
+
+
+def test_a_final_batch_of_one_is_skipped(demo_catalog, tmp_path):
+    # 60 items, ~54 train: batch sizes that leave one item over would crash batch norm
+    from retrieval.catalog import read_catalog
+    from retrieval.training import split_validation
+
+    n_train = len(split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0])
+    assert train(demo_catalog, tmp_path / "r", "--epochs", "1", "--batch-size", str(n_train - 1),
+                 "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
