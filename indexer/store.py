@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,6 +78,8 @@ class IndexStore:
         self.fingerprint = fingerprint
         self.created = created or utc_now()
         self.use_gpu = use_gpu
+        self._gpu_lock = threading.Lock()
+        self._on_gpu = None  # whether to search GPU copies, decided at the first search
         self.exact_subset_max = EXACT_SUBSET_MAX
         self._dead = {view: np.setdiff1d(self._stored_ids(view), self.ids)
                       for view in self.views if index_kind(self.views[view]) == "hnsw"}
@@ -127,7 +130,7 @@ class IndexStore:
         if allowed is None and len(self._dead.get(view, ())):
             allowed = np.sort(self.ids)  # hide removed HNSW nodes
         if allowed is None:
-            return pad_results(*self._search_index(view, k).search(queries, k), k)
+            return pad_results(*self._search_unfiltered(view, queries, k), k)
         return filtered_search(index, queries, k, allowed, len(self), self.exact_subset_max)
 
     # ---- updates ----------------------------------------------------------------------------
@@ -264,12 +267,19 @@ class IndexStore:
             self._table = build_label_index(self.ids, self.labels)
         return self._table
 
-    def _search_index(self, view: str, k: int) -> faiss.Index:
-        if k > GPU_MAX_K:
-            return self.views[view]
-        if view not in self._gpu:
-            self._gpu[view] = to_gpu(self.views[view]) if want_gpu(self.use_gpu) else None
-        return self._gpu[view] or self.views[view]
+    def _search_unfiltered(self, view: str, queries: np.ndarray, k: int):
+        """Search the view's GPU copy when there is one, else the CPU index. FAISS GPU indexes
+        (and their StandardGpuResources) are not safe for concurrent calls, while the web server
+        searches from several threads: GPU searches take a lock, CPU ones run concurrently."""
+        if self._on_gpu is None:
+            self._on_gpu = want_gpu(self.use_gpu)
+        if k > GPU_MAX_K or not self._on_gpu:
+            return self.views[view].search(queries, k)
+        with self._gpu_lock:
+            if view not in self._gpu:
+                self._gpu[view] = to_gpu(self.views[view])
+            index = self._gpu[view] or self.views[view]
+            return index.search(queries, k)
 
     def _reset_caches(self) -> None:
         self._order = None
