@@ -1,4 +1,9 @@
 """FAISS wrapping for the catalog: build, save/load with a JSON sidecar, add/remove, filtered search."""
+try:
+    import faiss  # noqa: F401
+except ImportError as err:  # faiss-cpu and faiss-gpu are extras: exactly one must be installed
+    raise ImportError("FAISS is not installed: pip install '.[cpu]' (or '.[gpu]' on a CUDA machine), "
+                      "or run scripts/setup.sh") from err
 from indexer.embeddings import build_store_from_embeddings, read_embeddings
 from indexer.filters import qualifying_ids
 from indexer.index import INDEX_TYPES, build_index, index_kind, search_depth, tune_search_depth

@@ -1,0 +1,190 @@
+"""The GPU machine's report: training and embedding throughput beside the model's own limit,
+query=candidate evaluation beside the matrix-product floor, IVF build time at corpus size, and full
+fine-tuning beside the frozen-trunk default on the development catalog. Prints one Markdown
+document and writes it to WORK/gpu-check.md. ``--dry-run``: every step at tiny sizes (CPU is fine),
+so the script cannot rot untested.
+
+    python scripts/gpu_report.py --catalog ../shared/datasets/fashion-product-images --work out/gpu-check
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+from bench_eval import measure_matmul_rate, time_evaluation  # noqa: E402
+from bench_index import make_mixture, sample_mixture  # noqa: E402
+from bench_train import measure_limit, measure_loader, sync  # noqa: E402
+
+from retrieval.cache import build_image_cache  # noqa: E402
+from retrieval.catalog import read_catalog  # noqa: E402
+from retrieval.data import ImageCache, ImageDataset  # noqa: E402
+from retrieval.experiments import Experiment, run_experiment  # noqa: E402
+from retrieval.inference import iter_outputs  # noqa: E402
+from retrieval.model import create_model  # noqa: E402
+from retrieval.training import resolve_device  # noqa: E402
+
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-product-images"
+FULL = dict(backbone="efficientnet_lite0", image_size=288, batch_size=128, images=2048, eval_sizes=[100_000, 392_000],
+            dim=256, ivf_size=1_460_000, epochs=30, workers=None)
+DRY = dict(backbone="tiny", image_size=64, batch_size=16, images=32, eval_sizes=[1500, 3000], dim=256,
+           ivf_size=20_000, epochs=1, workers=0)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", default=str(DATASET), help="the development catalog (dry run: a generated demo)")
+    p.add_argument("--work", default="out/gpu-check", help="runs, embeddings, reports and gpu-check.md")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="every step at tiny sizes, on whatever device there is")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "embed", "evaluate", "ivf", "quality"],
+                   help="steps to leave out (e.g. when a device lease is short)")
+    return p
+
+
+def training_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
+    """Training images/s from JPEGs and from the HDF5 image cache beside random tensors."""
+    model = create_model(s.backbone, catalog.vocab, image_size=s.image_size, weights="none").to(device).train()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    limit = measure_limit(model, optimizer, s, device)
+    jpeg = measure_loader(model, optimizer, ImageDataset(catalog, catalog.items, s.image_size), s, device)
+    path = Path(s.work) / f"images-{s.image_size}.h5"
+    build_image_cache(catalog, path, s.image_size, s.workers)
+    cached = measure_loader(model, optimizer, ImageDataset(catalog, catalog.items, s.image_size, ImageCache(path)), s, device)
+    ref = f"{limit:.0f} (forward+backward, random tensors)"
+    return [("training, JPEG decoding (img/s)", f"{jpeg:.0f}", ref, jpeg / limit, ">= 0.80"),
+            ("training, HDF5 image cache (img/s)", f"{cached:.0f}", ref, cached / limit, ">= 0.80")]
+
+
+@torch.no_grad()
+def embedding_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
+    """Embedding images/s (decode, flip-averaged features, heads) beside forward on random tensors."""
+    model = create_model(s.backbone, catalog.vocab, image_size=s.image_size, weights="none", flip_average=True,
+                         colour_bins="4,6,6").to(device).eval()
+    x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        model.forward_heads(model.embed_pooled(model.inference_features(x).float()))
+        sync(device)
+        steps, began = max(1, s.images // s.batch_size), time.perf_counter()
+        for _ in range(steps):
+            model.forward_heads(model.embed_pooled(model.inference_features(x).float()))
+        sync(device)
+    limit = steps * s.batch_size / (time.perf_counter() - began)
+    items = catalog.items[: s.images]
+    next(iter_outputs(model, catalog, items[: s.batch_size], device, s.batch_size, s.workers))  # warm-up
+    began = time.perf_counter()
+    seen = sum(len(o.positions) for o in iter_outputs(model, catalog, items, device, s.batch_size, s.workers))
+    sync(device)
+    rate = seen / (time.perf_counter() - began)
+    return [("embedding, JPEG decoding (img/s)", f"{rate:.0f}", f"{limit:.0f} (forward, random tensors)",
+             rate / limit, ">= 0.80")]
+
+
+def evaluation_rows(s: SimpleNamespace, device) -> list[tuple]:
+    """Query=candidate mAP@50 time at each size beside 2·N²·d / the measured matmul rate."""
+    rows = []
+    for n in s.eval_sizes:
+        rate = measure_matmul_rate(device.type, s.dim)
+        seconds, floor = time_evaluation(n, s.dim, 50, device.type), 2 * n * n * s.dim / rate
+        rows.append((f"evaluation, N = {n:,}, d = {s.dim} (s)", f"{seconds:.1f}",
+                     f"{floor:.1f} (matmul floor, {rate / 1e12:.1f} TFLOP/s)", seconds / floor, "-"))
+    return rows
+
+
+def ivf_rows(s: SimpleNamespace) -> list[tuple]:
+    """IVF build time (train, add, tune search depth) at corpus size."""
+    import faiss
+
+    from indexer.index import build_index
+
+    rng = np.random.default_rng(0)
+    x = sample_mixture(make_mixture(1000, s.dim, 64, rng), s.ivf_size, rng)
+    began = time.perf_counter()
+    build_index(x, np.arange(len(x)), "ivf", use_gpu="auto")
+    seconds = time.perf_counter() - began
+    where = f"{faiss.get_num_gpus()} GPU(s) seen by FAISS" if hasattr(faiss, "get_num_gpus") else "CPU"
+    return [(f"IVF build, N = {s.ivf_size:,}, d = {s.dim} (s)", f"{seconds:.0f}", where, None, "-")]
+
+
+def quality_section(catalog_dir: str, s: SimpleNamespace, device) -> str:
+    """Full fine-tuning (images mode) beside the frozen-trunk default, per group, mAP@50 %."""
+    common = ["--backbone", s.backbone, "--image-size", str(s.image_size), "--epochs", str(s.epochs),
+              "--device", device.type, "--batch-size", str(s.batch_size)]
+    if s.workers is not None:
+        common += ["--workers", str(s.workers)]
+    work = Path(s.work)
+    runs = [run_experiment(Experiment("frozen-trunk", common + ["--trainable-blocks", "0"], ["--device", device.type]),
+                           catalog_dir, work),
+            run_experiment(Experiment("full-fine-tuning", common + ["--trainable-blocks", "all"],
+                                      ["--device", device.type]), catalog_dir, work)]
+    lines = ["| group | frozen trunk, shared | frozen trunk, group view | full fine-tuning, shared | "
+             "full fine-tuning, group view |", "|---|---:|---:|---:|---:|"]
+    for g in [*runs[0].report["groups"], "mean"]:
+        cells = []
+        for r in runs:
+            entry = r.report["mean"] if g == "mean" else r.report["groups"][g]
+            for v in (entry, entry.get("group_view") or {}):
+                cells.append("–" if v.get("map_paper") is None else
+                             f"{100 * v['map_paper']:.1f} / {100 * v['map_standard']:.1f}")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    times = ", ".join(f"{r.name} training {r.seconds.get('train', 0):.0f} s" for r in runs)
+    return "\n".join(lines) + f"\n\nmAP@50 %, paper / standard normalisation, test split; {times}."
+
+
+def format_rows(rows: list[tuple]) -> str:
+    lines = ["| measurement | value | reference | ratio | target |", "|---|---:|---|---:|---|"]
+    for name, value, ref, ratio, target in rows:
+        lines.append(f"| {name} | {value} | {ref} | {'–' if ratio is None else f'{ratio:.2f}'} | {target} |")
+    return "\n".join(lines)
+
+
+def prepare(args) -> tuple[SimpleNamespace, str]:
+    """Sizes and the catalog: the development one, or a generated demo for a dry run."""
+    s = SimpleNamespace(**(DRY if args.dry_run else FULL), work=args.work)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    catalog_dir = args.catalog
+    if args.dry_run:
+        from retrieval.demo import make_demo_catalog
+
+        catalog_dir = str(Path(args.work) / "demo-catalog")
+        if not (Path(catalog_dir) / "labels.csv").exists():
+            make_demo_catalog(Path(catalog_dir), n_items=60, seed=0, image_size=64)
+    return s, catalog_dir
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    s, catalog_dir = prepare(args)
+    catalog = read_catalog(catalog_dir)
+    catalog.items = catalog.items[: s.images + s.batch_size]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    for step, run in (("train", lambda: training_rows(catalog, s, device)),
+                      ("embed", lambda: embedding_rows(catalog, s, device)),
+                      ("evaluate", lambda: evaluation_rows(s, device)), ("ivf", lambda: ivf_rows(s))):
+        if step not in args.skip:
+            rows += run()
+            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    doc = [f"## GPU check on {name}{' (dry run, tiny sizes)' if args.dry_run else ''}", "",
+           f"{s.backbone} at {s.image_size} px, batch {s.batch_size}, torch {torch.__version__}", "", format_rows(rows)]
+    if "quality" not in args.skip:
+        doc += ["", f"### Full fine-tuning vs the frozen-trunk default ({s.epochs} epochs, {catalog_dir})", "",
+                quality_section(catalog_dir, s, device)]
+    text = "\n".join(doc) + "\n"
+    (Path(args.work) / "gpu-check.md").write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
