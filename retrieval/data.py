@@ -64,7 +64,7 @@ def drop_labels(items: list[Item], groups: list[str], keep: list[float], seed: i
         order = rng.permutation(len(items))
         kept[g] = set(order[: round(share * len(items))].tolist())
     return [Item(it.row_id, it.image, it.split, it.title,
-                 {g: (it.labels[g] if i in kept.get(g, range(len(items))) else ()) for g in groups})
+                 {g: (it.labels[g] if i in kept.get(g, range(len(items))) else ()) for g in groups}, it.stat)
             for i, it in enumerate(items)]
 
 

@@ -165,3 +165,30 @@ def test_image_cache_feeds_training(demo_catalog, tmp_path):
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "run"), "--backbone", "tiny",
                 "--image-size", "64", "--epochs", "1", "--trainable-blocks", "all", "--workers", "0",
                 "--image-cache", str(cache), "--device", "cpu"]) == 0
+
+
+def test_empty_and_test_only_groups_are_left_out(demo_catalog, tmp_path, caplog):
+    """A group empty on every row crashed training after epoch 0; one labelled only in the test split
+    got a head that nothing trained. Both are left out of training; the empty one of everything."""
+    import csv
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(demo_catalog, catalog)
+    with open(demo_catalog / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(catalog / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "season", "fit"])
+        writer.writeheader()
+        writer.writerows({**r, "season": "", "fit": "slim" if r["split"] == "test" else ""} for r in rows)
+    run, emb, report = tmp_path / "run", tmp_path / "emb.h5", tmp_path / "report"
+    assert cli(["train", "--catalog", str(catalog), "--out", str(run), "--epochs", "1", "--backbone", "tiny",
+                "--image-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu"]) == 0
+    assert "'season' has no label on any row" in caplog.text and "'fit' is labelled only in the test" in caplog.text
+    groups = load_checkpoint(run / "best.pt")["model_config"]["groups"]
+    assert "season" not in groups and "fit" not in groups and "category" in groups
+    assert embed(run, catalog, emb) == 0
+    with h5py.File(emb) as f:
+        assert not {"season", "fit"} & set(json.loads(f.attrs["groups"]))
+    assert cli(["evaluate", "--embeddings", str(emb), "--catalog", str(catalog), "--out", str(report)]) == 0
+    evaluated = json.loads((report / "report.json").read_text())["groups"]
+    assert "season" not in evaluated and "fit" in evaluated and "category" in evaluated
