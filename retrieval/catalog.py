@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,10 +160,10 @@ def decode_labels_file(csv_path: Path) -> str:
                            "re-save the file as UTF-8 (e.g. 'Save as' CSV UTF-8)") from None
 
 
-def image_stat(path: Path) -> tuple[int, int] | None:
+def image_stat(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a regular file, None when it is missing or not a file."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except (OSError, ValueError):
         return None
     return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
@@ -178,16 +179,16 @@ class _RowReader:
     check_files: bool
 
     def __post_init__(self):
-        self.real_root = self.root.resolve()
+        self.real_root = os.path.realpath(self.root)
 
     def image_path(self, image: str, where: str) -> tuple[int, int] | None:
         """Check that ``image`` stays inside the catalog (and exists); return its stat."""
-        try:
-            resolved = (self.root / image).resolve()
-            outside = Path(image).is_absolute() or not resolved.is_relative_to(self.real_root)
-        except (OSError, ValueError, RuntimeError) as err:  # NUL bytes, symlink loops
+        try:  # os.path rather than pathlib: a third of the time on big catalogs
+            resolved = os.path.realpath(os.path.join(self.root, image))
+        except (OSError, ValueError) as err:  # NUL bytes
             raise CatalogError(f"{where}: image path {image!r} is not a usable file path ({err})") from None
-        if outside:
+        inside = resolved == self.real_root or resolved.startswith(os.path.join(self.real_root, ""))
+        if os.path.isabs(image) or not inside:
             raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
