@@ -97,14 +97,6 @@ def test_embed_restarts_when_an_embedded_image_changed(tiny_run, catalog, refere
     assert np.allclose(vectors_by_path(out)[first], reference[donor], atol=1e-5)
 
 
-def test_unchanged_catalog_still_resumes(tiny_run, catalog, reference, tmp_path, monkeypatch, caplog):
-    out = tmp_path / "emb.h5"
-    interrupted_embed(tiny_run, catalog, out, monkeypatch)
-    caplog.set_level("INFO")
-    assert embed(tiny_run, catalog, out) == 0
-    assert "at 32/60" in caplog.text
-
-
 def test_trunk_cache_is_not_used_for_a_replaced_image(tiny_run, catalog, reference, tmp_path, caplog):
     from retrieval.features import cache_key
     from retrieval.model import create_model
