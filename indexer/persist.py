@@ -1,24 +1,80 @@
-"""Reading and writing index directories: sidecar checks, view files, atomic directory swap."""
+"""Reading and writing index directories: sidecar checks, view files, atomic directory swap, and
+the removal of temporary directories that a killed writer left beside the index."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import faiss
 
+logger = logging.getLogger(__name__)
+
 SIDECAR = "sidecar.json"
 SIDECAR_FIELDS = ("fingerprint", "type", "dimension", "count", "metric", "created", "views",
                   "ids", "paths", "titles", "labels")
+STALE_AFTER_S = 24 * 3600  # older than this, a temporary is stale whoever wrote it (pid reuse, other hosts)
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def writer_tag() -> str:
+    """``HOST-PID`` of this process: temporaries carry it so that the next writer can tell a dead one's."""
+    return f"{HOST}-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: not a process id at all
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def writer_gone(host: str | None, pid: str | None, mtime: float) -> bool:
+    """Whether the writer of a temporary is gone: a dead process of this host, or a day old.
+    Names without a writer (older versions) and other hosts' are judged by age alone."""
+    if time.time() - mtime > STALE_AFTER_S:
+        return True
+    return host == HOST and pid is not None and not pid_alive(int(pid))
+
+
+def temporary_dir(target: Path) -> Path:
+    """A new private directory beside target, named ``.NAME.tmp-HOST-PID-RANDOM``."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{writer_tag()}-", dir=target.parent))
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` directories beside target whose writer is gone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(?:(?P<host>[\w-]+)-(?P<pid>\d+)-)?\w+$")
+    removed = []
+    for entry in os.scandir(target.parent) if target.parent.is_dir() else ():
+        match = pattern.match(entry.name)
+        try:
+            stale = match and writer_gone(match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+            logger.info("Removed %s, left by a writer that is gone", entry.path)
+    return removed
 
 
 def swap_into_place(new: Path, target: Path) -> None:
     """Rename the finished directory new to target, moving an existing target away first."""
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        old = target.with_name(f".{target.name}.old-{writer_tag()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     try:
         os.replace(new, target)

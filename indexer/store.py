@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -17,7 +16,8 @@ import numpy as np
 
 from indexer.filters import EXACT_SUBSET_MAX, build_label_index, filtered_search, pad_results, qualifying_ids
 from indexer.index import as_ids, as_vectors, index_kind, rebuild_hnsw, to_gpu, want_gpu
-from indexer.persist import SIDECAR, check_expected, fsync_file, read_sidecar, read_view, swap_into_place
+from indexer.persist import (SIDECAR, check_expected, fsync_file, read_sidecar, read_view, remove_stale_temporaries,
+                             swap_into_place, temporary_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class IndexStore:
         """Write <view>.faiss files and sidecar.json to a temporary directory, then swap it into place."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        remove_stale_temporaries(directory)  # what a killed writer left (whole index copies)
+        tmp = temporary_dir(directory)
         try:
             for view, index in self.views.items():
                 faiss.write_index(index, str(tmp / f"{view}.faiss"))

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .catalog import Catalog, read_catalog
+from .catalog import Catalog, digest_change, items_digest, read_catalog
 from .data import ImageDataset, collate_images, loader_workers
 
 logger = logging.getLogger(__name__)
@@ -28,20 +30,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def open_cache(path: Path, catalog: Catalog, size: int) -> int:
-    """Create the cache file, or reopen a matching interrupted one; returns images done."""
+    """Create the cache file, or reopen an interrupted one made for the same images (paths, order,
+    file sizes and times) at the same size; returns images done."""
     paths = [it.image for it in catalog.items]
+    covers = items_digest(catalog.items)
     if path.exists():
         with h5py.File(path, "r") as f:
-            same = f["images"].shape[1] == size and list(f["paths"].asstr()[:]) == paths
-            if same:
+            why = (f"it holds {f['images'].shape[1]}px images, not {size}px" if f["images"].shape[1] != size
+                   else digest_change(json.loads(f.attrs.get("covers", "null")), covers))
+            if why is None:
                 return int(f.attrs.get("done", 0))
-        logger.info("%s was made for another catalog or size: rebuilding", path)
+        logger.warning("Not resuming %s: %s; rebuilding it", path, why)
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("images", (len(paths), size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
         f.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+        f.create_dataset("stats", data=np.array([it.stat or (-1, -1) for it in catalog.items], dtype=np.int64))
         f.create_dataset("ok", (len(paths),), dtype="bool")
-        f.attrs["done"] = 0
+        f.attrs["done"], f.attrs["covers"] = 0, json.dumps(covers)
     tmp.replace(path)
     return 0
 

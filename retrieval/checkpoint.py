@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -11,13 +14,59 @@ from .model import RetrievalModel, fingerprint, model_from_config
 
 logger = logging.getLogger(__name__)
 
+STALE_AFTER_S = 24 * 3600  # older than this, a temporary is stale whoever wrote it (pid reuse, other hosts)
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+# .NAME.HOST-PID.tmp; older versions wrote .NAME.PID.tmp
+TEMPORARY = re.compile(r"^\..+\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary file beside ``path`` that this process writes: ``.NAME.HOST-PID.tmp``."""
+    return path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: not a process id at all
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporaries in ``directory`` whose writer is gone: a dead process of this host,
+    or older than a day (names without a host, and other hosts', are judged by age alone)."""
+    removed = []
+    for entry in os.scandir(directory) if directory.is_dir() else ():
+        match = TEMPORARY.match(entry.name)
+        try:
+            if not match or not entry.is_file(follow_symlinks=False):
+                continue
+            old = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if old or (match["host"] == HOST and not pid_alive(int(match["pid"]))):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+            logger.info("Removed %s, left by a writer that is gone", entry.path)
+    return removed
+
 
 def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place; temporaries
+    that killed writers left in the directory are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    remove_stale_temporaries(path.parent)
+    tmp = temporary_path(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_checkpoint(model: RetrievalModel, **extra) -> dict:

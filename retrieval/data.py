@@ -64,7 +64,7 @@ def drop_labels(items: list[Item], groups: list[str], keep: list[float], seed: i
         order = rng.permutation(len(items))
         kept[g] = set(order[: round(share * len(items))].tolist())
     return [Item(it.row_id, it.image, it.split, it.title,
-                 {g: (it.labels[g] if i in kept.get(g, range(len(items))) else ()) for g in groups})
+                 {g: (it.labels[g] if i in kept.get(g, range(len(items))) else ()) for g in groups}, it.stat)
             for i, it in enumerate(items)]
 
 
@@ -86,7 +86,8 @@ def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
 
 
 class ImageCache:
-    """Pre-decoded letterboxed images in HDF5: ``images`` uint8 [N,S,S,3], ``paths``, ``ok``."""
+    """Pre-decoded letterboxed images in HDF5: ``images`` uint8 [N,S,S,3], ``paths``, ``ok`` and the
+    ``stats`` (size, mtime_ns) of the files they were decoded from."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -98,10 +99,26 @@ class ImageCache:
             self.done = int(f.attrs.get("done", 0))
             paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
             ok = f["ok"][:]
+            stats = f["stats"][:] if "stats" in f else None
+        if stats is None:
+            logger.warning("%s records no file sizes and times (an older cache): images changed since it was "
+                           "made cannot be noticed; rebuild it with 'retrieval cache'", self.path)
         self.index = {p: i for i, p in enumerate(paths) if i < self.done and ok[i]}
+        self.stats = {p: tuple(int(v) for v in stats[i]) for p, i in self.index.items()} if stats is not None else {}
 
     def __contains__(self, image: str) -> bool:
         return image in self.index
+
+    def serves(self, item: Item) -> bool:
+        """Whether the cache holds this item's image as its file is now (same size and time)."""
+        if item.image not in self.index:
+            return False
+        stored = self.stats.get(item.image)
+        return stored is None or item.stat is None or stored == tuple(item.stat)
+
+    def stale(self, items: list[Item]) -> list[str]:
+        """Images the cache holds in an older version than their file."""
+        return [it.image for it in items if it.image in self.index and not self.serves(it)]
 
     def read(self, image: str) -> np.ndarray:
         """The cached uint8 HWC array of an image path."""
@@ -111,11 +128,15 @@ class ImageCache:
 
 
 class ImageDataset(Dataset):
-    """Uint8 HWC images of catalog items, from the cache when it has them, else decoded."""
+    """Uint8 HWC images of catalog items, from the cache when it has them as they are now, else decoded."""
 
     def __init__(self, catalog: Catalog, items: list[Item], size: int, cache: ImageCache | None = None):
         if cache is not None and cache.size != size:
             raise ValueError(f"{cache.path}: cached at {cache.size}px, training needs {size}px")
+        stale = cache.stale(items) if cache is not None else []
+        if stale:
+            logger.warning("%d images changed since %s was made; decoding them from their files, e.g. %s",
+                           len(stale), cache.path, ", ".join(stale[:3]))
         self.catalog, self.items, self.size, self.cache = catalog, items, size, cache
 
     def __len__(self) -> int:
@@ -123,7 +144,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        if self.cache is not None and item.image in self.cache:
+        if self.cache is not None and self.cache.serves(item):
             return torch.from_numpy(self.cache.read(item.image)), i
         try:
             return torch.from_numpy(to_uint8_array(load_image(self.catalog.path_of(item)), self.size)), i

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .backbones import BACKBONES
-from .catalog import Catalog, read_catalog
+from .catalog import Catalog, digest_change, items_digest, read_catalog
 from .checkpoint import load_model
 from .data import ImageCache
 from .inference import iter_outputs, open_trunk_cache, standardize
@@ -55,21 +55,46 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def open_partial(out: Path, n: int, dims: dict[str, int], meta: dict) -> tuple[h5py.File, int]:
-    """The resumable work file: reopened when it matches this job, else created."""
+def open_h5(path: Path, mode: str) -> h5py.File:
+    """``h5py.File``, with HDF5's file-lock error turned into a message that says what to do."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as err:
+        if not isinstance(err, BlockingIOError) and "lock" not in str(err).lower():
+            raise
+        raise ValueError(f"{path} is in use by another process (another 'retrieval embed' of the same --out, "
+                         "or a rebuild, still running?); wait for it to finish or stop it") from None
+
+
+def partial_mismatch(f: h5py.File, n: int, meta: dict, covers: dict) -> str | None:
+    """Why a work file cannot be resumed by this job (None when it can)."""
+    stored = json.loads(f.attrs.get("job", "{}"))
+    changed = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
+    if changed:
+        return f"it was made by another job ({', '.join(changed)} differ)"
+    if len(f["ok"]) != n:
+        return f"it covers {len(f['ok'])} images, this job {n}"
+    return digest_change(json.loads(f.attrs.get("covers", "null")), covers)
+
+
+def open_partial(out: Path, n: int, dims: dict[str, int], meta: dict, covers: dict) -> tuple[h5py.File, int]:
+    """The resumable work file: reopened when it was made by this job for the same images (same
+    paths in the same order, same file sizes and times), else created afresh."""
     path = partial_path(out)
     if path.exists():
-        f = h5py.File(path, "r+")
-        if f.attrs.get("job") == json.dumps(meta, sort_keys=True) and len(f["ok"]) == n:
+        f = open_h5(path, "r+")
+        why = partial_mismatch(f, n, meta, covers)
+        if why is None:
             logger.info("Resuming %s at %d/%d images", path, f.attrs["done"], n)
             return f, int(f.attrs["done"])
         f.close()
-        logger.info("%s belongs to another job: starting afresh", path)
-    f = h5py.File(path, "w")
+        logger.warning("Not resuming %s: %s; starting from zero", path, why)
+    f = open_h5(path, "w")
     for name, dim in dims.items():
         f.create_dataset(name, (n, dim), dtype="float32", chunks=(min(n, 256), dim))
     f.create_dataset("ok", (n,), dtype="bool")
     f.attrs["job"], f.attrs["done"] = json.dumps(meta, sort_keys=True), 0
+    f.attrs["covers"] = json.dumps(covers)
     return f, 0
 
 
@@ -77,7 +102,7 @@ def finalize(out: Path, items, meta: dict, standardise: bool) -> dict:
     """Write the final EMB.h5 from the work file (readable rows only) atomically."""
     src = partial_path(out)
     tmp = out.with_name(f".{out.name}.tmp")
-    with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
+    with open_h5(src, "r") as f, open_h5(tmp, "w") as g:
         ok = f["ok"][:]
         vectors = f["vectors"][:][ok]
         g.create_dataset("vectors", data=standardize(vectors) if standardise else vectors)
@@ -105,7 +130,7 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
     if probe is not None:
         dims.update({f"groups/{g}": v.shape[1] for g, v in probe.group_vectors.items()})
         dims.update({f"probs/{g}": v.shape[1] for g, v in probe.probs.items()})
-    f, done = open_partial(out, len(items), dims, meta)
+    f, done = open_partial(out, len(items), dims, meta, items_digest(items))
     bad: list[str] = []
     began = time.perf_counter()
     with f, tqdm(total=len(items), initial=done, unit="img", desc="embed") as bar:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .catalog import Catalog, Item
+from .catalog import Catalog, Item, items_digest
 from .colour import histogram_size
 from .data import ImageCache, ImageDataset, collate_images, loader_workers
 from .images import normalize_batch
@@ -22,12 +22,14 @@ logger = logging.getLogger(__name__)
 
 
 def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
-    """What a trunk cache depends on: trunk weights, cut point, pooling, size, images (and the
-    units it pooled, which may be more than a model taps: any subset is served from it)."""
+    """What a trunk cache depends on: trunk weights, cut point, pooling, size, images (their paths in
+    order, and their files' sizes and times) and the units it pooled, which may be more than a
+    model taps: any subset is served from it."""
+    covers = items_digest(items)
     return json.dumps({
         "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
         "pool_weighting": model.config.pool_weighting, "colour": model.colour_bins,
-        "image_size": model.config.image_size, "images": _digest([it.image for it in items]),
+        "image_size": model.config.image_size, "images": covers["paths"], "files": covers["files"],
     }, sort_keys=True)
 
 
@@ -43,12 +45,6 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
     wanted.pop("taps")
     return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps) \
         and wanted_colour in (None, stored_colour)
-
-
-def _digest(paths: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
 @torch.no_grad()

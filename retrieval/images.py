@@ -20,21 +20,52 @@ class ImageError(ValueError):
     """An image that cannot be read (missing, truncated, not an image, too large)."""
 
 
-def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open a path or file object as RGB, refusing corrupt files and decompression bombs."""
-    name = getattr(source, "name", source)
+def load_image(source, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Open a path or file object as 8-bit RGB (EXIF orientation applied, see ``to_rgb``), refusing
+    corrupt files and decompression bombs; errors start with ``name`` (default: the path)."""
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else getattr(source, "name", "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageError(f"{name}: {img.width}x{img.height} exceeds {max_pixels} pixels")
-                img = ImageOps.exif_transpose(img)
-                return img.convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: cannot read image ({err})") from err
+
+
+# the value a full-intensity pixel has, by mode; None: inferred from the values (see grey_to_uint8)
+_WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of an image in any PIL mode: 16/32-bit and float grey scaled from their range
+    (PIL's own conversion clips them, so a 16-bit PNG turns white), anything with an alpha channel
+    or a transparent colour composited onto white, CMYK / 1 / L / P as PIL converts them."""
+    if img.mode in _WHITE_LEVEL:
+        img = Image.fromarray(grey_to_uint8(np.asarray(img), _WHITE_LEVEL[img.mode]), "L")
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def grey_to_uint8(values: np.ndarray, white: float | None) -> np.ndarray:
+    """Grey levels as uint8 given the level of white; when unknown (modes I and F), the smallest
+    of 1 (float), 255 and 65535 that holds every value, else the values' own min..max."""
+    a = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(a.min()), float(a.max())
+    if white is None:
+        levels = (1.0, 255.0, 65535.0) if values.dtype.kind == "f" else (255.0, 65535.0)
+        white = next((w for w in levels if low >= 0 and high <= w), None)
+    if white is None:
+        a, white = a - low, max(high - low, 1e-12)
+    return np.clip(np.rint(a * (255.0 / white)), 0, 255).astype(np.uint8)
 
 
 def border_colour(img: Image.Image) -> tuple[int, int, int]:

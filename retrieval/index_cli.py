@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from .catalog import read_catalog
 
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     elif args.action == "add":
         emb = read_embeddings(args.embeddings)
         store = IndexStore.load(args.index, expect_fingerprint=str(emb["attrs"].get("fingerprint", "")))
-        new = [i for i, id_ in enumerate(emb["ids"]) if id_ not in set(store.ids.tolist())]
+        new = np.flatnonzero(~np.isin(emb["ids"], store.ids)).tolist()  # one sorted pass, not a set per row
         titles, labels = item_metadata(emb, args.catalog)
         views = {"shared": emb["vectors"][new], **{f"group-{g}": v[new] for g, v in emb["groups"].items()
                                                    if f"group-{g}" in store.views}}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import sampling
-from .catalog import read_catalog, select_groups
+from .catalog import read_catalog, training_catalog
 from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels, loader_workers,
                    parse_dropout_profile)
@@ -40,9 +40,7 @@ class Job:
         self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
         self.main = self.rank == 0
         torch.manual_seed(cfg.seed)
-        self.catalog = read_catalog(cfg.catalog)
-        if cfg.groups:
-            self.catalog = select_groups(self.catalog, cfg.groups.split(","))
+        self.catalog = training_catalog(read_catalog(cfg.catalog), cfg.groups)  # groups with training labels
         self._prepare_items()
         self._prepare_model()
         self._prepare_loss()

@@ -2,15 +2,21 @@
 
 Prints a Markdown table: build time, batch queries/s, speed-up over flat, recall@k against flat,
 and whether IVF or HNSW reaches the target (recall@50 >= 0.95 at >= 10x the flat speed).
+Then the time of `retrieval index add` of N new items into an index of N, at each --add-sizes N,
+with the ratio to the previous size: about 2x per doubling when adding is linear in N.
 
     python scripts/bench_index.py --sizes 100000 1000000 --dim 512 --queries 1000 --k 50
+    python scripts/bench_index.py --sizes --add-sizes 5000 10000 20000   # index add only
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="catalog sizes N")
+    data.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000],
+                      help="catalog sizes N of the search benchmark (none: skip it)")
+    data.add_argument("--add-sizes", type=int, nargs="*", default=[5_000, 10_000, 20_000],
+                      help="N of the 'index add' benchmark: N new items into an index of N (none: skip it)")
     data.add_argument("--dim", type=int, default=512, help="embedding dimension")
     data.add_argument("--clusters", type=int, default=1000, help="Gaussian clusters in the mixture")
     data.add_argument("--intrinsic-dim", type=int, default=64, help="rank of the within-cluster variation")
@@ -138,6 +147,51 @@ def format_table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def write_embeddings(path: Path, x: np.ndarray, catalog: Path) -> None:
+    """An EMB.h5 (docs/formats.md) of x with ids 0..N-1, one 8-way group view, naming catalog."""
+    import h5py
+
+    n = len(x)
+    probs = np.eye(8, dtype=np.float32)[np.arange(n) % 8]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("vectors", data=x)
+        f.create_dataset("ids", data=np.arange(n, dtype=np.int64))
+        f.create_dataset("paths", data=[f"images/{i}.jpg" for i in range(n)], dtype=h5py.string_dtype())
+        f.create_dataset("groups/colour", data=probs)
+        f.attrs.update({"fingerprint": "bench", "catalog": str(catalog), "groups": '["colour"]'})
+
+
+def time_add(n: int, mixture: dict, args) -> float:
+    """Seconds of `retrieval index add` of N new items into a flat index of N (through the CLI code)."""
+    from retrieval.index_cli import main as index_main
+
+    x = sample_mixture(mixture, 2 * n, np.random.default_rng(args.seed + n))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "cat").mkdir()
+        rows = [f"images/{i}.jpg,train,item {i},c{i % 8}" for i in range(2 * n)]
+        (tmp / "cat" / "labels.csv").write_text("\n".join(["image,split,title,colour", *rows]) + "\n")
+        write_embeddings(tmp / "old.h5", x[:n], tmp / "cat")
+        write_embeddings(tmp / "all.h5", x, tmp / "cat")
+        with contextlib.redirect_stdout(io.StringIO()):  # the commands' own one-line reports
+            index_main(["build", "--embeddings", str(tmp / "old.h5"), "--out", str(tmp / "index"), "--gpu", "off"])
+            start = time.perf_counter()
+            index_main(["add", "--index", str(tmp / "index"), "--embeddings", str(tmp / "all.h5")])
+            return time.perf_counter() - start
+
+
+def bench_add(args, mixture: dict) -> str:
+    """Markdown table of index add timings with the growth ratio between consecutive sizes."""
+    lines = ["| index add | N new into N | seconds | ratio to previous N |", "|---|---:|---:|---:|"]
+    previous = None
+    for n in args.add_sizes:
+        seconds = time_add(n, mixture, args)
+        ratio = f"{seconds / previous[1]:.2f}x for {n / previous[0]:.1f}x N" if previous else "-"
+        lines.append(f"| flat, dim {args.dim} | {n:,} | {seconds:.2f} | {ratio} |")
+        previous = (n, seconds)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print the table and the target verdict per size."""
     args = get_args_parser().parse_args(argv)
@@ -155,6 +209,8 @@ def main(argv=None) -> int:
         met = [r["type"] for r in rows if meets_target(r)]
         print(f"\nN={n:,}: target (recall@{args.k} >= {TARGET_RECALL} at >= {TARGET_SPEEDUP:.0f}x flat) "
               f"{'met by ' + ', '.join(met) if met else 'NOT met'}\n", flush=True)
+    if args.add_sizes:
+        print(bench_add(args, mixture) + "\n", flush=True)
     print(f"threads={faiss.omp_get_max_threads()} dim={args.dim} queries={args.queries} (one batched search) "
           f"clusters={args.clusters} repeats={args.repeats} (best counts)")
     return 0

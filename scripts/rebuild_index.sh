@@ -2,6 +2,9 @@
 # Embed the whole catalog with a checkpoint and build a fresh index, then swap it into place
 # atomically: a running `retrieval serve` picks it up without a restart.
 #   scripts/rebuild_index.sh CATALOG CHECKPOINT INDEX_DIR [--type flat|ivf|hnsw|ivfpq] [embed options...]
+# One rebuild per INDEX_DIR at a time (flock on .INDEX_DIR.lock beside it; a second one exits 75 with
+# "another rebuild ... is running (pid N)"). SIGINT/SIGTERM/SIGHUP stop the running step too; the
+# embeddings work file stays, and the next run resumes it.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 CATALOG CHECKPOINT INDEX_DIR [--type TYPE] [retrieval embed options]" >&2
@@ -12,12 +15,51 @@ shift 3
 type=flat
 if [ "${1:-}" = "--type" ]; then type=$2; shift 2; fi
 retrieval=${RETRIEVAL:-retrieval}
-work="$(dirname "$index_dir")/.$(basename "$index_dir").rebuild"
+parent=$(dirname "$index_dir") name=$(basename "$index_dir")
+mkdir -p "$parent"
+
+# The lock is inherited by the steps: a step that outlives this script (kill -9) still holds it.
+lock="$parent/.$name.lock"
+exec 9<>"$lock"  # read-write without truncating: the holder's pid stays readable
+if ! flock -n 9; then
+  holder=$(cat "$lock" 2>/dev/null || true)
+  holder=${holder:-unknown}
+  detail=""
+  if [ "$holder" != unknown ] && ! kill -0 "$holder" 2>/dev/null; then
+    detail="; pid $holder has exited but a step it started still holds $lock (fuser -v $lock shows it)"
+  fi
+  echo "$0: another rebuild of $index_dir is running (pid $holder)$detail" >&2
+  exit 75
+fi
+echo $$ >"$lock"
+
+child=""
+stop() {  # $1: exit status; stop the running step, which otherwise goes on without us
+  trap - INT TERM HUP
+  if [ -n "$child" ]; then
+    kill -TERM "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+  fi
+  echo "$0: stopped; the next run resumes the embedding" >&2
+  exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
+trap 'stop 129' HUP
+
+step() {  # run a step in the background and wait for it, so that a signal reaches the trap at once
+  "$@" &
+  child=$!
+  wait "$child"
+  child=""
+}
+
+work="$parent/.$name.rebuild"
 mkdir -p "$work"
 # the embeddings file survives an interrupted run: the next run resumes it
-"$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
-# index build writes beside INDEX_DIR and renames into place
-"$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type"
-mv -f "$work/embeddings.h5" "$(dirname "$index_dir")/$(basename "$index_dir").embeddings.h5"
+step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
+# index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place
+step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type"
+mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
 rmdir "$work" 2>/dev/null || true
 echo "Index $index_dir rebuilt from $checkpoint"

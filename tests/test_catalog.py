@@ -2,8 +2,9 @@
 import pytest
 
 from conftest import write_catalog
-from retrieval.catalog import CatalogError, hash_split, parse_labels, read_catalog, summarize_catalog
+from retrieval.catalog import CatalogError, hash_split, parse_labels, read_catalog, training_catalog
 from retrieval.cli import main as cli
+from retrieval.info import summarize_catalog
 
 
 def test_reads_groups_labels_and_multi_label(tmp_path):
@@ -70,3 +71,59 @@ def test_cli_reports_catalog_errors(tmp_path, capsys):
     write_catalog(tmp_path, ["a.jpg,nope,,red,dress"])
     assert cli(["catalog-info", str(tmp_path)]) == 1
     assert "unknown split 'nope'" in capsys.readouterr().err
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path, capsys):
+    root = write_catalog(tmp_path, ["a.jpg,train,Plain,red,dress", "b.jpg,train,Caf\u00e9,red,dress"])
+    (root / "labels.csv").write_bytes((root / "labels.csv").read_text().encode("latin-1"))
+    with pytest.raises(CatalogError, match=r"labels.csv, line 3: byte 0xe9 at column 16 is not UTF-8; re-save"):
+        read_catalog(root)
+    assert cli(["catalog-info", str(root)]) == 1
+    assert "line 3" in capsys.readouterr().err
+
+
+def test_header_names_are_trimmed(tmp_path):
+    root = write_catalog(tmp_path, ["a.jpg,test,Red,red"], header="image, split , title, colour")
+    cat = read_catalog(root)
+    assert cat.groups == ["colour"] and cat.items[0].split == "test"
+
+
+@pytest.mark.parametrize("image,message", [
+    ("a\x00b.jpg", "not a usable file path"),
+    ("/etc/passwd", "leaves the catalog directory"),
+    ("sub/../../x.jpg", "leaves the catalog directory"),
+])
+def test_hostile_image_paths(tmp_path, image, message):
+    root = write_catalog(tmp_path, [f"{image},train,,red,dress"], images=[])
+    with pytest.raises(CatalogError, match=f"labels.csv, line 2: image path .* {message}"):
+        read_catalog(root)
+
+
+def test_empty_group_is_left_out_and_reported(tmp_path, capsys, caplog):
+    root = write_catalog(tmp_path, ["a.jpg,train,,red,,x", "b.jpg,test,,blue,,y"],
+                         header="image,split,title,colour,season,fit")
+    cat = read_catalog(root)
+    assert cat.groups == ["colour", "fit"] and cat.left_out == {"season": "no label on any row"}
+    assert "'season' has no label on any row" in caplog.text
+    assert cli(["catalog-info", str(root)]) == 0
+    assert "left out: group 'season' (no label on any row)" in capsys.readouterr().out
+
+
+def test_test_only_group_is_left_out_of_training(tmp_path, capsys, caplog):
+    root = write_catalog(tmp_path, ["a.jpg,train,,red,", "b.jpg,test,,blue,slim"],
+                         header="image,split,title,colour,fit")
+    trained = training_catalog(read_catalog(root))
+    assert trained.groups == ["colour"] and "fit" in trained.left_out
+    assert "group 'fit' is labelled only in the test split" in caplog.text
+    with pytest.raises(CatalogError, match="fit asked for have no label in the train split"):
+        training_catalog(read_catalog(root), "colour,fit")
+    assert cli(["catalog-info", str(root)]) == 0
+    assert "not trained: group 'fit' (labelled only in the test split)" in capsys.readouterr().out
+
+
+def test_verify_images_lists_paths_relative_to_the_catalog(tmp_path, capsys):
+    root = write_catalog(tmp_path, ["a.jpg,train,,red,dress", "sub/b.jpg,train,,red,dress"])
+    (root / "sub" / "b.jpg").write_bytes(b"not an image")
+    assert cli(["catalog-info", str(root), "--verify-images"]) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable images\n  sub/b.jpg: cannot read image" in out

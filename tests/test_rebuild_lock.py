@@ -1,0 +1,100 @@
+"""Concurrent rebuilds: scripts/rebuild_index.sh takes a lock, stops its step on a signal, and embed
+names a work file that another process holds open."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from retrieval.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def embed(run, catalog, out, *extra):
+    return cli(["embed", "--checkpoint", str(run / "best.pt"), "--catalog", str(catalog), "--out", str(out),
+                "--device", "cpu", "--workers", "0", "--batch-size", "16", *extra])
+
+
+FAKE_RETRIEVAL = '''#!/usr/bin/env bash
+# stands in for 'retrieval': embed records its pid and works until stopped (HANG), or writes --out
+if [ "$1" = embed ]; then
+  if [ -n "${HANG:-}" ]; then echo $$ > "$HANG"; exec sleep 300; fi
+  while [ "$1" != --out ]; do shift; done
+  touch "$2"
+fi
+'''
+
+
+def start_rebuild(tmp_path, index, hang=None):
+    fake = tmp_path / "retrieval"
+    fake.write_text(FAKE_RETRIEVAL)
+    fake.chmod(0o755)
+    env = {**os.environ, "RETRIEVAL": str(fake), **({"HANG": str(hang)} if hang else {})}
+    cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), "CAT", "RUN/best.pt", str(index)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_pid(path, process) -> int:
+    """The pid the hanging embed step wrote (waits for it; CI may be slow)."""
+    deadline = time.monotonic() + 120
+    while not (path.exists() and path.read_text().strip()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the embed step did not start"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_second_rebuild_is_refused_and_a_stopped_one_stops_its_step(tmp_path):
+    index = tmp_path / "live"
+    first = start_rebuild(tmp_path, index, hang=tmp_path / "embed.pid")
+    embed_pid = wait_for_pid(tmp_path / "embed.pid", first)
+    second = start_rebuild(tmp_path, index)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 75
+    assert f"another rebuild of {index} is running (pid {first.pid})" in err
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143 and "stopped" in err
+    assert not alive(embed_pid)  # the embed step was stopped and reaped, not left running
+    third = start_rebuild(tmp_path, index)  # the lock is free again
+    out, err = third.communicate(timeout=60)
+    assert third.returncode == 0 and "rebuilt" in out, err
+
+
+def test_step_that_outlives_a_killed_rebuild_keeps_the_lock(tmp_path):
+    index = tmp_path / "live"
+    first = start_rebuild(tmp_path, index, hang=tmp_path / "embed.pid")
+    embed_pid = wait_for_pid(tmp_path / "embed.pid", first)
+    try:
+        first.kill()  # kill -9: no trap runs, the embed step goes on
+        first.wait(timeout=60)  # (its pipes stay open in the step: no communicate)
+        second = start_rebuild(tmp_path, index)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 75 and f"pid {first.pid} has exited but a step it started still holds" in err
+    finally:
+        os.kill(embed_pid, signal.SIGKILL)
+        first.stdout.close(), first.stderr.close()
+
+
+def test_embed_names_a_file_locked_by_another_process(tiny_run, demo_catalog, tmp_path, capsys):
+    out = tmp_path / "emb.h5"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py; f = h5py.File(sys.argv[1], 'w'); "
+                               "print('open', flush=True); time.sleep(300)", str(out.with_name("emb.h5.partial"))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert embed(tiny_run, demo_catalog, out) == 1
+        assert "emb.h5.partial is in use by another process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
