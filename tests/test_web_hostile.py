@@ -1,0 +1,77 @@
+"""Hostile input (issue 14): huge queries, idle connections, oversized bodies, bad uploads, headers, paths."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from web_fixtures import app, client, make_config, web_data  # noqa: F401
+
+from web import params
+from web.facets import Facets
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def fake_store(titles: list[str], labels: dict[str, list[list[str]]]):
+    """An object with the attributes Facets reads from an IndexStore."""
+    return SimpleNamespace(ids=np.arange(len(titles)), titles=titles, paths=[f"{i}.jpg" for i in range(len(titles))],
+                           labels=labels)
+
+
+# ---- item 2: the title filter is capped and linear in the catalogue ------------------------------
+
+def test_huge_title_query_is_refused_naming_the_limit(client):
+    huge = "e " * 120_000  # 240 kB of words: words x titles substring tests before the cap
+    page = client.get("/", query_string={"q": huge})
+    assert page.status_code == 400 and f"the limit is {params.MAX_TEXT_CHARS}" in page.get_data(as_text=True)
+    api = client.get("/api/items", query_string={"q": huge})
+    assert api.status_code == 400 and f"limit is {params.MAX_TEXT_CHARS}" in api.get_json()["error"]
+    many = client.get("/api/items", query_string={"q": "a " * (params.MAX_TEXT_WORDS + 1)})
+    assert many.status_code == 400 and f"limit is {params.MAX_TEXT_WORDS}" in many.get_json()["error"]
+    assert client.get("/api/items", query_string={"q": "a " * params.MAX_TEXT_WORDS}).status_code == 200
+
+
+TEXT = st.text(alphabet=st.sampled_from("abcAB -ßẞİi\t\u00a0\u2028"), max_size=14)
+
+
+@FAST
+@given(titles=st.lists(TEXT, max_size=12), query=TEXT)
+def test_title_matching_equals_the_per_title_substring_scan(titles, query):
+    """Each query word must be a case-insensitive substring of the title, as before the word index."""
+    words = query.casefold().split()
+    expected = [all(w in title.casefold() for w in words) for title in titles]
+    assert Facets(fake_store(titles, {})).text_mask(query).tolist() == expected
+
+
+LABELS = st.lists(st.sampled_from("abcd"), max_size=2, unique=True)
+
+
+def naive_counts(labels: dict, filters: dict, keep: list[bool]) -> dict:
+    """Facet counts by brute force: items per label passing the text and the other groups' filters."""
+    out = {}
+    for group, per_item in labels.items():
+        passing = [i for i in range(len(keep)) if keep[i] and all(
+            set(wanted) & set(labels[other][i]) for other, wanted in filters.items() if other != group)]
+        tally = {label: sum(label in per_item[i] for i in passing) for item in per_item for label in item}
+        rows = [{"label": lab, "count": n, "selected": lab in filters.get(group, [])} for lab, n in tally.items()
+                if n or lab in filters.get(group, [])]
+        out[group] = sorted(rows, key=lambda r: (-r["count"], r["label"]))
+    return out
+
+
+@FAST
+@given(data=st.data(), n=st.integers(0, 15))
+def test_facet_counts_equal_a_brute_force_count(data, n):
+    labels = {g: data.draw(st.lists(LABELS, min_size=n, max_size=n)) for g in ("colour", "type")}
+    titles = data.draw(st.lists(st.sampled_from(["red top", "blue dress", "top"]), min_size=n, max_size=n))
+    facets = Facets(fake_store(titles, labels))
+    filters = {g: data.draw(st.lists(st.sampled_from(facets.vocab[g]), min_size=1, max_size=2, unique=True))
+               for g in labels if facets.vocab[g] and data.draw(st.booleans())}
+    text = data.draw(st.sampled_from(["", "top", "RED"]))
+    keep = [all(w in t for w in text.casefold().split()) for t in titles]
+    assert facets.counts(filters, text) == naive_counts(labels, filters, keep)
+    expected = [i for i in range(n) if keep[i] and all(set(w) & set(labels[g][i]) for g, w in filters.items() if w)]
+    assert facets.select(filters, text).tolist() == expected
