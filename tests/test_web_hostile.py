@@ -1,15 +1,17 @@
 """Hostile input (issue 14): huge queries, idle connections, oversized bodies, bad uploads, headers, paths."""
 from __future__ import annotations
 
+import io
+from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from web_fixtures import app, client, make_config, web_data  # noqa: F401
+from web_fixtures import app, client, make_config, photo_bytes, web_data, web_report  # noqa: F401
 
-from web import params
+from web import create_app, params
 from web.facets import Facets
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -75,3 +77,49 @@ def test_facet_counts_equal_a_brute_force_count(data, n):
     assert facets.counts(filters, text) == naive_counts(labels, filters, keep)
     expected = [i for i in range(n) if keep[i] and all(set(w) & set(labels[g][i]) for g, w in filters.items() if w)]
     assert facets.select(filters, text).tolist() == expected
+
+
+# ---- item 11: Allow on 405, nosniff everywhere, a strict CSP on pages ---------------------------
+
+def test_405_names_the_allowed_methods(client):
+    api = client.get("/api/search")
+    assert api.status_code == 405 and "POST" in api.headers["Allow"] and api.is_json
+    page = client.delete("/items/3")
+    assert page.status_code == 405 and set(page.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_every_response_forbids_sniffing_and_pages_get_a_strict_csp(client):
+    for url in ("/", "/items/3", "/search", "/evaluation", "/nope", "/api/items", "/api/nope", "/thumbs/3.jpg",
+                "/static/style.css", "/static/app.js", "/images/images/000003.jpg"):
+        response = client.get(url)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", url
+        csp = response.headers.get("Content-Security-Policy")
+        if response.mimetype == "text/html":
+            assert "default-src 'none'" in csp and "script-src 'self'" in csp and "unsafe" not in csp, url
+        else:
+            assert csp is None, url
+
+
+class InlineCode(HTMLParser):
+    """Collects what a strict CSP would block: inline scripts, style elements and attributes, on* handlers."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def handle_starttag(self, tag, attrs):
+        names = {name for name, _ in attrs}
+        if tag == "style" or (tag == "script" and "src" not in names):
+            self.found.append(tag)
+        self.found += [f"{tag}[{name}]" for name in names if name == "style" or name.startswith("on")]
+
+
+def test_pages_hold_no_inline_script_or_style(web_data, web_report, tmp_path):
+    client = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(web_report))).test_client()
+    photo = photo_bytes(web_data["catalog"] / "images" / "000003.jpg")
+    results = client.post("/search", data={"image": (io.BytesIO(photo), "q.jpg")}, follow_redirects=True)
+    pages = [client.get(url) for url in ("/", "/items/3", "/search", "/evaluation", "/nope")] + [results]
+    for response in pages:
+        parser = InlineCode()
+        parser.feed(response.get_data(as_text=True))
+        assert parser.found == [], (response.request.path, parser.found)

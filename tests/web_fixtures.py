@@ -42,6 +42,18 @@ def web_data(demo_catalog, tiny_run, tmp_path_factory) -> dict:
     return {"catalog": demo_catalog, "checkpoint": tiny_run / "best.pt", "emb": emb, "index": root / "index"}
 
 
+@pytest.fixture(scope="session")
+def web_report(web_data, tmp_path_factory) -> Path:
+    """An evaluation report (report.json + chart.png) of the demo embeddings."""
+    from retrieval.catalog import read_catalog
+    from retrieval.evaluation import evaluate_embeddings, write_report
+
+    out = tmp_path_factory.mktemp("report")
+    report = evaluate_embeddings(web_data["emb"], read_catalog(web_data["catalog"]), "all", k=10, device="cpu")
+    write_report(report, out)
+    return out
+
+
 def make_config(web_data: dict, tmp_path: Path, **overrides) -> dict:
     """Return a test app config over web_data with the thumbnail cache in tmp_path."""
     config = {"TESTING": True, "INDEX_DIR": str(web_data["index"]), "CATALOG_DIR": str(web_data["catalog"]),

@@ -32,10 +32,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config["THUMB_DIR"]:
         app.config["THUMB_DIR"] = os.path.join(app.instance_path, "thumbs")
 
-    from web import api, errors, evaluation, media, resources, views
+    from web import api, errors, evaluation, media, resources, security, views
 
     resources.init_app(app)
     errors.init_app(app)
+    security.init_app(app)
     media.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
