@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -123,3 +124,21 @@ def test_pages_hold_no_inline_script_or_style(web_data, web_report, tmp_path):
         parser = InlineCode()
         parser.feed(response.get_data(as_text=True))
         assert parser.found == [], (response.request.path, parser.found)
+
+
+# ---- item 12: relative paths are resolved at start-up -------------------------------------------
+
+def test_relative_paths_are_resolved_at_start_up(web_data, web_report, tmp_path, monkeypatch):
+    paths = ("INDEX_DIR", "CATALOG_DIR", "CHECKPOINT", "REPORT_DIR", "THUMB_DIR")
+    monkeypatch.chdir(tmp_path)  # like scripts/demo.sh: --report demo/report from the repository root
+    relative = {key: os.path.relpath(path, tmp_path) for key, path in make_config(
+        web_data, tmp_path, REPORT_DIR=str(web_report), THUMB_DIR="thumbs").items() if key in paths}
+    app = create_app({"TESTING": True, **relative})
+    monkeypatch.chdir("/")  # a later change of directory must not matter
+    assert all(os.path.isabs(app.config[key]) for key in paths)
+    client = app.test_client()
+    assert client.get("/evaluation/chart.png").content_type == "image/png"
+    assert client.get("/thumbs/3.jpg").content_type == "image/jpeg"
+    assert client.get("/images/images/000003.jpg").status_code == 200
+    assert client.get("/api/health").get_json()["search_by_photo"] is True
+    assert (tmp_path / "thumbs").is_dir()

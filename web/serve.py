@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +32,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def app_config(args: argparse.Namespace) -> dict:
     """Return the Flask config of parsed ``retrieval serve`` options."""
-    config = {"INDEX_DIR": str(Path(args.index).resolve()), "CATALOG_DIR": str(Path(args.catalog).resolve()),
-              "CHECKPOINT": args.checkpoint, "REPORT_DIR": args.report, "DEVICE": args.device,
-              "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
+    config = {"INDEX_DIR": args.index, "CATALOG_DIR": args.catalog, "CHECKPOINT": args.checkpoint,
+              "REPORT_DIR": args.report, "DEVICE": args.device, "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
     if args.cache_dir:
-        config["THUMB_DIR"] = str(Path(args.cache_dir).resolve())
-    return config
+        config["THUMB_DIR"] = args.cache_dir
+    return config  # create_app makes every path absolute
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4):
