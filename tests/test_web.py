@@ -307,12 +307,15 @@ def test_serve_prints_its_address(web_data, tmp_path, monkeypatch, capsys):
 
     made = []
 
-    def fake_server(app, host, port, threads):
-        made.append((app, host, port, threads))
+    def fake_server(app, host, port, threads, limits):
+        made.append((app, host, port, threads, limits))
         return type("Server", (), {"effective_port": 8123, "run": lambda self: None, "close": lambda self: None})()
 
     monkeypatch.setattr(web.serve, "make_server", fake_server)
     monkeypatch.setattr(web.serve, "use_one_thread_per_search", lambda: None)
     assert web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]),
-                           "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+                           "--cache-dir", str(tmp_path), "--threads", "2", "--channel-timeout", "7"]) == 0
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out and made[0][3] == 2
+    assert made[0][4].channel_timeout == 7 and made[0][4].connection_limit == web.serve.ServerLimits().connection_limit
+    with pytest.raises(ValueError, match="--backlog must be at least 1"):
+        web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]), "--backlog", "0"])

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -142,3 +146,90 @@ def test_relative_paths_are_resolved_at_start_up(web_data, web_report, tmp_path,
     assert client.get("/images/images/000003.jpg").status_code == 200
     assert client.get("/api/health").get_json()["search_by_photo"] is True
     assert (tmp_path / "thumbs").is_dir()
+
+
+# ---- items 5 and 6: idle connections, oversized and streamed bodies on the real server ---------
+
+@contextmanager
+def served(web_data, tmp_path, limits=None, **config):
+    """The app on waitress on a free loopback port; yields (host, port, url)."""
+    from web.serve import start_background_server
+
+    app = create_app(make_config(web_data, tmp_path, TESTING=False, **config))
+    server = start_background_server(app, **({"limits": limits} if limits else {}))  # default: serve's own
+    try:
+        yield "127.0.0.1", server.server.effective_port, server.url
+    finally:
+        server.close()
+
+
+def timed_get(url: str, timeout: float = 15.0) -> tuple[int, float]:
+    """GET url; return (status, seconds)."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        response.read()
+        return response.status, time.perf_counter() - started
+
+
+def test_idle_and_half_sent_connections_do_not_lock_out_a_real_request(web_data, tmp_path):
+    idle = 150  # waitress's default connection_limit of 100 made the next request wait for channel_timeout
+    with served(web_data, tmp_path) as (host, port, url), ExitStack() as stack:
+        timed_get(f"{url}/api/health")  # index loaded before the clock starts
+        for n in range(idle):
+            sock = stack.enter_context(socket.create_connection((host, port), timeout=10))
+            if n % 2:
+                sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        time.sleep(0.5)  # let the server accept them all
+        status, seconds = timed_get(f"{url}/api/items/1/similar?k=5")
+    assert status == 200 and seconds < 5.0, seconds  # ~10 ms on an idle machine
+
+
+def test_silent_connections_are_closed_after_the_channel_timeout(web_data, tmp_path):
+    from web.serve import ServerLimits
+
+    with served(web_data, tmp_path, ServerLimits(channel_timeout=1, cleanup_interval=1)) as (host, port, _):
+        with socket.create_connection((host, port), timeout=20) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            started = time.perf_counter()
+            assert sock.recv(1024) == b""  # closed by the server, not by our 20 s timeout
+    assert time.perf_counter() - started < 15
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Return what the server sent until it closed the connection (or reset it)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return b"".join(chunks)
+
+
+UPLOAD_HEAD = b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+
+
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(web_data, tmp_path):
+    with served(web_data, tmp_path, MAX_CONTENT_LENGTH=2_000_000) as (host, port, _):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(UPLOAD_HEAD + b"Content-Length: 300000000\r\n\r\n--b\r\n")  # 300 MB announced
+            answer = read_response(sock)  # before: waited (and buffered) for the whole body
+    assert answer.startswith(b"HTTP/1.1 413") and b"2000000" in answer
+
+
+def test_a_streamed_body_is_cut_off_as_it_arrives(web_data, tmp_path):
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"\0" * (1 << 20))
+    sent, answer = 0, b""
+    with served(web_data, tmp_path, MAX_CONTENT_LENGTH=2_000_000) as (host, port, _):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(UPLOAD_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                while sent < 300 << 20:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                answer = read_response(sock)
+    # before: all 300 MB were read and spooled to disk, then the app answered 413; now the server
+    # stops after the limit (what was sent beyond it sat in the two kernel socket buffers)
+    assert sent < 64 << 20, sent
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 413")
