@@ -3,28 +3,31 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import time
-import urllib.request
-from contextlib import ExitStack, contextmanager
-from html.parser import HTMLParser
+from contextlib import ExitStack
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from web_fixtures import app, client, make_config, photo_bytes, web_data, web_report  # noqa: F401
+from web_fixtures import (app, client, make_config, photo_bytes, served, timed_get,  # noqa: F401
+                          web_data, web_report)
 
+from PIL import Image
+from retrieval.images import ImageError
 from web import create_app, params
 from web.facets import Facets
+from web.uploads import open_upload
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def fake_store(titles: list[str], labels: dict[str, list[list[str]]]):
     """An object with the attributes Facets reads from an IndexStore."""
-    return SimpleNamespace(ids=np.arange(len(titles)), titles=titles, paths=[f"{i}.jpg" for i in range(len(titles))],
+    return SimpleNamespace(ids=np.arange(len(titles)), titles=titles, paths=list(map(str, range(len(titles)))),
                            labels=labels)
 
 
@@ -105,29 +108,16 @@ def test_every_response_forbids_sniffing_and_pages_get_a_strict_csp(client):
             assert csp is None, url
 
 
-class InlineCode(HTMLParser):
-    """Collects what a strict CSP would block: inline scripts, style elements and attributes, on* handlers."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def handle_starttag(self, tag, attrs):
-        names = {name for name, _ in attrs}
-        if tag == "style" or (tag == "script" and "src" not in names):
-            self.found.append(tag)
-        self.found += [f"{tag}[{name}]" for name in names if name == "style" or name.startswith("on")]
+# what a strict CSP blocks: <style>, <script> without src, style="..." and on...="..." attributes
+INLINE = re.compile(r"<style\b|<script(?![^>]*\bsrc=)[^>]*>|\sstyle=|\son[a-z]+=", re.IGNORECASE)
 
 
 def test_pages_hold_no_inline_script_or_style(web_data, web_report, tmp_path):
     client = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(web_report))).test_client()
     photo = photo_bytes(web_data["catalog"] / "images" / "000003.jpg")
     results = client.post("/search", data={"image": (io.BytesIO(photo), "q.jpg")}, follow_redirects=True)
-    pages = [client.get(url) for url in ("/", "/items/3", "/search", "/evaluation", "/nope")] + [results]
-    for response in pages:
-        parser = InlineCode()
-        parser.feed(response.get_data(as_text=True))
-        assert parser.found == [], (response.request.path, parser.found)
+    for response in [client.get(url) for url in ("/", "/items/3", "/search", "/evaluation", "/nope")] + [results]:
+        assert INLINE.findall(response.get_data(as_text=True)) == [], response.request.path
 
 
 # ---- item 12: relative paths are resolved at start-up -------------------------------------------
@@ -149,27 +139,6 @@ def test_relative_paths_are_resolved_at_start_up(web_data, web_report, tmp_path,
 
 
 # ---- items 5 and 6: idle connections, oversized and streamed bodies on the real server ---------
-
-@contextmanager
-def served(web_data, tmp_path, limits=None, **config):
-    """The app on waitress on a free loopback port; yields (host, port, url)."""
-    from web.serve import start_background_server
-
-    app = create_app(make_config(web_data, tmp_path, TESTING=False, **config))
-    server = start_background_server(app, **({"limits": limits} if limits else {}))  # default: serve's own
-    try:
-        yield "127.0.0.1", server.server.effective_port, server.url
-    finally:
-        server.close()
-
-
-def timed_get(url: str, timeout: float = 15.0) -> tuple[int, float]:
-    """GET url; return (status, seconds)."""
-    started = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        response.read()
-        return response.status, time.perf_counter() - started
-
 
 def test_idle_and_half_sent_connections_do_not_lock_out_a_real_request(web_data, tmp_path):
     idle = 150  # waitress's default connection_limit of 100 made the next request wait for channel_timeout
@@ -233,3 +202,85 @@ def test_a_streamed_body_is_cut_off_as_it_arrives(web_data, tmp_path):
     # stops after the limit (what was sent beyond it sat in the two kernel socket buffers)
     assert sent < 64 << 20, sent
     assert answer == b"" or answer.startswith(b"HTTP/1.1 413")
+
+
+# ---- beyond the list: uploads decoded with bounded memory, never a traceback -------------------
+
+def synthetic(size=(160, 120), mode="RGB", transparent_right=False) -> Image.Image:
+    """A smooth gradient photo; with transparent_right the right half has alpha 0."""
+    x, y = np.meshgrid(np.linspace(0, 255, size[0]), np.linspace(0, 255, size[1]))
+    rgba = np.stack([x, y, (x + y) / 2, np.full_like(x, 255)], -1).astype(np.uint8)
+    rgba[:, size[0] // 2:, 3] = 0 if transparent_right else 255
+    return Image.fromarray(rgba).convert(mode)
+
+
+def encoded(img: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+REAL = {fmt: encoded(synthetic(), fmt) for fmt in ("JPEG", "PNG", "WEBP")}
+
+
+def decodes_or_says_why(data: bytes) -> None:
+    """An upload is an RGB image or an ImageError naming the file; nothing else escapes."""
+    try:
+        image = open_upload(io.BytesIO(data), "x.jpg", 25_000_000)
+    except ImageError as err:
+        assert str(err).startswith("x.jpg: ") and len(str(err)) > 30
+    else:
+        assert image.mode == "RGB" and min(image.size) >= 1
+
+
+@FAST
+@given(magic=st.sampled_from([b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBPVP8 "]),
+       data=st.binary(max_size=4096))
+def test_random_bytes_give_an_image_error(magic, data):
+    decodes_or_says_why(magic + data)
+
+
+@FAST
+@given(fmt=st.sampled_from(sorted(REAL)), cut=st.floats(0, 1),
+       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=3))
+def test_truncated_or_corrupted_photos_give_an_image_error(fmt, cut, flips):
+    data = bytearray(REAL[fmt][: int(len(REAL[fmt]) * cut)])
+    for where, value in flips if data else []:
+        data[int(where * (len(data) - 1))] = value
+    decodes_or_says_why(bytes(data))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(sorted(REAL)), cut=st.floats(0, 1))
+def test_the_api_answers_a_cut_upload_with_a_clear_400(client, fmt, cut):
+    data = REAL[fmt][: int(len(REAL[fmt]) * cut)]
+    response = client.post("/api/search", data={"image": (io.BytesIO(data), "q.jpg")},
+                           content_type="multipart/form-data")
+    assert response.status_code in (200, 400)
+    assert response.status_code == 200 or response.get_json()["error"].startswith("Not a usable photo: q.jpg: ")
+
+
+def test_large_photos_are_decoded_near_the_size_used():
+    big = synthetic((3000, 2000))
+    for fmt in ("JPEG", "PNG", "WEBP"):  # JPEG: decoded at 1/2 scale; PNG, WebP: reduced after decoding
+        assert 960 <= max(open_upload(io.BytesIO(encoded(big, fmt)), "big", 25_000_000, size=320).size) <= 1500
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken rotated: the orientation still applies to the reduced image
+    upright = open_upload(io.BytesIO(encoded(big, "JPEG", exif=exif)), "big", 25_000_000, size=320)
+    assert upright.height > upright.width
+
+
+@pytest.mark.parametrize("fmt, mode, transparent", [
+    ("PNG", "I;16", False), ("PNG", "LA", True), ("PNG", "RGBA", True), ("WEBP", "RGBA", True),
+    ("JPEG", "CMYK", False), ("JPEG", "L", False), ("PNG", "P", False),
+])
+def test_upload_modes_decode_to_resembling_rgb(fmt, mode, transparent):
+    source = synthetic(mode="L" if mode == "I;16" else mode, transparent_right=transparent)
+    if mode == "I;16":  # 16-bit grey, which a plain convert("RGB") clips to white
+        source = Image.fromarray(np.asarray(source).astype(np.uint16) * 257)
+    expected = synthetic(mode="RGBA", transparent_right=transparent)
+    expected = Image.alpha_composite(Image.new("RGBA", expected.size, "white"), expected)
+    expected = expected.convert("L" if mode in ("I;16", "LA", "L") else "RGB")
+    decoded = open_upload(io.BytesIO(encoded(source, fmt)), "m", 25_000_000).convert(expected.mode)
+    diff = np.abs(np.asarray(decoded, dtype=float) - np.asarray(expected, dtype=float)).mean()
+    assert diff < 12, (mode, diff)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,25 @@ def photo_bytes(path: Path, fmt: str = "JPEG") -> bytes:
     with Image.open(path) as img:
         img.convert("RGB").save(buffer, fmt)
     return buffer.getvalue()
+
+
+@contextmanager
+def served(web_data: dict, tmp_path: Path, limits=None, **config):
+    """The app on waitress (serve's limits unless given) on a free loopback port; yields (host, port, url)."""
+    from web import create_app
+    from web.serve import start_background_server
+
+    server = start_background_server(create_app(make_config(web_data, tmp_path, TESTING=False, **config)),
+                                     limits=limits)
+    try:
+        yield "127.0.0.1", server.server.effective_port, server.url
+    finally:
+        server.close()
+
+
+def timed_get(url: str, timeout: float = 15.0) -> tuple[int, float]:
+    """GET url; return (status, seconds)."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        response.read()
+        return response.status, time.perf_counter() - started
