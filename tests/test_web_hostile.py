@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from web_fixtures import (app, client, make_config, photo_bytes, served, timed_get,  # noqa: F401
-                          web_data, web_report)
+from web_fixtures import (app, client, copy_index, make_config, photo_bytes, script_module,  # noqa: F401
+                          served, timed_get, web_data, web_report)
 
 from PIL import Image
 from retrieval.images import ImageError
@@ -284,3 +284,14 @@ def test_upload_modes_decode_to_resembling_rgb(fmt, mode, transparent):
     decoded = open_upload(io.BytesIO(encoded(source, fmt)), "m", 25_000_000).convert(expected.mode)
     diff = np.abs(np.asarray(decoded, dtype=float) - np.asarray(expected, dtype=float)).mean()
     assert diff < 12, (mode, diff)
+
+
+def test_soak_swaps_the_index_and_reports_failures_p99_and_memory(web_data, tmp_path, capsys):
+    load_test = script_module("load_test")
+    index = copy_index(web_data, tmp_path)
+    with served(web_data, tmp_path, INDEX_DIR=str(index)) as (host, port, _):
+        ok = load_test.soak(host, port, lambda n: ("GET", f"/api/items/{n % 40 + 1}/similar?k=5"), 4.0, 2, str(index), 1.0,
+                            os.getpid())
+    out = capsys.readouterr().out
+    assert ok and " 0 failed," in out and re.search(r" [2-4] index swaps", out), out
+    assert re.search(r"warm-up \d+ MB, end \d+ MB \(growth [+-]\d+ MB\)", out), out

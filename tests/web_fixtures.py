@@ -123,3 +123,13 @@ def timed_get(url: str, timeout: float = 15.0) -> tuple[int, float]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         response.read()
         return response.status, time.perf_counter() - started
+
+
+def script_module(name: str):
+    """Import scripts/<name>.py (scripts/ is no package) for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

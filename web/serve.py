@@ -27,9 +27,9 @@ class ServerLimits:
 
     def check(self) -> None:
         """Raise ValueError naming the option when a limit is below 1."""
-        for field in fields(self):
-            if getattr(self, field.name) < 1:
-                raise ValueError(f"--{field.name.replace('_', '-')} must be at least 1, got {getattr(self, field.name)}")
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 LIMIT_HELP = {  # option: (metavar, help)
