@@ -9,7 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from web_fixtures import app, build_index, client, copy_index, make_config, photo_bytes, runner, web_data  # noqa: F401
+from web_fixtures import (app, build_index, client, copy_index, make_config, photo_bytes, runner,  # noqa: F401
+                          web_data, web_report)
 
 from web import create_app
 
@@ -218,17 +219,12 @@ def test_photo_search_page_redirects_to_filterable_results(client, web_data):
     assert bad.status_code == 400 and "not an image" in bad.get_data(as_text=True) and not bad.is_json
 
 
-def test_evaluation_page(web_data, tmp_path):
-    from retrieval.catalog import read_catalog
-    from retrieval.evaluation import evaluate_embeddings, write_report
-
+def test_evaluation_page(web_data, web_report, tmp_path):
     html = create_app(make_config(web_data, tmp_path)).test_client().get("/evaluation").get_data(as_text=True)
     assert "No evaluation report is configured" in html
     missing = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(tmp_path / "none"))).test_client()
     assert "retrieval evaluate" in missing.get("/evaluation").get_data(as_text=True)
-    report = evaluate_embeddings(web_data["emb"], read_catalog(web_data["catalog"]), "all", k=10, device="cpu")
-    write_report(report, tmp_path / "report")
-    client = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(tmp_path / "report"))).test_client()
+    client = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(web_report))).test_client()
     html = client.get("/evaluation").get_data(as_text=True)
     assert "colours" in html and "mean" in html and "mAP@10" in html
     assert client.get("/evaluation/chart.png").content_type == "image/png"
@@ -311,12 +307,15 @@ def test_serve_prints_its_address(web_data, tmp_path, monkeypatch, capsys):
 
     made = []
 
-    def fake_server(app, host, port, threads):
-        made.append((app, host, port, threads))
+    def fake_server(app, host, port, threads, limits):
+        made.append((app, host, port, threads, limits))
         return type("Server", (), {"effective_port": 8123, "run": lambda self: None, "close": lambda self: None})()
 
     monkeypatch.setattr(web.serve, "make_server", fake_server)
     monkeypatch.setattr(web.serve, "use_one_thread_per_search", lambda: None)
     assert web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]),
-                           "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+                           "--cache-dir", str(tmp_path), "--threads", "2", "--channel-timeout", "7"]) == 0
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out and made[0][3] == 2
+    assert made[0][4].channel_timeout == 7 and made[0][4].connection_limit == web.serve.ServerLimits().connection_limit
+    with pytest.raises(ValueError, match="--backlog must be at least 1"):
+        web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]), "--backlog", "0"])

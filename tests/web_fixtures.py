@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,18 @@ def web_data(demo_catalog, tiny_run, tmp_path_factory) -> dict:
                 "--out", str(emb), "--device", "cpu", "--workers", "0"]) == 0
     build_index(emb, demo_catalog, root / "index")
     return {"catalog": demo_catalog, "checkpoint": tiny_run / "best.pt", "emb": emb, "index": root / "index"}
+
+
+@pytest.fixture(scope="session")
+def web_report(web_data, tmp_path_factory) -> Path:
+    """An evaluation report (report.json + chart.png) of the demo embeddings."""
+    from retrieval.catalog import read_catalog
+    from retrieval.evaluation import evaluate_embeddings, write_report
+
+    out = tmp_path_factory.mktemp("report")
+    report = evaluate_embeddings(web_data["emb"], read_catalog(web_data["catalog"]), "all", k=10, device="cpu")
+    write_report(report, out)
+    return out
 
 
 def make_config(web_data: dict, tmp_path: Path, **overrides) -> dict:
@@ -86,3 +101,35 @@ def photo_bytes(path: Path, fmt: str = "JPEG") -> bytes:
     with Image.open(path) as img:
         img.convert("RGB").save(buffer, fmt)
     return buffer.getvalue()
+
+
+@contextmanager
+def served(web_data: dict, tmp_path: Path, limits=None, **config):
+    """The app on waitress (serve's limits unless given) on a free loopback port; yields (host, port, url)."""
+    from web import create_app
+    from web.serve import start_background_server
+
+    server = start_background_server(create_app(make_config(web_data, tmp_path, TESTING=False, **config)),
+                                     limits=limits)
+    try:
+        yield "127.0.0.1", server.server.effective_port, server.url
+    finally:
+        server.close()
+
+
+def timed_get(url: str, timeout: float = 15.0) -> tuple[int, float]:
+    """GET url; return (status, seconds)."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        response.read()
+        return response.status, time.perf_counter() - started
+
+
+def script_module(name: str):
+    """Import scripts/<name>.py (scripts/ is no package) for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -20,6 +20,17 @@ DEFAULTS = {
 }
 
 
+PATHS = ("INDEX_DIR", "CATALOG_DIR", "CHECKPOINT", "REPORT_DIR", "THUMB_DIR")
+
+
+def resolve_paths(config) -> None:
+    """Make the configured paths absolute against today's working directory: Flask would resolve a
+    relative one against the package (send_from_directory), and a later chdir must change nothing."""
+    for key in PATHS:
+        if config.get(key):
+            config[key] = os.path.abspath(os.path.expanduser(config[key]))  # no resolve(): keep symlinks
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Create the app from test_config, or from instance/config.py and FLASK_* environment variables."""
     app = Flask(__name__, instance_relative_config=True)
@@ -31,11 +42,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     if not app.config["THUMB_DIR"]:
         app.config["THUMB_DIR"] = os.path.join(app.instance_path, "thumbs")
+    resolve_paths(app.config)
 
-    from web import api, errors, evaluation, media, resources, views
+    from web import api, errors, evaluation, media, resources, security, views
 
     resources.init_app(app)
     errors.init_app(app)
+    security.init_app(app)
     media.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)

@@ -29,7 +29,7 @@ def items():
     filters = params.parse_filters(request.args, snapshot.facets.vocab)
     page = params.parse_int(request.args, "page", 1, 1, 10**9)
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
-    positions = snapshot.facets.select(filters, request.args.get("q", ""))
+    positions = snapshot.facets.select(filters, params.parse_text(request.args))
     start, stop, pages = params.page_bounds(len(positions), page, per_page)
     found = [with_urls(item_at(snapshot.store, int(p))) for p in positions[start:stop]]
     return jsonify(items=found, page=page, per_page=per_page, total=len(positions), pages=pages)

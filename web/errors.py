@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import jsonify, render_template, request
+from flask import jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,15 @@ def wants_json() -> bool:
 
 
 def handle_http_error(error: HTTPException):
-    """Answer an HTTP error as JSON under /api, as an HTML page elsewhere."""
+    """Answer an HTTP error as JSON under /api, as an HTML page elsewhere, keeping its headers (405: Allow)."""
     message = describe(error)
     if wants_json():
         response = jsonify(error=message)
     else:
-        response = render_template("error.html", code=error.code, title=error.name, message=message)
+        response = make_response(render_template("error.html", code=error.code, title=error.name, message=message))
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
     return response, error.code
 
 

@@ -12,6 +12,8 @@ PER_PAGE = 24
 MAX_PER_PAGE = 100
 DEFAULT_K = 12
 MAX_K = 200
+MAX_TEXT_CHARS = 200  # the title filter q: longer queries are refused (400), never scanned
+MAX_TEXT_WORDS = 12
 
 
 def parse_int(args: MultiDict, name: str, default: int, low: int, high: int) -> int:
@@ -26,6 +28,17 @@ def parse_int(args: MultiDict, name: str, default: int, low: int, high: int) -> 
     if not low <= value <= high:
         abort(400, f"Parameter {name!r} must be between {low} and {high}, got {value}")
     return value
+
+
+def parse_text(args: MultiDict) -> str:
+    """Return the title filter q, aborting with 400 when it is longer than the limits allow."""
+    text = args.get("q", "").strip()
+    if len(text) > MAX_TEXT_CHARS:
+        abort(400, f"Parameter 'q' is too long ({len(text)} characters); the limit is {MAX_TEXT_CHARS}")
+    words = len(text.split())
+    if words > MAX_TEXT_WORDS:
+        abort(400, f"Parameter 'q' has too many words ({words}); the limit is {MAX_TEXT_WORDS}")
+    return text
 
 
 def split_values(raw_values: list[str], labels: list[str]) -> list[str]:

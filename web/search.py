@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 from flask import abort, current_app, url_for
 
+from web.uploads import open_upload
+
 logger = logging.getLogger(__name__)
 
-UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
 TOP_LABELS = 3
 QUERY_THUMB = 320
 
@@ -64,28 +65,6 @@ def search_query(store, query: Query, k: int, view: str, filters: dict) -> list[
     """Return the k items most similar to an uploaded photo in a view, filtered."""
     scores, ids = store.search(query.vectors[view], k, filters or None, view)
     return ranked_results(store, scores, ids, k, query.labels)
-
-
-def open_upload(stream, name: str, max_pixels: int):
-    """Return the RGB image of an upload; ImageError with the reason for non-images and other formats."""
-    from PIL import Image
-
-    from retrieval.images import ImageError, load_image
-
-    buffer = io.BytesIO(stream.read())
-    buffer.name = name or "upload"
-    try:
-        with Image.open(buffer) as probe:
-            kind = probe.format
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{buffer.name}: too many pixels ({err})") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{buffer.name}: not an image file, or a corrupt one; "
-                         "upload a JPEG, PNG or WebP photo") from err
-    if kind not in UPLOAD_FORMATS:
-        raise ImageError(f"{buffer.name}: unsupported image format {kind}; upload a JPEG, PNG or WebP photo")
-    buffer.seek(0)
-    return load_image(buffer, max_pixels=max_pixels)
 
 
 def predicted_labels(model, probs: dict[str, np.ndarray]) -> dict[str, list[dict]]:
@@ -148,7 +127,8 @@ def read_query(model, upload, device: str = "cpu") -> Query:
     from retrieval.images import ImageError
 
     try:
-        image = open_upload(upload.stream, upload.filename, current_app.config["UPLOAD_MAX_PIXELS"])
+        image = open_upload(upload.stream, upload.filename, current_app.config["UPLOAD_MAX_PIXELS"],
+                            size=max(model.config.image_size, QUERY_THUMB))  # decoded near the sizes used
     except ImageError as err:
         abort(400, f"Not a usable photo: {err}")
     return describe_upload(model, image, device, upload.filename)

@@ -4,9 +4,40 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What waitress lets clients hold. An idle or half-sent connection costs a socket, never a thread."""
+
+    connection_limit: int = 1000  # open connections; waitress's 100 let 110 idle sockets lock everyone out
+    channel_timeout: int = 30  # seconds without a byte before an idle or half-sent connection is closed
+    cleanup_interval: int = 5  # seconds between the sweeps that close them
+    backlog: int = 1024  # connections the kernel queues while the limit is reached
+
+    def waitress_options(self, max_body: int | None) -> dict:
+        """Return create_server keywords; max_body (bytes) refuses larger bodies before they are read."""
+        options = {**asdict(self), "asyncore_use_poll": True}  # select() fails past 1024 descriptors
+        if max_body:
+            options["max_request_body_size"] = int(max_body)
+        return options
+
+    def check(self) -> None:
+        """Raise ValueError naming the option when a limit is below 1."""
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+LIMIT_HELP = {  # option: (metavar, help)
+    "connection_limit": ("N", "open connections at once; more wait in the backlog"),
+    "channel_timeout": ("SECONDS", "seconds of silence after which a connection is closed"),
+    "cleanup_interval": ("SECONDS", "seconds between sweeps for silent connections"),
+    "backlog": ("N", "connections queued by the kernel while the connection limit is reached"),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,32 +58,61 @@ def get_args_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     server.add_argument("--threads", type=int, default=4, help="request threads (default: 4)")
     server.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N (default: cpu)")
-    server.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit (default: 10 MB)")
+    server.add_argument("--max-upload-mb", type=float, default=10.0,
+                        help="request body limit: larger uploads get 413 before they are read (default: 10 MB)")
+    limits = p.add_argument_group("connection limits (see README, 'Reliability: web server')")
+    for field in fields(ServerLimits):
+        metavar, text = LIMIT_HELP[field.name]
+        limits.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=field.default, metavar=metavar,
+                            help=f"{text} (default: {field.default})")
     return p
+
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    """Return the checked connection limits of parsed ``retrieval serve`` options."""
+    limits = ServerLimits(**{field.name: getattr(args, field.name) for field in fields(ServerLimits)})
+    limits.check()
+    return limits
+
+
+def ensure_file_limit(connections: int, spare: int = 256) -> None:
+    """Raise the soft open-file limit to fit the connection limit, or fail naming both numbers."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = connections + spare
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ValueError(f"--connection-limit {connections} needs {needed} open files; the hard limit is "
+                             f"{hard} (lower --connection-limit or raise 'ulimit -Hn')")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def app_config(args: argparse.Namespace) -> dict:
     """Return the Flask config of parsed ``retrieval serve`` options."""
-    config = {"INDEX_DIR": str(Path(args.index).resolve()), "CATALOG_DIR": str(Path(args.catalog).resolve()),
-              "CHECKPOINT": args.checkpoint, "REPORT_DIR": args.report, "DEVICE": args.device,
-              "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
+    config = {"INDEX_DIR": args.index, "CATALOG_DIR": args.catalog, "CHECKPOINT": args.checkpoint,
+              "REPORT_DIR": args.report, "DEVICE": args.device, "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
     if args.cache_dir:
-        config["THUMB_DIR"] = str(Path(args.cache_dir).resolve())
-    return config
+        config["THUMB_DIR"] = args.cache_dir
+    return config  # create_app makes every path absolute
 
 
-def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4):
-    """Return a waitress server for app (port 0 picks a free port: see server.effective_port)."""
+def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4, limits: ServerLimits | None = None):
+    """Return a waitress server for app (port 0 picks a free port: see server.effective_port); request
+    bodies over the app's MAX_CONTENT_LENGTH are refused by waitress as they arrive."""
     from waitress import create_server
 
-    return create_server(app, host=host, port=port, threads=threads, ident="clothing-search")
+    options = (limits or ServerLimits()).waitress_options(app.config.get("MAX_CONTENT_LENGTH"))
+    return create_server(app, host=host, port=port, threads=threads, ident="clothing-search", **options)
 
 
 class BackgroundServer:
     """waitress serving an app from a daemon thread (tests, scripts); close() stops it quietly."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 4):
-        self.server = make_server(app, host, port, threads)
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 4,
+                 limits: ServerLimits | None = None):
+        self.server = make_server(app, host, port, threads, limits)
         self.url = f"http://{host}:{self.server.effective_port}"
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="waitress", daemon=True)
@@ -75,9 +135,10 @@ class BackgroundServer:
         self._thread.join(5)
 
 
-def start_background_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4) -> BackgroundServer:
+def start_background_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4,
+                            limits: ServerLimits | None = None) -> BackgroundServer:
     """Start waitress in a daemon thread (port 0: a free port); see .url, stop with .close()."""
-    return BackgroundServer(app, host, port, threads)
+    return BackgroundServer(app, host, port, threads, limits)
 
 
 def use_one_thread_per_search() -> None:
@@ -95,10 +156,12 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    limits = server_limits(args)
+    ensure_file_limit(limits.connection_limit)
     use_one_thread_per_search()
     app = create_app(app_config(args))
     snapshot = app.extensions["retrieval"].warm_up()  # refuses a fingerprint mismatch before listening
-    server = make_server(app, args.host, args.port, args.threads)
+    server = make_server(app, args.host, args.port, args.threads, limits)
     upload = "on" if args.checkpoint else "off (no --checkpoint)"
     print(f"Serving {len(snapshot.store)} items from {args.index} on http://{args.host}:{server.effective_port}/ "
           f"(search by photo {upload}; Ctrl-C stops)", flush=True)

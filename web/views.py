@@ -50,7 +50,7 @@ def browse():
     """The catalogue as a paginated grid with facet filters and a title filter."""
     snapshot = get_snapshot()
     filters = params.parse_filters(request.args, snapshot.facets.vocab)
-    text = request.args.get("q", "").strip()
+    text = params.parse_text(request.args)
     page = params.parse_int(request.args, "page", 1, 1, 10**9)
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
     positions = snapshot.facets.select(filters, text)

@@ -1,0 +1,107 @@
+"""Uploaded photos decoded with bounded memory: JPEG at reduced scale (draft), other formats reduced
+right after decoding, every PIL mode converted to RGB, EXIF orientation applied.
+
+A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG and WebP cannot be decoded
+at reduced scale, so their peak is the full raster (at most UPLOAD_MAX_PIXELS x 4 bytes), dropped
+before the model runs. Helpers live here, not in retrieval/images.py, because only uploads need them.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from retrieval.images import ImageError
+
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
+SUPERSAMPLE = 3  # keep the longer side >= 3x the largest size used, like PIL's reducing_gap=3 in letterbox
+OPEN_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)  # what PIL raises on garbage
+REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "RGBX", "PA")
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+EXIF_ORIENTATION = 0x0112
+
+
+def open_upload(stream, name: str, max_pixels: int, size: int = 320) -> Image.Image:
+    """Return the RGB image of an upload with its longer side reduced towards SUPERSAMPLE x size;
+    ImageError with the reason for non-images, other formats, corrupt files and too many pixels."""
+    name = name or "upload"
+    source = stream if getattr(stream, "seekable", lambda: False)() else io.BytesIO(stream.read())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as img:
+                check_upload(img, name, max_pixels)
+                return decode(img, SUPERSAMPLE * size, name)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageError(f"{name}: too many pixels ({err})") from err
+        except OPEN_ERRORS as err:
+            raise ImageError(f"{name}: not an image file, or a corrupt one; upload a JPEG, PNG or WebP photo") from err
+
+
+def check_upload(img: Image.Image, name: str, max_pixels: int) -> None:
+    """Refuse formats other than JPEG, PNG and WebP, and images over max_pixels, before decoding."""
+    if img.format not in UPLOAD_FORMATS:
+        raise ImageError(f"{name}: unsupported image format {img.format}; upload a JPEG, PNG or WebP photo")
+    if img.width * img.height > max_pixels:
+        raise ImageError(f"{name}: {img.width}x{img.height} exceeds {max_pixels} pixels")
+
+
+def decode(img: Image.Image, longest: int, name: str) -> Image.Image:
+    """Decode an opened upload to RGB with its longer side reduced towards longest (never below it)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION)
+        if img.format == "JPEG":
+            img.draft(None, draft_size(img.size, longest))  # the decoder scales by 1/2, 1/4 or 1/8
+        img.load()
+        small = to_rgb(shrink(img, longest))
+    except OPEN_ERRORS as err:
+        raise ImageError(f"{name}: cannot read the image ({err})") from err
+    return small.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else small
+
+
+def draft_size(size: tuple[int, int], longest: int) -> tuple[int, int] | None:
+    """Return the smallest (w, h) keeping the aspect ratio with max(w, h) >= longest; None when already there."""
+    scale = longest / max(size)
+    if scale >= 1:
+        return None
+    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
+
+
+def shrink(img: Image.Image, longest: int) -> Image.Image:
+    """Return img reduced by the largest integer factor that keeps its longer side >= longest."""
+    factor = max(img.size) // longest
+    if factor < 2:
+        return img
+    if img.mode not in REDUCIBLE:  # I;16, P and 1 cannot be reduced as they are
+        img = img.convert("I" if img.mode.startswith("I;16") else "RGBA" if img.mode == "P" else "L")
+    return img.reduce(factor)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return img as 8-bit RGB: 16-bit and float greys rescaled (not clipped to white), alpha over white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(grey_to_uint8(img)).convert("RGB")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """Return an I;16, I or F image as uint8 grey: 16-bit ranges divided by 257, floats in [0, 1] times 255."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257
+    elif img.mode == "F" and values.max(initial=0) <= 1:
+        values = values * 255
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
