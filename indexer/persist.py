@@ -7,47 +7,19 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import faiss
+
+from indexer.stale import writer_gone, writer_tag
 
 logger = logging.getLogger(__name__)
 
 SIDECAR = "sidecar.json"
 SIDECAR_FIELDS = ("fingerprint", "type", "dimension", "count", "metric", "created", "views",
                   "ids", "paths", "titles", "labels")
-STALE_AFTER_S = 24 * 3600  # older than this, a temporary is stale whoever wrote it (pid reuse, other hosts)
-HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
-def writer_tag() -> str:
-    """``HOST-PID`` of this process: temporaries carry it so that the next writer can tell a dead one's."""
-    return f"{HOST}-{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: not a process id at all
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-def writer_gone(host: str | None, pid: str | None, mtime: float) -> bool:
-    """Whether the writer of a temporary is gone: a dead process of this host, or a day old.
-    Names without a writer (older versions) and other hosts' are judged by age alone."""
-    if time.time() - mtime > STALE_AFTER_S:
-        return True
-    return host == HOST and pid is not None and not pid_alive(int(pid))
-
-
 def temporary_dir(target: Path) -> Path:
     """A new private directory beside target, named ``.NAME.tmp-HOST-PID-RANDOM``."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{writer_tag()}-", dir=target.parent))

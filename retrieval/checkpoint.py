@@ -4,18 +4,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import time
 from pathlib import Path
 
 import torch
+
+from indexer.stale import HOST, writer_gone
 
 from .model import RetrievalModel, fingerprint, model_from_config
 
 logger = logging.getLogger(__name__)
 
-STALE_AFTER_S = 24 * 3600  # older than this, a temporary is stale whoever wrote it (pid reuse, other hosts)
-HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 # .NAME.HOST-PID.tmp; older versions wrote .NAME.PID.tmp
 TEMPORARY = re.compile(r"^\..+\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
 
@@ -23,17 +21,6 @@ TEMPORARY = re.compile(r"^\..+\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
 def temporary_path(path: Path) -> Path:
     """The temporary file beside ``path`` that this process writes: ``.NAME.HOST-PID.tmp``."""
     return path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: not a process id at all
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
@@ -45,10 +32,10 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
         try:
             if not match or not entry.is_file(follow_symlinks=False):
                 continue
-            old = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+            mtime = entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:  # its writer finished meanwhile
             continue
-        if old or (match["host"] == HOST and not pid_alive(int(match["pid"]))):
+        if writer_gone(match["host"], match["pid"], mtime):
             Path(entry.path).unlink(missing_ok=True)
             removed.append(Path(entry.path))
             logger.info("Removed %s, left by a writer that is gone", entry.path)

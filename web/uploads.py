@@ -1,5 +1,6 @@
 """Uploaded photos decoded with bounded memory: JPEG at reduced scale (draft), other formats reduced
-right after decoding, every PIL mode converted to RGB, EXIF orientation applied.
+right after decoding, every PIL mode converted to RGB as catalogue images are (``retrieval.images.to_rgb``), EXIF
+orientation applied.
 
 A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG and WebP cannot be decoded
 at reduced scale, so their peak is the full raster (at most UPLOAD_MAX_PIXELS x 4 bytes), dropped
@@ -12,10 +13,9 @@ import math
 import struct
 import warnings
 
-import numpy as np
 from PIL import Image
 
-from retrieval.images import ImageError
+from retrieval.images import ImageError, to_rgb
 
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
 SUPERSAMPLE = 3  # keep the longer side >= 3x the largest size used, like PIL's reducing_gap=3 in letterbox
@@ -83,25 +83,3 @@ def shrink(img: Image.Image, longest: int) -> Image.Image:
     if img.mode not in REDUCIBLE:  # I;16, P and 1 cannot be reduced as they are
         img = img.convert("I" if img.mode.startswith("I;16") else "RGBA" if img.mode == "P" else "L")
     return img.reduce(factor)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Return img as 8-bit RGB: 16-bit and float greys rescaled (not clipped to white), alpha over white."""
-    if img.mode.startswith("I") or img.mode == "F":
-        return Image.fromarray(grey_to_uint8(img)).convert("RGB")
-    if img.mode == "P" or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
-
-
-def grey_to_uint8(img: Image.Image) -> np.ndarray:
-    """Return an I;16, I or F image as uint8 grey: 16-bit ranges divided by 257, floats in [0, 1] times 255."""
-    values = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
-        values = values / 257
-    elif img.mode == "F" and values.max(initial=0) <= 1:
-        values = values * 255
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
