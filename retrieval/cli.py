@@ -14,6 +14,7 @@ COMMANDS = {
     "embed": ("retrieval.embed", "embed every catalog image into an HDF5 file"),
     "index": ("retrieval.index_cli", "build, add to or remove from a FAISS index directory"),
     "evaluate": ("retrieval.evaluation", "per-group mAP@k of embeddings, or --compare reports"),
+    "audit": ("retrieval.audit_cli", "rank likely wrong / missing labels; 'audit apply' corrects a copy"),
     "serve": ("web.serve", "serve the search web UI and JSON API"),
 }
 

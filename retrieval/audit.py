@@ -1,0 +1,231 @@
+"""Label audit: out-of-sample probabilities for every catalogue item (k-fold heads on frozen trunk
+features), then per group the labels most likely wrong (confident learning, ``cleanlab``), confident
+suggestions for empty cells, and near-duplicate products whose labels disagree."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .catalog import Catalog
+from .data import ImageDataset, build_targets, collate_images, loader_workers
+from .images import normalize_batch
+from .inference import open_trunk_cache
+from .losses import multi_group_loss
+from .metrics import normalize_rows, topk_neighbors
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("wrong", "missing", "conflicting-duplicate")
+
+
+@dataclass
+class Issue:
+    """One row of issues.csv: a label that looks wrong, a missing one, or a duplicate's conflict."""
+
+    image: str
+    group: str
+    given: str
+    suggested: str
+    score: float
+    kind: str
+    neighbours: str = ""  # nearest items labelled in the group (evidence), images joined by '|'
+
+
+@torch.no_grad()
+def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, device="cpu",
+                     batch_size: int = 64, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled trunk features of every item (mean of the image and its mirror) and which items were
+    readable: from the run's trunk cache when it serves this catalog, else computed from the images."""
+    cache = open_trunk_cache(trunk_cache, model, catalog, start) if trunk_cache else None
+    if cache is not None and start == len(model.trunk):
+        return cache.prefix.float().mean(1).numpy(), cache.ok.copy()
+    model.eval().to(device)
+    n = len(catalog.items)
+    ok, feats = np.zeros(n, bool), None
+    loader = DataLoader(ImageDataset(catalog, catalog.items, model.config.image_size), batch_size=batch_size,
+                        num_workers=loader_workers(workers), collate_fn=collate_images)
+    for images, index, _ in loader:
+        if images is None:
+            continue
+        pooled = model.pooled_features(normalize_batch(images.to(device)))
+        pooled = (pooled + model.pooled_features(normalize_batch(images.to(device)).flip(3))) / 2
+        if feats is None:
+            feats = np.zeros((n, pooled.shape[1]), np.float32)
+        feats[index.numpy()], ok[index.numpy()] = pooled.float().cpu().numpy(), True
+    return (feats if feats is not None else np.zeros((n, 1), np.float32)), ok
+
+
+def fold_of(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold number of each of ``n`` items: a seeded permutation dealt round-robin."""
+    fold = np.empty(n, np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return fold
+
+
+def out_of_fold_probabilities(x: np.ndarray, catalog: Catalog, multi_label: set[str], folds: int = 5,
+                              steps: int = 300, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per group, every item's label probabilities from linear heads trained on the other folds
+    (softmax for single-label groups, sigmoids for multi-label ones): no item is scored by a model
+    that saw its label."""
+    x = reduce_dimensions(torch.from_numpy((x - x.mean(0)) / (x.std(0) + 1e-6)).float())
+    targets = build_targets(catalog.items, catalog.vocab)
+    kinds = {g: "bce" if g in multi_label else "ce" for g in catalog.groups}
+    fold = fold_of(len(x), folds, seed)
+    probs = {g: np.zeros((len(x), len(v)), np.float32) for g, v in catalog.vocab.items()}
+    for k in range(folds):
+        train, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        heads = _fit_heads(x[train], targets.take(torch.from_numpy(train)), kinds, steps, seed + k)
+        with torch.no_grad():
+            for g, head in heads.items():
+                z = head(x[held])
+                probs[g][held] = (torch.sigmoid(z) if kinds[g] == "bce" else z.softmax(1)).numpy()
+    return probs
+
+
+def reduce_dimensions(x: torch.Tensor, dims: int = 256) -> torch.Tensor:
+    """Standardised principal components (at most ``dims``): the k-fold heads then train ~9x
+    faster on a 2,208-wide trunk feature, with the variance that separates products kept."""
+    if x.shape[1] <= dims:
+        return x
+    u, s, v = torch.pca_lowrank(x, q=dims, center=True, niter=3)
+    z = (x - x.mean(0)) @ v
+    return (z - z.mean(0)) / (z.std(0) + 1e-6)
+
+
+def _fit_heads(x: torch.Tensor, targets, kinds: dict[str, str], steps: int, seed: int) -> dict[str, torch.nn.Linear]:
+    """Linear heads for every group, trained full-batch with AdamW and weight decay."""
+    torch.manual_seed(seed)
+    heads = torch.nn.ModuleDict({f"h{i}": torch.nn.Linear(x.shape[1], t.shape[1])
+                                 for i, t in enumerate(targets.multi_hot.values())})
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-2, weight_decay=1e-2)
+    groups = list(targets.multi_hot)
+    weights = {g: 1.0 for g in groups}
+    for _ in range(steps):
+        logits = {g: head(x) for g, head in zip(groups, heads.values())}
+        loss, _ = multi_group_loss(logits, targets, kinds, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return dict(zip(groups, heads.values()))
+
+
+def wrong_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarray, multi: bool) -> list[Issue]:
+    """Labels that confident learning flags as likely wrong, scored 1 - self-confidence."""
+    from cleanlab.filter import find_label_issues
+
+    vocab = catalog.vocab[group]
+    position = {label: i for i, label in enumerate(vocab)}
+    items = [catalog.items[i] for i in rows]
+    if multi:
+        labels = [[position[label] for label in it.labels[group]] for it in items]
+    else:
+        keep = [len(it.labels[group]) == 1 for it in items]
+        rows, items = rows[keep], [it for it, k in zip(items, keep) if k]
+        labels = np.array([position[it.labels[group][0]] for it in items], dtype=np.int64)
+    if len(items) < 2 or len(vocab) < 2:
+        return []
+    p = probs[rows]
+    flagged = find_label_issues(labels, p, multi_label=multi, return_indices_ranked_by="self_confidence")
+    issues = []
+    for i in flagged:
+        given = labels[i] if multi else [labels[i]]
+        confidence = float(np.mean([p[i, c] for c in given])) if len(given) else 0.0
+        issues.append(Issue(items[i].image, group, "|".join(vocab[c] for c in given),
+                            suggest(p[i], vocab, multi), round(1 - confidence, 4), "wrong"))
+    return issues
+
+
+def suggest(p: np.ndarray, vocab: list[str], multi: bool, threshold: float = 0.5) -> str:
+    """The labels a probability row suggests: the top one, or every one over ``threshold``."""
+    if multi and (p >= threshold).any():
+        return "|".join(vocab[c] for c in np.flatnonzero(p >= threshold))
+    return vocab[int(p.argmax())]
+
+
+def missing_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarray, multi: bool,
+                   min_confidence: float) -> list[Issue]:
+    """Empty cells whose out-of-sample prediction is confident: a suggestion with its probability."""
+    vocab, issues = catalog.vocab[group], []
+    for i in rows:
+        p = probs[i]
+        if p.max() >= min_confidence:
+            chosen = suggest(p, vocab, multi, min_confidence)
+            issues.append(Issue(catalog.items[i].image, group, "", chosen, round(float(p.max()), 4), "missing"))
+    return issues
+
+
+def conflicting_duplicates(catalog: Catalog, x: np.ndarray, ok: np.ndarray, threshold: float,
+                           k: int = 5) -> list[Issue]:
+    """Pairs of near-duplicate items (cosine >= threshold) labelled differently in a group: one row
+    per pair and group, on the lower row, suggesting the other item's labels."""
+    rows = np.flatnonzero(ok)
+    if len(rows) < 2:
+        return []
+    scores, neighbours = topk_neighbors(normalize_rows(x[rows]), min(k, len(rows) - 1))
+    issues = []
+    for a, b in zip(*np.nonzero(scores >= threshold)):
+        i, j = rows[a], rows[neighbours[a, b]]
+        if i > j:
+            continue
+        first, second = catalog.items[i], catalog.items[j]
+        for g in catalog.groups:
+            if first.labels[g] and second.labels[g] and not set(first.labels[g]) & set(second.labels[g]):
+                issues.append(Issue(first.image, g, "|".join(first.labels[g]), "|".join(second.labels[g]),
+                                    round(float(scores[a, b]), 4), "conflicting-duplicate", second.image))
+    return issues
+
+
+def add_evidence(issues: list[Issue], catalog: Catalog, x: np.ndarray, ok: np.ndarray, k: int = 5) -> None:
+    """Fill each issue's ``neighbours`` (unless set) with the nearest items labelled in its group."""
+    row_of = {it.image: i for i, it in enumerate(catalog.items)}
+    z = torch.from_numpy(normalize_rows(x))
+    for group in {issue.group for issue in issues}:
+        labelled = np.flatnonzero(ok & np.array([bool(it.labels[group]) for it in catalog.items]))
+        if not len(labelled):
+            continue
+        todo = [issue for issue in issues if issue.group == group and not issue.neighbours]
+        if not todo:
+            continue
+        queries = torch.stack([z[row_of[issue.image]] for issue in todo])
+        scores = queries @ z[labelled].T
+        for issue, row in zip(todo, scores.topk(min(k + 1, len(labelled)), dim=1).indices.tolist()):
+            near = [catalog.items[labelled[c]].image for c in row if catalog.items[labelled[c]].image != issue.image]
+            issue.neighbours = "|".join(near[:k])
+
+
+def audit_catalog(catalog: Catalog, x: np.ndarray, ok: np.ndarray, groups: list[str], folds: int = 5,
+                  min_confidence: float = 0.9, duplicate_threshold: float = 0.98, seed: int = 0) -> list[Issue]:
+    """Every issue of the chosen groups, ranked within each group and kind by score."""
+    multi = set(catalog.multi_label_groups())
+    readable = np.flatnonzero(ok)
+    sub = Catalog(catalog.root, catalog.groups, [catalog.items[i] for i in readable], catalog.vocab)
+    probs_sub = out_of_fold_probabilities(x[readable], sub, multi, folds, seed=seed)
+    issues = []
+    for g in groups:
+        probs = np.zeros((len(catalog.items), len(catalog.vocab[g])), np.float32)
+        probs[readable] = probs_sub[g]
+        labelled = np.array([bool(catalog.items[i].labels[g]) for i in readable], bool)
+        issues += wrong_labels(catalog, g, probs, readable[labelled], g in multi)
+        issues += missing_labels(catalog, g, probs, readable[~labelled], g in multi, min_confidence)
+    # cosine of standardised features: raw pooled activations are all positive, so any two images
+    # look alike; identical images still score 1
+    z = (x - x[readable].mean(0)) / (x[readable].std(0) + 1e-6)
+    issues += [i for i in conflicting_duplicates(catalog, z, ok, duplicate_threshold) if i.group in groups]
+    add_evidence(issues, catalog, z, ok)
+    issues.sort(key=lambda i: (groups.index(i.group), KINDS.index(i.kind), -i.score))
+    return issues
+
+
+def summarize(issues: list[Issue], catalog: Catalog, groups: list[str]) -> str:
+    """Markdown table: per group, labelled items and issues of each kind."""
+    lines = ["| group | labelled | wrong | missing | conflicting duplicates |", "|---|---:|---:|---:|---:|"]
+    for g in groups:
+        count = {k: sum(1 for i in issues if i.group == g and i.kind == k) for k in KINDS}
+        labelled = sum(1 for it in catalog.items if it.labels[g])
+        lines.append(f"| {g} | {labelled} | {count['wrong']} | {count['missing']} | {count['conflicting-duplicate']} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,100 @@
+"""Review decisions on audit issues: appended to ``AUDIT_DIR/decisions.csv`` one whole line at a
+time under a file lock (concurrent reviewers never lose or interleave a line), and applied to a
+corrected *copy* of the catalog (labels.csv is never edited in place)."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, read_catalog
+
+FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
+DECISIONS = ("accept", "reject", "skip")
+
+
+def append_decision(path: str | Path, image: str, group: str, kind: str, given: str, suggested: str,
+                    decision: str) -> dict:
+    """Append one timestamped decision; the header is written by whoever creates the file."""
+    if decision not in DECISIONS:
+        raise ValueError(f"Unknown decision {decision!r}; choose one of: {', '.join(DECISIONS)}")
+    row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "image": image,
+           "group": group, "kind": kind, "given": given, "suggested": suggested, "decision": decision}
+    line = io.StringIO()
+    csv.DictWriter(line, FIELDS, lineterminator="\n").writerow(row)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        header = ",".join(FIELDS) + "\n" if os.fstat(fd).st_size == 0 else ""
+        os.write(fd, (header + line.getvalue()).encode())  # one write: a whole line or nothing
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+    return row
+
+
+def read_decisions(path: str | Path) -> list[dict]:
+    """Decisions in the order they were made (a missing file holds none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for n, row in enumerate(rows, start=2):
+        if row.get("decision") not in DECISIONS or not row.get("image") or not row.get("group"):
+            raise ValueError(f"{path}, line {n}: not a decision row (needs image, group and one of "
+                             f"{', '.join(DECISIONS)})")
+    return rows
+
+
+def latest(decisions: list[dict]) -> dict[tuple[str, str], dict]:
+    """The last decision per (image, group): a later one overrides an earlier one."""
+    return {(d["image"], d["group"]): d for d in decisions}
+
+
+def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str | Path) -> int:
+    """Write a corrected copy of the catalog to ``out_dir`` (images hard-linked, or copied across
+    file systems): every accepted decision sets its group's cell to the suggested labels. Returns
+    the number of cells changed."""
+    src, out = Path(catalog_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"{out}: the corrected catalog must go to a new folder, not over {src}")
+    if (out / LABELS_FILE).exists():
+        raise FileExistsError(f"{out / LABELS_FILE} exists; choose another --out")
+    reader = csv.DictReader(io.StringIO(decode_labels_file(src / LABELS_FILE), newline=""))
+    header = [h.strip() for h in reader.fieldnames or []]
+    rows = [{k.strip(): v for k, v in row.items()} for row in reader]
+    accepted: dict[str, list[dict]] = {}
+    for (image, group), d in latest(decisions).items():
+        if d["decision"] == "accept" and group in header:
+            accepted.setdefault(image, []).append(d)
+    changed = 0
+    for row in rows:
+        for d in accepted.get(row["image"], ()):
+            row[d["group"]] = LABEL_SEPARATOR.join(filter(None, d["suggested"].split(LABEL_SEPARATOR)))
+            changed += 1
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        _link_or_copy(src / row["image"], out / row["image"])
+    tmp = out / f".{LABELS_FILE}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / LABELS_FILE)
+    read_catalog(out)  # the copy must be a valid catalog
+    return changed
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists() or not source.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)

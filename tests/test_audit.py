@@ -1,0 +1,121 @@
+"""Label audit: planted wrong, missing and conflicting labels are found; decisions are appended
+without losing lines and applied to a valid corrected copy."""
+import csv
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from retrieval.audit import audit_catalog, fold_of
+from retrieval.catalog import Catalog, Item, read_catalog
+from retrieval.cli import main as cli
+from retrieval.decisions import append_decision, apply_decisions, read_decisions
+
+
+def synthetic(n_per_class=40, classes=("a", "b", "c"), seed=0):
+    """Items whose features cluster by class: 5 flipped labels, 5 blanked, 1 duplicate pair in conflict."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((len(classes), 32)) * 4
+    truth = np.repeat(np.arange(len(classes)), n_per_class)
+    x = (centres[truth] + rng.standard_normal((len(truth), 32))).astype(np.float32)
+    given = [classes[t] for t in truth]
+    flipped = [3, 50, 97, 101, 17]
+    for i in flipped:
+        given[i] = classes[(truth[i] + 1) % len(classes)]
+    blanked = [8, 60, 110, 30, 70]
+    for i in blanked:
+        given[i] = ""
+    x[2] = x[1]  # an exact duplicate of item 1 (same class), labelled differently in "other"
+    other = ["x"] * len(truth)
+    other[2] = "y"
+    items = [Item(i, f"images/{i}.jpg", "train", "", {"type": (g,) if g else (), "other": (o,)})
+             for i, (g, o) in enumerate(zip(given, other))]
+    return Catalog("/nowhere", ["type", "other"], items), x, truth, flipped, blanked, classes
+
+
+def test_audit_finds_planted_wrong_missing_and_duplicate_labels():
+    catalog, x, truth, flipped, blanked, classes = synthetic()
+    issues = audit_catalog(catalog, x, np.ones(len(x), bool), ["type", "other"], folds=5, min_confidence=0.6)
+    wrong = [i for i in issues if i.group == "type" and i.kind == "wrong"]
+    top = {int(i.image.split("/")[1].split(".")[0]) for i in wrong[:len(flipped)]}
+    assert top == set(flipped)  # the flipped labels rank first
+    for issue in wrong[:len(flipped)]:
+        row = int(issue.image.split("/")[1].split(".")[0])
+        assert issue.suggested == classes[truth[row]] and issue.neighbours.count("|") == 4
+    missing = {i.image: i.suggested for i in issues if i.kind == "missing"}
+    assert missing == {f"images/{b}.jpg": classes[truth[b]] for b in blanked}
+    dup = [i for i in issues if i.kind == "conflicting-duplicate"]
+    assert [(i.image, i.group, i.given, i.suggested, i.neighbours) for i in dup] == \
+        [("images/1.jpg", "other", "x", "y", "images/2.jpg")]
+
+
+def test_folds_are_balanced_and_seeded():
+    fold = fold_of(103, 5, seed=1)
+    assert sorted(np.bincount(fold).tolist()) == [20, 20, 21, 21, 21]
+    assert (fold == fold_of(103, 5, seed=1)).all() and not (fold == fold_of(103, 5, seed=2)).all()
+
+
+def test_audit_command_on_the_demo_catalog(demo_catalog, tiny_run, tmp_path, capsys):
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    # a byte-identical copy of an image, labelled with another category
+    lines = (catalog / "labels.csv").read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    shutil.copy(catalog / first[0], catalog / "images" / "copy.jpg")
+    copy = list(first)
+    copy[0] = "images/copy.jpg"
+    column = header.index("category")
+    copy[column] = "bag" if first[column] != "bag" else "dress"
+    (catalog / "labels.csv").write_text("\n".join([*lines, ",".join(copy)]) + "\n")
+    out = tmp_path / "audit"
+    assert cli(["audit", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(catalog), "--out", str(out),
+                "--device", "cpu", "--workers", "0", "--folds", "3"]) == 0
+    assert "| category |" in capsys.readouterr().out
+    with open(out / "issues.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "group", "given", "suggested", "score", "kind", "neighbours"]
+    assert {r["kind"] for r in rows} <= {"wrong", "missing", "conflicting-duplicate"}
+    assert any(r["kind"] == "conflicting-duplicate" and r["group"] == "category" and
+               {r["image"], r["neighbours"]} == {first[0], "images/copy.jpg"} for r in rows)
+    assert (out / "summary.md").exists() and (out / "audit.json").exists()
+
+
+def test_unknown_group_is_refused(demo_catalog, tiny_run, tmp_path, capsys):
+    assert cli(["audit", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(demo_catalog),
+                "--out", str(tmp_path), "--groups", "nope"]) == 1
+    assert "choose from" in capsys.readouterr().err
+
+
+def test_concurrent_decisions_lose_no_line(tmp_path):
+    path = tmp_path / "decisions.csv"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: append_decision(path, f"images/{i}.jpg", "type", "wrong", "a", "b,c", "accept"),
+                      range(400)))
+    rows = read_decisions(path)
+    assert sorted(r["image"] for r in rows) == sorted(f"images/{i}.jpg" for i in range(400))
+    assert all(r["suggested"] == "b,c" and r["timestamp"] for r in rows)
+    with pytest.raises(ValueError, match="choose one of: accept, reject, skip"):
+        append_decision(path, "images/1.jpg", "type", "wrong", "a", "b", "maybe")
+
+
+def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
+    original = (demo_catalog / "labels.csv").read_text()
+    items = read_catalog(demo_catalog).items
+    first, second = items[0], items[1]
+    decisions = tmp_path / "decisions.csv"
+    append_decision(decisions, first.image, "category", "wrong", "", "bag", "accept")
+    append_decision(decisions, second.image, "category", "wrong", "", "bag", "accept")
+    append_decision(decisions, second.image, "category", "wrong", "", "bag", "reject")  # the later one wins
+    append_decision(decisions, first.image, "colours", "missing", "", "red|blue", "accept")
+    out = tmp_path / "fixed"
+    assert cli(["audit", "apply", "--catalog", str(demo_catalog), "--decisions", str(decisions), "--out", str(out)]) == 0
+    fixed = read_catalog(out).by_image()
+    assert fixed[first.image].labels["category"] == ("bag",)
+    assert fixed[first.image].labels["colours"] == ("red", "blue")
+    assert fixed[second.image].labels == second.labels
+    assert (demo_catalog / "labels.csv").read_text() == original  # never edited in place
+    assert cli(["catalog-info", str(out)]) == 0
+    with pytest.raises(FileExistsError):
+        apply_decisions(demo_catalog, read_decisions(decisions), out)
