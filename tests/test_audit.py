@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import TINY
 from retrieval.audit import audit_catalog, fold_of
 from retrieval.catalog import Catalog, Item, read_catalog
 from retrieval.cli import main as cli
 from retrieval.decisions import append_decision, apply_decisions, read_decisions
+from web_fixtures import web_audit, web_data  # noqa: F401
 
 
 def synthetic(n_per_class=40, classes=("a", "b", "c"), seed=0):
@@ -119,3 +119,41 @@ def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
     assert cli(["catalog-info", str(out)]) == 0
     with pytest.raises(FileExistsError):
         apply_decisions(demo_catalog, read_decisions(decisions), out)
+
+
+def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
+    from web import create_app
+    from web_fixtures import make_config
+
+    audit = tmp_path / "audit"
+    shutil.copytree(web_audit, audit)
+    (audit / "decisions.csv").unlink(missing_ok=True)
+    read_only = create_app(make_config(web_data, tmp_path, AUDIT_DIR=str(audit))).test_client()
+    body = read_only.get("/api/review/issues?kind=wrong").get_json()
+    assert body["total"] > 0 and body["review"] is False and body["issues"][0]["kind"] == "wrong"
+    issue = body["issues"][0]
+    refused = read_only.post("/api/review/decisions", json={**issue, "decision": "accept"})
+    assert refused.status_code == 403 and "--review" in refused.get_json()["error"]
+    assert "--review" in read_only.get("/review").get_data(as_text=True)
+    assert not (audit / "decisions.csv").exists()
+
+    client = create_app(make_config(web_data, tmp_path, AUDIT_DIR=str(audit), REVIEW=True)).test_client()
+    done = client.post("/api/review/decisions", json={**issue, "decision": "accept"})
+    assert done.status_code == 201 and done.get_json()["suggested"] == issue["suggested"]
+    after = client.get("/api/review/issues?kind=wrong").get_json()
+    assert after["total"] == body["total"] - 1  # decided issues leave the list
+    assert client.post("/api/review/decisions", json={**issue, "decision": "maybe"}).status_code == 400
+    assert client.post("/api/review/decisions", json={**issue, "image": "x.jpg", "decision": "skip"}).status_code == 404
+    assert client.get("/api/review/issues?kind=odd").status_code == 400
+    assert [r["decision"] for r in read_decisions(audit / "decisions.csv")] == ["accept"]
+    form = client.post("/review/decide", data={**body["issues"][1], "decision": "skip", "filter_kind": "wrong"})
+    assert form.status_code == 302 and "kind=wrong" in form.headers["Location"]
+
+
+def test_review_without_an_audit_says_how(web_data, tmp_path):
+    from web import create_app
+    from web_fixtures import make_config
+
+    client = create_app(make_config(web_data, tmp_path)).test_client()
+    response = client.get("/api/review/issues")
+    assert response.status_code == 503 and "retrieval audit" in response.get_json()["error"]

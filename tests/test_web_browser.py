@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from web_fixtures import web_data, web_report  # noqa: F401
+from web_fixtures import web_audit, web_data, web_report  # noqa: F401
 
 from web.browser import launch, missing_browser
 
@@ -38,7 +38,7 @@ def wait_for_address(proc: subprocess.Popen) -> str:
 
 
 @pytest.fixture(scope="module")
-def server_url(web_data, web_report, tmp_path_factory):
+def server_url(web_data, web_report, web_audit, tmp_path_factory):
     """`retrieval serve` in a subprocess, from another working directory, with relative paths (scripts/demo.sh)."""
     cwd = tmp_path_factory.mktemp("cwd")
 
@@ -47,7 +47,8 @@ def server_url(web_data, web_report, tmp_path_factory):
 
     cmd = [sys.executable, "-m", "retrieval.cli", "serve", "--index", rel(web_data["index"]),
            "--catalog", rel(web_data["catalog"]), "--checkpoint", rel(web_data["checkpoint"]),
-           "--report", rel(web_report), "--cache-dir", "thumbs", "--port", "0", "--threads", "2"]
+           "--report", rel(web_report), "--cache-dir", "thumbs", "--port", "0", "--threads", "2",
+           "--audit", rel(web_audit), "--review"]
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         yield wait_for_address(proc)
@@ -90,7 +91,8 @@ def test_every_page_shows_its_images_and_obeys_the_csp(server_url, web_data):
         refused = []
         page.on("console", lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None)
         checked = {}
-        for path in ("/", "/?colours=red", "/items/3", "/items/3?view=group-colours", "/search", "/evaluation"):
+        for path in ("/", "/?colours=red", "/items/3", "/items/3?view=group-colours", "/search", "/evaluation",
+                     "/review"):
             assert page.goto(server_url + path).status == 200, path
             checked[path] = (page.locator("img").count(), broken_images(page))
         upload_photo(page, server_url, web_data["catalog"] / "images" / "000003.jpg")
@@ -118,3 +120,29 @@ def test_upload_a_photo_then_filter_the_results(server_url, web_data, tmp_path):
         shot = keep_screenshot(page, tmp_path, "search-results-filtered.png")
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_label_review_with_the_keyboard(server_url, web_audit):
+    import csv
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"{server_url}/review?kind=wrong")
+        first = page.locator(".issue").first
+        expect(first).to_have_class(re.compile("focused"))
+        image = first.get_attribute("data-image")
+        page.keyboard.press("j")  # the second issue
+        second = page.locator(".issue").nth(1).get_attribute("data-image")
+        with page.expect_navigation():
+            page.keyboard.press("a")
+        assert page.locator(f'.issue[data-image="{second}"]').count() == 0  # decided: off the list
+        with page.expect_navigation():
+            page.keyboard.press("r")  # the focus is back on the first pending one
+        browser.close()
+    with open(web_audit / "decisions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["decision"], r["kind"]) for r in rows[-2:]] == [(second, "accept", "wrong"),
+                                                                          (image, "reject", "wrong")]

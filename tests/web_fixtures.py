@@ -57,6 +57,15 @@ def web_report(web_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def web_audit(web_data, tmp_path_factory) -> Path:
+    """A label audit of the demo catalog (issues.csv, no decisions yet)."""
+    out = tmp_path_factory.mktemp("audit")
+    assert cli(["audit", "--checkpoint", str(web_data["checkpoint"]), "--catalog", str(web_data["catalog"]),
+                "--out", str(out), "--device", "cpu", "--workers", "0", "--folds", "3"]) == 0
+    return out
+
+
 def make_config(web_data: dict, tmp_path: Path, **overrides) -> dict:
     """Return a test app config over web_data with the thumbnail cache in tmp_path."""
     config = {"TESTING": True, "INDEX_DIR": str(web_data["index"]), "CATALOG_DIR": str(web_data["catalog"]),

@@ -17,10 +17,12 @@ DEFAULTS = {
     "UPLOAD_MAX_PIXELS": 25_000_000,  # decompression bombs beyond this get 400
     "INDEX_CHECK_INTERVAL": 1.0,  # seconds between os.stat checks for a rebuilt index
     "QUERY_CACHE_SIZE": 256,  # uploads remembered for re-filtering without the model
+    "AUDIT_DIR": None,  # `retrieval audit` output for the label review page
+    "REVIEW": False,  # whether review decisions may be written (serve --review)
 }
 
 
-PATHS = ("INDEX_DIR", "CATALOG_DIR", "CHECKPOINT", "REPORT_DIR", "THUMB_DIR")
+PATHS = ("INDEX_DIR", "CATALOG_DIR", "CHECKPOINT", "REPORT_DIR", "THUMB_DIR", "AUDIT_DIR")
 
 
 def resolve_paths(config) -> None:
@@ -44,7 +46,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config["THUMB_DIR"] = os.path.join(app.instance_path, "thumbs")
     resolve_paths(app.config)
 
-    from web import api, errors, evaluation, media, resources, security, views
+    from web import api, errors, evaluation, media, resources, review, security, views
 
     resources.init_app(app)
     errors.init_app(app)
@@ -53,4 +55,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(evaluation.bp)
+    app.register_blueprint(review.bp)
     return app

@@ -8,7 +8,7 @@ from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
 
-HANDLED = (400, 404, 405, 413, 500, 503)
+HANDLED = (400, 403, 404, 405, 413, 500, 503)
 MESSAGES = {
     404: "Not found.",
     405: "This method is not allowed here.",

@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="model for search by photo; its fingerprint must match the index (default: none, "
                            "search by photo disabled)")
     data.add_argument("--report", metavar="REPORT_DIR", help="'retrieval evaluate' output for the evaluation page")
+    data.add_argument("--audit", metavar="AUDIT_DIR", help="'retrieval audit' output for the label review page")
+    data.add_argument("--review", action="store_true",
+                      help="let the label review page record decisions in AUDIT_DIR/decisions.csv (default: off, read-only)")
     data.add_argument("--cache-dir", metavar="DIR", help="thumbnail cache (default: the app's instance/thumbs)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -92,7 +95,8 @@ def ensure_file_limit(connections: int, spare: int = 256) -> None:
 def app_config(args: argparse.Namespace) -> dict:
     """Return the Flask config of parsed ``retrieval serve`` options."""
     config = {"INDEX_DIR": args.index, "CATALOG_DIR": args.catalog, "CHECKPOINT": args.checkpoint,
-              "REPORT_DIR": args.report, "DEVICE": args.device, "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
+              "REPORT_DIR": args.report, "DEVICE": args.device,
+              "AUDIT_DIR": args.audit, "REVIEW": bool(args.review), "MAX_CONTENT_LENGTH": int(args.max_upload_mb * 1e6)}
     if args.cache_dir:
         config["THUMB_DIR"] = args.cache_dir
     return config  # create_app makes every path absolute
@@ -163,8 +167,12 @@ def main(argv=None) -> int:
     snapshot = app.extensions["retrieval"].warm_up()  # refuses a fingerprint mismatch before listening
     server = make_server(app, args.host, args.port, args.threads, limits)
     upload = "on" if args.checkpoint else "off (no --checkpoint)"
+    review = "" if not args.audit else ("; label review records decisions" if args.review else
+                                        "; label review read-only (add --review to record decisions)")
+    if args.review and not args.audit:
+        raise ValueError("--review needs --audit AUDIT_DIR (written by 'retrieval audit')")
     print(f"Serving {len(snapshot.store)} items from {args.index} on http://{args.host}:{server.effective_port}/ "
-          f"(search by photo {upload}; Ctrl-C stops)", flush=True)
+          f"(search by photo {upload}{review}; Ctrl-C stops)", flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

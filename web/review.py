@@ -1,0 +1,144 @@
+"""Label review: the issues of a ``retrieval audit`` (AUDIT_DIR/issues.csv) with their photo, given and
+suggested labels and nearest labelled neighbours; accept / reject / skip (keyboard: a / r / s).
+Decisions are appended to AUDIT_DIR/decisions.csv only when the server was started with --review."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from flask import (Blueprint, abort, current_app, jsonify, redirect, render_template, request,
+                   url_for)
+
+from retrieval.audit import KINDS, Issue
+from retrieval.decisions import DECISIONS, append_decision, latest, read_decisions
+
+bp = Blueprint("review", __name__)
+PAGE_SIZE = 12
+OFF = "Decisions are off: start the server with --review to record them (the audit is read-only now)."
+
+
+class AuditFiles:
+    """issues.csv and the catalog's labels, read once and again when the files change."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key, self.issues, self.labels = None, [], {}
+
+    def load(self, directory: Path, catalog_dir: Path | None) -> "AuditFiles":
+        from retrieval.audit_cli import read_issues
+        from retrieval.catalog import read_catalog
+
+        key = [os.stat(directory / "issues.csv").st_mtime_ns]
+        if catalog_dir is not None:
+            key.append(os.stat(catalog_dir / "labels.csv").st_mtime_ns)
+        with self._lock:
+            if key != self._key:
+                self.issues = read_issues(directory / "issues.csv")
+                catalog = read_catalog(catalog_dir, check_files=False) if catalog_dir else None
+                self.labels = {it.image: it.labels for it in catalog.items} if catalog else {}
+                self._key = key
+        return self
+
+
+FILES = AuditFiles()
+
+
+def audit_dir() -> Path:
+    """The configured audit directory (503 naming how to configure one)."""
+    configured = current_app.config.get("AUDIT_DIR")
+    if not configured or not (Path(configured) / "issues.csv").is_file():
+        abort(503, "No label audit configured: run 'retrieval audit ... --out AUDIT_DIR', then start the "
+                   "server with --audit AUDIT_DIR (add --review to record decisions)")
+    return Path(configured)
+
+
+def audit_files() -> AuditFiles:
+    catalog = current_app.config.get("CATALOG_DIR")
+    return FILES.load(audit_dir(), Path(catalog) if catalog else None)
+
+
+def pending(group: str | None, kind: str | None) -> list[Issue]:
+    """Issues of a group and kind (None = all) without a decision yet, in ranked order."""
+    decided = latest(read_decisions(audit_dir() / "decisions.csv"))
+    return [i for i in audit_files().issues if (group is None or i.group == group)
+            and (kind is None or i.kind == kind) and (i.image, i.group) not in decided]
+
+
+def chosen_filters() -> tuple[str | None, str | None]:
+    """group= and kind= of the request (empty = all); 400 naming the valid values."""
+    group, kind = request.values.get("group") or None, request.values.get("kind") or None
+    groups = sorted({i.group for i in audit_files().issues})
+    if group is not None and group not in groups:
+        abort(400, f"Unknown group {group!r}; choose one of: {', '.join(groups)}")
+    if kind is not None and kind not in KINDS:
+        abort(400, f"Unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    return group, kind
+
+
+def as_dict(issue: Issue) -> dict:
+    labels = audit_files().labels
+    near = [n for n in issue.neighbours.split("|") if n]
+    return {"image": issue.image, "group": issue.group, "given": issue.given, "suggested": issue.suggested,
+            "score": issue.score, "kind": issue.kind,
+            "neighbours": [{"image": n, "labels": list(labels.get(n, {}).get(issue.group, ()))} for n in near]}
+
+
+def page_of(issues: list, page: int) -> list:
+    return issues[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+
+
+def record(values) -> dict:
+    """Append the decision of a pending issue; 403 without --review, 400/404 naming what is wrong."""
+    if not current_app.config.get("REVIEW"):
+        abort(403, OFF)
+    missing = [f for f in ("image", "group", "kind", "decision") if not values.get(f)]
+    if missing:
+        abort(400, f"Missing field(s): {', '.join(missing)}")
+    if values["decision"] not in DECISIONS:
+        abort(400, f"Unknown decision {values['decision']!r}; choose one of: {', '.join(DECISIONS)}")
+    match = [i for i in audit_files().issues if (i.image, i.group, i.kind) ==
+             (values["image"], values["group"], values["kind"])]
+    if not match:
+        abort(404, f"No {values['kind']} issue of {values['image']!r} in group {values['group']!r}")
+    issue = match[0]
+    return append_decision(audit_dir() / "decisions.csv", issue.image, issue.group, issue.kind, issue.given,
+                           issue.suggested, values["decision"])
+
+
+@bp.get("/review")
+def page():
+    """The pending issues of the chosen group and kind, a page at a time."""
+    group, kind = chosen_filters()
+    issues = pending(group, kind)
+    number = max(1, request.args.get("page", 1, type=int) or 1)
+    groups = sorted({i.group for i in audit_files().issues})
+    return render_template("review.html", issues=[as_dict(i) for i in page_of(issues, number)], total=len(issues),
+                           page=number, pages=max(1, -(-len(issues) // PAGE_SIZE)), group=group, kind=kind,
+                           groups=groups, kinds=KINDS, review_enabled=bool(current_app.config.get("REVIEW")),
+                           off=OFF)
+
+
+@bp.post("/review/decide")
+def decide():
+    """Form post (the page's buttons and keyboard shortcuts): record, then back to the list."""
+    record(request.form)
+    return redirect(url_for("review.page", group=request.form.get("filter_group") or None,
+                            kind=request.form.get("filter_kind") or None))
+
+
+@bp.get("/api/review/issues")
+def api_issues():
+    """JSON: the pending issues (``group``, ``kind``, ``page`` as on the page)."""
+    group, kind = chosen_filters()
+    issues = pending(group, kind)
+    number = max(1, request.args.get("page", 1, type=int) or 1)
+    return jsonify(issues=[as_dict(i) for i in page_of(issues, number)], total=len(issues), page=number,
+                   review=bool(current_app.config.get("REVIEW")))
+
+
+@bp.post("/api/review/decisions")
+def api_decide():
+    """JSON or form body {image, group, kind, decision}: the recorded row (201)."""
+    values = request.get_json(silent=True) if request.is_json else request.form
+    return jsonify(record(values or {})), 201
