@@ -129,7 +129,12 @@ def wrong_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarr
     if len(items) < 2 or len(vocab) < 2:
         return []
     p = probs[rows]
-    flagged = find_label_issues(labels, p, multi_label=multi, return_indices_ranked_by="self_confidence")
+    if multi:
+        from cleanlab.multilabel_classification.filter import find_label_issues as find_multi_label_issues
+
+        flagged = find_multi_label_issues(labels, p, return_indices_ranked_by="self_confidence")
+    else:
+        flagged = find_label_issues(labels, p, return_indices_ranked_by="self_confidence")
     issues = []
     for i in flagged:
         given = labels[i] if multi else [labels[i]]
