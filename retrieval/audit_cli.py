@@ -10,10 +10,11 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .atomic import atomic_write, write_text
 from .audit import Issue, audit_catalog, catalog_features, summarize
 from .catalog import read_catalog, select_groups
 from .checkpoint import load_model
-from .training import resolve_device
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 ISSUES_FILE, SUMMARY_FILE, SETTINGS_FILE, DECISIONS_FILE = "issues.csv", "summary.md", "audit.json", "decisions.csv"
@@ -51,12 +52,10 @@ def get_apply_parser() -> argparse.ArgumentParser:
 
 def write_issues(path: Path, issues: list[Issue]) -> None:
     """issues.csv, written to a temporary file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, [fl.name for fl in fields(Issue)])
         writer.writeheader()
         writer.writerows(asdict(i) for i in issues)
-    tmp.replace(path)
 
 
 def read_issues(path: str | Path) -> list[Issue]:
@@ -85,11 +84,11 @@ def run_audit(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_issues(out / ISSUES_FILE, issues)
     table = summarize(issues, catalog, groups)
-    (out / SUMMARY_FILE).write_text(table + "\n")
+    write_text(out / SUMMARY_FILE, table + "\n")
     settings = {"catalog": str(Path(args.catalog).resolve()), "checkpoint": str(Path(args.checkpoint).resolve()),
                 "groups": groups, "folds": args.folds, "min_confidence": args.min_confidence,
                 "duplicate_threshold": args.duplicate_threshold, "seconds": round(time.perf_counter() - began, 1)}
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    write_text(out / SETTINGS_FILE, json.dumps(settings, indent=2))
     print(table)
     print(f"\n{len(issues)} issues in {out / ISSUES_FILE} ({settings['seconds']} s); review them with "
           f"retrieval serve ... --audit {out} --review")

@@ -2,58 +2,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 from pathlib import Path
 
 import torch
 
-from indexer.stale import HOST, writer_gone
-
+from .atomic import atomic_write
 from .model import RetrievalModel, fingerprint, model_from_config
 
 logger = logging.getLogger(__name__)
 
-# .NAME.HOST-PID.tmp; older versions wrote .NAME.PID.tmp
-TEMPORARY = re.compile(r"^\..+\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
-
-
-def temporary_path(path: Path) -> Path:
-    """The temporary file beside ``path`` that this process writes: ``.NAME.HOST-PID.tmp``."""
-    return path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporaries in ``directory`` whose writer is gone: a dead process of this host,
-    or older than a day (names without a host, and other hosts', are judged by age alone)."""
-    removed = []
-    for entry in os.scandir(directory) if directory.is_dir() else ():
-        match = TEMPORARY.match(entry.name)
-        try:
-            if not match or not entry.is_file(follow_symlinks=False):
-                continue
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:  # its writer finished meanwhile
-            continue
-        if writer_gone(match["host"], match["pid"], mtime):
-            Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
-            logger.info("Removed %s, left by a writer that is gone", entry.path)
-    return removed
-
-
 def atomic_save(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place; temporaries
     that killed writers left in the directory are removed first."""
-    path = Path(path)
-    remove_stale_temporaries(path.parent)
-    tmp = temporary_path(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def make_checkpoint(model: RetrievalModel, **extra) -> dict:

@@ -11,6 +11,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic import atomic_write
 from .catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, read_catalog
 
 FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
@@ -80,12 +81,10 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         _link_or_copy(src / row["image"], out / row["image"])
-    tmp = out / f".{LABELS_FILE}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out / LABELS_FILE, newline="") as f:
         writer = csv.DictWriter(f, header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(out / LABELS_FILE)
     read_catalog(out)  # the copy must be a valid catalog
     return changed
 

@@ -3,13 +3,13 @@ import argparse
 import csv
 import logging
 import math
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -234,14 +234,8 @@ def degrade(rng, image):
 
 def write_csv_atomic(path, rows):
     """Write rows to a CSV file through a temporary file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".labels-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def make_demo_catalog(out_dir, n_items=480, seed=0, image_size=128, progress=False):

@@ -19,7 +19,7 @@ from .checkpoint import load_model
 from .data import ImageCache
 from .inference import iter_outputs, open_trunk_cache, standardize
 from .model import POOL_WEIGHTINGS, create_model
-from .training import resolve_device
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -4,23 +4,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from retrieval.atomic import atomic_write, write_text
 from retrieval.catalog import Catalog, CatalogError, read_catalog
-from retrieval.metrics import DEVICES, evaluate_retrieval
+from retrieval.devices import DEVICES
+from retrieval.metrics import evaluate_retrieval
 from retrieval.classification import classify, draw_class_chart, fuse_files, group_vectors_from_probs, read_probabilities
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "train", "all")
 REPORT_FILE = "report.json"
-VARIANTS = ("map_paper", "map_standard")
 
 
 class EvaluationError(ValueError):
@@ -118,25 +117,14 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
 
 # --------------------------------------------------------------------------- writing
 
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, out_dir: str | Path) -> Path:
     """Write report.json, table.md and chart.png into ``out_dir``; return the directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / REPORT_FILE, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    write_atomic(out_dir / "table.md", lambda p: p.write_text(format_table(report) + "\n"))
-    write_atomic(out_dir / "chart.png", lambda p: draw_chart(report, p))
+    write_text(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / "table.md", format_table(report) + "\n")
+    with atomic_write(out_dir / "chart.png", "wb") as f:
+        draw_chart(report, f)
     return out_dir
 
 

@@ -18,21 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .devices import resolve_device
+
 logger = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """Map ``auto|cpu|cuda`` to a torch device; ``auto`` picks CUDA when available."""
-    if device not in DEVICES:
-        raise ValueError(f"Unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Device 'cuda' was asked for but CUDA is not available; use --device cpu or auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     """L2-normalise rows as float32 (zero rows stay zero)."""

@@ -9,7 +9,7 @@ import numpy as np
 from .checkpoint import load_model
 from .images import ImageError
 from .inference import fuse_probabilities, predict_images
-from .training import resolve_device
+from .devices import resolve_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import sampling
+from .atomic import write_text
 from .catalog import read_catalog, training_catalog
 from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels, loader_workers,
                    parse_dropout_profile)
+from .devices import resolve_device
 from .features import build_trunk_cache
 from .images import augment_batch, normalize_batch
 from .losses import (group_weights, label_weights, multi_group_loss, overlap_contrastive_loss, range_loss,
@@ -26,7 +28,7 @@ from .losses import (group_weights, label_weights, multi_group_loss, overlap_con
 from .metrics import evaluate_retrieval
 from .model import create_model
 from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                       resolve_device, resolve_trainable, setup_distributed, split_validation)
+                       resolve_trainable, setup_distributed, split_validation)
 
 logger = logging.getLogger(__name__)
 
@@ -379,18 +381,14 @@ def selection_score(record: dict, select_by: str = "map") -> float:
 
 def write_json(path: Path, data) -> None:
     """JSON written to a temporary file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def write_config(path: Path, cfg: TrainConfig) -> None:
     """The resolved configuration as YAML (atomic)."""
     import yaml
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def train(cfg: TrainConfig) -> list[dict]:

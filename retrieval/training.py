@@ -5,7 +5,7 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,18 +64,6 @@ class TrainConfig:
     trunk_cache: str | None = None
     seed: int = 0
     resume: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu or auto")
-    if choice not in ("cpu", "cuda") and not choice.startswith("cuda:"):
-        raise ValueError(f"Unknown device {choice!r}; choose one of: auto, cpu, cuda")
-    return torch.device(choice)
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from retrieval.metrics import DEVICES, evaluate_retrieval, resolve_device
+from retrieval.devices import DEVICES, resolve_device
+from retrieval.metrics import evaluate_retrieval
 
 GROUPS = {"type": (40, 1, 0.0), "colour": (12, 1, 0.1), "style": (20, 3, 0.3)}  # classes, max labels, unlabelled
 

@@ -20,7 +20,7 @@ from retrieval.catalog import read_catalog
 from retrieval.data import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.images import augment_batch, normalize_batch
 from retrieval.model import create_model
-from retrieval.training import resolve_device
+from retrieval.devices import resolve_device
 
 
 def get_args_parser():

@@ -29,7 +29,7 @@ from retrieval.data import ImageCache, ImageDataset  # noqa: E402
 from retrieval.experiments import Experiment, run_experiment  # noqa: E402
 from retrieval.inference import iter_outputs  # noqa: E402
 from retrieval.model import create_model  # noqa: E402
-from retrieval.training import resolve_device  # noqa: E402
+from retrieval.devices import resolve_device  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-product-images"
 FULL = dict(backbone="efficientnet_lite0", image_size=288, batch_size=128, images=2048, eval_sizes=[100_000, 392_000],

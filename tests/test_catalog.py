@@ -1,7 +1,7 @@
 """Catalog parsing: good input, each bad case, the hash split and the summary."""
 import pytest
 
-from conftest import write_catalog
+from conftest import needs_dataset, write_catalog
 from retrieval.catalog import CatalogError, hash_split, parse_labels, read_catalog, training_catalog
 from retrieval.cli import main as cli
 from retrieval.info import summarize_catalog
@@ -127,3 +127,14 @@ def test_verify_images_lists_paths_relative_to_the_catalog(tmp_path, capsys):
     assert cli(["catalog-info", str(root), "--verify-images"]) == 0
     out = capsys.readouterr().out
     assert "1 unreadable images\n  sub/b.jpg: cannot read image" in out
+
+
+@needs_dataset()
+@pytest.mark.dataset
+def test_development_catalog_reads_as_its_readme_says():
+    from conftest import DATASET
+
+    catalog = read_catalog(DATASET)  # every image file checked
+    assert len(catalog) == 9583 and len(catalog.split_items("test")) == 1935
+    assert catalog.groups == ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage"]
+    assert len(catalog.vocab["articleType"]) == 75 and catalog.multi_label_groups() == []

@@ -135,3 +135,16 @@ def test_sampling_works_on_host_arrays():
 
     order = epoch_order(10, 0, 0, rank=1, world=2, exclude=np.array([3, 4]))
     assert len(order) == 4 and not set(order.tolist()) & {3, 4}
+
+
+def test_one_device_rule_for_every_command():
+    from retrieval.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="choose one of: auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        for choice in ("cuda", "cuda:1"):  # both spellings understood, refused for want of a GPU
+            with pytest.raises(ValueError, match="no CUDA device is available; use --device cpu"):
+                resolve_device(choice)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from retrieval.checkpoint import HOST, atomic_save
+from indexer.stale import HOST
+from retrieval.checkpoint import atomic_save
 from retrieval.cli import main as cli
 
 DAY = 24 * 3600
@@ -59,7 +60,7 @@ def test_training_removes_what_a_killed_run_left(demo_catalog, tmp_path, pids):
     dead, _ = pids
     run = tmp_path / "run"
     run.mkdir()
-    left = [run / f".last.pt.{HOST}-{dead}.tmp", run / ".metrics.json.tmp", run / ".config.yaml.tmp"]
+    left = [run / f".{name}.{HOST}-{dead}.tmp" for name in ("last.pt", "metrics.json", "config.yaml")]
     for path in left:
         path.write_bytes(b"partial")
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(run), "--epochs", "1", "--resume", *TINY]) == 0

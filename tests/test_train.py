@@ -19,14 +19,24 @@ def train(catalog, out, *extra):
     return cli(["train", "--catalog", str(catalog), "--out", str(out), *TINY, *extra])
 
 
-def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, capsys):
+def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, demo_catalog, capsys):
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.json", "trunk-cache.h5"):
         assert (tiny_run / name).exists(), name
     ckpt = load_checkpoint(tiny_run / "last.pt")
     assert ckpt["epoch"] == 1 and "optimizer" in ckpt
     assert set(ckpt["model_config"]["groups"]) == {"category", "colours", "pattern", "sleeve", "gender"}
     assert ckpt["model_config"]["multi_label_groups"] == ["colours"]
-    assert ckpt["group_weights"]["category"] == 1.0 or max(ckpt["group_weights"].values()) == 1.0
+    # Li et al. by hand: r = labelled training items of a group / the largest group's; every r here is
+    # above mean(r)/3, so the weight is r itself (sleeve is unknown for sleeveless garments: r < 1)
+    from retrieval.catalog import read_catalog
+    from retrieval.training import split_validation
+
+    train = split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0]
+    counts = {g: sum(1 for it in train if it.labels[g]) for g in ckpt["group_weights"]}
+    top = max(counts.values())
+    assert all(n / top >= sum(counts.values()) / len(counts) / top / 3 for n in counts.values())
+    assert ckpt["group_weights"] == pytest.approx({g: n / top for g, n in counts.items()})
+    assert ckpt["group_weights"]["sleeve"] < 0.8
     model, _ = load_model(tiny_run / "last.pt")
     assert fingerprint(model) == ckpt["fingerprint"]
     history = json.loads((tiny_run / "metrics.json").read_text())

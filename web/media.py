@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import click
 from flask.cli import with_appcontext
 from flask import Blueprint, abort, current_app, send_file, send_from_directory
 
+from retrieval.atomic import atomic_write
 from web.resources import catalog_dir, get_snapshot, resources
 
 logger = logging.getLogger(__name__)
@@ -40,14 +39,8 @@ def write_thumbnail(image: Path, target: Path, size: int) -> bool:
         logger.warning("Cannot make a thumbnail of %s: %s", image, err)
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".thumb-", suffix=".jpg")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            small.save(f, "JPEG", quality=85, optimize=True)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target, "wb") as f:
+        small.save(f, "JPEG", quality=85, optimize=True)
     return True
 
 

@@ -1,0 +1,65 @@
+"""One way to write a file so that readers never see half of it: a temporary file beside the target
+(``.NAME.HOST-PID.tmp``) renamed into place. Temporaries whose writer died (kill -9) are removed by
+the next writer in the same folder (see ``indexer.stale``)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from indexer.stale import HOST, writer_gone
+
+logger = logging.getLogger(__name__)
+
+# .NAME.HOST-PID.tmp; older versions wrote .NAME.PID.tmp
+TEMPORARY = re.compile(r"^\..+\.(?:(?P<host>[\w-]+)-)?(?P<pid>\d+)\.tmp$")
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary file beside ``path`` that this process writes: ``.NAME.HOST-PID.tmp``."""
+    return path.with_name(f".{path.name}.{HOST}-{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporaries in ``directory`` whose writer is gone: a dead process of this host,
+    or older than a day (names without a host, and other hosts', are judged by age alone)."""
+    removed = []
+    for entry in os.scandir(directory) if directory.is_dir() else ():
+        match = TEMPORARY.match(entry.name)
+        try:
+            if not match or not entry.is_file(follow_symlinks=False):
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if writer_gone(match["host"], match["pid"], mtime):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+            logger.info("Removed %s, left by a writer that is gone", entry.path)
+    return removed
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kwargs):
+    """``with atomic_write(path) as f: ...``: the file appears whole at ``path`` when the block ends,
+    and not at all when it raises. Text modes default to UTF-8."""
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
+    tmp = temporary_path(path)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Text written atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
