@@ -4,7 +4,7 @@ try:
 except ImportError as err:  # faiss-cpu and faiss-gpu are extras: exactly one must be installed
     raise ImportError("FAISS is not installed: pip install '.[cpu]' (or '.[gpu]' on a CUDA machine), "
                       "or run scripts/setup.sh") from err
-from indexer.embeddings import build_store_from_embeddings, read_embeddings
+from indexer.embeddings import build_store_from_embeddings
 from indexer.filters import qualifying_ids
 from indexer.index import INDEX_TYPES, build_index, index_kind, search_depth, tune_search_depth
 from indexer.store import IndexStore
@@ -16,7 +16,6 @@ __all__ = [
     "build_store_from_embeddings",
     "index_kind",
     "qualifying_ids",
-    "read_embeddings",
     "search_depth",
     "tune_search_depth",
 ]

@@ -1,44 +1,15 @@
-"""Classification side of the evaluation: per-group accuracy, per-class P/R/F1, fusion, charts."""
+"""Classification side of the evaluation: per-group accuracy, per-class P/R/F1, charts."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .catalog import Catalog
 from .metrics import classification_report, multilabel_report
 
 logger = logging.getLogger(__name__)
-
-
-def read_probabilities(path: str | Path, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Head probabilities ``probs/<group>`` of the given rows of an embeddings file ({} if none)."""
-    with h5py.File(path, "r") as f:
-        if "probs" not in f:
-            return {}
-        return {g: f[f"probs/{g}"][:][rows] for g in f["probs"]}
-
-
-def fuse_files(path_a, path_b, rows_b: np.ndarray, probs_a: dict) -> dict[str, np.ndarray]:
-    """Score fusion of two models: the mean of their class scores, group by group."""
-    probs_b = read_probabilities(path_b, rows_b)
-    if set(probs_b) != set(probs_a) or any(probs_a[g].shape != probs_b[g].shape for g in probs_a):
-        raise ValueError(f"{path_b}: its groups or label vocabularies differ from {path_a}; cannot fuse")
-    return {g: (probs_a[g] + probs_b[g]) / 2 for g in probs_a}
-
-
-def group_vectors_from_probs(probs: dict[str, np.ndarray], multi_label_groups=()) -> dict[str, np.ndarray]:
-    """Group-focused vectors of (fused) probabilities, as the model makes them: the softmax as it
-    is for single-label groups, L2-normalised for multi-label ones."""
-    out = {}
-    for g, p in probs.items():
-        v = np.asarray(p, dtype=np.float32)
-        if g in multi_label_groups:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        out[g] = v
-    return out
 
 
 def group_report(probs: np.ndarray, items, group: str, vocab: list[str], multi_label: bool) -> dict | None:

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         heads, standardise = True, False
     trunk_cache = open_trunk_cache(args.trunk_cache, model, catalog, start) if args.trunk_cache else None
     meta = {"fingerprint": fp, "backbone": model.config.backbone, "catalog": str(Path(args.catalog).resolve()),
-            "split": args.split}
+            "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
                           image_cache, trunk_cache, start, args.split)

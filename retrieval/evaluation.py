@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ from retrieval.atomic import atomic_write, write_text
 from retrieval.catalog import Catalog, CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.metrics import evaluate_retrieval
-from retrieval.classification import classify, draw_class_chart, fuse_files, group_vectors_from_probs, read_probabilities
+from retrieval.classification import classify, draw_class_chart
+from retrieval.embfile import fuse_probabilities, group_vectors, read_embeddings, read_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -26,37 +26,7 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated; the message says which file and why."""
 
 
-@dataclass
-class Embeddings:
-    """The contents of an ``EMB.h5`` file (see docs/formats.md)."""
-
-    vectors: np.ndarray
-    ids: np.ndarray
-    paths: list[str]
-    group_vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    fingerprint: str = ""
-
-
-# --------------------------------------------------------------------------- reading and matching
-
-def read_embeddings(path: str | Path) -> Embeddings:
-    """Load vectors, ids, paths, group vectors and fingerprint from an embeddings HDF5 file."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: embeddings file not found")
-    with h5py.File(path, "r") as f:
-        missing = [name for name in ("vectors", "paths") if name not in f]
-        if missing:
-            raise EvaluationError(f"{path}: missing dataset(s) {missing}; expected vectors, ids, paths")
-        groups = {g: np.asarray(f["groups"][g], dtype=np.float32) for g in f["groups"]} if "groups" in f else {}
-        fingerprint = f.attrs.get("fingerprint", "")
-        return Embeddings(vectors=np.asarray(f["vectors"], dtype=np.float32),
-                          ids=np.asarray(f["ids"]) if "ids" in f else np.arange(len(f["vectors"])),
-                          paths=list(f["paths"].asstr()[()]), group_vectors=groups,
-                          fingerprint=fingerprint.decode() if isinstance(fingerprint, bytes) else str(fingerprint))
-
+# --------------------------------------------------------------------------- matching
 
 def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarray, list]:
     """Embedding rows of the split and their catalog items, matched by image path."""
@@ -94,7 +64,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     labels = {g: [item.labels[g] for item in items] for g in catalog.groups}
     for g in sorted(set(emb.group_vectors) - set(catalog.groups)):
         logger.warning("group vectors %r have no matching catalog group; ignored", g)
-    group_vectors = {g: v[rows] for g, v in emb.group_vectors.items() if g in labels}
+    views = {g: v[rows] for g, v in emb.group_vectors.items() if g in labels}
     probs = read_probabilities(emb_path, rows)
     if fuse:
         other = read_embeddings(fuse)
@@ -102,9 +72,12 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         missing = [emb.paths[r] for r in rows if emb.paths[r] not in position]
         if missing:
             raise EvaluationError(f"{fuse}: lacks {len(missing)} image(s) of {emb_path}, e.g. {missing[:3]}")
-        probs = fuse_files(emb_path, fuse, np.array([position[emb.paths[r]] for r in rows]), probs)
-        group_vectors = {g: v for g, v in group_vectors_from_probs(probs, catalog.multi_label_groups()).items() if g in labels}
-    report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=group_vectors,
+        probs = fuse_probabilities(probs, read_probabilities(fuse, np.array([position[emb.paths[r]] for r in rows])),
+                                   f"{emb_path} and {fuse}")
+        sigmoid = set(emb.sigmoid_groups if emb.sigmoid_groups is not None else catalog.multi_label_groups())
+        sigmoid |= set(other.sigmoid_groups or ())  # a group either model scores by sigmoids
+        views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
+    report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=views,
                                 device=device, progress=True)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve()),

@@ -51,17 +51,19 @@ def use_gpu(choice: str):
 
 
 def main(argv=None) -> int:
-    from indexer import IndexStore, build_store_from_embeddings, read_embeddings
+    from indexer import IndexStore, build_store_from_embeddings
+
+    from .embfile import read_embeddings
 
     args = get_args_parser().parse_args(argv)
     if args.action == "build":
-        emb = read_embeddings(args.embeddings)
+        emb = read_embeddings(args.embeddings).as_dict()
         titles, labels = item_metadata(emb, args.catalog)
         store = build_store_from_embeddings(emb, args.type, titles, labels, use_gpu=use_gpu(args.gpu))
         store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)}")
     elif args.action == "add":
-        emb = read_embeddings(args.embeddings)
+        emb = read_embeddings(args.embeddings).as_dict()
         store = IndexStore.load(args.index, expect_fingerprint=str(emb["attrs"].get("fingerprint", "")))
         new = np.flatnonzero(~np.isin(emb["ids"], store.ids)).tolist()  # one sorted pass, not a set per row
         titles, labels = item_metadata(emb, args.catalog)

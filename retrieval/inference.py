@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from . import embfile
 from .catalog import Catalog, Item
 from .data import ImageCache, ImageDataset, collate_images, loader_workers
 from .features import TrunkCache, cache_key, cache_serves
@@ -36,7 +37,7 @@ def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, 
     if heads:
         logits = model.forward_heads(emb)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
-        group_vectors = {g: v.float().cpu().numpy() for g, v in model.group_vectors(logits).items()}
+        group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
     return Outputs(np.asarray(positions), emb.float().cpu().numpy(), probs, group_vectors)
 
 
@@ -100,14 +101,6 @@ def predict_images(model: RetrievalModel, paths, device="cpu") -> list[dict[str,
         logits = model.forward_heads(model.embed_pooled(model.inference_features(x)))
         results.append({g: model.probabilities(g, z)[0].cpu().numpy() for g, z in logits.items()})
     return results
-
-
-def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Score fusion: the mean of two models' class scores, group by group."""
-    missing = sorted(set(a) ^ set(b))
-    if missing:
-        raise ValueError(f"Cannot fuse models with different groups: {', '.join(missing)}")
-    return {g: (a[g] + b[g]) / 2 for g in a}
 
 
 def standardize(vectors: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 
 from .checkpoint import load_model
 from .images import ImageError
-from .inference import fuse_probabilities, predict_images
+from .embfile import fuse_probabilities
+from .inference import predict_images
 from .devices import resolve_device
 
 

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import sampling
+from . import embfile, sampling
 from .atomic import write_text
 from .catalog import read_catalog, training_catalog
 from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
@@ -237,8 +237,9 @@ class Job:
             total, parts, logits, emb = self.loss(self.forward_net, x, t)
             seen.append(positions)
             vectors.append(emb.float().cpu())
-            for g, v in self.model.group_vectors(logits).items():
-                group_vectors[g].append(v.cpu())
+            probs = {g: self.model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
+            for g, v in embfile.group_vectors(probs, self.model.sigmoid_groups).items():
+                group_vectors[g].append(torch.from_numpy(v))
             sums["val_loss"] += total.item() * len(positions)
             sums["n"] += len(positions)
             for g, z in logits.items():

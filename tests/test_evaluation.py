@@ -181,10 +181,10 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
 
 
 def test_group_vectors_from_probs_normalise_multi_label_groups_only():
-    from retrieval.classification import group_vectors_from_probs
+    from retrieval.embfile import group_vectors as group_vectors_from_probs
 
     probs = {"type": np.array([[0.2, 0.8]]), "colour": np.array([[0.6, 0.8, 0.0]])}
-    vectors = group_vectors_from_probs(probs, multi_label_groups=["colour"])
+    vectors = group_vectors_from_probs(probs, ["colour"])
     assert np.allclose(vectors["type"], [[0.2, 0.8]])  # softmax kept: p·q = P(same label)
     assert np.allclose(vectors["colour"], [[0.6, 0.8, 0.0]])  # already unit length
     assert np.allclose(np.linalg.norm(group_vectors_from_probs({"c": np.array([[0.9, 0.9]])}, ["c"])["c"]), 1)

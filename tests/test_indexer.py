@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from indexer import IndexStore, build_index, build_store_from_embeddings, index_kind, read_embeddings
+from indexer import IndexStore, build_index, build_store_from_embeddings, index_kind
+from retrieval.embfile import read_embeddings
 from indexer import store as store_module
 from indexer.filters import build_label_index, qualifying_ids
 from indexer.index import recall_at_k
@@ -335,7 +336,7 @@ def write_embeddings(path, x, ids, groups):
 def test_read_embeddings_and_build_store(tmp_path, catalog):
     path = tmp_path / "emb.h5"
     write_embeddings(path, catalog["x"], catalog["ids"], {"color": catalog["gx"]})
-    emb = read_embeddings(path)
+    emb = read_embeddings(path).as_dict()
     assert emb["paths"][0] == "img/5.jpg" and emb["attrs"]["groups"] == ["color"]
     assert emb["attrs"]["fingerprint"] == "abc" and emb["groups"]["color"].shape == (400, 8)
     titles = {int(i): f"t{i}" for i in catalog["ids"]}
@@ -350,7 +351,7 @@ def test_read_embeddings_names_missing_dataset(tmp_path):
         f["vectors"] = clustered(3, 4)
     with pytest.raises(ValueError, match="bad.h5 lacks dataset\\(s\\) ids, paths"):
         read_embeddings(path)
-    with pytest.raises(FileNotFoundError, match="missing.h5"):
+    with pytest.raises(ValueError, match="missing.h5: embeddings file not found"):
         read_embeddings(tmp_path / "missing.h5")
 
 

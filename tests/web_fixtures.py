@@ -17,10 +17,11 @@ def build_index(emb_path: Path, catalog_dir: Path, out: Path, keep=None):
     """Build and save a flat index of the embeddings (optionally only the ids in keep); return the store."""
     import numpy as np
 
-    from indexer import build_store_from_embeddings, read_embeddings
+    from indexer import build_store_from_embeddings
+    from retrieval.embfile import read_embeddings
     from retrieval.catalog import read_catalog
 
-    emb = read_embeddings(emb_path)
+    emb = read_embeddings(emb_path).as_dict()
     if keep is not None:
         rows = np.flatnonzero(np.isin(emb["ids"], list(keep)))
         emb = {**emb, "vectors": emb["vectors"][rows], "ids": emb["ids"][rows],

@@ -1,0 +1,121 @@
+"""EMB.h5, the embeddings file (docs/formats.md): the one reader, and the scoring rules of what it
+holds. The evaluator, the index command and the web app read it only through here; ``indexer/``
+takes the arrays. h5py and numpy only."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are independent sigmoids
+JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS)
+
+
+class EmbeddingsError(ValueError):
+    """An embeddings file that cannot be used; the message names the file and the dataset."""
+
+
+@dataclass
+class Embeddings:
+    """The contents of an EMB.h5 file (head probabilities are read apart: ``read_probabilities``)."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    paths: list[str]
+    group_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs.get("fingerprint", ""))
+
+    @property
+    def sigmoid_groups(self) -> list[str] | None:
+        """Groups scored by sigmoids, as the model that wrote the file says (None: an older file)."""
+        return self.attrs.get(SIGMOID_GROUPS)
+
+    def as_dict(self) -> dict:
+        """The arrays as ``indexer.build_store_from_embeddings`` takes them."""
+        return {"vectors": self.vectors, "ids": self.ids, "paths": self.paths, "groups": self.group_vectors,
+                "attrs": self.attrs}
+
+
+def decode_attr(name: str, value):
+    """An HDF5 attribute as plain Python: str for bytes, lists for the JSON-list attributes."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if name in JSON_ATTRS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def open_file(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingsError(f"{path}: embeddings file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise EmbeddingsError(f"{path}: cannot read the embeddings file as HDF5 ({err})") from err
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Vectors, ids, paths, group vectors and attributes, with every dataset's row count checked."""
+    with open_file(path) as f:
+        missing = [name for name in ("vectors", "ids", "paths") if name not in f]
+        if missing:
+            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
+        vectors = np.asarray(f["vectors"][...], dtype=np.float32)
+        if vectors.ndim != 2:
+            raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {vectors.shape}")
+        emb = Embeddings(vectors, np.asarray(f["ids"][...], dtype=np.int64).reshape(-1),
+                         [str(p) for p in f["paths"].asstr()[...]],
+                         {g: np.asarray(ds[...], dtype=np.float32) for g, ds in f.get("groups", {}).items()},
+                         {name: decode_attr(name, value) for name, value in f.attrs.items()})
+    for name, arr in {"ids": emb.ids, "paths": emb.paths, **{f"groups/{g}": a for g, a in emb.group_vectors.items()}}.items():
+        if len(arr) != len(vectors):
+            raise EmbeddingsError(f"{path}: dataset {name!r} has {len(arr)} rows, 'vectors' has {len(vectors)}")
+    logger.info("Read %d embeddings of dimension %d from %s", *vectors.shape, path)
+    return emb
+
+
+def read_probabilities(path: str | Path, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Head probabilities ``probs/<group>`` of the given rows ({} when the file has none)."""
+    with open_file(path) as f:
+        if "probs" not in f:
+            return {}
+        return {g: f[f"probs/{g}"][:][rows] for g in f["probs"]}
+
+
+def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.ndarray]:
+    """Group-focused vectors from head probabilities, ranked by inner product: the rule for the
+    model's own outputs and for fused scores alike.
+
+    Softmax groups keep their probabilities (p·q is the model's probability that two items share
+    the label). Sigmoid groups are L2-normalised (cosine): p·q there would favour items with many
+    likely labels (demo catalog's colours: 67.5 vs 38.2 mAP@50)."""
+    out = {}
+    for g, p in probs.items():
+        v = np.asarray(p, dtype=np.float32)
+        if g in sigmoid_groups:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        out[g] = v
+    return out
+
+
+def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models") -> dict:
+    """Score fusion: the mean of two models' class scores, group by group."""
+    if set(a) != set(b) or any(np.shape(a[g]) != np.shape(b[g]) for g in a):
+        raise ValueError(f"Cannot fuse {what}: their groups or label vocabularies differ")
+    return {g: (a[g] + b[g]) / 2 for g in a}

@@ -1,0 +1,52 @@
+"""EMB.h5 through its one module: sigmoid-scored groups are recorded, and fused scores follow the
+same group-vector rule as the model's own outputs."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY
+from retrieval.cli import main as cli
+from retrieval.embfile import EmbeddingsError, fuse_probabilities, group_vectors, read_embeddings
+
+
+def test_group_vector_rule_hand_worked():
+    probs = {"type": np.array([[0.6, 0.4]]), "colour": np.array([[0.3, 0.4]])}
+    vectors = group_vectors(probs, ["colour"])
+    assert np.allclose(vectors["type"], [[0.6, 0.4]])  # softmax kept: p·q = P(same label)
+    assert np.allclose(vectors["colour"], [[0.6, 0.8]])  # sigmoids: unit length (0.3, 0.4) / 0.5
+    assert np.allclose(fuse_probabilities(probs, {g: 1 - p for g, p in probs.items()})["type"], [[0.5, 0.5]])
+    with pytest.raises(ValueError, match="groups or label vocabularies differ"):
+        fuse_probabilities(probs, {"type": probs["type"]})
+
+
+def test_a_fused_multi_label_method_model_ranks_as_the_model_does(demo_catalog, tmp_path):
+    # the multi-label method scores every group by sigmoids; fusing a file with itself must give the
+    # group view the model gave (before, fusion normalised only the catalog's multi-label groups)
+    run, emb = tmp_path / "run", tmp_path / "emb.h5"
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(run), "--epochs", "1",
+                "--method", "multi-label", *TINY]) == 0
+    assert cli(["embed", "--checkpoint", str(run / "best.pt"), "--catalog", str(demo_catalog), "--out", str(emb),
+                "--device", "cpu", "--workers", "0"]) == 0
+    assert read_embeddings(emb).sigmoid_groups == ["category", "colours", "pattern", "sleeve", "gender"]
+    reports = {}
+    for name, extra in (("own", []), ("fused", ["--fuse", str(emb)])):
+        assert cli(["evaluate", "--embeddings", str(emb), "--catalog", str(demo_catalog),
+                    "--out", str(tmp_path / name), *extra]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    for g, entry in reports["own"]["groups"].items():
+        assert reports["fused"]["groups"][g]["group_view"] == pytest.approx(entry["group_view"]), g
+
+
+def test_bad_files_name_the_file_and_dataset(tmp_path):
+    path = tmp_path / "short.h5"
+    with h5py.File(path, "w") as f:
+        f["vectors"] = np.zeros((3, 4), np.float32)
+        f["ids"] = np.arange(2)
+        f.create_dataset("paths", data=["a", "b", "c"], dtype=h5py.string_dtype())
+    with pytest.raises(EmbeddingsError, match="short.h5: dataset 'ids' has 2 rows, 'vectors' has 3"):
+        read_embeddings(path)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(EmbeddingsError, match="text.h5: cannot read the embeddings file as HDF5"):
+        read_embeddings(tmp_path / "text.h5")
