@@ -14,7 +14,7 @@ from .catalog import Catalog, Item
 from .data import ImageCache, ImageDataset, collate_images, loader_workers
 from .features import TrunkCache, cache_key, cache_serves
 from .images import image_tensor, normalize_batch
-from .model import RetrievalModel
+from .model import QUERY_VIEWS, RetrievalModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             if bad is not None:
                 bad.extend(items[i].image for i in chunk[~ok].tolist())
             chunk = chunk[ok]
-            views = (0, 1) if model.config.flip_average else (0,)
+            views = range(model.catalog_views)
             pooled = sum(_cached_pooled(model, trunk_cache, rows[chunk], view, start, device) for view in views)
             yield outputs_from_pooled(model, pooled / len(views), chunk.numpy(), heads)
         return
@@ -87,7 +87,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             continue
         x = normalize_batch(images.to(device))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-            pooled = model.inference_features(x)
+            pooled = model.view_features(x)
         yield outputs_from_pooled(model, pooled.float(), index.numpy(), heads)
 
 
@@ -98,7 +98,7 @@ def predict_images(model: RetrievalModel, paths, device="cpu") -> list[dict[str,
     results = []
     for path in paths:
         x = image_tensor(path, model.config.image_size).to(device)
-        logits = model.forward_heads(model.embed_pooled(model.inference_features(x)))
+        logits = model.forward_heads(model.forward_features(x, QUERY_VIEWS))
         results.append({g: model.probabilities(g, z)[0].cpu().numpy() for g, z in logits.items()})
     return results
 
@@ -118,7 +118,4 @@ def describe_image(model: RetrievalModel, image, device="cpu") -> Outputs:
     array = to_uint8_array(image.convert("RGB"), model.config.image_size)
     x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))
     model.eval().to(device)
-    # one view even with flip_average: photo search is interactive, and the mirror image doubles its
-    # cost (fashion index, 2 cores, concurrency 4: upload p50 138 ms vs 256 ms); single-view queries
-    # against the flip-averaged catalogue lose 0.1 shared / 0.2 group-view mAP@50 (81.6 / 87.6)
-    return outputs_from_pooled(model, model.pooled_features(x), np.zeros(1, dtype=np.int64))
+    return outputs_from_pooled(model, model.view_features(x, QUERY_VIEWS), np.zeros(1, dtype=np.int64))

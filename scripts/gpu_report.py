@@ -72,11 +72,11 @@ def embedding_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
                          colour_bins="4,6,6").to(device).eval()
     x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        model.forward_heads(model.embed_pooled(model.inference_features(x).float()))
+        model.forward_heads(model.embed_pooled(model.view_features(x).float()))
         sync(device)
         steps, began = max(1, s.images // s.batch_size), time.perf_counter()
         for _ in range(steps):
-            model.forward_heads(model.embed_pooled(model.inference_features(x).float()))
+            model.forward_heads(model.embed_pooled(model.view_features(x).float()))
         sync(device)
     limit = steps * s.batch_size / (time.perf_counter() - began)
     items = catalog.items[: s.images]

@@ -50,7 +50,7 @@ def test_model_forward_and_group_vectors_on_meta(method):
                          colour_bins="4,6,6", pool_weighting="foreground", normalized_heads=True,
                          embed_hidden=32, flip_average=True, weights="none").to(META)
     x = torch.empty(3, 3, 32, 32, device=META).contiguous(memory_format=torch.channels_last)
-    emb = model.embed_pooled(model.inference_features(x))
+    emb = model.forward_features(x)
     logits = model.forward_heads(emb)
     vectors = {g: model.probabilities(g, z) for g, z in logits.items()}
     assert emb.device == META and all(v.device == META for v in vectors.values())

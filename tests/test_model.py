@@ -142,10 +142,11 @@ def test_flip_average_is_mirror_invariant():
     model = create_model("tiny", GROUPS, embed_dim=8, weights="none", flip_average=True).eval()
     x = torch.randn(2, 3, 64, 64)
     both = (model.pooled_features(x) + model.pooled_features(x.flip(3))) / 2
-    assert torch.allclose(model.inference_features(x), both, atol=1e-6)
-    assert torch.allclose(model.inference_features(x.flip(3)), both, atol=1e-5)
+    assert torch.allclose(model.view_features(x), both, atol=1e-6)
+    assert torch.allclose(model.view_features(x.flip(3)), both, atol=1e-5)
+    assert torch.equal(model.view_features(x, 1), model.pooled_features(x)) and model.catalog_views == 2
     plain = create_model("tiny", GROUPS, embed_dim=8, weights="none").eval()
-    assert torch.equal(plain.inference_features(x), plain.pooled_features(x))
+    assert torch.equal(plain.view_features(x), plain.pooled_features(x))
 
 
 def test_checkpoint_config_without_new_fields_rebuilds_the_old_model():

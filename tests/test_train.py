@@ -294,3 +294,19 @@ def test_every_backbone_family_trains_in_the_default_mode(small_catalog, tmp_pat
     assert np.isfinite(history[0]["train_loss"])
     with h5py.File(run / "trunk-cache.h5") as f:
         assert np.isfinite(f["prefix"][:]).all()
+
+
+def test_predict_and_photo_search_score_a_photo_alike(tiny_run, demo_catalog):
+    # one view rule (model.QUERY_VIEWS) for both interactive paths; predict used two views before
+    import numpy as np
+    from PIL import Image
+
+    from retrieval.inference import describe_image, predict_images
+
+    model, _ = load_model(tiny_run / "best.pt")
+    assert model.config.flip_average and model.catalog_views == 2
+    image = sorted((demo_catalog / "images").glob("*.jpg"))[5]
+    predicted = predict_images(model, [image])[0]
+    searched = describe_image(model, Image.open(image))
+    for g, p in predicted.items():
+        assert np.allclose(p, searched.probs[g][0], atol=1e-6), g
