@@ -30,6 +30,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     """Plain log lines on stderr, for entry points only."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried, at every start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     if args.pretrained_only:
         model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
                              gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting,
-                             colour_bins=args.colour_bins)
+                             colour_bins=args.colour_bins, flip_average=False)
         model.embed = torch.nn.Identity()
         model.embed_pooled = lambda pooled: pooled
         start = len(model.trunk)

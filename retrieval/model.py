@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ QUERY_VIEWS = 1
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model from a checkpoint."""
+    """Everything needed to rebuild a model from a checkpoint. Its defaults are the product's: the
+    training options (``TrainConfig``) and ``retrieval train``'s arguments take theirs from here."""
 
     backbone: str = "efficientnet_lite0"
     groups: dict[str, list[str]] = field(default_factory=dict)
@@ -33,14 +34,14 @@ class ModelConfig:
     embed_dim: int = 256
     taps: str = "all"
     gem_p: float = 3.0
-    image_size: int = 224
-    dropout: float = 0.1
+    image_size: int = 288
+    dropout: float = 0.3
     head_scale: float = 16.0
     pool_weighting: str = "none"
-    colour_bins: str = "none"
-    normalized_heads: bool = False
-    embed_hidden: int = 0
-    flip_average: bool = False
+    colour_bins: str = "4,6,6"
+    normalized_heads: bool = True
+    embed_hidden: int = 1024
+    flip_average: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,9 +248,23 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
     return RetrievalModel(config, weights)
 
 
+# what a checkpoint written before an option existed was trained with (the option's old value)
+LEGACY = {"image_size": 224, "dropout": 0.1, "colour_bins": "none", "normalized_heads": False,
+          "embed_hidden": 0, "flip_average": False}
+
+
 def model_from_config(config: dict) -> RetrievalModel:
-    """Rebuild a model (random weights, to be loaded) from a checkpoint's config dict."""
-    return RetrievalModel(ModelConfig(**config), weights="none")
+    """Rebuild a model (random weights, to be loaded) from a checkpoint's config dict; fields the
+    checkpoint lacks take their value from before the option existed (``LEGACY``)."""
+    return RetrievalModel(ModelConfig(**{**LEGACY, **config}), weights="none")
+
+
+def model_options(options) -> dict:
+    """The ``ModelConfig`` fields (but the label schema) found on an options object such as a
+    ``TrainConfig``: what ``create_model`` takes from a training run, with no field copied by hand."""
+    schema = ("backbone", "groups", "multi_label_groups", "method", "embed_dim")
+    return {f.name: getattr(options, f.name) for f in fields(ModelConfig)
+            if f.name not in schema and hasattr(options, f.name)}
 
 
 def fingerprint(model: nn.Module) -> str:

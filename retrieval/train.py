@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 from .backbones import BACKBONES
 from .losses import GROUP_LOSSES, WEIGHTINGS
@@ -12,7 +12,7 @@ from .training import TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval train", description=(
+    p = argparse.ArgumentParser(prog="retrieval train", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
         "Train a shared trunk + shared embedding layer + one head per attribute group. On a CPU the "
         "default trains the embedding and heads on trunk features computed once and cached; on a GPU "
         "the whole network is fine-tuned. Launch with torchrun for several GPUs/processes."))
@@ -23,72 +23,73 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--label-dropout", metavar="PROFILE",
                       help="keep group t's training labels on a share of images: 'paper' or e.g. 1.0,0.9,0.6")
     data.add_argument("--groups", metavar="G1,G2", help="train on these attribute groups only (default: all)")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the train split held out for validation")
+    data.add_argument("--val-fraction", type=float, help="share of the train split held out for validation")
     data.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
     data.add_argument("--trunk-cache", metavar="H5", help="where to keep cached trunk outputs (default RUN/trunk-cache.h5); "
                                                          "share one file between runs of the same backbone")
     data.add_argument("--workers", type=int, help="data loader processes (default: cores - 1)")
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES)
+    model.add_argument("--backbone", choices=BACKBONES)
     model.add_argument("--weights", help="local trunk weights file (efficientnet_lite0 has packaged ImageNet weights)")
-    model.add_argument("--embed-dim", type=int, default=256)
-    model.add_argument("--embed-hidden", type=int, default=1024, metavar="WIDTH",
+    model.add_argument("--embed-dim", type=int)
+    model.add_argument("--embed-hidden", type=int, metavar="WIDTH",
                        help="a hidden layer of this width in the embedding layer (0 = one linear layer; default 1024)")
-    model.add_argument("--taps", default="all", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
-    model.add_argument("--gem-p", type=float, default=3.0, help="GeM pooling exponent (1 = average pooling)")
-    model.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS,
+    model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
+    model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
+    model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
                        help="foreground: weight pooling towards pixels unlike the image border (the product)")
-    model.add_argument("--colour-bins", default="4,6,6", metavar="L,A,B",
+    model.add_argument("--colour-bins", metavar="L,A,B",
                        help="add a CIELAB colour histogram of the product with this many bins along L, a "
                             "and b to the pooled features (none = off)")
-    model.add_argument("--dropout", type=float, default=0.3, help="dropout on the pooled features")
-    model.add_argument("--head-scale", type=float, default=16.0,
+    model.add_argument("--dropout", type=float, help="dropout on the pooled features")
+    model.add_argument("--head-scale", type=float,
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")
-    model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction,
                        help="unit-length label weights in the per-group heads: a pure cosine classifier "
                             "(the multi-label method keeps a plain sigmoid layer)")
-    model.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
                        help="embed and predict from the mean of an image's and its mirror image's features")
-    model.add_argument("--image-size", type=int, default=288,
+    model.add_argument("--image-size", type=int,
                        help="input side in pixels (images are letterboxed to a square of this side)")
-    model.add_argument("--trainable-blocks", default="auto",
+    model.add_argument("--trainable-blocks",
                        help="trunk units to train from the top: N, all, or auto (all on GPU, 0 on CPU)")
     model.add_argument("--freeze-trunk", action="store_const", const="0", dest="trainable_blocks",
                        help="same as --trainable-blocks 0")
-    model.add_argument("--input", default="auto", choices=("auto", "cached", "images"),
+    model.add_argument("--input", choices=("auto", "cached", "images"),
                        help="cached trunk outputs (with flips) or decoded images (full augmentation)")
     loss = p.add_argument_group("loss")
-    loss.add_argument("--method", default="multi-weight", choices=METHODS)
-    loss.add_argument("--weighting", default="group", choices=WEIGHTINGS,
+    loss.add_argument("--method", choices=METHODS)
+    loss.add_argument("--weighting", choices=WEIGHTINGS,
                       help="group: smoothed group weights (multi-weight); label: also per label in each group")
-    loss.add_argument("--smoothing-c", type=float, default=3.0, help="c in the weight floor mean(r)/c")
-    loss.add_argument("--group-loss", default="auto", choices=GROUP_LOSSES,
+    loss.add_argument("--smoothing-c", type=float, help="c in the weight floor mean(r)/c")
+    loss.add_argument("--group-loss", choices=GROUP_LOSSES,
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
-    loss.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+    loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
-    loss.add_argument("--metric-scale", type=float, default=6.0, metavar="S",
+    loss.add_argument("--metric-scale", type=float, metavar="S",
                       help="add the per-group heads' loss at logit scale S (below --head-scale): a "
                            "softer classifier that keeps pulling each item towards its labels, which "
                            "tightens the shared embedding (0 = off)")
-    loss.add_argument("--sampling", default="none", choices=SAMPLINGS, help="random over/under-sampling per epoch")
+    loss.add_argument("--sampling", choices=SAMPLINGS, help="random over/under-sampling per epoch")
     loss.add_argument("--sampling-group", help="the group whose classes --sampling balances")
-    loss.add_argument("--contrastive", type=float, default=0.0, metavar="WEIGHT",
+    loss.add_argument("--contrastive", type=float, metavar="WEIGHT",
                       help="weight of a contrastive loss pulling the shared embedding towards label "
                            "agreement over all groups (0 = off)")
-    loss.add_argument("--range-loss", type=float, default=0.0, metavar="WEIGHT", help="Range loss weight (0 = off)")
+    loss.add_argument("--range-loss", type=float, metavar="WEIGHT", help="Range loss weight (0 = off)")
     loss.add_argument("--range-group", help="the group whose classes Range loss uses")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=30)
-    opt.add_argument("--batch-size", type=int, default=128)
-    opt.add_argument("--lr", type=float, default=2e-3)
-    opt.add_argument("--trunk-lr-scale", type=float, default=0.1, help="learning rate factor of trainable trunk units")
-    opt.add_argument("--weight-decay", type=float, default=1e-4)
-    opt.add_argument("--select-by", default="map", choices=("map", "loss"),
+    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--batch-size", type=int)
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--trunk-lr-scale", type=float, help="learning rate factor of trainable trunk units")
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--select-by", choices=("map", "loss"),
                      help="best.pt is the epoch with the highest validation mAP (shared and group view "
                           "among the validation items) or the lowest validation loss")
-    opt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    opt.add_argument("--seed", type=int)
     opt.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
+    p.set_defaults(**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING})
     return p
 
 

@@ -26,7 +26,7 @@ from .images import augment_batch, normalize_batch
 from .losses import (group_weights, label_weights, multi_group_loss, overlap_contrastive_loss, range_loss,
                      resolve_group_loss)
 from .metrics import evaluate_retrieval
-from .model import create_model
+from .model import create_model, model_options
 from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                        resolve_trainable, setup_distributed, split_validation)
 
@@ -63,11 +63,7 @@ class Job:
         cfg = self.cfg
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
-                                  taps=cfg.taps, gem_p=cfg.gem_p, image_size=cfg.image_size,
-                                  pool_weighting=cfg.pool_weighting, colour_bins=cfg.colour_bins,
-                                  dropout=cfg.dropout, head_scale=cfg.head_scale,
-                                  normalized_heads=cfg.normalized_heads, embed_hidden=cfg.embed_hidden,
-                                  flip_average=cfg.flip_average)
+                                  **model_options(cfg))
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start)
         self.model.to(self.device)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .catalog import Item
+from .model import ModelConfig
 from .model import RetrievalModel
 
 logger = logging.getLogger(__name__)
@@ -19,27 +20,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Options of one training run (the resolved ``retrieval train`` arguments)."""
+    """Options of one training run (the resolved ``retrieval train`` arguments), the one source of
+    their defaults (model options default to ``ModelConfig``'s); the argument parser takes them from here."""
 
     catalog: str
     out: str
-    method: str = "multi-weight"
-    backbone: str = "efficientnet_lite0"
+    method: str = ModelConfig.method
+    backbone: str = ModelConfig.backbone
     weights: str | None = None
-    embed_dim: int = 256
-    taps: str = "all"
-    gem_p: float = 3.0
-    pool_weighting: str = "none"
-    colour_bins: str = "4,6,6"
-    dropout: float = 0.3
-    head_scale: float = 16.0
-    normalized_heads: bool = True
-    flip_average: bool = True
-    embed_hidden: int = 1024
+    embed_dim: int = ModelConfig.embed_dim
+    taps: str = ModelConfig.taps
+    gem_p: float = ModelConfig.gem_p
+    pool_weighting: str = ModelConfig.pool_weighting
+    colour_bins: str = ModelConfig.colour_bins
+    dropout: float = ModelConfig.dropout
+    head_scale: float = ModelConfig.head_scale
+    normalized_heads: bool = ModelConfig.normalized_heads
+    flip_average: bool = ModelConfig.flip_average
+    embed_hidden: int = ModelConfig.embed_hidden
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
     select_by: str = "map"
-    image_size: int = 288
+    image_size: int = ModelConfig.image_size
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3

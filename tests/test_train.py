@@ -310,3 +310,18 @@ def test_predict_and_photo_search_score_a_photo_alike(tiny_run, demo_catalog):
     searched = describe_image(model, Image.open(image))
     for g, p in predicted.items():
         assert np.allclose(p, searched.probs[g][0], atol=1e-6), g
+
+
+def test_one_set_of_defaults():
+    # TrainConfig's model options default to ModelConfig's, and the parser's to TrainConfig's
+    from dataclasses import fields
+
+    from retrieval.model import ModelConfig, model_options
+    from retrieval.train import parse_config
+    from retrieval.training import TrainConfig
+
+    assert parse_config(["--catalog", "c", "--out", "o"]) == TrainConfig("c", "o")
+    options = model_options(TrainConfig("c", "o"))
+    assert options and options == {k: getattr(ModelConfig(), k) for k in options}
+    assert {f.name for f in fields(ModelConfig)} - set(options) == {"backbone", "groups", "multi_label_groups",
+                                                                    "method", "embed_dim"}
