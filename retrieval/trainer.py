@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from . import embfile, sampling
+from . import sampling
 from .atomic import write_text
 from .catalog import read_catalog, training_catalog
 from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
@@ -22,10 +20,9 @@ from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop
                    parse_dropout_profile)
 from .devices import resolve_device
 from .features import build_trunk_cache
+from .loop import LossSettings, TrainState, train_one_epoch, validate
 from .images import augment_batch, normalize_batch
-from .losses import (group_weights, label_weights, multi_group_loss, overlap_contrastive_loss, range_loss,
-                     resolve_group_loss)
-from .metrics import evaluate_retrieval
+from .losses import group_weights, label_weights, resolve_group_loss
 from .model import create_model, model_options
 from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                        resolve_trainable, setup_distributed, split_validation)
@@ -176,95 +173,11 @@ class Job:
             flip = (torch.rand(len(positions), generator=gen) < 0.5).long()
             yield positions, self.cached_batch(positions, self.train_rows, flip)
 
-    def loss(self, net, inputs, targets, positions=None):
-        """Total loss, per-group losses, logits and embeddings of a batch."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
-        logits = {g: z.float() for g, z in logits.items()}
-        total, parts = multi_group_loss(logits, targets, self.kinds, self.weights, self.class_weights,
-                                        self.cfg.label_smoothing)
-        if self.cfg.metric_scale and self.cfg.method != "multi-label":
-            # the per-group heads again at a higher temperature: keeps pulling items towards their labels
-            soft = {g: z * (self.cfg.metric_scale / self.cfg.head_scale) for g, z in logits.items()}
-            total = total + multi_group_loss(soft, targets, self.kinds, self.weights, self.class_weights,
-                                             self.cfg.label_smoothing)[0]
-        if self.cfg.contrastive:
-            total = total + self.cfg.contrastive * overlap_contrastive_loss(emb.float(), targets, self.weights)
-        if self.cfg.range_loss and positions is not None:
-            labels = torch.as_tensor(self.classes[positions.numpy()], device=emb.device)
-            total = total + self.cfg.range_loss * range_loss(emb.float(), labels)[0]
-        return total, parts, logits, emb
-
-    def train_epoch(self, net, optimizer, scheduler, epoch: int) -> dict:
-        """One pass over this rank's share of the training items."""
-        net.train()
-        freeze_units(self.model, self.start)
-        torch.manual_seed(self.cfg.seed * 1000 + epoch)
-        seen, total_loss, began = 0, 0.0, time.perf_counter()
-        bar = tqdm(self.epoch_batches(epoch), desc=f"epoch {epoch}", unit="batch", disable=not self.main,
-                   leave=False)
-        for positions, inputs in bar:
-            targets = self.targets.take(positions).to(self.device)
-            loss, *_ = self.loss(net, inputs, targets, positions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(positions)
-            total_loss += loss.item() * len(positions)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - began):.0f}")
-        elapsed = time.perf_counter() - began
-        return {"train_loss": total_loss / max(1, seen), "images_per_s": seen * self.world / elapsed, "seconds": elapsed}
-
-    @torch.no_grad()
-    def validate(self) -> dict:
-        """Validation loss (weighted, and per group), top-1 accuracy per group and retrieval mAP
-        among the validation items (shared embedding and group view, standard normalisation)."""
-        self.model.eval()
-        items, targets = self.val_items, self.val_targets
-        if not items:
-            return {}
-        sums = {"val_loss": 0.0, "n": 0}
-        group_loss = {g: 0.0 for g in self.catalog.groups}
-        hits = {g: [0, 0] for g in self.catalog.groups}
-        seen, vectors, group_vectors = [], [], {g: [] for g in self.catalog.groups}
-        for positions, x in self.val_batches():
-            t = targets.take(positions).to(self.device)
-            total, parts, logits, emb = self.loss(self.forward_net, x, t)
-            seen.append(positions)
-            vectors.append(emb.float().cpu())
-            probs = {g: self.model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
-            for g, v in embfile.group_vectors(probs, self.model.sigmoid_groups).items():
-                group_vectors[g].append(torch.from_numpy(v))
-            sums["val_loss"] += total.item() * len(positions)
-            sums["n"] += len(positions)
-            for g, z in logits.items():
-                group_loss[g] += parts[g].item() * len(positions)
-                known = t.known[g]
-                top = z[known].argmax(1)
-                hits[g][0] += int(t.multi_hot[g][known].gather(1, top[:, None]).sum())
-                hits[g][1] += int(known.sum())
-        n = max(1, sums["n"])
-        return {"val_loss": sums["val_loss"] / n,
-                "val_group_loss": {g: v / n for g, v in group_loss.items()},
-                "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
-                **self.validation_map(seen, vectors, group_vectors)}
-
-    def validation_map(self, seen, vectors, group_vectors, limit: int = 5000) -> dict:
-        """mAP@min(50, n-1) with the validation items (the first ``limit``, so that a huge catalog
-        costs seconds per epoch) as queries and candidates: the shared embedding, the group view,
-        and their mean (``val_map``, what picks best.pt)."""
-        order = torch.cat(seen)[:limit].tolist() if seen else []
-        if len(order) < 2:
-            return {}
-        labels = {g: [self.val_items[i].labels[g] for i in order] for g in self.catalog.groups}
-        n = len(order)
-        report = evaluate_retrieval(torch.cat(vectors)[:n].numpy(), labels, k=min(50, n - 1),
-                                    vectors_by_group={g: torch.cat(v)[:n].numpy() for g, v in group_vectors.items()})
-        shared, view = report["views"]["shared"]["map_standard"], report["views"]["group"]["map_standard"]
-        if shared is None or view is None:
-            return {}
-        return {"val_map_shared": shared, "val_map_group": view, "val_map": (shared + view) / 2}
+    def loss_settings(self) -> LossSettings:
+        """How this run's batches are scored."""
+        cfg = self.cfg
+        return LossSettings(self.kinds, self.weights, self.class_weights, cfg.label_smoothing, cfg.metric_scale,
+                            cfg.head_scale, cfg.method == "multi-label", cfg.contrastive, cfg.range_loss, self.classes)
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
@@ -283,14 +196,20 @@ class Job:
                 yield positions, normalize_batch(images.to(self.device))
 
     # ----- run -----
-    def build_net(self):
-        """The module trained (cached forward or the whole model), DDP-wrapped under torchrun."""
-        net = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
-        self.forward_net = net
+    def build_state(self) -> TrainState:
+        """The loop's state: the module trained (cached forward or the whole model, DDP-wrapped under
+        torchrun), its optimiser and schedule."""
+        cfg = self.cfg
+        forward = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
+        net = forward
         if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(net, device_ids=ids)
-        return net
+            net = DistributedDataParallel(forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optimizer = make_optimizer(self.model, cfg)
+        steps = -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
+                                            self.classes, cfg.sampling)) // cfg.batch_size)
+        scheduler = make_scheduler(optimizer, steps * cfg.epochs, warmup=min(steps, 100))
+        return TrainState(self.model, net, forward, optimizer, scheduler, self.device, self.loss_settings(),
+                          self.start, self.world, progress=self.main)
 
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
         """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
@@ -326,19 +245,18 @@ class Job:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
         self.prepare_inputs()
-        net = self.build_net()
-        optimizer = make_optimizer(self.model, cfg)
-        steps = -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
-                                            self.classes, cfg.sampling)) // cfg.batch_size)
-        scheduler = make_scheduler(optimizer, steps * cfg.epochs, warmup=min(steps, 100))
+        state = self.build_state()
+        optimizer, scheduler = state.optimizer, state.scheduler
         first, history, best = self.restore(optimizer, scheduler)
         if self.main:
             write_config(self.out / "config.yaml", cfg)
         for epoch in range(first, cfg.epochs):
-            record = {"epoch": epoch, **self.train_epoch(net, optimizer, scheduler, epoch)}
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            record = {"epoch": epoch, **train_one_epoch(state, self.epoch_batches(epoch), self.targets, f"epoch {epoch}")}
             self.share_bad_rows()
             if self.main:
-                record.update(self.validate())
+                record.update(validate(state, self.val_batches(), self.val_targets, self.val_items,
+                                       self.catalog.groups))
                 history.append(record)
                 self.save_epoch(optimizer, scheduler, epoch, history, record, best)
                 best = max(best, self.selection_score(record))

@@ -11,6 +11,7 @@ from retrieval.colour import colour_histogram
 from retrieval.data import Targets
 from retrieval.features import frozen_outputs
 from retrieval.images import augment_batch, normalize_batch
+from retrieval.loop import TrainState, batch_loss
 from retrieval.losses import label_weights, multi_group_loss, overlap_contrastive_loss, range_loss
 from retrieval.metrics import _topk_block
 from retrieval.model import create_model, foreground_weights
@@ -78,7 +79,9 @@ def test_training_step_on_meta(demo_catalog, tmp_path):
     x = torch.empty(8, 3, 32, 32, device=META)
     prefix, act, weight = frozen_outputs(job.model, x, 2)
     net = CachedForward(job.model, 2).train()
-    loss, parts, logits, emb = job.loss(net, (prefix, act, weight), job.targets.take(positions).to(META), positions)
+    state = TrainState(job.model, net, net, None, None, META, job.loss_settings(), start=2)
+    loss, parts, logits, emb = batch_loss(state, net, (prefix, act, weight), job.targets.take(positions).to(META),
+                                          positions)
     loss.backward()
     assert loss.device == META and set(parts) == set(job.catalog.groups)
 

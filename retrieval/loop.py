@@ -1,0 +1,139 @@
+"""The training loop proper, torchvision-references style: ``train_one_epoch`` and ``validate`` over
+a small ``TrainState``, each testable on its own. Data, checkpoints and resume live in trainer.py."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import embfile
+from .losses import multi_group_loss, overlap_contrastive_loss, range_loss
+from .metrics import evaluate_retrieval
+from .model import RetrievalModel
+from .training import freeze_units
+
+
+@dataclass
+class LossSettings:
+    """How a batch's loss is made: per-group kinds and weights, the extra terms and their weights."""
+
+    kinds: dict[str, str]
+    weights: dict[str, float]
+    class_weights: dict[str, torch.Tensor] | None = None
+    label_smoothing: float = 0.0
+    metric_scale: float = 0.0  # the heads' loss again at this logit scale (0 = off; not for multi-label)
+    head_scale: float = 16.0
+    multi_label_method: bool = False
+    contrastive: float = 0.0
+    range_weight: float = 0.0
+    classes: np.ndarray | None = None  # per training item, for Range loss
+
+
+@dataclass
+class TrainState:
+    """What one step needs: the model, the module trained (``net``, DDP-wrapped under torchrun) and
+    its unwrapped form (``forward``, for validation on one rank), optimiser, schedule, device, loss."""
+
+    model: RetrievalModel
+    net: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    loss: LossSettings
+    start: int = 0  # first trainable trunk unit: the units before it stay frozen (and in eval mode)
+    world: int = 1
+    progress: bool = True
+
+
+def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=None):
+    """Total loss, per-group losses, logits and embeddings of a batch (bf16 autocast on CUDA)."""
+    s = state.loss
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
+        emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
+    logits = {g: z.float() for g, z in logits.items()}
+    total, parts = multi_group_loss(logits, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing)
+    if s.metric_scale and not s.multi_label_method:
+        # the per-group heads again at a higher temperature: keeps pulling items towards their labels
+        soft = {g: z * (s.metric_scale / s.head_scale) for g, z in logits.items()}
+        total = total + multi_group_loss(soft, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing)[0]
+    if s.contrastive:
+        total = total + s.contrastive * overlap_contrastive_loss(emb.float(), targets, s.weights)
+    if s.range_weight and positions is not None:
+        labels = torch.as_tensor(s.classes[positions.numpy()], device=emb.device)
+        total = total + s.range_weight * range_loss(emb.float(), labels)[0]
+    return total, parts, logits, emb
+
+
+def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") -> dict:
+    """One pass over ``batches`` of (positions, inputs); ``targets`` are indexed by positions."""
+    state.net.train()
+    freeze_units(state.model, state.start)
+    seen, total_loss, began = 0, 0.0, time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not state.progress, leave=False)
+    for positions, inputs in bar:
+        loss, *_ = batch_loss(state, state.net, inputs, targets.take(positions).to(state.device), positions)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        seen += len(positions)
+        total_loss += loss.item() * len(positions)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - began):.0f}")
+    elapsed = time.perf_counter() - began
+    return {"train_loss": total_loss / max(1, seen), "images_per_s": seen * state.world / elapsed,
+            "seconds": elapsed}
+
+
+@torch.no_grad()
+def validate(state: TrainState, batches, targets, items, groups: list[str], limit: int = 5000) -> dict:
+    """Validation loss (weighted, and per group), top-1 accuracy per group and retrieval mAP among
+    the validation items (shared embedding and group view, standard normalisation)."""
+    state.model.eval()
+    if not items:
+        return {}
+    total_loss, n = 0.0, 0
+    group_loss = {g: 0.0 for g in groups}
+    hits = {g: [0, 0] for g in groups}
+    seen, vectors, group_vectors = [], [], {g: [] for g in groups}
+    for positions, x in batches:
+        t = targets.take(positions).to(state.device)
+        total, parts, logits, emb = batch_loss(state, state.forward, x, t)
+        seen.append(positions)
+        vectors.append(emb.float().cpu().numpy())
+        probs = {g: state.model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
+        for g, v in embfile.group_vectors(probs, state.model.sigmoid_groups).items():
+            group_vectors[g].append(v)
+        total_loss += total.item() * len(positions)
+        n += len(positions)
+        for g, z in logits.items():
+            group_loss[g] += parts[g].item() * len(positions)
+            known = t.known[g]
+            top = z[known].argmax(1)
+            hits[g][0] += int(t.multi_hot[g][known].gather(1, top[:, None]).sum())
+            hits[g][1] += int(known.sum())
+    n_ = max(1, n)
+    return {"val_loss": total_loss / n_, "val_group_loss": {g: v / n_ for g, v in group_loss.items()},
+            "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
+            **validation_map(items, groups, seen, vectors, group_vectors, limit)}
+
+
+def validation_map(items, groups, seen, vectors, group_vectors, limit: int = 5000) -> dict:
+    """mAP@min(50, n-1) with the validation items (the first ``limit``, so that a huge catalog costs
+    seconds per epoch) as queries and candidates: the shared embedding, the group view, and their
+    mean (``val_map``, what picks best.pt)."""
+    order = torch.cat(seen)[:limit].tolist() if seen else []
+    if len(order) < 2:
+        return {}
+    n = len(order)
+    labels = {g: [items[i].labels[g] for i in order] for g in groups}
+    report = evaluate_retrieval(np.concatenate(vectors)[:n], labels, k=min(50, n - 1),
+                                vectors_by_group={g: np.concatenate(v)[:n] for g, v in group_vectors.items()})
+    shared, view = report["views"]["shared"]["map_standard"], report["views"]["group"]["map_standard"]
+    if shared is None or view is None:
+        return {}
+    return {"val_map_shared": shared, "val_map_group": view, "val_map": (shared + view) / 2}
