@@ -18,7 +18,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def summarize_catalog(catalog: Catalog) -> list[dict]:
     """Per-group summary: classes, labelled share, largest and smallest class."""
-    rows = []
+    rows, multi = [], set(catalog.multi_label_groups())  # once: it scans every item of every group
     for g in catalog.groups:
         counts: dict[str, int] = {}
         labelled = 0
@@ -31,7 +31,7 @@ def summarize_catalog(catalog: Catalog) -> list[dict]:
             "group": g,
             "classes": len(counts),
             "labelled": labelled / len(catalog.items),
-            "multi_label": g in catalog.multi_label_groups(),
+            "multi_label": g in multi,
             "largest": ranked[0] if ranked else None,
             "smallest": ranked[-1] if ranked else None,
         })
