@@ -7,10 +7,12 @@ except ImportError as err:  # faiss-cpu and faiss-gpu are extras: exactly one mu
 from indexer.embeddings import build_store_from_embeddings
 from indexer.filters import qualifying_ids
 from indexer.index import INDEX_TYPES, build_index, index_kind, search_depth, tune_search_depth
+from indexer.persist import IndexMismatch
 from indexer.store import IndexStore
 
 __all__ = [
     "INDEX_TYPES",
+    "IndexMismatch",
     "IndexStore",
     "build_index",
     "build_store_from_embeddings",

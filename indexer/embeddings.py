@@ -1,4 +1,4 @@
-"""Build an IndexStore from embedding arrays (read from EMB.h5 by ``retrieval.embfile``)."""
+"""Build an IndexStore from embedding arrays (read from EMB.h5 by ``retrieval.data.embfile``)."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +28,7 @@ def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None
     """Build an IndexStore with a "shared" view and a "group-<name>" view per group in emb.
 
     Args:
-        emb: {vectors, ids, paths, groups {name: array}, attrs}, e.g. ``retrieval.embfile.read_embeddings(p).as_dict()``.
+        emb: {vectors, ids, paths, groups {name: array}, attrs}, e.g. ``retrieval.data.embfile.read_embeddings(p).as_dict()``.
         index_type: flat, ivf, hnsw or ivfpq, used for every view.
         titles: per-item titles, aligned with emb["ids"] or a mapping {id: title}.
         labels: {group: per-item label lists}, each aligned with emb["ids"] or a mapping {id: [labels]}.

@@ -79,11 +79,19 @@ def read_sidecar(directory: Path) -> dict:
     return sidecar
 
 
+class IndexMismatch(ValueError):
+    """An index built for other embeddings (``field``: fingerprint or dimension)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 def check_expected(sidecar: dict, field: str, expected, path: Path) -> None:
-    """Raise a ValueError naming field and both values when expected is given and differs."""
+    """Raise IndexMismatch naming field and both values when expected is given and differs."""
     if expected is not None and sidecar[field] != expected:
-        raise ValueError(f"Index {field} mismatch: {path} has {field}={sidecar[field]!r}, "
-                         f"expected {field}={expected!r}; rebuild the index for these embeddings")
+        raise IndexMismatch(f"Index {field} mismatch: {path} has {field}={sidecar[field]!r}, "
+                         f"expected {field}={expected!r}; rebuild the index for these embeddings", field)
 
 
 def read_view(path: Path, dimension: int) -> faiss.Index:

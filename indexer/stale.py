@@ -1,5 +1,5 @@
 """Who wrote a temporary file, and whether that writer is gone: shared by every atomic writer
-(index directories here, checkpoints in ``retrieval.checkpoint``). No FAISS, no torch."""
+(index directories here, checkpoints in ``retrieval.net.checkpoint``). No FAISS, no torch."""
 from __future__ import annotations
 
 import os

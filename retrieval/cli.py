@@ -6,15 +6,15 @@ import logging
 import sys
 
 COMMANDS = {
-    "demo-catalog": ("retrieval.demo", "generate the built-in demo catalog of drawn garments"),
-    "catalog-info": ("retrieval.info", "check a catalog and print a per-group summary"),
-    "cache": ("retrieval.cache", "pre-decode resized catalog images into HDF5 for fast loading"),
-    "train": ("retrieval.train", "train a multi-weight / multi-task / multi-label model"),
-    "predict": ("retrieval.predict", "print each group's labels with probabilities for images"),
-    "embed": ("retrieval.embed", "embed every catalog image into an HDF5 file"),
-    "index": ("retrieval.index_cli", "build, add to or remove from a FAISS index directory"),
-    "evaluate": ("retrieval.evaluation", "per-group mAP@k of embeddings, or --compare reports"),
-    "audit": ("retrieval.audit_cli", "rank likely wrong / missing labels; 'audit apply' corrects a copy"),
+    "demo-catalog": ("retrieval.commands.demo", "generate the built-in demo catalog of drawn garments"),
+    "catalog-info": ("retrieval.commands.info", "check a catalog and print a per-group summary"),
+    "cache": ("retrieval.commands.cache", "pre-decode resized catalog images into HDF5 for fast loading"),
+    "train": ("retrieval.commands.train", "train a multi-weight / multi-task / multi-label model"),
+    "predict": ("retrieval.commands.predict", "print each group's labels with probabilities for images"),
+    "embed": ("retrieval.commands.embed", "embed every catalog image into an HDF5 file"),
+    "index": ("retrieval.commands.index", "build, add to or remove from a FAISS index directory"),
+    "evaluate": ("retrieval.commands.evaluate", "per-group mAP@k of embeddings, or --compare reports"),
+    "audit": ("retrieval.commands.audit", "rank likely wrong / missing labels; 'audit apply' corrects a copy"),
     "serve": ("web.serve", "serve the search web UI and JSON API"),
 }
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import main as cli
+from retrieval.cli import main as cli
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from retrieval.devices import DEVICES, resolve_device
-from retrieval.metrics import evaluate_retrieval
+from retrieval.evaluate.metrics import evaluate_retrieval
 
 GROUPS = {"type": (40, 1, 0.0), "colour": (12, 1, 0.1), "style": (20, 3, 0.3)}  # classes, max labels, unlabelled
 

@@ -163,7 +163,7 @@ def write_embeddings(path: Path, x: np.ndarray, catalog: Path) -> None:
 
 def time_add(n: int, mixture: dict, args) -> float:
     """Seconds of `retrieval index add` of N new items into a flat index of N (through the CLI code)."""
-    from retrieval.index_cli import main as index_main
+    from retrieval.commands.index import main as index_main
 
     x = sample_mixture(mixture, 2 * n, np.random.default_rng(args.seed + n))
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from retrieval.cache import build_image_cache
-from retrieval.catalog import read_catalog
-from retrieval.data import ImageCache, ImageDataset, collate_images, loader_workers
-from retrieval.images import augment_batch, normalize_batch
-from retrieval.model import create_model
+from retrieval.data.catalog import read_catalog
+from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
+from retrieval.data.imagecache import build_image_cache
+from retrieval.data.images import augment_batch, normalize_batch
 from retrieval.devices import resolve_device
+from retrieval.net.model import create_model
 
 
 def get_args_parser():

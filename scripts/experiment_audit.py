@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.catalog import LABELS_FILE, decode_labels_file
+from retrieval.audit.decisions import _link_or_copy
 from retrieval.cli import main as cli
-from retrieval.decisions import _link_or_copy
+from retrieval.data.catalog import LABELS_FILE, decode_labels_file
 
 
 def get_args_parser():

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from retrieval.cli import configure_logging
-from retrieval.evaluation import compare_reports
+from retrieval.evaluate.report import compare_reports
 from retrieval.experiments import Experiment, format_rows, run_experiment
-from retrieval.trainer import selection_score
+from retrieval.train.loop import selection_score
 
 METHODS = ("multi-weight", "multi-task", "multi-label")
 

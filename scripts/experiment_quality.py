@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from retrieval.cli import configure_logging
-from retrieval.evaluation import compare_reports
+from retrieval.evaluate.report import compare_reports
 from retrieval.experiments import Experiment, format_rows, run_experiment
 
 # the defaults before issue 6's second round, spelled out (the CLI defaults have moved on)

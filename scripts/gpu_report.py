@@ -23,13 +23,13 @@ from bench_eval import measure_matmul_rate, time_evaluation  # noqa: E402
 from bench_index import make_mixture, sample_mixture  # noqa: E402
 from bench_train import measure_limit, measure_loader, sync  # noqa: E402
 
-from retrieval.cache import build_image_cache  # noqa: E402
-from retrieval.catalog import read_catalog  # noqa: E402
-from retrieval.data import ImageCache, ImageDataset  # noqa: E402
-from retrieval.experiments import Experiment, run_experiment  # noqa: E402
-from retrieval.inference import iter_outputs  # noqa: E402
-from retrieval.model import create_model  # noqa: E402
+from retrieval.data.catalog import read_catalog  # noqa: E402
+from retrieval.data.datasets import ImageCache, ImageDataset  # noqa: E402
+from retrieval.data.imagecache import build_image_cache  # noqa: E402
 from retrieval.devices import resolve_device  # noqa: E402
+from retrieval.embed.inference import iter_outputs  # noqa: E402
+from retrieval.experiments import Experiment, run_experiment  # noqa: E402
+from retrieval.net.model import create_model  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-product-images"
 FULL = dict(backbone="efficientnet_lite0", image_size=288, batch_size=128, images=2048, eval_sizes=[100_000, 392_000],
@@ -153,7 +153,7 @@ def prepare(args) -> tuple[SimpleNamespace, str]:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     catalog_dir = args.catalog
     if args.dry_run:
-        from retrieval.demo import make_demo_catalog
+        from retrieval.data.demo import make_demo_catalog
 
         catalog_dir = str(Path(args.work) / "demo-catalog")
         if not (Path(catalog_dir) / "labels.csv").exists():

@@ -14,7 +14,7 @@ DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory) -> Path:
     """A 60-item demo catalog of 64px drawn garments (5 groups, one multi-label)."""
-    from retrieval.demo import make_demo_catalog
+    from retrieval.data.demo import make_demo_catalog
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_catalog(root, n_items=60, seed=1, image_size=64)

@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-from retrieval.audit import audit_catalog, fold_of
-from retrieval.catalog import Catalog, Item, read_catalog
-from retrieval.cli import main as cli
-from retrieval.decisions import append_decision, apply_decisions, read_decisions
 from web_fixtures import web_audit, web_data  # noqa: F401
+
+from retrieval.audit.decisions import append_decision, apply_decisions, read_decisions
+from retrieval.audit.labels import audit_catalog, fold_of
+from retrieval.cli import main as cli
+from retrieval.data.catalog import Catalog, Item, read_catalog
 
 
 def synthetic(n_per_class=40, classes=("a", "b", "c"), seed=0):
@@ -122,8 +122,9 @@ def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
 
 
 def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
-    from web import create_app
     from web_fixtures import make_config
+
+    from web import create_app
 
     audit = tmp_path / "audit"
     shutil.copytree(web_audit, audit)
@@ -151,8 +152,9 @@ def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
 
 
 def test_review_without_an_audit_says_how(web_data, tmp_path):
-    from web import create_app
     from web_fixtures import make_config
+
+    from web import create_app
 
     client = create_app(make_config(web_data, tmp_path)).test_client()
     response = client.get("/api/review/issues")

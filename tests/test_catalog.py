@@ -2,9 +2,9 @@
 import pytest
 
 from conftest import needs_dataset, write_catalog
-from retrieval.catalog import CatalogError, hash_split, parse_labels, read_catalog, training_catalog
+from retrieval.data.catalog import CatalogError, hash_split, parse_labels, read_catalog, training_catalog
 from retrieval.cli import main as cli
-from retrieval.info import summarize_catalog
+from retrieval.data.summary import summarize_catalog
 
 
 def test_reads_groups_labels_and_multi_label(tmp_path):

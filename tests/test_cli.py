@@ -22,3 +22,22 @@ def test_every_command_explains_itself(name, capsys):
 def test_unknown_command_lists_valid_ones(capsys):
     assert cli(["trian"]) == 2
     assert "choose one of: demo-catalog" in capsys.readouterr().err
+
+
+def test_sub_packages_import_in_flow_order():
+    # data <- net, evaluate <- embed, train <- audit <- commands; no package imports a later one
+    import re
+    from pathlib import Path
+
+    order = {"atomic": 0, "devices": 0, "data": 1, "net": 2, "evaluate": 2, "embed": 3, "train": 3, "audit": 4,
+             "commands": 5}
+    root = Path(__file__).resolve().parents[1] / "retrieval"
+    backwards = []
+    for path in root.rglob("*.py"):
+        pkg = path.relative_to(root).parts[0].removesuffix(".py")
+        for used in re.findall(r"^\s*(?:from|import) retrieval\.([a-z_]+)", path.read_text(), re.M):
+            if pkg in order and used in order and used != pkg and order[used] >= order[pkg]:
+                backwards.append(f"{path.relative_to(root)} imports retrieval.{used}")
+    assert backwards == []
+    web = Path(__file__).resolve().parents[1] / "web"
+    assert not [p.name for p in web.glob("*.py") if "retrieval.commands" in p.read_text()]

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from conftest import TINY
-from retrieval.checkpoint import load_model
+from retrieval.net.checkpoint import load_model
 from retrieval.cli import main as cli
-from retrieval.colour import colour_histogram, parse_bins, srgb_to_lab
-from retrieval.features import TrunkCache, frozen_outputs
-from retrieval.images import IMAGENET_MEAN, IMAGENET_STD
-from retrieval.model import create_model
+from retrieval.net.colour import colour_histogram, parse_bins, srgb_to_lab
+from retrieval.net.trunkcache import TrunkCache, frozen_outputs
+from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
+from retrieval.net.model import create_model
 
 GROUPS = {"colour": ["red", "blue"], "type": ["dress", "shirt"]}
 

@@ -1,11 +1,12 @@
-"""Tests for retrieval.demo, the built-in demo catalog generator."""
+"""Tests for retrieval.data.demo, the built-in demo catalog generator."""
 import collections
 import csv
 
 import pytest
 from PIL import Image
 
-from retrieval import demo
+from retrieval.commands import demo as demo_command
+from retrieval.data import demo
 
 SIZE = 48
 NO_SLEEVES = {"trousers", "skirt", "shorts", "bag", "hat"}
@@ -112,7 +113,7 @@ def test_title_describes_the_garment(catalog):
 
 def test_main_writes_catalog_and_prints_summary(tmp_path, capsys):
     out = tmp_path / "out"
-    assert demo.main([str(out), "--n-items", "12", "--seed", "2", "--image-size", "32"]) == 0
+    assert demo_command.main([str(out), "--n-items", "12", "--seed", "2", "--image-size", "32"]) == 0
     summary = capsys.readouterr().out.strip()
     assert str(out / "labels.csv") in summary and "12 items" in summary
     assert all(group in summary for group in demo.DEMO_GROUPS)
@@ -123,6 +124,6 @@ def test_invalid_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="n_items"):
         demo.make_demo_catalog(tmp_path, n_items=0)
     with pytest.raises(SystemExit) as exc:
-        demo.main([str(tmp_path), "--image-size", "8"])
+        demo_command.main([str(tmp_path), "--image-size", "8"])
     assert exc.value.code == 2
-    assert demo.get_args_parser().prog == "retrieval demo-catalog"
+    assert demo_command.get_args_parser().prog == "retrieval demo-catalog"

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from retrieval.colour import colour_histogram
-from retrieval.data import Targets
-from retrieval.features import frozen_outputs
-from retrieval.images import augment_batch, normalize_batch
-from retrieval.loop import TrainState, batch_loss
-from retrieval.losses import label_weights, multi_group_loss, overlap_contrastive_loss, range_loss
-from retrieval.metrics import _topk_block
-from retrieval.model import create_model, foreground_weights
-from retrieval.training import CachedForward, TrainConfig
+from retrieval.data.datasets import Targets
+from retrieval.data.images import augment_batch, normalize_batch
+from retrieval.evaluate.metrics import _topk_block
+from retrieval.net.colour import colour_histogram
+from retrieval.net.model import create_model, foreground_weights
+from retrieval.net.trunkcache import frozen_outputs
+from retrieval.train.config import CachedForward, TrainConfig
+from retrieval.train.loop import TrainState, batch_loss
+from retrieval.train.losses import label_weights, multi_group_loss, overlap_contrastive_loss, range_loss
 
 META = torch.device("meta")
 GROUPS = {"colour": ["red", "blue", "green"], "type": ["dress", "shirt"]}
@@ -67,7 +67,7 @@ def test_trunk_cache_step_and_cached_forward_on_meta():
 
 def test_training_step_on_meta(demo_catalog, tmp_path):
     # the trainer's own loss (both logit scales, contrastive term, per-label weights) and backward
-    from retrieval.trainer import Job
+    from retrieval.train.trainer import Job
 
     cfg = TrainConfig(catalog=str(demo_catalog), out=str(tmp_path), backbone="tiny", image_size=32,
                       device="cpu", contrastive=0.1, weighting="label")
@@ -135,7 +135,7 @@ def test_augment_and_normalize_create_tensors_on_the_batch_device():
 
 def test_sampling_works_on_host_arrays():
     # epoch orders are numpy on the host by design (they index host-side targets and datasets)
-    from retrieval.sampling import epoch_order
+    from retrieval.train.sampling import epoch_order
 
     order = epoch_order(10, 0, 0, rank=1, world=2, exclude=np.array([3, 4]))
     assert len(order) == 4 and not set(order.tolist()) & {3, 4}

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from retrieval.catalog import read_catalog
-from retrieval.checkpoint import load_checkpoint
+from retrieval.data.catalog import read_catalog
+from retrieval.net.checkpoint import load_checkpoint
 from retrieval.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_trunk_cache_gives_the_same_embeddings(embeddings, tiny_run, demo_catalo
 
 
 def test_interrupted_embedding_resumes(embeddings, tiny_run, demo_catalog, tmp_path, monkeypatch, caplog):
-    from retrieval import embed as embed_module
+    from retrieval.embed import embedding as embed_module
 
     real = embed_module.iter_outputs
 
@@ -152,8 +152,8 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
 
 
 def test_image_cache_feeds_training(demo_catalog, tmp_path):
-    from retrieval.data import ImageCache
-    from retrieval.images import load_image, to_uint8_array
+    from retrieval.data.datasets import ImageCache
+    from retrieval.data.images import load_image, to_uint8_array
 
     cache = tmp_path / "images.h5"
     assert cli(["cache", "--catalog", str(demo_catalog), "--out", str(cache), "--image-size", "64",

@@ -5,10 +5,10 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from retrieval.cli import main as cli
-from retrieval.embfile import EmbeddingsError, fuse_probabilities, group_vectors, read_embeddings
+from retrieval.data.embfile import EmbeddingsError, fuse_probabilities, group_vectors, read_embeddings
 
 
 def test_group_vector_rule_hand_worked():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.catalog import read_catalog
-from retrieval.evaluation import (EvaluationError, compare_reports, evaluate_embeddings, format_table, main,
-                                  write_report)
+from retrieval.data.catalog import read_catalog
+from retrieval.commands.evaluate import main
+from retrieval.evaluate.report import (EvaluationError, compare_reports, evaluate_embeddings, format_table, write_report)
 
 E1, E2, E3 = np.eye(3, dtype=np.float32)
 
@@ -144,8 +144,8 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
     import h5py
 
     from conftest import write_catalog
-    from retrieval.catalog import read_catalog
-    from retrieval.evaluation import evaluate_embeddings
+    from retrieval.data.catalog import read_catalog
+    from retrieval.evaluate.report import evaluate_embeddings
 
     root = write_catalog(tmp_path / "cat", [f"{n}.png,test,,{c},x" for n, c in
                                             [("a", "red"), ("b", "red"), ("c", "blue"), ("d", "blue")]])
@@ -181,7 +181,7 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
 
 
 def test_group_vectors_from_probs_normalise_multi_label_groups_only():
-    from retrieval.embfile import group_vectors as group_vectors_from_probs
+    from retrieval.data.embfile import group_vectors as group_vectors_from_probs
 
     probs = {"type": np.array([[0.2, 0.8]]), "colour": np.array([[0.6, 0.8, 0.0]])}
     vectors = group_vectors_from_probs(probs, ["colour"])

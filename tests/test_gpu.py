@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from retrieval.checkpoint import load_checkpoint
+from retrieval.net.checkpoint import load_checkpoint
 from retrieval.cli import main as cli
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -82,7 +82,7 @@ def test_embed_predict_and_evaluate_on_the_device(demo_catalog, device_run, tmp_
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_on_the_device_equals_the_cpu(device):
-    from retrieval.metrics import evaluate_retrieval, topk_neighbors
+    from retrieval.evaluate.metrics import evaluate_retrieval, topk_neighbors
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16)).astype(np.float32)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from retrieval.catalog import CatalogError, read_catalog
+from retrieval.data.catalog import CatalogError, read_catalog
 
 # deterministic (CI must not fail on a new random draw), fast, and nothing written to the source tree
 PROPERTY = settings(max_examples=300, deadline=None, database=None, derandomize=True,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.images import ImageError, load_image
+from retrieval.data.images import ImageError, load_image
 
 W, H = 48, 32
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from indexer import IndexStore, build_index, build_store_from_embeddings, index_kind
-from retrieval.embfile import read_embeddings
+from retrieval.data.embfile import read_embeddings
 from indexer import store as store_module
 from indexer.filters import build_label_index, qualifying_ids
 from indexer.index import recall_at_k

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.catalog import Item
-from retrieval.data import Targets
-from retrieval.loop import LossSettings, TrainState, train_one_epoch, validate
-from retrieval.model import create_model
-from retrieval.training import make_scheduler
+from retrieval.data.catalog import Item
+from retrieval.data.datasets import Targets
+from retrieval.net.model import create_model
+from retrieval.train.config import make_scheduler
+from retrieval.train.loop import LossSettings, TrainState, train_one_epoch, validate
 
 GROUPS = {"type": ["dress", "shirt", "skirt"], "colour": ["red", "blue"]}
 

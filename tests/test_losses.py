@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from retrieval.data import Targets
-from retrieval.losses import (group_weights, label_weights, masked_group_loss, multi_group_loss, range_loss,
+from retrieval.data.datasets import Targets
+from retrieval.train.losses import (group_weights, label_weights, masked_group_loss, multi_group_loss, range_loss,
                               resolve_group_loss, smoothed_weights)
 
 
@@ -94,7 +94,7 @@ def test_range_loss_inter_margin():
 
 
 def test_label_overlap_contrastive_hand_worked():
-    from retrieval.losses import label_overlap_targets, overlap_contrastive_loss
+    from retrieval.train.losses import label_overlap_targets, overlap_contrastive_loss
 
     # item 0: (A, X), item 1: (A, Y), item 2: (B, Y); item 3 unlabelled in g2
     t = Targets({"g1": torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]),

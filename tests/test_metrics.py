@@ -1,10 +1,10 @@
-"""Tests for retrieval.metrics: naive references and hand-worked cases."""
+"""Tests for retrieval.evaluate.metrics: naive references and hand-worked cases."""
 import itertools
 
 import numpy as np
 import pytest
 
-from retrieval.metrics import (classification_report, confusion_matrix, count_relevant, evaluate_retrieval,
+from retrieval.evaluate.metrics import (classification_report, confusion_matrix, count_relevant, evaluate_retrieval,
                                label_matrix, map_at_k, multilabel_report, topk_neighbors)
 
 

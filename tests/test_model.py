@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from retrieval.backbones import BACKBONES, create_trunk
-from retrieval.model import GeM, create_model, fingerprint, model_from_config, resolve_taps
+from retrieval.net.backbones import BACKBONES, create_trunk
+from retrieval.net.model import GeM, create_model, fingerprint, model_from_config, resolve_taps
 
 GROUPS = {"colour": ["red", "blue", "green"], "type": ["dress", "shirt"]}
 
@@ -28,7 +28,7 @@ def test_multi_label_method_has_one_head_split_by_group():
 def test_group_vectors_are_head_probabilities():
     model = create_model("tiny", GROUPS, embed_dim=8, multi_label_groups=["colour"]).eval()
     logits = model.forward_heads(model.forward_features(torch.randn(3, 3, 32, 32)))
-    from retrieval.embfile import group_vectors
+    from retrieval.data.embfile import group_vectors
 
     probs = {g: model.probabilities(g, z).detach().numpy() for g, z in logits.items()}
     vectors = {g: torch.from_numpy(v) for g, v in group_vectors(probs, model.sigmoid_groups).items()}
@@ -83,8 +83,8 @@ def test_rebuild_from_config_and_fingerprint():
 
 
 def test_foreground_weights_follow_the_product():
-    from retrieval.images import normalize_batch
-    from retrieval.model import foreground_weights
+    from retrieval.data.images import normalize_batch
+    from retrieval.net.model import foreground_weights
 
     image = torch.full((1, 64, 64, 3), 255, dtype=torch.uint8)  # white studio background
     image[0, 16:48, 16:48] = torch.tensor([200, 0, 0], dtype=torch.uint8)  # a red garment
@@ -107,7 +107,7 @@ def test_weighted_gem_pools_the_weighted_region():
 
 def test_foreground_model_pools_consistently_from_cache(demo_catalog, tmp_path):
     """Features computed from cached activations equal those from the image."""
-    from retrieval.features import frozen_outputs
+    from retrieval.net.trunkcache import frozen_outputs
 
     model = create_model("tiny", GROUPS, embed_dim=8, pool_weighting="foreground").eval()
     x = torch.randn(2, 3, 64, 64)

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from retrieval.catalog import read_catalog
+from retrieval.data.catalog import read_catalog
 from retrieval.cli import main as cli
 
 
@@ -56,7 +56,7 @@ def reverse_rows(catalog) -> None:
 
 def interrupted_embed(run, catalog, out, monkeypatch):
     """Run embed until it has written two batches of 16, then stop it as a kill would."""
-    from retrieval import embed as embed_module
+    from retrieval.embed import embedding as embed_module
 
     real = embed_module.iter_outputs
 
@@ -98,8 +98,8 @@ def test_embed_restarts_when_an_embedded_image_changed(tiny_run, catalog, refere
 
 
 def test_trunk_cache_is_not_used_for_a_replaced_image(tiny_run, catalog, reference, tmp_path, caplog):
-    from retrieval.features import cache_key
-    from retrieval.model import create_model
+    from retrieval.net.trunkcache import cache_key
+    from retrieval.net.model import create_model
 
     cache = shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
     model = create_model("tiny", read_catalog(catalog).vocab, 8, image_size=64)
@@ -121,8 +121,8 @@ def json_field(key: str, name: str):
 
 
 def test_image_cache_notices_a_replaced_image(catalog, tmp_path, caplog):
-    from retrieval.data import ImageCache, ImageDataset
-    from retrieval.images import load_image, to_uint8_array
+    from retrieval.data.datasets import ImageCache, ImageDataset
+    from retrieval.data.images import load_image, to_uint8_array
 
     cache = tmp_path / "images.h5"
     build = ["cache", "--catalog", str(catalog), "--out", str(cache), "--image-size", "64", "--workers", "0"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.sampling import balanced_indices, batches, epoch_order, item_classes
+from retrieval.train.sampling import balanced_indices, batches, epoch_order, item_classes
 
 
 def test_item_classes_use_the_rarest_label():

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY
 from indexer.stale import HOST
-from retrieval.checkpoint import atomic_save
+from retrieval.net.checkpoint import atomic_save
 from retrieval.cli import main as cli
 
 DAY = 24 * 3600

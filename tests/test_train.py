@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from conftest import TINY
-from retrieval.checkpoint import load_checkpoint, load_model
+from retrieval.net.checkpoint import load_checkpoint, load_model
 from retrieval.cli import main as cli
-from retrieval.model import fingerprint
+from retrieval.net.model import fingerprint
 
 
 def train(catalog, out, *extra):
@@ -28,8 +28,8 @@ def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, demo_catalog,
     assert ckpt["model_config"]["multi_label_groups"] == ["colours"]
     # Li et al. by hand: r = labelled training items of a group / the largest group's; every r here is
     # above mean(r)/3, so the weight is r itself (sleeve is unknown for sleeveless garments: r < 1)
-    from retrieval.catalog import read_catalog
-    from retrieval.training import split_validation
+    from retrieval.data.catalog import read_catalog
+    from retrieval.train.config import split_validation
 
     train = split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0]
     counts = {g: sum(1 for it in train if it.labels[g]) for g in ckpt["group_weights"]}
@@ -107,8 +107,8 @@ def test_trainable_blocks_cache_activations(demo_catalog, tmp_path):
 
 
 def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):
-    from retrieval.catalog import read_catalog
-    from retrieval.data import drop_labels, parse_dropout_profile
+    from retrieval.data.catalog import read_catalog
+    from retrieval.data.datasets import drop_labels, parse_dropout_profile
 
     catalog = read_catalog(demo_catalog)
     items = catalog.split_items("train")
@@ -179,7 +179,7 @@ def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, t
     before = cache.stat().st_mtime_ns
     assert train(demo_catalog, tmp_path / "last", "--epochs", "1", "--taps", "last", "--trunk-cache", str(cache)) == 0
     assert cache.stat().st_mtime_ns == before  # reused, not rebuilt
-    from retrieval.features import TrunkCache
+    from retrieval.net.trunkcache import TrunkCache
     model, ckpt = load_model(tmp_path / "last" / "last.pt")
     full = TrunkCache(cache)
     sliced = TrunkCache(cache, model, ckpt["start_unit"])
@@ -204,7 +204,7 @@ def test_killed_trunk_cache_resumes(demo_catalog, tmp_path):
     cache = tmp_path / "trunk.h5"
     script = f"""
 import os, sys
-import retrieval.features as features
+import retrieval.net.trunkcache as features
 calls = []
 original = features.frozen_outputs
 def dying(*args, **kwargs):
@@ -263,8 +263,8 @@ def test_torchrun_images_mode_with_unreadable_images_on_one_rank(demo_catalog, t
 
 def test_a_final_batch_of_one_is_skipped(demo_catalog, tmp_path):
     # 60 items, ~54 train: batch sizes that leave one item over would crash batch norm
-    from retrieval.catalog import read_catalog
-    from retrieval.training import split_validation
+    from retrieval.data.catalog import read_catalog
+    from retrieval.train.config import split_validation
 
     n_train = len(split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0])
     assert train(demo_catalog, tmp_path / "r", "--epochs", "1", "--batch-size", str(n_train - 1),
@@ -273,7 +273,7 @@ def test_a_final_batch_of_one_is_skipped(demo_catalog, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory):
-    from retrieval.demo import make_demo_catalog
+    from retrieval.data.demo import make_demo_catalog
 
     root = tmp_path_factory.mktemp("small")
     make_demo_catalog(root, n_items=16, seed=2, image_size=64)
@@ -301,7 +301,7 @@ def test_predict_and_photo_search_score_a_photo_alike(tiny_run, demo_catalog):
     import numpy as np
     from PIL import Image
 
-    from retrieval.inference import describe_image, predict_images
+    from retrieval.embed.inference import describe_image, predict_images
 
     model, _ = load_model(tiny_run / "best.pt")
     assert model.config.flip_average and model.catalog_views == 2
@@ -316,9 +316,9 @@ def test_one_set_of_defaults():
     # TrainConfig's model options default to ModelConfig's, and the parser's to TrainConfig's
     from dataclasses import fields
 
-    from retrieval.model import ModelConfig, model_options
-    from retrieval.train import parse_config
-    from retrieval.training import TrainConfig
+    from retrieval.net.model import ModelConfig, model_options
+    from retrieval.commands.train import parse_config
+    from retrieval.train.config import TrainConfig
 
     assert parse_config(["--catalog", "c", "--out", "o"]) == TrainConfig("c", "o")
     options = model_options(TrainConfig("c", "o"))

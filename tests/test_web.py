@@ -87,9 +87,9 @@ def test_similar_is_sorted_excludes_the_item_and_filters(client):
 
 
 def test_similar_by_id_needs_no_model(web_data, tmp_path, monkeypatch):
-    import retrieval.inference
+    import retrieval.embed.inference
 
-    monkeypatch.setattr(retrieval.inference, "describe_image", None)  # any call would fail
+    monkeypatch.setattr(retrieval.embed.inference, "describe_image", None)  # any call would fail
     client = create_app(make_config(web_data, tmp_path, CHECKPOINT=None)).test_client()
     assert len(client.get("/api/items/5/similar?k=4").get_json()["results"]) == 4
     assert client.get("/api/health").get_json()["model_fingerprint"] is None

@@ -17,7 +17,7 @@ from web_fixtures import (app, client, copy_index, make_config, photo_bytes, scr
                           served, timed_get, web_data, web_report)
 
 from PIL import Image
-from retrieval.images import ImageError
+from retrieval.data.images import ImageError
 from web import create_app, params
 from web.facets import Facets
 from web.uploads import open_upload

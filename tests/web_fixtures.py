@@ -18,8 +18,8 @@ def build_index(emb_path: Path, catalog_dir: Path, out: Path, keep=None):
     import numpy as np
 
     from indexer import build_store_from_embeddings
-    from retrieval.embfile import read_embeddings
-    from retrieval.catalog import read_catalog
+    from retrieval.data.embfile import read_embeddings
+    from retrieval.data.catalog import read_catalog
 
     emb = read_embeddings(emb_path).as_dict()
     if keep is not None:
@@ -49,8 +49,8 @@ def web_data(demo_catalog, tiny_run, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def web_report(web_data, tmp_path_factory) -> Path:
     """An evaluation report (report.json + chart.png) of the demo embeddings."""
-    from retrieval.catalog import read_catalog
-    from retrieval.evaluation import evaluate_embeddings, write_report
+    from retrieval.data.catalog import read_catalog
+    from retrieval.evaluate.report import evaluate_embeddings, write_report
 
     out = tmp_path_factory.mktemp("report")
     report = evaluate_embeddings(web_data["emb"], read_catalog(web_data["catalog"]), "all", k=10, device="cpu")

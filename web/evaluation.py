@@ -20,7 +20,7 @@ def report_dir() -> Path | None:
 
 def read_report(directory: Path) -> tuple[dict | None, str | None]:
     """Return (report, None), or (None, a friendly reason) when it is missing or unreadable."""
-    from retrieval.evaluation import EvaluationError, load_report
+    from retrieval.evaluate.report import EvaluationError, load_report
 
     try:
         return load_report(directory), None

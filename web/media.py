@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import click
-from flask.cli import with_appcontext
 from flask import Blueprint, abort, current_app, send_file, send_from_directory
+from flask.cli import with_appcontext
 
 from retrieval.atomic import atomic_write
 from web.resources import catalog_dir, get_snapshot, resources

@@ -115,7 +115,7 @@ class ModelHolder:
         if self._loaded is None:
             with self._lock:
                 if self._loaded is None:
-                    from retrieval.checkpoint import load_model
+                    from retrieval.net.checkpoint import load_model
 
                     self._loaded = load_model(self.checkpoint, self.device)
                     logger.info("Loaded model %s (fingerprint %s)", self.checkpoint,
@@ -147,15 +147,17 @@ class Resources:
 
     def warm_up(self) -> Snapshot:
         """Load the catalog, model and index now so that configuration errors show at startup."""
-        from retrieval.catalog import read_catalog
+        from retrieval.data.catalog import read_catalog
 
         read_catalog(self.catalog_dir, check_files=False)
         if self.model.checkpoint:
             self.model.get()
+        from indexer import IndexMismatch
+
         try:
             return self.index().get()
-        except ValueError as err:
-            if "fingerprint" in str(err) and self.model.checkpoint:
+        except IndexMismatch as err:
+            if err.field == "fingerprint" and self.model.checkpoint:
                 raise ValueError(f"{err}. The index was not built with the embeddings of "
                                  f"{self.model.checkpoint}: rebuild it (scripts/rebuild_index.sh) "
                                  f"or pass the checkpoint it was built with") from err

@@ -7,11 +7,10 @@ import os
 import threading
 from pathlib import Path
 
-from flask import (Blueprint, abort, current_app, jsonify, redirect, render_template, request,
-                   url_for)
+from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, url_for
 
-from retrieval.audit import KINDS, Issue
-from retrieval.decisions import DECISIONS, append_decision, latest, read_decisions
+from retrieval.audit.decisions import DECISIONS, append_decision, latest, read_decisions
+from retrieval.audit.labels import KINDS, Issue
 
 bp = Blueprint("review", __name__)
 PAGE_SIZE = 12
@@ -26,8 +25,8 @@ class AuditFiles:
         self._key, self.issues, self.labels = None, [], {}
 
     def load(self, directory: Path, catalog_dir: Path | None) -> "AuditFiles":
-        from retrieval.audit_cli import read_issues
-        from retrieval.catalog import read_catalog
+        from retrieval.audit.labels import read_issues
+        from retrieval.data.catalog import read_catalog
 
         key = [os.stat(directory / "issues.csv").st_mtime_ns]
         if catalog_dir is not None:

@@ -98,7 +98,7 @@ def thumbnail_bytes(image, size: int = QUERY_THUMB) -> bytes:
 
 def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
     """Run the model once over an uploaded photo: shared and group vectors, predicted labels."""
-    from retrieval.inference import describe_image
+    from retrieval.embed.inference import describe_image
 
     out = describe_image(model, image, device)
     vectors = {"shared": out.vectors[:1]}
@@ -124,7 +124,7 @@ def lookup(store, item_id: int) -> dict:
 
 def read_query(model, upload, device: str = "cpu") -> Query:
     """Return the Query of an uploaded file, 400 with the reason when it is not a usable photo."""
-    from retrieval.images import ImageError
+    from retrieval.data.images import ImageError
 
     try:
         image = open_upload(upload.stream, upload.filename, current_app.config["UPLOAD_MAX_PIXELS"],

@@ -1,5 +1,5 @@
 """Uploaded photos decoded with bounded memory: JPEG at reduced scale (draft), other formats reduced
-right after decoding, every PIL mode converted to RGB as catalogue images are (``retrieval.images.to_rgb``), EXIF
+right after decoding, every PIL mode converted to RGB as catalogue images are (``retrieval.data.images.to_rgb``), EXIF
 orientation applied.
 
 A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG and WebP cannot be decoded
@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image
 
-from retrieval.images import ImageError, to_rgb
+from retrieval.data.images import ImageError, to_rgb
 
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
 SUPERSAMPLE = 3  # keep the longer side >= 3x the largest size used, like PIL's reducing_gap=3 in letterbox

@@ -1,7 +1,6 @@
 """``retrieval cache``: pre-decode letterboxed catalog images into HDF5 for fast training input."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -12,21 +11,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .catalog import Catalog, digest_change, items_digest, read_catalog
-from .data import ImageDataset, collate_images, loader_workers
+from retrieval.data.catalog import Catalog, digest_change, items_digest
+from retrieval.data.datasets import ImageDataset, collate_images, loader_workers
 
 logger = logging.getLogger(__name__)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval cache", description=(
-        "Decode every catalog image once, letterbox it to SIZE and store it as uint8 in HDF5; "
-        "'retrieval train --image-cache' then reads it instead of JPEGs. Interrupted runs resume."))
-    p.add_argument("--catalog", required=True, metavar="DIR")
-    p.add_argument("--out", required=True, metavar="IMAGES.h5")
-    p.add_argument("--image-size", type=int, default=288, help="must equal the training --image-size")
-    p.add_argument("--workers", type=int)
-    return p
 
 
 def open_cache(path: Path, catalog: Catalog, size: int) -> int:
@@ -74,11 +62,3 @@ def build_image_cache(catalog: Catalog, path: str | Path, size: int = 224, worke
     if bad:
         logger.warning("%d unreadable images skipped: %s", len(bad), ", ".join(bad[:10]))
     return len(bad)
-
-
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    catalog = read_catalog(args.catalog)
-    bad = build_image_cache(catalog, args.out, args.image_size, args.workers)
-    print(f"Wrote {args.out}: {len(catalog) - bad} images at {args.image_size}px ({bad} unreadable)")
-    return 0

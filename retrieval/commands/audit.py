@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
-from .atomic import atomic_write, write_text
-from .audit import Issue, audit_catalog, catalog_features, summarize
-from .catalog import read_catalog, select_groups
-from .checkpoint import load_model
-from .devices import resolve_device
+from retrieval.atomic import write_text
+from retrieval.audit.labels import audit_catalog, catalog_features, summarize, write_issues
+from retrieval.data.catalog import read_catalog, select_groups
+from retrieval.devices import resolve_device
+from retrieval.net.checkpoint import load_model
 
 logger = logging.getLogger(__name__)
 ISSUES_FILE, SUMMARY_FILE, SETTINGS_FILE, DECISIONS_FILE = "issues.csv", "summary.md", "audit.json", "decisions.csv"
@@ -48,20 +46,6 @@ def get_apply_parser() -> argparse.ArgumentParser:
     p.add_argument("--decisions", required=True, metavar="CSV", help="AUDIT_DIR/decisions.csv")
     p.add_argument("--out", required=True, metavar="NEW_DIR")
     return p
-
-
-def write_issues(path: Path, issues: list[Issue]) -> None:
-    """issues.csv, written to a temporary file and renamed into place."""
-    with atomic_write(path, newline="") as f:
-        writer = csv.DictWriter(f, [fl.name for fl in fields(Issue)])
-        writer.writeheader()
-        writer.writerows(asdict(i) for i in issues)
-
-
-def read_issues(path: str | Path) -> list[Issue]:
-    """The rows of an issues.csv."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [Issue(**{**row, "score": float(row["score"])}) for row in csv.DictReader(f)]
 
 
 def run_audit(args) -> Path:
@@ -98,7 +82,7 @@ def run_audit(args) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     if argv[:1] == ["apply"]:
-        from .decisions import apply_decisions, read_decisions
+        from retrieval.audit.decisions import apply_decisions, read_decisions
 
         args = get_apply_parser().parse_args(argv[1:])
         changed = apply_decisions(args.catalog, read_decisions(args.decisions), args.out)

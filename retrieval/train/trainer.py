@@ -1,7 +1,6 @@
 """Run a training job: data, model, epochs, validation, checkpoints and resume."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -12,20 +11,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import sampling
-from .atomic import write_text
-from .catalog import read_catalog, training_catalog
-from .checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from .data import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels, loader_workers,
-                   parse_dropout_profile)
-from .devices import resolve_device
-from .features import build_trunk_cache
-from .loop import LossSettings, TrainState, train_one_epoch, validate
-from .images import augment_batch, normalize_batch
-from .losses import group_weights, label_weights, resolve_group_loss
-from .model import create_model, model_options
-from .training import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                       resolve_trainable, setup_distributed, split_validation)
+from retrieval.data.catalog import read_catalog, training_catalog
+from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
+                                     loader_workers, parse_dropout_profile)
+from retrieval.data.images import augment_batch, normalize_batch
+from retrieval.devices import resolve_device
+from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from retrieval.net.model import create_model, model_options
+from retrieval.net.trunkcache import build_trunk_cache
+from retrieval.train import sampling
+from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
+                                    resolve_trainable, setup_distributed, split_validation, write_config, write_json)
+from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
+from retrieval.train.losses import group_weights, label_weights, resolve_group_loss
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +109,7 @@ class Job:
                               batch_size=cfg.batch_size, image_cache=self.image_cache, workers=cfg.workers)
         if self.world > 1:
             dist.barrier()
-        from .features import TrunkCache
+        from retrieval.net.trunkcache import TrunkCache
         self.trunk_cache = TrunkCache(path, self.model, self.start)
         self.train_rows = torch.tensor([it.row_id for it in self.train_items])
         self.val_rows = torch.tensor([it.row_id for it in self.val_items], dtype=torch.long)
@@ -283,27 +281,6 @@ class Job:
         logger.info("epoch %d: train loss %.4f, val loss %.4f, val mAP %.3f, %.0f img/s, %.1fs | val acc %s",
                     epoch, record["train_loss"], record.get("val_loss", float("nan")),
                     record.get("val_map", float("nan")), record["images_per_s"], record["seconds"], accuracy)
-
-
-def selection_score(record: dict, select_by: str = "map") -> float:
-    """How an epoch's record ranks for best.pt, higher is better: validation mAP (``map``, the
-    default) or minus the validation loss (``loss``; also where there are too few validation items
-    for mAP)."""
-    if select_by == "map" and record.get("val_map") is not None:
-        return record["val_map"]
-    return -record.get("val_loss", record["train_loss"])
-
-
-def write_json(path: Path, data) -> None:
-    """JSON written to a temporary file and renamed into place."""
-    write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def write_config(path: Path, cfg: TrainConfig) -> None:
-    """The resolved configuration as YAML (atomic)."""
-    import yaml
-
-    write_text(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def train(cfg: TrainConfig) -> list[dict]:

@@ -1,19 +1,7 @@
-"""``retrieval catalog-info DIR``: validate a catalog and summarise its groups."""
+"""What `retrieval catalog-info` prints: per-group classes, labelled share, extremes; unreadable images."""
 from __future__ import annotations
 
-import argparse
-
-from .catalog import SPLITS, Catalog, read_catalog, untrainable_groups
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retrieval catalog-info",
-                                     description="Check DIR/labels.csv and its images; print a per-group summary "
-                                                 "(classes, labelled share, largest/smallest class).")
-    parser.add_argument("catalog", metavar="DIR", help="catalog directory holding labels.csv")
-    parser.add_argument("--verify-images", action="store_true",
-                        help="also open every image and list the unreadable ones (slow on big catalogs)")
-    return parser
+from retrieval.data.catalog import SPLITS, Catalog, untrainable_groups
 
 
 def summarize_catalog(catalog: Catalog) -> list[dict]:
@@ -63,7 +51,7 @@ def format_summary(catalog: Catalog) -> str:
 
 def unreadable_images(catalog: Catalog) -> list[str]:
     """``path: reason`` of every image that cannot be decoded, paths relative to the catalog."""
-    from .images import ImageError, load_image
+    from retrieval.data.images import ImageError, load_image
 
     bad = []
     for item in catalog.items:
@@ -72,13 +60,3 @@ def unreadable_images(catalog: Catalog) -> list[str]:
         except ImageError as err:
             bad.append(str(err))
     return bad
-
-
-def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    catalog = read_catalog(args.catalog)
-    print(format_summary(catalog))
-    if args.verify_images:
-        bad = unreadable_images(catalog)
-        print(f"{len(bad)} unreadable images" + "".join(f"\n  {b}" for b in bad))
-    return 0

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import embfile
-from .catalog import Catalog, Item
-from .data import ImageCache, ImageDataset, collate_images, loader_workers
-from .features import TrunkCache, cache_key, cache_serves
-from .images import image_tensor, normalize_batch
-from .model import QUERY_VIEWS, RetrievalModel
+from retrieval.data import embfile
+from retrieval.data.catalog import Catalog, Item
+from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
+from retrieval.data.images import image_tensor, normalize_batch
+from retrieval.net.model import QUERY_VIEWS, RetrievalModel
+from retrieval.net.trunkcache import TrunkCache, cache_key, cache_serves
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def standardize(vectors: np.ndarray) -> np.ndarray:
 def describe_image(model: RetrievalModel, image, device="cpu") -> Outputs:
     """Embedding, head probabilities and group vectors of one PIL image (for search by photo),
     from the image alone (no mirror view)."""
-    from .images import to_uint8_array
+    from retrieval.data.images import to_uint8_array
 
     array = to_uint8_array(image.convert("RGB"), model.config.image_size)
     x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))

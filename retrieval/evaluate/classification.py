@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import Catalog
-from .metrics import classification_report, multilabel_report
+from retrieval.data.catalog import Catalog
+from retrieval.evaluate.metrics import classification_report, multilabel_report
 
 logger = logging.getLogger(__name__)
 

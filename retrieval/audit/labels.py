@@ -3,19 +3,22 @@ features), then per group the labels most likely wrong (confident learning, ``cl
 suggestions for empty cells, and near-duplicate products whose labels disagree."""
 from __future__ import annotations
 
+import csv
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .catalog import Catalog
-from .data import ImageDataset, build_targets, collate_images, loader_workers
-from .images import normalize_batch
-from .inference import open_trunk_cache
-from .losses import multi_group_loss
-from .metrics import normalize_rows, topk_neighbors
+from retrieval.atomic import atomic_write
+from retrieval.data.catalog import Catalog
+from retrieval.data.datasets import ImageDataset, build_targets, collate_images, loader_workers
+from retrieval.data.images import normalize_batch
+from retrieval.embed.inference import open_trunk_cache
+from retrieval.evaluate.metrics import normalize_rows, topk_neighbors
+from retrieval.train.losses import multi_group_loss
 
 logger = logging.getLogger(__name__)
 
@@ -234,3 +237,16 @@ def summarize(issues: list[Issue], catalog: Catalog, groups: list[str]) -> str:
         lines.append(f"| {g} | {labelled} | {count['wrong']} | {count['missing']} | {count['conflicting-duplicate']} |")
     return "\n".join(lines)
 
+
+def write_issues(path: Path, issues: list[Issue]) -> None:
+    """issues.csv, written to a temporary file and renamed into place."""
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, [fl.name for fl in fields(Issue)])
+        writer.writeheader()
+        writer.writerows(asdict(i) for i in issues)
+
+
+def read_issues(path: str | Path) -> list[Issue]:
+    """The rows of an issues.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Issue(**{**row, "score": float(row["score"])}) for row in csv.DictReader(f)]

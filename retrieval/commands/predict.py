@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 
-from .checkpoint import load_model
-from .images import ImageError
-from .embfile import fuse_probabilities
-from .inference import predict_images
-from .devices import resolve_device
+from retrieval.data.embfile import fuse_probabilities
+from retrieval.data.images import ImageError
+from retrieval.devices import resolve_device
+from retrieval.embed.inference import predict_images
+from retrieval.net.checkpoint import load_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:

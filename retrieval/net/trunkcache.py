@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .catalog import Catalog, Item, items_digest
-from .colour import histogram_size
-from .data import ImageCache, ImageDataset, collate_images, loader_workers
-from .images import normalize_batch
-from .model import RetrievalModel, fingerprint
+from retrieval.data.catalog import Catalog, Item, items_digest
+from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
+from retrieval.data.images import normalize_batch
+from retrieval.net.colour import histogram_size
+from retrieval.net.model import RetrievalModel, fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .catalog import Catalog, Item
-from .images import ImageError, load_image, to_uint8_array
+from retrieval.data.catalog import Catalog, Item
+from retrieval.data.images import ImageError, load_image, to_uint8_array
 
 logger = logging.getLogger(__name__)
 

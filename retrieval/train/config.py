@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .catalog import Item
-from .model import ModelConfig
-from .model import RetrievalModel
+from retrieval.atomic import write_text
+from retrieval.data.catalog import Item
+from retrieval.net.model import ModelConfig, RetrievalModel
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +148,15 @@ def make_scheduler(optimizer, total_steps: int, warmup: int):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def write_json(path: Path, data) -> None:
+    """JSON written to a temporary file and renamed into place."""
+    write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_config(path: Path, cfg: TrainConfig) -> None:
+    """The resolved configuration as YAML (atomic)."""
+    import yaml
+
+    write_text(path, yaml.safe_dump(asdict(cfg), sort_keys=False))

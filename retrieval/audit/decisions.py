@@ -11,8 +11,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import atomic_write
-from .catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, read_catalog
+from retrieval.atomic import atomic_write
+from retrieval.data.catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, read_catalog
 
 FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
 DECISIONS = ("accept", "reject", "skip")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_trunk
-from .colour import colour_histogram, histogram_size, parse_bins
-from .images import IMAGENET_STD
+from retrieval.data.images import IMAGENET_STD
+from retrieval.net.backbones import create_trunk
+from retrieval.net.colour import colour_histogram, histogram_size, parse_bins
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
     """Build a retrieval model.
 
     Args:
-        backbone: a name from ``retrieval.backbones.BACKBONES``.
+        backbone: a name from ``retrieval.net.backbones.BACKBONES``.
         groups: label vocabulary of every attribute group, in order.
         embed_dim: size of the shared embedding layer.
         method: ``multi-weight``, ``multi-task`` (per-group heads) or ``multi-label`` (one head).

@@ -1,5 +1,4 @@
 """Built-in demo catalog (docs/formats.md): drawn garments, imbalanced and partly missing labels."""
-import argparse
 import csv
 import logging
 import math
@@ -9,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .atomic import atomic_write
+from retrieval.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -262,33 +261,3 @@ def make_demo_catalog(out_dir, n_items=480, seed=0, image_size=128, progress=Fal
     write_csv_atomic(labels_path, rows)  # written last: a catalog exists only once images do
     logger.info("Wrote demo catalog %s (%d items, seed %d)", labels_path, n_items, seed)
     return labels_path
-
-
-def get_args_parser():
-    """Build the argument parser of `retrieval demo-catalog`."""
-    parser = argparse.ArgumentParser(prog="retrieval demo-catalog", description=(
-        "Generate a small catalog of drawn garments (labels.csv + images/) to try the pipeline "
-        "without downloading data."))
-    parser.add_argument("out", metavar="OUT", help="output directory (created if needed; its "
-                        "labels.csv and images/NNNNNN.jpg are overwritten)")
-    parser.add_argument("--n-items", type=int, default=480, help="how many garments (default: 480)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--image-size", type=int, default=128, help="side in pixels, >= 32")
-    return parser
-
-
-def main(argv=None):
-    """Generate the demo catalog from command-line arguments and print a summary."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        path = make_demo_catalog(args.out, n_items=args.n_items, seed=args.seed,
-                                 image_size=args.image_size, progress=True)
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"Wrote {path}: {args.n_items} items, groups: {', '.join(DEMO_GROUPS)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

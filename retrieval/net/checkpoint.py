@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
-from .model import RetrievalModel, fingerprint, model_from_config
+from retrieval.atomic import atomic_write
+from retrieval.net.model import RetrievalModel, fingerprint, model_from_config
 
 logger = logging.getLogger(__name__)
 

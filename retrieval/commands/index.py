@@ -5,7 +5,7 @@ import argparse
 
 import numpy as np
 
-from .catalog import read_catalog
+from retrieval.data.catalog import read_catalog
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,8 +52,7 @@ def use_gpu(choice: str):
 
 def main(argv=None) -> int:
     from indexer import IndexStore, build_store_from_embeddings
-
-    from .embfile import read_embeddings
+    from retrieval.data.embfile import read_embeddings
 
     args = get_args_parser().parse_args(argv)
     if args.action == "build":

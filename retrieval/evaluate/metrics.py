@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .devices import resolve_device
+from retrieval.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import embfile
-from .losses import multi_group_loss, overlap_contrastive_loss, range_loss
-from .metrics import evaluate_retrieval
-from .model import RetrievalModel
-from .training import freeze_units
+from retrieval.data import embfile
+from retrieval.evaluate.metrics import evaluate_retrieval
+from retrieval.net.model import RetrievalModel
+from retrieval.train.config import freeze_units
+from retrieval.train.losses import multi_group_loss, overlap_contrastive_loss, range_loss
 
 
 @dataclass
@@ -137,3 +137,12 @@ def validation_map(items, groups, seen, vectors, group_vectors, limit: int = 500
     if shared is None or view is None:
         return {}
     return {"val_map_shared": shared, "val_map_group": view, "val_map": (shared + view) / 2}
+
+
+def selection_score(record: dict, select_by: str = "map") -> float:
+    """How an epoch's record ranks for best.pt, higher is better: validation mAP (``map``, the
+    default) or minus the validation loss (``loss``; also where there are too few validation items
+    for mAP)."""
+    if select_by == "map" and record.get("val_map") is not None:
+        return record["val_map"]
+    return -record.get("val_loss", record["train_loss"])

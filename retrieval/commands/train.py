@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
-from .backbones import BACKBONES
-from .losses import GROUP_LOSSES, WEIGHTINGS
-from .model import METHODS, POOL_WEIGHTINGS
-from .sampling import SAMPLINGS
-from .training import TrainConfig
+from retrieval.net.backbones import BACKBONES
+from retrieval.net.model import METHODS, POOL_WEIGHTINGS
+from retrieval.train.config import TrainConfig
+from retrieval.train.losses import GROUP_LOSSES, WEIGHTINGS
+from retrieval.train.sampling import SAMPLINGS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    from .trainer import train
+    from retrieval.train.trainer import train
 
     train(parse_config(argv))
     return 0

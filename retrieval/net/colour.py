@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .images import IMAGENET_MEAN, IMAGENET_STD
+from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 # L in [0, 100]; a and b clamped to [-80, 80], which covers the clothing colours of sRGB
 LAB_RANGES = ((0.0, 100.0), (-80.0, 80.0), (-80.0, 80.0))

@@ -1,0 +1,1 @@
+"""Label audit: issues found out of sample, review decisions."""

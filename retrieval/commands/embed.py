@@ -1,0 +1,78 @@
+"""``retrieval embed``: shared-layer embeddings (and group-focused vectors) of a catalog into EMB.h5."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from retrieval.data.catalog import read_catalog
+from retrieval.data.datasets import ImageCache
+from retrieval.devices import resolve_device
+from retrieval.embed.embedding import embed_catalog
+from retrieval.embed.inference import open_trunk_cache
+from retrieval.net.backbones import BACKBONES
+from retrieval.net.checkpoint import load_model
+from retrieval.net.model import POOL_WEIGHTINGS, create_model
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrieval embed", description=(
+        "Embed every catalog image with the model's shared layers (L2-normalised) into HDF5, with "
+        "each group's head-focused vectors and probabilities. Interrupted runs resume."))
+    p.add_argument("--checkpoint", metavar="PT", help="trained checkpoint (RUN/best.pt)")
+    p.add_argument("--pretrained-only", action="store_true",
+                   help="no training: embed with the ImageNet trunk's pooled features (the off-the-shelf baseline)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES, help="with --pretrained-only")
+    p.add_argument("--weights", help="with --pretrained-only: local trunk weights file")
+    p.add_argument("--taps", default="last", help="with --pretrained-only: pooled units (last, all, or 3,5,8); "
+                                                  "several are standardised and concatenated")
+    p.add_argument("--gem-p", type=float, default=1.0, help="with --pretrained-only: pooling exponent (1 = average)")
+    p.add_argument("--image-size", type=int, default=224, help="with --pretrained-only")
+    p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")
+    p.add_argument("--colour-bins", default="none", metavar="L,A,B",
+                   help="with --pretrained-only: prepend a CIELAB colour histogram (e.g. 4,6,6)")
+    p.add_argument("--catalog", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="EMB.h5")
+    p.add_argument("--split", default="all", choices=("all", "train", "test"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
+    p.add_argument("--trunk-cache", metavar="H5", help="reuse the trunk cache of a frozen-trunk training run")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if bool(args.checkpoint) == bool(args.pretrained_only):
+        raise ValueError("give either --checkpoint RUN/best.pt or --pretrained-only")
+    device = resolve_device(args.device)
+    catalog = read_catalog(args.catalog)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.pretrained_only:
+        model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
+                             gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting,
+                             colour_bins=args.colour_bins, flip_average=False)
+        model.embed = torch.nn.Identity()
+        model.embed_pooled = lambda pooled: pooled
+        start = len(model.trunk)
+        fp = f"pretrained:{args.backbone}:{args.taps}:gem{args.gem_p}:{args.pool_weighting}:{args.colour_bins}"
+        heads, standardise = False, len(model.taps) > 1 or model.colour_dim > 0
+        if not standardise:
+            model.embed_pooled = lambda pooled: torch.nn.functional.normalize(pooled, dim=1)
+    else:
+        model, ckpt = load_model(args.checkpoint)
+        start, fp = ckpt.get("start_unit", 0), ckpt["fingerprint"]
+        heads, standardise = True, False
+    trunk_cache = open_trunk_cache(args.trunk_cache, model, catalog, start) if args.trunk_cache else None
+    meta = {"fingerprint": fp, "backbone": model.config.backbone, "catalog": str(Path(args.catalog).resolve()),
+            "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
+    image_cache = ImageCache(args.image_cache) if args.image_cache else None
+    attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
+                          image_cache, trunk_cache, start, args.split)
+    print(f"Wrote {out}: {attrs['count']} vectors of dimension {attrs['dimension']}, "
+          f"groups {', '.join(json.loads(attrs['groups'])) or '-'}, fingerprint {fp[:16]}")
+    return 0

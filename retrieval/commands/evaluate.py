@@ -1,0 +1,65 @@
+"""``retrieval evaluate``: mAP@k reports from an embeddings file, and run comparisons."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from retrieval.data.catalog import CatalogError, read_catalog
+from retrieval.devices import DEVICES
+from retrieval.evaluate.classification import draw_class_chart
+from retrieval.evaluate.report import (SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
+                                       write_report)
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of ``retrieval evaluate``."""
+    parser = argparse.ArgumentParser(prog="retrieval evaluate", description=__doc__)
+    run = parser.add_argument_group("evaluate embeddings")
+    run.add_argument("--embeddings", type=Path, help="EMB.h5 written by 'retrieval embed'")
+    run.add_argument("--catalog", type=Path, help="catalog directory (labels.csv + images)")
+    run.add_argument("--split", default="test", choices=SPLITS, help="items to evaluate (default: test)")
+    run.add_argument("--k", type=int, default=50, help="retrieval depth of mAP@k (default: 50)")
+    run.add_argument("--out", type=Path, help="report directory (default: <embeddings stem>-report beside it)")
+    run.add_argument("--title", help="title of the table and chart (default: the embeddings file name)")
+    run.add_argument("--device", default="auto", choices=DEVICES, help="where to rank neighbours (default: auto)")
+    run.add_argument("--fuse", type=Path, metavar="EMB_B.h5",
+                     help="score fusion: average the head probabilities of a second model's embeddings")
+    run.add_argument("--class-chart", metavar="GROUP",
+                     help="also draw per-class accuracy of GROUP (class_GROUP.png) to see rare classes")
+    compare = parser.add_argument_group("compare reports")
+    compare.add_argument("--compare", nargs="+", metavar="REPORT_DIR",
+                         help="print one table comparing report directories instead of evaluating")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``retrieval evaluate``."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.compare:
+            print(compare_reports(args.compare))
+            return 0
+        if args.embeddings is None or args.catalog is None:
+            parser.error("--embeddings and --catalog are required (or use --compare REPORT_DIR ...)")
+        if args.k < 1:
+            parser.error(f"--k must be at least 1, got {args.k}")
+        report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
+                                     args.split, args.k, device=args.device, fuse=args.fuse)
+        report["settings"]["title"] = args.title or args.embeddings.stem
+        out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
+        if args.class_chart:
+            classes = report.get("classification", {})
+            if args.class_chart not in classes:
+                raise EvaluationError(f"--class-chart {args.class_chart!r}: no classification for it; "
+                                      f"choose one of: {', '.join(classes) or '(no head probabilities)'}")
+            draw_class_chart(classes[args.class_chart], args.class_chart, out / f"class_{args.class_chart}.png")
+    except (EvaluationError, CatalogError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(format_table(report))
+    logger.info("wrote %s", out)
+    return 0

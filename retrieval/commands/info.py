@@ -1,0 +1,27 @@
+"""``retrieval catalog-info DIR``: validate a catalog and summarise its groups."""
+from __future__ import annotations
+
+import argparse
+
+from retrieval.data.catalog import read_catalog
+from retrieval.data.summary import format_summary, unreadable_images
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrieval catalog-info",
+                                     description="Check DIR/labels.csv and its images; print a per-group summary "
+                                                 "(classes, labelled share, largest/smallest class).")
+    parser.add_argument("catalog", metavar="DIR", help="catalog directory holding labels.csv")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="also open every image and list the unreadable ones (slow on big catalogs)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    catalog = read_catalog(args.catalog)
+    print(format_summary(catalog))
+    if args.verify_images:
+        bad = unreadable_images(catalog)
+        print(f"{len(bad)} unreadable images" + "".join(f"\n  {b}" for b in bad))
+    return 0

@@ -1,0 +1,1 @@
+"""Running a model over a catalog: outputs, and the EMB.h5 writer."""

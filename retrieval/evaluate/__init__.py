@@ -1,0 +1,1 @@
+"""Retrieval and classification metrics, reports."""

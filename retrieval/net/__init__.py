@@ -1,0 +1,1 @@
+"""The network: backbones, colour histogram, the model, the trunk cache, checkpoints."""

@@ -1,0 +1,1 @@
+"""Training: options, the loop, losses, sampling, the run (data, checkpoints, resume, DDP)."""
