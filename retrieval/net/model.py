@@ -148,6 +148,25 @@ class RetrievalModel(nn.Module):
         foreground = foreground_weights(x) if foreground is None else foreground
         return [colour_histogram(x, self.colour_bins, foreground).to(x.dtype)]
 
+    def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None):
+        """What the frozen units before ``start`` contribute: the colour histogram and the pooled
+        outputs of units ``taps`` (default: the model's) as one prefix, the input of unit ``start``
+        (None when the whole trunk is frozen) and the pooling weights at its resolution. The trunk
+        cache stores exactly this; ``pooled_features(act, start, prefix, weight)`` continues it."""
+        taps = self.taps if taps is None else taps
+        weight = self.pool_weight(x)
+        pooled = self.colour_features(x, weight) if start > 0 else []  # at 0 the model sees the image itself
+        for i, unit in enumerate(self.trunk.units[:start]):
+            x = unit(x)
+            if i in taps:
+                pooled.append(self.pool(x, weight))
+        prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
+        if start == len(self.trunk):
+            return prefix, None, None
+        if weight is not None:
+            weight = F.adaptive_avg_pool2d(weight, x.shape[-2:])
+        return prefix, x, weight
+
     def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenated features: the colour histogram (if any), then the pooled taps. ``x`` enters

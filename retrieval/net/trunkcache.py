@@ -48,23 +48,9 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
 
 
 @torch.no_grad()
-def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int,
-                   taps: list[int] | None = None):
-    """Pooled outputs of units ``taps`` (default: the model's) before ``start``, the input of
-    unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its resolution."""
-    taps = model.taps if taps is None else taps
-    weight = model.pool_weight(x)
-    pooled = model.colour_features(x, weight) if start > 0 else []  # at 0 the model sees the image itself
-    for i, unit in enumerate(model.trunk.units[:start]):
-        x = unit(x)
-        if i in taps:
-            pooled.append(model.pool(x, weight))
-    prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
-    if start == len(model.trunk):
-        return prefix, None, None
-    if weight is not None:
-        weight = torch.nn.functional.adaptive_avg_pool2d(weight, x.shape[-2:])
-    return prefix, x, weight
+def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int, taps: list[int] | None = None):
+    """What the trunk cache stores for a batch: ``model.trunk_prefix`` without gradients."""
+    return model.trunk_prefix(x, start, taps)
 
 
 def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, stored_colour: int = 0) -> torch.Tensor:
