@@ -1,7 +1,7 @@
-"""Screenshots of the main pages (browse, product, photo search results, evaluation) for the README.
+"""Screenshots of the main pages (browse, product, photo search results, evaluation, label review) for the README.
 
     python scripts/screenshots.py --index INDEX_DIR --catalog DIR --checkpoint RUN/best.pt \
-        --report REPORT_DIR --out docs/screenshots
+        --report REPORT_DIR --audit AUDIT_DIR --out docs/screenshots
 
 Serves the app with waitress on a free loopback port and drives Debian's headless Chromium through
 Playwright (see web/browser.py); thumbnails go to a temporary cache.
@@ -25,6 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--checkpoint", required=True, metavar="RUN/best.pt")
     p.add_argument("--report", metavar="REPORT_DIR", help="for the evaluation page")
+    p.add_argument("--audit", metavar="AUDIT_DIR", help="for the label review page")
     p.add_argument("--out", default="docs/screenshots", metavar="DIR")
     p.add_argument("--item", type=int, help="product page item id (default: a well-labelled item)")
     p.add_argument("--filter", default="gender=women", metavar="GROUP=LABEL",
@@ -59,11 +60,15 @@ def shoot(page, url: str | None, path: Path) -> None:
 def wait_for_images(page) -> None:
     """Wait until every image on the page has loaded."""
     page.wait_for_load_state("networkidle")
-    page.wait_for_function("Array.from(document.images).every(img => img.complete)")
+    for img in page.locator("img").all():  # lazy images load once scrolled into view
+        img.scroll_into_view_if_needed()
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_function("() => Array.from(document.images).every(img => img.complete)")
 
 
-def take_screenshots(base: str, out: Path, item_id: int, photo: Path, facet: tuple[str, str], size) -> None:
-    """Save browse.png, product.png, search.png and evaluation.png from a running server."""
+def take_screenshots(base: str, out: Path, item_id: int, photo: Path, facet: tuple[str, str], size,
+                     review: bool = False) -> None:
+    """Save browse.png, product.png, search.png, evaluation.png (and review.png) from a running server."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -78,6 +83,8 @@ def take_screenshots(base: str, out: Path, item_id: int, photo: Path, facet: tup
             page.locator(f'.facet-option[data-group="{facet[0]}"][data-label="{facet[1]}"]').click()
         shoot(page, None, out / "search.png")
         shoot(page, f"{base}/evaluation", out / "evaluation.png")
+        if review:
+            shoot(page, f"{base}/review?kind=wrong", out / "review.png")
         browser.close()
 
 
@@ -92,13 +99,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:
         app = create_app({"INDEX_DIR": args.index, "CATALOG_DIR": args.catalog, "CHECKPOINT": args.checkpoint,
-                          "REPORT_DIR": args.report, "THUMB_DIR": cache})
+                          "REPORT_DIR": args.report, "AUDIT_DIR": args.audit, "REVIEW": bool(args.audit),
+                          "THUMB_DIR": cache})
         store = app.extensions["retrieval"].warm_up().store
         item_id = args.item if args.item is not None else pick_item(store)
         photo = Path(args.catalog) / store.item(item_id)["path"]
         server = start_background_server(app)
         try:
-            take_screenshots(server.url, out, item_id, photo, (group, label), (args.width, args.height))
+            take_screenshots(server.url, out, item_id, photo, (group, label), (args.width, args.height),
+                             bool(args.audit))
         finally:
             server.close()
     return 0
