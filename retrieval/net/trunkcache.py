@@ -78,14 +78,14 @@ def storage_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent)
 
 
-def check_finite(x: torch.Tensor, what: str, names) -> None:
-    """Refuse non-finite trunk outputs, naming the images they came from."""
+def check_finite(x: torch.Tensor, what: str, names, prefix: str = "") -> None:
+    """Refuse non-finite trunk outputs, naming the images they came from (``prefix`` + ``names[i]``)."""
     bad = ~torch.isfinite(x.flatten(1)).all(1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(f"{what} are not finite (inf or NaN) for {len(rows)} image(s), e.g. "
-                         f"{', '.join(str(names[i]) for i in rows[:3])}: the trunk's weights overflow float32; "
-                         "give trained weights with --weights or choose another backbone")
+                         f"{', '.join(f'{prefix}{names[i]}' for i in rows[:3])}: the trunk's weights overflow "
+                         "float32; give trained weights with --weights or choose another backbone")
 
 
 class TrunkCache:
@@ -104,9 +104,11 @@ class TrunkCache:
             self.act_scale = torch.from_numpy(f["act_scale"][:]) if "act_scale" in f else None
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
             stored = json.loads(f.attrs["key"])
-        rows = np.flatnonzero(self.ok)
-        check_finite(self.prefix[torch.from_numpy(rows)].flatten(1), f"{self.path}: cached pooled features",
-                     [f"catalog row {i}" for i in rows])
+        rows = np.flatnonzero(self.ok)  # checked once here, not on every batch read
+        check_finite(self.prefix[torch.from_numpy(rows)], f"{self.path}: cached pooled features", rows, "catalog row ")
+        for at in range(0, len(rows), 1024) if self.act is not None else ():
+            chunk = rows[at:at + 1024]
+            check_finite(self.act[torch.from_numpy(chunk)], f"{self.path}: cached activations", chunk, "catalog row ")
         if model is not None:  # keep only the model's histogram and taps, in its order
             columns = prefix_columns(model, stored["taps"], start, histogram_size(stored.get("colour")))
             self.prefix = self.prefix[:, :, columns].contiguous()
@@ -119,7 +121,6 @@ class TrunkCache:
             act = self.act[index, flip].float()
             if self.act_scale is not None:
                 act *= self.act_scale[index, flip].view(-1, *[1] * (act.dim() - 1))
-            check_finite(act, f"{self.path}: cached activations", [f"catalog row {i}" for i in index.tolist()])
         weight = self.weight[index, flip].float() if self.weight is not None else None
         return prefix, act, weight
 

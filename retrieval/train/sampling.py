@@ -49,7 +49,7 @@ def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
     order = np.arange(n) if classes is None else balanced_indices(classes, mode, rng)
     order = rng.permutation(order)
     if exclude is not None and len(exclude):
-        order = order[~np.isin(order, np.asarray(list(exclude), dtype=np.int64))]
+        order = order[~np.isin(order, exclude)]
     per_rank = -(-len(order) // world)
     order = np.resize(order, per_rank * world)  # repeats from the start, as DistributedSampler pads
     return order[rank::world]
