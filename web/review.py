@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 
 from retrieval.audit.decisions import DECISIONS, append_decision, latest, read_decisions
 from retrieval.audit.labels import KINDS, Issue
@@ -22,7 +22,7 @@ class AuditFiles:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._key, self.issues, self.labels = None, [], {}
+        self._key, self.issues, self.labels, self.groups = None, [], {}, []
 
     def load(self, directory: Path, catalog_dir: Path | None) -> "AuditFiles":
         from retrieval.audit.labels import read_issues
@@ -34,6 +34,7 @@ class AuditFiles:
         with self._lock:
             if key != self._key:
                 self.issues = read_issues(directory / "issues.csv")
+                self.groups = sorted({i.group for i in self.issues})
                 catalog = read_catalog(catalog_dir, check_files=False) if catalog_dir else None
                 self.labels = {it.image: it.labels for it in catalog.items} if catalog else {}
                 self._key = key
@@ -53,8 +54,11 @@ def audit_dir() -> Path:
 
 
 def audit_files() -> AuditFiles:
-    catalog = current_app.config.get("CATALOG_DIR")
-    return FILES.load(audit_dir(), Path(catalog) if catalog else None)
+    """The audit's files, checked for changes once per request."""
+    if "audit_files" not in g:
+        catalog = current_app.config.get("CATALOG_DIR")
+        g.audit_files = FILES.load(audit_dir(), Path(catalog) if catalog else None)
+    return g.audit_files
 
 
 def pending(group: str | None, kind: str | None) -> list[Issue]:
@@ -67,7 +71,7 @@ def pending(group: str | None, kind: str | None) -> list[Issue]:
 def chosen_filters() -> tuple[str | None, str | None]:
     """group= and kind= of the request (empty = all); 400 naming the valid values."""
     group, kind = request.values.get("group") or None, request.values.get("kind") or None
-    groups = sorted({i.group for i in audit_files().issues})
+    groups = audit_files().groups
     if group is not None and group not in groups:
         abort(400, f"Unknown group {group!r}; choose one of: {', '.join(groups)}")
     if kind is not None and kind not in KINDS:
@@ -111,7 +115,7 @@ def page():
     group, kind = chosen_filters()
     issues = pending(group, kind)
     number = max(1, request.args.get("page", 1, type=int) or 1)
-    groups = sorted({i.group for i in audit_files().issues})
+    groups = audit_files().groups
     return render_template("review.html", issues=[as_dict(i) for i in page_of(issues, number)], total=len(issues),
                            page=number, pages=max(1, -(-len(issues) // PAGE_SIZE)), group=group, kind=kind,
                            groups=groups, kinds=KINDS, review_enabled=bool(current_app.config.get("REVIEW")),
