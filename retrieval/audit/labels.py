@@ -54,8 +54,7 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
     for images, index, _ in loader:
         if images is None:
             continue
-        pooled = model.pooled_features(normalize_batch(images.to(device)))
-        pooled = (pooled + model.pooled_features(normalize_batch(images.to(device)).flip(3))) / 2
+        pooled = model.view_features(normalize_batch(images.to(device)), views=2)  # the image and its mirror
         if feats is None:
             feats = np.zeros((n, pooled.shape[1]), np.float32)
         feats[index.numpy()], ok[index.numpy()] = pooled.float().cpu().numpy(), True
