@@ -76,6 +76,8 @@ def embed(args, rank: int, device) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:
+        # a trunk without packaged weights starts random: the same on every rank and in every resumed run
+        torch.manual_seed(0)
         model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
                              gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting,
                              colour_bins=args.colour_bins, flip_average=False)
