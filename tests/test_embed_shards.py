@@ -187,3 +187,15 @@ def test_shard_plan(tmp_path):
     assert shard_path(out, 0, 1).name == "emb.h5.partial" and counts_on_disk(out) == {1, 3}
     with pytest.raises(ValueError, match=r"cut into \[1, 3\] shards; pass --shards K"):
         shard_count(out, 60, None, world=2)
+
+
+def test_loader_workers_share_the_cores_among_a_nodes_ranks(monkeypatch):
+    from retrieval.data.datasets import loader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers() == 15 and loader_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers() == 3  # 4 cores per rank, one of them the rank's own
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert loader_workers() == 0
