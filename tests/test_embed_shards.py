@@ -199,3 +199,17 @@ def test_loader_workers_share_the_cores_among_a_nodes_ranks(monkeypatch):
     assert loader_workers() == 3  # 4 cores per rank, one of them the rank's own
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert loader_workers() == 0
+
+
+def test_a_work_file_of_the_older_layout_is_started_afresh(tmp_path, caplog):
+    from retrieval.data.embfile import open_partial
+
+    path, covers = tmp_path / "emb.h5.partial", {"paths": "p", "files": "f"}
+    with h5py.File(path, "w") as f:  # one dataset per output, as before
+        f["vectors"], f["ok"] = np.ones((4, 2), np.float32), np.ones(4, bool)
+        f.attrs.update(job=json.dumps({}), done=4, covers=json.dumps(covers))
+    f, done = open_partial(path, 4, {"vectors": 2, "probs/g": 3}, {}, covers)
+    with f:
+        assert done == 0 and f["outputs"].shape == (4, 5) and not f["ok"][:].any()
+        assert json.loads(f.attrs["columns"]) == {"vectors": [0, 2], "probs/g": [2, 5]}
+    assert "older version (one dataset per output); starting from zero" in caplog.text

@@ -6,25 +6,46 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.embfile import open_partial
-from retrieval.embed.inference import iter_outputs, standardize
+from retrieval.embed.inference import Outputs, iter_outputs, standardize
 from retrieval.embed.shards import merge_shards, shard_count, shard_path, shard_rows
 
 logger = logging.getLogger(__name__)
 
 
+def output_columns(o: Outputs) -> dict[str, np.ndarray]:
+    """A batch's outputs by EMB.h5 dataset name, in the work file's column order."""
+    columns = {"vectors": o.vectors}
+    for g in o.group_vectors:
+        columns[f"groups/{g}"], columns[f"probs/{g}"] = o.group_vectors[g], o.probs[g]
+    return columns
+
+
 def output_dims(model, catalog: Catalog, items: list[Item], device, image_cache, trunk_cache, start, heads) -> dict:
-    """Width of every dataset of the work file, from the model's outputs on the first item."""
+    """Width of every output, from the model's outputs on the first item."""
     probe = next(iter_outputs(model, catalog, items[:1], device, 1, 0, image_cache, trunk_cache, start, heads), None)
-    dims = {"vectors": probe.vectors.shape[1] if probe else model.config.embed_dim}
-    if probe is not None:
-        dims.update({f"groups/{g}": v.shape[1] for g, v in probe.group_vectors.items()})
-        dims.update({f"probs/{g}": v.shape[1] for g, v in probe.probs.items()})
-    return dims
+    if probe is None:
+        return {"vectors": model.config.embed_dim}
+    return {name: values.shape[1] for name, values in output_columns(probe).items()}
+
+
+def write_batch(f, o: Outputs, done: int) -> None:
+    """One batch's outputs as one slice of rows of the work file (unreadable rows stay not ok)."""
+    rows = o.positions + done
+    begin, end = int(rows[0]), int(rows[-1]) + 1
+    values = np.concatenate(list(output_columns(o).values()), axis=1)
+    block, ok = values, np.ones(len(rows), dtype=bool)
+    if end - begin > len(rows):  # unreadable images in between: their rows stay zero and not ok
+        block, ok = np.zeros((end - begin, values.shape[1]), dtype=np.float32), np.zeros(end - begin, dtype=bool)
+        block[rows - begin], ok[rows - begin] = values, True
+    f["outputs"][begin:end], f["ok"][begin:end] = block, ok
+    f.attrs["done"] = end
+    f.flush()  # on disk now: a killed process resumes from here
 
 
 def embed_shard(model, catalog: Catalog, items: list[Item], path: Path, dims: dict, meta: dict, device,
@@ -40,13 +61,7 @@ def embed_shard(model, catalog: Catalog, items: list[Item], path: Path, dims: di
     with f, tqdm(total=len(items), initial=done, unit="img", desc=f"embed {path.name}") as bar:
         for o in iter_outputs(model, catalog, items[done:], device, batch_size, workers, image_cache,
                               trunk_cache, start, heads, bad):
-            rows = o.positions + done
-            f["vectors"][rows] = o.vectors
-            for g in o.group_vectors:
-                f[f"groups/{g}"][rows], f[f"probs/{g}"][rows] = o.group_vectors[g], o.probs[g]
-            f["ok"][rows] = True
-            f.attrs["done"] = int(rows.max()) + 1
-            f.flush()  # on disk now: a killed process resumes from here
+            write_batch(f, o, done)
             bar.n = f.attrs["done"]
             bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.1f}")
             bar.update(0)
