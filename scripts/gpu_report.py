@@ -82,9 +82,10 @@ def forward_rate(model, s: SimpleNamespace, device) -> float:
 
 def embed_rate(model, catalog, s: SimpleNamespace, device, image_cache) -> tuple[float, float]:
     """Steady images/s of ``embed_catalog`` into EMB.h5 and its fixed seconds (loader workers'
-    start, probe, merge), from one run over two batches and one over every item."""
+    start, probe, merge; 0 where timing noise makes the estimate negative), from one run over a
+    quarter of the items (at least two batches) and one over all of them."""
     seconds = {}
-    for n in (2 * s.batch_size, len(catalog.items)):
+    for n in (max(2 * s.batch_size, len(catalog.items) // 4), len(catalog.items)):
         part = copy.copy(catalog)
         part.items = catalog.items[:n]
         out = Path(s.work) / f"embed-{n}.h5"
@@ -94,8 +95,8 @@ def embed_rate(model, catalog, s: SimpleNamespace, device, image_cache) -> tuple
         seconds[n] = time.perf_counter() - began
         out.unlink()
     (n1, t1), (n2, t2) = seconds.items()
-    rate = (n2 - n1) / (t2 - t1)
-    return rate, t1 - n1 / rate
+    rate = (n2 - n1) / (t2 - t1) if t2 > t1 else n2 / t2  # the latter: noise on a busy machine
+    return rate, max(0.0, t1 - n1 / rate)
 
 
 def embedding_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
