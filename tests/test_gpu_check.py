@@ -14,6 +14,7 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = (tmp_path / "gpu-check.md").read_text()
     for row in ("training, JPEG decoding", "training, HDF5 image cache", "embedding, JPEG decoding",
+                "embedding, HDF5 image cache (img/s, EMB.h5 written)",
                 "evaluation, N = 3,000", "IVF build, N = 20,000", "| mean |"):
         assert row in table, row
     assert "GPU tests" in result.stdout and "dry run" in table

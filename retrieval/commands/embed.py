@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import ImageCache
-from retrieval.devices import resolve_device
+from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
 from retrieval.net.backbones import BACKBONES
@@ -20,7 +22,9 @@ from retrieval.net.model import POOL_WEIGHTINGS, create_model
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval embed", description=(
         "Embed every catalog image with the model's shared layers (L2-normalised) into HDF5, with "
-        "each group's head-focused vectors and probabilities. Interrupted runs resume."))
+        "each group's head-focused vectors and probabilities. Interrupted runs resume. Under torchrun "
+        "(--nproc-per-node N, several nodes through its rendezvous) the rows are cut into shards, one "
+        "resumable work file each beside --out, which rank 0 merges into the same file one process writes."))
     p.add_argument("--checkpoint", metavar="PT", help="trained checkpoint (RUN/best.pt)")
     p.add_argument("--pretrained-only", action="store_true",
                    help="no training: embed with the ImageNet trunk's pooled features (the off-the-shelf baseline)")
@@ -41,18 +45,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
     p.add_argument("--trunk-cache", metavar="H5", help="reuse the trunk cache of a frozen-trunk training run")
+    g = p.add_argument_group("shards (torchrun)")
+    g.add_argument("--shards", type=int, metavar="K",
+                   help="cut the rows into K shards (default: the count of the work files beside --out, else "
+                        "one per rank); ranks take shards rank, rank + world, ...")
+    g.add_argument("--merge-only", action="store_true",
+                   help="compute nothing: merge the finished shards beside --out (same other options as the run)")
     return p
+
+
+# ranks wait at the final barrier for the slowest: after a resume one may have hours of rows left
+BARRIER_TIMEOUT = dt.timedelta(hours=12)
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if bool(args.checkpoint) == bool(args.pretrained_only):
         raise ValueError("give either --checkpoint RUN/best.pt or --pretrained-only")
-    device = resolve_device(args.device)
+    rank, _, device = setup_distributed(resolve_device(args.device), BARRIER_TIMEOUT)
+    try:
+        return embed(args, rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def embed(args, rank: int, device) -> int:
+    """The command proper, on one rank."""
     catalog = read_catalog(args.catalog)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:
+        # a trunk without packaged weights starts random: the same on every rank and in every resumed run
+        torch.manual_seed(0)
         model = create_model(args.backbone, {}, 1, method="multi-task", weights=args.weights, taps=args.taps,
                              gem_p=args.gem_p, image_size=args.image_size, pool_weighting=args.pool_weighting,
                              colour_bins=args.colour_bins, flip_average=False)
@@ -72,7 +97,9 @@ def main(argv=None) -> int:
             "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
-                          image_cache, trunk_cache, start, args.split)
+                          image_cache, trunk_cache, start, args.split, args.shards, args.merge_only)
+    if rank != 0:
+        return 0
     print(f"Wrote {out}: {attrs['count']} vectors of dimension {attrs['dimension']}, "
           f"groups {', '.join(json.loads(attrs['groups'])) or '-'}, fingerprint {fp[:16]}")
     return 0

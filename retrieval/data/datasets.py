@@ -164,7 +164,9 @@ def collate_images(batch):
 
 
 def loader_workers(requested: int | None = None) -> int:
-    """Data loader worker count: as asked, else one per core beyond the first (at most 8)."""
+    """Data loader worker count: as asked, else this process's share of the cores (torchrun's
+    LOCAL_WORLD_SIZE processes on a node share them) less one for the process itself, at most 16."""
     if requested is not None:
         return requested
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(16, max(0, share - 1))

@@ -1,45 +1,104 @@
-"""Embed a catalog: run the model over its items and write EMB.h5 through ``data.embfile``."""
+"""Embed a catalog: run the model over its items into resumable shards (``embed.shards``), one or
+more per torchrun rank, and merge them into EMB.h5."""
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
-from retrieval.data.catalog import Catalog, items_digest
-from retrieval.data.embfile import finalize, open_partial
-from retrieval.embed.inference import iter_outputs, standardize
+from retrieval.data.catalog import Catalog, Item, items_digest
+from retrieval.data.embfile import open_partial
+from retrieval.embed.inference import Outputs, iter_outputs, standardize
+from retrieval.embed.shards import merge_shards, shard_count, shard_path, shard_rows
 
 logger = logging.getLogger(__name__)
 
 
-def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads: bool, standardise: bool,
-                  batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0, split="all") -> dict:
-    """Embed the catalog's items into ``out``; returns the file's attributes."""
-    items = catalog.split_items(split)
+def output_columns(o: Outputs) -> dict[str, np.ndarray]:
+    """A batch's outputs by EMB.h5 dataset name, in the work file's column order."""
+    columns = {"vectors": o.vectors}
+    for g in o.group_vectors:
+        columns[f"groups/{g}"], columns[f"probs/{g}"] = o.group_vectors[g], o.probs[g]
+    return columns
+
+
+def output_dims(model, catalog: Catalog, items: list[Item], device, image_cache, trunk_cache, start, heads) -> dict:
+    """Width of every output, from the model's outputs on the first item."""
     probe = next(iter_outputs(model, catalog, items[:1], device, 1, 0, image_cache, trunk_cache, start, heads), None)
-    dims = {"vectors": probe.vectors.shape[1] if probe else model.config.embed_dim}
-    if probe is not None:
-        dims.update({f"groups/{g}": v.shape[1] for g, v in probe.group_vectors.items()})
-        dims.update({f"probs/{g}": v.shape[1] for g, v in probe.probs.items()})
-    f, done = open_partial(out, len(items), dims, meta, items_digest(items))
+    if probe is None:
+        return {"vectors": model.config.embed_dim}
+    return {name: values.shape[1] for name, values in output_columns(probe).items()}
+
+
+def write_batch(f, o: Outputs, done: int) -> None:
+    """One batch's outputs as one slice of rows of the work file (unreadable rows stay not ok)."""
+    rows = o.positions + done
+    begin, end = int(rows[0]), int(rows[-1]) + 1
+    values = np.concatenate(list(output_columns(o).values()), axis=1)
+    block, ok = values, np.ones(len(rows), dtype=bool)
+    if end - begin > len(rows):  # unreadable images in between: their rows stay zero and not ok
+        block, ok = np.zeros((end - begin, values.shape[1]), dtype=np.float32), np.zeros(end - begin, dtype=bool)
+        block[rows - begin], ok[rows - begin] = values, True
+    f["outputs"][begin:end], f["ok"][begin:end] = block, ok
+    f.attrs["done"] = end
+    f.flush()  # on disk now: a killed process resumes from here
+
+
+def embed_shard(model, catalog: Catalog, items: list[Item], path: Path, dims: dict, meta: dict, device,
+                heads: bool, batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0) -> None:
+    """Fill (or resume) the work file ``path`` with the outputs of ``items``; a finished one is left as it is."""
+    f, done = open_partial(path, len(items), dims, meta, items_digest(items))
+    if done == len(items):
+        f.close()
+        logger.info("%s is finished; not recomputed", path)
+        return
     bad: list[str] = []
     began = time.perf_counter()
-    with f, tqdm(total=len(items), initial=done, unit="img", desc="embed") as bar:
+    with f, tqdm(total=len(items), initial=done, unit="img", desc=f"embed {path.name}") as bar:
         for o in iter_outputs(model, catalog, items[done:], device, batch_size, workers, image_cache,
                               trunk_cache, start, heads, bad):
-            rows = o.positions + done
-            f["vectors"][rows] = o.vectors
-            for g in o.group_vectors:
-                f[f"groups/{g}"][rows], f[f"probs/{g}"][rows] = o.group_vectors[g], o.probs[g]
-            f["ok"][rows] = True
-            f.attrs["done"] = int(rows.max()) + 1
-            f.flush()  # on disk now: a killed process resumes from here
+            write_batch(f, o, done)
             bar.n = f.attrs["done"]
             bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.1f}")
             bar.update(0)
         f.attrs["done"] = len(items)
     if bad:
         logger.warning("%d unreadable images skipped: %s", len(bad), ", ".join(bad[:10]))
-    return finalize(out, items, meta, standardize if standardise else None)
+
+
+def agreed_shard_count(out: Path, n: int, shards: int | None, world: int) -> int:
+    """The shard count, decided by rank 0 (which may find work files of an earlier run) for all ranks."""
+    count = [shard_count(out, n, shards, world) if world == 1 or dist.get_rank() == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(count, src=0)
+    return count[0]
+
+
+def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads: bool, standardise: bool,
+                  batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0, split="all",
+                  shards: int | None = None, merge_only: bool = False) -> dict | None:
+    """Embed the catalog's items into ``out``: this rank's shards (all of them without torchrun),
+    then, on rank 0 once every rank is done, the merge. ``merge_only`` computes nothing and merges
+    finished shards. Returns the file's attributes on rank 0, None on the other ranks."""
+    items = catalog.split_items(split)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    count = agreed_shard_count(out, len(items), shards, world)
+    mine = [] if merge_only else list(range(rank, count, world))
+    if rank >= count and not merge_only:
+        logger.warning("Rank %d has no shard: the job has %d (pass --shards to cut it anew)", rank, count)
+    if mine:
+        dims = output_dims(model, catalog, items, device, image_cache, trunk_cache, start, heads)
+        logger.info("Rank %d of %d embeds shard(s) %s of %d", rank, world, mine, count)
+    for i in mine:
+        rows = shard_rows(len(items), i, count)
+        embed_shard(model, catalog, items[rows.start:rows.stop], shard_path(out, i, count), dims, meta, device,
+                    heads, batch_size, workers, image_cache, trunk_cache, start)
+    if world > 1:
+        dist.barrier()  # every shard is finished
+    if rank != 0:
+        return None
+    return merge_shards(out, items, meta, count, standardize if standardise else None)

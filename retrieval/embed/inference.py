@@ -79,14 +79,17 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             yield outputs_from_pooled(model, pooled / len(views), chunk.numpy(), heads)
         return
     dataset = ImageDataset(catalog, items, model.config.image_size, image_cache)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers), collate_fn=collate_images)
+    cuda, n_workers = torch.device(device).type == "cuda", loader_workers(workers)
+    # workers decode (or read the image cache) several batches ahead; pinned pages copy to the GPU asynchronously
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=collate_images,
+                        pin_memory=cuda, prefetch_factor=4 if n_workers else None)
     for images, index, failed in loader:
         if bad is not None:
             bad.extend(items[i].image for i in failed)
         if images is None:
             continue
-        x = normalize_batch(images.to(device))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        x = normalize_batch(images.to(device, non_blocking=True))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             pooled = model.view_features(x)
         yield outputs_from_pooled(model, pooled.float(), index.numpy(), heads)
 

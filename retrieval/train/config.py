@@ -5,12 +5,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from retrieval.atomic import write_text
@@ -68,20 +66,6 @@ class TrainConfig:
     trunk_cache: str | None = None
     seed: int = 0
     resume: bool = False
-
-
-def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when launched by torchrun; returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return dist.get_rank(), world, device
 
 
 def split_validation(items: list[Item], fraction: float) -> tuple[list[Item], list[Item]]:

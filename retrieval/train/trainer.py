@@ -15,13 +15,13 @@ from retrieval.data.catalog import read_catalog, training_catalog
 from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
                                      loader_workers, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
-from retrieval.devices import resolve_device
+from retrieval.devices import resolve_device, setup_distributed
 from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    resolve_trainable, setup_distributed, split_validation, write_config, write_json)
+                                    resolve_trainable, split_validation, write_config, write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
 from retrieval.train.losses import group_weights, label_weights, resolve_group_loss
 
