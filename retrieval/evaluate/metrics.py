@@ -116,10 +116,11 @@ def count_relevant(y: np.ndarray, block_size: int = 2048) -> np.ndarray:
     """Items sharing a label with each row, the row itself excluded (0 for unlabelled rows).
 
     Works on the distinct label sets, so the overlap matrix is at most U x U (U = distinct
-    sets) and is built in blocks of rows, never N x N.
+    sets) and is built in blocks of rows, never N x N. Sets are told apart by their packed words
+    (one per 64 labels): sorting those is many times faster than sorting the bool rows.
     """
-    sets, inverse, counts = np.unique(y, axis=0, return_inverse=True, return_counts=True)
-    u = torch.as_tensor(sets.astype(np.float32))
+    sets, inverse, counts = np.unique(pack_labels(y), axis=0, return_inverse=True, return_counts=True)
+    u = torch.as_tensor(np.unpackbits(sets.view(np.uint8), axis=1).astype(np.float32))
     c = torch.as_tensor(counts.astype(np.float64))
     totals = np.empty(len(sets), dtype=np.int64)
     for start in range(0, len(sets), block_size):
