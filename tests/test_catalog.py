@@ -188,3 +188,16 @@ def test_image_linked_out_of_the_catalog_is_refused(tmp_path, check_files):
     (root / "out.jpg").symlink_to(tmp_path / "elsewhere" / "x.jpg")
     with pytest.raises(CatalogError, match=r"labels.csv, line 3: image path 'out.jpg' leaves the catalog"):
         read_catalog(root, check_files=check_files)
+
+
+def test_unreadable_images_in_catalog_order_on_several_threads(tmp_path):
+    from retrieval.data.summary import unreadable_images
+
+    names = [f"{i:02d}.jpg" for i in range(20)]
+    root = write_catalog(tmp_path, [f"{n},train,,red,dress" for n in names])
+    for bad in ("03.jpg", "11.jpg", "12.jpg"):
+        (root / bad).write_bytes(b"not an image")
+    (root / "17.jpg").unlink()  # missing: reading it fails like a corrupt file
+    catalog = read_catalog(root, check_files=False)
+    bad = unreadable_images(catalog, workers=3)
+    assert [b.split(":")[0] for b in bad] == ["03.jpg", "11.jpg", "12.jpg", "17.jpg"]
