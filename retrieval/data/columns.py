@@ -63,28 +63,23 @@ def label_column(column: pa.ChunkedArray) -> tuple[list[tuple[str, ...]], set[st
 def file_stats(root: Path, images: list[str]) -> list[tuple[int, int] | None] | None:
     """(size, mtime_ns) of each image (None when not a regular file), or None when a path may
     leave the catalog or is not plain enough for this check (the row reader decides those)."""
-    real_root = os.path.realpath(root)
-    inside = os.path.join(real_root, "")
-    dirs = {}
+    inside = os.path.join(os.path.realpath(root), "")
+    dirs, paths = {}, []
     for image in images:
-        folder, name = os.path.split(image)
-        if "\x00" in image or os.path.isabs(image) or name in ("", ".", ".."):
-            return None
+        folder, _, name = image.rpartition(os.sep)
         if folder not in dirs:
-            dirs[folder] = os.path.realpath(os.path.join(root, folder))
-        if not (dirs[folder] + os.sep).startswith(inside):
+            dirs[folder] = os.path.join(os.path.realpath(os.path.join(root, folder)), "")
+        if name in ("", ".", "..") or "\x00" in image or image.startswith(os.sep) or not dirs[folder].startswith(inside):
             return None
-    chunks = [images[i:i + STAT_CHUNK] for i in range(0, len(images), STAT_CHUNK)]
+        paths.append(dirs[folder] + name)
+    chunks = [paths[i:i + STAT_CHUNK] for i in range(0, len(paths), STAT_CHUNK)]
     with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda chunk: [_lstat(dirs, inside, image) for image in chunk], chunks))
-    found = [entry for chunk in results for entry in chunk]
+        found = [entry for chunk in pool.map(lambda chunk: [_lstat(p, inside) for p in chunk], chunks) for entry in chunk]
     return None if any(entry is False for entry in found) else found
 
 
-def _lstat(dirs: dict[str, str], inside: str, image: str) -> tuple[int, int] | None | bool:
-    """Stat of one image in its resolved directory; False when it is a link leaving the catalog."""
-    folder, name = os.path.split(image)
-    path = os.path.join(dirs[folder], name)
+def _lstat(path: str, inside: str) -> tuple[int, int] | None | bool:
+    """Stat of one image in its resolved folder; False when it is a link leaving the catalog."""
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
@@ -123,6 +118,7 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     titles = stripped(columns["title"]) if "title" in columns else [""] * len(images)
     labels, vocab = zip(*(label_column(columns[g]) for g in groups))
     stats = found if check_files else [None] * len(images)
-    items = [Item(row, image, split, title, dict(zip(groups, cells)), st) for row, (image, split, title, st, *cells)
-             in enumerate(zip(images, splits, titles, stats, *labels))]
+    rows = zip(images, splits, titles, stats, zip(*labels))
+    items = [Item(row, image, split, title, dict(zip(groups, cells)), st)
+             for row, (image, split, title, st, cells) in enumerate(rows)]
     return groups, items, {g: sorted(v) for g, v in zip(groups, vocab)}
