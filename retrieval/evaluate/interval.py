@@ -26,16 +26,20 @@ def resampled_means(series: dict, n: int, seed: int = 0, resamples: int = RESAMP
     """{key: [resamples] bootstrap means} of per-query values ``series[key] = (positions, values)``,
     positions in 0..n-1; NaN where a resample drew none of a series' queries."""
     rng = np.random.default_rng(seed)
-    out = {key: np.empty(resamples) for key in series}
+    values, member = np.zeros((n, len(series))), np.zeros((n, len(series)))
+    for s, (positions, v) in enumerate(series.values()):
+        values[positions, s], member[positions, s] = v, 1.0
+    sums, counts = [], []
     step = max(1, 2**22 // max(n, 1))  # resamples at a time: their weights take 8 x step x n bytes
     for start in range(0, resamples, step):
-        weights = rng.multinomial(n, np.full(n, 1 / n), size=min(step, resamples - start)).astype(np.float64)
-        for key, (positions, values) in series.items():
-            w = weights[:, positions]
-            total = w.sum(axis=1)
-            out[key][start:start + len(w)] = np.divide(w @ values, total, out=np.full(len(w), np.nan),
-                                                       where=total > 0)
-    return out
+        b = min(step, resamples - start)
+        draws = rng.integers(0, n, (b, n)) + n * np.arange(b)[:, None]  # b resamples of n queries each
+        weights = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        sums.append(weights @ values)
+        counts.append(weights @ member)
+    sums, counts = np.concatenate(sums), np.concatenate(counts)
+    means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
+    return {key: means[:, s] for s, key in enumerate(series)}
 
 
 def percentile_interval(replicates: np.ndarray, level: float = LEVEL) -> list[float] | None:

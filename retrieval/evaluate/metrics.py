@@ -260,10 +260,10 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
 
 def _on_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """Float32 vectors on the device, refused when they hold NaN or infinite values."""
-    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    if not bool(torch.isfinite(t).all()):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
         raise ValueError("vectors contain NaN or infinite values")
-    return t
+    return torch.as_tensor(x).to(device)
 
 
 def mean_over_groups(groups: dict[str, dict]) -> dict:
