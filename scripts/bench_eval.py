@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from retrieval.devices import DEVICES, resolve_device
-from retrieval.evaluate.metrics import SCORE_BYTES, evaluate_retrieval
+from retrieval.evaluate.metrics import default_block, evaluate_retrieval
 
 DIM = 256
 CLASSES = np.round(np.geomspace(2, 145, 24)).astype(int)  # labels per group, 831 in all
@@ -64,7 +64,7 @@ def floor_seconds(matrices: list[np.ndarray], device: str, rows: int) -> float:
     """Seconds of the blocked X @ X.T of every view over ``rows`` query rows (scores only)."""
     dev = resolve_device(device)
     n = len(matrices[0])
-    block = max(1, min(4096, SCORE_BYTES // (4 * n)))
+    block = default_block(n, dev)
     tensors = [torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(dev) for x in matrices]
     buffer = torch.empty((block, n), device=dev)
     start = time.perf_counter()

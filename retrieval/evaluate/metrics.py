@@ -30,7 +30,7 @@ from retrieval.evaluate.neighbours import topk_rows
 logger = logging.getLogger(__name__)
 
 SHARED = None  # the shared view's key among the group views
-SCORE_BYTES = 256 * 2**20  # one block of float32 scores, block x N x 4 bytes
+SCORE_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}  # one block of float32 scores, block x N x 4 bytes
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -168,10 +168,11 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
                        seed: int = 0) -> dict:
     """mAP@k per group on the shared vectors and, where given, on each group's own vectors.
 
-    Memory, besides the inputs: the views' vectors as float32 (N x (D + sum D_g) x 4 bytes, on the
-    device), one block of scores (block_size x N x 4 bytes: 256 MiB by default) with its top k+1,
-    the packed labels and relevant counts (N x sum_g (8 ceil(C_g / 64) + 8) bytes) and the per-query
-    APs (16 bytes per query and group, per view).
+    Memory, besides the inputs: the views' vectors as float32, N x (D + sum_g D_g) x 4 bytes (on
+    the device); one block of scores, block_size x N x 4 bytes (256 MiB by default, 2 GiB on a
+    GPU) with its top k+1; the labels, N x sum_g (C_g + 8 ceil(C_g / 64) + 8) bytes (multi-hot,
+    packed, relevant counts); 24 bytes per query per group per view for the per-query APs; with
+    ``sample_queries`` Q, 2 x Q x S x 8 bytes for the bootstrap (S = 2 x the group entries).
 
     Args:
         vectors: [N, D] shared embedding (normalised here).
@@ -231,7 +232,7 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
     dev = resolve_device(device)
     n = len(next(iter(views.values()))[0])
     depth = max(0, min(int(k), n - 1))
-    block_size = block_size or max(1, min(4096, SCORE_BYTES // (4 * max(n, 1))))
+    block_size = block_size or default_block(n, dev)
     packed, n_relevant = {g: pack_labels(y) for g, y in labels.items()}, {g: count_relevant(y) for g, y in labels.items()}
     labelled = {g: y.any(axis=1) for g, y in labels.items()}
     tensors = {view: _on_device(x, dev) for view, (x, _) in views.items()}
@@ -256,6 +257,11 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
         bar.update(len(block))
     bar.close()
     return {key: tuple(map(np.concatenate, zip(*parts))) for key, parts in found.items()}
+
+
+def default_block(n: int, device: torch.device) -> int:
+    """Queries per block: as many as ``SCORE_BYTES`` of the device type hold (at most 4096)."""
+    return max(1, min(4096, SCORE_BYTES.get(device.type, SCORE_BYTES["cpu"]) // (4 * max(n, 1))))
 
 
 def _on_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
