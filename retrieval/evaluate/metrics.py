@@ -65,12 +65,11 @@ def topk_neighbors(vectors: np.ndarray, k: int, block_size: int = 1024, device: 
         return scores, indices
     for start in tqdm(range(0, n, block_size), desc="neighbours", unit="block", disable=not progress):
         stop = min(n, start + block_size)
-        vals, idx = _topk_block(x, start, stop, k)
-        scores[start:stop], indices[start:stop] = vals.cpu().numpy(), idx.cpu().numpy()
+        scores[start:stop], indices[start:stop] = _topk_block(x, start, stop, k)
     return scores, indices
 
 
-def _topk_block(x: torch.Tensor, start: int, stop: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_block(x: torch.Tensor, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of rows ``start:stop`` against all rows, self excluded, ties by index."""
     return topk_rows(x, torch.arange(start, stop, device=x.device), k)
 
@@ -248,7 +247,7 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
                 continue
             rows = block[asked]
             neighbors = np.empty((len(rows), 0), np.int64) if depth == 0 else \
-                topk_rows(tensors[view], torch.as_tensor(rows, device=dev), depth, buffer)[1].cpu().numpy()
+                topk_rows(tensors[view], torch.as_tensor(rows, device=dev), depth, buffer)[1]
             for g in groups:
                 mine = labelled[g][rows]
                 q = rows[mine]
