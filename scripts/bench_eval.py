@@ -77,8 +77,9 @@ def floor_seconds(matrices: list[np.ndarray], device: str, rows: int) -> float:
     return time.perf_counter() - start
 
 
-def run_one(n: int, device: str, k: int, queries: int | None) -> dict:
-    """Time one size: the evaluation, then its floor; peak RSS of this process."""
+def run_one(n: int, device: str, k: int, queries: int | None, rounds: int) -> dict:
+    """Time one size: the evaluation and its floor in turn, ``rounds`` times (best of each, as
+    the load of a shared machine drifts); peak RSS of this process."""
     shared, labels, views = synthetic(n)
     rows = min(n, queries or n)
     fixed = 0.0
@@ -86,12 +87,14 @@ def run_one(n: int, device: str, k: int, queries: int | None) -> dict:
         start = time.perf_counter()
         evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device, sample_queries=1)
         fixed = time.perf_counter() - start
-    start = time.perf_counter()
-    report = evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device,
-                                sample_queries=rows if rows < n else None)
-    wall = fixed + (time.perf_counter() - start - fixed) * n / rows
-    floor = floor_seconds([shared, *views.values()], device, rows) * n / rows
-    return {"n": n, "queries": rows, "views": 1 + len(views), "wall": wall, "floor": floor,
+    walls, floors = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        report = evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device,
+                                    sample_queries=rows if rows < n else None)
+        walls.append(fixed + (time.perf_counter() - start - fixed) * n / rows)
+        floors.append(floor_seconds([shared, *views.values()], device, rows) * n / rows)
+    return {"n": n, "queries": rows, "views": 1 + len(views), "wall": min(walls), "floor": min(floors),
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "map": report["mean"]["map_paper"], "map_view": report["mean"]["group_view"]["map_paper"]}
 
@@ -103,6 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--device", default="cpu", choices=DEVICES)
     parser.add_argument("--queries", type=int, help="time Q queries per size and scale by N / Q (default: all)")
+    parser.add_argument("--rounds", type=int, default=2, help="evaluation and floor timed in turn, best of R")
     parser.add_argument("--target", type=float, default=1.5, help="allowed ratio to the floor (default: 1.5)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, JSON out (child process)
     return parser
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print a Markdown table: N, views, wall, floor, ratio, peak RSS."""
     args = get_args_parser().parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.device, args.k, args.queries)))
+        print(json.dumps(run_one(args.one, args.device, args.k, args.queries, args.rounds)))
         return 0
     print(f"device {resolve_device(args.device)}, {torch.get_num_threads()} threads, shared d = {DIM}, "
           f"{len(CLASSES)} group views of {CLASSES.sum()} labels in all, k = {args.k}\n")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         sample = ["--queries", str(args.queries)] if args.queries else []
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--device", args.device, "--k", str(args.k),
-                              *sample], check=True, capture_output=True, text=True)
+                              "--rounds", str(args.rounds), *sample], check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         ratios.append(r["wall"] / r["floor"])
         print(f"| {n:,} | {r['queries']:,} | {r['views']} | {r['wall']:.1f} | {r['floor']:.1f} | {ratios[-1]:.2f} | "
