@@ -251,6 +251,9 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
     if not csv_path.is_file():
         raise CatalogError(f"{csv_path}: not found; a catalog is a directory with labels.csv and images")
     fast = read_columns(csv_path, root, check_files)
+    if fast is None:
+        logger.info("%s: read row by row (the column reader takes only regular files: every row with every "
+                    "column, plain paths, existing images)", csv_path)
     groups, items, vocab = fast if fast else (*_read_rows(csv_path, root, check_files), None)
     if not items:
         raise CatalogError(f"{csv_path}: no rows")
