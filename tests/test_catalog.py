@@ -138,3 +138,66 @@ def test_development_catalog_reads_as_its_readme_says():
     assert len(catalog) == 9583 and len(catalog.split_items("test")) == 1935
     assert catalog.groups == ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage"]
     assert len(catalog.vocab["articleType"]) == 75 and catalog.multi_label_groups() == []
+
+
+TRICKY = ('\ufeffimage, split ,title,colour,type,fit\n'
+          'a.jpg,train,"Dress, red",red| white |red,dress,\n'
+          '\n'
+          ' sub/b.jpg ,test,"two\nlines ""quoted""",,shirt,\n'
+          'link/c.jpg,train,,blue,dress,\n')
+
+
+def tricky_catalog(tmp_path):
+    """Quoted commas and newlines, a BOM, a blank line, spaces, repeated labels, an empty group,
+    and a directory linked from inside the catalog."""
+    root = write_catalog(tmp_path / "cat", [], images=["a.jpg", "sub/b.jpg", "real/c.jpg"])
+    (root / "link").symlink_to(root / "real")
+    (root / "labels.csv").write_text(TRICKY)
+    return root
+
+
+@pytest.mark.parametrize("check_files", [True, False])
+def test_column_reader_reads_as_the_row_reader(tmp_path, check_files):
+    from retrieval.data.catalog import _read_rows
+    from retrieval.data.columns import read_columns
+
+    root = tricky_catalog(tmp_path)
+    groups, items, vocab = read_columns(root / "labels.csv", root, check_files)
+    want_groups, want_items = _read_rows(root / "labels.csv", root, check_files)
+    assert groups == want_groups == ["colour", "type", "fit"]
+    assert items == want_items and [it.stat for it in items] == [it.stat for it in want_items]
+    assert items[1].title == 'two\nlines "quoted"' and items[0].labels["colour"] == ("red", "white")
+    assert vocab == {"colour": ["blue", "red", "white"], "type": ["dress", "shirt"], "fit": []}
+    assert (items[0].stat is not None) == check_files
+
+
+def test_well_formed_catalog_is_read_column_by_column(tmp_path, monkeypatch):
+    from retrieval.data import catalog
+
+    root = tricky_catalog(tmp_path)
+    monkeypatch.setattr(catalog, "_read_rows", None)  # the row reader is not called
+    cat = read_catalog(root)
+    assert cat.groups == ["colour", "type"] and cat.left_out == {"fit": "no label on any row"}
+    assert cat.vocab["type"] == ["dress", "shirt"] and len(cat) == 3
+
+
+@pytest.mark.parametrize("check_files", [True, False])
+def test_image_linked_out_of_the_catalog_is_refused(tmp_path, check_files):
+    root = write_catalog(tmp_path / "cat", ["a.jpg,train,,red,dress", "out.jpg,train,,red,dress"], images=["a.jpg"])
+    write_catalog(tmp_path / "elsewhere", [], images=["x.jpg"])
+    (root / "out.jpg").symlink_to(tmp_path / "elsewhere" / "x.jpg")
+    with pytest.raises(CatalogError, match=r"labels.csv, line 3: image path 'out.jpg' leaves the catalog"):
+        read_catalog(root, check_files=check_files)
+
+
+def test_unreadable_images_in_catalog_order_on_several_threads(tmp_path):
+    from retrieval.data.summary import unreadable_images
+
+    names = [f"{i:02d}.jpg" for i in range(20)]
+    root = write_catalog(tmp_path, [f"{n},train,,red,dress" for n in names])
+    for bad in ("03.jpg", "11.jpg", "12.jpg"):
+        (root / bad).write_bytes(b"not an image")
+    (root / "17.jpg").unlink()  # missing: reading it fails like a corrupt file
+    catalog = read_catalog(root, check_files=False)
+    bad = unreadable_images(catalog, workers=3)
+    assert [b.split(":")[0] for b in bad] == ["03.jpg", "11.jpg", "12.jpg", "17.jpg"]

@@ -188,3 +188,45 @@ def test_group_vectors_from_probs_normalise_multi_label_groups_only():
     assert np.allclose(vectors["type"], [[0.2, 0.8]])  # softmax kept: p·q = P(same label)
     assert np.allclose(vectors["colour"], [[0.6, 0.8, 0.0]])  # already unit length
     assert np.allclose(np.linalg.norm(group_vectors_from_probs({"c": np.array([[0.9, 0.9]])}, ["c"])["c"]), 1)
+
+
+def test_sampled_queries_give_intervals(catalog_dir, tmp_path, capsys):
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    # a sample as large as the split is the full evaluation, with intervals around each value
+    assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--sample-queries", "50",
+                 "--out", str(tmp_path / "all")]) == 0
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert report["settings"]["sample_queries"] == 7 and report["settings"]["seed"] == 0
+    for g, (paper, standard, queries) in EXPECTED.items():
+        entry = report["groups"][g]
+        assert (entry["map_paper"], entry["map_standard"], entry["queries"]) == (
+            pytest.approx(paper), pytest.approx(standard), queries)
+        assert entry["ci95"]["map_paper"][0] <= paper <= entry["ci95"]["map_paper"][1]
+    assert report["groups"]["type"]["group_view"]["ci95"]["map_paper"] == [pytest.approx(1.0)] * 2
+    assert "7 sampled queries, 95% intervals" in capsys.readouterr().out
+    table = (tmp_path / "all" / "table.md").read_text()
+    assert "| type | 6 | 50.0 [" in table and "100.0 [100.0–100.0] / 100.0 [100.0–100.0] |" in table
+    report = evaluate_embeddings(emb, read_catalog(catalog_dir), k=3, sample_queries=3, seed=1)
+    assert report["settings"]["n_items"] == 7 and report["groups"]["colour"]["queries"] == 3
+    with pytest.raises(SystemExit):
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--sample-queries", "0"])
+
+
+def test_read_rows_reads_only_the_asked_rows(tmp_path, monkeypatch):
+    from retrieval.data import embfile
+
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    monkeypatch.setattr(embfile, "CHUNK_ROWS", 2)  # rows 6, 0, 3 and 10 span three slices of two
+    whole, part = embfile.read_embeddings(emb), embfile.read_rows(emb, np.array([6, 0, 3, 10]))
+    assert part.paths == ["img/06.png", "img/00.png", "img/03.png", "img/11.png"]
+    assert part.ids.tolist() == [6, 0, 3, 11] and part.fingerprint == "sha-test"
+    assert np.array_equal(part.vectors, whole.vectors[[6, 0, 3, 10]])
+    assert np.array_equal(part.group_vectors["type"], whole.group_vectors["type"][[6, 0, 3, 10]])
+    assert embfile.read_paths(emb) == whole.paths
+    with pytest.raises(embfile.EmbeddingsError, match="rows outside 0..10"):
+        embfile.read_rows(emb, np.array([11]))
+    with h5py.File(emb, "a") as f:
+        del f["ids"]
+        f["ids"] = np.arange(3)
+    with pytest.raises(embfile.EmbeddingsError, match="dataset 'ids' has 3 rows, 'vectors' has 11"):
+        embfile.read_rows(emb, np.array([0]))

@@ -4,8 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from retrieval.evaluate.metrics import (classification_report, confusion_matrix, count_relevant, evaluate_retrieval,
-                               label_matrix, map_at_k, multilabel_report, topk_neighbors)
+from retrieval.evaluate.classification import classification_report, confusion_matrix, multilabel_report
+from retrieval.evaluate.interval import draw_queries, percentile_interval, resampled_means
+from retrieval.evaluate.metrics import count_relevant, evaluate_retrieval, label_matrix, map_at_k, topk_neighbors
 
 
 # --------------------------------------------------------------------------- naive references
@@ -20,12 +21,12 @@ def naive_topk(vectors, k):
     return scores, np.array(rows, dtype=np.int64).reshape(len(vectors), -1)
 
 
-def naive_map(vectors, label_sets, k):
-    """mAP@k of one group straight from the definition, one query at a time."""
+def naive_map(vectors, label_sets, k, queries=None):
+    """mAP@k of one group straight from the definition, one query at a time (all rows or ``queries``)."""
     _, ranked = naive_topk(vectors, len(vectors) - 1)
     ap_paper, ap_standard = [], []
     for q, labels in enumerate(label_sets):
-        if not labels:
+        if not labels or (queries is not None and q not in queries):
             continue
         shares = [bool(set(labels) & set(label_sets[j])) for j in ranked[q]]
         rel = shares[:k]
@@ -180,6 +181,56 @@ def test_evaluate_retrieval_matches_reference_for_both_views():
     assert got["mean"]["map_paper"] == pytest.approx(shared_mean)
     assert got["views"]["group"]["groups"] == ["style"]
     assert got["mean"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"])
+
+
+@pytest.mark.parametrize("block_size", [1, 7, None])
+def test_sampled_queries_rank_all_candidates(block_size):
+    rng = np.random.default_rng(4)
+    shared, own = dyadic_unit_vectors(rng, 80), dyadic_unit_vectors(rng, 80, dim=5)
+    labels = {"colour": random_label_sets(rng, 80, ["red", "blue", "green"]),
+              "style": random_label_sets(rng, 80, ["a", "b", "c"], unlabelled=0.6)}
+    got = evaluate_retrieval(shared, labels, k=10, vectors_by_group={"style": own}, block_size=block_size,
+                             sample_queries=25, seed=3)
+    sample = set(draw_queries(80, 25, seed=3).tolist())
+    assert len(sample) == 25
+    for g, sets in labels.items():
+        assert_map_equal({key: got["groups"][g][key] for key in ("map_paper", "map_standard", "queries")},
+                         naive_map(shared, sets, 10, sample))
+        low, high = got["groups"][g]["ci95"]["map_paper"]
+        assert low <= got["groups"][g]["map_paper"] <= high
+    want_view = naive_map(own, labels["style"], 10, sample)
+    assert got["groups"]["style"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"], abs=1e-12)
+    assert len(got["groups"]["style"]["group_view"]["ci95"]["map_standard"]) == 2
+    low, high = got["views"]["shared"]["ci95"]["map_paper"]
+    assert low <= got["views"]["shared"]["map_paper"] <= high
+    assert "ci95" in got["views"]["group"]
+    again = evaluate_retrieval(shared, labels, k=10, vectors_by_group={"style": own}, sample_queries=25, seed=3)
+    assert again["groups"] == got["groups"]  # seeded: the same sample and the same intervals
+
+
+def test_sample_of_every_query_equals_the_full_evaluation():
+    rng = np.random.default_rng(5)
+    vectors = dyadic_unit_vectors(rng, 60)
+    labels = {"colour": random_label_sets(rng, 60, ["red", "blue", "green"])}
+    full, sampled = evaluate_retrieval(vectors, labels, k=5), evaluate_retrieval(vectors, labels, k=5, sample_queries=500)
+    assert sampled["groups"]["colour"]["map_paper"] == full["groups"]["colour"]["map_paper"]
+    assert "ci95" not in full["groups"]["colour"] and "ci95" in sampled["groups"]["colour"]
+    with pytest.raises(ValueError, match="at least 1 query"):
+        evaluate_retrieval(vectors, labels, k=5, sample_queries=0)
+
+
+def test_bootstrap_of_hand_worked_series():
+    # Constant APs have a zero-width interval; a series none of whose queries a resample drew is
+    # NaN there. Four queries with APs 0, 0, 1, 1: every resampled mean is a multiple of 1/4.
+    reps = resampled_means({"flat": (np.array([0, 1, 2]), np.full(3, 0.5)),
+                            "half": (np.arange(4), np.array([0.0, 0.0, 1.0, 1.0]))}, n=4, seed=0, resamples=400)
+    assert percentile_interval(reps["flat"]) == [0.5, 0.5]
+    assert set(np.unique(reps["half"] * 4)) <= {0, 1, 2, 3, 4} and 0.45 < reps["half"].mean() < 0.55
+    low, high = percentile_interval(reps["half"])
+    assert 0 <= low < 0.5 < high <= 1
+    one = resampled_means({"rare": (np.array([3]), np.array([1.0]))}, n=4, seed=0, resamples=200)["rare"]
+    assert np.isnan(one).any() and set(one[~np.isnan(one)]) == {1.0}  # (3/4)^4 = 32% of resamples miss it
+    assert percentile_interval(np.full(5, np.nan)) is None
 
 
 # --------------------------------------------------------------------------- hand-worked mAP cases

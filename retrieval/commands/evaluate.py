@@ -25,6 +25,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="report directory (default: <embeddings stem>-report beside it)")
     run.add_argument("--title", help="title of the table and chart (default: the embeddings file name)")
     run.add_argument("--device", default="auto", choices=DEVICES, help="where to rank neighbours (default: auto)")
+    run.add_argument("--sample-queries", type=int, metavar="N",
+                     help="quick estimate: N random queries ranked against every candidate, each mAP with its "
+                          "95%% bootstrap interval (default: every item is a query)")
+    run.add_argument("--seed", type=int, default=0, help="seed of --sample-queries (default: 0)")
     run.add_argument("--fuse", type=Path, metavar="EMB_B.h5",
                      help="score fusion: average the head probabilities of a second model's embeddings")
     run.add_argument("--class-chart", metavar="GROUP",
@@ -48,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--embeddings and --catalog are required (or use --compare REPORT_DIR ...)")
         if args.k < 1:
             parser.error(f"--k must be at least 1, got {args.k}")
+        if args.sample_queries is not None and args.sample_queries < 1:
+            parser.error(f"--sample-queries must be at least 1, got {args.sample_queries}")
         report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
-                                     args.split, args.k, device=args.device, fuse=args.fuse)
+                                     args.split, args.k, device=args.device, fuse=args.fuse,
+                                     sample_queries=args.sample_queries, seed=args.seed)
         report["settings"]["title"] = args.title or args.embeddings.stem
         out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
         if args.class_chart:

@@ -13,7 +13,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                  "(classes, labelled share, largest/smallest class).")
     parser.add_argument("catalog", metavar="DIR", help="catalog directory holding labels.csv")
     parser.add_argument("--verify-images", action="store_true",
-                        help="also open every image and list the unreadable ones (slow on big catalogs)")
+                        help="also decode every image (on a thread pool) and list the unreadable ones")
+    parser.add_argument("--workers", type=int, help="threads of --verify-images (default: 2 per CPU, at most 16)")
     return parser
 
 
@@ -22,6 +23,6 @@ def main(argv=None) -> int:
     catalog = read_catalog(args.catalog)
     print(format_summary(catalog))
     if args.verify_images:
-        bad = unreadable_images(catalog)
+        bad = unreadable_images(catalog, args.workers, progress=True)
         print(f"{len(bad)} unreadable images" + "".join(f"\n  {b}" for b in bad))
     return 0

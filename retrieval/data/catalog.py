@@ -131,7 +131,8 @@ def build_vocab(items: list[Item], groups: list[str]) -> dict[str, list[str]]:
     return {g: sorted(labels) for g, labels in vocab.items()}
 
 
-def _check_header(header: list[str] | None, csv_path: Path) -> list[str]:
+def check_header(header: list[str] | None, csv_path: Path) -> list[str]:
+    """The attribute groups of a (whitespace-trimmed) header; CatalogError when it is not usable."""
     if not header or "image" not in header:
         raise CatalogError(f"{csv_path}: missing header; the first line must be 'image,split,title,<group>,...'")
     duplicates = sorted({h for h in header if header.count(h) > 1})
@@ -218,7 +219,7 @@ def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str]
     try:
         header = reader.fieldnames
         reader.fieldnames = [h.strip() for h in header] if header else header
-        rows = _RowReader(root, csv_path, _check_header(reader.fieldnames, csv_path), check_files)
+        rows = _RowReader(root, csv_path, check_header(reader.fieldnames, csv_path), check_files)
         items: list[Item] = []
         seen: dict[str, int] = {}
         for row in reader:
@@ -233,28 +234,35 @@ def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str]
     return rows.groups, items
 
 
-def unlabelled_groups(items: list[Item], groups: list[str]) -> dict[str, str]:
-    """Groups whose column is empty on every row, with the reason."""
-    return {g: "no label on any row" for g in groups if not any(it.labels[g] for it in items)}
-
-
 def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
     """Read ``root/labels.csv``; raise CatalogError naming the file and line on bad input.
 
+    Column by column with pyarrow (``columns.py``) when the file is well-formed; row by row when
+    it is not, for the error naming the line and field. ``check_files``: every image must exist
+    (one stat each, in parallel); without it, images are looked at only to keep them inside the
+    catalog, and a missing or unreadable one is skipped when training or embedding reads it.
     A group column empty on every row is left out (with a warning): nothing can be learnt,
     evaluated or filtered by it.
     """
+    from retrieval.data.columns import read_columns  # pyarrow is imported when a catalog is read
+
     root = Path(root)
     csv_path = root / LABELS_FILE
     if not csv_path.is_file():
         raise CatalogError(f"{csv_path}: not found; a catalog is a directory with labels.csv and images")
-    groups, items = _read_rows(csv_path, root, check_files)
+    fast = read_columns(csv_path, root, check_files)
+    if fast is None:
+        logger.info("%s: read row by row (the column reader takes only regular files: every row with every "
+                    "column, plain paths, existing images)", csv_path)
+    groups, items, vocab = fast if fast else (*_read_rows(csv_path, root, check_files), None)
     if not items:
         raise CatalogError(f"{csv_path}: no rows")
-    empty = unlabelled_groups(items, groups)
+    vocab = vocab or build_vocab(items, groups)
+    empty = {g: "no label on any row" for g in groups if not vocab[g]}
     for g in empty:
         logger.warning("%s: group %r has no label on any row; it is left out", csv_path, g)
-    return Catalog(root, [g for g in groups if g not in empty], items, left_out=empty)
+    kept = [g for g in groups if g not in empty]
+    return Catalog(root, kept, items, {g: vocab[g] for g in kept}, left_out=empty)
 
 
 def items_digest(items: list[Item]) -> dict[str, str]:

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are independent sigmoids
 JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS)
+CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
 
 
 class EmbeddingsError(ValueError):
@@ -97,7 +98,60 @@ def read_probabilities(path: str | Path, rows: np.ndarray) -> dict[str, np.ndarr
     with open_file(path) as f:
         if "probs" not in f:
             return {}
-        return {g: f[f"probs/{g}"][:][rows] for g in f["probs"]}
+        return {g: select_rows(f[f"probs/{g}"], np.asarray(rows, dtype=np.int64)) for g in f["probs"]}
+
+
+def read_paths(path: str | Path) -> list[str]:
+    """The image paths of an embeddings file, in row order (no vectors read)."""
+    with open_file(path) as f:
+        if "paths" not in f:
+            raise EmbeddingsError(f"{path} lacks dataset(s) paths; it has: {', '.join(f.keys()) or 'nothing'}")
+        return [str(p) for p in f["paths"].asstr()[...]]
+
+
+def read_attrs(path: str | Path) -> dict:
+    """The attributes of an embeddings file as plain Python (``decode_attr``)."""
+    with open_file(path) as f:
+        return {name: decode_attr(name, value) for name, value in f.attrs.items()}
+
+
+def read_rows(path: str | Path, rows: np.ndarray) -> Embeddings:
+    """``read_embeddings`` restricted to the given rows (in their order): memory is theirs plus
+    one ``CHUNK_ROWS`` slice of a dataset, whatever the file's size."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with open_file(path) as f:
+        names = ["vectors", "ids", "paths"] + [f"groups/{g}" for g in f.get("groups", {})]
+        missing = [name for name in names if name not in f]
+        if missing:
+            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
+        n = f["vectors"].shape[0]
+        if f["vectors"].ndim != 2:
+            raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {f['vectors'].shape}")
+        for name in names[1:]:
+            if f[name].shape[0] != n:
+                raise EmbeddingsError(f"{path}: dataset {name!r} has {f[name].shape[0]} rows, 'vectors' has {n}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise EmbeddingsError(f"{path}: rows outside 0..{n - 1} asked for")
+        emb = Embeddings(select_rows(f["vectors"], rows).astype(np.float32, copy=False),
+                         select_rows(f["ids"], rows).astype(np.int64).reshape(-1),
+                         [str(p) for p in select_rows(f["paths"].asstr(), rows)],
+                         {g: select_rows(ds, rows).astype(np.float32, copy=False) for g, ds in f.get("groups", {}).items()},
+                         {name: decode_attr(name, value) for name, value in f.attrs.items()})
+    logger.info("Read %d of %d embeddings from %s", len(rows), n, path)
+    return emb
+
+
+def select_rows(dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for rows in any order, read one ``CHUNK_ROWS`` slice at a time (only the
+    slices holding a wanted row): h5py's own fancy indexing is slow on many rows."""
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+    for start in range(0, dataset.shape[0], CHUNK_ROWS):
+        low, high = np.searchsorted(wanted, [start, start + CHUNK_ROWS])
+        if low < high:
+            out[order[low:high]] = dataset[start:start + CHUNK_ROWS][wanted[low:high] - start]
+    return out
 
 
 def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.ndarray]:

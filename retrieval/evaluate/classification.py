@@ -1,15 +1,73 @@
-"""Classification side of the evaluation: per-group accuracy, per-class P/R/F1, charts."""
+"""Classification side of the evaluation: confusion matrices, per-group accuracy, per-class P/R/F1, charts."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from retrieval.data.catalog import Catalog
-from retrieval.evaluate.metrics import classification_report, multilabel_report
+from retrieval.evaluate.metrics import safe_divide
 
 logger = logging.getLogger(__name__)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """Counts [n_classes, n_classes]: rows are true classes, columns predicted classes."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred differ in shape: {y_true.shape} vs {y_pred.shape}")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= n_classes):
+            raise ValueError(f"{name} has class ids outside 0..{n_classes - 1}")
+    flat = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes)
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support and macro-F1 of single-label predictions.
+
+    Undefined ratios (0/0) count as 0, like sklearn's ``zero_division=0``. Classes with neither
+    support nor predictions carry no information about the model and are left out of macro-F1.
+    """
+    cm = confusion_matrix(y_true, y_pred, len(class_names))
+    tp = np.diag(cm)
+    report = _per_class_report(tp, cm.sum(axis=0), cm.sum(axis=1), class_names)
+    report["accuracy"] = float(tp.sum() / cm.sum()) if cm.sum() else 0.0
+    return report
+
+
+def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Per-class P/R/F1, macro-F1, exact-match and sample-averaged accuracy of multi-hot predictions.
+
+    Sample-averaged accuracy is the mean of |true & pred| / |true | pred| per sample, where a sample
+    with both sets empty scores 1. Macro-F1 follows ``classification_report``.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.shape[1:] != (len(class_names),):
+        raise ValueError(f"Expected two [N, {len(class_names)}] arrays, got {y_true.shape} and {y_pred.shape}")
+    tp = (y_true & y_pred).sum(axis=0)
+    report = _per_class_report(tp, y_pred.sum(axis=0), y_true.sum(axis=0), class_names)
+    inter, union = (y_true & y_pred).sum(axis=1), (y_true | y_pred).sum(axis=1)
+    report["exact_match"] = float((y_true == y_pred).all(axis=1).mean()) if len(y_true) else 0.0
+    report["sample_accuracy"] = float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean()) \
+        if len(y_true) else 0.0
+    return report
+
+
+def _per_class_report(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray,
+                      class_names: Sequence[str]) -> dict:
+    """Per-class precision/recall/F1 from true positives, predicted and true counts; macro-F1."""
+    precision = safe_divide(tp.astype(np.float64), predicted)
+    recall = safe_divide(tp.astype(np.float64), support)
+    f1 = safe_divide(2 * precision * recall, precision + recall)
+    classes = {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                      "support": int(support[c])} for c, name in enumerate(class_names)}
+    present = (support > 0) | (predicted > 0)
+    macro = float(f1[present].mean()) if present.any() else 0.0
+    return {"classes": classes, "macro_f1": macro}
+
 
 
 def group_report(probs: np.ndarray, items, group: str, vocab: list[str], multi_label: bool) -> dict | None:

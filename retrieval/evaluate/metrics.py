@@ -9,6 +9,10 @@ A retrieved item is relevant when it shares at least one label of the group with
 - standard AP: the same sum with M = min(k, relevant items in the whole set except the query).
 
 Both are 0 when their M is 0. mAP of a group = mean AP over its queries.
+
+``evaluate_retrieval`` works block by block of queries against every candidate, view by view, so
+memory stays bounded whatever N (the bound is in its docstring); ``--sample-queries`` evaluates a
+random sample of queries against all candidates (``interval.py`` gives the confidence intervals).
 """
 from __future__ import annotations
 
@@ -17,10 +21,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from retrieval.devices import resolve_device
+from retrieval.evaluate.interval import add_intervals, draw_queries
+from retrieval.evaluate.neighbours import topk_rows
 
 logger = logging.getLogger(__name__)
+
+SHARED = None  # the shared view's key among the group views
+SCORE_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}  # one block of float32 scores, block x N x 4 bytes
+
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     """L2-normalise rows as float32 (zero rows stay zero)."""
@@ -46,58 +57,21 @@ def topk_neighbors(vectors: np.ndarray, k: int, block_size: int = 1024, device: 
         (scores float32 [N, k'], indices int64 [N, k']) sorted by score descending, ties by index
         ascending, with k' = min(k, N - 1).
     """
-    x = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(resolve_device(device))
+    x = _on_device(vectors, resolve_device(device))
     n = x.shape[0]
     k = max(0, min(int(k), n - 1))
     scores, indices = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
     if k == 0:
         return scores, indices
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("vectors contain NaN or infinite values")
-    starts = range(0, n, block_size)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="neighbours", unit="block", total=len(starts))
-    for start in starts:
+    for start in tqdm(range(0, n, block_size), desc="neighbours", unit="block", disable=not progress):
         stop = min(n, start + block_size)
-        vals, idx = _topk_block(x, start, stop, k)
-        scores[start:stop], indices[start:stop] = vals.cpu().numpy(), idx.cpu().numpy()
+        scores[start:stop], indices[start:stop] = _topk_block(x, start, stop, k)
     return scores, indices
 
 
-def _topk_block(x: torch.Tensor, start: int, stop: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_block(x: torch.Tensor, start: int, stop: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of rows ``start:stop`` against all rows, self excluded, ties by index."""
-    s = torch.mm(x[start:stop], x.T)
-    rows = torch.arange(stop - start, device=x.device)
-    s[rows, rows + start] = float("-inf")
-    # One extra candidate tells whether the k-th value is tied with a value outside the top k.
-    vals, idx = torch.topk(s, k + 1, dim=1, sorted=True)
-    vals, idx = vals.contiguous(), idx.contiguous()
-    for r in torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist():
-        idx[r, :k] = _lowest_ids_at_boundary(s[r], vals[r, k - 1], k)
-        vals[r, :k] = s[r, idx[r, :k]]
-    return _sort_by_score_then_index(vals[:, :k], idx[:, :k])
-
-
-def _lowest_ids_at_boundary(row: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best ids of one row when the k-th score is tied: all above it, then lowest ids equal to it."""
-    above = torch.nonzero(row > threshold).flatten()
-    equal = torch.nonzero(row == threshold).flatten()[: k - above.numel()]
-    return torch.cat([above, equal])
-
-
-def _sort_by_score_then_index(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order each row by score descending, then index ascending (rows already in order are kept)."""
-    # Rows with ties, or left unsorted by a boundary fix; topk already sorted all others.
-    rows = torch.nonzero((vals[:, 1:] >= vals[:, :-1]).any(dim=1)).flatten()
-    if rows.numel() == 0:
-        return vals, idx
-    sub_idx, perm = torch.sort(idx[rows], dim=1)
-    sub_vals = vals[rows].gather(1, perm)
-    _, perm = torch.sort(sub_vals, dim=1, descending=True, stable=True)
-    vals, idx = vals.clone(), idx.clone()
-    vals[rows], idx[rows] = sub_vals.gather(1, perm), sub_idx.gather(1, perm)
-    return vals, idx
+    return topk_rows(x, torch.arange(start, stop, device=x.device), k)
 
 
 # --------------------------------------------------------------------------- labels and mAP
@@ -114,7 +88,7 @@ def label_matrix(label_sets: Sequence[Sequence[str]], vocab: Sequence[str]) -> n
     return y
 
 
-def _pack_labels(y: np.ndarray) -> np.ndarray:
+def pack_labels(y: np.ndarray) -> np.ndarray:
     """Pack a bool [N, C] matrix into uint64 words [N, W] so overlap is one AND per word."""
     packed = np.packbits(y, axis=1)
     pad = (-packed.shape[1]) % 8
@@ -122,15 +96,18 @@ def _pack_labels(y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint64)
 
 
-def relevance(neighbors: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None,
-              block_size: int = 8192) -> np.ndarray:
-    """Bool [len(rows), k]: whether each neighbour of each row shares a label with that row."""
-    rows = np.arange(len(neighbors)) if rows is None else np.asarray(rows)
-    packed = _pack_labels(y)
-    rel = np.empty((len(rows), neighbors.shape[1]), dtype=bool)
-    for start in range(0, len(rows), block_size):
-        block = rows[start:start + block_size]
-        rel[start:start + len(block)] = (packed[neighbors[block]] & packed[block, None, :]).any(axis=2)
+def relevance(neighbors: np.ndarray, packed: np.ndarray, queries: np.ndarray, block_size: int = 8192) -> np.ndarray:
+    """Bool [Q, k]: whether each neighbour shares a label with its query.
+
+    Args:
+        neighbors: [Q, k] neighbour rows of each query.
+        packed: ``pack_labels`` of the label matrix of all rows.
+        queries: [Q] the query rows.
+    """
+    rel = np.empty(neighbors.shape, dtype=bool)
+    for start in range(0, len(queries), block_size):
+        stop = start + block_size
+        rel[start:stop] = (packed[neighbors[start:stop]] & packed[queries[start:stop], None, :]).any(axis=2)
     return rel
 
 
@@ -138,10 +115,11 @@ def count_relevant(y: np.ndarray, block_size: int = 2048) -> np.ndarray:
     """Items sharing a label with each row, the row itself excluded (0 for unlabelled rows).
 
     Works on the distinct label sets, so the overlap matrix is at most U x U (U = distinct
-    sets) and is built in blocks of rows, never N x N.
+    sets) and is built in blocks of rows, never N x N. Sets are told apart by their packed words
+    (one per 64 labels): sorting those is many times faster than sorting the bool rows.
     """
-    sets, inverse, counts = np.unique(y, axis=0, return_inverse=True, return_counts=True)
-    u = torch.as_tensor(sets.astype(np.float32))
+    sets, inverse, counts = np.unique(pack_labels(y), axis=0, return_inverse=True, return_counts=True)
+    u = torch.as_tensor(np.unpackbits(sets.view(np.uint8), axis=1).astype(np.float32))
     c = torch.as_tensor(counts.astype(np.float64))
     totals = np.empty(len(sets), dtype=np.int64)
     for start in range(0, len(sets), block_size):
@@ -160,10 +138,10 @@ def average_precision_at_k(rel: np.ndarray, n_relevant: np.ndarray, k: int | Non
     summed = np.where(rel, hits / ranks, 0.0).sum(axis=1)
     m_paper = hits[:, -1] if rel.shape[1] else np.zeros(len(rel))
     m_standard = np.minimum(rel.shape[1] if k is None else k, np.asarray(n_relevant))
-    return _safe_divide(summed, m_paper), _safe_divide(summed, m_standard)
+    return safe_divide(summed, m_paper), safe_divide(summed, m_standard)
 
 
-def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, 0 where den is 0."""
     den = np.asarray(den, dtype=np.float64)
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
@@ -177,7 +155,7 @@ def map_at_k(neighbors: np.ndarray, y: np.ndarray, k: int = 50) -> dict:
     queries = np.flatnonzero(y.any(axis=1))
     if len(queries) == 0:
         return {"map_paper": None, "map_standard": None, "queries": 0}
-    rel = relevance(neighbors, y, queries)
+    rel = relevance(neighbors[queries], pack_labels(y), queries)
     ap_paper, ap_standard = average_precision_at_k(rel, count_relevant(y)[queries], k)
     return {"map_paper": float(ap_paper.mean()), "map_standard": float(ap_standard.mean()),
             "queries": int(len(queries))}
@@ -185,8 +163,15 @@ def map_at_k(neighbors: np.ndarray, y: np.ndarray, k: int = 50) -> dict:
 
 def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[Sequence[str]]], k: int = 50,
                        vectors_by_group: dict[str, np.ndarray] | None = None, device: str = "cpu",
-                       block_size: int = 1024, progress: bool = False) -> dict:
+                       block_size: int | None = None, progress: bool = False, sample_queries: int | None = None,
+                       seed: int = 0) -> dict:
     """mAP@k per group on the shared vectors and, where given, on each group's own vectors.
+
+    Memory, besides the inputs: the views' vectors as float32, N x (D + sum_g D_g) x 4 bytes (on
+    the device); one block of scores, block_size x N x 4 bytes (256 MiB by default, 2 GiB on a
+    GPU) with its top k+1; the labels, N x sum_g (C_g + 8 ceil(C_g / 64) + 8) bytes (multi-hot,
+    packed, relevant counts); 24 bytes per query per group per view for the per-query APs; with
+    ``sample_queries`` Q, 2 x Q x S x 8 bytes for the bootstrap (S = 2 x the group entries).
 
     Args:
         vectors: [N, D] shared embedding (normalised here).
@@ -194,7 +179,11 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
         k: retrieval depth R.
         vectors_by_group: optional {group: [N, D_g]} group-focused vectors, ranked by their plain
             inner product (they are head probabilities: p·q is the chance two items share a label).
-        device, block_size, progress: passed to ``topk_neighbors``.
+        device: where scores and top-k are computed (``cpu``, ``cuda``, ``auto``).
+        block_size: queries scored at a time (default: as many as fit ``SCORE_BYTES``).
+        progress: show a tqdm bar with queries/s.
+        sample_queries: evaluate this many random queries (seeded) against all candidates and add
+            95% bootstrap intervals (``ci95``); None = every item is a query.
 
     Returns:
         ``{"groups": {g: {map_paper, map_standard, queries[, group_view]}},
@@ -203,20 +192,83 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
     """
     vectors_by_group = {g: v for g, v in (vectors_by_group or {}).items() if g in labels_by_group}
     labels = {g: label_matrix(sets, sorted({lab for s in sets for lab in s})) for g, sets in labels_by_group.items()}
-    options = {"device": device, "block_size": block_size, "progress": progress}
-    _, shared = topk_neighbors(normalize_rows(vectors), k, **options)
-    groups = {g: map_at_k(shared, y, k) for g, y in labels.items()}
-    for g, group_vectors in vectors_by_group.items():
-        _, own = topk_neighbors(np.asarray(group_vectors, dtype=np.float32), k, **options)
-        view = map_at_k(own, labels[g], k)
-        groups[g]["group_view"] = {"map_paper": view["map_paper"], "map_standard": view["map_standard"]}
+    ranked = {SHARED: (normalize_rows(vectors), list(labels))}
+    ranked.update({g: (np.asarray(v, dtype=np.float32), [g]) for g, v in vectors_by_group.items()})
+    queries = np.arange(len(vectors)) if sample_queries is None else draw_queries(len(vectors), sample_queries, seed)
+    aps = rank_views(ranked, labels, queries, k, device, block_size, progress)
+    groups = {g: {**ap_means(*aps[SHARED, g][1:]), "queries": len(aps[SHARED, g][0])} for g in labels}
+    for g in vectors_by_group:
+        groups[g]["group_view"] = ap_means(*aps[g, g][1:])
     views = {"shared": mean_over_groups(groups)}
     if vectors_by_group:
         views["group"] = mean_over_groups({g: groups[g]["group_view"] for g in vectors_by_group})
+    if sample_queries is not None:
+        add_intervals(groups, views, aps, len(queries), seed)
     mean = {key: views["shared"][key] for key in ("map_paper", "map_standard")}
     if "group" in views:
         mean["group_view"] = {key: views["group"][key] for key in ("map_paper", "map_standard")}
     return {"groups": groups, "views": views, "mean": mean}
+
+
+def ap_means(paper: np.ndarray, standard: np.ndarray) -> dict:
+    """mAP (both variants) from per-query APs; None without queries."""
+    return {"map_paper": float(paper.mean()) if len(paper) else None,
+            "map_standard": float(standard.mean()) if len(standard) else None}
+
+
+def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, k: int, device: str = "cpu",
+               block_size: int | None = None, progress: bool = False) -> dict:
+    """Per-query APs of every view and group, block by block of queries against all rows.
+
+    Args:
+        views: {view: ([N, D] vectors ranked by inner product, the groups it is evaluated on)}.
+        labels: {group: [N, C] multi-hot labels}; a query of a group is a row labelled in it.
+        queries: the rows to evaluate as queries, ascending.
+
+    Returns:
+        {(view, group): (positions in ``queries``, paper APs, standard APs)}.
+    """
+    dev = resolve_device(device)
+    n = len(next(iter(views.values()))[0])
+    depth = max(0, min(int(k), n - 1))
+    block_size = block_size or default_block(n, dev)
+    packed, n_relevant = {g: pack_labels(y) for g, y in labels.items()}, {g: count_relevant(y) for g, y in labels.items()}
+    labelled = {g: y.any(axis=1) for g, y in labels.items()}
+    tensors = {view: _on_device(x, dev) for view, (x, _) in views.items()}
+    buffer = torch.empty((min(block_size, len(queries)), n), device=dev) if depth and len(queries) else None
+    found = {(view, g): [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))] for view, (_, groups) in views.items()
+             for g in groups}
+    bar = tqdm(total=len(queries), desc=f"mAP@{k}", unit="query", disable=not progress, mininterval=1)
+    for start in range(0, len(queries), block_size):
+        block = queries[start:start + block_size]
+        for view, (_, groups) in views.items():
+            asked = np.flatnonzero(np.logical_or.reduce([labelled[g][block] for g in groups]))
+            if len(asked) == 0:
+                continue
+            rows = block[asked]
+            neighbors = np.empty((len(rows), 0), np.int64) if depth == 0 else \
+                topk_rows(tensors[view], torch.as_tensor(rows, device=dev), depth, buffer)[1]
+            for g in groups:
+                mine = labelled[g][rows]
+                q = rows[mine]
+                rel = relevance(neighbors[mine], packed[g], q)
+                found[view, g].append((start + asked[mine], *average_precision_at_k(rel, n_relevant[g][q], k)))
+        bar.update(len(block))
+    bar.close()
+    return {key: tuple(map(np.concatenate, zip(*parts))) for key, parts in found.items()}
+
+
+def default_block(n: int, device: torch.device) -> int:
+    """Queries per block: as many as ``SCORE_BYTES`` of the device type hold (at most 4096)."""
+    return max(1, min(4096, SCORE_BYTES.get(device.type, SCORE_BYTES["cpu"]) // (4 * max(n, 1))))
+
+
+def _on_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Float32 vectors on the device, refused when they hold NaN or infinite values."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    return torch.as_tensor(x).to(device)
 
 
 def mean_over_groups(groups: dict[str, dict]) -> dict:
@@ -225,61 +277,3 @@ def mean_over_groups(groups: dict[str, dict]) -> dict:
     mean = {key: float(np.mean([groups[g][key] for g in valid])) if valid else None
             for key in ("map_paper", "map_standard")}
     return {**mean, "groups": valid}
-
-
-# --------------------------------------------------------------------------- classification
-
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """Counts [n_classes, n_classes]: rows are true classes, columns predicted classes."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true and y_pred differ in shape: {y_true.shape} vs {y_pred.shape}")
-    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
-        if y.size and (y.min() < 0 or y.max() >= n_classes):
-            raise ValueError(f"{name} has class ids outside 0..{n_classes - 1}")
-    flat = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
-    return flat.reshape(n_classes, n_classes)
-
-
-def classification_report(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support and macro-F1 of single-label predictions.
-
-    Undefined ratios (0/0) count as 0, like sklearn's ``zero_division=0``. Classes with neither
-    support nor predictions carry no information about the model and are left out of macro-F1.
-    """
-    cm = confusion_matrix(y_true, y_pred, len(class_names))
-    tp = np.diag(cm)
-    report = _per_class_report(tp, cm.sum(axis=0), cm.sum(axis=1), class_names)
-    report["accuracy"] = float(tp.sum() / cm.sum()) if cm.sum() else 0.0
-    return report
-
-
-def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Per-class P/R/F1, macro-F1, exact-match and sample-averaged accuracy of multi-hot predictions.
-
-    Sample-averaged accuracy is the mean of |true & pred| / |true | pred| per sample, where a sample
-    with both sets empty scores 1. Macro-F1 follows ``classification_report``.
-    """
-    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    if y_true.shape != y_pred.shape or y_true.shape[1:] != (len(class_names),):
-        raise ValueError(f"Expected two [N, {len(class_names)}] arrays, got {y_true.shape} and {y_pred.shape}")
-    tp = (y_true & y_pred).sum(axis=0)
-    report = _per_class_report(tp, y_pred.sum(axis=0), y_true.sum(axis=0), class_names)
-    inter, union = (y_true & y_pred).sum(axis=1), (y_true | y_pred).sum(axis=1)
-    report["exact_match"] = float((y_true == y_pred).all(axis=1).mean()) if len(y_true) else 0.0
-    report["sample_accuracy"] = float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean()) \
-        if len(y_true) else 0.0
-    return report
-
-
-def _per_class_report(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray,
-                      class_names: Sequence[str]) -> dict:
-    """Per-class precision/recall/F1 from true positives, predicted and true counts; macro-F1."""
-    precision = _safe_divide(tp.astype(np.float64), predicted)
-    recall = _safe_divide(tp.astype(np.float64), support)
-    f1 = _safe_divide(2 * precision * recall, precision + recall)
-    classes = {name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                      "support": int(support[c])} for c, name in enumerate(class_names)}
-    present = (support > 0) | (predicted > 0)
-    macro = float(f1[present].mean()) if present.any() else 0.0
-    return {"classes": classes, "macro_f1": macro}

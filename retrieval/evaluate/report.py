@@ -9,7 +9,8 @@ import numpy as np
 
 from retrieval.atomic import atomic_write, write_text
 from retrieval.data.catalog import Catalog
-from retrieval.data.embfile import fuse_probabilities, group_vectors, read_embeddings, read_probabilities
+from retrieval.data.embfile import (SIGMOID_GROUPS, fuse_probabilities, group_vectors, read_attrs, read_paths,
+                                    read_probabilities, read_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
 
@@ -41,16 +42,18 @@ def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarr
 
 
 def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "test", k: int = 50,
-                        device: str = "cpu", fuse: str | Path | None = None) -> dict:
+                        device: str = "cpu", fuse: str | Path | None = None, sample_queries: int | None = None,
+                        seed: int = 0) -> dict:
     """Report dict (docs/formats.md) of mAP@k on one split, plus classification of the heads.
 
-    With ``fuse``, a second embeddings file's head probabilities are averaged in (score fusion):
-    classification and the group view use the fused scores, the shared view stays the first's.
+    Only the split's rows are read from the embeddings file. With ``fuse``, a second embeddings
+    file's head probabilities are averaged in (score fusion): classification and the group view
+    use the fused scores, the shared view stays the first's. With ``sample_queries``, that many
+    random queries (seeded) are ranked against every candidate and each mAP gets a 95% interval.
     """
     if split not in SPLITS:
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    emb = read_embeddings(emb_path)
-    rows, items = match_rows(emb.paths, catalog, split)
+    rows, items = match_rows(read_paths(emb_path), catalog, split)
     if len(rows) < 2:
         raise EvaluationError(f"only {len(rows)} embedded item(s) in split {split!r}; "
                               f"choose another split ({', '.join(SPLITS)})")
@@ -58,27 +61,30 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     if n_missing:
         logger.warning("%d item(s) of split %r have no embedding (skipped images); evaluating %d",
                        n_missing, split, len(rows))
+    emb = read_rows(emb_path, rows)
     labels = {g: [item.labels[g] for item in items] for g in catalog.groups}
     for g in sorted(set(emb.group_vectors) - set(catalog.groups)):
         logger.warning("group vectors %r have no matching catalog group; ignored", g)
-    views = {g: v[rows] for g, v in emb.group_vectors.items() if g in labels}
+    views = {g: v for g, v in emb.group_vectors.items() if g in labels}
     probs = read_probabilities(emb_path, rows)
     if fuse:
-        other = read_embeddings(fuse)
-        position = {p: i for i, p in enumerate(other.paths)}
-        missing = [emb.paths[r] for r in rows if emb.paths[r] not in position]
+        position = {p: i for i, p in enumerate(read_paths(fuse))}
+        missing = [p for p in emb.paths if p not in position]
         if missing:
             raise EvaluationError(f"{fuse}: lacks {len(missing)} image(s) of {emb_path}, e.g. {missing[:3]}")
-        probs = fuse_probabilities(probs, read_probabilities(fuse, np.array([position[emb.paths[r]] for r in rows])),
+        probs = fuse_probabilities(probs, read_probabilities(fuse, np.array([position[p] for p in emb.paths])),
                                    f"{emb_path} and {fuse}")
         sigmoid = set(emb.sigmoid_groups if emb.sigmoid_groups is not None else catalog.multi_label_groups())
-        sigmoid |= set(other.sigmoid_groups or ())  # a group either model scores by sigmoids
+        sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
-    report = evaluate_retrieval(emb.vectors[rows], labels, k=k, vectors_by_group=views,
-                                device=device, progress=True)
+    report = evaluate_retrieval(emb.vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
+                                sample_queries=sample_queries, seed=seed)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None}
+    if sample_queries is not None:
+        settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
+                         "interval": "95% percentile bootstrap over the sampled queries"})
     report = {"settings": settings, **report}
     if probs:
         report["classification"] = classify(probs, items, catalog)
@@ -104,8 +110,16 @@ def _pct(value: float | None) -> str:
 
 
 def _pair(entry: dict | None) -> str:
-    """``paper / standard`` cell of a mAP entry."""
-    return "–" if not entry else f"{_pct(entry.get('map_paper'))} / {_pct(entry.get('map_standard'))}"
+    """``paper / standard`` cell of a mAP entry, each with its 95% interval when sampled."""
+    if not entry:
+        return "–"
+    return " / ".join(_pct(entry.get(key)) + _interval((entry.get("ci95") or {}).get(key))
+                      for key in ("map_paper", "map_standard"))
+
+
+def _interval(bounds: list[float] | None) -> str:
+    """`` [low–high]`` in percent, or nothing."""
+    return f" [{_pct(bounds[0])}–{_pct(bounds[1])}]" if bounds else ""
 
 
 def format_table(report: dict) -> str:
@@ -113,14 +127,16 @@ def format_table(report: dict) -> str:
     settings, groups = report["settings"], report["groups"]
     k, has_view = settings["k"], "group" in report.get("views", {})
     title = settings.get("title") or Path(settings["embeddings"]).stem
-    lines = [f"### {title}: mAP@{k} on split {settings['split']} ({settings['n_items']} items)", "",
+    sampled = f", {settings['sample_queries']} sampled queries, 95% intervals" if settings.get("sample_queries") else ""
+    lines = [f"### {title}: mAP@{k} on split {settings['split']} ({settings['n_items']} items{sampled})", "",
              f"| group | queries | mAP@{k} paper / standard (%)" + (" | group view (%)" if has_view else "") + " |",
              "|---|---:|---:" + ("|---:" if has_view else "") + "|"]
     for g, entry in groups.items():
         view = f" | {_pair(entry.get('group_view'))}" if has_view else ""
         lines.append(f"| {g} | {entry['queries']} | {_pair(entry)}{view} |")
-    view = f" | {_pair(report['mean'].get('group_view'))}" if has_view else ""
-    lines.append(f"| **mean** | | {_pair(report['mean'])}{view} |")
+    views = report.get("views", {})
+    view = f" | {_pair(views.get('group'))}" if has_view else ""
+    lines.append(f"| **mean** | | {_pair(views.get('shared', report['mean']))}{view} |")
     if report.get("classification"):
         lines += ["", "| group | accuracy (%) | macro-F1 (%) |", "|---|---:|---:|"]
         lines += [f"| {g} | {_pct(c.get('accuracy'))} | {_pct(c.get('macro_f1'))} |"

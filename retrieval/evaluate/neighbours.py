@@ -1,0 +1,43 @@
+"""Exact top-k inner-product neighbours of query rows among all rows, ties broken by lower row id.
+
+One extra candidate tells whether the k-th score is tied with one outside the top k; only those
+rows (rare with real-valued vectors) are fixed up one by one. The [rows, k] results are ordered
+on the host with numpy: small tensor operations cost more than the work they do on a busy CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def topk_rows(x: torch.Tensor, rows: torch.Tensor, k: int, out: torch.Tensor | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) of the given rows against all rows, self excluded, ties by id (1 <= k < N).
+
+    ``out``: an optional [>= len(rows), N] float32 buffer for the scores, reused across blocks so
+    that each block does not allocate (and page in) block x N x 4 bytes afresh.
+    """
+    s = torch.mm(x[rows], x.T) if out is None else torch.mm(x[rows], x.T, out=out[:len(rows)])
+    s[torch.arange(len(rows), device=x.device), rows] = float("-inf")
+    vals, idx = (t.cpu().numpy() for t in torch.topk(s, k + 1, dim=1, sorted=True))
+    for r in np.flatnonzero(vals[:, k] == vals[:, k - 1]):  # the k-th score ties with one left out
+        best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)
+        idx[r, :k], vals[r, :k] = best.cpu().numpy(), s[r, best].cpu().numpy()
+    return _sort_by_score_then_index(vals[:, :k], idx[:, :k])
+
+
+def _lowest_ids_at_boundary(row: torch.Tensor, threshold: float, k: int) -> torch.Tensor:
+    """The k best ids of one row when the k-th score is tied: all above it, then lowest ids equal to it."""
+    above = torch.nonzero(row > threshold).flatten()
+    equal = torch.nonzero(row == threshold).flatten()[: k - above.numel()]
+    return torch.cat([above, equal])
+
+
+def _sort_by_score_then_index(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row by score descending, then index ascending (rows already in order are kept)."""
+    # Rows with ties, or left unsorted by a boundary fix; topk already sorted all others.
+    rows = np.flatnonzero((vals[:, 1:] >= vals[:, :-1]).any(axis=1))
+    if len(rows):
+        order = np.lexsort((idx[rows], -vals[rows]))  # the last key sorts first
+        vals[rows], idx[rows] = np.take_along_axis(vals[rows], order, 1), np.take_along_axis(idx[rows], order, 1)
+    return vals, idx
