@@ -30,11 +30,6 @@ class Query:
     name: str = ""
 
 
-def item_vector(store, item_id: int, view: str) -> np.ndarray:
-    """Return the stored vector of an indexed item in one view (reconstructed by FAISS, no model)."""
-    return np.asarray(store.views[view].reconstruct(int(item_id)), dtype=np.float32)[None, :]
-
-
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
     """Return {group: labels an item shares with the query}."""
     return {g: [x for x in labels.get(g, []) if x in query_labels.get(g, [])] for g in labels}
@@ -57,7 +52,7 @@ def ranked_results(store, scores: np.ndarray, ids: np.ndarray, k: int, query_lab
 def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tuple[dict, list[dict]]:
     """Return (item, its k most similar other items) in a view, filtered (KeyError for unknown ids)."""
     item = store.item(item_id)
-    scores, ids = store.search(item_vector(store, item_id, view), k + 1, filters or None, view)
+    scores, ids = store.search(store.vector(item_id, view), k + 1, filters or None, view)
     return item, ranked_results(store, scores, ids, k, item["labels"], exclude=item_id)
 
 
