@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 
 from indexer.index import (GPU_TYPES, GROUP_CODECS, MIN_TRAIN_ITEMS, TRAIN_SAMPLE, EF_CONSTRUCTION, as_ids,
-                           as_vectors, check_index_type, make_empty_index, set_search_depth, want_gpu,
-                           warn_if_not_normalised)
+                           as_vectors, check_index_type, make_empty_index, pad_columns, padded_width,
+                           set_search_depth, want_gpu, warn_if_not_normalised)
 from indexer.source import VectorSource
 from indexer.tuning import TARGET_RECALL, TUNE_MARGIN, tune_search_depth
 
@@ -100,9 +100,13 @@ def build_group_view(source: VectorSource, view: str, codec: str = "fp16") -> fa
     """Build an exact index of a group view with compact codes, addressed by row position (no id map).
 
     Group views hold a few dozen probabilities per item: an exact scan of fp16 (2 bytes a value) or
-    8-bit (1 byte) codes is fast, keeps their ties in order and needs no training beyond 8-bit ranges."""
-    index = faiss.IndexScalarQuantizer(source.dims[view], check_group_codec(codec), faiss.METRIC_INNER_PRODUCT)
+    8-bit (1 byte) codes is fast, keeps their ties in order and needs no training beyond 8-bit ranges.
+    The codes are padded with zeros to a multiple of CODE_ALIGN values, where FAISS scans them with SIMD."""
+    width = padded_width(source.dims[view])
+    padded = VectorSource(source.ids, {view: width}, lambda v, start, stop: pad_columns(source.read(v, start, stop), width),
+                          source.block_rows)
+    index = faiss.IndexScalarQuantizer(width, check_group_codec(codec), faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        index.train(training_rows(source, view))
-    add_blocks(index, source, view, with_ids=False)
+        index.train(training_rows(padded, view))
+    add_blocks(index, padded, view, with_ids=False)
     return index

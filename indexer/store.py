@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,14 +15,14 @@ import faiss
 import numpy as np
 
 from indexer.filters import EXACT_SUBSET_MAX, filtered_search, pad_results, qualifying_positions
-from indexer.index import as_ids, as_vectors, index_kind, rebuild_hnsw, to_gpu, want_gpu
+from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_kind, pad_columns, rebuild_hnsw,
+                           to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
 from indexer.persist import (FORMAT, SIDECAR, check_expected, fsync_file, read_sidecar, read_view,
                              remove_stale_temporaries, swap_into_place, temporary_dir)
 
 logger = logging.getLogger(__name__)
 
-VIEW_NAME = re.compile(r"^(shared|group-[A-Za-z0-9_.-]+)$")
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
 HNSW_COMPACT_SHARE = 0.25  # rebuild an HNSW view once this share of its nodes are removed items
 
@@ -31,31 +30,6 @@ HNSW_COMPACT_SHARE = 0.25  # rebuild an HNSW view once this share of its nodes a
 def utc_now() -> str:
     """Return the current UTC time in ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def check_views(views: Mapping[str, faiss.Index]) -> None:
-    """Raise a ValueError unless there is a "shared" view, every name is shared or group-<name> and every
-    group view is an exact index addressed by row position (indexer.build.build_group_view)."""
-    if "shared" not in views:
-        raise ValueError(f"An index needs a 'shared' view; got: {', '.join(views) or 'none'}")
-    bad = [name for name in views if not VIEW_NAME.match(name)]
-    if bad:
-        raise ValueError(f"Bad view name(s) {bad}; use 'shared' or 'group-<name>' ([A-Za-z0-9_.-])")
-    by_id = [name for name, index in views.items()
-             if name != "shared" and not isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes)]
-    if by_id:
-        raise ValueError(f"Group view(s) {by_id} must be exact position-addressed indexes (build_group_view)")
-
-
-def group_codec(views: Mapping[str, faiss.Index]) -> str | None:
-    """Return "fp16", "8bit" or "float32" as the group views store their values (None without group views)."""
-    for name, index in views.items():
-        inner = faiss.downcast_index(index)
-        if name != "shared":
-            if isinstance(inner, faiss.IndexScalarQuantizer):
-                return "fp16" if inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16 else "8bit"
-            return "float32"
-    return None
 
 
 class IndexStore:
@@ -123,6 +97,10 @@ class IndexStore:
         """Return dict(id, path, title, labels) for one catalog id (KeyError when absent)."""
         return self.items.item(self.position(item_id))
 
+    def items_by_id(self, ids: Sequence[int]) -> list[dict]:
+        """Return item(id) for several ids with one lookup of their positions (KeyError when one is absent)."""
+        return [self.items.item(int(p)) for p in self._positions(np.asarray(ids, dtype=np.int64))]
+
     def vector(self, item_id: int, view: str = "shared") -> np.ndarray:
         """Return an item's stored vector [1, D] in a view (IVF-PQ: its PQ approximation)."""
         key = item_id if view == "shared" else self.position(item_id)
@@ -139,7 +117,7 @@ class IndexStore:
     def search(self, vectors, k: int, filters: dict | None = None, view: str = "shared"):
         """Return (scores [Q,k] float32, ids [Q,k] int64) padded with -inf / -1, optionally filtered."""
         index = self._view(view)
-        queries = as_vectors(vectors, index.d, name="query vectors")
+        queries = self._as_view_vectors(view, vectors, "query vectors")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         allowed = qualifying_positions(filters, self.items.labels)
@@ -257,11 +235,17 @@ class IndexStore:
         if missing or extra:
             raise ValueError(f"add() needs vectors for exactly the views {sorted(self.views)}; "
                              f"missing {sorted(missing)}, unknown {sorted(extra)}")
-        batch = {v: as_vectors(x, self.views[v].d, name=f"{v} vectors") for v, x in vectors_by_view.items()}
+        batch = {v: self._as_view_vectors(v, x, f"{v} vectors") for v, x in vectors_by_view.items()}
         for view, x in batch.items():
             if len(x) != count:
                 raise ValueError(f"Got {len(x)} {view} vectors for {count} ids")
         return batch
+
+    def _as_view_vectors(self, view: str, vectors, name: str) -> np.ndarray:
+        """Vectors for a view, checked against its dimension; group vectors padded like its codes."""
+        width = self._view(view).d
+        x = as_vectors(vectors, name=name)
+        return as_vectors(x if view == "shared" else pad_columns(x, width), width, name=name)
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
         if self._order is None:

@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from indexer.index import build_index, recall_at_k, search_depth  # noqa: E402
+from indexer import build_index, search_depth  # noqa: E402
+from indexer.tuning import recall_at_k  # noqa: E402
 
 logger = logging.getLogger("bench_index")
 

@@ -420,20 +420,26 @@ def test_tuning_reaches_the_target_on_vectors_full_of_ties():
 
 
 @pytest.mark.parametrize("codec", ["fp16", "8bit"])
-def test_group_views_are_exact_over_their_compact_codes(catalog, codec):
-    gx = np.random.default_rng(3).dirichlet(np.ones(8), 400).astype(np.float32)  # probabilities
+@pytest.mark.parametrize("dim", [8, 5])
+def test_group_views_are_exact_over_their_compact_codes(catalog, codec, dim):
+    gx = np.random.default_rng(3).dirichlet(np.ones(dim), 400).astype(np.float32)  # probabilities
     view = group_view(gx, codec)
-    assert index_kind(view) == "other" and view.ntotal == 400
-    scores, found = view.search(gx[:20], 10)
+    assert index_kind(view) == "other" and view.ntotal == 400 and view.d == 8  # zero-padded to 8 values
+    padded = np.pad(gx, ((0, 0), (0, 8 - dim)))
+    scores, found = view.search(padded[:20], 10)
     codes = view.reconstruct_n(0, 400)
-    _, truth = brute_force(codes, np.arange(400), gx[:20], 10)
+    _, truth = brute_force(codes, np.arange(400), padded[:20], 10)
     np.testing.assert_array_equal(found, truth)  # exact over the stored codes
-    np.testing.assert_allclose(codes, gx, atol=2e-3 if codec == "8bit" else 1e-3)
+    np.testing.assert_allclose(codes, padded, atol=2e-3 if codec == "8bit" else 1e-3)
     store = IndexStore({"shared": build_index(catalog["x"], catalog["ids"]), "group-color": view},
                        catalog["ids"], catalog["paths"], labels=catalog["labels"])
-    _, by_id = store.search(gx[:20], 10, view="group-color")
+    _, by_id = store.search(gx[:20], 10, view="group-color")  # the store pads queries like the codes
     np.testing.assert_array_equal(by_id, catalog["ids"][found])  # positions answered as catalog ids
     np.testing.assert_allclose(store.vector(int(catalog["ids"][7]), "group-color")[0], codes[7])
+    store.add({"shared": catalog["x"][:1], "group-color": gx[:1]}, [1], ["new.jpg"])
+    np.testing.assert_allclose(store.vector(1, "group-color")[0], codes[0])  # added (padded) after the others
+    with pytest.raises(ValueError, match="dimension 9, the index expects 8"):
+        store.search(np.ones((1, 9), np.float32), 2, view="group-color")
 
 
 def test_group_views_must_be_position_addressed(catalog):

@@ -38,15 +38,12 @@ def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str
 def ranked_results(store, scores: np.ndarray, ids: np.ndarray, k: int, query_labels: dict,
                    exclude: int | None = None) -> list[dict]:
     """Return result dicts (item + score + shared labels) best first, without empty slots or exclude."""
-    results = []
-    for score, item_id in zip(scores[0], ids[0]):
-        if item_id < 0 or item_id == exclude:
-            continue
-        item = store.item(int(item_id))
+    keep = (ids[0] >= 0) & (ids[0] != (-1 if exclude is None else exclude))
+    results = store.items_by_id(ids[0][keep][:k])
+    for item, score in zip(results, scores[0][keep]):
         item["score"] = round(float(score), 4)
         item["shared"] = shared_labels(item["labels"], query_labels)
-        results.append(item)
-    return results[:k]
+    return results
 
 
 def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tuple[dict, list[dict]]:

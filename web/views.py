@@ -26,9 +26,16 @@ def view_choices(views) -> list[tuple[str, str]]:
             for v in views]
 
 
-def page_context(snapshot, filters: dict, text: str, link) -> dict:
-    """Return the template variables every page with a facet sidebar needs."""
+def page_context(snapshot, filters: dict, text: str, link: partial) -> dict:
+    """Return the template variables every page with a facet sidebar needs; each facet row gets the
+    href that toggles its label (link: partial(link_to, endpoint, route, **extra))."""
     counts = snapshot.facets.counts(filters, text)
+    endpoint, route = link.args
+    prefix = url_for(endpoint, **route)
+    for group, rows in counts.items():
+        hrefs = params.toggle_links(prefix, filters, group, [row["label"] for row in rows], **link.keywords)
+        for row, href in zip(rows, hrefs):
+            row["href"] = href
     return {"facets": counts, "filters": filters, "q": text, "link": link,
             "toggle": partial(params.toggled, filters)}
 
