@@ -4,6 +4,7 @@ object per item, so a million-item index loads in well under a second and memory
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import chain
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def take_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tupl
     return csr_offsets(offsets[rows + 1] - offsets[rows]), csr_gather(offsets, values, rows)
 
 
-def align_labels(labels: Mapping | None, count: int, groups=None) -> dict[str, list[list[str]]]:
-    """Return {group: [[label, ...] per item]} with one entry per item, checking lengths and groups."""
+def align_labels(labels: Mapping | None, count: int, groups=None) -> dict[str, list[Sequence[str]]]:
+    """Return {group: [labels of each item]} with one entry per item (a lone string is one label),
+    checking lengths and groups."""
     labels = dict(labels or {})
     if groups is not None:
         unknown = sorted(set(labels) - set(groups))
@@ -50,7 +52,7 @@ def align_labels(labels: Mapping | None, count: int, groups=None) -> dict[str, l
     for group, per_item in labels.items():
         if len(per_item) != count:
             raise ValueError(f"labels[{group!r}] has {len(per_item)} entries for {count} items")
-        out[group] = [[item] if isinstance(item, str) else [str(x) for x in item] for item in per_item]
+        out[group] = [(item,) if isinstance(item, str) else item for item in per_item]
     return out
 
 
@@ -116,7 +118,7 @@ class LabelCodes:
         vocab, per_group = {}, []
         for group, per_item in labels.items():
             lengths = np.fromiter((len(item) for item in per_item), dtype=np.int64, count=count)
-            flat = np.array([str(label) for item in per_item for label in item], dtype=str)
+            flat = np.array(list(chain.from_iterable(per_item)), dtype=str)
             vocab[group], codes = np.unique(flat, return_inverse=True)
             per_group.append((lengths, codes.reshape(-1)))
         vocab = {g: [str(v) for v in labels] for g, labels in vocab.items()}

@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def item_metadata(paths: list[str], attrs: dict, catalog_dir: str | None) -> tuple[list[str], dict[str, list]]:
+def item_metadata(paths: list[str], attrs: dict, catalog_dir: str | None) -> tuple[list[str], dict[str, list[tuple]]]:
     """Titles and labels of the embedded items, looked up in the catalog by image path."""
     root = catalog_dir or attrs.get("catalog")
     if not root:
@@ -45,7 +45,7 @@ def item_metadata(paths: list[str], attrs: dict, catalog_dir: str | None) -> tup
     if missing:
         raise ValueError(f"{len(missing)} embedded images are not in {root}/labels.csv, e.g. {missing[:3]}")
     items = [by_image[p] for p in paths]
-    labels = {g: [list(it.labels[g]) for it in items] for g in catalog.groups}
+    labels = {g: [it.labels[g] for it in items] for g in catalog.groups}
     return [it.title for it in items], labels
 
 
