@@ -121,6 +121,12 @@ def run_timed(cmd: list[str], code: str) -> tuple[float, float]:
     return float(seconds), int(kb) / 1e6
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (robust to other jobs on the machine, unlike wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def memory(pid: int) -> dict[str, float]:
     """RSS, its anonymous (private) part and peak RSS of a process, GB."""
     fields = {}
@@ -171,8 +177,10 @@ def serve(index: Path, catalog: Path, code: str, requests: int, n: int, rng) -> 
                      "api items + 2 filters": [f"/api/items?g02=l2_{i % 2}&g05=l5_{i % 3}" for i in range(requests)]}
         for name, urls in endpoints.items():
             get(conn, urls[0])  # warm-up
+            cpu = cpu_seconds(proc.pid)
             times = [get(conn, url) for url in urls]
-            row[name] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)))
+            cpu_ms = (cpu_seconds(proc.pid) - cpu) / len(urls) * 1000
+            row[name] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)), cpu_ms)
         row.update(memory(proc.pid))
         return row
     finally:
@@ -198,9 +206,9 @@ def bench(n: int, root: Path, args) -> None:
         print(f"\nserve ({index_type}): start-up until /api/health {row.pop('startup_s'):.1f} s; RSS "
               f"{row.pop('VmRSS'):.2f} GB (private {row.pop('RssAnon', 0):.2f}, file pages "
               f"{row.pop('RssFile', 0):.2f}), peak {row.pop('VmHWM'):.2f} GB\n")
-        print("| endpoint | p50 ms | p99 ms |\n|---|---:|---:|")
-        for name, (p50, p99) in row.items():
-            print(f"| {name} | {p50:.1f} | {p99:.1f} |", flush=True)
+        print("| endpoint | p50 ms | p99 ms | server CPU ms / request |\n|---|---:|---:|---:|")
+        for name, (p50, p99, cpu_ms) in row.items():
+            print(f"| {name} | {p50:.1f} | {p99:.1f} | {cpu_ms:.1f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 bench(n, Path(tmp), args)
-    print(f"\ncode: {args.code}; {os.cpu_count()} CPUs; requests sequential, {args.requests} per endpoint")
+    print(f"\ncode: {args.code}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; requests "
+          f"sequential, {args.requests} per endpoint")
     return 0
 
 

@@ -452,7 +452,7 @@ def test_mmap_load_searches_like_a_full_load(tmp_path, catalog):
     store = make_store(catalog)
     store.save(tmp_path / "index")
     mapped = IndexStore.load(tmp_path / "index", mmap=True)
-    assert isinstance(mapped.items.labels.codes, np.memmap)
+    assert isinstance(mapped.items.labels.codes.base, np.memmap)
     queries = clustered(5, 16, seed=4)
     for view, q in (("shared", queries), ("group-color", catalog["gx"][:5])):
         for a, b in zip(store.search(q, 10, {"color": ["red"]}, view), mapped.search(q, 10, {"color": ["red"]}, view)):
