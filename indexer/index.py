@@ -17,6 +17,7 @@ GPU_TYPES = ("flat", "ivf")
 MIN_TRAIN_ITEMS = 256  # below this IVF training is meaningless: such indexes are built flat
 EF_CONSTRUCTION = 64
 TRAIN_POINTS_PER_LIST = 64  # FAISS default 256 makes 1M-item training take many minutes on CPU
+TRAIN_ITERATIONS = 10  # k-means passes (FAISS default 25): the tuned nprobe absorbs coarser lists
 TRAIN_SAMPLE = 100_000  # IVF / PQ training rows, drawn evenly from the corpus
 GROUP_CODECS = {"fp16": faiss.ScalarQuantizer.QT_fp16, "8bit": faiss.ScalarQuantizer.QT_8bit}
 CODE_ALIGN = 8  # FAISS scans scalar-quantized codes with SIMD only when d is a multiple of 8 (20x faster)
@@ -125,6 +126,7 @@ def make_empty_index(index_type: str, d: int, n: int, *, nlist=None, m_hnsw=32, 
             raise ValueError(f"pq_m={pq_m} must divide the dimension {d}")
         index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, default_pq_bits(n), ip)
     index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST  # k-means cost is linear in the sample
+    index.cp.niter = TRAIN_ITERATIONS
     index.own_fields = True
     quantizer.this.disown()
     return index

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache
 
 import numpy as np
 
-from indexer.items import csr_gather
+from indexer.items import csr_gather, csr_offsets
 
 logger = logging.getLogger(__name__)
+
+TEXT_MASKS = 8  # title-query masks kept (N bytes each)
 
 
 class TitleWords:
@@ -24,8 +27,11 @@ class TitleWords:
         self.vocab = sorted(set().union(*per_title))
         word_id = {word: i for i, word in enumerate(self.vocab)}
         self.n_titles = len(titles)
-        self.word_of = np.fromiter((word_id[w] for words in per_title for w in words), dtype=np.int64)
-        self.title_of = np.repeat(np.arange(len(titles)), [len(words) for words in per_title])
+        word_of = np.fromiter((word_id[w] for words in per_title for w in words), dtype=np.int64)
+        title_of = np.repeat(np.arange(len(titles), dtype=np.int32), [len(words) for words in per_title])
+        order = np.argsort(word_of, kind="stable")  # word -> the titles holding it (CSR)
+        self.titles_of_word = title_of[order]
+        self.offsets = csr_offsets(np.bincount(word_of, minlength=len(self.vocab)))
         self.blob = "\n".join(self.vocab)  # words hold no whitespace, so a match never spans two
         self.starts = np.cumsum([0] + [len(w) + 1 for w in self.vocab[:-1]]) if self.vocab else np.zeros(0, int)
 
@@ -41,7 +47,7 @@ class TitleWords:
         mask = np.ones(self.n_titles, dtype=bool)
         for word in set(text.casefold().split()):
             found = np.zeros(self.n_titles, dtype=bool)
-            found[self.title_of[self.words_containing(word)[self.word_of]]] = True
+            found[csr_gather(self.offsets, self.titles_of_word, np.flatnonzero(self.words_containing(word)))] = True
             mask &= found
         return mask
 
@@ -59,9 +65,15 @@ class Facets:
         self.vocab = self.labels.vocab
         self.titles = TitleWords(store.items.titles.tolist())
         self.totals = np.diff(self.labels.posting_offsets)  # items per label code, before any filter
+        self._text_mask = lru_cache(maxsize=TEXT_MASKS)(self._read_only_mask)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _read_only_mask(self, text: str) -> np.ndarray:
+        mask = self.titles.mask(text)
+        mask.flags.writeable = False  # shared between requests
+        return mask
 
     def group_mask(self, group: str, wanted: list[str]) -> np.ndarray:
         """Return a bool mask of the items carrying any of the wanted labels (all items when none)."""
@@ -71,8 +83,9 @@ class Facets:
         return mask
 
     def text_mask(self, text: str) -> np.ndarray | None:
-        """Return a bool mask of the items whose title contains every word of text (None: no text)."""
-        return self.titles.mask(text) if text.split() else None
+        """Return a bool mask of the items whose title contains every word of text (None: no text);
+        the latest few are kept, since a page asks for the same one to select and to count (read-only)."""
+        return self._text_mask(" ".join(sorted(set(text.casefold().split())))) if text.split() else None
 
     def masks(self, filters: dict[str, list[str]]) -> dict[str, np.ndarray]:
         """Return {group: mask} for the groups that have a constraint."""
