@@ -118,10 +118,10 @@ class LabelCodes:
         vocab, per_group = {}, []
         for group, per_item in labels.items():
             lengths = np.fromiter((len(item) for item in per_item), dtype=np.int64, count=count)
-            flat = np.array(list(chain.from_iterable(per_item)), dtype=str)
-            vocab[group], codes = np.unique(flat, return_inverse=True)
-            per_group.append((lengths, codes.reshape(-1)))
-        vocab = {g: [str(v) for v in labels] for g, labels in vocab.items()}
+            flat = [str(label) for label in chain.from_iterable(per_item)]
+            vocab[group] = sorted(set(flat))
+            code_of = {label: code for code, label in enumerate(vocab[group])}
+            per_group.append((lengths, np.fromiter(map(code_of.__getitem__, flat), dtype=np.int64, count=len(flat))))
         return cls.from_group_codes(vocab, per_group, count)
 
     @classmethod
