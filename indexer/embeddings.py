@@ -1,4 +1,5 @@
-"""Build an IndexStore from embedding arrays (read from EMB.h5 by ``retrieval.data.embfile``)."""
+"""Build an IndexStore from embeddings: in blocks from a VectorSource (EMB.h5 through
+``retrieval.data.embfile.BlockReader``), or from in-memory arrays."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +7,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from indexer.index import build_index
+from indexer.build import build_group_view, build_view
+from indexer.source import VectorSource
 from indexer.store import IndexStore
 
 logger = logging.getLogger(__name__)
+
 
 def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
     """Return values in ids order: a sequence must already be aligned, a mapping is looked up by id."""
@@ -23,24 +26,36 @@ def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
     return values
 
 
-def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, *,
-                                use_gpu="auto", **build_kwargs) -> IndexStore:
-    """Build an IndexStore with a "shared" view and a "group-<name>" view per group in emb.
+def build_store(source: VectorSource, paths, index_type: str = "flat", titles=None, labels=None, *,
+                fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", **build_kwargs) -> IndexStore:
+    """Build an IndexStore with the "shared" view of index_type and an exact compact view per group.
 
     Args:
-        emb: {vectors, ids, paths, groups {name: array}, attrs}, e.g. ``retrieval.data.embfile.read_embeddings(p).as_dict()``.
-        index_type: flat, ivf, hnsw or ivfpq, used for every view.
-        titles: per-item titles, aligned with emb["ids"] or a mapping {id: title}.
-        labels: {group: per-item label lists}, each aligned with emb["ids"] or a mapping {id: [labels]}.
-        use_gpu, build_kwargs: passed to build_index (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
+        source: the vectors of every view ("shared", "group-<name>"), read block by block.
+        paths: per-item image paths, aligned with source.ids.
+        titles: per-item titles, aligned with source.ids or a mapping {id: title}.
+        labels: {group: per-item label lists}, each aligned with source.ids or a mapping {id: [labels]}.
+        group_codec: how group views store their values: fp16 (2 bytes) or 8bit (1 byte).
+        use_gpu, build_kwargs: passed to build_view (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
     """
-    ids = emb["ids"]
-    views = {"shared": emb["vectors"], **{f"group-{g}": x for g, x in emb.get("groups", {}).items()}}
+    ids = source.ids
     built = {}
-    for view, vectors in views.items():
-        logger.info("Building %s view (%s, %d x %d)", view, index_type, *vectors.shape)
-        built[view] = build_index(vectors, ids, index_type, use_gpu=use_gpu, unit_norm=view == "shared",
-                                  **build_kwargs)
+    for view, dim in source.dims.items():
+        if view == "shared":
+            logger.info("Building the shared view (%s, %d x %d)", index_type, len(ids), dim)
+            built[view] = build_view(source, view, index_type, use_gpu=use_gpu, **build_kwargs)
+        else:
+            logger.info("Building %s (exact, %s, %d x %d)", view, group_codec, len(ids), dim)
+            built[view] = build_group_view(source, view, group_codec)
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
-    return IndexStore(built, ids, emb["paths"], align_to_ids(titles, ids, "", "titles"), labels,
-                      fingerprint=str(emb.get("attrs", {}).get("fingerprint", "")), use_gpu=use_gpu)
+    return IndexStore(built, ids, paths, align_to_ids(titles, ids, "", "titles"), labels,
+                      fingerprint=fingerprint, use_gpu=use_gpu)
+
+
+def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, **kwargs) -> IndexStore:
+    """Build an IndexStore from in-memory arrays {vectors, ids, paths, groups {name: array}, attrs}
+    (``retrieval.data.embfile.read_embeddings(p).as_dict()``); kwargs as build_store takes them."""
+    views = {"shared": emb["vectors"], **{f"group-{g}": x for g, x in emb.get("groups", {}).items()}}
+    source = VectorSource.from_arrays(views, emb["ids"])
+    return build_store(source, emb["paths"], index_type, titles, labels,
+                       fingerprint=str(emb.get("attrs", {}).get("fingerprint", "")), **kwargs)

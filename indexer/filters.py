@@ -1,4 +1,4 @@
-"""Label filters: qualifying-id sets per (group, label) and recall-preserving filtered search."""
+"""Label filters: the items passing them (from label codes) and recall-preserving filtered search."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 
 from indexer.index import inner_index
+from indexer.items import LabelCodes
 
 logger = logging.getLogger(__name__)
 
@@ -17,49 +18,32 @@ BITMAP_MAX_BYTES = 64 << 20  # ids up to ~512M use a bitmap selector, larger one
 HNSW_EF_MAX = 2048
 
 
-def build_label_index(ids: np.ndarray, labels: dict[str, list]) -> dict[str, dict[str, np.ndarray]]:
-    """Return {group: {label: sorted ids of the items carrying it}} from per-item label lists."""
-    table = {}
-    for group, per_item in labels.items():
-        counts = np.fromiter((len(item) for item in per_item), dtype=np.int64, count=len(per_item))
-        owners = np.repeat(ids, counts)
-        flat = np.array([label for item in per_item for label in item], dtype=object)
-        table[group] = {}
-        if len(flat):
-            names, inverse = np.unique(flat.astype(str), return_inverse=True)
-            order = np.argsort(inverse, kind="stable")
-            splits = np.cumsum(np.bincount(inverse, minlength=len(names)))[:-1]
-            for name, members in zip(names, np.split(owners[order], splits)):
-                table[group][str(name)] = np.unique(members)
-    return table
-
-
-def check_filters(filters: dict, table: dict[str, dict[str, np.ndarray]]) -> None:
+def check_filters(filters: dict, labels: LabelCodes) -> None:
     """Raise a ValueError naming the valid groups or labels when a filter uses unknown ones."""
     for group, wanted in filters.items():
-        if group not in table:
-            raise ValueError(f"Unknown label group {group!r}; choose one of: {', '.join(sorted(table))}")
+        if group not in labels.vocab:
+            raise ValueError(f"Unknown label group {group!r}; choose one of: {', '.join(sorted(labels.vocab))}")
         if isinstance(wanted, str):
             raise ValueError(f"Filter for group {group!r} must be a list of labels, got the string {wanted!r}")
-        unknown = [label for label in wanted if label not in table[group]]
+        unknown = [label for label in wanted if label not in labels.vocab[group]]
         if unknown:
             raise ValueError(f"Unknown label(s) {', '.join(map(repr, unknown))} in group {group!r}; "
-                             f"choose from: {', '.join(sorted(table[group]))}")
+                             f"choose from: {', '.join(labels.vocab[group])}")
 
 
-def qualifying_ids(filters: dict | None, table: dict[str, dict[str, np.ndarray]]) -> np.ndarray | None:
-    """Return sorted ids passing every group (OR within a group, AND across); None = no filter.
+def qualifying_positions(filters: dict | None, labels: LabelCodes) -> np.ndarray | None:
+    """Return sorted item positions passing every group (OR within a group, AND across); None = no filter.
 
     A group given an empty label list places no constraint (nothing ticked = anything goes).
     """
     if not filters:
         return None
-    check_filters(filters, table)
+    check_filters(filters, labels)
     result = None
     for group, wanted in filters.items():
         if not wanted:
             continue
-        members = np.unique(np.concatenate([table[group][label] for label in wanted]))
+        members = np.unique(np.concatenate([labels.items_with(labels.code(group, label)) for label in wanted]))
         result = members if result is None else np.intersect1d(result, members, assume_unique=True)
     return result
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Mapping
 
 import faiss
 import numpy as np
@@ -10,17 +12,15 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+VIEW_NAME = re.compile(r"^(shared|group-[A-Za-z0-9_.-]+)$")
 GPU_TYPES = ("flat", "ivf")
 MIN_TRAIN_ITEMS = 256  # below this IVF training is meaningless: such indexes are built flat
-TARGET_RECALL = 0.95
-TUNE_K = 50
-TUNE_QUERIES = 256
-TUNE_MARGIN = 0.01  # catalog items as queries are slightly easier than new photos
-EF_CANDIDATES = (128, 192, 256, 384, 512, 768, 1024, 2048)
 EF_CONSTRUCTION = 64
-PLATEAU_GAIN = 0.002
-PLATEAU_FROM = 0.8  # recall below which tuning never stops for lack of gain
 TRAIN_POINTS_PER_LIST = 64  # FAISS default 256 makes 1M-item training take many minutes on CPU
+TRAIN_ITERATIONS = 10  # k-means passes (FAISS default 25): the tuned nprobe absorbs coarser lists
+TRAIN_SAMPLE = 100_000  # IVF / PQ training rows, drawn evenly from the corpus
+GROUP_CODECS = {"fp16": faiss.ScalarQuantizer.QT_fp16, "8bit": faiss.ScalarQuantizer.QT_8bit}
+CODE_ALIGN = 8  # FAISS scans scalar-quantized codes with SIMD only when d is a multiple of 8 (20x faster)
 
 
 def check_index_type(index_type: str) -> None:
@@ -38,6 +38,19 @@ def as_vectors(vectors, dimension: int | None = None, name: str = "vectors") -> 
         raise ValueError(f"{name} must be a 2-D [N, D] array, got shape {x.shape}")
     if dimension is not None and x.shape[1] != dimension:
         raise ValueError(f"{name} have dimension {x.shape[1]}, the index expects {dimension}")
+    return x
+
+
+def padded_width(d: int) -> int:
+    """Return d rounded up to a multiple of CODE_ALIGN."""
+    return -(-d // CODE_ALIGN) * CODE_ALIGN
+
+
+def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+    """Return x with zero columns appended up to width when width is its padded width (inner products
+    are unchanged); other shapes are returned as they are, for the caller's dimension check."""
+    if x.ndim == 2 and x.shape[1] < width == padded_width(x.shape[1]):
+        return np.pad(x, ((0, 0), (0, width - x.shape[1])))
     return x
 
 
@@ -113,58 +126,9 @@ def make_empty_index(index_type: str, d: int, n: int, *, nlist=None, m_hnsw=32, 
             raise ValueError(f"pq_m={pq_m} must divide the dimension {d}")
         index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, default_pq_bits(n), ip)
     index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST  # k-means cost is linear in the sample
+    index.cp.niter = TRAIN_ITERATIONS
     index.own_fields = True
     quantizer.this.disown()
-    return index
-
-
-def fill_index(index: faiss.Index, x: np.ndarray, ids: np.ndarray, gpu: bool = False) -> faiss.Index:
-    """Train (when needed) and add x with ids; IVF work runs on all GPUs when gpu; returns a CPU index."""
-    if gpu and isinstance(index, faiss.IndexIVF):
-        logger.info("Training and filling the IVF index on %d GPU(s)", faiss.get_num_gpus())
-        on_gpu = faiss.index_cpu_to_all_gpus(index)
-        on_gpu.train(x)
-        on_gpu.add_with_ids(x, ids)
-        index = faiss.index_gpu_to_cpu(on_gpu)
-    else:
-        if not index.is_trained:
-            index.train(x)
-        index.add_with_ids(x, ids)
-    if isinstance(index, faiss.IndexIVF):
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by catalog id
-    return index
-
-
-def build_index(vectors, ids, index_type: str = "flat", *, nlist=None, m_hnsw=32, pq_m=None,
-                use_gpu="auto", nprobe=None, ef_search=None, ef_construction=EF_CONSTRUCTION,
-                target_recall=TARGET_RECALL, unit_norm: bool = True) -> faiss.Index:
-    """Build an inner-product index of vectors under catalog ids; always returns a CPU index.
-
-    Args:
-        vectors: float32 [N, D], L2-normalised unless ``unit_norm`` is False (group views hold
-            probabilities, whose plain inner product is what ranks them). ids: int64 [N] catalog row ids.
-        index_type: flat (exact), ivf, hnsw or ivfpq. ivf/ivfpq below MIN_TRAIN_ITEMS build flat.
-        nlist, m_hnsw, pq_m, ef_construction: structure parameters (see make_empty_index).
-        nprobe, ef_search: search depth; when None it is tuned so leave-one-out recall@50 of
-            sampled catalog items reaches target_recall + TUNE_MARGIN (see tune_search_depth).
-        use_gpu: "auto"/True train IVF on the GPUs when FAISS sees any; False never.
-    """
-    check_index_type(index_type)
-    x = as_vectors(vectors)
-    ids = as_ids(ids, len(x))
-    if unit_norm:
-        warn_if_not_normalised(x)
-    if index_type in ("ivf", "ivfpq") and len(x) < MIN_TRAIN_ITEMS:
-        logger.warning("Only %d vectors: building a flat index instead of %s", len(x), index_type)
-        index_type = "flat"
-    index = make_empty_index(index_type, x.shape[1], len(x), nlist=nlist, m_hnsw=m_hnsw,
-                             pq_m=pq_m, ef_construction=ef_construction)
-    index = fill_index(index, x, ids, gpu=index_type in GPU_TYPES and want_gpu(use_gpu))
-    depth = nprobe if index_type in ("ivf", "ivfpq") else ef_search
-    if depth is not None:
-        set_search_depth(index, depth)
-    elif index_type != "flat":
-        tune_search_depth(index, x, ids, target=min(1.0, target_recall + TUNE_MARGIN))
     return index
 
 
@@ -205,75 +169,6 @@ def set_search_depth(index: faiss.Index, depth: int) -> None:
         inner.hnsw.efSearch = int(depth)
 
 
-def depth_candidates(index: faiss.Index, k: int) -> list[int]:
-    """Return increasing nprobe (steps of about 1.5x up to nlist) or efSearch (>= k) values to try."""
-    inner = inner_index(index)
-    if isinstance(inner, faiss.IndexIVF):
-        steps = sorted({int(b * 2 ** i) for i in range(32) for b in (1, 1.5)})  # 1, 2, 3, 4, 6, 8, 12, ...
-        return [p for p in steps if p < inner.nlist] + [int(inner.nlist)]
-    return [ef for ef in EF_CANDIDATES if ef >= k] or [k]
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Return the mean share of each row of truth ids that appears in the same row of found."""
-    hits = [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum())
-            for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else 1.0
-
-
-def recall_by_score(found: np.ndarray, queries: np.ndarray, x: np.ndarray, ids: np.ndarray,
-                    kth: np.ndarray) -> float:
-    """Tie-aware recall@k: the share of found ids whose exact score reaches the k-th exact score.
-
-    Counting ids instead would call a correct answer wrong whenever many items tie with the k-th
-    one, as in group views of a few labels (probability vectors repeat): there the tuner saw
-    recall 0.00-0.05 at every depth and stopped at nprobe 1-3."""
-    order = np.argsort(ids)
-    pos = order[np.searchsorted(ids, found.clip(min=0), sorter=order)]
-    exact = np.einsum("qd,qkd->qk", queries, x[pos])
-    tol = 1e-5 * np.maximum(1.0, np.abs(kth))
-    hits = (found >= 0) & (exact >= (kth - tol)[:, None])
-    return float(hits.sum(1).clip(max=found.shape[1]).mean() / found.shape[1])
-
-
-def drop_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """Return the first k ids of each row of found other than that row's own id."""
-    return np.stack([row[row != me][:k] for row, me in zip(found, own)])
-
-
-def tune_search_depth(index: faiss.Index, x: np.ndarray, ids: np.ndarray, *, k=TUNE_K,
-                      target=TARGET_RECALL, n_queries=TUNE_QUERIES, seed=0) -> int | None:
-    """Raise nprobe/efSearch until leave-one-out recall@k of sampled catalog items reaches target.
-
-    Each sampled item queries the index and its own id is dropped from both the exact and the
-    approximate answers, so the trivial self-match does not flatter the estimate.
-    """
-    k = min(k, len(x) - 1)
-    if k < 1:
-        return None
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(len(x), min(n_queries, len(x)), replace=False)
-    queries, own = x[sample], ids[sample]
-    truth_scores, truth_pos = faiss.knn(queries, x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    kth = np.stack([s[p != i][k - 1] for s, p, i in zip(truth_scores, truth_pos, sample)])
-    recall, depth = -1.0, None
-    for candidate in depth_candidates(index, k):
-        set_search_depth(index, candidate)
-        found = drop_self(index.search(queries, k + 1)[1], own, k)
-        gained = recall_by_score(found, queries, x, ids, kth) - recall
-        if gained < PLATEAU_GAIN and recall >= PLATEAU_FROM:  # deeper search stopped paying (PQ error caps
-            # recall); below PLATEAU_FROM a flat step is no plateau (few distinct vectors: keep going)
-            set_search_depth(index, depth)
-            break
-        recall, depth = recall + gained, candidate
-        if recall >= target:
-            break
-    log = logger.info if recall >= target else logger.warning
-    log("%s search depth %s gives leave-one-out recall@%d %.3f on %d sampled items (target %.2f)",
-        index_kind(index), depth, k, recall, len(queries), target)
-    return depth
-
-
 def rebuild_hnsw(index: faiss.Index, keep_ids: np.ndarray) -> faiss.Index:
     """Return a fresh IDMap2(HNSW) holding only keep_ids, with the same M and ef settings."""
     inner = inner_index(index)
@@ -296,3 +191,28 @@ def to_gpu(index: faiss.Index) -> faiss.Index | None:
     except (RuntimeError, AttributeError) as err:
         logger.warning("Could not copy the index to the GPU, searching on the CPU: %s", err)
         return None
+
+
+def check_views(views: Mapping[str, faiss.Index]) -> None:
+    """Raise a ValueError unless there is a "shared" view, every name is shared or group-<name> and every
+    group view is an exact index addressed by row position (indexer.build.build_group_view)."""
+    if "shared" not in views:
+        raise ValueError(f"An index needs a 'shared' view; got: {', '.join(views) or 'none'}")
+    bad = [name for name in views if not VIEW_NAME.match(name)]
+    if bad:
+        raise ValueError(f"Bad view name(s) {bad}; use 'shared' or 'group-<name>' ([A-Za-z0-9_.-])")
+    by_id = [name for name, index in views.items()
+             if name != "shared" and not isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes)]
+    if by_id:
+        raise ValueError(f"Group view(s) {by_id} must be exact position-addressed indexes (build_group_view)")
+
+
+def group_codec(views: Mapping[str, faiss.Index]) -> str | None:
+    """Return "fp16", "8bit" or "float32" as the group views store their values (None without group views)."""
+    for name, index in views.items():
+        inner = faiss.downcast_index(index)
+        if name != "shared":
+            if isinstance(inner, faiss.IndexScalarQuantizer):
+                return "fp16" if inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16 else "8bit"
+            return "float32"
+    return None

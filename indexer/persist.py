@@ -18,8 +18,11 @@ from indexer.stale import writer_gone, writer_tag
 logger = logging.getLogger(__name__)
 
 SIDECAR = "sidecar.json"
-SIDECAR_FIELDS = ("fingerprint", "type", "dimension", "count", "metric", "created", "views",
-                  "ids", "paths", "titles", "labels")
+FORMAT = 2  # 1: ids, paths, titles and labels in sidecar.json; 2: in items-*.npy, group views compact
+SIDECAR_FIELDS = ("format", "fingerprint", "type", "dimension", "count", "metric", "created", "views",
+                  "group_codec", "labels")
+
+
 def temporary_dir(target: Path) -> Path:
     """A new private directory beside target, named ``.NAME.tmp-HOST-PID-RANDOM``."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{writer_tag()}-", dir=target.parent))
@@ -73,6 +76,10 @@ def read_sidecar(directory: Path) -> dict:
         sidecar = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"Corrupt index sidecar {path}: {err}") from err
+    if isinstance(sidecar, dict) and sidecar.get("format", 1) != FORMAT and "ids" in sidecar:
+        raise IndexMismatch(f"{path} is an index of format {sidecar.get('format', 1)}, this version reads "
+                            f"format {FORMAT}; rebuild it (retrieval index build, or scripts/rebuild_index.sh)",
+                            "format")
     missing = [f for f in SIDECAR_FIELDS if not isinstance(sidecar, dict) or f not in sidecar]
     if missing:
         raise ValueError(f"Corrupt index sidecar {path}: missing field(s) {', '.join(missing)}")
@@ -80,7 +87,7 @@ def read_sidecar(directory: Path) -> dict:
 
 
 class IndexMismatch(ValueError):
-    """An index built for other embeddings (``field``: fingerprint or dimension)."""
+    """An index built for other embeddings or by another version (``field``: fingerprint, dimension, format)."""
 
     def __init__(self, message: str, field: str):
         super().__init__(message)
@@ -94,12 +101,13 @@ def check_expected(sidecar: dict, field: str, expected, path: Path) -> None:
                          f"expected {field}={expected!r}; rebuild the index for these embeddings", field)
 
 
-def read_view(path: Path, dimension: int) -> faiss.Index:
-    """Read one <view>.faiss file, checking it exists, parses and has the sidecar's dimension."""
+def read_view(path: Path, dimension: int, mmap: bool = False) -> faiss.Index:
+    """Read one <view>.faiss file, checking it exists, parses and has the sidecar's dimension; with
+    mmap, flat and scalar-quantized codes stay in the file's pages (read-only: for servers)."""
     if not path.is_file():
         raise FileNotFoundError(f"Index view file not found: {path}")
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as err:
         raise ValueError(f"Corrupt index file {path}: {err}") from err
     if index.d != dimension:

@@ -7,6 +7,9 @@ with the ratio to the previous size: about 2x per doubling when adding is linear
 
     python scripts/bench_index.py --sizes 100000 1000000 --dim 512 --queries 1000 --k 50
     python scripts/bench_index.py --sizes --add-sizes 5000 10000 20000   # index add only
+
+The whole index directory (shared + 24 group views + item arrays) through `retrieval index build` and
+`retrieval serve` at corpus size: scripts/bench_corpus.py.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from indexer.index import build_index, recall_at_k, search_depth  # noqa: E402
+from indexer import build_index, search_depth  # noqa: E402
+from indexer.tuning import recall_at_k  # noqa: E402
 
 logger = logging.getLogger("bench_index")
 

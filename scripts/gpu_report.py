@@ -130,7 +130,7 @@ def ivf_rows(s: SimpleNamespace) -> list[tuple]:
     """IVF build time (train, add, tune search depth) at corpus size."""
     import faiss
 
-    from indexer.index import build_index
+    from indexer import build_index
 
     rng = np.random.default_rng(0)
     x = sample_mixture(make_mixture(1000, s.dim, 64, rng), s.ivf_size, rng)

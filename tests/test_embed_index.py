@@ -217,11 +217,11 @@ def test_index_add_reads_the_index_ids_once(embeddings, tmp_path, monkeypatch):
 
     def counting_load(cls, *args, **kwargs):
         store = load(cls, *args, **kwargs)
-        store.ids = store.ids.view(CountingIds)
+        store.items.ids = store.items.ids.view(CountingIds)
         return store
 
     monkeypatch.setattr(IndexStore, "load", classmethod(counting_load))
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
-    assert CountingIds.calls <= 2  # the sidecar written once, not once per row (60)
+    assert CountingIds.calls <= 2  # the ids gathered at most twice, not once per row (60)
     monkeypatch.undo()
     assert sorted(IndexStore.load(index).ids.tolist()) == list(range(60))

@@ -7,11 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from indexer import IndexStore, build_index, build_store_from_embeddings, index_kind
+from indexer import IndexStore, VectorSource, build_group_view, build_index, build_store_from_embeddings, index_kind
 from retrieval.data.embfile import read_embeddings
 from indexer import store as store_module
-from indexer.filters import build_label_index, qualifying_ids
-from indexer.index import recall_at_k
+from indexer.filters import qualifying_positions
+from indexer.items import LabelCodes
+from indexer.tuning import recall_at_k
 
 COLORS = ["black", "blue", "red", "white"]
 STYLES = ["casual", "formal", "sport"]
@@ -59,11 +60,15 @@ def catalog():
             "labels": make_labels(n)}
 
 
-def make_store(cat, index_type="flat"):
+def group_view(gx, codec="fp16"):
+    """Return an exact compact group view of gx (rows = positions)."""
+    return build_group_view(VectorSource.from_arrays({"group-color": gx}, np.arange(len(gx))), "group-color", codec)
+
+
+def make_store(cat, index_type="flat", labels=None):
     """Return an IndexStore over the catalog fixture with shared and group-color views."""
-    views = {"shared": build_index(cat["x"], cat["ids"], index_type),
-             "group-color": build_index(cat["gx"], cat["ids"], index_type)}
-    return IndexStore(views, cat["ids"], cat["paths"], cat["titles"], cat["labels"], fingerprint="fp-1")
+    views = {"shared": build_index(cat["x"], cat["ids"], index_type), "group-color": group_view(cat["gx"])}
+    return IndexStore(views, cat["ids"], cat["paths"], cat["titles"], labels or cat["labels"], fingerprint="fp-1")
 
 
 def allowed_ids(cat, filters):
@@ -106,7 +111,7 @@ def test_ivfpq_builds_and_searches():
 
 def test_small_ivf_falls_back_to_flat(caplog):
     x, ids = clustered(100, 16), np.arange(100)
-    with caplog.at_level(logging.WARNING, logger="indexer.index"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build"):
         index = build_index(x, ids, "ivf")
     assert index_kind(index) == "flat"
     assert "flat" in caplog.text
@@ -139,16 +144,33 @@ def test_save_load_round_trip(tmp_path, catalog, index_type):
 
 
 def test_sidecar_follows_formats_md(tmp_path, catalog):
+    from indexer.items import ITEM_ARRAYS
+
     make_store(catalog).save(tmp_path / "index")
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
-        "group-color.faiss", "shared.faiss", "sidecar.json"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
+        ["group-color.faiss", "shared.faiss", "sidecar.json", *(f"items-{name}.npy" for name in ITEM_ARRAYS)])
     side = json.loads((tmp_path / "index" / "sidecar.json").read_text())
-    assert {"fingerprint", "type", "dimension", "count", "metric", "created", "views", "ids", "paths",
-            "titles", "labels"} <= set(side)
-    assert side["metric"] == "inner_product" and side["type"] == "flat"
+    assert {"format", "fingerprint", "type", "dimension", "count", "metric", "created", "views", "group_codec",
+            "labels"} == set(side)
+    assert side["format"] == 2 and side["metric"] == "inner_product" and side["type"] == "flat"
     assert side["dimension"] == 16 and side["views"] == {"shared": 16, "group-color": 8}
-    assert side["count"] == 400 and side["ids"] == catalog["ids"].tolist()
-    assert side["labels"]["style"] == catalog["labels"]["style"]
+    assert side["count"] == 400 and side["group_codec"] == "fp16"
+    assert side["labels"] == {"color": COLORS, "style": STYLES}
+    assert np.load(tmp_path / "index" / "items-ids.npy").tolist() == catalog["ids"].tolist()
+    loaded = IndexStore.load(tmp_path / "index")
+    assert loaded.paths == catalog["paths"] and loaded.labels == catalog["labels"]
+
+
+def test_an_index_of_the_old_format_asks_for_a_rebuild(tmp_path, catalog):
+    from indexer import IndexMismatch
+
+    make_store(catalog).save(tmp_path / "index")
+    old = {"fingerprint": "fp-1", "type": "flat", "dimension": 16, "count": 400, "metric": "inner_product",
+           "created": "2024-01-01", "views": {"shared": 16}, "ids": [], "paths": [], "titles": [], "labels": {}}
+    (tmp_path / "index" / "sidecar.json").write_text(json.dumps(old))
+    with pytest.raises(IndexMismatch, match="index of format 1.*reads format 2; rebuild it") as err:
+        IndexStore.load(tmp_path / "index")
+    assert err.value.field == "format"
 
 
 @pytest.mark.parametrize("field, kwargs, values", [
@@ -289,11 +311,11 @@ def test_filtered_approximate_keeps_recall(index_type, exact_max):
 
 
 def test_filter_matching_three_items_pads(catalog):
-    store = make_store(catalog)
     few = catalog["ids"][[10, 20, 30]]
+    labels = {g: list(per_item) for g, per_item in catalog["labels"].items()}
     for pos in (10, 20, 30):
-        store.labels["color"][pos] = ["gold"]
-    store._reset_caches()
+        labels["color"][pos] = ["gold"]
+    store = make_store(catalog, labels=labels)
     scores, found = store.search(clustered(4, 16, seed=2), 10, filters={"color": ["gold"]})
     assert found.shape == (4, 10) and scores.dtype == np.float32 and found.dtype == np.int64
     assert all(set(row[:3]) == set(few) for row in found)
@@ -312,12 +334,12 @@ def test_unknown_group_or_label_lists_valid_ones(catalog):
 
 
 def test_label_index_and_or_semantics():
-    ids = np.array([10, 11, 12, 13])
     labels = {"color": [["red"], ["blue"], ["red", "blue"], []], "style": [["a"], ["a"], ["b"], ["a"]]}
-    table = build_label_index(ids, labels)
-    assert qualifying_ids({"color": ["red", "blue"]}, table).tolist() == [10, 11, 12]
-    assert qualifying_ids({"color": ["red", "blue"], "style": ["a"]}, table).tolist() == [10, 11]
-    assert qualifying_ids({}, table) is None
+    table = LabelCodes.from_lists(labels, 4)
+    assert qualifying_positions({"color": ["red", "blue"]}, table).tolist() == [0, 1, 2]
+    assert qualifying_positions({"color": ["red", "blue"], "style": ["a"]}, table).tolist() == [0, 1]
+    assert qualifying_positions({}, table) is None
+    assert [table.labels_at(p) for p in range(4)] == [{g: labels[g][p] for g in labels} for p in range(4)]
 
 
 # ---- embeddings -----------------------------------------------------------------------------
@@ -365,7 +387,7 @@ def test_gpu_search_matches_cpu(tmp_path, catalog, index_type):
                            use_gpu=False)
     queries = clustered(10, 16, seed=4)
     _, gpu_ids = gpu_store.search(queries, 10)
-    assert gpu_store._gpu["shared"] is not None
+    assert gpu_store._gpu  # the shared view's GPU copy
     assert recall_at_k(gpu_ids, cpu_store.search(queries, 10)[1]) >= 0.95
     for a, b in zip(gpu_store.search(queries, 10, filters={"color": ["red"]}),
                     cpu_store.search(queries, 10, filters={"color": ["red"]})):
@@ -374,20 +396,76 @@ def test_gpu_search_matches_cpu(tmp_path, catalog, index_type):
     assert index_kind(faiss.read_index(str(tmp_path / "index" / "shared.faiss"))) == index_type
 
 
-def test_tuning_reaches_the_target_on_a_group_view_full_of_ties():
-    # a group view of 3 labels: most items share one of a few probability vectors, so thousands tie
-    # with the k-th neighbour; recall by ids stayed near 0 at every depth and tuning stopped at nprobe 1-3
-    from indexer.index import build_index, search_depth
+def test_tuning_reaches_the_target_on_vectors_full_of_ties():
+    # a view of 3 label probabilities: most items share one of a few vectors, so thousands tie with the
+    # k-th neighbour; recall by ids stayed near 0 at every depth and tuning stopped at nprobe 1-3
+    from indexer.index import search_depth
+    from indexer.tuning import exact_answers, recall_of
 
     rng = np.random.default_rng(0)
     profiles = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9], [0.5, 0.5, 0.0]], np.float32)
     x = profiles[rng.integers(0, 4, 6000)]
     x[:300] += rng.uniform(0, 0.02, (300, 3)).astype(np.float32)
-    index = build_index(x, np.arange(len(x)) * 3 + 7, "ivf", unit_norm=False, use_gpu=False)
-    from indexer.index import recall_by_score
-
-    queries = x[:200]
-    found = index.search(queries, 50)[1]
-    exact = np.sort(queries @ x.T, axis=1)[:, ::-1][:, 49]
-    assert recall_by_score(found, queries, x, np.arange(len(x)) * 3 + 7, exact) >= 0.95
+    ids = np.arange(len(x)) * 3 + 7
+    index = build_index(x, ids, "ivf", use_gpu=False)
+    source = VectorSource.from_arrays({"shared": x}, ids)
+    source.block_rows = 1000  # the exact answers are gathered over several blocks
+    sample = np.arange(200)
+    good = exact_answers(source, "shared", sample, 50)
+    exact = np.sort(x[:200] @ x.T, axis=1)[:, ::-1][:, 50]  # the 51st: each row's own item is left out
+    assert all(np.all(x[(a - 7) // 3] @ x[q] >= exact[q] - 1e-4) for q, a in enumerate(good))
+    found = np.stack([row[row != own][:50] for row, own in zip(index.search(x[:200], 51)[1], ids[:200])])
+    assert recall_of(found, good, 50) >= 0.95
     assert search_depth(index) is not None
+
+
+@pytest.mark.parametrize("codec", ["fp16", "8bit"])
+@pytest.mark.parametrize("dim", [8, 5])
+def test_group_views_are_exact_over_their_compact_codes(catalog, codec, dim):
+    gx = np.random.default_rng(3).dirichlet(np.ones(dim), 400).astype(np.float32)  # probabilities
+    view = group_view(gx, codec)
+    assert index_kind(view) == "other" and view.ntotal == 400 and view.d == 8  # zero-padded to 8 values
+    padded = np.pad(gx, ((0, 0), (0, 8 - dim)))
+    scores, found = view.search(padded[:20], 10)
+    codes = view.reconstruct_n(0, 400)
+    _, truth = brute_force(codes, np.arange(400), padded[:20], 10)
+    np.testing.assert_array_equal(found, truth)  # exact over the stored codes
+    np.testing.assert_allclose(codes, padded, atol=2e-3 if codec == "8bit" else 1e-3)
+    store = IndexStore({"shared": build_index(catalog["x"], catalog["ids"]), "group-color": view},
+                       catalog["ids"], catalog["paths"], labels=catalog["labels"])
+    _, by_id = store.search(gx[:20], 10, view="group-color")  # the store pads queries like the codes
+    np.testing.assert_array_equal(by_id, catalog["ids"][found])  # positions answered as catalog ids
+    np.testing.assert_allclose(store.vector(int(catalog["ids"][7]), "group-color")[0], codes[7])
+    store.add({"shared": catalog["x"][:1], "group-color": gx[:1]}, [1], ["new.jpg"])
+    np.testing.assert_allclose(store.vector(1, "group-color")[0], codes[0])  # added (padded) after the others
+    with pytest.raises(ValueError, match="dimension 9, the index expects 8"):
+        store.search(np.ones((1, 9), np.float32), 2, view="group-color")
+
+
+def test_group_views_must_be_position_addressed(catalog):
+    with pytest.raises(ValueError, match="group-color.*position-addressed"):
+        IndexStore({"shared": build_index(catalog["x"], catalog["ids"]),
+                    "group-color": build_index(catalog["gx"], catalog["ids"])}, catalog["ids"], catalog["paths"])
+
+
+def test_mmap_load_searches_like_a_full_load(tmp_path, catalog):
+    store = make_store(catalog)
+    store.save(tmp_path / "index")
+    mapped = IndexStore.load(tmp_path / "index", mmap=True)
+    assert isinstance(mapped.items.labels.codes.base, np.memmap)
+    queries = clustered(5, 16, seed=4)
+    for view, q in (("shared", queries), ("group-color", catalog["gx"][:5])):
+        for a, b in zip(store.search(q, 10, {"color": ["red"]}, view), mapped.search(q, 10, {"color": ["red"]}, view)):
+            np.testing.assert_array_equal(a, b)
+    assert mapped.items.has_path("img/8.jpg") and not mapped.items.has_path("img/9.jpg")
+
+
+def test_added_labels_extend_the_vocabulary_and_keep_the_old_codes(catalog):
+    store = make_store(catalog)
+    store.add({"shared": clustered(2, 16, seed=11), "group-color": clustered(2, 8, seed=12)}, [1, 2],
+              ["n/1.jpg", "n/2.jpg"], labels={"color": [["amber"], ["red"]], "style": [["sport"], []]})
+    assert store.vocabulary()["color"] == ["amber", *COLORS]
+    assert store.labels == {g: catalog["labels"][g] + new for g, new in
+                            (("color", [["amber"], ["red"]]), ("style", [["sport"], []]))}
+    assert set(store.search(catalog["x"][:1], 500, {"color": ["amber", "red"]})[1][0]) - {-1} == \
+        set(catalog["ids"][[p for p, c in enumerate(catalog["labels"]["color"]) if c == ["red"]]]) | {1, 2}

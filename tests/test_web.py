@@ -319,3 +319,22 @@ def test_serve_prints_its_address(web_data, tmp_path, monkeypatch, capsys):
     assert made[0][4].channel_timeout == 7 and made[0][4].connection_limit == web.serve.ServerLimits().connection_limit
     with pytest.raises(ValueError, match="--backlog must be at least 1"):
         web.serve.main(["--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]), "--backlog", "0"])
+
+
+@pytest.mark.parametrize("filters", [{}, {"gender": ["women"]}, {"category": ["dress", "t-shirt"], "gender": ["men"]},
+                                     {"colours": ["red, white"], "pattern": ["plain"]}])
+def test_facet_links_equal_one_link_per_toggled_label(app, filters):
+    from functools import partial
+
+    from flask import url_for
+
+    from web import params
+    from web.views import link_to
+
+    labels = ["women", "men", "dress", "plain", "red, white", "a&b"]
+    with app.test_request_context():
+        for endpoint, route, extra in (("views.browse", {}, {"q": "blue top"}), ("views.product", {"item_id": 3}, {})):
+            link = partial(link_to, endpoint, route, **extra)
+            for group in ("gender", "category", "colours", "new"):
+                expected = [link(params.toggled(filters, group, label)) for label in labels]
+                assert params.toggle_links(url_for(endpoint, **route), filters, group, labels, **extra) == expected

@@ -27,8 +27,10 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 def fake_store(titles: list[str], labels: dict[str, list[list[str]]]):
     """An object with the attributes Facets reads from an IndexStore."""
-    return SimpleNamespace(ids=np.arange(len(titles)), titles=titles, paths=list(map(str, range(len(titles)))),
-                           labels=labels)
+    from indexer.items import Items
+
+    return SimpleNamespace(items=Items.from_lists(np.arange(len(titles)), list(map(str, range(len(titles)))),
+                                                  titles, labels))
 
 
 # ---- item 2: the title filter is capped and linear in the catalogue ------------------------------
@@ -53,7 +55,7 @@ def test_title_matching_equals_the_per_title_substring_scan(titles, query):
     """Each query word must be a case-insensitive substring of the title, as before the word index."""
     words = query.casefold().split()
     expected = [all(w in title.casefold() for w in words) for title in titles]
-    assert Facets(fake_store(titles, {})).text_mask(query).tolist() == expected
+    assert Facets(fake_store(titles, {})).titles.mask(query).tolist() == expected
 
 
 LABELS = st.lists(st.sampled_from("abcd"), max_size=2, unique=True)

@@ -6,7 +6,6 @@ import logging
 from flask import Blueprint, abort, jsonify, request
 
 from web import params
-from web.facets import item_at
 from web.resources import get_model, get_snapshot, resources
 from web.search import lookup, read_query, search_query, similar_to_item, with_urls
 
@@ -31,7 +30,7 @@ def items():
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
     positions = snapshot.facets.select(filters, params.parse_text(request.args))
     start, stop, pages = params.page_bounds(len(positions), page, per_page)
-    found = [with_urls(item_at(snapshot.store, int(p))) for p in positions[start:stop]]
+    found = [with_urls(snapshot.store.items.item(int(p))) for p in positions[start:stop]]
     return jsonify(items=found, page=page, per_page=per_page, total=len(positions), pages=pages)
 
 

@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache
 
 import numpy as np
 
+from indexer.items import csr_gather, csr_offsets
+
 logger = logging.getLogger(__name__)
 
-
-def csr_gather(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Return the concatenated values of the given rows of a CSR table (offsets has one entry per row + 1)."""
-    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
-    if not lengths.sum():
-        return values[:0]
-    shift = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-    return values[shift + np.arange(lengths.sum())]
+TEXT_MASKS = 8  # title-query masks kept (N bytes each)
 
 
 class TitleWords:
@@ -31,8 +27,11 @@ class TitleWords:
         self.vocab = sorted(set().union(*per_title))
         word_id = {word: i for i, word in enumerate(self.vocab)}
         self.n_titles = len(titles)
-        self.word_of = np.fromiter((word_id[w] for words in per_title for w in words), dtype=np.int64)
-        self.title_of = np.repeat(np.arange(len(titles)), [len(words) for words in per_title])
+        word_of = np.fromiter((word_id[w] for words in per_title for w in words), dtype=np.int64)
+        title_of = np.repeat(np.arange(len(titles), dtype=np.int32), [len(words) for words in per_title])
+        order = np.argsort(word_of, kind="stable")  # word -> the titles holding it (CSR)
+        self.titles_of_word = title_of[order]
+        self.offsets = csr_offsets(np.bincount(word_of, minlength=len(self.vocab)))
         self.blob = "\n".join(self.vocab)  # words hold no whitespace, so a match never spans two
         self.starts = np.cumsum([0] + [len(w) + 1 for w in self.vocab[:-1]]) if self.vocab else np.zeros(0, int)
 
@@ -48,66 +47,45 @@ class TitleWords:
         mask = np.ones(self.n_titles, dtype=bool)
         for word in set(text.casefold().split()):
             found = np.zeros(self.n_titles, dtype=bool)
-            found[self.title_of[self.words_containing(word)[self.word_of]]] = True
+            found[csr_gather(self.offsets, self.titles_of_word, np.flatnonzero(self.words_containing(word)))] = True
             mask &= found
         return mask
 
 
-class GroupCodes:
-    """The label codes of one group, item by item (a CSR table: several labels per item are allowed)."""
-
-    def __init__(self, per_item: list[list[str]]):
-        self.vocab = sorted({label for item in per_item for label in item})
-        self.code_of = {label: code for code, label in enumerate(self.vocab)}
-        self.codes = np.array([self.code_of[lab] for item in per_item for lab in item], dtype=np.int64)
-        self.owners = np.repeat(np.arange(len(per_item)), [len(item) for item in per_item])
-        self.offsets = np.concatenate([[0], np.cumsum([len(item) for item in per_item])]).astype(np.int64)
-
-    def mask(self, wanted: list[str], n: int) -> np.ndarray:
-        """Return a bool mask of the n items carrying any of the wanted labels."""
-        chosen = np.zeros(len(self.vocab), dtype=bool)
-        chosen[[self.code_of[label] for label in wanted]] = True
-        mask = np.zeros(n, dtype=bool)
-        mask[self.owners[chosen[self.codes]]] = True
-        return mask
-
-    def tally(self, positions: np.ndarray) -> np.ndarray:
-        """Return the number of items among positions that carry each label (bincount over their codes)."""
-        return np.bincount(csr_gather(self.offsets, self.codes, positions), minlength=len(self.vocab))
-
-    def rows(self, tally: np.ndarray, selected: list[str]) -> list[dict]:
-        """Return the facet entries, most frequent first then by label; empty ones only when selected."""
-        keep = tally > 0
-        keep[[self.code_of[label] for label in selected]] = True
-        codes = np.flatnonzero(keep)
-        codes = codes[np.lexsort((codes, -tally[codes]))]  # codes follow the sorted labels
-        return [{"label": self.vocab[c], "count": int(tally[c]), "selected": self.vocab[c] in selected}
-                for c in codes]
-
-
 class Facets:
-    """Per-group label codes and title words of every indexed item, for filtering and counting without FAISS."""
+    """Label codes and title words of every indexed item, for filtering and counting without FAISS.
+
+    Labels come from the index's precomputed codes (``indexer.items.LabelCodes``): a label filter marks
+    the items listed for that label, and the counts of every group come from one bincount over the
+    selected items' codes (plus one per group that has a filter of its own, whose counts ignore it)."""
 
     def __init__(self, store):
-        self.ids = np.asarray(store.ids, dtype=np.int64)
-        self.groups = list(store.labels)
-        self.by_group = {group: GroupCodes(per_item) for group, per_item in store.labels.items()}
-        self.vocab = {group: codes.vocab for group, codes in self.by_group.items()}
-        self.titles = TitleWords(store.titles)
-        self.paths = frozenset(store.paths)
+        self.items = store.items
+        self.labels = store.items.labels
+        self.vocab = self.labels.vocab
+        self.titles = TitleWords(store.items.titles.tolist())
+        self.totals = np.diff(self.labels.posting_offsets)  # items per label code, before any filter
+        self._text_mask = lru_cache(maxsize=TEXT_MASKS)(self._read_only_mask)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.items)
+
+    def _read_only_mask(self, text: str) -> np.ndarray:
+        mask = self.titles.mask(text)
+        mask.flags.writeable = False  # shared between requests
+        return mask
 
     def group_mask(self, group: str, wanted: list[str]) -> np.ndarray:
         """Return a bool mask of the items carrying any of the wanted labels (all items when none)."""
-        if not wanted:
-            return np.ones(len(self), dtype=bool)
-        return self.by_group[group].mask(wanted, len(self))
+        mask = np.zeros(len(self), dtype=bool) if wanted else np.ones(len(self), dtype=bool)
+        for label in wanted:
+            mask[self.labels.items_with(self.labels.code(group, label))] = True
+        return mask
 
-    def text_mask(self, text: str) -> np.ndarray:
-        """Return a bool mask of the items whose title contains every word of text (case-insensitive)."""
-        return self.titles.mask(text)
+    def text_mask(self, text: str) -> np.ndarray | None:
+        """Return a bool mask of the items whose title contains every word of text (None: no text);
+        the latest few are kept, since a page asks for the same one to select and to count (read-only)."""
+        return self._text_mask(" ".join(sorted(set(text.casefold().split())))) if text.split() else None
 
     def masks(self, filters: dict[str, list[str]]) -> dict[str, np.ndarray]:
         """Return {group: mask} for the groups that have a constraint."""
@@ -115,36 +93,49 @@ class Facets:
 
     def select(self, filters: dict[str, list[str]], text: str = "") -> np.ndarray:
         """Return the positions passing every filter (OR within a group, AND across) and the text."""
-        mask = self.text_mask(text)
-        for group_mask in self.masks(filters).values():
-            mask &= group_mask
-        return np.flatnonzero(mask)
+        mask = combine([self.text_mask(text), *self.masks(filters).values()])
+        return np.arange(len(self)) if mask is None else np.flatnonzero(mask)
+
+    def tally(self, mask: np.ndarray | None) -> np.ndarray:
+        """Return items per label code among the masked items: one pass over the smaller of the selected
+        and the unselected items' codes (the totals minus the unselected ones' counts)."""
+        if mask is None:
+            return self.totals
+        selected = int(np.count_nonzero(mask))
+        inverse = selected > len(self) // 2
+        rows = np.flatnonzero(~mask if inverse else mask)
+        counts = np.bincount(csr_gather(self.labels.offsets, self.labels.codes, rows), minlength=len(self.totals))
+        return self.totals - counts if inverse else counts
 
     def counts(self, filters: dict[str, list[str]], text: str = "") -> dict[str, list[dict]]:
         """Return {group: [{label, count, selected}]}: items per label given the other groups' filters."""
         base, masks = self.text_mask(text), self.masks(filters)
-        everything = base.copy()
-        for mask in masks.values():
-            everything &= mask
-        selected = np.flatnonzero(everything)  # what every group without a filter of its own counts over
+        everything = self.tally(combine([base, *masks.values()]))  # the groups without a filter of their own
         out = {}
-        for group, codes in self.by_group.items():
-            positions = self._positions_without(group, base, masks) if group in masks else selected
-            out[group] = codes.rows(codes.tally(positions), filters.get(group, []))
+        for group in self.labels.groups:
+            tally = everything
+            if group in masks:
+                tally = self.tally(combine([base, *(m for g, m in masks.items() if g != group)]))
+            out[group] = self.rows(group, tally, filters.get(group, []))
         return out
 
-    @staticmethod
-    def _positions_without(group: str, base: np.ndarray, masks: dict[str, np.ndarray]) -> np.ndarray:
-        """Return the positions passing the text and every filter except the group's own."""
-        mask = base.copy()
-        for other, other_mask in masks.items():
-            if other != group:
-                mask &= other_mask
-        return np.flatnonzero(mask)
+    def rows(self, group: str, tally: np.ndarray, selected: list[str]) -> list[dict]:
+        """Return a group's facet entries, most frequent first then by label; empty ones only when selected."""
+        base, vocab = self.labels.base[group], self.vocab[group]
+        counts = tally[base:base + len(vocab)]
+        keep = counts > 0
+        keep[[self.labels.code(group, label) - base for label in selected]] = True
+        codes = np.flatnonzero(keep)
+        codes = codes[np.lexsort((codes, -counts[codes]))]  # codes follow the sorted labels
+        return [{"label": vocab[c], "count": int(counts[c]), "selected": vocab[c] in selected} for c in codes]
 
 
-def item_at(store, position: int) -> dict:
-    """Return dict(id, path, title, labels) of the item at a position of the store's arrays."""
-    labels = {group: list(per_item[position]) for group, per_item in store.labels.items()}
-    return {"id": int(store.ids[position]), "path": store.paths[position], "title": store.titles[position],
-            "labels": labels}
+def combine(masks: list[np.ndarray | None]) -> np.ndarray | None:
+    """Return the AND of the masks that are not None (None when all are)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0].copy()
+    for mask in present[1:]:
+        out &= mask
+    return out

@@ -58,7 +58,7 @@ def cached_thumbnail(image: Path, cache_dir: Path, size: int) -> Path | None:
 
 def image_file(relative: str) -> Path:
     """Return the catalog file of an indexed image path, 404 for anything else."""
-    if relative not in get_snapshot().facets.paths:
+    if not get_snapshot().store.items.has_path(relative):
         abort(404, f"No indexed image {relative!r}")
     path = catalog_dir() / relative
     if not path.is_file():
@@ -69,7 +69,7 @@ def image_file(relative: str) -> Path:
 @bp.get("/images/<path:filename>")
 def image(filename: str):
     """Serve a catalog image (only paths of indexed items; traversal gives 404)."""
-    if filename not in get_snapshot().facets.paths:
+    if not get_snapshot().store.items.has_path(filename):
         abort(404, f"No indexed image {filename!r}")
     return send_from_directory(catalog_dir(), filename, max_age=CACHE_SECONDS)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 from flask import abort
 from werkzeug.datastructures import MultiDict
@@ -92,6 +92,23 @@ def query_string(filters: dict[str, list[str]], **extra) -> str:
     """Return "?..." for filters plus extra parameters (None values left out)."""
     pairs = filter_params(filters) + [(k, str(v)) for k, v in extra.items() if v not in (None, "")]
     return "?" + urlencode(pairs) if pairs else ""
+
+
+def toggle_links(prefix: str, filters: dict[str, list[str]], group: str, labels: list[str], **extra) -> list[str]:
+    """Return prefix + query_string(toggled(filters, group, label), **extra) for every label, encoding the
+    other groups and extra once per group instead of once per label (a facet sidebar links every label)."""
+    keys = list(filters) if group in filters else [*filters, group]  # toggled() appends a new group
+    at = keys.index(group)
+    before = urlencode(filter_params({g: filters[g] for g in keys[:at]}))
+    after = urlencode(filter_params({g: filters[g] for g in keys[at + 1:]}) +
+                      [(k, str(v)) for k, v in extra.items() if v not in (None, "")])
+    current, key = filters.get(group, []), quote_plus(group) + "="
+    links = []
+    for label in labels:
+        own = [x for x in current if x != label] if label in current else [*current, label]
+        query = "&".join(part for part in (before, key + quote_plus(",".join(own)) if own else "", after) if part)
+        links.append(prefix + ("?" + query if query else ""))
+    return links
 
 
 def toggled(filters: dict[str, list[str]], group: str, label: str) -> dict[str, list[str]]:

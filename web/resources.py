@@ -92,9 +92,10 @@ class IndexHolder:
 
         for _ in range(LOAD_ATTEMPTS):
             before = stat_key(self.directory)
-            store = IndexStore.load(self.directory, expect_fingerprint=self.fingerprint)
+            # memory-mapped: the item arrays and exact views live in the page cache, so a reload does
+            # not need a second private copy of them beside the snapshot still serving
+            store = IndexStore.load(self.directory, expect_fingerprint=self.fingerprint, mmap=True)
             if stat_key(self.directory) == before:
-                store.vocabulary()  # build the lazy label table now, not inside concurrent requests
                 return Snapshot(store, Facets(store), before)
         raise OSError(f"{self.directory} kept changing while being read; try again")
 
@@ -146,10 +147,14 @@ class Resources:
             return self._index
 
     def warm_up(self) -> Snapshot:
-        """Load the catalog, model and index now so that configuration errors show at startup."""
-        from retrieval.data.catalog import read_catalog
+        """Check the catalog, load the model and index now so that configuration errors show at startup.
 
-        read_catalog(self.catalog_dir, check_files=False)
+        The catalog's labels.csv is not parsed: the index holds every item's path, title and labels, and
+        images are looked up by path (a missing file is a 404 of that image)."""
+        labels_csv = self.catalog_dir / "labels.csv" if self.catalog_dir else None
+        if labels_csv is None or not labels_csv.is_file():
+            raise FileNotFoundError(f"Catalog not found: {labels_csv or 'no --catalog'} (labels.csv of the "
+                                    "catalog the index was built from)")
         if self.model.checkpoint:
             self.model.get()
         from indexer import IndexMismatch

@@ -30,11 +30,6 @@ class Query:
     name: str = ""
 
 
-def item_vector(store, item_id: int, view: str) -> np.ndarray:
-    """Return the stored vector of an indexed item in one view (reconstructed by FAISS, no model)."""
-    return np.asarray(store.views[view].reconstruct(int(item_id)), dtype=np.float32)[None, :]
-
-
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
     """Return {group: labels an item shares with the query}."""
     return {g: [x for x in labels.get(g, []) if x in query_labels.get(g, [])] for g in labels}
@@ -43,21 +38,18 @@ def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str
 def ranked_results(store, scores: np.ndarray, ids: np.ndarray, k: int, query_labels: dict,
                    exclude: int | None = None) -> list[dict]:
     """Return result dicts (item + score + shared labels) best first, without empty slots or exclude."""
-    results = []
-    for score, item_id in zip(scores[0], ids[0]):
-        if item_id < 0 or item_id == exclude:
-            continue
-        item = store.item(int(item_id))
+    keep = (ids[0] >= 0) & (ids[0] != (-1 if exclude is None else exclude))
+    results = store.items_by_id(ids[0][keep][:k])
+    for item, score in zip(results, scores[0][keep]):
         item["score"] = round(float(score), 4)
         item["shared"] = shared_labels(item["labels"], query_labels)
-        results.append(item)
-    return results[:k]
+    return results
 
 
 def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tuple[dict, list[dict]]:
     """Return (item, its k most similar other items) in a view, filtered (KeyError for unknown ids)."""
     item = store.item(item_id)
-    scores, ids = store.search(item_vector(store, item_id, view), k + 1, filters or None, view)
+    scores, ids = store.search(store.vector(item_id, view), k + 1, filters or None, view)
     return item, ranked_results(store, scores, ids, k, item["labels"], exclude=item_id)
 
 

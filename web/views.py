@@ -7,7 +7,6 @@ from functools import partial
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
 
 from web import params
-from web.facets import item_at
 from web.resources import get_model, get_snapshot, resources
 from web.search import lookup, read_query, search_query, similar_to_item, with_urls
 
@@ -27,9 +26,16 @@ def view_choices(views) -> list[tuple[str, str]]:
             for v in views]
 
 
-def page_context(snapshot, filters: dict, text: str, link) -> dict:
-    """Return the template variables every page with a facet sidebar needs."""
+def page_context(snapshot, filters: dict, text: str, link: partial) -> dict:
+    """Return the template variables every page with a facet sidebar needs; each facet row gets the
+    href that toggles its label (link: partial(link_to, endpoint, route, **extra))."""
     counts = snapshot.facets.counts(filters, text)
+    endpoint, route = link.args
+    prefix = url_for(endpoint, **route)
+    for group, rows in counts.items():
+        hrefs = params.toggle_links(prefix, filters, group, [row["label"] for row in rows], **link.keywords)
+        for row, href in zip(rows, hrefs):
+            row["href"] = href
     return {"facets": counts, "filters": filters, "q": text, "link": link,
             "toggle": partial(params.toggled, filters)}
 
@@ -55,7 +61,7 @@ def browse():
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
     positions = snapshot.facets.select(filters, text)
     start, stop, pages = params.page_bounds(len(positions), page, per_page)
-    items = [with_urls(item_at(snapshot.store, int(p))) for p in positions[start:stop]]
+    items = [with_urls(snapshot.store.items.item(int(p))) for p in positions[start:stop]]
     link = partial(link_to, "views.browse", {}, q=text or None)
     return render_template("browse.html", items=items, page=page, pages=pages, total=len(positions),
                            per_page=per_page, **page_context(snapshot, filters, text, link))

@@ -226,3 +226,44 @@ def open_partial(path: Path, n: int, dims: dict[str, int], meta: dict, covers: d
     f.attrs["job"], f.attrs["done"] = json.dumps(meta, sort_keys=True), 0
     f.attrs["covers"], f.attrs["columns"] = json.dumps(covers), json.dumps(columns)
     return f, 0
+
+
+# --------------------------------------------------------------------------- reading in blocks
+
+class BlockReader:
+    """EMB.h5 open for reading row blocks: ids, paths and attributes at once, vectors on demand, so
+    that an index of millions of rows is filled without holding the file's vectors in memory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = open_file(path)
+        missing = [name for name in ("vectors", "ids", "paths") if name not in self.file]
+        if missing:
+            self.file.close()
+            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; "
+                                  f"it has: {', '.join(self.file.keys()) or 'nothing'}")
+        self.ids = np.asarray(self.file["ids"][...], dtype=np.int64).reshape(-1)
+        self.paths = [str(p) for p in self.file["paths"].asstr()[...]]
+        self.attrs = {name: decode_attr(name, value) for name, value in self.file.attrs.items()}
+        self.datasets = {"vectors": self.file["vectors"],
+                         **{f"groups/{g}": ds for g, ds in self.file.get("groups", {}).items()}}
+        for name, ds in self.datasets.items():
+            if ds.ndim != 2 or len(ds) != len(self.ids) or len(self.paths) != len(self.ids):
+                self.file.close()
+                raise EmbeddingsError(f"{path}: dataset {name!r} has shape {ds.shape}; "
+                                      f"'ids' has {len(self.ids)} rows, 'paths' {len(self.paths)}")
+
+    def __enter__(self) -> "BlockReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """{dataset: dimension}: "vectors" and "groups/<group>"."""
+        return {name: int(ds.shape[1]) for name, ds in self.datasets.items()}
+
+    def rows(self, dataset: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of a 2-D dataset ("vectors" or "groups/<group>") as float32."""
+        return np.asarray(self.datasets[dataset][start:stop], dtype=np.float32)
