@@ -3,6 +3,7 @@ defaults, with complete and incomplete (``--label-dropout paper``) labels, sever
 in one JSON file written atomically, so an interrupted experiment resumes with the runs left."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import statistics
@@ -57,17 +58,20 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def record(results: dict, path: Path, run: Run, report: dict, seconds: dict, options: list[str]) -> None:
+def record(path: Path, run: Run, report: dict, seconds: dict, options: list[str]) -> None:
     """Add a finished run (its training options, per-group and mean mAP@50 of the shared embedding)
-    and write the results atomically."""
-    results[run.name] = {
+    to the results file. Read, merged and written atomically under a lock, so
+    several processes (say, one per recipe) can share one results file."""
+    entry = {
         "recipe": run.recipe, "dropout": run.dropout, "method": run.method, "seed": run.seed, "options": options,
         "groups": {g: {"map_paper": v["map_paper"], "map_standard": v["map_standard"]}
                    for g, v in report["groups"].items()},
         "mean": {"map_paper": report["mean"]["map_paper"], "map_standard": report["mean"]["map_standard"]},
         "seconds": seconds,
     }
-    write_text(path, json.dumps(results, indent=2))
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_text(path, json.dumps({**load_results(path), run.name: entry}, indent=2))
 
 
 def run_protocol(runs: list[Run], catalog: str, work: Path, epochs: int, recipe_options: dict[str, list[str]],
@@ -77,18 +81,18 @@ def run_protocol(runs: list[Run], catalog: str, work: Path, epochs: int, recipe_
     from retrieval.experiments import Experiment, run_experiment
 
     path = work / "results.json"
-    results = load_results(path)
     for i, run in enumerate(runs):
+        results = load_results(path)
         if run.name in results:
             continue
         logger.info("Table II run %d/%d: %s", i + 1, len(runs), run.name)
         options = train_options(run, epochs, recipe_options)
         exp = run_experiment(Experiment(run.name, options), catalog, work, trunk_cache)
-        record(results, path, run, exp.report, exp.seconds, options)
+        record(path, run, exp.report, exp.seconds, options)
         if not keep_files:
             (work / f"{run.name}.h5").unlink(missing_ok=True)
             (work / run.name / "last.pt").unlink(missing_ok=True)
-    return results
+    return load_results(path)
 
 
 def spread(values: list[float]) -> str:
