@@ -127,3 +127,9 @@ def test_protocol_skips_finished_runs(tmp_path):
     results = run_protocol(runs, str(tmp_path / "no-catalog"), tmp_path, 1, {})
     assert set(results) == {r.name for r in runs}
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_bad_sampling_target_is_refused_before_training(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--catalog", "C", "--out", "R", "--sampling-target", "smallest"])
+    assert "Unknown sampling target 'smallest'; choose min, median, max or a positive number" in capsys.readouterr().err

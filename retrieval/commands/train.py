@@ -12,7 +12,7 @@ from retrieval.net.model import METHODS, POOL_WEIGHTINGS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
 from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
-from retrieval.train.sampling import SAMPLINGS
+from retrieval.train.sampling import SAMPLINGS, parse_target
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,6 +136,11 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error("--sampling needs --sampling-group")
     if args.get("range_loss") and not args.get("range_group"):
         parser.error("--range-loss needs --range-group")
+    if args.get("sampling_target"):
+        try:
+            parse_target(args["sampling_target"])
+        except ValueError as e:
+            parser.error(str(e))
     return TrainConfig(**{k: v for k, v in args.items() if k in names})
 
 

@@ -17,13 +17,10 @@ def item_classes(multi_hot: torch.Tensor) -> np.ndarray:
     return classes
 
 
-def class_target(sizes: np.ndarray, mode: str, target: str | int | None = None) -> int:
-    """Class size an epoch is balanced to: ``min``, ``median``, ``max`` or a number of items;
-    None = ``max`` for over-sampling, ``median`` for under-sampling."""
-    target = target or ("max" if mode == "over" else "median")
-    named = {"min": sizes.min, "median": lambda: int(np.median(sizes)), "max": sizes.max}
-    if str(target) in named:
-        return int(named[str(target)]())
+def parse_target(target: str | int) -> str | int:
+    """A sampling target: ``min``, ``median``, ``max`` or a positive number of items per class."""
+    if str(target) in ("min", "median", "max"):
+        return str(target)
     try:
         value = int(target)
     except ValueError:
@@ -31,6 +28,14 @@ def class_target(sizes: np.ndarray, mode: str, target: str | int | None = None) 
     if value < 1:
         raise ValueError(f"Sampling target {value} must be a positive number of items per class")
     return value
+
+
+def class_target(sizes: np.ndarray, mode: str, target: str | int | None = None) -> int:
+    """Class size an epoch is balanced to (see ``parse_target``); None = ``max`` for over-sampling,
+    ``median`` for under-sampling."""
+    target = parse_target(target or ("max" if mode == "over" else "median"))
+    named = {"min": sizes.min, "median": lambda: int(np.median(sizes)), "max": sizes.max}
+    return int(named[target]()) if target in named else target
 
 
 def balanced_indices(classes: np.ndarray, mode: str, rng: np.random.Generator,
