@@ -26,6 +26,8 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30, help="epochs of every run")
     p.add_argument("--recipes", nargs="+", default=list(RECIPE_SETTINGS), choices=RECIPE_SETTINGS)
+    p.add_argument("--labels", nargs="+", default=["complete", "paper"], choices=("complete", "paper"),
+                   help="complete labels and/or --label-dropout paper")
     p.add_argument("--li2017-backbone", default="efficientnet_lite0",
                    help="trunk under the li2017 recipe (alexnet has no ImageNet weights here)")
     p.add_argument("--image-size", type=int, default=288, help="li2017's input size (the trunk cache's)")
@@ -43,7 +45,7 @@ def main(argv=None):
     li2017 = ["--backbone", args.li2017_backbone, "--image-size", str(args.image_size), "--gem-p", str(args.gem_p),
               "--embed-hidden", str(args.fc_width), "--embed-dim", str(args.fc_width),
               "--lr-steps", str(max(1, round(args.epochs * 2 / 3)))]  # the recipe's drop at 2/3 of the epochs
-    runs = protocol_runs(args.seeds, args.recipes)
+    runs = protocol_runs(args.seeds, args.recipes, [None if x == "complete" else x for x in args.labels])
     cache = Path(args.trunk_cache) if args.trunk_cache else work / "trunk-cache.h5"
     results = run_protocol(runs, args.catalog, work, args.epochs, {"li2017": li2017}, cache, args.keep_files)
     text = format_tables({r.name: results[r.name] for r in runs if r.name in results})
