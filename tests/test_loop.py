@@ -1,4 +1,6 @@
 """train_one_epoch and validate on their own: synthetic batches, no catalog, no files."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from retrieval.data.catalog import Item
 from retrieval.data.datasets import Targets
 from retrieval.net.model import create_model
 from retrieval.train.config import make_scheduler
-from retrieval.train.loop import LossSettings, TrainState, train_one_epoch, validate
+from retrieval.train.loop import LossSettings, TrainState, batch_loss, train_one_epoch, validate
 
 GROUPS = {"type": ["dress", "shirt", "skirt"], "colour": ["red", "blue"]}
 
@@ -79,3 +81,63 @@ def test_validate_hand_worked():
     assert out["val_map_shared"] == pytest.approx(5 / 6)
     assert out["val_map"] == pytest.approx((out["val_map_shared"] + out["val_map_group"]) / 2)
     assert validate(state, [], targets, [], ["type"]) == {}
+
+
+def test_multi_label_loss_is_one_sigmoid_cross_entropy_over_all_labels():
+    # Li et al.'s multi-label baseline: one sigmoid layer over the labels of every group and one
+    # loss in which every label counts equally, summed over labels and averaged over the batch. An
+    # item with no label in a group leaves that group's labels out: neither positive nor negative.
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", method="multi-label").eval()
+    state = state_for(model)
+    state.loss = LossSettings({"type": "bce", "colour": "bce"}, {"type": 1.0, "colour": 1.0}, norm="batch",
+                              multi_label_method=True)
+    types, colours = [0, 2, None], [1, None, 0]  # item 1 has no colour, item 2 no type
+    x = torch.randn(3, 3, 32, 32)
+    total, _, logits, _ = batch_loss(state, model, x, targets_of(types, colours))
+    z = model.heads["all"](model.forward_features(x, views=1) * model.config.head_scale)  # the one layer
+    expected = 0.0
+    for i, (t, c) in enumerate(zip(types, colours)):
+        for j in range(5):  # labels 0-2: type, 3-4: colour
+            given = t if j < 3 else c
+            if given is None:
+                continue
+            y = 1.0 if j == (given if j < 3 else given + 3) else 0.0
+            p = 1 / (1 + math.exp(-z[i, j].item()))
+            expected -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert total.item() == pytest.approx(expected / 3, rel=1e-5)
+    assert torch.equal(torch.cat([logits["type"], logits["colour"]], 1), z)
+
+
+def test_step_schedule_and_sgd_with_momentum():
+    from retrieval.train.config import TrainConfig, make_optimizer
+
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none")
+    cfg = TrainConfig(catalog="C", out="R", optimizer="sgd", lr=0.1, momentum=0.8)
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.8
+    scheduler = make_scheduler(optimizer, 12, 0, "step", steps_per_epoch=2, lr_steps=[1, 3], gamma=0.1)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(ValueError, match="choose one of: cosine, step"):
+        make_scheduler(optimizer, 12, 0, "linear")
+
+
+def test_frozen_batchnorm_keeps_the_trunk_statistics_and_affine_parameters():
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", image_size=32)
+    from retrieval.train.config import freeze_units
+
+    freeze_units(model, 0, batchnorm=True)
+    bn, conv = model.trunk.units[1][1], model.trunk.units[1][0]
+    before = [bn.running_mean.clone(), bn.weight.clone(), conv.weight.clone()]
+    state = state_for(model)
+    state.freeze_bn = True
+    train_one_epoch(state, [(torch.arange(0, 4), torch.randn(4, 3, 32, 32))], targets_of([0, 1, 2, 0], [0, 1, 1, 0]))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.weight, before[1])
+    assert not bn.training and not bn.weight.requires_grad
+    assert not torch.equal(conv.weight, before[2])  # the convolutions still train

@@ -132,3 +132,29 @@ def test_label_smoothing_hand_worked():
     expected = math.log(math.exp(2) + 3) - 0.85 * 2
     assert masked_group_loss(z, y, known, "ce", smoothing=0.2).item() == pytest.approx(expected, rel=1e-6)
     assert masked_group_loss(z, y, known, "ce").item() == pytest.approx(math.log(math.exp(2) + 3) - 2, rel=1e-6)
+
+
+def test_batch_normalisation_sums_over_labels_and_averages_over_the_batch():
+    # 4 items, 2 labelled; zero logits: every sigmoid entry costs log 2, every softmax item log 3
+    y = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]])
+    known = y.sum(1) > 0
+    z = torch.zeros(4, 3)
+    # Li et al. Eq. 1: (2 items x 3 labels x log 2) / 4 items in the batch
+    assert masked_group_loss(z, y, known, "bce", norm="batch").item() == pytest.approx(6 * math.log(2) / 4)
+    assert masked_group_loss(z, y, known, "bce").item() == pytest.approx(math.log(2))  # mean over 2 x 3 entries
+    assert masked_group_loss(z, y, known, "ce", norm="batch").item() == pytest.approx(2 * math.log(3) / 4)
+    with pytest.raises(ValueError, match="choose one of: labelled, batch"):
+        masked_group_loss(z, y, known, "bce", norm="mean")
+
+
+def test_range_loss_on_squared_distances():
+    # class 0: (0,0), (2,0): one pair at 2 (squared 4); class 1: (1, 0.5) alone
+    # centres (1, 0) and (1, 0.5): distance 0.5 (squared 0.25); margin 1
+    emb = torch.tensor([[0.0, 0], [2, 0], [1, 0.5]])
+    labels = torch.tensor([0, 0, 1])
+    _, intra, inter = range_loss(emb, labels)
+    assert (intra.item(), inter.item()) == pytest.approx((2.0, 0.5))
+    loss, intra, inter = range_loss(emb, labels, distance="squared")
+    assert (intra.item(), inter.item(), loss.item()) == pytest.approx((4.0, 0.75, 4.75))
+    with pytest.raises(ValueError, match="choose one of: l2, squared"):
+        range_loss(emb, labels, distance="cosine")

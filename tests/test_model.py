@@ -163,3 +163,26 @@ def test_multi_label_method_keeps_a_plain_sigmoid_layer():
     logits = model.forward_heads(emb)
     plain = model.heads["all"](emb * 16.0)
     assert torch.allclose(torch.cat([logits["colour"], logits["type"]], 1), plain, atol=1e-5)
+
+
+def test_fc_shared_layers_are_alexnet_fc6_fc7():
+    model = create_model("alexnet", GROUPS, embed_dim=64, weights="none", shared_layers="fc", embed_hidden=128,
+                         taps="last", colour_bins="none", dropout=0.5).eval()
+    kinds = [type(m).__name__ for m in model.embed]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU"]
+    assert (model.embed[1].in_features, model.embed[1].out_features, model.embed[4].out_features) == (256, 128, 64)
+    x = torch.randn(2, 3, 96, 96)
+    fc7 = model.embed(model.view_features(x, views=1))
+    assert (fc7 >= 0).all()  # after fc7's ReLU
+    assert torch.allclose(model.forward_features(x, views=1), torch.nn.functional.normalize(fc7, dim=1))
+    again = model_from_config(model.config.to_dict())
+    again.load_state_dict(model.state_dict())
+    assert fingerprint(again) == fingerprint(model)
+    with pytest.raises(ValueError, match="choose one of: embedding, fc"):
+        create_model("tiny", GROUPS, shared_layers="fc8")
+
+
+def test_checkpoints_without_shared_layers_keep_the_embedding_block():
+    old = create_model("tiny", GROUPS, embed_dim=8, weights="none").config.to_dict()
+    old.pop("shared_layers")
+    assert [type(m).__name__ for m in model_from_config(old).embed][:2] == ["BatchNorm1d", "Dropout"]

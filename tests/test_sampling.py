@@ -51,3 +51,27 @@ def test_epoch_order_shards_like_distributed_sampler():
 def test_batches_cover_the_order():
     order = np.arange(10)
     assert [b.tolist() for b in batches(order, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_under_sampling_to_min_balances_every_epoch():
+    classes = np.array([0] * 9 + [1] * 5 + [2] * 3 + [-1] * 2)
+    seen = set()
+    for epoch in range(3):
+        order = epoch_order(len(classes), epoch, seed=0, classes=classes, mode="under", target="min")
+        counts = Counter(classes[order].tolist())
+        assert counts == {0: 3, 1: 3, 2: 3, -1: 2}  # every class at the smallest class's size
+        assert len(set(order.tolist())) == len(order)
+        seen |= set(order[classes[order] == 0].tolist())
+    assert len(seen) > 3  # a new draw of the large class every epoch
+
+
+def test_sampling_targets_by_number_and_name():
+    classes = np.array([0] * 10 + [1] * 4 + [2] * 1)
+    rng = np.random.default_rng(0)
+    assert Counter(classes[balanced_indices(classes, "under", rng, "2")].tolist()) == {0: 2, 1: 2, 2: 1}
+    assert Counter(classes[balanced_indices(classes, "over", rng, "4")].tolist()) == {0: 10, 1: 4, 2: 4}
+    assert Counter(classes[balanced_indices(classes, "under", rng, "median")].tolist()) == {0: 4, 1: 4, 2: 1}
+    assert len(balanced_indices(classes, "under", rng, "max")) == len(classes)
+    for bad in ("mode", "0"):
+        with pytest.raises(ValueError, match="min, median, max or a positive number|positive number"):
+            balanced_indices(classes, "under", rng, bad)

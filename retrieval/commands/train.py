@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, fields
 
+from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
+from retrieval.net.layers import SHARED_LAYERS
 from retrieval.net.model import METHODS, POOL_WEIGHTINGS
-from retrieval.train.config import TrainConfig
-from retrieval.train.losses import GROUP_LOSSES, WEIGHTINGS
-from retrieval.train.sampling import SAMPLINGS
+from retrieval.recipes import RECIPES, describe_recipe, load_recipe
+from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
+from retrieval.train.sampling import SAMPLINGS, parse_target
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -16,7 +20,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Train a shared trunk + shared embedding layer + one head per attribute group. On a CPU the "
         "default trains the embedding and heads on trunk features computed once and cached; on a GPU "
         "the whole network is fine-tuned. Launch with torchrun for several GPUs/processes."))
-    p.add_argument("--config", help="YAML file of defaults for any option below")
+    p.add_argument("--recipe", choices=RECIPES,
+                   help="a paper's setup as defaults (li2017: AlexNet fc6/fc7, sigmoid cross-entropy, SGD; "
+                        "dress2019: ResNet101, step schedule, frozen BatchNorm); --config and flags override it")
+    p.add_argument("--config", help="YAML file of defaults for any option below (over --recipe's)")
     data = p.add_argument_group("data")
     data.add_argument("--catalog", required=True, metavar="DIR", help="catalog directory (labels.csv + images)")
     data.add_argument("--out", required=True, metavar="RUN", help="run directory for checkpoints and metrics")
@@ -33,7 +40,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", help="local trunk weights file (efficientnet_lite0 has packaged ImageNet weights)")
     model.add_argument("--embed-dim", type=int)
     model.add_argument("--embed-hidden", type=int, metavar="WIDTH",
-                       help="a hidden layer of this width in the embedding layer (0 = one linear layer; default 1024)")
+                       help="a hidden layer of this width in the embedding layer (0 = one linear layer; default "
+                            "1024); fc6's width with --shared-layers fc")
+    model.add_argument("--shared-layers", choices=SHARED_LAYERS,
+                       help="embedding: BatchNorm, Dropout, hidden layer, Linear; fc: AlexNet-style fc6/fc7 "
+                            "(Dropout, Linear, ReLU twice), fc7's output indexed")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
@@ -64,6 +75,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--smoothing-c", type=float, help="c in the weight floor mean(r)/c")
     loss.add_argument("--group-loss", choices=GROUP_LOSSES,
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
+    loss.add_argument("--loss-norm", choices=LOSS_NORMS,
+                      help="labelled: a group's loss is the mean over its labelled items (and sigmoid labels); "
+                           "batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
+                           "with --method multi-label one sigmoid cross-entropy over all labels)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, metavar="S",
@@ -72,17 +87,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "tightens the shared embedding (0 = off)")
     loss.add_argument("--sampling", choices=SAMPLINGS, help="random over/under-sampling per epoch")
     loss.add_argument("--sampling-group", help="the group whose classes --sampling balances")
+    loss.add_argument("--sampling-target", metavar="min|median|max|N",
+                      help="class size --sampling balances to (default: max for over, median for under)")
     loss.add_argument("--contrastive", type=float, metavar="WEIGHT",
                       help="weight of a contrastive loss pulling the shared embedding towards label "
                            "agreement over all groups (0 = off)")
     loss.add_argument("--range-loss", type=float, metavar="WEIGHT", help="Range loss weight (0 = off)")
     loss.add_argument("--range-group", help="the group whose classes Range loss uses")
+    loss.add_argument("--range-distance", choices=RANGE_DISTANCES, help="Range loss on L2 or squared L2 distances")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int)
     opt.add_argument("--batch-size", type=int)
     opt.add_argument("--lr", type=float)
     opt.add_argument("--trunk-lr-scale", type=float, help="learning rate factor of trainable trunk units")
     opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--optimizer", choices=OPTIMIZERS)
+    opt.add_argument("--momentum", type=float, help="SGD momentum")
+    opt.add_argument("--schedule", choices=SCHEDULES,
+                     help="cosine: warm-up then cosine decay; step: x --lr-gamma at each epoch in --lr-steps")
+    opt.add_argument("--lr-steps", metavar="E1,E2", help="epochs where the step schedule lowers the learning rate")
+    opt.add_argument("--lr-gamma", type=float, help="the step schedule's factor")
+    opt.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction,
+                     help="keep every BatchNorm of the trunk frozen (statistics and affine parameters)")
     opt.add_argument("--select-by", choices=("map", "loss"),
                      help="best.pt is the epoch with the highest validation mAP (shared and group view "
                           "among the validation items) or the lowest validation loss")
@@ -97,6 +123,8 @@ def parse_config(argv=None) -> TrainConfig:
     """Arguments (with YAML defaults from --config) as a TrainConfig."""
     parser = get_args_parser()
     first, _ = parser.parse_known_args(argv)
+    if first.recipe:
+        parser.set_defaults(**load_recipe(first.recipe)["options"])
     if first.config:
         import yaml
 
@@ -108,11 +136,19 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error("--sampling needs --sampling-group")
     if args.get("range_loss") and not args.get("range_group"):
         parser.error("--range-loss needs --range-group")
+    if args.get("sampling_target"):
+        try:
+            parse_target(args["sampling_target"])
+        except ValueError as e:
+            parser.error(str(e))
     return TrainConfig(**{k: v for k, v in args.items() if k in names})
 
 
 def main(argv=None) -> int:
     from retrieval.train.trainer import train
 
-    train(parse_config(argv))
+    cfg = parse_config(argv)
+    if cfg.recipe and os.environ.get("RANK", "0") == "0":
+        print(describe_recipe(cfg, resolve_device(cfg.device)), flush=True)
+    train(cfg)
     return 0

@@ -12,6 +12,7 @@ from torch import nn
 from retrieval.data.images import IMAGENET_STD
 from retrieval.net.backbones import create_trunk
 from retrieval.net.colour import colour_histogram, histogram_size, parse_bins
+from retrieval.net.layers import shared_layers
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ModelConfig:
     normalized_heads: bool = True
     embed_hidden: int = 1024
     flip_average: bool = True
+    shared_layers: str = "embedding"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,12 +119,8 @@ class RetrievalModel(nn.Module):
         self.colour_bins = parse_bins(config.colour_bins)
         self.colour_dim = histogram_size(self.colour_bins)
         self.feature_dim = self.colour_dim + sum(self.trunk.channels[i] for i in self.taps)
-        layers = [nn.BatchNorm1d(self.feature_dim), nn.Dropout(config.dropout)]
-        width = self.feature_dim
-        if config.embed_hidden:  # a hidden layer: non-linear mixing of the scales and the colour
-            layers += [nn.Linear(width, config.embed_hidden), nn.BatchNorm1d(config.embed_hidden), nn.ReLU()]
-            width = config.embed_hidden
-        self.embed = nn.Sequential(*layers, nn.Linear(width, config.embed_dim))
+        self.embed = shared_layers(config.shared_layers, self.feature_dim, config.embed_hidden, config.embed_dim,
+                                   config.dropout)
         sizes = {g: len(labels) for g, labels in config.groups.items()}
         if config.method == "multi-label":
             self.heads = nn.ModuleDict({"all": nn.Linear(config.embed_dim, sum(sizes.values()))})

@@ -38,6 +38,7 @@ class TrainConfig:
     normalized_heads: bool = ModelConfig.normalized_heads
     flip_average: bool = ModelConfig.flip_average
     embed_hidden: int = ModelConfig.embed_hidden
+    shared_layers: str = ModelConfig.shared_layers
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
     select_by: str = "map"
@@ -47,9 +48,16 @@ class TrainConfig:
     lr: float = 2e-3
     trunk_lr_scale: float = 0.1
     weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    lr_steps: str | None = None
+    lr_gamma: float = 0.1
+    freeze_bn: bool = False
     trainable_blocks: str = "auto"
     input: str = "auto"
     group_loss: str = "auto"
+    loss_norm: str = "labelled"
     weighting: str = "group"
     smoothing_c: float = 3.0
     label_dropout: str | None = None
@@ -57,15 +65,18 @@ class TrainConfig:
     val_fraction: float = 0.1
     sampling: str = "none"
     sampling_group: str | None = None
+    sampling_target: str | None = None
     range_loss: float = 0.0
     contrastive: float = 0.0
     range_group: str | None = None
+    range_distance: str = "l2"
     device: str = "auto"
     workers: int | None = None
     image_cache: str | None = None
     trunk_cache: str | None = None
     seed: int = 0
     resume: bool = False
+    recipe: str | None = None
 
 
 def split_validation(items: list[Item], fraction: float) -> tuple[list[Item], list[Item]]:
@@ -77,11 +88,14 @@ def split_validation(items: list[Item], fraction: float) -> tuple[list[Item], li
     return [it for it in items if not in_val(it)], val
 
 
+def resolve_blocks(blocks: str, device: torch.device) -> str:
+    """``--trainable-blocks`` with ``auto`` resolved: ``all`` on a GPU, ``0`` (frozen trunk) elsewhere."""
+    return ("all" if device.type == "cuda" else "0") if blocks == "auto" else blocks
+
+
 def resolve_trainable(cfg: TrainConfig, n_units: int, device: torch.device) -> tuple[int, str]:
     """First trainable trunk unit and input mode (``cached`` or ``images``)."""
-    blocks = cfg.trainable_blocks
-    if blocks == "auto":
-        blocks = "all" if device.type == "cuda" else "0"
+    blocks = resolve_blocks(cfg.trainable_blocks, device)
     n = n_units if blocks == "all" else int(blocks)
     if not 0 <= n <= n_units:
         raise ValueError(f"--trainable-blocks {blocks} out of range; this trunk has {n_units} units")
@@ -107,31 +121,60 @@ class CachedForward(nn.Module):
         return emb, self.model.forward_heads(emb)
 
 
-def freeze_units(model: RetrievalModel, start: int) -> None:
-    """Freeze trunk units before ``start``; their batch-norm statistics stay as they are."""
-    for unit in model.trunk.units[:start]:
-        unit.eval()
-        for p in unit.parameters():
+def freeze_units(model: RetrievalModel, start: int, batchnorm: bool = False) -> None:
+    """Freeze trunk units before ``start``; their batch-norm statistics stay as they are. With
+    ``batchnorm`` every BatchNorm of the trunk is frozen too (statistics and affine parameters)."""
+    frozen = [m for unit in model.trunk.units[:start] for m in unit.modules()]
+    if batchnorm:
+        frozen += [m for m in model.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in frozen:
+        module.eval()
+        for p in module.parameters(recurse=False):
             p.requires_grad_(False)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
+
+
 def make_optimizer(model: RetrievalModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with a smaller learning rate on trainable trunk units."""
+    """AdamW, or SGD with momentum, with a smaller learning rate on trainable trunk units."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown --optimizer {cfg.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     trunk = [p for p in model.trunk.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
     groups = [{"params": rest, "lr": cfg.lr}]
     if trunk:
         groups.append({"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer, total_steps: int, warmup: int):
-    """Linear warm-up then cosine decay, stepped every batch."""
-    def factor(step):
+def parse_lr_steps(text: str | None) -> list[int]:
+    """Epochs at which a step schedule multiplies the learning rate by ``lr_gamma``: "5,8,10"."""
+    try:
+        return sorted(int(e) for e in text.split(",")) if text else []
+    except ValueError:
+        raise ValueError(f"Bad --lr-steps {text!r}; use comma-separated epoch numbers, e.g. 5,8,10") from None
+
+
+def make_scheduler(optimizer, total_steps: int, warmup: int, schedule: str = "cosine",
+                   steps_per_epoch: int = 1, lr_steps: list[int] = (), gamma: float = 0.1):
+    """Stepped every batch: ``cosine`` = linear warm-up then cosine decay over ``total_steps``;
+    ``step`` = the learning rate times ``gamma`` from each epoch in ``lr_steps`` on, no warm-up."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown --schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+    def cosine(step):
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def stepped(step):
+        return gamma ** sum(step // steps_per_epoch >= e for e in lr_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine if schedule == "cosine" else stepped)
 
 
 def write_json(path: Path, data) -> None:

@@ -31,6 +31,8 @@ class LossSettings:
     contrastive: float = 0.0
     range_weight: float = 0.0
     classes: np.ndarray | None = None  # per training item, for Range loss
+    norm: str = "labelled"  # how a group's loss is averaged (losses.LOSS_NORMS)
+    range_distance: str = "l2"
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainState:
     start: int = 0  # first trainable trunk unit: the units before it stay frozen (and in eval mode)
     world: int = 1
     progress: bool = True
+    freeze_bn: bool = False  # every BatchNorm of the trunk stays frozen too
 
 
 def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=None):
@@ -56,23 +59,24 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
         emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
     logits = {g: z.float() for g, z in logits.items()}
-    total, parts = multi_group_loss(logits, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing)
+    total, parts = multi_group_loss(logits, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing, s.norm)
     if s.metric_scale and not s.multi_label_method:
         # the per-group heads again at a higher temperature: keeps pulling items towards their labels
         soft = {g: z * (s.metric_scale / s.head_scale) for g, z in logits.items()}
-        total = total + multi_group_loss(soft, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing)[0]
+        total = total + multi_group_loss(soft, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing,
+                                         s.norm)[0]
     if s.contrastive:
         total = total + s.contrastive * overlap_contrastive_loss(emb.float(), targets, s.weights)
     if s.range_weight and positions is not None:
         labels = torch.as_tensor(s.classes[positions.numpy()], device=emb.device)
-        total = total + s.range_weight * range_loss(emb.float(), labels)[0]
+        total = total + s.range_weight * range_loss(emb.float(), labels, distance=s.range_distance)[0]
     return total, parts, logits, emb
 
 
 def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") -> dict:
     """One pass over ``batches`` of (positions, inputs); ``targets`` are indexed by positions."""
     state.net.train()
-    freeze_units(state.model, state.start)
+    freeze_units(state.model, state.start, state.freeze_bn)
     seen, total_loss, began = 0, 0.0, time.perf_counter()
     bar = tqdm(batches, desc=desc, unit="batch", disable=not state.progress, leave=False)
     for positions, inputs in bar:

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 GROUP_LOSSES = ("auto", "bce", "ce")
 WEIGHTINGS = ("group", "label", "none")
+LOSS_NORMS = ("labelled", "batch")
+RANGE_DISTANCES = ("l2", "squared")
 
 
 def smoothed_weights(counts, c: float = 3.0) -> list[float]:
@@ -43,12 +45,17 @@ def resolve_group_loss(choice: str, group: str, multi_label_groups, method: str)
 
 
 def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torch.Tensor, kind: str,
-                      class_weights: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
-    """Mean loss over the items labelled in this group; unlabelled items contribute nothing.
-    ``smoothing`` moves that share of a softmax target evenly onto every label.
+                      class_weights: torch.Tensor | None = None, smoothing: float = 0.0,
+                      norm: str = "labelled") -> torch.Tensor:
+    """A group's loss; unlabelled items contribute nothing. ``norm``: ``labelled`` = mean over the
+    items labelled in this group (and, for sigmoids, over its labels); ``batch`` = Li et al.'s Eq. 1:
+    summed over the group's labels, averaged over the whole batch. ``smoothing`` moves that share of
+    a softmax target evenly onto every label.
 
     Computed on every row and masked (no boolean indexing, no ``if known.any()``), so a step never
     waits for the GPU to say which rows are labelled; a batch without labels gives 0, graph kept."""
+    if norm not in LOSS_NORMS:
+        raise ValueError(f"Unknown --loss-norm {norm!r}; choose one of: {', '.join(LOSS_NORMS)}")
     mask = known.to(logits.dtype)[:, None]
     n_known = mask.sum()
     if kind == "ce":
@@ -57,33 +64,51 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
             target = (1 - smoothing) * target + smoothing / target.shape[1]
         per_item = -(target * F.log_softmax(logits, dim=1)) * mask
         if class_weights is not None:
-            return (per_item * class_weights).sum() / (target * mask * class_weights).sum().clamp_min(1e-12)
-        return per_item.sum() / n_known.clamp_min(1)
-    per_entry = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none") * mask
-    if class_weights is not None:
-        return (per_entry * class_weights).sum() / (class_weights.sum() * n_known).clamp_min(1e-12)
-    return per_entry.sum() / (n_known * logits.shape[1]).clamp_min(1)
+            per_item = per_item * class_weights
+            denominator = (target * mask * class_weights).sum().clamp_min(1e-12)
+        else:
+            denominator = n_known.clamp_min(1)
+    else:
+        per_item = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none") * mask
+        if class_weights is not None:
+            per_item = per_item * class_weights
+            denominator = (class_weights.sum() * n_known).clamp_min(1e-12)
+        else:
+            denominator = (n_known * logits.shape[1]).clamp_min(1)
+    return per_item.sum() / (len(logits) if norm == "batch" else denominator)
 
 
 def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, str],
                      weights: dict[str, float], class_weights: dict[str, torch.Tensor] | None = None,
-                     smoothing: float = 0.0):
-    """Weighted sum of the per-group losses; returns (total, {group: loss})."""
+                     smoothing: float = 0.0, norm: str = "labelled"):
+    """Weighted sum of the per-group losses; returns (total, {group: loss}). With ``norm="batch"``
+    and weights 1 (the multi-label method) the total is one sigmoid cross-entropy over all labels
+    of all groups, every label counting equally: summed over labels, averaged over the batch, the
+    labels of a group an item has no label in left out (neither positive nor negative)."""
     parts = {}
     for g, z in logits.items():
         cw = class_weights.get(g) if class_weights else None
-        parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw, smoothing)
+        parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw, smoothing, norm)
     total = sum(weights[g] * parts[g] for g in parts)
     return total, parts
 
 
+def _distances(x: torch.Tensor, distance: str) -> torch.Tensor:
+    d = torch.cdist(x, x)
+    return d.square() if distance == "squared" else d
+
+
 def range_loss(emb: torch.Tensor, labels: torch.Tensor, k: int = 2, margin: float = 1.0,
-               alpha: float = 1.0, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               alpha: float = 1.0, beta: float = 1.0,
+               distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Range loss (Zhang et al. 2017) on a batch; ``labels`` -1 = unknown. Returns (loss, intra, inter).
 
     Intra: per class with >= 2 samples, the harmonic mean of its k largest pairwise distances,
     summed over classes. Inter: max(0, margin - smallest distance between class centres).
+    ``distance``: ``l2`` (Euclidean) or ``squared`` (squared Euclidean, as in the dress-attribute study), for both.
     """
+    if distance not in RANGE_DISTANCES:
+        raise ValueError(f"Unknown --range-distance {distance!r}; choose one of: {', '.join(RANGE_DISTANCES)}")
     keep = labels >= 0
     emb, labels = emb[keep], labels[keep]
     zero = emb.sum() * 0.0
@@ -94,13 +119,13 @@ def range_loss(emb: torch.Tensor, labels: torch.Tensor, k: int = 2, margin: floa
         centres.append(members.mean(0))
         if len(members) < 2:
             continue
-        d = torch.cdist(members, members)
+        d = _distances(members, distance)
         pairs = d[torch.triu_indices(len(members), len(members), 1, device=emb.device).unbind()]
         top = pairs.topk(min(k, len(pairs))).values
         intra = intra + len(top) / (1.0 / top.clamp_min(1e-12)).sum()
     inter = zero
     if len(centres) >= 2:
-        cd = torch.cdist(torch.stack(centres), torch.stack(centres))
+        cd = _distances(torch.stack(centres), distance)
         smallest = cd[torch.triu_indices(len(centres), len(centres), 1, device=emb.device).unbind()].min()
         inter = F.relu(margin - smallest)
     return alpha * intra + beta * inter, intra, inter

@@ -17,36 +17,59 @@ def item_classes(multi_hot: torch.Tensor) -> np.ndarray:
     return classes
 
 
-def balanced_indices(classes: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one epoch: ``over`` repeats every class up to the largest class's size;
-    ``under`` cuts classes above the median class size down to it. Unlabelled items stay once."""
+def parse_target(target: str | int) -> str | int:
+    """A sampling target: ``min``, ``median``, ``max`` or a positive number of items per class."""
+    if str(target) in ("min", "median", "max"):
+        return str(target)
+    try:
+        value = int(target)
+    except ValueError:
+        raise ValueError(f"Unknown sampling target {target!r}; choose min, median, max or a positive number") from None
+    if value < 1:
+        raise ValueError(f"Sampling target {value} must be a positive number of items per class")
+    return value
+
+
+def class_target(sizes: np.ndarray, mode: str, target: str | int | None = None) -> int:
+    """Class size an epoch is balanced to (see ``parse_target``); None = ``max`` for over-sampling,
+    ``median`` for under-sampling."""
+    target = parse_target(target or ("max" if mode == "over" else "median"))
+    named = {"min": sizes.min, "median": lambda: int(np.median(sizes)), "max": sizes.max}
+    return int(named[target]()) if target in named else target
+
+
+def balanced_indices(classes: np.ndarray, mode: str, rng: np.random.Generator,
+                     target: str | int | None = None) -> np.ndarray:
+    """Indices of one epoch: ``over`` repeats every class smaller than ``target`` up to it (default:
+    the largest class's size); ``under`` cuts classes larger than ``target`` down to it (default:
+    the median class size; ``min`` balances every class to the smallest). Unlabelled items stay once."""
     if mode not in SAMPLINGS:
         raise ValueError(f"Unknown sampling {mode!r}; choose one of: {', '.join(SAMPLINGS)}")
     labelled = classes >= 0
     if mode == "none" or not labelled.any():
         return np.arange(len(classes))
     members = {c: np.flatnonzero(classes == c) for c in np.unique(classes[labelled])}
-    sizes = np.array([len(m) for m in members.values()])
-    target = sizes.max() if mode == "over" else int(np.median(sizes))
+    size = class_target(np.array([len(m) for m in members.values()]), mode, target)
     parts = [np.flatnonzero(~labelled)]
     for idx in members.values():
         if mode == "over":
-            extra = rng.choice(idx, target - len(idx), replace=True) if target > len(idx) else idx[:0]
+            extra = rng.choice(idx, size - len(idx), replace=True) if size > len(idx) else idx[:0]
             parts += [idx, extra]
         else:
-            parts.append(rng.choice(idx, min(len(idx), target), replace=False))
+            parts.append(rng.choice(idx, min(len(idx), size), replace=False))
     return np.concatenate(parts)
 
 
 def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
                 classes: np.ndarray | None = None, mode: str = "none",
-                exclude: np.ndarray | None = None) -> np.ndarray:
+                exclude: np.ndarray | None = None, target: str | int | None = None) -> np.ndarray:
     """This rank's shuffled sample order for an epoch, padded so every rank gets as many
     (the sharding of torch's DistributedSampler, applied after re-sampling). ``exclude`` (item
     positions, e.g. unreadable images known to every rank) is left out *before* sharding, so
-    ranks still get orders of the same length and take the same number of steps."""
+    ranks still get orders of the same length and take the same number of steps. ``target``: the
+    class size re-sampling balances to (see ``balanced_indices``)."""
     rng = np.random.default_rng([seed, epoch])
-    order = np.arange(n) if classes is None else balanced_indices(classes, mode, rng)
+    order = np.arange(n) if classes is None else balanced_indices(classes, mode, rng, target)
     order = rng.permutation(order)
     if exclude is not None and len(exclude):
         order = order[~np.isin(order, exclude)]

@@ -21,7 +21,8 @@ from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    resolve_trainable, split_validation, write_config, write_json)
+                                    parse_lr_steps, resolve_trainable, split_validation, write_config,
+                                    write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
 from retrieval.train.losses import group_weights, label_weights, resolve_group_loss
 
@@ -60,7 +61,7 @@ class Job:
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
                                   **model_options(cfg))
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
-        freeze_units(self.model, self.start)
+        freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -159,7 +160,8 @@ class Job:
         """Yield (positions, network inputs) of this rank's share of an epoch."""
         n = len(self.train_items)
         order = sampling.epoch_order(n, epoch, self.cfg.seed, self.rank, self.world, self.classes,
-                                     self.cfg.sampling, exclude=np.array(sorted(self.bad_rows), dtype=np.int64))
+                                     self.cfg.sampling, exclude=np.array(sorted(self.bad_rows), dtype=np.int64),
+                                     target=self.cfg.sampling_target)
         if self.mode == "images":
             yield from self.image_batches(order)
             return
@@ -175,7 +177,8 @@ class Job:
         """How this run's batches are scored."""
         cfg = self.cfg
         return LossSettings(self.kinds, self.weights, self.class_weights, cfg.label_smoothing, cfg.metric_scale,
-                            cfg.head_scale, cfg.method == "multi-label", cfg.contrastive, cfg.range_loss, self.classes)
+                            cfg.head_scale, cfg.method == "multi-label", cfg.contrastive, cfg.range_loss, self.classes,
+                            cfg.loss_norm, cfg.range_distance)
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
@@ -204,10 +207,11 @@ class Job:
             net = DistributedDataParallel(forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = make_optimizer(self.model, cfg)
         steps = -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
-                                            self.classes, cfg.sampling)) // cfg.batch_size)
-        scheduler = make_scheduler(optimizer, steps * cfg.epochs, warmup=min(steps, 100))
+                                            self.classes, cfg.sampling, target=cfg.sampling_target)) // cfg.batch_size)
+        scheduler = make_scheduler(optimizer, steps * cfg.epochs, min(steps, 100), cfg.schedule, steps,
+                                   parse_lr_steps(cfg.lr_steps), cfg.lr_gamma)
         return TrainState(self.model, net, forward, optimizer, scheduler, self.device, self.loss_settings(),
-                          self.start, self.world, progress=self.main)
+                          self.start, self.world, progress=self.main, freeze_bn=cfg.freeze_bn)
 
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
         """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
