@@ -68,15 +68,16 @@ def growth_exponent(points: list[tuple[int, float]]) -> float | None:
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start a stage through the launcher, in its own process group, output to log."""
+    log.with_suffix(".maxrss").unlink(missing_ok=True)  # an earlier run's
     with open(log, "w") as out:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-c", LAUNCHER, str(log.with_suffix(".maxrss")), *cmd],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -> float | None:
+def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -> tuple[bool, float | None]:
     """Wait for a stage (first sending sig to its group, when given; SIGKILL after timeout seconds);
-    returns its peak memory in GB, None when it was killed."""
+    returns (whether it ended by itself, its peak memory in GB when the launcher reported it)."""
     if sig is not None:
         try:
             os.killpg(proc.pid, sig)
@@ -87,18 +88,18 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return None
+        return False, None
     rss = log.with_suffix(".maxrss")
-    return int(rss.read_text()) * 1024 / 1e9 if rss.is_file() else None  # Linux reports kilobytes
+    return True, int(rss.read_text()) * 1024 / 1e9 if rss.is_file() else None  # Linux reports kilobytes
 
 
 def run_stage(cmd: list[str], timeout: float, log: Path) -> Result:
     """Run a CLI stage to its end: wall time and its peak memory, or why it has none."""
     began = time.perf_counter()
     proc = start(cmd, log)
-    peak = finish(proc, log, timeout)
+    ended, peak = finish(proc, log, timeout)
     seconds = time.perf_counter() - began
-    if peak is None:
+    if not ended:
         return Result(None, None, f"timeout > {timeout:.0f} s")
     code = proc.returncode
     return Result(seconds, peak, "ok" if code == 0 else f"failed (exit {code}, see {log.name})")
@@ -163,7 +164,7 @@ def serve_stage(cmd: list[str], stage: str, requests: dict[str, str], fill: dict
     except OSError as err:
         rows.update({name: Result(None, None, f"error: {err}") for name in requests if name not in rows})
     finally:
-        peak = finish(proc, log, 30, signal.SIGINT)
+        peak = finish(proc, log, 30, signal.SIGINT)[1]
     if status == "timeout":
         rows[stage] = Result(None, None, f"timeout > {timeout:.0f} s")
     else:
