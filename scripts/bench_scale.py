@@ -56,6 +56,7 @@ ROW_NAMES = {"catalog-info": "`catalog-info`", "evaluate": "`evaluate --split te
              "index-flat": "`index build --type flat`", "index-ivf": "`index build --type ivf`",
              "index-ivfpq": "`index build --type ivfpq`", "serve-flat": "`serve` start-up (flat) until /api/health",
              "serve-ivf": "`serve` start-up (ivf) until /api/health"}
+DATA_ROW = "generate data (not a product stage; ~0 s when reused)"
 QUERY_WORD, FACET = "g20l000", ("group00", "g00l000")  # a title word in ~1 item in 4; a 2-label group
 
 
@@ -90,8 +91,8 @@ def bench_size(n: int, stages: list[str], args, work: Path) -> dict[str, Result]
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     catalog, emb = generate(work, n, args.seed)
-    results = {"generate data (not a product stage; ~0 s when reused)": Result(time.perf_counter() - start, None, "ok")}
-    print(f"N={n:,}: data ready in {results['generate (not a product stage)'].seconds:.0f} s ({work})",
+    results = {DATA_ROW: Result(time.perf_counter() - start, None, "ok")}
+    print(f"N={n:,}: data ready in {results[DATA_ROW].seconds:.0f} s ({work})",
           file=sys.stderr, flush=True)
     paths = {"catalog": str(catalog), "emb": str(emb), "work": str(work)}
     requests = {"n": n, "word": QUERY_WORD, "group": FACET[0], "label": FACET[1]}
@@ -102,8 +103,9 @@ def bench_size(n: int, stages: list[str], args, work: Path) -> dict[str, Result]
         elif stage == "floor":
             results[stage] = matmul_floor(emb, catalog)
         elif stage in REQUESTS:
-            results.update(serve_stage(command(stage, {**paths, "port": free_port()}), stage, REQUESTS[stage], requests, args.requests,
-                                       args.timeout, work / f"{stage}.log"))
+            cmd = command(stage, {**paths, "port": free_port()})
+            results.update(serve_stage(cmd, stage, REQUESTS[stage], requests, args.requests, args.timeout,
+                                       work / f"{stage}.log"))
         else:
             results[stage] = run_stage(command(stage, paths), args.timeout, work / f"{stage}.log")
         print(f"N={n:,} {stage}: {results[stage].cell()}", file=sys.stderr, flush=True)
@@ -114,7 +116,7 @@ def bench_size(n: int, stages: list[str], args, work: Path) -> dict[str, Result]
 
 def row_order(stages: list[str]) -> list[str]:
     """Table rows: the stages, each serve stage followed by its latencies, then the derived rows."""
-    rows = ["generate data (not a product stage; ~0 s when reused)"]
+    rows = [DATA_ROW]
     for stage in stages:
         rows.append(stage)
         rows += list(REQUESTS.get(stage, {}))

@@ -171,7 +171,8 @@ def generate(out: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     spec = make_spec(seed)
     meta = {"fingerprint": f"synthetic:bench_scale:{seed}", "backbone": "synthetic",
             "catalog": str(catalog.resolve()), "split": "all", "sigmoid_groups": json.dumps(spec.multi_label)}
-    dims = {"vectors": DIM, **{f"{kind}/{g}": c for g, c in zip(spec.groups, GROUP_SIZES) for kind in ("groups", "probs")}}
+    dims = {"vectors": DIM, **{f"{kind}/{g}": c for g, c in zip(spec.groups, GROUP_SIZES)
+                               for kind in ("groups", "probs")}}
     paths = hashlib.sha256("\n".join(image_path(i) for i in range(n)).encode()).hexdigest()
     f, _ = open_partial(emb, n, dims, meta, {"paths": paths, "files": "synthetic"})
     with f, open(catalog / "labels.csv", "w", newline="", encoding="utf-8") as out_csv:

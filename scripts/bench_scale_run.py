@@ -160,7 +160,8 @@ def serve_stage(cmd: list[str], stage: str, requests: dict[str, str], fill: dict
     rows = {}
     try:
         for name, template in requests.items():
-            rows[name] = latency(port, template, fill, count, rng) if status == "ok" else Result(None, None, f"needs {stage}")
+            ok = status == "ok"
+            rows[name] = latency(port, template, fill, count, rng) if ok else Result(None, None, f"needs {stage}")
     except OSError as err:
         rows.update({name: Result(None, None, f"error: {err}") for name in requests if name not in rows})
     finally:
