@@ -6,7 +6,7 @@
 Per size, a synthetic catalogue in the catalogue format and its EMB.h5 (24 groups, 830 labels,
 multi-label and missing cells, clustered vectors: see scripts/bench_scale_data.py) are generated
 into OUT/N/ (kept and reused with --out; a temporary folder otherwise). Each stage runs as a child
-process; its wall time and peak memory (the child's own ru_maxrss, from os.wait4) are measured.
+process; its wall time, CPU time and peak memory (the child's own rusage, from os.wait4) are measured.
 Serve stages time the start-up until /api/health answers, then measure p50 latencies of sequential
 requests (the peak memory of a serve stage covers start-up and those requests). ``floor`` is the
 CPU matrix-product floor of evaluation: blocked X @ X.T over every view of the test split.
@@ -57,6 +57,7 @@ ROW_NAMES = {"catalog-info": "`catalog-info`", "evaluate": "`evaluate --split te
              "index-ivfpq": "`index build --type ivfpq`", "serve-flat": "`serve` start-up (flat) until /api/health",
              "serve-ivf": "`serve` start-up (ivf) until /api/health"}
 DATA_ROW = "generate data (not a product stage; ~0 s when reused)"
+RATIO_ROW = "evaluate / floor, CPU time"
 QUERY_WORD, FACET = "g20l000", ("group00", "g00l000")  # a title word in ~1 item in 4; a 2-label group
 
 
@@ -110,7 +111,7 @@ def bench_size(n: int, stages: list[str], args, work: Path) -> dict[str, Result]
             results[stage] = run_stage(command(stage, paths), args.timeout, work / f"{stage}.log")
         print(f"N={n:,} {stage}: {results[stage].cell()}", file=sys.stderr, flush=True)
     if "evaluate" in results and "floor" in results:
-        results["evaluate / floor"] = Result.ratio(results["evaluate"], results["floor"])
+        results[RATIO_ROW] = Result.ratio(results["evaluate"], results["floor"])
     return results
 
 
@@ -121,20 +122,24 @@ def row_order(stages: list[str]) -> list[str]:
         rows.append(stage)
         rows += list(REQUESTS.get(stage, {}))
         if stage == "floor" and "evaluate" in stages:
-            rows.append("evaluate / floor")
+            rows.append(RATIO_ROW)
     return rows
 
 
 def format_table(sizes: list[int], table: dict[int, dict[str, Result]], stages: list[str]) -> str:
-    """One markdown table: a row per stage, a column per N, then the growth exponent."""
-    lines = ["| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | growth exponent |",
-             "|---|" + "---:|" * len(sizes) + "---:|"]
+    """One markdown table: a row per stage, a column per N, then the growth exponents of wall and CPU time."""
+    lines = ["| stage | " + " | ".join(f"{n:,}" for n in sizes) + " | growth exponent, wall | cpu |",
+             "|---|" + "---:|" * len(sizes) + "---:|---:|"]
     for row in row_order(stages):
         cells = [table[n].get(row, Result(None, None, "-")) for n in sizes]
-        points = [(n, c.seconds) for n, c in zip(sizes, cells) if c.status == "ok" and c.seconds]
-        slope = growth_exponent(points) if row != "evaluate / floor" else None
+        slopes = []
+        for measure in ("seconds", "cpu_s"):
+            points = [(n, getattr(c, measure)) for n, c in zip(sizes, cells)
+                      if c.status == "ok" and getattr(c, measure)]
+            slope = growth_exponent(points) if row != RATIO_ROW else None
+            slopes.append("-" if slope is None else f"{slope:.2f}")
         lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(c.cell() for c in cells)
-                     + f" | {'-' if slope is None else f'{slope:.2f}'} |")
+                     + f" | {' | '.join(slopes)} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Running and measuring the stages of ``scripts/bench_scale.py``: child processes with their own
-peak memory (os.wait4's ru_maxrss), a server's start-up and request latencies, the matrix-product
-floor of evaluation and the growth exponent of a row."""
+peak memory and CPU time (os.wait4's rusage), a server's start-up and request latencies, the
+matrix-product floor of evaluation and the growth exponent of a row."""
 from __future__ import annotations
 
 import csv
@@ -20,14 +20,15 @@ import numpy as np
 EVAL_BLOCK = 1024  # query rows per block, as retrieval.evaluate.metrics.topk_neighbors
 # A forked child starts with its parent's resident pages counted, and exec keeps that high-water mark
 # in ru_maxrss: a stage started straight from this (large) process would be charged for it. So each
-# stage is spawned by this small launcher, which reports the stage's own ru_maxrss (KB) to argv[1].
+# stage is spawned by this small launcher, which reports the stage's own rusage to argv[1]: peak
+# memory (KB) and CPU seconds, which other jobs on the machine disturb less than wall time.
 LAUNCHER = """
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT to the group is for the stage; wait for its end
 pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ, setsigdef=(signal.SIGINT,))
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
@@ -41,6 +42,7 @@ class Result:
     peak_gb: float | None
     status: str  # "ok", or why there is no number: "failed (exit 1)", "timeout > 900 s", "needs index-ivf"
     unit: str = "s"  # "s", "ms" (a latency, still held in seconds) or "x" (a ratio)
+    cpu_s: float | None = None  # CPU seconds (user + system, all threads) when measured
 
     def cell(self) -> str:
         if self.status != "ok":
@@ -49,12 +51,16 @@ class Result:
             return f"{self.seconds:.2f}x"
         if self.unit == "ms":
             return f"{self.seconds * 1000:.1f} ms"
-        return f"{self.seconds:.1f} s" + (f", {self.peak_gb:.2f} GB" if self.peak_gb is not None else "")
+        cpu = f" (cpu {self.cpu_s:.1f} s)" if self.cpu_s is not None else ""
+        return f"{self.seconds:.1f} s{cpu}" + (f", {self.peak_gb:.2f} GB" if self.peak_gb is not None else "")
 
     @classmethod
     def ratio(cls, a: Result, b: Result) -> Result:
+        """a / b in CPU time when both have it (less disturbed by other jobs), else in wall time."""
         if a.status != "ok" or b.status != "ok" or not b.seconds:
             return cls(None, None, "-")
+        if a.cpu_s and b.cpu_s:
+            return cls(a.cpu_s / b.cpu_s, None, "ok", "x")
         return cls(a.seconds / b.seconds, None, "ok", "x")
 
 
@@ -75,9 +81,9 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -> tuple[bool, float | None]:
+def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -> tuple[bool, tuple | None]:
     """Wait for a stage (first sending sig to its group, when given; SIGKILL after timeout seconds);
-    returns (whether it ended by itself, its peak memory in GB when the launcher reported it)."""
+    returns (whether it ended by itself, (peak GB, CPU seconds) when the launcher reported them)."""
     if sig is not None:
         try:
             os.killpg(proc.pid, sig)
@@ -89,20 +95,25 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float | None, sig=None) -
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return False, None
-    rss = log.with_suffix(".maxrss")
-    return True, int(rss.read_text()) * 1024 / 1e9 if rss.is_file() else None  # Linux reports kilobytes
+    usage = log.with_suffix(".maxrss")
+    if not usage.is_file():
+        return True, None
+    kilobytes, cpu = usage.read_text().split()
+    return True, (int(kilobytes) * 1024 / 1e9, float(cpu))  # Linux reports ru_maxrss in kilobytes
 
 
 def run_stage(cmd: list[str], timeout: float, log: Path) -> Result:
     """Run a CLI stage to its end: wall time and its peak memory, or why it has none."""
     began = time.perf_counter()
     proc = start(cmd, log)
-    ended, peak = finish(proc, log, timeout)
+    ended, usage = finish(proc, log, timeout)
     seconds = time.perf_counter() - began
     if not ended:
         return Result(None, None, f"timeout > {timeout:.0f} s")
     code = proc.returncode
-    return Result(seconds, peak, "ok" if code == 0 else f"failed (exit {code}, see {log.name})")
+    if code != 0 or usage is None:
+        return Result(None, None, f"failed (exit {code}, see {log.name})")
+    return Result(seconds, usage[0], "ok", cpu_s=usage[1])
 
 
 def free_port() -> int:
@@ -165,11 +176,11 @@ def serve_stage(cmd: list[str], stage: str, requests: dict[str, str], fill: dict
     except OSError as err:
         rows.update({name: Result(None, None, f"error: {err}") for name in requests if name not in rows})
     finally:
-        peak = finish(proc, log, 30, signal.SIGINT)[1]
+        usage = finish(proc, log, 30, signal.SIGINT)[1]
     if status == "timeout":
         rows[stage] = Result(None, None, f"timeout > {timeout:.0f} s")
     else:
-        rows[stage] = Result(seconds, peak, status)
+        rows[stage] = Result(seconds, usage[0] if usage else None, status)
     return rows
 
 
@@ -188,13 +199,14 @@ def matmul_floor(emb: Path, catalog: Path) -> Result:
     import torch
 
     rows = test_rows(catalog)
-    seconds = 0.0
+    seconds = cpu = 0.0
     with h5py.File(emb, "r") as f:
         names = ["vectors", *[f"groups/{g}" for g in f.get("groups", {})]]
         for name in names:
             x = torch.from_numpy(np.ascontiguousarray(f[name][:][rows], dtype=np.float32))
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()  # CPU time of all threads
             for first in range(0, len(x), EVAL_BLOCK):
                 torch.mm(x[first:first + EVAL_BLOCK], x.T)
             seconds += time.perf_counter() - began
-    return Result(seconds, None, "ok")
+            cpu += time.process_time() - began_cpu
+    return Result(seconds, None, "ok", cpu_s=cpu)

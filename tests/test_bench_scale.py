@@ -63,6 +63,7 @@ def test_stage_peak_memory_is_the_stage_own_not_the_benchmark_process(tmp_path):
                         60, tmp_path / "big.log")
     assert small.status == big.status == "ok"
     assert small.peak_gb < 0.1 < 0.4 < big.peak_gb < 0.6
+    assert 0 < small.cpu_s < small.seconds * 2 and big.cpu_s > 0
     assert ballast.sum() > 0
 
 
@@ -82,11 +83,13 @@ def test_benchmark_runs_every_stage_end_to_end(tmp_path):
     assert table == (tmp_path / "bench_scale.md").read_text()
     module = bench_scale
     expected = [module.ROW_NAMES[s] for s in module.STAGES] + [row for r in module.REQUESTS.values() for row in r]
-    for row in expected + ["evaluate / floor"]:
+    for row in expected + [bench_scale.RATIO_ROW]:
         line = next((ln for ln in table.splitlines() if ln.startswith(f"| {row} |")), None)
         assert line is not None, f"{row!r} missing from\n{table}"
         cell = line.split("|")[2].strip()
-        assert re.fullmatch(r"\d+\.\d+ (s(, \d+\.\d+ GB)?|ms)|\d+\.\d+x", cell), f"{row}: {cell!r}"
+        number = r"\d+\.\d+"
+        pattern = rf"{number} (s( \(cpu {number} s\))?(, {number} GB)?|ms)|{number}x"
+        assert re.fullmatch(pattern, cell), f"{row}: {cell!r}"
     for stage in ("catalog-info", "evaluate", "index-flat", "serve-flat"):
         assert f"| {module.ROW_NAMES[stage]} | " in table and " GB |" in next(
             ln for ln in table.splitlines() if ln.startswith(f"| {module.ROW_NAMES[stage]} |"))
