@@ -129,11 +129,11 @@ def get(conn: http.client.HTTPConnection, path: str) -> int:
     return response.status
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, deadline: float) -> str:
+def wait_healthy(proc: subprocess.Popen, port: int, deadline: float, log: Path) -> str:
     """Poll /api/health until it answers 200: "ok", or why not (the server ended, the deadline)."""
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
-            return f"failed (exit {proc.returncode})"
+            return f"failed (exit {proc.returncode}, see {log.name})"
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             if get(conn, "/api/health") == 200:
@@ -165,7 +165,7 @@ def serve_stage(cmd: list[str], stage: str, requests: dict[str, str], fill: dict
     port = int(cmd[cmd.index("--port") + 1])
     began = time.perf_counter()
     proc = start(cmd, log)
-    status = wait_healthy(proc, port, began + timeout)
+    status = wait_healthy(proc, port, began + timeout, log)
     seconds = time.perf_counter() - began
     rng = np.random.default_rng(0)
     rows = {}
