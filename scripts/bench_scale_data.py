@@ -4,7 +4,7 @@ The catalogue has the shape of e-Clothing1.4M: 24 attribute groups, 830 labels (
 labels, Zipf-skewed within a group), three multi-label groups, groups labelled on 35-100% of the
 items, and the corpus's share of test items. Every item has a true label per group; unknown cells
 are only hidden in labels.csv, as in a real catalogue. ``EMB.h5`` is written through
-``retrieval.data.embfile`` (work file + finalize, as ``retrieval embed`` does): a 256-d shared
+``retrieval.data.embfile`` and ``retrieval.embed.shards`` (one work file merged, as ``retrieval embed`` does): a 256-d shared
 vector drawn around the centroids of the item's labels plus noise, and per group the head
 probabilities and the group view made from them by the file's own rule (``group_vectors``).
 
@@ -15,7 +15,6 @@ check sees real files at the cost of a directory entry per item.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from collections import namedtuple
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.data.embfile import finalize, group_vectors, open_partial, partial_path
+from retrieval.data.catalog import items_digest
+from retrieval.data.embfile import group_vectors, open_partial
+from retrieval.embed.shards import merge_shards, shard_path
 
 # 24 groups, 830 labels: a few tiny groups (gender-like), many mid-sized, a few of 100+ (article types)
 GROUP_SIZES = (2, 2, 3, 3, 4, 5, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 60, 80, 100, 120, 188)
@@ -36,7 +37,7 @@ LINKS_PER_FILE = 50_000
 CHUNK = 20_000
 FORMAT_VERSION = 1  # bump when the generated data changes, so old --out folders are regenerated
 
-Row = namedtuple("Row", "row_id image")  # what embfile.finalize reads of a catalogue item
+Row = namedtuple("Row", "row_id image stat")  # what the shard merge reads of a catalogue item
 
 
 @dataclass
@@ -166,15 +167,16 @@ def generate(out: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
         import shutil
 
         shutil.rmtree(catalog)
-    partial_path(emb).unlink(missing_ok=True)
+    work = shard_path(emb, 0, 1)
+    work.unlink(missing_ok=True)
     catalog.mkdir(parents=True)
     spec = make_spec(seed)
     meta = {"fingerprint": f"synthetic:bench_scale:{seed}", "backbone": "synthetic",
             "catalog": str(catalog.resolve()), "split": "all", "sigmoid_groups": json.dumps(spec.multi_label)}
     dims = {"vectors": DIM, **{f"{kind}/{g}": c for g, c in zip(spec.groups, GROUP_SIZES)
                                for kind in ("groups", "probs")}}
-    paths = hashlib.sha256("\n".join(image_path(i) for i in range(n)).encode()).hexdigest()
-    f, _ = open_partial(emb, n, dims, meta, {"paths": paths, "files": "synthetic"})
+    items = [Row(i, image_path(i), None) for i in range(n)]
+    f, _ = open_partial(work, n, dims, meta, items_digest(items))
     with f, open(catalog / "labels.csv", "w", newline="", encoding="utf-8") as out_csv:
         writer = csv.writer(out_csv)
         writer.writerow(["image", "split", "title", *spec.groups])
@@ -182,11 +184,10 @@ def generate(out: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
             stop = min(n, start + CHUNK)
             rows, arrays = make_chunk(spec, start, stop)
             writer.writerows(rows)
-            for name, arr in arrays.items():
-                f[name][start:stop] = arr
+            f["outputs"][start:stop] = np.concatenate([arrays[name] for name in dims], axis=1)
             f["ok"][start:stop] = True
             f.attrs["done"] = stop
             link_images(catalog, start, stop)
-    finalize(emb, [Row(i, image_path(i)) for i in range(n)], meta)
+    merge_shards(emb, items, meta, 1)
     marker.write_text(json.dumps(stamp))
     return catalog, emb
