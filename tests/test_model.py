@@ -44,7 +44,7 @@ def test_group_vectors_are_head_probabilities():
 
 
 def test_unknown_backbone_lists_valid_ones():
-    with pytest.raises(ValueError, match="choose one of: efficientnet_lite0, resnet18"):
+    with pytest.raises(ValueError, match="choose one of: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet18"):
         create_model("vgg99", GROUPS)
     assert {"resnet101", "dilated_resnet50", "seresnet50", "alexnet", "tiny"} <= set(BACKBONES)
 
