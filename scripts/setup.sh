@@ -17,7 +17,7 @@ fi
 install_faiss() {  # $1 = cpu | gpu: remove the other build first (same files), then install the project
   local other=faiss-gpu; [ "$1" = gpu ] && other=faiss-cpu
   $PIP uninstall -q -y "$other" >/dev/null 2>&1 || true
-  $PIP install -q -e ".[$1,test]"
+  $PIP install -q -e ".[$1,test,trunks]"
 }
 if [ "$FAISS" = gpu ]; then
   if install_faiss gpu && .venv/bin/python -c 'import faiss, sys; sys.exit(faiss.get_num_gpus() == 0)'; then

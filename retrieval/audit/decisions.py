@@ -7,12 +7,11 @@ import csv
 import fcntl
 import io
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from retrieval.atomic import atomic_write
-from retrieval.data.catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, read_catalog
+from retrieval.data.catalog import LABEL_SEPARATOR, LABELS_FILE, decode_labels_file, link_or_copy, read_catalog
 
 FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
 DECISIONS = ("accept", "reject", "skip")
@@ -80,7 +79,7 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
             changed += 1
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        _link_or_copy(src / row["image"], out / row["image"])
+        link_or_copy(src / row["image"], out / row["image"])
     with atomic_write(out / LABELS_FILE, newline="") as f:
         writer = csv.DictWriter(f, header, extrasaction="ignore")
         writer.writeheader()
@@ -88,12 +87,3 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
     read_catalog(out)  # the copy must be a valid catalog
     return changed
 
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    if target.exists() or not source.exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(source, target)

@@ -7,6 +7,7 @@ from dataclasses import MISSING, fields
 
 from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
+from retrieval.net.colour import COLOUR_WEIGHTINGS
 from retrieval.net.layers import SHARED_LAYERS
 from retrieval.net.model import METHODS, POOL_WEIGHTINGS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
@@ -52,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--colour-bins", metavar="L,A,B",
                        help="add a CIELAB colour histogram of the product with this many bins along L, a "
                             "and b to the pooled features (none = off)")
+    model.add_argument("--colour-weighting", choices=COLOUR_WEIGHTINGS,
+                       help="which pixels the histogram counts: border = unlike the image border; attention = "
+                            "those, weighted by where the trunk's last unit responds (finds the garment in clutter)")
     model.add_argument("--dropout", type=float, help="dropout on the pooled features")
     model.add_argument("--head-scale", type=float,
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")

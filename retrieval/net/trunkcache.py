@@ -29,6 +29,7 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     return json.dumps({
         "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
         "pool_weighting": model.config.pool_weighting, "colour": model.colour_bins,
+        "colour_weighting": model.config.colour_weighting,
         "image_size": model.config.image_size, "images": covers["paths"], "files": covers["files"],
     }, sort_keys=True)
 
@@ -39,12 +40,13 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
         return False
     stored, wanted = json.loads(stored_key), json.loads(wanted_key)
     stored.setdefault("pool_weighting", "none")  # caches made before the options existed
-    stored_colour = stored.pop("colour", None)
-    wanted_colour = wanted.pop("colour")
+    # a model without a histogram takes any cache; one with a histogram needs its bins and weighting
+    stored_colour = stored.pop("colour", None), stored.pop("colour_weighting", "border")
+    wanted_colour = wanted.pop("colour"), wanted.pop("colour_weighting")
     stored_taps = stored.pop("taps")
     wanted.pop("taps")
     return stored == wanted and set(t for t in model.taps if t < start) <= set(stored_taps) \
-        and wanted_colour in (None, stored_colour)
+        and (wanted_colour[0] is None or wanted_colour == stored_colour)
 
 
 @torch.no_grad()

