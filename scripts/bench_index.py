@@ -9,7 +9,7 @@ with the ratio to the previous size: about 2x per doubling when adding is linear
     python scripts/bench_index.py --sizes --add-sizes 5000 10000 20000   # index add only
 
 The whole index directory (shared + 24 group views + item arrays) through `retrieval index build` and
-`retrieval serve` at corpus size: scripts/bench_corpus.py.
+`retrieval serve` at corpus size: scripts/bench_scale.py.
 """
 from __future__ import annotations
 
