@@ -73,23 +73,32 @@ def open_file(path: str | Path) -> h5py.File:
         raise EmbeddingsError(f"{path}: cannot read the embeddings file as HDF5 ({err})") from err
 
 
+def check_layout(f: h5py.File, path: str | Path) -> int:
+    """The row count of an open embeddings file, after checking that vectors, ids, paths and every
+    group view exist and have as many rows as the 2-D vectors."""
+    names = ["vectors", "ids", "paths"] + [f"groups/{g}" for g in f.get("groups", {})]
+    missing = [name for name in names if name not in f]
+    if missing:
+        raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
+    if f["vectors"].ndim != 2:
+        raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {f['vectors'].shape}")
+    n = f["vectors"].shape[0]
+    for name in names[1:]:
+        if f[name].shape[0] != n:
+            raise EmbeddingsError(f"{path}: dataset {name!r} has {f[name].shape[0]} rows, 'vectors' has {n}")
+    return n
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
     """Vectors, ids, paths, group vectors and attributes, with every dataset's row count checked."""
     with open_file(path) as f:
-        missing = [name for name in ("vectors", "ids", "paths") if name not in f]
-        if missing:
-            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
-        vectors = np.asarray(f["vectors"][...], dtype=np.float32)
-        if vectors.ndim != 2:
-            raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {vectors.shape}")
-        emb = Embeddings(vectors, np.asarray(f["ids"][...], dtype=np.int64).reshape(-1),
+        check_layout(f, path)
+        emb = Embeddings(np.asarray(f["vectors"][...], dtype=np.float32),
+                         np.asarray(f["ids"][...], dtype=np.int64).reshape(-1),
                          [str(p) for p in f["paths"].asstr()[...]],
                          {g: np.asarray(ds[...], dtype=np.float32) for g, ds in f.get("groups", {}).items()},
                          {name: decode_attr(name, value) for name, value in f.attrs.items()})
-    for name, arr in {"ids": emb.ids, "paths": emb.paths, **{f"groups/{g}": a for g, a in emb.group_vectors.items()}}.items():
-        if len(arr) != len(vectors):
-            raise EmbeddingsError(f"{path}: dataset {name!r} has {len(arr)} rows, 'vectors' has {len(vectors)}")
-    logger.info("Read %d embeddings of dimension %d from %s", *vectors.shape, path)
+    logger.info("Read %d embeddings of dimension %d from %s", *emb.vectors.shape, path)
     return emb
 
 
@@ -120,16 +129,7 @@ def read_rows(path: str | Path, rows: np.ndarray) -> Embeddings:
     one ``CHUNK_ROWS`` slice of a dataset, whatever the file's size."""
     rows = np.asarray(rows, dtype=np.int64)
     with open_file(path) as f:
-        names = ["vectors", "ids", "paths"] + [f"groups/{g}" for g in f.get("groups", {})]
-        missing = [name for name in names if name not in f]
-        if missing:
-            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
-        n = f["vectors"].shape[0]
-        if f["vectors"].ndim != 2:
-            raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {f['vectors'].shape}")
-        for name in names[1:]:
-            if f[name].shape[0] != n:
-                raise EmbeddingsError(f"{path}: dataset {name!r} has {f[name].shape[0]} rows, 'vectors' has {n}")
+        n = check_layout(f, path)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise EmbeddingsError(f"{path}: rows outside 0..{n - 1} asked for")
         emb = Embeddings(select_rows(f["vectors"], rows).astype(np.float32, copy=False),
