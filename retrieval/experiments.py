@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,28 @@ def _timed(exp: Experiment, stage: str, argv: list[str]) -> None:
         raise RuntimeError(f"{exp.name}: 'retrieval {' '.join(argv)}' failed with exit code {code}")
 
 
+def finished(output: Path, catalog: str) -> bool:
+    """Whether a stage's output can be reused: it exists and is newer than the catalog's labels.csv
+    (a catalog written again, e.g. a regenerated stand-in, makes every stage run again)."""
+    labels = Path(catalog) / "labels.csv"
+    return output.exists() and (not labels.exists() or output.stat().st_mtime > labels.stat().st_mtime)
+
+
 def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Path | None = None) -> Experiment:
-    """Train (unless pretrained-only), embed and evaluate; reuses finished stages of a rerun."""
+    """Train (unless pretrained-only), embed and evaluate; reuses the stages a rerun finished since
+    the catalog was last written."""
     run, emb, report = workdir / exp.name, workdir / f"{exp.name}.h5", workdir / f"{exp.name}-report"
     cache = ["--trunk-cache", str(trunk_cache)] if trunk_cache else []
-    if exp.train is not None and not (run / "best.pt").exists():
-        resume = ["--resume"] if (run / "last.pt").exists() else []
+    retrain = exp.train is not None and not finished(run / "best.pt", catalog)
+    if retrain:
+        resume = ["--resume"] if finished(run / "last.pt", catalog) else []
+        if not resume and (run / "last.pt").exists():  # made before the catalog was written: set aside
+            stale = run.with_name(run.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            run.rename(stale)
+            logger.info("%s predates %s/labels.csv: moved to %s, training again", run, catalog, stale)
         _timed(exp, "train", ["train", "--catalog", catalog, "--out", str(run), *cache, *exp.train, *resume])
-    if not emb.exists():
+    if retrain or not finished(emb, catalog):
         source = ["--checkpoint", str(run / exp.checkpoint)] if exp.train is not None else ["--pretrained-only"]
         _timed(exp, "embed", ["embed", *source, "--catalog", catalog, "--out", str(emb), *cache, *exp.embed])
     _timed(exp, "evaluate", ["evaluate", "--embeddings", str(emb), "--catalog", catalog, "--out", str(report),

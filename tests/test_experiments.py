@@ -1,0 +1,42 @@
+"""The experiment harness reuses a finished stage only when it is newer than the catalog."""
+import os
+import shutil
+
+from retrieval import experiments
+from retrieval.experiments import Experiment, finished, run_experiment
+
+
+def test_a_stage_older_than_the_catalog_is_not_reused(tmp_path):
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    labels, output = catalog / "labels.csv", tmp_path / "base.h5"
+    labels.write_text("image\n")
+    output.write_text("x")
+    os.utime(labels, (1_000, 1_000))
+    os.utime(output, (2_000, 2_000))
+    assert finished(output, str(catalog))
+    os.utime(labels, (3_000, 3_000))  # the catalog was written again after the output
+    assert not finished(output, str(catalog))
+    assert not finished(tmp_path / "absent.h5", str(catalog))
+
+
+def test_rerun_embeds_again_after_the_catalog_changes(demo_catalog, tmp_path, monkeypatch):
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    calls = []
+    real_cli = experiments.cli
+
+    def counting_cli(argv):
+        calls.append(argv[0])
+        return real_cli(argv)
+
+    monkeypatch.setattr(experiments, "cli", counting_cli)
+    exp = lambda: Experiment("base", None, embed=["--backbone", "tiny", "--image-size", "64"])  # noqa: E731
+    run_experiment(exp(), str(catalog), tmp_path)
+    run_experiment(exp(), str(catalog), tmp_path)
+    assert calls == ["embed", "evaluate", "evaluate"]  # the second run reuses the embedding
+    stamp = (tmp_path / "base.h5").stat().st_mtime + 10
+    os.utime(catalog / "labels.csv", (stamp, stamp))
+    again = run_experiment(exp(), str(catalog), tmp_path)
+    assert calls[3:] == ["embed", "evaluate"]
+    assert again.report["mean"]["map_paper"] is not None
