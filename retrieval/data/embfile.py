@@ -75,13 +75,14 @@ def open_file(path: str | Path) -> h5py.File:
 
 def check_layout(f: h5py.File, path: str | Path) -> int:
     """The row count of an open embeddings file, after checking that vectors, ids, paths and every
-    group view exist and have as many rows as the 2-D vectors."""
+    group view exist, that the vectors and group views are 2-D, and that all have as many rows."""
     names = ["vectors", "ids", "paths"] + [f"groups/{g}" for g in f.get("groups", {})]
     missing = [name for name in names if name not in f]
     if missing:
         raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; it has: {', '.join(f.keys()) or 'nothing'}")
-    if f["vectors"].ndim != 2:
-        raise EmbeddingsError(f"{path}: dataset 'vectors' must be 2-D, has shape {f['vectors'].shape}")
+    for name in ["vectors"] + names[3:]:
+        if f[name].ndim != 2:
+            raise EmbeddingsError(f"{path}: dataset {name!r} must be 2-D, has shape {f[name].shape}")
     n = f["vectors"].shape[0]
     for name in names[1:]:
         if f[name].shape[0] != n:
@@ -237,21 +238,16 @@ class BlockReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.file = open_file(path)
-        missing = [name for name in ("vectors", "ids", "paths") if name not in self.file]
-        if missing:
+        try:
+            check_layout(self.file, path)
+        except EmbeddingsError:
             self.file.close()
-            raise EmbeddingsError(f"{path} lacks dataset(s) {', '.join(missing)}; "
-                                  f"it has: {', '.join(self.file.keys()) or 'nothing'}")
+            raise
         self.ids = np.asarray(self.file["ids"][...], dtype=np.int64).reshape(-1)
         self.paths = [str(p) for p in self.file["paths"].asstr()[...]]
         self.attrs = {name: decode_attr(name, value) for name, value in self.file.attrs.items()}
         self.datasets = {"vectors": self.file["vectors"],
                          **{f"groups/{g}": ds for g, ds in self.file.get("groups", {}).items()}}
-        for name, ds in self.datasets.items():
-            if ds.ndim != 2 or len(ds) != len(self.ids) or len(self.paths) != len(self.ids):
-                self.file.close()
-                raise EmbeddingsError(f"{path}: dataset {name!r} has shape {ds.shape}; "
-                                      f"'ids' has {len(self.ids)} rows, 'paths' {len(self.paths)}")
 
     def __enter__(self) -> "BlockReader":
         return self
