@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-EVAL_BLOCK = 1024  # query rows per block, as retrieval.evaluate.metrics.topk_neighbors
 # A forked child starts with its parent's resident pages counted, and exec keeps that high-water mark
 # in ru_maxrss: a stage started straight from this (large) process would be charged for it. So each
 # stage is spawned by this small launcher, which reports the stage's own rusage to argv[1]: peak
@@ -193,20 +192,17 @@ def test_rows(catalog: Path) -> np.ndarray:
 
 
 def matmul_floor(emb: Path, catalog: Path) -> Result:
-    """Seconds of the blocked products X[block] @ X.T (no top-k) for every view of the test split:
-    what query = candidate evaluation cannot go below on this CPU."""
+    """Seconds of the blocked products X[block] @ X.T (no top-k) for every view of the test split,
+    with the evaluation's own block size and score buffer (``bench_eval.floor_seconds``): what
+    query = candidate evaluation cannot go below on this CPU."""
     import h5py
-    import torch
+
+    from bench_eval import floor_seconds
 
     rows = test_rows(catalog)
-    seconds = cpu = 0.0
     with h5py.File(emb, "r") as f:
         names = ["vectors", *[f"groups/{g}" for g in f.get("groups", {})]]
-        for name in names:
-            x = torch.from_numpy(np.ascontiguousarray(f[name][:][rows], dtype=np.float32))
-            began, began_cpu = time.perf_counter(), time.process_time()  # CPU time of all threads
-            for first in range(0, len(x), EVAL_BLOCK):
-                torch.mm(x[first:first + EVAL_BLOCK], x.T)
-            seconds += time.perf_counter() - began
-            cpu += time.process_time() - began_cpu
-    return Result(seconds, None, "ok", cpu_s=cpu)
+        matrices = [np.ascontiguousarray(f[name][:][rows], dtype=np.float32) for name in names]
+    began_cpu = time.process_time()  # CPU time of all threads
+    seconds = floor_seconds(matrices, "cpu", len(rows))
+    return Result(seconds, None, "ok", cpu_s=time.process_time() - began_cpu)
