@@ -25,6 +25,7 @@ from tqdm import tqdm
 from retrieval.data.catalog import LABEL_SEPARATOR, LABELS_FILE, Catalog, Item, link_or_copy, read_catalog
 from retrieval.data.datasets import drop_labels, parse_dropout_profile
 from retrieval.data.demo import write_csv_atomic
+from retrieval.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,6 @@ def colour_group(catalog: Catalog) -> str:
     return found[0]
 
 
-def _open(catalog: Catalog, item: Item) -> Image.Image:
-    with Image.open(catalog.path_of(item)) as image:
-        return image.convert("RGB")
-
-
 def make_street(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[list[str]]:
     """Street-style rows (images written under ``out/images``)."""
     rng = np.random.default_rng(seed)
@@ -148,7 +144,8 @@ def make_street(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[li
     for i, index in enumerate(tqdm(chosen, desc="street stand-in", unit="img")):
         item_rng = np.random.default_rng([seed, i])
         others = [catalog.items[j] for j in item_rng.integers(0, len(catalog.items), item_rng.integers(1, 4))]
-        image = street_image(item_rng, _open(catalog, catalog.items[index]), [_open(catalog, o) for o in others])
+        image = street_image(item_rng, load_image(catalog.path_of(catalog.items[index])),
+                             [load_image(catalog.path_of(o)) for o in others])
         path = f"images/{i:06d}.jpg"
         image.save(out / path, "JPEG", quality=90)
         rows.append(_row(catalog.items[index], catalog.groups, path))
@@ -166,7 +163,7 @@ def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int) -> li
         item_rng = np.random.default_rng([seed, i])
         extra = int(item_rng.choice(3, p=[0.25, 0.5, 0.25]))
         shown = [coloured[index]] + [coloured[j] for j in item_rng.integers(0, len(coloured), extra)]
-        image = multicolour_image(item_rng, [_open(catalog, it) for it in shown])
+        image = multicolour_image(item_rng, [load_image(catalog.path_of(it)) for it in shown])
         path = f"images/{i:06d}.jpg"
         image.save(out / path, "JPEG", quality=90)
         colours = tuple(dict.fromkeys(c for it in shown for c in it.labels[colour]))
