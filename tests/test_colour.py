@@ -8,7 +8,8 @@ from conftest import TINY
 from retrieval.net.checkpoint import load_model
 from retrieval.cli import main as cli
 from retrieval.data.catalog import read_catalog
-from retrieval.net.colour import attention_weights, colour_histogram, parse_bins, srgb_to_lab
+from retrieval.net.colour import (attention_prior, attention_weights, colour_cells, colour_histogram, parse_bins,
+                                  pool_cells, srgb_to_lab)
 from retrieval.net.trunkcache import TrunkCache, cache_key, cache_serves, frozen_outputs
 from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
 from retrieval.net.model import create_model, model_from_config
@@ -127,7 +128,7 @@ def test_attention_finds_the_garment_where_the_border_does_not():
     border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6")
     attention = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6", colour_weighting="attention")
     near_border = (border.colour_features(x)[0] * blue).sum()  # Bhattacharyya coefficient with pure blue
-    near_attention = (attention.colour_features(x, last=activation)[0] * blue).sum()
+    near_attention = (attention.colour_features(x, outputs=[activation])[0] * blue).sum()
     assert near_border < 0.6 and near_attention > 0.85  # the coarse map, upsampled, bleeds a little
 
 
@@ -141,7 +142,7 @@ def test_attention_histogram_is_the_same_from_images_and_from_the_cache():
     border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4").eval()
     border.load_state_dict(model.state_dict())
     assert not torch.allclose(border.pooled_features(x)[:, :48], direct[:, :48], atol=1e-3)
-    with pytest.raises(ValueError, match="border, attention"):
+    with pytest.raises(ValueError, match="border, attention, learned"):
         create_model("tiny", GROUPS, colour_weighting="saliency")
 
 
@@ -163,3 +164,75 @@ def test_caches_serve_only_the_colour_weighting_they_hold(demo_catalog, tmp_path
     del stored["colour_weighting"]
     assert cache_serves(json.dumps(stored), cache_key(old, 4, read_catalog(demo_catalog).items), old, 4)
     assert not cache_serves(json.dumps(stored), cache_key(model, 4, read_catalog(demo_catalog).items), model, 4)
+
+
+def test_cells_pooled_evenly_are_the_weighted_histogram():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 3, 64, 64), torch.rand(2, 1, 64, 64)
+    cells = colour_cells(x, (3, 4, 4), weight, (8, 8))
+    assert cells.shape == (2, 48, 64)
+    assert torch.allclose(pool_cells(cells, torch.zeros(2, 64)), colour_histogram(x, (3, 4, 4), weight), atol=1e-5)
+    # all the softmax on one cell: that cell's colour alone
+    one = torch.full((2, 64), -1e4)
+    one[:, 5] = 0
+    alone = cells[:, :, 5] / cells[:, :, 5].sum(1, keepdim=True)
+    assert torch.allclose(pool_cells(cells, one), alone.sqrt(), atol=1e-4)
+
+
+def _learned(bins="3,4,4"):
+    return create_model("tiny", GROUPS, embed_dim=8, colour_bins=bins, colour_weighting="learned")
+
+
+def test_learned_histogram_is_the_same_from_images_and_from_the_cache():
+    torch.manual_seed(0)
+    model = _learned().eval()
+    torch.nn.init.normal_(model.colour_attention.weight)  # a trained weighting, not the prior alone
+    x = torch.randn(2, 3, 64, 64)
+    direct = model.pooled_features(x)
+    assert direct.shape == (2, model.feature_dim) and model.colour_unit == 2
+    for start in range(1, len(model.trunk) + 1):  # the map from the units still trained, or from the cache
+        prefix, act, weight = frozen_outputs(model, x, start=start)
+        cells = 48 * 8 * 8
+        assert prefix.shape[1] == cells + (32 * 8 * 8 if start > 2 else 0) + sum(model.trunk.channels[t] for t in
+                                                                                   model.taps if t < start)
+        assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
+
+
+def test_learned_weighting_starts_as_the_attention_prior_and_learns_where_the_garment_is():
+    torch.manual_seed(0)
+    model = _learned("4,6,6")
+    cells = torch.zeros(1, 144, 4)
+    red = colour_histogram(normalised(torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1).expand(1, 3, 4, 4)), (4, 6, 6))
+    blue = colour_histogram(normalised(torch.tensor([0.1, 0.1, 0.9]).view(1, 3, 1, 1).expand(1, 3, 4, 4)), (4, 6, 6))
+    cells[0, :, :3] = (red ** 2).T  # clutter in three cells, the garment in the fourth
+    cells[0, :, 3] = blue[0] ** 2
+    cmap = torch.zeros(1, 32, 4)
+    cmap[0, 0] = 1.0  # every cell responds alike on channel 0 (the prior is uniform)...
+    cmap[0, 5, 3] = 1.0  # ...and channel 5 marks the garment
+    start = model.pool_colour(cells, cmap)
+    assert torch.allclose(start, pool_cells(cells, attention_prior(cmap)), atol=1e-6)
+    optimiser = torch.optim.SGD(model.colour_attention.parameters(), lr=1.0)
+    for _ in range(50):  # a colour label (blue) is all it learns from
+        loss = -(model.pool_colour(cells, cmap) * blue).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    score = model.colour_attention(cmap.transpose(1, 2)).squeeze(2)
+    share = torch.softmax(attention_prior(cmap) + score, 1)[0]
+    assert share[3] > 0.95  # from 0.25: the garment's cell
+    assert (start * blue).sum() < (model.pool_colour(cells, cmap) * blue).sum() - 0.05
+
+
+def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_path):
+    cache = tmp_path / "trunk.h5"
+    run = tmp_path / "learned"
+    assert cli(["train", "--catalog", str(demo_catalog), *TINY, "--epochs", "2", "--colour-bins", "3,4,4",
+                "--colour-weighting", "learned", "--trunk-cache", str(cache), "--out", str(run)]) == 0
+    model, _ = load_model(run / "last.pt")
+    assert model.config.colour_weighting == "learned" and model.colour_attention.weight.abs().sum() > 0
+    for source in (["--trunk-cache", str(cache)], []):  # the same vectors from the cache as from the images
+        assert cli(["embed", "--checkpoint", str(run / "last.pt"), "--catalog", str(demo_catalog),
+                    "--out", str(tmp_path / f"emb{len(source)}.h5"), *source]) == 0
+    import h5py
+    with h5py.File(tmp_path / "emb2.h5") as a, h5py.File(tmp_path / "emb0.h5") as b:
+        assert torch.allclose(torch.from_numpy(a["vectors"][:]), torch.from_numpy(b["vectors"][:]), atol=1e-3)

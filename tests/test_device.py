@@ -57,12 +57,16 @@ def test_model_forward_and_group_vectors_on_meta(method):
     assert emb.device == META and all(v.device == META for v in vectors.values())
 
 
-def test_trunk_cache_step_and_cached_forward_on_meta():
+@pytest.mark.parametrize("weighting", ["border", "learned"])
+@pytest.mark.parametrize("start", [2, 3, 4])
+def test_trunk_cache_step_and_cached_forward_on_meta(weighting, start):
     model = create_model("tiny", GROUPS, embed_dim=16, colour_bins="4,6,6", pool_weighting="foreground",
-                         weights="none").to(META).eval()
-    prefix, act, weight = frozen_outputs(model, torch.empty(2, 3, 32, 32, device=META), 2)
-    emb, logits = CachedForward(model, 2)(prefix, act, weight)
+                         colour_weighting=weighting, weights="none").to(META).eval()
+    x = torch.empty(2, 3, 32, 32, device=META)
+    prefix, act, weight = frozen_outputs(model, x, start)
+    emb, logits = CachedForward(model, start)(prefix, act, weight)
     assert emb.device == META and logits["type"].shape == (2, 2)
+    assert model.forward_features(x).device == META
 
 
 def test_training_step_on_meta(demo_catalog, tmp_path):

@@ -143,7 +143,12 @@ def test_batch_normalisation_sums_over_labels_and_averages_over_the_batch():
     assert masked_group_loss(z, y, known, "bce", norm="batch").item() == pytest.approx(6 * math.log(2) / 4)
     assert masked_group_loss(z, y, known, "bce").item() == pytest.approx(math.log(2))  # mean over 2 x 3 entries
     assert masked_group_loss(z, y, known, "ce", norm="batch").item() == pytest.approx(2 * math.log(3) / 4)
-    with pytest.raises(ValueError, match="choose one of: labelled, batch"):
+    # item: summed over the 3 sigmoid labels, averaged over the 2 labelled items; softmax as labelled
+    assert masked_group_loss(z, y, known, "bce", norm="item").item() == pytest.approx(3 * math.log(2))
+    assert masked_group_loss(z, y, known, "ce", norm="item").item() == pytest.approx(math.log(3))
+    weights = torch.tensor([1.0, 2.0, 3.0])  # per-label weights: their mean takes the place of 1 per label
+    assert masked_group_loss(z, y, known, "bce", weights, norm="item").item() == pytest.approx(3 * math.log(2))
+    with pytest.raises(ValueError, match="choose one of: labelled, item, batch"):
         masked_group_loss(z, y, known, "bce", norm="mean")
 
 

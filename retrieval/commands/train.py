@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--loss-norm", choices=LOSS_NORMS,
                       help="labelled: a group's loss is the mean over its labelled items (and sigmoid labels); "
-                           "batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
+                           "item: the same, summed over a sigmoid group's labels; batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
                            "with --method multi-label one sigmoid cross-entropy over all labels)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")

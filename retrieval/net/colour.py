@@ -22,7 +22,7 @@ from retrieval.data.images import IMAGENET_MEAN, IMAGENET_STD
 # L in [0, 100]; a and b clamped to [-80, 80], which covers the clothing colours of sRGB
 LAB_RANGES = ((0.0, 100.0), (-80.0, 80.0), (-80.0, 80.0))
 SIDE = 64  # histograms are taken at this resolution: colour needs no detail
-COLOUR_WEIGHTINGS = ("border", "attention")
+COLOUR_WEIGHTINGS = ("border", "attention", "learned")
 # sharpness of the attention map: on 24 street stand-in images (the garment 14% of the frame) the
 # weight falling on the garment was 18% with border weights alone, 33 / 41 / 48 / 53% times the
 # last unit's activation to the power 1 / 2 / 4 / 8
@@ -71,23 +71,61 @@ def _soft_bins(values: torch.Tensor, n: int, lo: float, hi: float) -> torch.Tens
 def colour_histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hellinger-normalised L×a×b histogram (N, prod(bins)) of an ImageNet-normalised batch N3HW;
     ``weight`` (N1hw, any resolution) weights the pixels. Always float32 (autocast off)."""
-    # devices without autocast (meta, in the device-placement tests) need no guard
-    off = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else nullcontext()
-    with off:
+    with _full_precision(x.device):
         return _histogram(x.float(), bins, None if weight is None else weight.float())
 
 
-def _histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None) -> torch.Tensor:
+def _full_precision(device: torch.device):
+    """Autocast off: histograms are sums of many small weights. Devices without autocast (meta, in
+    the device-placement tests) need no guard."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
+
+
+def _memberships(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None):
+    """Pixel weights NP and the L, a, b bin memberships (NPn each) of a batch at ``SIDE`` resolution."""
     x = F.adaptive_avg_pool2d(x, (min(SIDE, x.shape[-2]), min(SIDE, x.shape[-1])))
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     lab = srgb_to_lab((x * std + mean).clamp(0, 1)).flatten(2)  # N3P
     w = x.new_ones(len(x), lab.shape[-1]) if weight is None else \
         F.adaptive_avg_pool2d(weight, x.shape[-2:]).flatten(1)
-    (nl, na, nb), ranges = bins, LAB_RANGES
-    ml, ma, mb = (_soft_bins(lab[:, c], n, *ranges[c]) for c, n in enumerate((nl, na, nb)))
-    hist = torch.einsum("np,npi,npj,npk->nijk", w, ml, ma, mb).flatten(1)
-    return (hist / hist.sum(1, keepdim=True).clamp_min(1e-12)).sqrt()
+    return w, [_soft_bins(lab[:, c], n, *LAB_RANGES[c]) for c, n in enumerate(bins)], x.shape[-2:]
+
+
+def _hellinger(hist: torch.Tensor) -> torch.Tensor:
+    """Square root of the normalised histogram (rows of NB); kept off 0, where the root's
+    gradient is infinite (only the learned weighting takes gradients through it)."""
+    return (hist / hist.sum(1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12).sqrt()
+
+
+def _histogram(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor | None) -> torch.Tensor:
+    w, (ml, ma, mb), _ = _memberships(x, bins, weight)
+    return _hellinger(torch.einsum("np,npi,npj,npk->nijk", w, ml, ma, mb).flatten(1))
+
+
+def colour_cells(x: torch.Tensor, bins: tuple[int, int, int], weight: torch.Tensor, size) -> torch.Tensor:
+    """Per-cell colour mass (N, prod(bins), cells) of an ImageNet-normalised batch: the weighted
+    pixels' soft-binned histogram, average-pooled onto a ``size`` (h, w) grid of cells (the trunk
+    map's), unnormalised, so that a uniform pooling of cells is the weighted histogram. Float32."""
+    with _full_precision(x.device):
+        w, (ml, ma, mb), side = _memberships(x.float(), bins, weight.float())
+        joint = torch.einsum("np,npi,npj,npk->nijkp", w, ml, ma, mb).flatten(1, 3)
+        return F.adaptive_avg_pool2d(joint.unflatten(2, tuple(side)), tuple(size)).flatten(2)
+
+
+def attention_prior(cmap: torch.Tensor) -> torch.Tensor:
+    """Logits (N, cells) of the attention weighting from a trunk map (N, C, cells): ``ATTENTION_POWER``
+    x the log of its summed non-negative activation, scaled to peak 1. No gradients."""
+    energy = cmap.detach().float().clamp_min(0).sum(1)
+    energy = energy / energy.amax(1, keepdim=True).clamp_min(1e-12)
+    return ATTENTION_POWER * energy.clamp_min(1e-6).log()
+
+
+def pool_cells(cells: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Hellinger histogram (N, B) of per-cell colour mass (N, B, cells) pooled by softmax(``logits``)."""
+    with _full_precision(cells.device):
+        share = torch.softmax(logits.float(), dim=1)
+        return _hellinger(torch.einsum("nbc,nc->nb", cells.float(), share))
 
 
 def histogram_size(bins: tuple[int, int, int] | None) -> int:

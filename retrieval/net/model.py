@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.net.backbones import create_trunk
-from retrieval.net.colour import (attention_weights, check_colour_weighting, colour_histogram, foreground_weights,
-                                  histogram_size, parse_bins)
+from retrieval.net.colour import (attention_prior, attention_weights, check_colour_weighting, colour_cells,
+                                  colour_histogram, foreground_weights, histogram_size, parse_bins, pool_cells)
 from retrieval.net.layers import shared_layers
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,14 @@ class RetrievalModel(nn.Module):
         self.colour_bins = parse_bins(config.colour_bins)
         self.colour_dim = histogram_size(self.colour_bins)
         self.feature_dim = self.colour_dim + sum(self.trunk.channels[i] for i in self.taps)
+        self.learned_colour = self.colour_bins is not None and config.colour_weighting == "learned"
+        if self.learned_colour:
+            # the map that places the garment: the unit before the last (EfficientNet-Lite: its last
+            # block, 320 channels at the last unit's resolution, of which the last is a 1x1 expansion)
+            self.colour_unit = max(len(self.trunk) - 2, 0)
+            self.colour_attention = nn.Linear(self.trunk.channels[self.colour_unit], 1)
+            nn.init.zeros_(self.colour_attention.weight)  # starts as the attention weighting
+            nn.init.zeros_(self.colour_attention.bias)
         self.embed = shared_layers(config.shared_layers, self.feature_dim, config.embed_hidden, config.embed_dim,
                                    config.dropout)
         sizes = {g: len(labels) for g, labels in config.groups.items()}
@@ -128,37 +136,60 @@ class RetrievalModel(nn.Module):
         return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
 
     def colour_features(self, x: torch.Tensor, foreground: torch.Tensor | None = None,
-                        last: torch.Tensor | None = None) -> list[torch.Tensor]:
+                        outputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The product's colour histogram of an image batch, as a list of 0 or 1 tensors;
-        ``foreground``: the batch's ``foreground_weights`` when already computed; ``last``: the
-        trunk's last output, which ``colour_weighting="attention"`` weights by."""
+        ``foreground``: the batch's ``foreground_weights`` when already computed; ``outputs``: the
+        trunk's unit outputs (from unit 0), which the ``attention`` and ``learned`` weightings use."""
         if self.colour_bins is None:
             return []
         weight = foreground_weights(x) if foreground is None else foreground
+        if self.learned_colour:
+            cmap = outputs[self.colour_unit]
+            cells = colour_cells(x, self.colour_bins, weight, cmap.shape[-2:])
+            return [self.pool_colour(cells, cmap.flatten(2)).to(x.dtype)]
         if self.config.colour_weighting == "attention":
-            weight = weight * attention_weights(last, weight.shape[-2:])
+            weight = weight * attention_weights(outputs[-1], weight.shape[-2:])
         return [colour_histogram(x, self.colour_bins, weight).to(x.dtype)]
 
-    def _attention_source(self, x: torch.Tensor, start: int) -> torch.Tensor | None:
-        """The trunk's last output from unit ``start``'s input ``x`` (``x`` when colour needs none)."""
-        if self.colour_bins is None or self.config.colour_weighting != "attention" or start == len(self.trunk):
-            return x
-        with torch.no_grad():
-            return self.trunk(x, start)[-1]
+    def pool_colour(self, cells: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
+        """The learned weighting: per-cell colour mass (N, B, cells) pooled by a softmax over cells
+        of the attention prior plus a trained linear score of the map (N, C, cells)."""
+        score = self.colour_attention(cmap.transpose(1, 2).to(self.colour_attention.weight.dtype))
+        return pool_cells(cells, attention_prior(cmap) + score.squeeze(2).float())
+
+    def _colour_prefix(self, image: torch.Tensor, weight: torch.Tensor | None, outputs: list[torch.Tensor],
+                       start: int) -> list[torch.Tensor]:
+        """What the frozen units before ``start`` give the colour feature: the histogram, or with the
+        learned weighting its inputs, flattened: per-cell colour mass, then the map when its unit
+        is frozen (the weighting itself trains)."""
+        if self.colour_bins is None:
+            return []
+        if start < len(self.trunk) and (self.learned_colour or self.config.colour_weighting == "attention"):
+            with torch.no_grad():  # the maps of units still to train, as the trunk is now
+                outputs = outputs + self.trunk(outputs[-1], start)
+        if not self.learned_colour:
+            return self.colour_features(image, weight, outputs)
+        cmap = outputs[self.colour_unit]
+        cells = colour_cells(image, self.colour_bins, foreground_weights(image) if weight is None else weight,
+                             cmap.shape[-2:])
+        frozen = [cmap.flatten(1)] if self.colour_unit < start else []
+        return [t.to(image.dtype) for t in [cells.flatten(1), *frozen]]
 
     def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None):
-        """What the frozen units before ``start`` contribute: the colour histogram and the pooled
-        outputs of units ``taps`` (default: the model's) as one prefix, the input of unit ``start``
-        (None when the whole trunk is frozen) and the pooling weights at its resolution. The trunk
-        cache stores exactly this; ``pooled_features(act, start, prefix, weight)`` continues it."""
+        """What the frozen units before ``start`` contribute: the colour feature (``_colour_prefix``)
+        and the pooled outputs of units ``taps`` (default: the model's) as one prefix, the input of
+        unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its
+        resolution. The trunk cache stores exactly this; ``pooled_features(act, start, prefix,
+        weight)`` continues it."""
         taps = self.taps if taps is None else taps
-        image, weight, pooled = x, self.pool_weight(x), []
+        image, weight, pooled, outputs = x, self.pool_weight(x), [], []
         for i, unit in enumerate(self.trunk.units[:start]):
             x = unit(x)
+            outputs.append(x)
             if i in taps:
                 pooled.append(self.pool(x, weight))
         if start > 0:  # at 0 the model sees the image itself
-            pooled = self.colour_features(image, weight, self._attention_source(x, start)) + pooled
+            pooled = self._colour_prefix(image, weight, outputs, start) + pooled
         prefix = torch.cat(pooled, 1) if pooled else x.new_zeros(len(x), 0)
         if start == len(self.trunk):
             return prefix, None, None
@@ -166,18 +197,36 @@ class RetrievalModel(nn.Module):
             weight = F.adaptive_avg_pool2d(weight, x.shape[-2:])
         return prefix, x, weight
 
+    def _pool_cached_colour(self, prefix: torch.Tensor, outputs: list[torch.Tensor], start: int) -> torch.Tensor:
+        """A prefix whose learned-colour inputs (``_colour_prefix``) are replaced by the histogram."""
+        taps = sum(self.trunk.channels[t] for t in self.taps if t < start)
+        raw, rest = prefix[:, :prefix.shape[1] - taps], prefix[:, prefix.shape[1] - taps:]
+        bins = self.colour_dim
+        if self.colour_unit < start:
+            channels = self.trunk.channels[self.colour_unit]
+            cells = raw.shape[1] // (bins + channels)
+            mass, cmap = raw[:, :bins * cells], raw[:, bins * cells:].unflatten(1, (channels, cells))
+        else:
+            cmap = outputs[self.colour_unit - start].flatten(2)
+            mass = raw
+        hist = self.pool_colour(mass.unflatten(1, (bins, -1)), cmap)
+        return torch.cat([hist.to(prefix.dtype), rest], 1)
+
     def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenated features: the colour histogram (if any), then the pooled taps. ``x`` enters
         at unit ``start`` (None: the whole trunk is cached, ``prefix`` is everything); ``prefix``
         holds what comes before (histogram and earlier taps) and ``weight`` the pooling weights
         (computed from ``x`` when it is the image)."""
+        outputs = [] if x is None else self.trunk(x, start)
+        if start > 0 and self.learned_colour:
+            prefix = self._pool_cached_colour(prefix, outputs, start)
         if x is None:
             return prefix
-        pooled, outputs = [], self.trunk(x, start)
+        pooled = []
         if start == 0:
             weight = self.pool_weight(x)  # the foreground weights, or None
-            pooled = self.colour_features(x, weight, outputs[-1])
+            pooled = self.colour_features(x, weight, outputs)
         pooled += self.pool_outputs(outputs, start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]

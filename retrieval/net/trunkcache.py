@@ -15,7 +15,6 @@ from tqdm import tqdm
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
-from retrieval.net.colour import histogram_size
 from retrieval.net.model import RetrievalModel, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -56,13 +55,15 @@ def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int, taps: lis
 
 
 def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, stored_colour: int = 0) -> torch.Tensor:
-    """Columns of a cached prefix (a colour histogram of ``stored_colour`` columns, then pooled
-    ``stored_taps``) that hold the model's histogram and taps below ``start``."""
+    """Columns of a cached prefix (``stored_colour`` columns of colour feature, then pooled
+    ``stored_taps``) that hold the model's colour feature and taps below ``start``. A model with a
+    histogram takes all of the colour columns (``cache_serves`` has checked they are its kind: a
+    histogram, or the learned weighting's inputs), one without takes none."""
     offsets, at = {}, stored_colour
     for t in stored_taps:
         offsets[t] = at
         at += model.trunk.channels[t]
-    spans = [torch.arange(model.colour_dim)]
+    spans = [torch.arange(stored_colour if model.colour_bins is not None else 0)]
     spans += [torch.arange(offsets[t], offsets[t] + model.trunk.channels[t]) for t in model.taps if t < start]
     return torch.cat(spans)
 
@@ -93,31 +94,37 @@ def check_finite(x: torch.Tensor, what: str, names, prefix: str = "") -> None:
 class TrunkCache:
     """HDF5 of per-image frozen outputs, original and flipped: ``prefix`` [N,2,P], ``act`` [N,2,C,H,W],
     each stored in float16 divided by a per-row power of two (``prefix_scale``/``act_scale`` [N,2];
-    absent = 1, as in caches made before large activations were handled)."""
+    absent = 1, as in caches made before large activations were handled). Held in memory as
+    stored (float16) and scaled by the batch in ``inputs``: the learned colour weighting's prefix
+    has ~40k columns (1.5 GB for 10k images)."""
 
     def __init__(self, path: Path, model: RetrievalModel | None = None, start: int | None = None):
         self.path = Path(path)
         with h5py.File(self.path, "r") as f:
             self.ok = f["ok"][:].astype(bool)
-            self.prefix = torch.from_numpy(f["prefix"][:].astype(np.float32))
-            if "prefix_scale" in f:
-                self.prefix *= torch.from_numpy(f["prefix_scale"][:])[:, :, None]
+            self.prefix = torch.from_numpy(f["prefix"][:])
+            self.prefix_scale = torch.from_numpy(f["prefix_scale"][:]) if "prefix_scale" in f else None
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
             self.act_scale = torch.from_numpy(f["act_scale"][:]) if "act_scale" in f else None
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
             stored = json.loads(f.attrs["key"])
         rows = np.flatnonzero(self.ok)  # checked once here, not on every batch read
-        check_finite(self.prefix[torch.from_numpy(rows)], f"{self.path}: cached pooled features", rows, "catalog row ")
+        for at in range(0, len(rows), 1024):
+            chunk = rows[at:at + 1024]
+            check_finite(self.prefix[torch.from_numpy(chunk)], f"{self.path}: cached pooled features", chunk,
+                         "catalog row ")
         for at in range(0, len(rows), 1024) if self.act is not None else ():
             chunk = rows[at:at + 1024]
             check_finite(self.act[torch.from_numpy(chunk)], f"{self.path}: cached activations", chunk, "catalog row ")
-        if model is not None:  # keep only the model's histogram and taps, in its order
-            columns = prefix_columns(model, stored["taps"], start, histogram_size(stored.get("colour")))
-            self.prefix = self.prefix[:, :, columns].contiguous()
+        if model is not None:  # keep only the model's colour feature and taps, in its order
+            colour = self.prefix.shape[2] - sum(model.trunk.channels[t] for t in stored["taps"])
+            self.prefix = self.prefix[:, :, prefix_columns(model, stored["taps"], start, colour)].contiguous()
 
     def inputs(self, index: torch.Tensor, flip: torch.Tensor):
         """Cached (prefix, activations, pooling weights) of rows ``index``, flipped where ``flip`` is 1."""
-        prefix = self.prefix[index, flip]
+        prefix = self.prefix[index, flip].float()
+        if self.prefix_scale is not None:
+            prefix *= self.prefix_scale[index, flip][:, None]
         act = None
         if self.act is not None:
             act = self.act[index, flip].float()

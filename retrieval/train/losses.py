@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 GROUP_LOSSES = ("auto", "bce", "ce")
 WEIGHTINGS = ("group", "label", "none")
-LOSS_NORMS = ("labelled", "batch")
+LOSS_NORMS = ("labelled", "item", "batch")
 RANGE_DISTANCES = ("l2", "squared")
 
 
@@ -48,7 +48,9 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
                       class_weights: torch.Tensor | None = None, smoothing: float = 0.0,
                       norm: str = "labelled") -> torch.Tensor:
     """A group's loss; unlabelled items contribute nothing. ``norm``: ``labelled`` = mean over the
-    items labelled in this group (and, for sigmoids, over its labels); ``batch`` = Li et al.'s Eq. 1:
+    items labelled in this group (and, for sigmoids, over its labels); ``item`` = the same, but a
+    sigmoid group's loss is summed over its labels (an item's loss counts as a softmax group's
+    does, rather than 1/labels of it); ``batch`` = Li et al.'s Eq. 1:
     summed over the group's labels, averaged over the whole batch. ``smoothing`` moves that share of
     a softmax target evenly onto every label.
 
@@ -72,9 +74,10 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
         per_item = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none") * mask
         if class_weights is not None:
             per_item = per_item * class_weights
-            denominator = (class_weights.sum() * n_known).clamp_min(1e-12)
+            labels = class_weights.mean() if norm == "item" else class_weights.sum()
+            denominator = (labels * n_known).clamp_min(1e-12)
         else:
-            denominator = (n_known * logits.shape[1]).clamp_min(1)
+            denominator = (n_known * (1 if norm == "item" else logits.shape[1])).clamp_min(1)
     return per_item.sum() / (len(logits) if norm == "batch" else denominator)
 
 
