@@ -209,18 +209,18 @@ def test_learned_weighting_starts_as_the_attention_prior_and_learns_where_the_ga
     cmap = torch.zeros(1, 32, 4)
     cmap[0, 0] = 1.0  # every cell responds alike on channel 0 (the prior is uniform)...
     cmap[0, 5, 3] = 1.0  # ...and channel 5 marks the garment
-    start = model.pool_colour(cells, cmap)
+    start = model.pool_colour(cells, cmap)[0]
     assert torch.allclose(start, pool_cells(cells, attention_prior(cmap)), atol=1e-6)
     optimiser = torch.optim.SGD(model.colour_attention.parameters(), lr=1.0)
     for _ in range(50):  # a colour label (blue) is all it learns from
-        loss = -(model.pool_colour(cells, cmap) * blue).sum()
+        loss = -(model.pool_colour(cells, cmap)[0] * blue).sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     score = model.colour_attention(cmap.transpose(1, 2)).squeeze(2)
     share = torch.softmax(attention_prior(cmap) + score, 1)[0]
     assert share[3] > 0.95  # from 0.25: the garment's cell
-    assert (start * blue).sum() < (model.pool_colour(cells, cmap) * blue).sum() - 0.05
+    assert (start * blue).sum() < (model.pool_colour(cells, cmap)[0] * blue).sum() - 0.05
 
 
 def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_path):
@@ -236,3 +236,22 @@ def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_pa
     import h5py
     with h5py.File(tmp_path / "emb2.h5") as a, h5py.File(tmp_path / "emb0.h5") as b:
         assert torch.allclose(torch.from_numpy(a["vectors"][:]), torch.from_numpy(b["vectors"][:]), atol=1e-3)
+
+
+def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_cache():
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="learned",
+                         pool_weighting="learned").eval()
+    torch.nn.init.normal_(model.colour_attention.weight)
+    x = torch.randn(2, 3, 64, 64)
+    direct = model.pooled_features(x)
+    plain = _learned().eval()
+    plain.load_state_dict(model.state_dict())
+    uniform = plain.pooled_features(x)
+    assert torch.allclose(direct[:, :-32], uniform[:, :-32]) and not torch.allclose(direct[:, -32:], uniform[:, -32:])
+    for start in range(1, len(model.trunk) + 1):  # at 4 the last unit runs on its cached input
+        prefix, act, weight = frozen_outputs(model, x, start=start)
+        assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
+    assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
+    with pytest.raises(ValueError, match="needs --colour-weighting learned"):
+        create_model("tiny", GROUPS, colour_bins="3,4,4", pool_weighting="learned")

@@ -57,10 +57,11 @@ def test_model_forward_and_group_vectors_on_meta(method):
     assert emb.device == META and all(v.device == META for v in vectors.values())
 
 
-@pytest.mark.parametrize("weighting", ["border", "learned"])
+@pytest.mark.parametrize("weighting,pooling", [("border", "foreground"), ("learned", "foreground"),
+                                               ("learned", "learned")])
 @pytest.mark.parametrize("start", [2, 3, 4])
-def test_trunk_cache_step_and_cached_forward_on_meta(weighting, start):
-    model = create_model("tiny", GROUPS, embed_dim=16, colour_bins="4,6,6", pool_weighting="foreground",
+def test_trunk_cache_step_and_cached_forward_on_meta(weighting, pooling, start):
+    model = create_model("tiny", GROUPS, embed_dim=16, colour_bins="4,6,6", pool_weighting=pooling,
                          colour_weighting=weighting, weights="none").to(META).eval()
     x = torch.empty(2, 3, 32, 32, device=META)
     prefix, act, weight = frozen_outputs(model, x, start)

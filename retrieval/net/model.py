@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -69,7 +70,7 @@ class GeM(nn.Module):
         return y if self.p == 1 else y.pow(1.0 / self.p)
 
 
-POOL_WEIGHTINGS = ("none", "foreground")
+POOL_WEIGHTINGS = ("none", "foreground", "learned")
 
 
 def resolve_taps(taps: str, n_units: int) -> list[int]:
@@ -101,9 +102,15 @@ class RetrievalModel(nn.Module):
         if config.method not in METHODS:
             raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
         check_colour_weighting(config.colour_weighting)
+        if config.pool_weighting == "learned" and (config.colour_weighting != "learned" or
+                                                   parse_bins(config.colour_bins) is None):
+            raise ValueError("--pool-weighting learned pools with the learned colour weighting's attention: "
+                             "it needs --colour-weighting learned and colour bins")
         self.config = config
         self.trunk = create_trunk(config.backbone, weights)
         self.taps = resolve_taps(config.taps, len(self.trunk))
+        if config.pool_weighting == "learned" and len(self.trunk) - 1 not in self.taps:
+            raise ValueError("--pool-weighting learned weights the last unit's pooling: its taps must include it")
         self.pool = GeM(config.gem_p)
         self.colour_bins = parse_bins(config.colour_bins)
         self.colour_dim = histogram_size(self.colour_bins)
@@ -132,7 +139,8 @@ class RetrievalModel(nn.Module):
         return [self.pool(out, weight) for i, out in enumerate(outputs, start) if i in self.taps]
 
     def pool_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Spatial pooling weights of an image batch (None = uniform)."""
+        """Spatial pooling weights of an image batch (None = uniform; ``learned`` weights only the
+        last unit, in ``pooled_features``)."""
         return foreground_weights(x) if self.config.pool_weighting == "foreground" else None
 
     def colour_features(self, x: torch.Tensor, foreground: torch.Tensor | None = None,
@@ -146,16 +154,18 @@ class RetrievalModel(nn.Module):
         if self.learned_colour:
             cmap = outputs[self.colour_unit]
             cells = colour_cells(x, self.colour_bins, weight, cmap.shape[-2:])
-            return [self.pool_colour(cells, cmap.flatten(2)).to(x.dtype)]
+            return [self.pool_colour(cells, cmap.flatten(2))[0].to(x.dtype)]
         if self.config.colour_weighting == "attention":
             weight = weight * attention_weights(outputs[-1], weight.shape[-2:])
         return [colour_histogram(x, self.colour_bins, weight).to(x.dtype)]
 
-    def pool_colour(self, cells: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
+    def pool_colour(self, cells: torch.Tensor, cmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned weighting: per-cell colour mass (N, B, cells) pooled by a softmax over cells
-        of the attention prior plus a trained linear score of the map (N, C, cells)."""
+        of the attention prior plus a trained linear score of the map (N, C, cells). Returns the
+        histogram and those logits (N, cells), which ``pool_weighting="learned"`` pools with too."""
         score = self.colour_attention(cmap.transpose(1, 2).to(self.colour_attention.weight.dtype))
-        return pool_cells(cells, attention_prior(cmap) + score.squeeze(2).float())
+        logits = attention_prior(cmap) + score.squeeze(2).float()
+        return pool_cells(cells, logits), logits
 
     def _colour_prefix(self, image: torch.Tensor, weight: torch.Tensor | None, outputs: list[torch.Tensor],
                        start: int) -> list[torch.Tensor]:
@@ -197,8 +207,9 @@ class RetrievalModel(nn.Module):
             weight = F.adaptive_avg_pool2d(weight, x.shape[-2:])
         return prefix, x, weight
 
-    def _pool_cached_colour(self, prefix: torch.Tensor, outputs: list[torch.Tensor], start: int) -> torch.Tensor:
-        """A prefix whose learned-colour inputs (``_colour_prefix``) are replaced by the histogram."""
+    def _pool_cached_colour(self, prefix: torch.Tensor, outputs: list[torch.Tensor], start: int):
+        """A prefix whose learned-colour inputs (``_colour_prefix``) are replaced by the histogram;
+        with the attention's logits and the map (N, C, cells)."""
         taps = sum(self.trunk.channels[t] for t in self.taps if t < start)
         raw, rest = prefix[:, :prefix.shape[1] - taps], prefix[:, prefix.shape[1] - taps:]
         bins = self.colour_dim
@@ -209,8 +220,23 @@ class RetrievalModel(nn.Module):
         else:
             cmap = outputs[self.colour_unit - start].flatten(2)
             mass = raw
-        hist = self.pool_colour(mass.unflatten(1, (bins, -1)), cmap)
-        return torch.cat([hist.to(prefix.dtype), rest], 1)
+        hist, logits = self.pool_colour(mass.unflatten(1, (bins, -1)), cmap)
+        return torch.cat([hist.to(prefix.dtype), rest], 1), logits, cmap
+
+    def _attend_last(self, features: torch.Tensor, logits: torch.Tensor, last: torch.Tensor | None,
+                     cmap: torch.Tensor) -> torch.Tensor:
+        """``pool_weighting="learned"``: the last unit's pooled columns (the end of ``features``)
+        pooled again with the garment attention (softmax of ``logits`` over the map's cells). The
+        last unit's output ``last`` is computed from the map (its input, N x C x cells) when cached."""
+        side = math.isqrt(logits.shape[1])
+        if side * side != logits.shape[1]:
+            raise ValueError(f"learned pooling needs a square map, got {logits.shape[1]} cells")
+        if last is None:  # the whole trunk is frozen and cached: the last unit runs on its cached input
+            with torch.no_grad():
+                last = self.trunk.units[-1](cmap.unflatten(2, (side, side)).to(features.dtype))
+        attention = torch.softmax(logits, 1).view(-1, 1, side, side)
+        width = self.trunk.channels[-1]
+        return torch.cat([features[:, :-width], self.pool(last, attention).to(features.dtype)], 1)
 
     def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,18 +245,27 @@ class RetrievalModel(nn.Module):
         holds what comes before (histogram and earlier taps) and ``weight`` the pooling weights
         (computed from ``x`` when it is the image)."""
         outputs = [] if x is None else self.trunk(x, start)
+        logits = cmap = None
         if start > 0 and self.learned_colour:
-            prefix = self._pool_cached_colour(prefix, outputs, start)
-        if x is None:
-            return prefix
+            prefix, logits, cmap = self._pool_cached_colour(prefix, outputs, start)
         pooled = []
         if start == 0:
             weight = self.pool_weight(x)  # the foreground weights, or None
-            pooled = self.colour_features(x, weight, outputs)
+            if self.learned_colour:
+                cmap = outputs[self.colour_unit]
+                cells = colour_cells(x, self.colour_bins, foreground_weights(x) if weight is None else weight,
+                                     cmap.shape[-2:])
+                hist, logits = self.pool_colour(cells, cmap.flatten(2))
+                pooled = [hist.to(x.dtype)]
+            else:
+                pooled = self.colour_features(x, weight, outputs)
         pooled += self.pool_outputs(outputs, start, weight)
         if prefix is not None and prefix.shape[1]:
             pooled = [prefix, *pooled]
-        return torch.cat(pooled, dim=1)
+        features = torch.cat(pooled, dim=1)
+        if self.config.pool_weighting == "learned":
+            features = self._attend_last(features, logits, outputs[-1] if outputs else None, cmap)
+        return features
 
     @property
     def catalog_views(self) -> int:

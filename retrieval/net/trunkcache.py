@@ -27,7 +27,9 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     covers = items_digest(items)
     return json.dumps({
         "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
-        "pool_weighting": model.config.pool_weighting, "colour": model.colour_bins,
+        # the learned pooling reweights the last unit from the learned colour's cache: a plain prefix
+        "pool_weighting": "none" if model.config.pool_weighting == "learned" else model.config.pool_weighting,
+        "colour": model.colour_bins,
         "colour_weighting": model.config.colour_weighting,
         "image_size": model.config.image_size, "images": covers["paths"], "files": covers["files"],
     }, sort_keys=True)
