@@ -148,7 +148,13 @@ def test_batch_normalisation_sums_over_labels_and_averages_over_the_batch():
     assert masked_group_loss(z, y, known, "ce", norm="item").item() == pytest.approx(math.log(3))
     weights = torch.tensor([1.0, 2.0, 3.0])  # per-label weights: their mean takes the place of 1 per label
     assert masked_group_loss(z, y, known, "bce", weights, norm="item").item() == pytest.approx(3 * math.log(2))
-    with pytest.raises(ValueError, match="choose one of: labelled, item, batch"):
+    # balanced: per item, mean over its positive labels plus mean over its negatives: 2 log 2
+    assert masked_group_loss(z, y, known, "bce", norm="balanced").item() == pytest.approx(2 * math.log(2))
+    z = torch.tensor([[2.0, 0, 0], [0, 0, 0], [0, 0, -1], [0, 0, 0]])
+    # item 0: positive costs log(1 + e^-2), negatives log 2 each; item 2: positive log 2, negatives log 2, log(1 + e^-1)
+    expected = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(2) + (math.log(2) + math.log(1 + math.exp(-1))) / 2) / 2
+    assert masked_group_loss(z, y, known, "bce", norm="balanced").item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="choose one of: labelled, item, balanced, batch"):
         masked_group_loss(z, y, known, "bce", norm="mean")
 
 

@@ -57,7 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "and b to the pooled features (none = off)")
     model.add_argument("--colour-weighting", choices=COLOUR_WEIGHTINGS,
                        help="which pixels the histogram counts: border = unlike the image border; attention = "
-                            "those, weighted by where the trunk's last unit responds (finds the garment in clutter)")
+                            "those, weighted by where the trunk's last unit responds (finds the garment in clutter); "
+                            "learned = a histogram per cell of the trunk's map, pooled by an attention that starts "
+                            "as the attention weighting and trains with the heads")
     model.add_argument("--dropout", type=float, help="dropout on the pooled features")
     model.add_argument("--head-scale", type=float,
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")
@@ -83,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--loss-norm", choices=LOSS_NORMS,
                       help="labelled: a group's loss is the mean over its labelled items (and sigmoid labels); "
-                           "item: the same, summed over a sigmoid group's labels; batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
+                           "item: the same, summed over a sigmoid group's labels; balanced: a sigmoid item's mean "
+                           "over its positive labels plus the mean over its negative ones; batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
                            "with --method multi-label one sigmoid cross-entropy over all labels)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")

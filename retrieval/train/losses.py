@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 GROUP_LOSSES = ("auto", "bce", "ce")
 WEIGHTINGS = ("group", "label", "none")
-LOSS_NORMS = ("labelled", "item", "batch")
+LOSS_NORMS = ("labelled", "item", "balanced", "batch")
 RANGE_DISTANCES = ("l2", "squared")
 
 
@@ -50,7 +50,9 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
     """A group's loss; unlabelled items contribute nothing. ``norm``: ``labelled`` = mean over the
     items labelled in this group (and, for sigmoids, over its labels); ``item`` = the same, but a
     sigmoid group's loss is summed over its labels (an item's loss counts as a softmax group's
-    does, rather than 1/labels of it); ``batch`` = Li et al.'s Eq. 1:
+    does, rather than 1/labels of it); ``balanced`` = the same, but an item's sigmoid loss is the
+    mean over its positive labels plus the mean over its negative ones (scale-free in the number
+    of labels, like a softmax); ``batch`` = Li et al.'s Eq. 1:
     summed over the group's labels, averaged over the whole batch. ``smoothing`` moves that share of
     a softmax target evenly onto every label.
 
@@ -70,6 +72,12 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
             denominator = (target * mask * class_weights).sum().clamp_min(1e-12)
         else:
             denominator = n_known.clamp_min(1)
+    elif norm == "balanced":
+        per_label = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none")
+        cw = torch.ones_like(per_label[0]) if class_weights is None else class_weights
+        per_item = sum(((per_label * side * cw).sum(1) / (side * cw).sum(1).clamp_min(1e-12))[:, None] * mask
+                       for side in (multi_hot, 1 - multi_hot))
+        denominator = n_known.clamp_min(1)
     else:
         per_item = F.binary_cross_entropy_with_logits(logits, multi_hot, reduction="none") * mask
         if class_weights is not None:
