@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
 
 from retrieval.atomic import write_text
 from retrieval.cli import configure_logging
+from retrieval.commands.train import get_args_parser as train_parser
 from retrieval.data.catalog import read_catalog
 from retrieval.data.standins import colour_group
 from retrieval.experiments import Experiment, run_experiment
+from retrieval.train.config import TrainConfig
 
 TARGETS = {"shared": 8.0, "group view": 14.0, "colour": 10.0}  # points above the off-the-shelf trunk (paper)
+# training options that change the frozen trunk pass (what the trunk cache holds)
+PASS_OPTIONS = ("backbone", "weights", "image_size", "taps", "gem_p", "pool_weighting", "colour_bins",
+                "colour_weighting", "trainable_blocks")
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -38,10 +44,10 @@ def get_args_parser():
     p.add_argument("--catalog", type=_pair, action="append", required=True, metavar="NAME=DIR")
     p.add_argument("--work", required=True, help="folder for runs, embeddings, reports and the table")
     p.add_argument("--variant", type=_pair, action="append", default=[], metavar="NAME='OPTIONS'",
-                   help="another training row: 'retrieval train' options added to the defaults; "
-                        "it shares the default's trunk cache")
+                   help="another training row: 'retrieval train' options added to the defaults; rows whose "
+                        "options give the same frozen trunk pass share one trunk cache (trunk_cache_name)")
     p.add_argument("--pass-variant", type=_pair, action="append", default=[], metavar="NAME='OPTIONS'",
-                   help="a training row whose options change the frozen trunk pass: its own trunk cache")
+                   help="the same as --variant (kept for earlier command lines)")
     p.add_argument("--reuse", type=_pair, action="append", default=[], metavar="NAME=DIR",
                    help="take trunk-cache.h5 and imagenet.h5 of catalog NAME from an earlier experiment "
                         "folder of the same images (e.g. scripts/experiment_methods.py's --work)")
@@ -57,19 +63,33 @@ def _cells(report: dict, colour: str) -> dict:
             "colour shared": pair(col), "colour group view": pair(col.get("group_view"))}
 
 
-def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, str]],
-                pass_variants: list[tuple[str, str]]) -> dict:
+def trunk_cache_name(options: list[str]) -> str:
+    """The trunk cache file of a training row: ``trunk-cache.h5`` when its options leave the frozen
+    pass as the default's, else one named by the options that change it (``PASS_OPTIONS``; every
+    option when it takes a --recipe or --config, whose contents are not read here)."""
+    args = train_parser().parse_args(["--catalog", "-", "--out", "-", *options])
+    if args.recipe or args.config:
+        changed = options
+    else:
+        default = TrainConfig(catalog="-", out="-")
+        same = {"pool_weighting": {"none", "learned"}}  # learned pooling reweights the plain cache
+        changed = [f"{k}={getattr(args, k)}" for k in PASS_OPTIONS if getattr(args, k) != getattr(default, k)
+                   and not {getattr(args, k), getattr(default, k)} <= same.get(k, set())]
+    slug = re.sub(r"[^A-Za-z0-9_.=,]+", "-", "-".join(changed)).strip("-")
+    return f"trunk-cache-{slug}.h5" if slug else "trunk-cache.h5"
+
+
+def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, str]]) -> dict:
     """Off-the-shelf, default and variants on one catalog: ``{row: cells}``."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     colour = colour_group(read_catalog(catalog, check_files=False))
     rows = [Experiment("imagenet", None), Experiment("default", [])]
-    rows += [Experiment(v, shlex.split(options)) for v, options in variants + pass_variants]
-    own_pass = {v for v, _ in pass_variants}
+    rows += [Experiment(v, shlex.split(options)) for v, options in variants]
     results = {}
     for exp in rows:
-        cache = folder / (f"trunk-cache-{exp.name}.h5" if exp.name in own_pass else "trunk-cache.h5")
-        run_experiment(exp, catalog, folder, cache if exp.train is not None else None)
+        cache = folder / trunk_cache_name(exp.train) if exp.train is not None else None
+        run_experiment(exp, catalog, folder, cache)
         results[exp.name] = {**_cells(exp.report, colour), "colour group": colour, "seconds": exp.seconds}
     return results
 
@@ -119,7 +139,7 @@ def main(argv=None):
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name, catalog in args.catalog:
-        results[name] = run_catalog(name, catalog, work, args.variant, args.pass_variant)
+        results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant)
         write_text(results_path, json.dumps(results, indent=2))
     text = format_tables(results)
     write_text(work / "transfer.md", text + "\n")

@@ -1,6 +1,7 @@
 """The experiment harness reuses a finished stage only when it is newer than the catalog."""
 import os
 import shutil
+from pathlib import Path
 
 from retrieval import experiments
 from retrieval.experiments import Experiment, finished, run_experiment
@@ -40,3 +41,17 @@ def test_rerun_embeds_again_after_the_catalog_changes(demo_catalog, tmp_path, mo
     again = run_experiment(exp(), str(catalog), tmp_path)
     assert calls[3:] == ["embed", "evaluate"]
     assert again.report["mean"]["map_paper"] is not None
+
+
+def test_transfer_rows_share_a_trunk_cache_when_their_frozen_pass_is_the_same():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from experiment_transfer import trunk_cache_name
+
+    assert trunk_cache_name([]) == trunk_cache_name(["--dropout", "0.5", "--loss-norm", "balanced"]) == "trunk-cache.h5"
+    learned = trunk_cache_name(["--colour-weighting", "learned"])
+    assert learned == "trunk-cache-colour_weighting=learned.h5"
+    # the learned pooling reweights the same cached map
+    assert trunk_cache_name(["--colour-weighting", "learned", "--pool-weighting", "learned"]) == learned
+    assert trunk_cache_name(["--pool-weighting", "foreground"]) == "trunk-cache-pool_weighting=foreground.h5"
+    assert trunk_cache_name(["--recipe", "li2017"]) == "trunk-cache-recipe-li2017.h5"  # not read: its own
