@@ -180,7 +180,7 @@ def test_cells_pooled_evenly_are_the_weighted_histogram():
 
 
 def _learned(bins="3,4,4"):
-    return create_model("tiny", GROUPS, embed_dim=8, colour_bins=bins, colour_weighting="learned")
+    return create_model("tiny", GROUPS, embed_dim=8, colour_bins=bins, colour_weighting="learned", pool_weighting="none")
 
 
 def test_learned_histogram_is_the_same_from_images_and_from_the_cache():
@@ -255,3 +255,10 @@ def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_ca
     assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
     with pytest.raises(ValueError, match="needs --colour-weighting learned"):
         create_model("tiny", GROUPS, colour_bins="3,4,4", pool_weighting="learned")
+    # auto: learned where the learned colour's attention is there, else none; checkpoints record which
+    assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="learned").config.pool_weighting == "learned"
+    assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="learned",
+                        taps="1,2").config.pool_weighting == "none"  # the last unit is not pooled
+    assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="attention").config.pool_weighting == "none"
+    assert create_model("tiny", GROUPS, colour_bins="none", colour_weighting="learned").config.pool_weighting == "none"
+    assert model_from_config({"backbone": "tiny", "groups": GROUPS}).config.pool_weighting == "none"  # old checkpoint

@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
-                       help="foreground: weight pooling towards pixels unlike the image border (the product); "
+                       help="auto: learned with --colour-weighting learned, else none; "
+                            "foreground: weight pooling towards pixels unlike the image border (the product); "
                             "learned: pool the last unit with the learned colour weighting's attention "
                             "(where the network finds the garment; needs --colour-weighting learned)")
     model.add_argument("--colour-bins", metavar="L,A,B",

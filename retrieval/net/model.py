@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class ModelConfig:
     image_size: int = 288
     dropout: float = 0.3
     head_scale: float = 16.0
-    pool_weighting: str = "none"
+    pool_weighting: str = "auto"
     colour_bins: str = "4,6,6"
     colour_weighting: str = "border"
     normalized_heads: bool = True
@@ -70,7 +70,16 @@ class GeM(nn.Module):
         return y if self.p == 1 else y.pow(1.0 / self.p)
 
 
-POOL_WEIGHTINGS = ("none", "foreground", "learned")
+POOL_WEIGHTINGS = ("auto", "none", "foreground", "learned")
+
+
+def resolve_pool_weighting(config: ModelConfig, taps: list[int], n_units: int) -> str:
+    """``auto``: ``learned`` when the colour feature has the learned weighting (its attention is
+    there to pool with) and the last unit is tapped, else ``none``; any other value as it is."""
+    if config.pool_weighting != "auto":
+        return config.pool_weighting
+    learned = config.colour_weighting == "learned" and parse_bins(config.colour_bins) is not None
+    return "learned" if learned and n_units - 1 in taps else "none"
 
 
 def resolve_taps(taps: str, n_units: int) -> list[int]:
@@ -102,13 +111,14 @@ class RetrievalModel(nn.Module):
         if config.method not in METHODS:
             raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
         check_colour_weighting(config.colour_weighting)
+        self.trunk = create_trunk(config.backbone, weights)
+        self.taps = resolve_taps(config.taps, len(self.trunk))
+        # the checkpoint records what ran: auto resolved
+        self.config = config = replace(config, pool_weighting=resolve_pool_weighting(config, self.taps, len(self.trunk)))
         if config.pool_weighting == "learned" and (config.colour_weighting != "learned" or
                                                    parse_bins(config.colour_bins) is None):
             raise ValueError("--pool-weighting learned pools with the learned colour weighting's attention: "
                              "it needs --colour-weighting learned and colour bins")
-        self.config = config
-        self.trunk = create_trunk(config.backbone, weights)
-        self.taps = resolve_taps(config.taps, len(self.trunk))
         if config.pool_weighting == "learned" and len(self.trunk) - 1 not in self.taps:
             raise ValueError("--pool-weighting learned weights the last unit's pooling: its taps must include it")
         self.pool = GeM(config.gem_p)
@@ -352,7 +362,7 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
 
 # what a checkpoint written before an option existed was trained with (the option's old value)
 LEGACY = {"image_size": 224, "dropout": 0.1, "colour_bins": "none", "normalized_heads": False,
-          "embed_hidden": 0, "flip_average": False}
+          "embed_hidden": 0, "flip_average": False, "pool_weighting": "none", "colour_weighting": "border"}
 
 
 def model_from_config(config: dict) -> RetrievalModel:
