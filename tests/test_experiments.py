@@ -53,5 +53,6 @@ def test_transfer_rows_share_a_trunk_cache_when_their_frozen_pass_is_the_same():
     assert learned == "trunk-cache-colour_weighting=learned.h5"
     # the learned pooling reweights the same cached map
     assert trunk_cache_name(["--colour-weighting", "learned", "--pool-weighting", "learned"]) == learned
+    assert trunk_cache_name(["--colour-weighting", "learned", "--pool-weighting", "none"]) == learned
     assert trunk_cache_name(["--pool-weighting", "foreground"]) == "trunk-cache-pool_weighting=foreground.h5"
     assert trunk_cache_name(["--recipe", "li2017"]) == "trunk-cache-recipe-li2017.h5"  # not read: its own
