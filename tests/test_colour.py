@@ -71,7 +71,7 @@ def test_model_with_histogram_pools_consistently_from_cache():
 def test_cache_with_histogram_serves_models_with_and_without_it(demo_catalog, tmp_path):
     cache = tmp_path / "trunk.h5"
     cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "colour"), *TINY, "--epochs", "1",
-         "--colour-bins", "3,4,4", "--trunk-cache", str(cache)])
+         "--colour-bins", "3,4,4", "--colour-weighting", "border", "--trunk-cache", str(cache)])
     before = cache.stat().st_mtime_ns
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "plain"), *TINY, "--epochs", "1",
                 "--colour-bins", "none", "--trunk-cache", str(cache)]) == 0
@@ -91,7 +91,7 @@ def test_cache_with_histogram_serves_models_with_and_without_it(demo_catalog, tm
     cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "p2"), *TINY, "--epochs", "1",
          "--colour-bins", "none", "--trunk-cache", str(plain_cache)])
     assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "c2"), *TINY, "--epochs", "1",
-                "--colour-bins", "3,4,4", "--trunk-cache", str(plain_cache)]) == 0
+                "--colour-bins", "3,4,4", "--colour-weighting", "border", "--trunk-cache", str(plain_cache)]) == 0
     assert TrunkCache(plain_cache).prefix.shape == full.prefix.shape
 
 
@@ -125,7 +125,7 @@ def test_attention_finds_the_garment_where_the_border_does_not():
     activation = torch.zeros(1, 8, 2, 2)
     activation[0, :, 0, 1] = 1.0  # the trunk responds at the garment
     blue = colour_histogram(normalised(torch.tensor([0.1, 0.1, 0.9]).view(1, 3, 1, 1).expand(1, 3, 4, 4)), (4, 6, 6))
-    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6")
+    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6", colour_weighting="border")
     attention = create_model("tiny", GROUPS, embed_dim=8, colour_bins="4,6,6", colour_weighting="attention")
     near_border = (border.colour_features(x)[0] * blue).sum()  # Bhattacharyya coefficient with pure blue
     near_attention = (attention.colour_features(x, outputs=[activation])[0] * blue).sum()
@@ -139,7 +139,7 @@ def test_attention_histogram_is_the_same_from_images_and_from_the_cache():
     for start in (2, len(model.trunk)):  # the rest of the trunk runs for the map, or the map is at hand
         prefix, act, weight = frozen_outputs(model, x, start=start)
         assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
-    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4").eval()
+    border = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="border").eval()
     border.load_state_dict(model.state_dict())
     assert not torch.allclose(border.pooled_features(x)[:, :48], direct[:, :48], atol=1e-3)
     with pytest.raises(ValueError, match="border, attention, learned"):
@@ -149,7 +149,7 @@ def test_attention_histogram_is_the_same_from_images_and_from_the_cache():
 def test_caches_serve_only_the_colour_weighting_they_hold(demo_catalog, tmp_path):
     cache = tmp_path / "trunk.h5"
     common = ["--catalog", str(demo_catalog), *TINY, "--epochs", "1", "--colour-bins", "3,4,4", "--trunk-cache", str(cache)]
-    assert cli(["train", "--out", str(tmp_path / "border"), *common]) == 0
+    assert cli(["train", "--out", str(tmp_path / "border"), *common, "--colour-weighting", "border"]) == 0
     border = TrunkCache(cache).prefix.clone()
     assert cli(["train", "--out", str(tmp_path / "attention"), *common, "--colour-weighting", "attention"]) == 0
     attention = TrunkCache(cache).prefix  # rebuilt: the histograms differ, the pooled taps do not
@@ -254,7 +254,7 @@ def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_ca
         assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
     assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
     with pytest.raises(ValueError, match="needs --colour-weighting learned"):
-        create_model("tiny", GROUPS, colour_bins="3,4,4", pool_weighting="learned")
+        create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="border", pool_weighting="learned")
     # auto: learned where the learned colour's attention is there, else none; checkpoints record which
     assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="learned").config.pool_weighting == "learned"
     assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="learned",

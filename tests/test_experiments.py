@@ -48,11 +48,11 @@ def test_transfer_rows_share_a_trunk_cache_when_their_frozen_pass_is_the_same():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from experiment_transfer import trunk_cache_name
 
-    assert trunk_cache_name([]) == trunk_cache_name(["--dropout", "0.5", "--loss-norm", "balanced"]) == "trunk-cache.h5"
-    learned = trunk_cache_name(["--colour-weighting", "learned"])
-    assert learned == "trunk-cache-colour_weighting=learned.h5"
+    assert trunk_cache_name([]) == trunk_cache_name(["--dropout", "0.5", "--loss-norm", "item"]) == "trunk-cache.h5"
+    assert trunk_cache_name(["--colour-weighting", "learned"]) == "trunk-cache.h5"  # the default
     # the learned pooling reweights the same cached map
-    assert trunk_cache_name(["--colour-weighting", "learned", "--pool-weighting", "learned"]) == learned
-    assert trunk_cache_name(["--colour-weighting", "learned", "--pool-weighting", "none"]) == learned
+    assert trunk_cache_name(["--pool-weighting", "learned"]) == trunk_cache_name(["--pool-weighting", "none"]) \
+        == "trunk-cache.h5"
+    assert trunk_cache_name(["--colour-weighting", "border"]) == "trunk-cache-colour_weighting=border.h5"
     assert trunk_cache_name(["--pool-weighting", "foreground"]) == "trunk-cache-pool_weighting=foreground.h5"
     assert trunk_cache_name(["--recipe", "li2017"]) == "trunk-cache-recipe-li2017.h5"  # not read: its own

@@ -183,9 +183,12 @@ def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, t
     model, ckpt = load_model(tmp_path / "last" / "last.pt")
     full = TrunkCache(cache)
     sliced = TrunkCache(cache, model, ckpt["start_unit"])
-    hist = model.colour_dim  # the default colour histogram comes first
-    assert sliced.prefix.shape[-1] == hist + 32  # and the last unit of the tiny trunk only
-    assert torch.equal(sliced.prefix, torch.cat([full.prefix[..., :hist], full.prefix[..., -32:]], -1))
+    # the default colour feature comes first (the learned weighting's per-cell mass and map), then
+    # every unit below the cut: 8 + 16 + 32 + 32 channels
+    colour = full.prefix.shape[-1] - sum(model.trunk.channels[:ckpt["start_unit"]])
+    assert colour == 144 * 64 + 32 * 64  # 144 colour bins and the 32-channel map, on 8 x 8 cells
+    assert sliced.prefix.shape[-1] == colour + 32  # and the last unit of the tiny trunk only
+    assert torch.equal(sliced.prefix, torch.cat([full.prefix[..., :colour], full.prefix[..., -32:]], -1))
 
 
 def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):

@@ -44,9 +44,9 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
     """Pooled trunk features of every item (mean of the image and its mirror) and which items were
     readable: from the run's trunk cache when it serves this catalog, else computed from the images."""
     cache = open_trunk_cache(trunk_cache, model, catalog, start) if trunk_cache else None
-    if cache is not None and start == len(model.trunk):
-        return cache.prefix.float().mean(1).numpy(), cache.ok.copy()
     model.eval().to(device)
+    if cache is not None and start == len(model.trunk):
+        return _cached_features(model, cache, start, batch_size, device), cache.ok.copy()
     n = len(catalog.items)
     ok, feats = np.zeros(n, bool), None
     loader = DataLoader(ImageDataset(catalog, catalog.items, model.config.image_size), batch_size=batch_size,
@@ -59,6 +59,18 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
             feats = np.zeros((n, pooled.shape[1]), np.float32)
         feats[index.numpy()], ok[index.numpy()] = pooled.float().cpu().numpy(), True
     return (feats if feats is not None else np.zeros((n, 1), np.float32)), ok
+
+
+def _cached_features(model, cache, start: int, batch_size: int, device) -> np.ndarray:
+    """Pooled features of every cached row (the model pools what the cache holds: with the learned
+    colour weighting, per-cell colour mass into the histogram), the mean of both views."""
+    rows = torch.arange(len(cache.ok))
+    parts = []
+    for chunk in rows.split(max(batch_size, 256)):
+        views = [model.pooled_features(None, start, cache.inputs(chunk, torch.full_like(chunk, v))[0].to(device))
+                 for v in (0, 1)]
+        parts.append(((views[0] + views[1]) / 2).float().cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
 
 
 def fold_of(n: int, folds: int, seed: int = 0) -> np.ndarray:
@@ -93,7 +105,7 @@ def reduce_dimensions(x: torch.Tensor, dims: int = 256) -> torch.Tensor:
     faster on a 2,208-wide trunk feature, with the variance that separates products kept."""
     if x.shape[1] <= dims:
         return x
-    u, s, v = torch.pca_lowrank(x, q=dims, center=True, niter=3)
+    u, s, v = torch.pca_lowrank(x, q=min(dims, *x.shape), center=True, niter=3)
     z = (x - x.mean(0)) @ v
     return (z - z.mean(0)) / (z.std(0) + 1e-6)
 

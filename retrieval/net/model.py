@@ -41,7 +41,7 @@ class ModelConfig:
     head_scale: float = 16.0
     pool_weighting: str = "auto"
     colour_bins: str = "4,6,6"
-    colour_weighting: str = "border"
+    colour_weighting: str = "learned"
     normalized_heads: bool = True
     embed_hidden: int = 1024
     flip_average: bool = True
@@ -75,7 +75,8 @@ POOL_WEIGHTINGS = ("auto", "none", "foreground", "learned")
 
 def resolve_pool_weighting(config: ModelConfig, taps: list[int], n_units: int) -> str:
     """``auto``: ``learned`` when the colour feature has the learned weighting (its attention is
-    there to pool with) and the last unit is tapped, else ``none``; any other value as it is."""
+    there to pool with) and the last unit is tapped, else ``none``; any other value as it is.
+    (Training with the whole trunk frozen and cached settles ``auto`` as ``none``: ``Job``.)"""
     if config.pool_weighting != "auto":
         return config.pool_weighting
     learned = config.colour_weighting == "learned" and parse_bins(config.colour_bins) is not None
