@@ -154,7 +154,7 @@ def test_batch_normalisation_sums_over_labels_and_averages_over_the_batch():
     # item 0: positive costs log(1 + e^-2), negatives log 2 each; item 2: positive log 2, negatives log 2, log(1 + e^-1)
     expected = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(2) + (math.log(2) + math.log(1 + math.exp(-1))) / 2) / 2
     assert masked_group_loss(z, y, known, "bce", norm="balanced").item() == pytest.approx(expected)
-    with pytest.raises(ValueError, match="choose one of: labelled, item, balanced, batch"):
+    with pytest.raises(ValueError, match="choose one of: auto, labelled, item, balanced, batch"):
         masked_group_loss(z, y, known, "bce", norm="mean")
 
 
@@ -169,3 +169,10 @@ def test_range_loss_on_squared_distances():
     assert (intra.item(), inter.item(), loss.item()) == pytest.approx((4.0, 0.75, 4.75))
     with pytest.raises(ValueError, match="choose one of: l2, squared"):
         range_loss(emb, labels, distance="cosine")
+
+
+def test_auto_norm_is_balanced_for_per_group_heads_and_labelled_for_the_multi_label_baseline():
+    from retrieval.train.losses import resolve_loss_norm
+    assert resolve_loss_norm("auto", "multi-weight") == resolve_loss_norm("auto", "multi-task") == "balanced"
+    assert resolve_loss_norm("auto", "multi-label") == "labelled"
+    assert resolve_loss_norm("batch", "multi-weight") == "batch"

@@ -45,9 +45,9 @@ def test_recipe_is_a_default_that_config_and_flags_override(tmp_path):
     dress = parse_config([*base, "--recipe", "dress2019"])
     assert (dress.lr, dress.lr_steps, dress.batch_size, dress.freeze_bn, dress.image_size) == (1e-3, "5,8,10", 64, True, 224)
     assert (dress.sampling_target, dress.range_distance, dress.backbone) == ("min", "squared", "resnet101")
-    plain = parse_config(base)  # no recipe: the product's defaults, (balanced since issue 16)
+    plain = parse_config(base)  # no recipe: the product's defaults, (loss norm auto since issue 16)
     assert (plain.optimizer, plain.schedule, plain.loss_norm, plain.shared_layers, plain.freeze_bn) == \
-        ("adamw", "cosine", "balanced", "embedding", False)
+        ("adamw", "cosine", "auto", "embedding", False)
 
 
 def test_printout_names_the_remaining_deviations():

@@ -85,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--group-loss", choices=GROUP_LOSSES,
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--loss-norm", choices=LOSS_NORMS,
-                      help="labelled: a group's loss is the mean over its labelled items (and sigmoid labels); "
+                      help="auto: balanced, or labelled with --method multi-label; "
+                           "labelled: a group's loss is the mean over its labelled items (and sigmoid labels); "
                            "item: the same, summed over a sigmoid group's labels; balanced: a sigmoid item's mean "
                            "over its positive labels plus the mean over its negative ones; batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
                            "with --method multi-label one sigmoid cross-entropy over all labels)")

@@ -163,12 +163,22 @@ class RetrievalModel(nn.Module):
             return []
         weight = foreground_weights(x) if foreground is None else foreground
         if self.learned_colour:
-            cmap = outputs[self.colour_unit]
-            cells = colour_cells(x, self.colour_bins, weight, cmap.shape[-2:])
-            return [self.pool_colour(cells, cmap.flatten(2))[0].to(x.dtype)]
+            return [self._learned_colour(x, weight, outputs)[0]]
         if self.config.colour_weighting == "attention":
             weight = weight * attention_weights(outputs[-1], weight.shape[-2:])
         return [colour_histogram(x, self.colour_bins, weight).to(x.dtype)]
+
+    def _cells(self, image: torch.Tensor, foreground: torch.Tensor | None, cmap: torch.Tensor) -> torch.Tensor:
+        """Per-cell colour mass of an image batch on the grid of the map ``cmap`` (NChw)."""
+        foreground = foreground_weights(image) if foreground is None else foreground
+        return colour_cells(image, self.colour_bins, foreground, cmap.shape[-2:])
+
+    def _learned_colour(self, x: torch.Tensor, foreground: torch.Tensor | None, outputs: list[torch.Tensor]):
+        """The learned weighting's histogram of an image batch (in ``x``'s dtype), its attention
+        logits and the map it was computed from."""
+        cmap = outputs[self.colour_unit]
+        hist, logits = self.pool_colour(self._cells(x, foreground, cmap), cmap.flatten(2))
+        return hist.to(x.dtype), logits, cmap
 
     def pool_colour(self, cells: torch.Tensor, cmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned weighting: per-cell colour mass (N, B, cells) pooled by a softmax over cells
@@ -191,10 +201,8 @@ class RetrievalModel(nn.Module):
         if not self.learned_colour:
             return self.colour_features(image, weight, outputs)
         cmap = outputs[self.colour_unit]
-        cells = colour_cells(image, self.colour_bins, foreground_weights(image) if weight is None else weight,
-                             cmap.shape[-2:])
         frozen = [cmap.flatten(1)] if self.colour_unit < start else []
-        return [t.to(image.dtype) for t in [cells.flatten(1), *frozen]]
+        return [t.to(image.dtype) for t in [self._cells(image, weight, cmap).flatten(1), *frozen]]
 
     def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None):
         """What the frozen units before ``start`` contribute: the colour feature (``_colour_prefix``)
@@ -263,11 +271,8 @@ class RetrievalModel(nn.Module):
         if start == 0:
             weight = self.pool_weight(x)  # the foreground weights, or None
             if self.learned_colour:
-                cmap = outputs[self.colour_unit]
-                cells = colour_cells(x, self.colour_bins, foreground_weights(x) if weight is None else weight,
-                                     cmap.shape[-2:])
-                hist, logits = self.pool_colour(cells, cmap.flatten(2))
-                pooled = [hist.to(x.dtype)]
+                hist, logits, cmap = self._learned_colour(x, weight, outputs)
+                pooled = [hist]
             else:
                 pooled = self.colour_features(x, weight, outputs)
         pooled += self.pool_outputs(outputs, start, weight)

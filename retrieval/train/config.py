@@ -58,7 +58,7 @@ class TrainConfig:
     trainable_blocks: str = "auto"
     input: str = "auto"
     group_loss: str = "auto"
-    loss_norm: str = "balanced"
+    loss_norm: str = "auto"
     weighting: str = "group"
     smoothing_c: float = 3.0
     label_dropout: str | None = None

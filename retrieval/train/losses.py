@@ -6,7 +6,16 @@ import torch.nn.functional as F
 
 GROUP_LOSSES = ("auto", "bce", "ce")
 WEIGHTINGS = ("group", "label", "none")
-LOSS_NORMS = ("labelled", "item", "balanced", "batch")
+LOSS_NORMS = ("auto", "labelled", "item", "balanced", "batch")
+
+
+def resolve_loss_norm(norm: str, method: str) -> str:
+    """``auto``: ``balanced`` for the per-group methods (a multi-label group counts as much as a
+    softmax one), ``labelled`` for the multi-label method (one sigmoid loss in which every label
+    counts equally, as the baseline was measured); any other value as it is."""
+    if norm != "auto":
+        return norm
+    return "labelled" if method == "multi-label" else "balanced"
 RANGE_DISTANCES = ("l2", "squared")
 
 
@@ -60,6 +69,8 @@ def masked_group_loss(logits: torch.Tensor, multi_hot: torch.Tensor, known: torc
     waits for the GPU to say which rows are labelled; a batch without labels gives 0, graph kept."""
     if norm not in LOSS_NORMS:
         raise ValueError(f"Unknown --loss-norm {norm!r}; choose one of: {', '.join(LOSS_NORMS)}")
+    if norm == "auto":
+        raise ValueError("--loss-norm auto depends on the method: resolve it first (resolve_loss_norm)")
     mask = known.to(logits.dtype)[:, None]
     n_known = mask.sum()
     if kind == "ce":

@@ -24,7 +24,7 @@ from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, ma
                                     parse_lr_steps, resolve_trainable, split_validation, write_config,
                                     write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
-from retrieval.train.losses import group_weights, label_weights, resolve_group_loss
+from retrieval.train.losses import group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Job:
     """Everything one training run holds: data, targets, model, loss settings, state."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg, loss_norm=resolve_loss_norm(cfg.loss_norm, cfg.method))  # config.yaml says which
         self.out = Path(cfg.out)
         self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
         self.main = self.rank == 0
