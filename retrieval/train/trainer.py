@@ -63,7 +63,7 @@ class Job:
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         if cfg.pool_weighting == "auto" and self.start == len(self.model.trunk):
             # a frozen, cached trunk: the learned pooling would rerun the last unit on every batch (on
-            # the development catalog, CPU training 17 -> 21 min); it is for trunks that train
+            # the development catalog, CPU training ~16 -> ~21 min); it is for trunks that train
             self.model.config = replace(self.model.config, pool_weighting="none")
         freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
