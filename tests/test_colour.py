@@ -230,6 +230,7 @@ def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_pa
                 "--colour-weighting", "learned", "--trunk-cache", str(cache), "--out", str(run)]) == 0
     model, _ = load_model(run / "last.pt")
     assert model.config.colour_weighting == "learned" and model.colour_attention.weight.abs().sum() > 0
+    assert model.config.pool_weighting == "none"  # a frozen, cached trunk: auto settles as none
     for source in (["--trunk-cache", str(cache)], []):  # the same vectors from the cache as from the images
         assert cli(["embed", "--checkpoint", str(run / "last.pt"), "--catalog", str(demo_catalog),
                     "--out", str(tmp_path / f"emb{len(source)}.h5"), *source]) == 0

@@ -16,7 +16,7 @@ from retrieval.atomic import atomic_write
 from retrieval.data.catalog import Catalog
 from retrieval.data.datasets import ImageDataset, build_targets, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
-from retrieval.embed.inference import open_trunk_cache
+from retrieval.embed.inference import cached_pooled, open_trunk_cache
 from retrieval.evaluate.metrics import normalize_rows, topk_neighbors
 from retrieval.train.losses import multi_group_loss
 
@@ -64,11 +64,9 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
 def _cached_features(model, cache, start: int, batch_size: int, device) -> np.ndarray:
     """Pooled features of every cached row (the model pools what the cache holds: with the learned
     colour weighting, per-cell colour mass into the histogram), the mean of both views."""
-    rows = torch.arange(len(cache.ok))
     parts = []
-    for chunk in rows.split(max(batch_size, 256)):
-        views = [model.pooled_features(None, start, cache.inputs(chunk, torch.full_like(chunk, v))[0].to(device))
-                 for v in (0, 1)]
+    for chunk in torch.arange(len(cache.ok)).split(max(batch_size, 256)):
+        views = [cached_pooled(model, cache, chunk, view, start, device) for view in (0, 1)]
         parts.append(((views[0] + views[1]) / 2).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
 

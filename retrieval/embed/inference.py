@@ -53,7 +53,7 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
     return TrunkCache(path, model, start)
 
 
-def _cached_pooled(model: RetrievalModel, cache: TrunkCache, rows: torch.Tensor, view: int, start: int, device):
+def cached_pooled(model: RetrievalModel, cache: TrunkCache, rows: torch.Tensor, view: int, start: int, device):
     """Pooled features of cached rows, original (view 0) or mirrored (view 1)."""
     prefix, act, weight = (t if t is None else t.to(device)
                            for t in cache.inputs(rows, torch.full((len(rows),), view, dtype=torch.long)))
@@ -75,7 +75,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
                 bad.extend(items[i].image for i in chunk[~ok].tolist())
             chunk = chunk[ok]
             views = range(model.catalog_views)
-            pooled = sum(_cached_pooled(model, trunk_cache, rows[chunk], view, start, device) for view in views)
+            pooled = sum(cached_pooled(model, trunk_cache, rows[chunk], view, start, device) for view in views)
             yield outputs_from_pooled(model, pooled / len(views), chunk.numpy(), heads)
         return
     dataset = ImageDataset(catalog, items, model.config.image_size, image_cache)

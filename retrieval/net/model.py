@@ -115,18 +115,17 @@ class RetrievalModel(nn.Module):
         self.trunk = create_trunk(config.backbone, weights)
         self.taps = resolve_taps(config.taps, len(self.trunk))
         # the checkpoint records what ran: auto resolved
+        self.colour_bins = parse_bins(config.colour_bins)
+        self.learned_colour = self.colour_bins is not None and config.colour_weighting == "learned"
         self.config = config = replace(config, pool_weighting=resolve_pool_weighting(config, self.taps, len(self.trunk)))
-        if config.pool_weighting == "learned" and (config.colour_weighting != "learned" or
-                                                   parse_bins(config.colour_bins) is None):
+        if config.pool_weighting == "learned" and not self.learned_colour:
             raise ValueError("--pool-weighting learned pools with the learned colour weighting's attention: "
                              "it needs --colour-weighting learned and colour bins")
         if config.pool_weighting == "learned" and len(self.trunk) - 1 not in self.taps:
             raise ValueError("--pool-weighting learned weights the last unit's pooling: its taps must include it")
         self.pool = GeM(config.gem_p)
-        self.colour_bins = parse_bins(config.colour_bins)
         self.colour_dim = histogram_size(self.colour_bins)
         self.feature_dim = self.colour_dim + sum(self.trunk.channels[i] for i in self.taps)
-        self.learned_colour = self.colour_bins is not None and config.colour_weighting == "learned"
         if self.learned_colour:
             # the map that places the garment: the unit before the last (EfficientNet-Lite: its last
             # block, 320 channels at the last unit's resolution, of which the last is a 1x1 expansion)

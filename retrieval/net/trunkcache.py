@@ -111,13 +111,11 @@ class TrunkCache:
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
             stored = json.loads(f.attrs["key"])
         rows = np.flatnonzero(self.ok)  # checked once here, not on every batch read
-        for at in range(0, len(rows), 1024):
-            chunk = rows[at:at + 1024]
-            check_finite(self.prefix[torch.from_numpy(chunk)], f"{self.path}: cached pooled features", chunk,
-                         "catalog row ")
-        for at in range(0, len(rows), 1024) if self.act is not None else ():
-            chunk = rows[at:at + 1024]
-            check_finite(self.act[torch.from_numpy(chunk)], f"{self.path}: cached activations", chunk, "catalog row ")
+        stored_values = [(self.prefix, "cached pooled features"), (self.act, "cached activations")]
+        for values, what in [(v, w) for v, w in stored_values if v is not None]:
+            for at in range(0, len(rows), 1024):  # in chunks: a copy of every row would double the memory
+                chunk = rows[at:at + 1024]
+                check_finite(values[torch.from_numpy(chunk)], f"{self.path}: {what}", chunk, "catalog row ")
         if model is not None:  # keep only the model's colour feature and taps, in its order
             colour = self.prefix.shape[2] - sum(model.trunk.channels[t] for t in stored["taps"])
             self.prefix = self.prefix[:, :, prefix_columns(model, stored["taps"], start, colour)].contiguous()

@@ -21,7 +21,7 @@ from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    parse_lr_steps, resolve_trainable, split_validation, write_config,
+                                    parse_lr_steps, resolve_blocks, resolve_trainable, split_validation, write_config,
                                     write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
 from retrieval.train.losses import group_weights, label_weights, resolve_group_loss, resolve_loss_norm
@@ -57,14 +57,16 @@ class Job:
 
     def _prepare_model(self):
         cfg = self.cfg
-        self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
-                                  multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
-                                  **model_options(cfg))
-        self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
-        if cfg.pool_weighting == "auto" and self.start == len(self.model.trunk):
+        options = model_options(cfg)
+        blocks = resolve_blocks(cfg.trainable_blocks, self.device)
+        if cfg.pool_weighting == "auto" and blocks != "all" and int(blocks) == 0:
             # a frozen, cached trunk: the learned pooling would rerun the last unit on every batch (on
             # the development catalog, CPU training ~16 -> ~21 min); it is for trunks that train
-            self.model.config = replace(self.model.config, pool_weighting="none")
+            options["pool_weighting"] = "none"
+        self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
+                                  multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
+                                  **options)
+        self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
         if self.device.type == "cuda":
