@@ -100,10 +100,41 @@ def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
     assert "unreadable" in caplog.text
 
 
-def test_trainable_blocks_cache_activations(demo_catalog, tmp_path):
-    assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--trainable-blocks", "1") == 0
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+def test_trainable_blocks_cache_activations(demo_catalog, tmp_path, caplog):
+    import h5py
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert train(demo_catalog, run, "--epochs", "1", "--trainable-blocks", "1") == 0
+    ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["input_mode"] == "cached" and ckpt["start_unit"] == 3
+    # the trained last unit changed the trunk, not the frozen units the cache depends on: embed
+    # serves the catalogue from the training cache, and gets what the images give
+    embed = ["embed", "--checkpoint", str(run / "last.pt"), "--catalog", str(demo_catalog), "--device", "cpu",
+             "--workers", "0", "--batch-size", "16"]
+    assert cli([*embed, "--out", str(tmp_path / "images.h5")]) == 0
+    caplog.clear()
+    assert cli([*embed, "--out", str(tmp_path / "cached.h5"), "--trunk-cache", str(run / "trunk-cache.h5")]) == 0
+    assert "does not match" not in caplog.text
+    with h5py.File(tmp_path / "images.h5") as a, h5py.File(tmp_path / "cached.h5") as b:
+        assert np.allclose(a["vectors"][:], b["vectors"][:], atol=1e-4)
+
+
+def test_trunk_cache_key_follows_the_frozen_units_only():
+    from retrieval.net.model import create_model
+    from retrieval.net.trunkcache import cache_key
+
+    model = create_model("tiny", {"g": ["a", "b"]}, 8, image_size=64)
+    frozen, last = model.trunk.units[0], model.trunk.units[-1]
+    whole = cache_key(model, len(model.trunk), [])
+    assert json.loads(whole)["trunk"] == fingerprint(model.trunk)  # every unit frozen: as before
+    key = cache_key(model, len(model.trunk) - 1, [])
+    with torch.no_grad():
+        next(last.parameters()).add_(1.0)  # a trained unit: same key
+        assert cache_key(model, len(model.trunk) - 1, []) == key
+        assert cache_key(model, len(model.trunk), []) != whole
+        next(frozen.parameters()).add_(1.0)  # a frozen unit: another key
+        assert cache_key(model, len(model.trunk) - 1, []) != key
 
 
 def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):

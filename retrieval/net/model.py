@@ -384,10 +384,13 @@ def model_options(options) -> dict:
             if f.name not in schema and hasattr(options, f.name)}
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of the model state (names, shapes and values)."""
+def fingerprint(model: nn.Module, keep=None) -> str:
+    """sha256 of the model state (names, shapes and values); ``keep(name)`` picks the entries
+    (None = all)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

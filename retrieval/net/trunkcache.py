@@ -20,13 +20,20 @@ from retrieval.net.model import RetrievalModel, fingerprint
 logger = logging.getLogger(__name__)
 
 
+def frozen_fingerprint(trunk, start: int) -> str:
+    """Fingerprint of the trunk units below ``start``: all that a cache cut there depends on. The
+    units from ``start`` on may train, and the checkpoint keeps its training cache's key, so embed
+    serves it from that cache; with every unit frozen it is the whole trunk's ``fingerprint``."""
+    return fingerprint(trunk, lambda name: int(name.split(".")[1]) < start)
+
+
 def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
-    """What a trunk cache depends on: trunk weights, cut point, pooling, size, images (their paths in
-    order, and their files' sizes and times) and the units it pooled, which may be more than a
-    model taps: any subset is served from it."""
+    """What a trunk cache depends on: the frozen units' weights, cut point, pooling, size, images
+    (their paths in order, and their files' sizes and times) and the units it pooled, which may be
+    more than a model taps: any subset is served from it."""
     covers = items_digest(items)
     return json.dumps({
-        "trunk": fingerprint(model.trunk), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
+        "trunk": frozen_fingerprint(model.trunk, start), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
         # the learned pooling reweights the last unit from the learned colour's cache: a plain prefix
         "pool_weighting": "none" if model.config.pool_weighting == "learned" else model.config.pool_weighting,
         "colour": model.colour_bins,
