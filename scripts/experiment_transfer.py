@@ -72,7 +72,7 @@ def trunk_cache_name(options: list[str]) -> str:
         changed = options
     else:
         default = TrainConfig(catalog="-", out="-")
-        same = {"pool_weighting": {"auto", "none", "learned"}}  # learned pooling reweights the plain cache
+        same = {"pool_weighting": {"auto", "none", "learned", "map"}}  # attended poolings reweight the plain cache
         changed = [f"{k}={getattr(args, k)}" for k in PASS_OPTIONS if getattr(args, k) != getattr(default, k)
                    and not {getattr(args, k), getattr(default, k)} <= same.get(k, set())]
     slug = re.sub(r"[^A-Za-z0-9_.=,]+", "-", "-".join(changed)).strip("-")

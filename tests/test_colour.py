@@ -230,7 +230,7 @@ def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_pa
                 "--colour-weighting", "learned", "--trunk-cache", str(cache), "--out", str(run)]) == 0
     model, _ = load_model(run / "last.pt")
     assert model.config.colour_weighting == "learned" and model.colour_attention.weight.abs().sum() > 0
-    assert model.config.pool_weighting == "none"  # a frozen, cached trunk: auto settles as none
+    assert model.config.pool_weighting == "map"  # a frozen, cached trunk: auto pools the cached map
     for source in (["--trunk-cache", str(cache)], []):  # the same vectors from the cache as from the images
         assert cli(["embed", "--checkpoint", str(run / "last.pt"), "--catalog", str(demo_catalog),
                     "--out", str(tmp_path / f"emb{len(source)}.h5"), *source]) == 0
@@ -263,3 +263,37 @@ def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_ca
     assert create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="attention").config.pool_weighting == "none"
     assert create_model("tiny", GROUPS, colour_bins="none", colour_weighting="learned").config.pool_weighting == "none"
     assert model_from_config({"backbone": "tiny", "groups": GROUPS}).config.pool_weighting == "none"  # old checkpoint
+
+
+def test_map_pooling_weights_the_attended_unit_alike_from_images_and_from_the_cache():
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="learned",
+                         pool_weighting="map").eval()
+    torch.nn.init.normal_(model.colour_attention.weight)
+    x = torch.randn(2, 3, 64, 64)
+    direct = model.pooled_features(x)
+    plain = _learned().eval()
+    plain.load_state_dict(model.state_dict())
+    uniform = plain.pooled_features(x)
+    # only the columns of the unit whose map the attention reads (unit 2, after the histogram and unit 1)
+    at = model.colour_dim + model.trunk.channels[1]
+    span = slice(at, at + model.trunk.channels[2])
+    assert model.colour_unit == 2 and not torch.allclose(direct[:, span], uniform[:, span])
+    assert torch.allclose(direct[:, :at], uniform[:, :at]) and torch.allclose(direct[:, span.stop:], uniform[:, span.stop:])
+    # by hand: GeM (p = 3) of the map with the softmax of the attention's logits as weights
+    cmap = model.trunk(x)[2]
+    logits = model.pool_colour(model._cells(x, None, cmap), cmap.flatten(2))[1]
+    w = torch.softmax(logits, 1).view(2, 1, *cmap.shape[-2:])
+    by_hand = ((cmap.clamp(min=1e-6) ** 3 * w).sum((2, 3)) / w.sum((2, 3))) ** (1 / 3)
+    assert torch.allclose(direct[:, span], by_hand, atol=1e-5)
+    for start in range(1, len(model.trunk) + 1):
+        prefix, act, weight = frozen_outputs(model, x, start=start)
+        assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
+    assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
+    assert model.feature_dim == plain.feature_dim
+    # auto on a frozen trunk: map where the attention's unit is pooled
+    frozen = dict(colour_bins="3,4,4", colour_weighting="learned", frozen_trunk=True)
+    assert create_model("tiny", GROUPS, **frozen).config.pool_weighting == "map"
+    assert create_model("tiny", GROUPS, taps="1,3", **frozen).config.pool_weighting == "none"
+    with pytest.raises(ValueError, match="taps must include it"):
+        create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="learned", pool_weighting="map", taps="3")

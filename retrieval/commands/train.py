@@ -49,10 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
-                       help="auto: learned with --colour-weighting learned, else none; "
+                       help="auto: with --colour-weighting learned, learned when the trunk trains and map when "
+                            "it is frozen, else none; "
                             "foreground: weight pooling towards pixels unlike the image border (the product); "
                             "learned: pool the last unit with the learned colour weighting's attention "
-                            "(where the network finds the garment; needs --colour-weighting learned)")
+                            "(where the network finds the garment; needs --colour-weighting learned); map: pool "
+                            "the unit before the last, whose map the attention reads, with it (free from a trunk cache)")
     model.add_argument("--colour-bins", metavar="L,A,B",
                        help="add a CIELAB colour histogram of the product with this many bins along L, a "
                             "and b to the pooled features (none = off)")

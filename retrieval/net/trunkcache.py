@@ -15,7 +15,7 @@ from tqdm import tqdm
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
-from retrieval.net.model import RetrievalModel, fingerprint
+from retrieval.net.model import ATTENDED, RetrievalModel, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     covers = items_digest(items)
     return json.dumps({
         "trunk": frozen_fingerprint(model.trunk, start), "start": start, "taps": list(range(start)), "gem_p": model.config.gem_p,
-        # the learned pooling reweights the last unit from the learned colour's cache: a plain prefix
-        "pool_weighting": "none" if model.config.pool_weighting == "learned" else model.config.pool_weighting,
+        # the attended poolings reweight units from the learned colour's cache: a plain prefix
+        "pool_weighting": "none" if model.config.pool_weighting in ATTENDED else model.config.pool_weighting,
         "colour": model.colour_bins,
         "colour_weighting": model.config.colour_weighting,
         "image_size": model.config.image_size, "images": covers["paths"], "files": covers["files"],

@@ -59,13 +59,9 @@ class Job:
         cfg = self.cfg
         options = model_options(cfg)
         blocks = resolve_blocks(cfg.trainable_blocks, self.device)
-        if cfg.pool_weighting == "auto" and blocks != "all" and int(blocks) == 0:
-            # a frozen, cached trunk: the learned pooling would rerun the last unit on every batch (on
-            # the development catalog, CPU training ~16 -> ~21 min); it is for trunks that train
-            options["pool_weighting"] = "none"
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
-                                  **options)
+                                  frozen_trunk=blocks != "all" and int(blocks) == 0, **options)
         self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
         freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
