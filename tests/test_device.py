@@ -71,11 +71,11 @@ def test_trunk_cache_step_and_cached_forward_on_meta(weighting, pooling, start):
 
 
 def test_training_step_on_meta(demo_catalog, tmp_path):
-    # the trainer's own loss (both logit scales, contrastive term, per-label weights) and backward
+    # the trainer's own loss (both logit scales, contrastive term, head fit, per-label weights) and backward
     from retrieval.train.trainer import Job
 
     cfg = TrainConfig(catalog=str(demo_catalog), out=str(tmp_path), backbone="tiny", image_size=32,
-                      device="cpu", contrastive=0.1, weighting="label")
+                      device="cpu", contrastive=0.1, weighting="label", head_fit=1.0)
     job = Job(cfg)
     job.model.to(META)
     job.device = META

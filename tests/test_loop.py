@@ -141,3 +141,37 @@ def test_frozen_batchnorm_keeps_the_trunk_statistics_and_affine_parameters():
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.weight, before[1])
     assert not bn.training and not bn.weight.requires_grad
     assert not torch.equal(conv.weight, before[2])  # the convolutions still train
+
+
+def test_head_fit_fits_the_sigmoid_heads_on_the_embedding_held_fixed():
+    # --head-fit W adds W x the group weight x each labelled item's summed sigmoid cross-entropy
+    # (item norm), computed on the detached embedding: the heads get its gradient, the embedding none
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", multi_label_groups=["colour"]).eval()
+    kinds, weights = {"type": "ce", "colour": "bce"}, {"type": 1.0, "colour": 0.5}
+    types, colours = [0, 2, 1], [[0, 1], None, [1]]
+    multi_hot = {"type": one_hot(types, 3), "colour": torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])}
+    targets = Targets(multi_hot, {g: t.sum(1) > 0 for g, t in multi_hot.items()})
+    x = torch.randn(3, 3, 32, 32)
+    grads = {}
+    for fit in (0.0, 2.0):
+        state = state_for(model)
+        state.loss = LossSettings(kinds, weights, norm="balanced", head_fit=fit)
+        model.zero_grad()
+        total, _, logits, _ = batch_loss(state, model, x, targets)
+        total.backward()
+        grads[fit] = (total.item(), logits["colour"].detach(),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    z = grads[2.0][1]
+    expected = 0.0
+    for i, labels in enumerate(colours):
+        if labels is None:
+            continue  # unlabelled in colour: no loss
+        for j in range(2):
+            y, p = float(j in labels), 1 / (1 + math.exp(-z[i, j].item()))
+            expected -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert grads[2.0][0] - grads[0.0][0] == pytest.approx(2.0 * 0.5 * expected / 2, rel=1e-5)  # 2 labelled items
+    with_fit, without = grads[2.0][2], grads[0.0][2]
+    assert not torch.allclose(with_fit["heads.1_colour.weight"], without["heads.1_colour.weight"])
+    assert torch.equal(with_fit["heads.0_type.weight"], without["heads.0_type.weight"])
+    assert all(torch.allclose(with_fit[n], without[n]) for n in without if n.startswith(("embed.", "trunk.")))

@@ -92,6 +92,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "item: the same, summed over a sigmoid group's labels; balanced: a sigmoid item's mean "
                            "over its positive labels plus the mean over its negative ones; batch: summed over the group's labels, averaged over the batch (Li et al. Eq. 1; "
                            "with --method multi-label one sigmoid cross-entropy over all labels)")
+    loss.add_argument("--head-fit", type=float, metavar="WEIGHT",
+                      help="weight of a second loss on the sigmoid (multi-label) groups' heads, on the embedding "
+                           "held fixed: every label's own cross-entropy (--loss-norm item), which makes each "
+                           "label's probability decisive for the group view without letting the many negative "
+                           "labels shape the shared embedding (0 = off; not for --method multi-label)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, metavar="S",

@@ -33,6 +33,7 @@ class LossSettings:
     classes: np.ndarray | None = None  # per training item, for Range loss
     norm: str = "labelled"  # how a group's loss is averaged (losses.LOSS_NORMS)
     range_distance: str = "l2"
+    head_fit: float = 0.0  # the sigmoid groups' heads again, item-normalised, on the detached embedding
 
 
 @dataclass
@@ -65,6 +66,15 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
         soft = {g: z * (s.metric_scale / s.head_scale) for g, z in logits.items()}
         total = total + multi_group_loss(soft, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing,
                                          s.norm)[0]
+    sigmoid = [g for g in logits if s.kinds[g] == "bce"]
+    if s.head_fit and sigmoid and not s.multi_label_method:
+        # each label's own loss fits the heads' probabilities; the embedding is held fixed, so the
+        # many negative labels do not take it over (the balanced loss above shapes it)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
+            fitted = state.model.forward_heads(emb.detach())
+        fitted = {g: fitted[g].float() for g in sigmoid}
+        total = total + s.head_fit * multi_group_loss(fitted, targets, s.kinds, s.weights, s.class_weights,
+                                                      norm="item")[0]
     if s.contrastive:
         total = total + s.contrastive * overlap_contrastive_loss(emb.float(), targets, s.weights)
     if s.range_weight and positions is not None:

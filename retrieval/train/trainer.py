@@ -180,7 +180,7 @@ class Job:
         cfg = self.cfg
         return LossSettings(self.kinds, self.weights, self.class_weights, cfg.label_smoothing, cfg.metric_scale,
                             cfg.head_scale, cfg.method == "multi-label", cfg.contrastive, cfg.range_loss, self.classes,
-                            cfg.loss_norm, cfg.range_distance)
+                            cfg.loss_norm, cfg.range_distance, cfg.head_fit)
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
