@@ -69,7 +69,7 @@ class TrainConfig:
     sampling_target: str | None = None
     range_loss: float = 0.0
     contrastive: float = 0.0
-    head_fit: float = 0.0
+    head_fit: float = 1.0
     range_group: str | None = None
     range_distance: str = "l2"
     device: str = "auto"
