@@ -359,3 +359,22 @@ def test_one_set_of_defaults():
     assert options and options == {k: getattr(ModelConfig(), k) for k in options}
     assert {f.name for f in fields(ModelConfig)} - set(options) == {"backbone", "groups", "multi_label_groups",
                                                                     "method", "embed_dim"}
+
+
+def test_epochs_resolve_by_steps_on_a_small_catalogue(demo_catalog, tmp_path):
+    from retrieval.data.catalog import read_catalog
+    from retrieval.train.config import resolve_epochs, split_validation
+
+    assert resolve_epochs(5, 3, 700) == 5  # given: as it is
+    assert resolve_epochs(None, 54, 700) == 30  # the development catalog: 30 epochs are 1,620 steps
+    assert resolve_epochs(None, 12, 700) == 59  # a 2,000-image catalogue: ceil(700 / 12)
+    assert resolve_epochs(None, 0, 700) == 700
+    # demo catalog, batches of 128: ceil(n / 128) steps an epoch, 100 steps wanted
+    n = len(split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0])
+    steps = -(-n // 128)
+    expected = max(30, -(-100 // steps))
+    assert expected > 30
+    run = tmp_path / "run"
+    assert train(demo_catalog, run, "--batch-size", "128", "--min-steps", "100") == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == expected
+    assert len(json.loads((run / "metrics.json").read_text())) == expected

@@ -114,7 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--range-group", help="the group whose classes Range loss uses")
     loss.add_argument("--range-distance", choices=RANGE_DISTANCES, help="Range loss on L2 or squared L2 distances")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--epochs", type=int,
+                     help="passes over the training items (default: 30, or more on a small catalogue, enough "
+                          "for --min-steps optimisation steps)")
+    opt.add_argument("--min-steps", type=int, metavar="N",
+                     help="without --epochs, train at least N optimisation steps (batches)")
     opt.add_argument("--batch-size", type=int)
     opt.add_argument("--lr", type=float)
     opt.add_argument("--trunk-lr-scale", type=float, help="learning rate factor of trainable trunk units")

@@ -44,7 +44,8 @@ class TrainConfig:
     metric_scale: float = 6.0
     select_by: str = "map"
     image_size: int = ModelConfig.image_size
-    epochs: int = 30
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, or enough for min_steps (resolve_epochs)
+    min_steps: int = 700
     batch_size: int = 128
     lr: float = 2e-3
     trunk_lr_scale: float = 0.1
@@ -79,6 +80,19 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     recipe: str | None = None
+
+
+DEFAULT_EPOCHS = 30
+
+
+def resolve_epochs(epochs: int | None, steps_per_epoch: int, min_steps: int) -> int:
+    """``--epochs`` as given; unset, ``DEFAULT_EPOCHS``, or on a small catalogue as many as it takes
+    to make ``min_steps`` optimisation steps (on the 2,000-image stand-ins 30 epochs are ~360 steps,
+    and 60 gave +0.2 to +0.7 shared and +0.3 to +1.4 group view; the development catalog makes
+    1,600 steps in 30)."""
+    if epochs is not None:
+        return epochs
+    return max(DEFAULT_EPOCHS, -(-min_steps // max(1, steps_per_epoch)))
 
 
 def split_validation(items: list[Item], fraction: float) -> tuple[list[Item], list[Item]]:

@@ -21,8 +21,8 @@ from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    parse_lr_steps, resolve_blocks, resolve_trainable, split_validation, write_config,
-                                    write_json)
+                                    parse_lr_steps, resolve_blocks, resolve_epochs, resolve_trainable, split_validation,
+                                    write_config, write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
 from retrieval.train.losses import group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
@@ -92,7 +92,8 @@ class Job:
         """Start-of-run summary: data, mode, loss kinds and weights."""
         lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items, "
                  f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
-                 f"world {self.world}, input {self.mode}, trainable trunk units {self.start}..{len(self.model.trunk) - 1}",
+                 f"world {self.world}, input {self.mode}, trainable trunk units {self.start}..{len(self.model.trunk) - 1}, "
+                 f"{self.cfg.epochs} epochs of {self.steps_per_epoch()} steps",
                  f"{'group':<20} {'labelled':>8} {'loss':>4} {'weight':>7}"]
         for g, n in self.targets.counts().items():
             lines.append(f"{g:<20} {n:>8} {self.kinds[g]:>4} {self.weights[g]:>7.3f}")
@@ -208,12 +209,17 @@ class Job:
         if self.world > 1:
             net = DistributedDataParallel(forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = make_optimizer(self.model, cfg)
-        steps = -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
-                                            self.classes, cfg.sampling, target=cfg.sampling_target)) // cfg.batch_size)
+        steps = self.steps_per_epoch()
         scheduler = make_scheduler(optimizer, steps * cfg.epochs, min(steps, 100), cfg.schedule, steps,
                                    parse_lr_steps(cfg.lr_steps), cfg.lr_gamma)
         return TrainState(self.model, net, forward, optimizer, scheduler, self.device, self.loss_settings(),
                           self.start, self.world, progress=self.main, freeze_bn=cfg.freeze_bn)
+
+    def steps_per_epoch(self) -> int:
+        """Optimisation steps of an epoch on this rank (every rank takes as many)."""
+        cfg = self.cfg
+        return -(-len(sampling.epoch_order(len(self.train_items), 0, cfg.seed, self.rank, self.world,
+                                           self.classes, cfg.sampling, target=cfg.sampling_target)) // cfg.batch_size)
 
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
         """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
@@ -244,7 +250,8 @@ class Job:
 
     def run(self) -> list[dict]:
         """Train for the configured epochs; returns the per-epoch history."""
-        cfg = self.cfg
+        steps = self.steps_per_epoch()
+        self.cfg = cfg = replace(self.cfg, epochs=resolve_epochs(self.cfg.epochs, steps, self.cfg.min_steps))
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
