@@ -50,9 +50,10 @@ def test_transfer_rows_share_a_trunk_cache_when_their_frozen_pass_is_the_same():
 
     assert trunk_cache_name([]) == trunk_cache_name(["--dropout", "0.5", "--loss-norm", "item"]) == "trunk-cache.h5"
     assert trunk_cache_name(["--colour-weighting", "learned"]) == "trunk-cache.h5"  # the default
-    # the learned pooling reweights the same cached map
+    # the attended poolings reweight the same cached map
     assert trunk_cache_name(["--pool-weighting", "learned"]) == trunk_cache_name(["--pool-weighting", "none"]) \
-        == "trunk-cache.h5"
+        == trunk_cache_name(["--pool-weighting", "map"]) == "trunk-cache.h5"
+    assert trunk_cache_name(["--head-fit", "0", "--epochs", "30"]) == "trunk-cache.h5"  # training only
     assert trunk_cache_name(["--colour-weighting", "border"]) == "trunk-cache-colour_weighting=border.h5"
     assert trunk_cache_name(["--pool-weighting", "foreground"]) == "trunk-cache-pool_weighting=foreground.h5"
     assert trunk_cache_name(["--recipe", "li2017"]) == "trunk-cache-recipe-li2017.h5"  # not read: its own
