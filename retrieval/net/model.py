@@ -250,35 +250,43 @@ class RetrievalModel(nn.Module):
         hist, logits = self.pool_colour(mass.unflatten(1, (bins, -1)), cmap)
         return torch.cat([hist.to(prefix.dtype), rest], 1), logits, cmap
 
+    @staticmethod
+    def _square_side(cells: int, what: str) -> int:
+        """The side of a square map of ``cells`` cells (a cached map is stored flat)."""
+        side = math.isqrt(cells)
+        if side * side != cells:
+            raise ValueError(f"{what} needs a square map, got {cells} cells")
+        return side
+
+    def _repool(self, features: torch.Tensor, unit: int, fmap: torch.Tensor, logits: torch.Tensor,
+                grid: tuple[int, int]) -> torch.Tensor:
+        """``features`` with the pooled columns of tapped ``unit`` replaced by the GeM pooling of its
+        output ``fmap`` (NChw) weighted by the garment attention: the softmax of ``logits`` over the
+        cells of the attention's map, a ``grid`` (h, w), resampled to ``fmap``'s resolution."""
+        attention = torch.softmax(logits, 1).view(len(logits), 1, *grid)
+        at = self.colour_dim + sum(self.trunk.channels[t] for t in self.taps if t < unit)
+        width = self.trunk.channels[unit]
+        return torch.cat([features[:, :at], self.pool(fmap, attention).to(features.dtype), features[:, at + width:]], 1)
+
     def _attend_last(self, features: torch.Tensor, logits: torch.Tensor, last: torch.Tensor | None,
                      cmap: torch.Tensor) -> torch.Tensor:
         """``pool_weighting="learned"``: the last unit's pooled columns (the end of ``features``)
-        pooled again with the garment attention (softmax of ``logits`` over the map's cells). The
-        last unit's output ``last`` is computed from the map (its input, N x C x cells) when cached."""
-        side = math.isqrt(logits.shape[1])
-        if side * side != logits.shape[1]:
-            raise ValueError(f"learned pooling needs a square map, got {logits.shape[1]} cells")
+        pooled again with the garment attention. The last unit's output ``last`` is computed from
+        the map (its input, N x C x cells) when cached."""
+        side = self._square_side(logits.shape[1], "learned pooling")
         if last is None:  # the whole trunk is frozen and cached: the last unit runs on its cached input
             with torch.no_grad():
                 last = self.trunk.units[-1](cmap.unflatten(2, (side, side)).to(features.dtype))
-        attention = torch.softmax(logits, 1).view(-1, 1, side, side)
-        width = self.trunk.channels[-1]
-        return torch.cat([features[:, :-width], self.pool(last, attention).to(features.dtype)], 1)
+        return self._repool(features, len(self.trunk) - 1, last, logits, (side, side))
 
     def _attend_map(self, features: torch.Tensor, logits: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
         """``pool_weighting="map"``: the pooled columns of the attention's own map (the unit before
         the last, N x C x h x w or N x C x cells) pooled again with the garment attention. Free from
         a trunk cache, which holds that map: the pooling for a frozen trunk."""
-        side = math.isqrt(logits.shape[1])
         if cmap.dim() == 3:
-            if side * side != logits.shape[1]:
-                raise ValueError(f"map pooling needs a square map, got {logits.shape[1]} cells")
+            side = self._square_side(logits.shape[1], "map pooling")
             cmap = cmap.unflatten(2, (side, side))
-        attention = torch.softmax(logits, 1).view(len(logits), 1, *cmap.shape[-2:])
-        at = self.colour_dim + sum(self.trunk.channels[t] for t in self.taps if t < self.colour_unit)
-        width = self.trunk.channels[self.colour_unit]
-        attended = self.pool(cmap.to(features.dtype), attention).to(features.dtype)
-        return torch.cat([features[:, :at], attended, features[:, at + width:]], 1)
+        return self._repool(features, self.colour_unit, cmap.to(features.dtype), logits, cmap.shape[-2:])
 
     def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
                         weight: torch.Tensor | None = None) -> torch.Tensor:
