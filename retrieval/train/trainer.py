@@ -42,6 +42,8 @@ class Job:
         self._prepare_items()
         self._prepare_model()
         self._prepare_loss()
+        self.steps = self.steps_per_epoch()  # every rank takes as many
+        self.cfg = replace(self.cfg, epochs=resolve_epochs(self.cfg.epochs, self.steps, self.cfg.min_steps))
 
     def _prepare_items(self):
         cfg, catalog = self.cfg, self.catalog
@@ -93,7 +95,7 @@ class Job:
         lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items, "
                  f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
                  f"world {self.world}, input {self.mode}, trainable trunk units {self.start}..{len(self.model.trunk) - 1}, "
-                 f"{self.cfg.epochs} epochs of {self.steps_per_epoch()} steps",
+                 f"{self.cfg.epochs} epochs of {self.steps} steps",
                  f"{'group':<20} {'labelled':>8} {'loss':>4} {'weight':>7}"]
         for g, n in self.targets.counts().items():
             lines.append(f"{g:<20} {n:>8} {self.kinds[g]:>4} {self.weights[g]:>7.3f}")
@@ -209,8 +211,7 @@ class Job:
         if self.world > 1:
             net = DistributedDataParallel(forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = make_optimizer(self.model, cfg)
-        steps = self.steps_per_epoch()
-        scheduler = make_scheduler(optimizer, steps * cfg.epochs, min(steps, 100), cfg.schedule, steps,
+        scheduler = make_scheduler(optimizer, self.steps * cfg.epochs, min(self.steps, 100), cfg.schedule, self.steps,
                                    parse_lr_steps(cfg.lr_steps), cfg.lr_gamma)
         return TrainState(self.model, net, forward, optimizer, scheduler, self.device, self.loss_settings(),
                           self.start, self.world, progress=self.main, freeze_bn=cfg.freeze_bn)
@@ -250,8 +251,7 @@ class Job:
 
     def run(self) -> list[dict]:
         """Train for the configured epochs; returns the per-epoch history."""
-        steps = self.steps_per_epoch()
-        self.cfg = cfg = replace(self.cfg, epochs=resolve_epochs(self.cfg.epochs, steps, self.cfg.min_steps))
+        cfg = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
