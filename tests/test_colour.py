@@ -239,21 +239,26 @@ def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_pa
         assert torch.allclose(torch.from_numpy(a["vectors"][:]), torch.from_numpy(b["vectors"][:]), atol=1e-3)
 
 
-def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_cache():
+def _attended(pool_weighting: str, x: torch.Tensor):
+    """A model pooling with the trained attention, its twin with uniform pooling (same weights),
+    and both one's pooled features of ``x``; asserts that every cut of a trunk cache gives the same."""
     torch.manual_seed(0)
     model = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="learned",
-                         pool_weighting="learned").eval()
+                         pool_weighting=pool_weighting).eval()
     torch.nn.init.normal_(model.colour_attention.weight)
-    x = torch.randn(2, 3, 64, 64)
     direct = model.pooled_features(x)
     plain = _learned().eval()
     plain.load_state_dict(model.state_dict())
-    uniform = plain.pooled_features(x)
-    assert torch.allclose(direct[:, :-32], uniform[:, :-32]) and not torch.allclose(direct[:, -32:], uniform[:, -32:])
-    for start in range(1, len(model.trunk) + 1):  # at 4 the last unit runs on its cached input
+    for start in range(1, len(model.trunk) + 1):  # at 4 the attended unit comes from the cache
         prefix, act, weight = frozen_outputs(model, x, start=start)
         assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
     assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
+    return model, plain, direct, plain.pooled_features(x)
+
+
+def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_cache():
+    model, plain, direct, uniform = _attended("learned", torch.randn(2, 3, 64, 64))
+    assert torch.allclose(direct[:, :-32], uniform[:, :-32]) and not torch.allclose(direct[:, -32:], uniform[:, -32:])
     with pytest.raises(ValueError, match="needs --colour-weighting learned"):
         create_model("tiny", GROUPS, colour_bins="3,4,4", colour_weighting="border", pool_weighting="learned")
     # auto: learned where the learned colour's attention is there, else none; checkpoints record which
@@ -266,15 +271,8 @@ def test_learned_pooling_weights_the_last_unit_alike_from_images_and_from_the_ca
 
 
 def test_map_pooling_weights_the_attended_unit_alike_from_images_and_from_the_cache():
-    torch.manual_seed(0)
-    model = create_model("tiny", GROUPS, embed_dim=8, colour_bins="3,4,4", colour_weighting="learned",
-                         pool_weighting="map").eval()
-    torch.nn.init.normal_(model.colour_attention.weight)
     x = torch.randn(2, 3, 64, 64)
-    direct = model.pooled_features(x)
-    plain = _learned().eval()
-    plain.load_state_dict(model.state_dict())
-    uniform = plain.pooled_features(x)
+    model, plain, direct, uniform = _attended("map", x)
     # only the columns of the unit whose map the attention reads (unit 2, after the histogram and unit 1)
     at = model.colour_dim + model.trunk.channels[1]
     span = slice(at, at + model.trunk.channels[2])
@@ -286,10 +284,6 @@ def test_map_pooling_weights_the_attended_unit_alike_from_images_and_from_the_ca
     w = torch.softmax(logits, 1).view(2, 1, *cmap.shape[-2:])
     by_hand = ((cmap.clamp(min=1e-6) ** 3 * w).sum((2, 3)) / w.sum((2, 3))) ** (1 / 3)
     assert torch.allclose(direct[:, span], by_hand, atol=1e-5)
-    for start in range(1, len(model.trunk) + 1):
-        prefix, act, weight = frozen_outputs(model, x, start=start)
-        assert torch.allclose(model.pooled_features(act, start, prefix, weight), direct, atol=1e-5)
-    assert cache_key(model, 4, []) == cache_key(plain, 4, [])  # the same cache serves both
     assert model.feature_dim == plain.feature_dim
     # auto on a frozen trunk: map where the attention's unit is pooled
     frozen = dict(colour_bins="3,4,4", colour_weighting="learned", frozen_trunk=True)
