@@ -55,15 +55,18 @@ def write_embeddings(path, rows, paths=None, fingerprint="sha-test"):
 
 
 # Hand-worked, k = 3, test split = items 0-6 (scores are 1 within {0,1,2} and {3,4,5}, else 0):
-# type   q0 [1,2,3] rel 100 -> paper 1, std 1/2 (shirts 1, 5); q1 [0,2,3] same -> 1, 1/2;
-#        q2 [0,1,3] rel 001 -> 1/3, 1/6; q3 [4,5,0] rel 000 -> 0, 0; q5 [3,4,0] rel 001 -> 1/3, 1/6;
-#        q6 [0,1,2] rel 001 -> 1/3, 1/6; item 4 unlabelled -> 6 queries.
+# type   item 4 unlabelled: neither a query nor a candidate (query = candidate) -> 6 queries.
+#        q0 [1,2,3] rel 100 -> paper 1, std 1/2 (shirts 1, 5); q1 [0,2,3] same -> 1, 1/2;
+#        q2 [0,1,3] rel 001 -> 1/3, 1/6; q3 [5,0,1] rel 000 -> 0, 0; q5 [3,0,1] rel 011 -> 1/2+2/3 = 7/6,
+#        M 2 -> 7/12 both; q6 [0,1,2] rel 001 -> 1/3, 1/6.
+#        paper (1+1+1/3+0+7/12+1/3)/6 = 13/24; standard (1/2+1/2+1/6+0+7/12+1/6)/6 = 23/72.
+#        With --candidates all, item 4 is a miss: q3 [4,5,0] rel 000, q5 [3,4,0] rel 001 -> 1/3, 1/6:
 #        paper (1+1+1/3+0+1/3+1/3)/6 = 1/2; standard (1/2+1/2+1/6+0+1/6+1/6)/6 = 1/4.
 # colour q0 red [1,2,3] rel 011 -> 1/2+2/3 = 7/6, M 2 -> 7/12 both; q1 blue [0,2,3] rel 010 -> 1/2, std 1/4;
 #        q2 red|blue [0,1,3] rel 111 -> 1, 1; q3 red [4,5,0] rel 001 -> 1/3, 1/6; q4, q5, q6 -> 0.
 #        paper (7/12+1/2+1+1/3)/7 = 29/84; standard (7/12+1/4+1+1/6)/7 = 2/7.
 # type group view: every query's two same-type items come first -> 1, 1.
-EXPECTED = {"type": (1 / 2, 1 / 4, 6), "colour": (29 / 84, 2 / 7, 7)}
+EXPECTED = {"type": (13 / 24, 23 / 72, 6), "colour": (29 / 84, 2 / 7, 7)}
 
 
 def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
@@ -74,7 +77,7 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     report = json.loads((out_dir / "report.json").read_text())
     assert report["settings"] | {"embeddings": None, "catalog": None} == {
         "split": "test", "k": 3, "fingerprint": "sha-test", "embeddings": None, "n_items": 7,
-        "n_missing": 1, "catalog": None, "title": "emb", "fused_with": None}
+        "n_missing": 1, "candidates": "labelled", "catalog": None, "title": "emb", "fused_with": None}
     for g, (paper, standard, queries) in EXPECTED.items():
         assert report["groups"][g]["map_paper"] == pytest.approx(paper)
         assert report["groups"][g]["map_standard"] == pytest.approx(standard)
@@ -82,14 +85,21 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     assert report["groups"]["type"]["group_view"] == {"map_paper": pytest.approx(1.0),
                                                       "map_standard": pytest.approx(1.0)}
     assert "group_view" not in report["groups"]["colour"]
-    assert report["mean"]["map_paper"] == pytest.approx((1 / 2 + 29 / 84) / 2)
-    assert report["mean"]["map_standard"] == pytest.approx((1 / 4 + 2 / 7) / 2)
+    assert report["mean"]["map_paper"] == pytest.approx((13 / 24 + 29 / 84) / 2)
+    assert report["mean"]["map_standard"] == pytest.approx((23 / 72 + 2 / 7) / 2)
     assert report["views"]["group"] == {"map_paper": pytest.approx(1.0), "map_standard": pytest.approx(1.0),
                                         "groups": ["type"]}
     printed = capsys.readouterr().out
-    assert "| type | 6 | 50.0 / 25.0 | 100.0 / 100.0 |" in printed
+    assert "| type | 6 | 54.2 / 31.9 | 100.0 / 100.0 |" in printed
     assert printed.strip() == (out_dir / "table.md").read_text().strip()
     assert (out_dir / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--candidates", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert report["settings"]["candidates"] == "all"
+    assert (report["groups"]["type"]["map_paper"], report["groups"]["type"]["map_standard"]) == (
+        pytest.approx(1 / 2), pytest.approx(1 / 4))
+    assert report["groups"]["colour"]["map_paper"] == pytest.approx(29 / 84)  # every item labelled: the same
 
 
 def test_split_all_includes_train_items(catalog_dir, tmp_path):
@@ -108,7 +118,7 @@ def test_compare_prints_both_runs(catalog_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("| group"))
     assert header == "| group | run-a | run-a (group view) | run-b | run-b (group view) |"
-    assert "| type | 50.0 / 25.0 | 100.0 / 100.0 |" in table
+    assert "| type | 54.2 / 31.9 | 100.0 / 100.0 |" in table
     assert "| **mean** |" in table
     assert table == compare_reports([tmp_path / "run-a", tmp_path / "run-b"]) + "\n"
 
@@ -205,7 +215,7 @@ def test_sampled_queries_give_intervals(catalog_dir, tmp_path, capsys):
     assert report["groups"]["type"]["group_view"]["ci95"]["map_paper"] == [pytest.approx(1.0)] * 2
     assert "7 sampled queries, 95% intervals" in capsys.readouterr().out
     table = (tmp_path / "all" / "table.md").read_text()
-    assert "| type | 6 | 50.0 [" in table and "100.0 [100.0–100.0] / 100.0 [100.0–100.0] |" in table
+    assert "| type | 6 | 54.2 [" in table and "100.0 [100.0–100.0] / 100.0 [100.0–100.0] |" in table
     report = evaluate_embeddings(emb, read_catalog(catalog_dir), k=3, sample_queries=3, seed=1)
     assert report["settings"]["n_items"] == 7 and report["groups"]["colour"]["queries"] == 3
     with pytest.raises(SystemExit):

@@ -21,14 +21,16 @@ def naive_topk(vectors, k):
     return scores, np.array(rows, dtype=np.int64).reshape(len(vectors), -1)
 
 
-def naive_map(vectors, label_sets, k, queries=None):
-    """mAP@k of one group straight from the definition, one query at a time (all rows or ``queries``)."""
+def naive_map(vectors, label_sets, k, queries=None, candidates="labelled"):
+    """mAP@k of one group straight from the definition, one query at a time (all rows or ``queries``);
+    ``candidates="labelled"`` ranks only the items labelled in the group, ``all`` every item."""
     _, ranked = naive_topk(vectors, len(vectors) - 1)
     ap_paper, ap_standard = [], []
     for q, labels in enumerate(label_sets):
         if not labels or (queries is not None and q not in queries):
             continue
-        shares = [bool(set(labels) & set(label_sets[j])) for j in ranked[q]]
+        others = [j for j in ranked[q] if candidates == "all" or label_sets[j]]
+        shares = [bool(set(labels) & set(label_sets[j])) for j in others]
         rel = shares[:k]
         summed = sum(sum(rel[:r + 1]) / (r + 1) for r in range(len(rel)) if rel[r])
         m_paper, m_standard = sum(rel), min(k, sum(shares))
@@ -162,19 +164,23 @@ def test_map_matches_naive_reference(k, n_classes):
     vocab = [f"l{i}" for i in range(n_classes)]
     sets = random_label_sets(rng, 150, vocab, max_labels=3 if n_classes > 4 else 2)
     _, neighbors = topk_neighbors(vectors, k, block_size=32)
-    got = map_at_k(neighbors, label_matrix(sets, vocab), k)
-    assert_map_equal(got, naive_map(vectors, sets, k))
+    got = map_at_k(neighbors, label_matrix(sets, vocab), k)  # neighbours among every row
+    assert_map_equal(got, naive_map(vectors, sets, k, candidates="all"))
 
 
-def test_evaluate_retrieval_matches_reference_for_both_views():
+@pytest.mark.parametrize("candidates", ["labelled", "all"])
+def test_evaluate_retrieval_matches_reference_for_both_views(candidates):
     rng = np.random.default_rng(3)
     shared, own = dyadic_unit_vectors(rng, 90), dyadic_unit_vectors(rng, 90, dim=6)
     labels = {"colour": random_label_sets(rng, 90, ["red", "blue", "green"]),
-              "style": random_label_sets(rng, 90, ["a", "b", "c", "d", "e"], unlabelled=0.5)}
-    got = evaluate_retrieval(shared, labels, k=20, vectors_by_group={"style": own}, block_size=16)
+              "style": random_label_sets(rng, 90, ["a", "b", "c", "d", "e"], unlabelled=0.5),
+              "fit": random_label_sets(rng, 90, ["slim", "loose"], unlabelled=0.0),
+              "rare": [("x",)] + [()] * 88 + [("x",)], "once": [()] * 89 + [("y",)]}  # 2 and 1 candidates
+    got = evaluate_retrieval(shared, labels, k=20, vectors_by_group={"style": own}, block_size=16,
+                             candidates=candidates)
     for g, sets in labels.items():
-        assert_map_equal(got["groups"][g], naive_map(shared, sets, 20))
-    want_view = naive_map(own, labels["style"], 20)
+        assert_map_equal(got["groups"][g], naive_map(shared, sets, 20, candidates=candidates))
+    want_view = naive_map(own, labels["style"], 20, candidates=candidates)
     assert got["groups"]["style"]["group_view"]["map_paper"] == pytest.approx(want_view["map_paper"], abs=1e-12)
     assert "group_view" not in got["groups"]["colour"]
     shared_mean = np.mean([got["groups"][g]["map_paper"] for g in labels])
@@ -184,7 +190,7 @@ def test_evaluate_retrieval_matches_reference_for_both_views():
 
 
 @pytest.mark.parametrize("block_size", [1, 7, None])
-def test_sampled_queries_rank_all_candidates(block_size):
+def test_sampled_queries_rank_every_candidate(block_size):
     rng = np.random.default_rng(4)
     shared, own = dyadic_unit_vectors(rng, 80), dyadic_unit_vectors(rng, 80, dim=5)
     labels = {"colour": random_label_sets(rng, 80, ["red", "blue", "green"]),
@@ -195,7 +201,7 @@ def test_sampled_queries_rank_all_candidates(block_size):
     assert len(sample) == 25
     for g, sets in labels.items():
         assert_map_equal({key: got["groups"][g][key] for key in ("map_paper", "map_standard", "queries")},
-                         naive_map(shared, sets, 10, sample))
+                         naive_map(shared, sets, 10, sample))  # each group's labelled items, sampled or not
         low, high = got["groups"][g]["ci95"]["map_paper"]
         assert low <= got["groups"][g]["map_paper"] <= high
     want_view = naive_map(own, labels["style"], 10, sample)
@@ -262,6 +268,25 @@ def test_hand_worked_ties_overlap_and_unlabelled():
     assert got == {"map_paper": pytest.approx(0.625), "map_standard": pytest.approx(5 / 12), "queries": 4}
 
 
+def test_hand_worked_candidates_are_the_labelled_items():
+    # Query = candidate: item 3, unlabelled in "type", is neither a query nor a candidate there.
+    # q0 {a}:   candidates 1, 2 (score 1, by id), 4 (score 0) -> rel [0, 1, 1]: 1/2 + 2/3 = 7/6;
+    #           paper M = 2 -> 7/12; relevant {2, 4} -> standard 7/12.
+    # q1 {b}:   [0, 2, 4] rel [0, 1, 0] -> 1/2; M = 1 both ways -> 1/2.
+    # q2 {a,b}: [0, 1, 4] rel [1, 1, 1] -> 3; M = 3 both ways -> 1.
+    # q4 {a}:   [0, 1, 2] (all score 0, by id) rel [1, 0, 1] -> 1 + 2/3 = 5/3; M = 2 -> 5/6.
+    # mAP = (7/12 + 1/2 + 1 + 5/6) / 4 = 35/48 for both variants; with every candidate
+    # (``all``, item 3 a miss) it is test_hand_worked_ties_overlap_and_unlabelled's 0.625 / 5/12.
+    got = evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE}, k=3)
+    assert got["groups"]["type"] == {"map_paper": pytest.approx(35 / 48), "map_standard": pytest.approx(35 / 48),
+                                     "queries": 4}
+    old = evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE}, k=3, candidates="all")
+    assert old["groups"]["type"] == {"map_paper": pytest.approx(0.625), "map_standard": pytest.approx(5 / 12),
+                                     "queries": 4}
+    with pytest.raises(ValueError, match="candidates"):
+        evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE}, k=3, candidates="some")
+
+
 def test_hand_worked_k_larger_than_set():
     # k = 10 > N - 1 = 4, so every other item is retrieved:
     # q0: [1, 2, 3, 4] rel [0, 1, 0, 1] -> 1/2 + 2/4 = 1; M = 2 both ways -> 0.5
@@ -284,7 +309,7 @@ def test_hand_worked_no_relevant_items():
 def test_group_without_labels_is_left_out_of_the_mean():
     got = evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE, "empty": [()] * 5}, k=3)
     assert got["groups"]["empty"] == {"map_paper": None, "map_standard": None, "queries": 0}
-    assert got["mean"]["map_paper"] == pytest.approx(0.625)
+    assert got["mean"]["map_paper"] == pytest.approx(35 / 48)
     assert got["views"]["shared"]["groups"] == ["type"]
 
 

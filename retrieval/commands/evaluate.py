@@ -8,6 +8,7 @@ from pathlib import Path
 from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.evaluate.classification import draw_class_chart
+from retrieval.evaluate.metrics import CANDIDATES
 from retrieval.evaluate.report import (SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
                                        write_report)
 
@@ -29,6 +30,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="quick estimate: N random queries ranked against every candidate, each mAP with its "
                           "95%% bootstrap interval (default: every item is a query)")
     run.add_argument("--seed", type=int, default=0, help="seed of --sample-queries (default: 0)")
+    run.add_argument("--candidates", default="labelled", choices=CANDIDATES,
+                     help="a group's candidates: 'labelled' = the other items labelled in it, as its queries are "
+                          "(an unlabelled item is unknown there); 'all' = every other item, the unlabelled "
+                          "counted as misses (default: labelled)")
     run.add_argument("--fuse", type=Path, metavar="EMB_B.h5",
                      help="score fusion: average the head probabilities of a second model's embeddings")
     run.add_argument("--class-chart", metavar="GROUP",
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--sample-queries must be at least 1, got {args.sample_queries}")
         report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
                                      args.split, args.k, device=args.device, fuse=args.fuse,
-                                     sample_queries=args.sample_queries, seed=args.seed)
+                                     sample_queries=args.sample_queries, seed=args.seed,
+                                     candidates=args.candidates)
         report["settings"]["title"] = args.title or args.embeddings.stem
         out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
         if args.class_chart:

@@ -1,9 +1,12 @@
 """Retrieval metrics (the paper's mAP@k, two variants) and classification metrics.
 
-Retrieval protocol: the evaluated set is both the query set and the candidate set. For each
-group, every item labelled in that group is a query; all *other* items are ranked by inner
-product (vectors are L2-normalised first), ties broken by lower row id, and the top k kept.
-A retrieved item is relevant when it shares at least one label of the group with the query.
+Retrieval protocol: the evaluated set is both the query set and the candidate set (query =
+candidate). For each group, the evaluated set is the items labelled in that group: each of them
+is a query, and all *other* items labelled in the group are ranked by inner product (vectors are
+L2-normalised first), ties broken by lower row id, and the top k kept. A retrieved item is relevant
+when it shares at least one label of the group with the query. An item unlabelled in a group is
+unknown there, neither a match nor a miss; ``candidates="all"`` ranks every other item instead and
+counts the unlabelled ones as misses (the protocol before issue 16; the same on complete labels).
 
 - paper's AP: ``(1/M) sum_r P(r) rel(r)`` with M = relevant items among the k retrieved;
 - standard AP: the same sum with M = min(k, relevant items in the whole set except the query).
@@ -25,11 +28,12 @@ from tqdm import tqdm
 
 from retrieval.devices import resolve_device
 from retrieval.evaluate.interval import add_intervals, draw_queries
-from retrieval.evaluate.neighbours import topk_rows
+from retrieval.evaluate.neighbours import row_scores, topk_rows, topk_scores
 
 logger = logging.getLogger(__name__)
 
 SHARED = None  # the shared view's key among the group views
+CANDIDATES = ("labelled", "all")  # a group's candidates: the items labelled in it, or every item
 SCORE_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}  # one block of float32 scores, block x N x 4 bytes
 
 
@@ -164,7 +168,7 @@ def map_at_k(neighbors: np.ndarray, y: np.ndarray, k: int = 50) -> dict:
 def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[Sequence[str]]], k: int = 50,
                        vectors_by_group: dict[str, np.ndarray] | None = None, device: str = "cpu",
                        block_size: int | None = None, progress: bool = False, sample_queries: int | None = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, candidates: str = "labelled") -> dict:
     """mAP@k per group on the shared vectors and, where given, on each group's own vectors.
 
     Memory, besides the inputs: the views' vectors as float32, N x (D + sum_g D_g) x 4 bytes (on
@@ -184,18 +188,22 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
         progress: show a tqdm bar with queries/s.
         sample_queries: evaluate this many random queries (seeded) against all candidates and add
             95% bootstrap intervals (``ci95``); None = every item is a query.
+        candidates: ``labelled`` = a group's candidates are the other items labelled in it (query =
+            candidate); ``all`` = every other item, the unlabelled counted as misses.
 
     Returns:
         ``{"groups": {g: {map_paper, map_standard, queries[, group_view]}},
         "views": {"shared": mean, "group": mean}, "mean": {map_paper, map_standard[, group_view]}}``;
         a group without queries has ``None`` maps and is left out of the means.
     """
+    if candidates not in CANDIDATES:
+        raise ValueError(f"Unknown candidates {candidates!r}; choose one of: {', '.join(CANDIDATES)}")
     vectors_by_group = {g: v for g, v in (vectors_by_group or {}).items() if g in labels_by_group}
     labels = {g: label_matrix(sets, sorted({lab for s in sets for lab in s})) for g, sets in labels_by_group.items()}
     ranked = {SHARED: (normalize_rows(vectors), list(labels))}
     ranked.update({g: (np.asarray(v, dtype=np.float32), [g]) for g, v in vectors_by_group.items()})
     queries = np.arange(len(vectors)) if sample_queries is None else draw_queries(len(vectors), sample_queries, seed)
-    aps = rank_views(ranked, labels, queries, k, device, block_size, progress)
+    aps = rank_views(ranked, labels, queries, k, device, block_size, progress, candidates)
     groups = {g: {**ap_means(*aps[SHARED, g][1:]), "queries": len(aps[SHARED, g][0])} for g in labels}
     for g in vectors_by_group:
         groups[g]["group_view"] = ap_means(*aps[g, g][1:])
@@ -217,25 +225,32 @@ def ap_means(paper: np.ndarray, standard: np.ndarray) -> dict:
 
 
 def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, k: int, device: str = "cpu",
-               block_size: int | None = None, progress: bool = False) -> dict:
+               block_size: int | None = None, progress: bool = False, candidates: str = "labelled") -> dict:
     """Per-query APs of every view and group, block by block of queries against all rows.
+
+    One score block per view serves all its groups: a group labelled on every row (or every group
+    with ``candidates="all"``) takes the block's top k; a group with unlabelled rows takes the top k
+    of its queries' scores with the unlabelled columns set to -inf (a copy of those rows' scores).
 
     Args:
         views: {view: ([N, D] vectors ranked by inner product, the groups it is evaluated on)}.
         labels: {group: [N, C] multi-hot labels}; a query of a group is a row labelled in it.
         queries: the rows to evaluate as queries, ascending.
+        candidates: ``labelled`` (a group's candidates are its labelled rows) or ``all``.
 
     Returns:
         {(view, group): (positions in ``queries``, paper APs, standard APs)}.
     """
     dev = resolve_device(device)
     n = len(next(iter(views.values()))[0])
-    depth = max(0, min(int(k), n - 1))
     block_size = block_size or default_block(n, dev)
     packed, n_relevant = {g: pack_labels(y) for g, y in labels.items()}, {g: count_relevant(y) for g, y in labels.items()}
     labelled = {g: y.any(axis=1) for g, y in labels.items()}
+    unknown = {g: torch.as_tensor(~mask, device=dev) for g, mask in labelled.items()
+               if candidates == "labelled" and not mask.all()}  # columns that are no candidate of g
+    depth = {g: max(0, min(int(k), (n if g not in unknown else int(labelled[g].sum())) - 1)) for g in labels}
     tensors = {view: _on_device(x, dev) for view, (x, _) in views.items()}
-    buffer = torch.empty((min(block_size, len(queries)), n), device=dev) if depth and len(queries) else None
+    buffer = torch.empty((min(block_size, len(queries)), n), device=dev) if n > 1 and len(queries) else None
     found = {(view, g): [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))] for view, (_, groups) in views.items()
              for g in groups}
     bar = tqdm(total=len(queries), desc=f"mAP@{k}", unit="query", disable=not progress, mininterval=1)
@@ -246,12 +261,20 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
             if len(asked) == 0:
                 continue
             rows = block[asked]
-            neighbors = np.empty((len(rows), 0), np.int64) if depth == 0 else \
-                topk_rows(tensors[view], torch.as_tensor(rows, device=dev), depth, buffer)[1]
+            scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer) if n > 1 else None
+            every = None  # the top k among all rows, computed once for the groups that rank them all
             for g in groups:
                 mine = labelled[g][rows]
                 q = rows[mine]
-                rel = relevance(neighbors[mine], packed[g], q)
+                if depth[g] == 0:
+                    neighbors = np.empty((len(q), 0), np.int64)
+                elif g in unknown:
+                    mine_t = torch.as_tensor(mine, device=dev)
+                    neighbors = topk_scores(scores[mine_t].masked_fill_(unknown[g], float("-inf")), depth[g])[1]
+                else:
+                    every = topk_scores(scores, depth[g])[1] if every is None else every
+                    neighbors = every[mine]
+                rel = relevance(neighbors, packed[g], q)
                 found[view, g].append((start + asked[mine], *average_precision_at_k(rel, n_relevant[g][q], k)))
         bar.update(len(block))
     bar.close()

@@ -1,4 +1,5 @@
-"""Exact top-k inner-product neighbours of query rows among all rows, ties broken by lower row id.
+"""Exact top-k inner-product neighbours of query rows among all rows (or the candidates whose scores
+are left finite), ties broken by lower row id.
 
 One extra candidate tells whether the k-th score is tied with one outside the top k; only those
 rows (rare with real-valued vectors) are fixed up one by one. The [rows, k] results are ordered
@@ -17,8 +18,20 @@ def topk_rows(x: torch.Tensor, rows: torch.Tensor, k: int, out: torch.Tensor | N
     ``out``: an optional [>= len(rows), N] float32 buffer for the scores, reused across blocks so
     that each block does not allocate (and page in) block x N x 4 bytes afresh.
     """
+    return topk_scores(row_scores(x, rows, out), k)
+
+
+def row_scores(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inner products [len(rows), N] of the given rows with all rows, self set to -inf (``out``: as
+    in ``topk_rows``)."""
     s = torch.mm(x[rows], x.T) if out is None else torch.mm(x[rows], x.T, out=out[:len(rows)])
     s[torch.arange(len(rows), device=x.device), rows] = float("-inf")
+    return s
+
+
+def topk_scores(s: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) of each row of scores ``s``, ties by id; columns at -inf are left out,
+    so every row needs at least k finite scores (1 <= k < s.shape[1])."""
     vals, idx = (t.cpu().numpy() for t in torch.topk(s, k + 1, dim=1, sorted=True))
     for r in np.flatnonzero(vals[:, k] == vals[:, k - 1]):  # the k-th score ties with one left out
         best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)

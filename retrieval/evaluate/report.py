@@ -43,13 +43,14 @@ def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarr
 
 def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "test", k: int = 50,
                         device: str = "cpu", fuse: str | Path | None = None, sample_queries: int | None = None,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, candidates: str = "labelled") -> dict:
     """Report dict (docs/formats.md) of mAP@k on one split, plus classification of the heads.
 
     Only the split's rows are read from the embeddings file. With ``fuse``, a second embeddings
     file's head probabilities are averaged in (score fusion): classification and the group view
     use the fused scores, the shared view stays the first's. With ``sample_queries``, that many
     random queries (seeded) are ranked against every candidate and each mAP gets a 95% interval.
+    ``candidates``: a group's candidates, the items labelled in it or ``all`` (``evaluate_retrieval``).
     """
     if split not in SPLITS:
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -78,9 +79,9 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
     report = evaluate_retrieval(emb.vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
-                                sample_queries=sample_queries, seed=seed)
+                                sample_queries=sample_queries, seed=seed, candidates=candidates)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
-                "n_items": len(rows), "n_missing": n_missing, "catalog": str(Path(catalog.root).resolve()),
+                "n_items": len(rows), "n_missing": n_missing, "candidates": candidates, "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None}
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
