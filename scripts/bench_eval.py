@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from retrieval.devices import DEVICES, resolve_device
-from retrieval.evaluate.metrics import default_block, evaluate_retrieval
+from retrieval.evaluate.metrics import CANDIDATES, default_block, evaluate_retrieval
 
 DIM = 256
 CLASSES = np.round(np.geomspace(2, 145, 24)).astype(int)  # labels per group, 831 in all
@@ -77,7 +77,7 @@ def floor_seconds(matrices: list[np.ndarray], device: str, rows: int) -> float:
     return time.perf_counter() - start
 
 
-def run_one(n: int, device: str, k: int, queries: int | None, rounds: int) -> dict:
+def run_one(n: int, device: str, k: int, queries: int | None, rounds: int, candidates: str = "labelled") -> dict:
     """Time one size: the evaluation and its floor in turn, ``rounds`` times (best of each, as
     the load of a shared machine drifts); peak RSS of this process."""
     shared, labels, views = synthetic(n)
@@ -85,13 +85,14 @@ def run_one(n: int, device: str, k: int, queries: int | None, rounds: int) -> di
     fixed = 0.0
     if rows < n:  # the work that does not grow with the queries (labels, counts, bootstrap): once
         start = time.perf_counter()
-        evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device, sample_queries=1)
+        evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device, sample_queries=1,
+                           candidates=candidates)
         fixed = time.perf_counter() - start
     walls, floors = [], []
     for _ in range(rounds):
         start = time.perf_counter()
         report = evaluate_retrieval(shared, labels, k=k, vectors_by_group=views, device=device,
-                                    sample_queries=rows if rows < n else None)
+                                    sample_queries=rows if rows < n else None, candidates=candidates)
         walls.append(fixed + (time.perf_counter() - start - fixed) * n / rows)
         floors.append(floor_seconds([shared, *views.values()], device, rows) * n / rows)
     return {"n": n, "queries": rows, "views": 1 + len(views), "wall": min(walls), "floor": min(floors),
@@ -108,6 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, help="time Q queries per size and scale by N / Q (default: all)")
     parser.add_argument("--rounds", type=int, default=2, help="evaluation and floor timed in turn, best of R")
     parser.add_argument("--target", type=float, default=1.5, help="allowed ratio to the floor (default: 1.5)")
+    parser.add_argument("--candidates", default="labelled", choices=CANDIDATES,
+                        help="a group's candidates (evaluate --candidates; default: labelled)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, JSON out (child process)
     return parser
 
@@ -116,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     """Print a Markdown table: N, views, wall, floor, ratio, peak RSS."""
     args = get_args_parser().parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.device, args.k, args.queries, args.rounds)))
+        print(json.dumps(run_one(args.one, args.device, args.k, args.queries, args.rounds, args.candidates)))
         return 0
     print(f"device {resolve_device(args.device)}, {torch.get_num_threads()} threads, shared d = {DIM}, "
-          f"{len(CLASSES)} group views of {CLASSES.sum()} labels in all, k = {args.k}\n")
+          f"{len(CLASSES)} group views of {CLASSES.sum()} labels in all, k = {args.k}, "
+          f"candidates {args.candidates}\n")
     print("| N | queries timed | views | wall s | floor s | ratio | peak RSS GB | mAP shared / group view |\n"
           "|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for n in args.sizes:
         sample = ["--queries", str(args.queries)] if args.queries else []
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--device", args.device, "--k", str(args.k),
-                              "--rounds", str(args.rounds), *sample], check=True, capture_output=True, text=True)
+                              "--rounds", str(args.rounds), "--candidates", args.candidates, *sample], check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         ratios.append(r["wall"] / r["floor"])
         print(f"| {n:,} | {r['queries']:,} | {r['views']} | {r['wall']:.1f} | {r['floor']:.1f} | {ratios[-1]:.2f} | "

@@ -6,7 +6,8 @@ import pytest
 
 from retrieval.evaluate.classification import classification_report, confusion_matrix, multilabel_report
 from retrieval.evaluate.interval import draw_queries, percentile_interval, resampled_means
-from retrieval.evaluate.metrics import count_relevant, evaluate_retrieval, label_matrix, map_at_k, topk_neighbors
+from retrieval.evaluate.metrics import (count_relevant, evaluate_retrieval, fetch_depth, label_matrix, map_at_k,
+                                       topk_neighbors)
 
 
 # --------------------------------------------------------------------------- naive references
@@ -187,6 +188,36 @@ def test_evaluate_retrieval_matches_reference_for_both_views(candidates):
     assert got["mean"]["map_paper"] == pytest.approx(shared_mean)
     assert got["views"]["group"]["groups"] == ["style"]
     assert got["mean"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"])
+
+
+def test_partially_labelled_groups_take_every_path_of_the_labelled_ranking():
+    # k = 5 among 600 rows. "half" (labelled on half the rows) and "far" find their labelled
+    # neighbours in one top-56 of all rows (fetch_depth); "far"'s 20 labelled rows in cluster A
+    # have the highest ids there, so ties put them last and some of them find fewer than 5
+    # labelled rows in that top-56: those rows rank their masked scores. "tenth" (60 rows) is
+    # too rare for a top-80 (16 x k) and masks its scores, as does "few" (8 rows). In each group's
+    # own view (its only group) the masked block is ranked directly.
+    # Integer vectors make every score exact, with many ties (broken by id).
+    assert (fetch_depth(5, 0.5, 600), fetch_depth(5, 0.1, 600), fetch_depth(5, 8 / 600, 600)) == (56, None, None)
+    rng = np.random.default_rng(6)
+    own = np.zeros((600, 4), np.float32)
+    own[:300, 0], own[300:, 3] = 3, 3
+    own[:, 1:3] = rng.integers(-1, 2, (600, 2))
+    vocab = ["a", "b", "c"]
+    pick = lambda rows: [tuple(rng.choice(vocab, 1)) if i in rows else () for i in range(600)]  # noqa: E731
+    labels = {"half": pick(set(rng.choice(600, 300, replace=False).tolist())),
+              "far": pick(set(range(280, 300)) | set(range(300, 580))),
+              "tenth": pick(set(rng.choice(600, 60, replace=False).tolist())),
+              "few": pick(set(rng.choice(600, 8, replace=False).tolist()))}
+    _, ranked = naive_topk(own, 56)
+    assert min(sum(bool(labels["far"][j]) for j in ranked[q]) for q in range(280, 300)) < 5
+    shared = dyadic_unit_vectors(rng, 600)
+    got = evaluate_retrieval(shared, labels, k=5, vectors_by_group={g: own for g in labels}, block_size=64)
+    for g, sets in labels.items():
+        assert_map_equal(got["groups"][g], naive_map(shared, sets, 5))
+        want = naive_map(own, sets, 5)
+        assert got["groups"][g]["group_view"] == {"map_paper": pytest.approx(want["map_paper"], abs=1e-12),
+                                                  "map_standard": pytest.approx(want["map_standard"], abs=1e-12)}
 
 
 @pytest.mark.parametrize("block_size", [1, 7, None])

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SHARED = None  # the shared view's key among the group views
 CANDIDATES = ("labelled", "all")  # a group's candidates: the items labelled in it, or every item
+MAX_FETCH = 16  # a partially labelled group ranks at most this many times k rows before masking its scores
 SCORE_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}  # one block of float32 scores, block x N x 4 bytes
 
 
@@ -228,9 +229,12 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
                block_size: int | None = None, progress: bool = False, candidates: str = "labelled") -> dict:
     """Per-query APs of every view and group, block by block of queries against all rows.
 
-    One score block per view serves all its groups: a group labelled on every row (or every group
-    with ``candidates="all"``) takes the block's top k; a group with unlabelled rows takes the top k
-    of its queries' scores with the unlabelled columns set to -inf (a copy of those rows' scores).
+    One score block and one top-k per view serve all its groups. A group labelled on every row (or
+    every group with ``candidates="all"``) keeps the first k of it. A group with unlabelled rows
+    ranks with the unlabelled columns at -inf: in its own view (its only group) the block is masked
+    in place; in a view shared with other groups it keeps the first k of its labelled rows in a
+    deeper top-k (``fetch_depth``: deep enough for its labelled share), and only a query with fewer
+    than k of them there, or a group labelled too rarely for that, masks a copy of its row.
 
     Args:
         views: {view: ([N, D] vectors ranked by inner product, the groups it is evaluated on)}.
@@ -246,9 +250,10 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
     block_size = block_size or default_block(n, dev)
     packed, n_relevant = {g: pack_labels(y) for g, y in labels.items()}, {g: count_relevant(y) for g, y in labels.items()}
     labelled = {g: y.any(axis=1) for g, y in labels.items()}
-    unknown = {g: torch.as_tensor(~mask, device=dev) for g, mask in labelled.items()
-               if candidates == "labelled" and not mask.all()}  # columns that are no candidate of g
-    depth = {g: max(0, min(int(k), (n if g not in unknown else int(labelled[g].sum())) - 1)) for g in labels}
+    partial = [g for g, mask in labelled.items() if candidates == "labelled" and not mask.all()]
+    depth = {g: max(0, min(int(k), (int(labelled[g].sum()) if g in partial else n) - 1)) for g in labels}
+    fetch = {g: fetch_depth(depth[g], labelled[g].mean(), n) if g in partial else depth[g] for g in labels}
+    unknown = {g: torch.as_tensor(~labelled[g], device=dev) for g in partial}  # columns that are no candidate
     tensors = {view: _on_device(x, dev) for view, (x, _) in views.items()}
     buffer = torch.empty((min(block_size, len(queries)), n), device=dev) if n > 1 and len(queries) else None
     found = {(view, g): [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))] for view, (_, groups) in views.items()
@@ -261,24 +266,57 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
             if len(asked) == 0:
                 continue
             rows = block[asked]
-            scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer) if n > 1 else None
-            every = None  # the top k among all rows, computed once for the groups that rank them all
+            scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer) \
+                if any(depth[g] for g in groups) else None
+            alone = groups[0] if len(groups) == 1 and groups[0] in unknown else None
+            if alone is not None and depth[alone]:  # a group's own view: its rows' scores masked in place
+                top = topk_scores(scores.masked_fill_(unknown[alone], float("-inf")), depth[alone])[1]
+            else:
+                deepest = max((fetch[g] or 0) for g in groups)
+                top = topk_scores(scores, deepest)[1] if deepest else None
             for g in groups:
                 mine = labelled[g][rows]
                 q = rows[mine]
                 if depth[g] == 0:
                     neighbors = np.empty((len(q), 0), np.int64)
-                elif g in unknown:
-                    mine_t = torch.as_tensor(mine, device=dev)
-                    neighbors = topk_scores(scores[mine_t].masked_fill_(unknown[g], float("-inf")), depth[g])[1]
+                elif g not in unknown or g == alone:
+                    neighbors = top[mine, :depth[g]]
                 else:
-                    every = topk_scores(scores, depth[g])[1] if every is None else every
-                    neighbors = every[mine]
+                    neighbors = _labelled_neighbours(scores, np.flatnonzero(mine), top if fetch[g] else None,
+                                                     labelled[g], unknown[g], depth[g])
                 rel = relevance(neighbors, packed[g], q)
                 found[view, g].append((start + asked[mine], *average_precision_at_k(rel, n_relevant[g][q], k)))
         bar.update(len(block))
     bar.close()
     return {key: tuple(map(np.concatenate, zip(*parts))) for key, parts in found.items()}
+
+
+def fetch_depth(depth: int, share: float, n: int) -> int | None:
+    """How deep to rank all rows so that a group labelled on ``share`` of them finds its first
+    ``depth`` labelled rows there for nearly every query (twice the expected depth, plus a margin);
+    None when that is beyond ``MAX_FETCH`` x depth (a rare group: its scores are masked instead)."""
+    want = int(np.ceil(2 * (depth + 1) / max(share, 1e-12))) + 32
+    return min(want, n - 1) if want <= MAX_FETCH * max(depth, 1) else None
+
+
+def _labelled_neighbours(scores: torch.Tensor, mine: np.ndarray, top: np.ndarray | None, allowed: np.ndarray,
+                         unknown: torch.Tensor, depth: int) -> np.ndarray:
+    """The top ``depth`` allowed ids of score rows ``mine``: the first allowed ones of their ranked
+    ``top`` ids where it holds enough, else the top-k of the rows' scores with ``unknown`` at -inf."""
+    out = np.empty((len(mine), depth), np.int64)
+    short = np.arange(len(mine))
+    if top is not None:
+        ids = top[mine]
+        ok = allowed[ids]
+        seen = np.cumsum(ok, axis=1)
+        enough = seen[:, -1] >= depth
+        keep = ok & (seen <= depth)  # the first depth allowed ids, in rank order
+        out[enough] = ids[enough][keep[enough]].reshape(-1, depth)
+        short = np.flatnonzero(~enough)
+    if len(short):
+        rows = torch.as_tensor(mine[short], device=scores.device)
+        out[short] = topk_scores(scores[rows].masked_fill_(unknown, float("-inf")), depth)[1]
+    return out
 
 
 def default_block(n: int, device: torch.device) -> int:
