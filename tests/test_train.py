@@ -100,6 +100,12 @@ def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
     assert "unreadable" in caplog.text
 
 
+def test_trainable_blocks_that_are_no_number_are_a_clear_error(demo_catalog, tmp_path, capsys):
+    assert train(demo_catalog, tmp_path / "run", "--trainable-blocks", "two") == 1
+    assert "--trainable-blocks must be a number of trunk units, all or auto; got 'two'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_trainable_blocks_cache_activations(demo_catalog, tmp_path, caplog):
     import h5py
     import numpy as np

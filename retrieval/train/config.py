@@ -105,8 +105,12 @@ def split_validation(items: list[Item], fraction: float) -> tuple[list[Item], li
 
 
 def resolve_blocks(blocks: str, device: torch.device) -> str:
-    """``--trainable-blocks`` with ``auto`` resolved: ``all`` on a GPU, ``0`` (frozen trunk) elsewhere."""
-    return ("all" if device.type == "cuda" else "0") if blocks == "auto" else blocks
+    """``--trainable-blocks`` with ``auto`` resolved: ``all`` on a GPU, ``0`` (frozen trunk) elsewhere;
+    anything but N, ``all`` or ``auto`` is refused with a message naming the option."""
+    resolved = ("all" if device.type == "cuda" else "0") if blocks == "auto" else str(blocks)
+    if resolved != "all" and not resolved.isdigit():
+        raise ValueError(f"--trainable-blocks must be a number of trunk units, all or auto; got {blocks!r}")
+    return resolved
 
 
 def resolve_trainable(cfg: TrainConfig, n_units: int, device: torch.device) -> tuple[int, str]:
