@@ -384,3 +384,17 @@ def test_epochs_resolve_by_steps_on_a_small_catalogue(demo_catalog, tmp_path):
     assert train(demo_catalog, run, "--batch-size", "128", "--min-steps", "100") == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == expected
     assert len(json.loads((run / "metrics.json").read_text())) == expected
+
+
+def test_read_columns_keeps_the_asked_columns_without_the_whole_width(tmp_path):
+    import h5py
+    import numpy as np
+    from retrieval.net.trunkcache import read_columns
+    stored = np.arange(5 * 2 * 6, dtype=np.float16).reshape(5, 2, 6)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("prefix", data=stored, chunks=(2, 2, 6))
+        for columns in (torch.tensor([0, 2, 5]), torch.tensor([4, 1])):
+            got = read_columns(f["prefix"], columns, rows_at_a_time=2)  # three slices of rows: 2, 2, 1
+            assert got.dtype == torch.float16 and torch.equal(got, torch.from_numpy(stored)[:, :, columns])
+        assert torch.equal(read_columns(f["prefix"], torch.arange(6)), torch.from_numpy(stored))
+        assert torch.equal(read_columns(f["prefix"], None), torch.from_numpy(stored))

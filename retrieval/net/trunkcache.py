@@ -77,6 +77,18 @@ def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, st
     return torch.cat(spans)
 
 
+def read_columns(dataset: h5py.Dataset, columns: torch.Tensor | None, rows_at_a_time: int = 1024) -> torch.Tensor:
+    """A stored [N, 2, P] dataset in memory with only ``columns`` of its last axis (all when None or
+    when they are all, in order), read in slices of rows: the stored width is never held whole
+    beside the kept one (a copy of the kept columns from the whole had doubled the peak memory)."""
+    if columns is None or torch.equal(columns, torch.arange(dataset.shape[2])):
+        return torch.from_numpy(dataset[:])
+    out = torch.from_numpy(np.empty((*dataset.shape[:2], len(columns)), dtype=dataset.dtype))
+    for at in range(0, dataset.shape[0], rows_at_a_time):
+        out[at:at + rows_at_a_time] = torch.from_numpy(dataset[at:at + rows_at_a_time])[:, :, columns]
+    return out
+
+
 FLOAT16_SAFE = 2.0 ** 14  # stored values stay below this; float16 ends at 65504
 
 
@@ -111,21 +123,22 @@ class TrunkCache:
         self.path = Path(path)
         with h5py.File(self.path, "r") as f:
             self.ok = f["ok"][:].astype(bool)
-            self.prefix = torch.from_numpy(f["prefix"][:])
+            stored = json.loads(f.attrs["key"])
+            columns = None
+            if model is not None:  # keep only the model's colour feature and taps, in its order
+                colour = f["prefix"].shape[2] - sum(model.trunk.channels[t] for t in stored["taps"])
+                columns = prefix_columns(model, stored["taps"], start, colour)
+            self.prefix = read_columns(f["prefix"], columns)
             self.prefix_scale = torch.from_numpy(f["prefix_scale"][:]) if "prefix_scale" in f else None
             self.act = torch.from_numpy(f["act"][:]) if "act" in f else None
             self.act_scale = torch.from_numpy(f["act_scale"][:]) if "act_scale" in f else None
             self.weight = torch.from_numpy(f["weight"][:]) if "weight" in f else None
-            stored = json.loads(f.attrs["key"])
         rows = np.flatnonzero(self.ok)  # checked once here, not on every batch read
         stored_values = [(self.prefix, "cached pooled features"), (self.act, "cached activations")]
         for values, what in [(v, w) for v, w in stored_values if v is not None]:
             for at in range(0, len(rows), 1024):  # in chunks: a copy of every row would double the memory
                 chunk = rows[at:at + 1024]
                 check_finite(values[torch.from_numpy(chunk)], f"{self.path}: {what}", chunk, "catalog row ")
-        if model is not None:  # keep only the model's colour feature and taps, in its order
-            colour = self.prefix.shape[2] - sum(model.trunk.channels[t] for t in stored["taps"])
-            self.prefix = self.prefix[:, :, prefix_columns(model, stored["taps"], start, colour)].contiguous()
 
     def inputs(self, index: torch.Tensor, flip: torch.Tensor):
         """Cached (prefix, activations, pooling weights) of rows ``index``, flipped where ``flip`` is 1."""
