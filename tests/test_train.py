@@ -124,6 +124,22 @@ def test_trainable_blocks_cache_activations(demo_catalog, tmp_path, caplog):
     assert "does not match" not in caplog.text
     with h5py.File(tmp_path / "images.h5") as a, h5py.File(tmp_path / "cached.h5") as b:
         assert np.allclose(a["vectors"][:], b["vectors"][:], atol=1e-4)
+    assert_disk_reads_equal_memory(run / "trunk-cache.h5", *load_model(run / "last.pt"), acts=True)
+
+
+def assert_disk_reads_equal_memory(cache, model, ckpt, acts=False):
+    """A cache over its memory budget (0 bytes) reads each batch from disk: the same inputs, rows
+    repeated and out of order, both views."""
+    from retrieval.net.trunkcache import TrunkCache
+
+    memory = TrunkCache(cache, model, ckpt["start_unit"])
+    disk = TrunkCache(cache, model, ckpt["start_unit"], max_memory=0)
+    assert disk.on_disk and not memory.on_disk and disk.prefix is None and disk.nbytes == memory.nbytes
+    index, flip = torch.tensor([5, 0, 5, 2, 1]), torch.tensor([1, 0, 0, 1, 1])
+    got, want = disk.inputs(index, flip), memory.inputs(index, flip)
+    assert (got[1] is not None) == acts
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_trunk_cache_key_follows_the_frozen_units_only():
@@ -226,6 +242,7 @@ def test_one_trunk_cache_serves_models_with_fewer_taps(demo_catalog, tiny_run, t
     assert colour == 144 * 64 + 32 * 64  # 144 colour bins and the 32-channel map, on 8 x 8 cells
     assert sliced.prefix.shape[-1] == colour + 32  # and the last unit of the tiny trunk only
     assert torch.equal(sliced.prefix, torch.cat([full.prefix[..., :colour], full.prefix[..., -32:]], -1))
+    assert_disk_reads_equal_memory(cache, model, ckpt)  # the model's columns of the stored ones
 
 
 def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):
@@ -398,3 +415,32 @@ def test_read_columns_keeps_the_asked_columns_without_the_whole_width(tmp_path):
             assert got.dtype == torch.float16 and torch.equal(got, torch.from_numpy(stored)[:, :, columns])
         assert torch.equal(read_columns(f["prefix"], torch.arange(6)), torch.from_numpy(stored))
         assert torch.equal(read_columns(f["prefix"], None), torch.from_numpy(stored))
+
+
+@pytest.mark.parametrize("max_memory", [None, 0])  # held in memory, or read from disk per batch
+def test_trunk_cache_refuses_values_that_are_not_finite(tmp_path, max_memory):
+    import h5py
+    import numpy as np
+    from retrieval.net.trunkcache import TrunkCache
+
+    prefix = np.zeros((3, 2, 4), np.float16)
+    prefix[2, 1, 3] = np.inf  # row 2 is not marked done: never read, never checked
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f["prefix"], f["ok"] = prefix, np.array([True, True, False])
+        f.attrs["key"] = json.dumps({"taps": []})
+    assert TrunkCache(tmp_path / "c.h5", max_memory=max_memory).inputs(torch.tensor([1]), torch.tensor([1])
+                                                                       )[0].shape == (1, 4)
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f["ok"][2] = True
+    with pytest.raises(ValueError, match="cached pooled features are not finite .* catalog row 2"):
+        TrunkCache(tmp_path / "c.h5", max_memory=max_memory)
+
+
+def test_trunk_cache_memory_budget_is_shared_by_the_local_ranks(monkeypatch):
+    from retrieval.net.trunkcache import MEMORY_SHARE, memory_budget
+
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**20}[name])  # 4 GiB
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory_budget() == int(4 * 2**30 * MEMORY_SHARE)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory_budget() == int(4 * 2**30 * MEMORY_SHARE) // 4
