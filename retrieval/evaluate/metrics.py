@@ -231,10 +231,11 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
 
     One score block and one top-k per view serve all its groups. A group labelled on every row (or
     every group with ``candidates="all"``) keeps the first k of it. A group with unlabelled rows
-    ranks with the unlabelled columns at -inf: in its own view (its only group) the block is masked
-    in place; in a view shared with other groups it keeps the first k of its labelled rows in a
-    deeper top-k (``fetch_depth``: deep enough for its labelled share), and only a query with fewer
-    than k of them there, or a group labelled too rarely for that, masks a copy of its row.
+    ranks its labelled rows only: its own view (its only group) is scored against them alone; in a
+    view shared with other groups it keeps the first k of its labelled rows in a deeper top-k
+    (``fetch_depth``: deep enough for its labelled share), and only a query with fewer than k of
+    them there, or a group labelled too rarely for that, ranks a copy of its row with the
+    unlabelled columns at -inf.
 
     Args:
         views: {view: ([N, D] vectors ranked by inner product, the groups it is evaluated on)}.
@@ -255,6 +256,10 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
     fetch = {g: fetch_depth(depth[g], labelled[g].mean(), n) if g in partial else depth[g] for g in labels}
     unknown = {g: torch.as_tensor(~labelled[g], device=dev) for g in partial}  # columns that are no candidate
     tensors = {view: _on_device(x, dev) for view, (x, _) in views.items()}
+    # a group's own view ranks only its labelled rows: their vectors, and their row ids (ascending)
+    own_rows = {view: np.flatnonzero(labelled[groups[0]]) for view, (_, groups) in views.items()
+                if len(groups) == 1 and groups[0] in partial}
+    own_vectors = {view: tensors[view][torch.as_tensor(ids, device=dev)] for view, ids in own_rows.items()}
     buffer = torch.empty((min(block_size, len(queries)), n), device=dev) if n > 1 and len(queries) else None
     found = {(view, g): [(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))] for view, (_, groups) in views.items()
              for g in groups}
@@ -266,12 +271,17 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
             if len(asked) == 0:
                 continue
             rows = block[asked]
-            scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer) \
-                if any(depth[g] for g in groups) else None
-            alone = groups[0] if len(groups) == 1 and groups[0] in unknown else None
-            if alone is not None and depth[alone]:  # a group's own view: its rows' scores masked in place
-                top = topk_scores(scores.masked_fill_(unknown[alone], float("-inf")), depth[alone])[1]
+            alone = groups[0] if view in own_rows else None
+            if alone is not None:  # a group's own view: scored against its labelled rows only
+                if depth[alone]:
+                    ids = own_rows[view]
+                    own = torch.as_tensor(np.searchsorted(ids, rows), device=dev)
+                    scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer, own_vectors[view],
+                                        own)
+                    top = ids[topk_scores(scores, depth[alone])[1]]
             else:
+                scores = row_scores(tensors[view], torch.as_tensor(rows, device=dev), buffer) \
+                    if any(depth[g] for g in groups) else None
                 deepest = max((fetch[g] or 0) for g in groups)
                 top = topk_scores(scores, deepest)[1] if deepest else None
             for g in groups:

@@ -21,11 +21,16 @@ def topk_rows(x: torch.Tensor, rows: torch.Tensor, k: int, out: torch.Tensor | N
     return topk_scores(row_scores(x, rows, out), k)
 
 
-def row_scores(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inner products [len(rows), N] of the given rows with all rows, self set to -inf (``out``: as
-    in ``topk_rows``)."""
-    s = torch.mm(x[rows], x.T) if out is None else torch.mm(x[rows], x.T, out=out[:len(rows)])
-    s[torch.arange(len(rows), device=x.device), rows] = float("-inf")
+def row_scores(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None,
+               candidates: torch.Tensor | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Inner products [len(rows), M] of the given rows with all M rows (or with the rows of
+    ``candidates``), self set to -inf: column ``rows`` (or ``own``, self's column among the
+    candidates). ``out``: as in ``topk_rows``, any buffer of at least len(rows) x M values."""
+    candidates = x if candidates is None else candidates
+    shape = (len(rows), len(candidates))
+    s = torch.mm(x[rows], candidates.T) if out is None else \
+        torch.mm(x[rows], candidates.T, out=out.view(-1)[:shape[0] * shape[1]].view(shape))
+    s[torch.arange(len(rows), device=x.device), rows if own is None else own] = float("-inf")
     return s
 
 
