@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         sample = ["--queries", str(args.queries)] if args.queries else []
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--device", args.device, "--k", str(args.k),
-                              "--rounds", str(args.rounds), "--candidates", args.candidates, *sample], check=True, capture_output=True, text=True)
+                              "--rounds", str(args.rounds), "--candidates", args.candidates, *sample],
+                             check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         ratios.append(r["wall"] / r["floor"])
         print(f"| {n:,} | {r['queries']:,} | {r['views']} | {r['wall']:.1f} | {r['floor']:.1f} | {ratios[-1]:.2f} | "

@@ -81,7 +81,8 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     report = evaluate_retrieval(emb.vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
                                 sample_queries=sample_queries, seed=seed, candidates=candidates)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
-                "n_items": len(rows), "n_missing": n_missing, "candidates": candidates, "catalog": str(Path(catalog.root).resolve()),
+                "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
+                "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None}
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,

@@ -79,10 +79,10 @@ def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, st
 
 
 def read_columns(dataset: h5py.Dataset, columns: torch.Tensor | None, rows_at_a_time: int = 1024) -> torch.Tensor:
-    """A stored [N, 2, P] dataset in memory with only ``columns`` of its last axis (all when None or
-    when they are all, in order), read in slices of rows: the stored width is never held whole
-    beside the kept one (a copy of the kept columns from the whole had doubled the peak memory)."""
-    if columns is None or torch.equal(columns, torch.arange(dataset.shape[2])):
+    """A stored [N, 2, P] dataset in memory with only ``columns`` of its last axis (all when None),
+    read in slices of rows: the stored width is never held whole beside the kept one (a copy of the
+    kept columns from the whole had doubled the peak memory)."""
+    if columns is None:
         return torch.from_numpy(dataset[:])
     out = torch.from_numpy(np.empty((*dataset.shape[:2], len(columns)), dtype=dataset.dtype))
     for at in range(0, dataset.shape[0], rows_at_a_time):

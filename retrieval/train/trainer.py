@@ -94,7 +94,8 @@ class Job:
         """Start-of-run summary: data, mode, loss kinds and weights."""
         lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items, "
                  f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
-                 f"world {self.world}, input {self.mode}, trainable trunk units {self.start}..{len(self.model.trunk) - 1}, "
+                 f"world {self.world}, input {self.mode}, "
+                 f"trainable trunk units {self.start}..{len(self.model.trunk) - 1}, "
                  f"{self.cfg.epochs} epochs of {self.steps} steps",
                  f"{'group':<20} {'labelled':>8} {'loss':>4} {'weight':>7}"]
         for g, n in self.targets.counts().items():
