@@ -2,6 +2,7 @@
 tests a reviewer runs first on a GPU machine) and skip without CUDA; the ``cpu`` cases run the same
 code in the normal suite. Tiny backbone, the 60-item demo catalog."""
 import json
+import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,6 +44,15 @@ def test_one_epoch_in_each_input_mode(demo_catalog, tmp_path, device, blocks):
     assert all(torch.isfinite(t.float()).all() for t in ckpt["model"].values())
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(history[0]["train_loss"]) and history[0]["val_accuracy"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_trains_a_small_catalogue_on_the_frozen_trunk(demo_catalog, tmp_path, device, caplog):
+    # --trainable-blocks auto: frozen trunk on the CPU, and on a GPU below FULL_TUNING_MIN_ITEMS
+    caplog.set_level(logging.INFO, logger="retrieval.train.trainer")
+    assert train(demo_catalog, tmp_path / "run", device, "--epochs", "1") == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["input_mode"] == "cached"
+    assert ("the trunk stays frozen for" in caplog.text) == (device == "cuda")
 
 
 def test_resume_on_the_device(demo_catalog, device_run, tmp_path):

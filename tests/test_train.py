@@ -106,6 +106,32 @@ def test_trainable_blocks_that_are_no_number_are_a_clear_error(demo_catalog, tmp
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_auto_trainable_blocks_by_device_and_training_size():
+    from retrieval.train.config import FULL_TUNING_MIN_ITEMS, resolve_blocks
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert resolve_blocks("auto", cpu, 10 * FULL_TUNING_MIN_ITEMS) == "0"  # CPU: always the frozen trunk
+    assert resolve_blocks("auto", cuda, FULL_TUNING_MIN_ITEMS) == "all"
+    assert resolve_blocks("auto", cuda, FULL_TUNING_MIN_ITEMS - 1) == "0"
+    assert resolve_blocks("auto", cuda) == "all"  # size not considered: a paper's recipe
+    assert resolve_blocks("2", cuda, 10) == "2" and resolve_blocks("all", cpu, 10) == "all"
+
+
+def test_training_resolves_auto_blocks_with_its_training_size(demo_catalog, tmp_path, monkeypatch, capsys):
+    import re
+
+    import retrieval.train.trainer as trainer
+
+    seen = []
+    resolve = trainer.resolve_blocks
+    monkeypatch.setattr(trainer, "resolve_blocks", lambda *a: seen.append(a) or resolve(*a))
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "1") == 0
+    n_train = int(re.search(r"(\d+) training / \d+ validation items", capsys.readouterr().out).group(1))
+    assert seen[0][0] == "auto" and seen[0][2] == n_train > 0
+    assert train(demo_catalog, tmp_path / "recipe", "--epochs", "1", "--recipe", "li2017") == 0
+    assert seen[1][2] is None  # a recipe fine-tunes the whole trunk on a GPU whatever the size
+
+
 def test_trainable_blocks_cache_activations(demo_catalog, tmp_path, caplog):
     import h5py
     import numpy as np

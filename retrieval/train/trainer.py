@@ -20,9 +20,9 @@ from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoi
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
-from retrieval.train.config import (CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    parse_lr_steps, resolve_blocks, resolve_epochs, resolve_trainable, split_validation,
-                                    write_config, write_json)
+from retrieval.train.config import (FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units, make_optimizer,
+                                    make_scheduler, parse_lr_steps, resolve_blocks, resolve_epochs, resolve_trainable,
+                                    split_validation, write_config, write_json)
 from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
 from retrieval.train.losses import group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
@@ -60,11 +60,15 @@ class Job:
     def _prepare_model(self):
         cfg = self.cfg
         options = model_options(cfg)
-        blocks = resolve_blocks(cfg.trainable_blocks, self.device)
+        # the size rule is for the defaults; a paper's recipe fine-tunes the whole trunk on a GPU
+        blocks = resolve_blocks(cfg.trainable_blocks, self.device, None if cfg.recipe else len(self.train_items))
+        if cfg.trainable_blocks == "auto" and self.device.type == "cuda" and blocks == "0" and self.main:
+            logger.info("--trainable-blocks auto: the trunk stays frozen for %d training items (under %d); "
+                        "--trainable-blocks all fine-tunes it", len(self.train_items), FULL_TUNING_MIN_ITEMS)
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
                                   frozen_trunk=blocks != "all" and int(blocks) == 0, **options)
-        self.start, self.mode = resolve_trainable(cfg, len(self.model.trunk), self.device)
+        self.start, self.mode = resolve_trainable(cfg, blocks, len(self.model.trunk))
         freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
         if self.device.type == "cuda":
