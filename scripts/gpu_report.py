@@ -24,6 +24,7 @@ from bench_eval import run_one  # noqa: E402
 from bench_index import make_mixture, sample_mixture  # noqa: E402
 from bench_train import measure_limit, measure_loader, sync  # noqa: E402
 
+from retrieval.atomic import write_text  # noqa: E402
 from retrieval.data.catalog import read_catalog  # noqa: E402
 from retrieval.data.datasets import ImageCache, ImageDataset, loader_workers  # noqa: E402
 from retrieval.data.imagecache import build_image_cache  # noqa: E402
@@ -195,20 +196,26 @@ def main(argv=None) -> int:
     few = copy.copy(catalog)  # training rows run over every item they are given
     catalog.items, few.items = catalog.items[: s.embed_images], catalog.items[: s.images + s.batch_size]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = []
-    for step, run in (("train", lambda: training_rows(few, s, device)),
-                      ("embed", lambda: embedding_rows(catalog, s, device)),
-                      ("evaluate", lambda: evaluation_rows(s, device)), ("ivf", lambda: ivf_rows(s))):
-        if step not in args.skip:
-            rows += run()
-            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-    doc = [f"## GPU check on {name}{' (dry run, tiny sizes)' if args.dry_run else ''}", "",
-           f"{s.backbone} at {s.image_size} px, batch {s.batch_size}, torch {torch.__version__}", "", format_rows(rows)]
-    if "quality" not in args.skip:
-        doc += ["", f"### Full fine-tuning vs the frozen-trunk default ({s.epochs} epochs, {catalog_dir})", "",
-                quality_section(catalog_dir, s, device)]
-    text = "\n".join(doc) + "\n"
-    (Path(args.work) / "gpu-check.md").write_text(text)
+    head = [f"## GPU check on {name}{' (dry run, tiny sizes)' if args.dry_run else ''}", "",
+            f"{s.backbone} at {s.image_size} px, batch {s.batch_size}, torch {torch.__version__}", ""]
+    rows, quality = [], []
+    text = "\n".join(head + [format_rows(rows)]) + "\n"
+    steps = [("train", lambda: training_rows(few, s, device)), ("embed", lambda: embedding_rows(catalog, s, device)),
+             ("evaluate", lambda: evaluation_rows(s, device)), ("ivf", lambda: ivf_rows(s)),
+             ("quality", lambda: ["", f"### Full fine-tuning vs the frozen-trunk default ({s.epochs} epochs, "
+                                      f"{catalog_dir})", "", quality_section(catalog_dir, s, device)])]
+    for step, run in steps:
+        if step in args.skip:
+            continue
+        if step == "quality":
+            quality = run()
+        else:
+            new = run()
+            rows += new
+            print("\n".join(format_rows(new).splitlines()[2:]), flush=True)
+        # after every step, so that a run stopped by a time limit keeps what it measured
+        text = "\n".join(head + [format_rows(rows)] + quality) + "\n"
+        write_text(Path(args.work) / "gpu-check.md", text)
     print("\n" + text)
     return 0
 
