@@ -168,6 +168,23 @@ def assert_disk_reads_equal_memory(cache, model, ckpt, acts=False):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_cache_memory_option_trains_from_disk_to_the_same_weights(demo_catalog, tmp_path, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="retrieval.net.trunkcache")
+    cache = ["--trunk-cache", str(tmp_path / "trunk.h5"), "--epochs", "2"]
+    assert train(demo_catalog, tmp_path / "memory", *cache) == 0
+    assert "more than the memory budget" not in caplog.text
+    assert train(demo_catalog, tmp_path / "disk", *cache, "--cache-memory", "0") == 0
+    assert "more than the memory budget; each batch reads its rows from disk" in caplog.text
+    a, b = load_checkpoint(tmp_path / "memory" / "last.pt"), load_checkpoint(tmp_path / "disk" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    with pytest.raises(SystemExit) as done:
+        train(demo_catalog, tmp_path / "bad", "--cache-memory", "-1")
+    assert done.value.code == 2
+    assert "--cache-memory must be a size in GB, 0 or more; got -1.0" in capsys.readouterr().err
+
+
 def test_trunk_cache_key_follows_the_frozen_units_only():
     from retrieval.net.model import create_model
     from retrieval.net.trunkcache import cache_key

@@ -35,6 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
     data.add_argument("--trunk-cache", metavar="H5", help="where to keep cached trunk outputs (default RUN/trunk-cache.h5); "
                                                          "share one file between runs of the same backbone")
+    data.add_argument("--cache-memory", type=float, metavar="GB",
+                      help="hold the trunk cache in memory up to this size, else read each batch's rows from "
+                           "disk (default: half the machine's memory, shared by torchrun's local ranks; 0: disk)")
     data.add_argument("--workers", type=int, help="data loader processes (default: cores - 1)")
     model = p.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES)
@@ -159,6 +162,8 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error("--sampling needs --sampling-group")
     if args.get("range_loss") and not args.get("range_group"):
         parser.error("--range-loss needs --range-group")
+    if args.get("cache_memory") is not None and not args["cache_memory"] >= 0:
+        parser.error(f"--cache-memory must be a size in GB, 0 or more; got {args['cache_memory']}")
     if args.get("sampling_target"):
         try:
             parse_target(args["sampling_target"])

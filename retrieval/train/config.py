@@ -77,6 +77,7 @@ class TrainConfig:
     workers: int | None = None
     image_cache: str | None = None
     trunk_cache: str | None = None
+    cache_memory: float | None = None  # GB of trunk cache held in memory; None: memory_budget()
     seed: int = 0
     resume: bool = False
     recipe: str | None = None

@@ -121,7 +121,8 @@ class Job:
         if self.world > 1:
             dist.barrier()
         from retrieval.net.trunkcache import TrunkCache
-        self.trunk_cache = TrunkCache(path, self.model, self.start)
+        budget = None if cfg.cache_memory is None else int(cfg.cache_memory * 2**30)
+        self.trunk_cache = TrunkCache(path, self.model, self.start, max_memory=budget)
         self.train_rows = torch.tensor([it.row_id for it in self.train_items])
         self.val_rows = torch.tensor([it.row_id for it in self.val_items], dtype=torch.long)
         self.bad_rows = {i for i, it in enumerate(self.train_items) if not self.trunk_cache.ok[it.row_id]}
