@@ -272,6 +272,7 @@ def rank_views(views: dict, labels: dict[str, np.ndarray], queries: np.ndarray, 
                 continue
             rows = block[asked]
             alone = groups[0] if view in own_rows else None
+            scores = top = None  # none where no group of the view ranks anything
             if alone is not None:  # a group's own view: scored against its labelled rows only
                 if depth[alone]:
                     ids = own_rows[view]
