@@ -213,3 +213,69 @@ def test_checkpoints_without_shared_layers_keep_the_embedding_block():
     old = create_model("tiny", GROUPS, embed_dim=8, weights="none").config.to_dict()
     old.pop("shared_layers")
     assert [type(m).__name__ for m in model_from_config(old).embed][:2] == ["BatchNorm1d", "Dropout"]
+
+
+def _batch_norms_of_their_own(module, generator):
+    """Batch norms with statistics and affine parameters of their own (random init has none)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0, 0.2, generator=generator)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50", "tiny"])
+def test_folded_batch_norms_give_the_same_outputs(backbone):
+    from retrieval.net.backbones import fold_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    trunk = create_trunk(backbone, weights=None if backbone == "efficientnet_lite0" else "none").eval()
+    _batch_norms_of_their_own(trunk, g)
+    before = fingerprint(trunk)
+    folded = fold_batchnorm(trunk.units)
+    assert folded is not trunk.units and fingerprint(trunk) == before  # a folded copy; the trunk is as it was
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = y = torch.randn(2, 3, 96, 96, generator=g)
+    with torch.no_grad():
+        for unit, copied in zip(trunk.units, folded):
+            x, y = unit(x), copied(y)
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
+
+
+def test_a_batch_norm_applied_before_its_neighbour_convolution_stays():
+    from retrieval.net.backbones import fold_batchnorm
+
+    class NormFirst(torch.nn.Module):  # registered convolution then norm, applied the other way round
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    units = torch.nn.ModuleList([NormFirst()]).eval()
+    _batch_norms_of_their_own(units, torch.Generator().manual_seed(0))
+    assert fold_batchnorm(units) is units  # the folded copy's outputs differ: not used
+
+
+def test_trunk_cache_from_folded_batch_norms_equals_the_unfolded_one(demo_catalog, tmp_path, monkeypatch):
+    import h5py
+
+    import retrieval.net.trunkcache as trunkcache
+    from retrieval.data.catalog import read_catalog
+
+    catalog = read_catalog(demo_catalog)
+    model = create_model("tiny", catalog.vocab, 16, image_size=64, frozen_trunk=True)
+    _batch_norms_of_their_own(model.trunk, torch.Generator().manual_seed(0))
+    start = len(model.trunk)
+    folded = tmp_path / "folded.h5"
+    trunkcache.build_trunk_cache(model, catalog, catalog.items, start, folded, torch.device("cpu"), workers=0)
+    monkeypatch.setattr(trunkcache, "fold_batchnorm", lambda units: units)
+    plain = tmp_path / "plain.h5"
+    trunkcache.build_trunk_cache(model, catalog, catalog.items, start, plain, torch.device("cpu"), workers=0)
+    with h5py.File(folded) as a, h5py.File(plain) as b:
+        x, y = a["prefix"][:].astype(np.float32), b["prefix"][:].astype(np.float32)
+        assert a.attrs["key"] == b.attrs["key"]
+        assert np.allclose(x, y, rtol=2e-3, atol=1e-3 * np.abs(y).max())  # float16 storage: an ulp apart at most

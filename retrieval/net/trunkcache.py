@@ -16,6 +16,7 @@ from tqdm import tqdm
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
+from retrieval.net.backbones import fold_batchnorm
 from retrieval.net.model import ATTENDED, RetrievalModel, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,11 @@ def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel,
 
 
 @torch.no_grad()
-def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int, taps: list[int] | None = None):
-    """What the trunk cache stores for a batch: ``model.trunk_prefix`` without gradients."""
-    return model.trunk_prefix(x, start, taps)
+def frozen_outputs(model: RetrievalModel, x: torch.Tensor, start: int, taps: list[int] | None = None,
+                   units: torch.nn.ModuleList | None = None):
+    """What the trunk cache stores for a batch: ``model.trunk_prefix`` without gradients (through
+    ``units``, the frozen units with their batch norms folded, when given)."""
+    return model.trunk_prefix(x, start, taps, units)
 
 
 def prefix_columns(model: RetrievalModel, stored_taps: list[int], start: int, stored_colour: int = 0) -> torch.Tensor:
@@ -310,6 +313,7 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers(workers),
                         collate_fn=collate_images)
     model.trunk.eval().to(device)
+    units = fold_batchnorm(model.trunk.units[:start])
     with h5py.File(path, "r") as f:
         taps = json.loads(f.attrs["key"])["taps"]
     began = time.perf_counter()
@@ -320,7 +324,7 @@ def _fill(model, catalog, items, start, path, done, device, batch_size, image_ca
             if images is not None:
                 rows = (index + done).numpy()
                 x = normalize_batch(images.to(device))
-                outputs = [frozen_outputs(model, v, start, taps) for v in (x, x.flip(3))]
+                outputs = [frozen_outputs(model, v, start, taps, units) for v in (x, x.flip(3))]
                 names = [items[i].image for i in rows]
                 _write_scaled(f, "prefix", rows, torch.stack([o[0] for o in outputs], 1), names)
                 if outputs[0][1] is not None:
