@@ -279,3 +279,20 @@ def test_trunk_cache_from_folded_batch_norms_equals_the_unfolded_one(demo_catalo
         x, y = a["prefix"][:].astype(np.float32), b["prefix"][:].astype(np.float32)
         assert a.attrs["key"] == b.attrs["key"]
         assert np.allclose(x, y, rtol=2e-3, atol=1e-3 * np.abs(y).max())  # float16 storage: an ulp apart at most
+
+
+def test_embedding_from_images_with_folded_batch_norms_equals_the_unfolded_one(tiny_run, demo_catalog, tmp_path,
+                                                                              monkeypatch):
+    import h5py
+
+    import retrieval.embed.inference as inference
+    from retrieval.cli import main as cli
+
+    embed = ["embed", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(demo_catalog), "--device", "cpu",
+             "--workers", "0"]
+    assert cli([*embed, "--out", str(tmp_path / "folded.h5")]) == 0
+    monkeypatch.setattr(inference, "fold_batchnorm", lambda units: units)
+    assert cli([*embed, "--out", str(tmp_path / "plain.h5")]) == 0
+    with h5py.File(tmp_path / "folded.h5") as a, h5py.File(tmp_path / "plain.h5") as b:
+        assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
+        assert np.allclose(a["vectors"][:], b["vectors"][:], atol=1e-5)  # equal up to float rounding

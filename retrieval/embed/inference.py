@@ -13,6 +13,7 @@ from retrieval.data import embfile
 from retrieval.data.catalog import Catalog, Item
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import image_tensor, normalize_batch
+from retrieval.net.backbones import fold_batchnorm
 from retrieval.net.model import QUERY_VIEWS, RetrievalModel
 from retrieval.net.trunkcache import TrunkCache, cache_key, cache_serves
 
@@ -83,6 +84,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
     # workers decode (or read the image cache) several batches ahead; pinned pages copy to the GPU asynchronously
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=n_workers, collate_fn=collate_images,
                         pin_memory=cuda, prefetch_factor=4 if n_workers else None)
+    units = fold_batchnorm(model.trunk.units)  # the same function, faster (see fold_batchnorm)
     for images, index, failed in loader:
         if bad is not None:
             bad.extend(items[i].image for i in failed)
@@ -90,7 +92,7 @@ def iter_outputs(model: RetrievalModel, catalog: Catalog, items: list[Item], dev
             continue
         x = normalize_batch(images.to(device, non_blocking=True))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            pooled = model.view_features(x)
+            pooled = model.view_features(x, units=units)
         yield outputs_from_pooled(model, pooled.float(), index.numpy(), heads)
 
 

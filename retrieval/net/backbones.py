@@ -25,10 +25,11 @@ class Trunk(nn.Module):
     def __len__(self) -> int:
         return len(self.units)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
-        """Run units ``start..end`` on ``x`` (the input of unit ``start``); return every output."""
+    def forward(self, x: torch.Tensor, start: int = 0, units: nn.ModuleList | None = None) -> list[torch.Tensor]:
+        """Run units ``start..end`` on ``x`` (the input of unit ``start``); return every output.
+        ``units``: the same units in another form (``fold_batchnorm``)."""
         outputs = []
-        for unit in self.units[start:]:
+        for unit in (self.units if units is None else units)[start:]:
             x = unit(x)
             outputs.append(x)
         return outputs
@@ -40,7 +41,9 @@ def fold_batchnorm(units: nn.ModuleList, tolerance: float = 1e-4) -> nn.ModuleLi
     bias: the same function without the batch norms' pass over each map (29% of Lite0's forward on
     the CPU). The copy is checked against the units on a random batch; where any unit's output
     differs by more than ``tolerance`` (relative to its largest value) the units are returned
-    unfolded."""
+    unfolded; so are units in training mode (their batch norms normalise by the batch)."""
+    if any(m.training for m in units.modules()):
+        return units
     folded = copy.deepcopy(units).eval()
     for parent in list(folded.modules()):
         names = list(parent._modules)
@@ -65,10 +68,14 @@ def fold_batchnorm(units: nn.ModuleList, tolerance: float = 1e-4) -> nn.ModuleLi
     if param is None or param.device.type == "meta":  # nothing to check it with
         return units
     with torch.no_grad():
-        x = torch.randn(2, 3, 64, 64, device=param.device, generator=torch.Generator(param.device).manual_seed(0))
+        x = torch.randn(2, 3, 96, 96, device=param.device, generator=torch.Generator(param.device).manual_seed(0))
         y = x
         for unit, copied in zip(units, folded):
-            x, y = unit(x), copied(y)
+            try:
+                x, y = unit(x), copied(y)
+            except RuntimeError as e:  # a trunk that cannot take the check's small batch: left as it is
+                logger.info("batch norm not folded: %s", e)
+                return units
             if not torch.allclose(x, y, rtol=0, atol=tolerance * float(x.abs().max().clamp_min(1e-12))):
                 logger.info("batch norm not folded: the folded trunk's outputs differ")
                 return units

@@ -290,12 +290,13 @@ class RetrievalModel(nn.Module):
         return self._repool(features, self.colour_unit, cmap.to(features.dtype), logits, cmap.shape[-2:])
 
     def pooled_features(self, x: torch.Tensor | None, start: int = 0, prefix: torch.Tensor | None = None,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
+                        weight: torch.Tensor | None = None, units: nn.ModuleList | None = None) -> torch.Tensor:
         """Concatenated features: the colour histogram (if any), then the pooled taps. ``x`` enters
         at unit ``start`` (None: the whole trunk is cached, ``prefix`` is everything); ``prefix``
         holds what comes before (histogram and earlier taps) and ``weight`` the pooling weights
-        (computed from ``x`` when it is the image)."""
-        outputs = [] if x is None else self.trunk(x, start)
+        (computed from ``x`` when it is the image). ``units``: the trunk's units in another form
+        (``fold_batchnorm``)."""
+        outputs = [] if x is None else self.trunk(x, start, units)
         logits = cmap = None
         if start > 0 and self.learned_colour:
             prefix, logits, cmap = self._pool_cached_colour(prefix, outputs, start)
@@ -323,14 +324,16 @@ class RetrievalModel(nn.Module):
         else 1. The trunk cache holds both; training sees both through random flips."""
         return 2 if self.config.flip_average else 1
 
-    def view_features(self, x: torch.Tensor, views: int | None = None) -> torch.Tensor:
+    def view_features(self, x: torch.Tensor, views: int | None = None,
+                      units: nn.ModuleList | None = None) -> torch.Tensor:
         """Pooled features averaged over ``views``: 1 = the image alone, 2 = with its mirror image;
-        None = ``catalog_views``. The one place the number of views is applied."""
+        None = ``catalog_views``. The one place the number of views is applied. ``units``: as in
+        ``pooled_features``."""
         views = self.catalog_views if views is None else views
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
-        pooled = self.pooled_features(x)
-        return pooled if views == 1 else (pooled + self.pooled_features(x.flip(3))) / 2
+        pooled = self.pooled_features(x, units=units)
+        return pooled if views == 1 else (pooled + self.pooled_features(x.flip(3), units=units)) / 2
 
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The shared embedding layer, L2-normalised."""
