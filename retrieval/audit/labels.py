@@ -18,6 +18,7 @@ from retrieval.data.datasets import ImageDataset, build_targets, collate_images,
 from retrieval.data.images import normalize_batch
 from retrieval.embed.inference import cached_pooled, open_trunk_cache
 from retrieval.evaluate.metrics import normalize_rows, topk_neighbors
+from retrieval.net.backbones import fold_batchnorm
 from retrieval.train.losses import multi_group_loss
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
     ok, feats = np.zeros(n, bool), None
     loader = DataLoader(ImageDataset(catalog, catalog.items, model.config.image_size), batch_size=batch_size,
                         num_workers=loader_workers(workers), collate_fn=collate_images)
+    units = fold_batchnorm(model.trunk.units)  # the same function, faster
     for images, index, _ in loader:
         if images is None:
             continue
-        pooled = model.view_features(normalize_batch(images.to(device)), views=2)  # the image and its mirror
+        pooled = model.view_features(normalize_batch(images.to(device)), views=2, units=units)  # and its mirror
         if feats is None:
             feats = np.zeros((n, pooled.shape[1]), np.float32)
         feats[index.numpy()], ok[index.numpy()] = pooled.float().cpu().numpy(), True
