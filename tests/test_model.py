@@ -296,3 +296,16 @@ def test_embedding_from_images_with_folded_batch_norms_equals_the_unfolded_one(t
     with h5py.File(tmp_path / "folded.h5") as a, h5py.File(tmp_path / "plain.h5") as b:
         assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
         assert np.allclose(a["vectors"][:], b["vectors"][:], atol=1e-5)  # equal up to float rounding
+
+
+def test_fold_benchmark_prints_both_rows(capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.modules.pop("bench_fold", None)
+    from bench_fold import main
+
+    assert main(["--backbones", "tiny", "--image-size", "64", "--batch-size", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny | as they are |" in out and "| tiny | folded |" in out
