@@ -11,10 +11,17 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from retrieval.devices import resolve_device
-from retrieval.net.backbones import create_trunk, fold_batchnorm
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+from bench_train import sync  # noqa: E402
+
+from retrieval.devices import resolve_device  # noqa: E402
+from retrieval.net.backbones import LITE_PACKAGES, create_trunk, fold_batchnorm  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,15 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure(name: str, args, device: torch.device) -> list[tuple]:
     """Images/s of the units and of their folded copy, and the largest relative difference."""
-    trunk = create_trunk(name, weights=None if name.startswith("efficientnet_lite") else "none").eval().to(device)
+    trunk = create_trunk(name, weights=None if name in LITE_PACKAGES else "none").eval().to(device)
     folded = fold_batchnorm(trunk.units)
     # channels-last, as a decoded batch is (collate_images stacks H x W x 3 images; normalize_batch
     # permutes them): the convolutions take their fast path on it
