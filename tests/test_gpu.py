@@ -55,6 +55,18 @@ def test_default_trains_a_small_catalogue_on_the_frozen_trunk(demo_catalog, tmp_
     assert ("the trunk stays frozen for" in caplog.text) == (device == "cuda")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_catalogue_passes_fold_batch_norms_on_the_device(device):
+    # the cache pass and embed run folded units; on CUDA (TF32 convolutions) the fold's check had
+    # failed on every trunk, so nothing was folded there
+    from retrieval.net.backbones import create_trunk, fold_batchnorm
+
+    units = create_trunk("efficientnet_lite0", weights="none").eval().to(device).units
+    folded = fold_batchnorm(units)
+    assert folded is not units and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert next(folded.parameters()).device.type == device
+
+
 def test_resume_on_the_device(demo_catalog, device_run, tmp_path):
     device = device_run[0]
     run = tmp_path / "resumed"

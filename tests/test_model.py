@@ -260,6 +260,23 @@ def test_a_batch_norm_applied_before_its_neighbour_convolution_stays():
     assert fold_batchnorm(units) is units  # the folded copy's outputs differ: not used
 
 
+def test_batch_norms_fold_where_the_device_rounds_float32_coarsely():
+    # CUDA runs float32 convolutions in TF32 (~1e-3 relative), so the folded and the original
+    # units differ there by the device's rounding: the check compares them in float64 on the CPU
+    from retrieval.net.backbones import fold_batchnorm
+
+    class CoarseFloat32(torch.nn.Module):  # float32 values rounded to bfloat16's 8 bits, as a coarse device would
+        def forward(self, x):
+            return x.to(torch.bfloat16).float() if x.dtype == torch.float32 else x
+
+    units = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                                     CoarseFloat32())]).eval()
+    _batch_norms_of_their_own(units, torch.Generator().manual_seed(0))
+    folded = fold_batchnorm(units)
+    assert folded is not units and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert next(folded.parameters()).dtype == torch.float32  # the check's float64 copies are not returned
+
+
 def test_trunk_cache_from_folded_batch_norms_equals_the_unfolded_one(demo_catalog, tmp_path, monkeypatch):
     import h5py
 
