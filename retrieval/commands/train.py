@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="input side in pixels (images are letterboxed to a square of this side)")
     model.add_argument("--trainable-blocks",
                        help="trunk units to train from the top: N, all, or auto (0 on CPU; on GPU all from "
-                            "10,000 training items, 0 below)")
+                            "3,000 training items, 0 below)")
     model.add_argument("--freeze-trunk", action="store_const", const="0", dest="trainable_blocks",
                        help="same as --trainable-blocks 0")
     model.add_argument("--input", choices=("auto", "cached", "images"),
