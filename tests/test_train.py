@@ -100,6 +100,48 @@ def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
     assert "unreadable" in caplog.text
 
 
+def test_images_mode_keeps_its_loader_workers_and_follows_each_epochs_order(demo_catalog, tmp_path, monkeypatch):
+    # one loader per split for the whole run (worker processes kept between epochs), and each epoch
+    # still gets the order drawn for it
+    from retrieval.train import sampling, trainer
+
+    loaders, orders, seen = [], [], []
+    real_order, real_batches = sampling.epoch_order, trainer.Job.image_batches
+
+    class CountedLoader(trainer.DataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            loaders.append(self.persistent_workers)
+
+    def epoch_order(*args, **kwargs):
+        orders.append(real_order(*args, **kwargs))
+        return orders[-1]
+
+    def image_batches(self, order):
+        seen.append([int(i) for positions, _ in real_batches(self, order) for i in positions])
+        yield from []  # nothing trained: only the order matters here
+
+    monkeypatch.setattr(trainer, "DataLoader", CountedLoader)
+    monkeypatch.setattr(sampling, "epoch_order", epoch_order)
+    monkeypatch.setattr(trainer.Job, "image_batches", image_batches)
+    argv = ["--epochs", "3", "--trainable-blocks", "all", "--workers", "1"]
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "run"), *TINY, *argv]) == 0
+    assert loaders == [True, True]  # train and validation, workers kept
+    assert len(seen) == 3 and seen == [o.tolist() for o in orders[-3:]] and seen[0] != seen[1]  # (the first counts steps)
+
+
+def test_images_mode_resumes_exactly_with_loader_workers(demo_catalog, tmp_path):
+    # the resumed epoch starts new loader workers where the straight run keeps its own: the same weights
+    argv = ["--trainable-blocks", "all", "--workers", "1"]
+    assert train(demo_catalog, tmp_path / "straight", "--epochs", "2", *argv) == 0
+    assert train(demo_catalog, tmp_path / "resumed", "--epochs", "1", *argv) == 0
+    assert train(demo_catalog, tmp_path / "resumed", "--epochs", "2", "--resume", *argv) == 0
+    resumed, straight = (load_checkpoint(tmp_path / run / "last.pt") for run in ("resumed", "straight"))
+    assert resumed["epoch"] == straight["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
 def test_trainable_blocks_that_are_no_number_are_a_clear_error(demo_catalog, tmp_path, capsys):
     assert train(demo_catalog, tmp_path / "run", "--trainable-blocks", "two") == 1
     assert "--trainable-blocks must be a number of trunk units, all or auto; got 'two'" in capsys.readouterr().err

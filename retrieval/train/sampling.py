@@ -81,3 +81,18 @@ def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Split an order into batches (the last may be short)."""
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class EpochBatches:
+    """A batch sampler over ``order``, which the trainer sets before each epoch: one DataLoader (and
+    its worker processes) then serves every epoch. The loader reads the order when an epoch's
+    iteration starts."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.order = batch_size, np.empty(0, dtype=np.int64)
+
+    def __iter__(self):
+        return iter(batches(self.order, self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)

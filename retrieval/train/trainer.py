@@ -37,6 +37,7 @@ class Job:
         self.out = Path(cfg.out)
         self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
         self.main = self.rank == 0
+        self.train_loader = self.val_loader = None  # images mode: made at the first epoch, kept for the others
         torch.manual_seed(cfg.seed)
         self.catalog = training_catalog(read_catalog(cfg.catalog), cfg.groups)  # groups with training labels
         self._prepare_items()
@@ -132,13 +133,26 @@ class Job:
         prefix, act, weight = self.trunk_cache.inputs(rows[positions], flip)
         return tuple(t.to(self.device) if t is not None else None for t in (prefix, act, weight))
 
+    def image_loader(self, items: list, batch_sampler=None) -> DataLoader:
+        """A loader of ``items``' decoded images whose worker processes stay up from epoch to epoch
+        (started afresh each epoch, 15 workers cost a GPU epoch of a few seconds about a second)."""
+        n_workers = loader_workers(self.cfg.workers)
+        dataset = ImageDataset(self.catalog, items, self.cfg.image_size, self.image_cache)
+        batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else dict(batch_size=self.cfg.batch_size)
+        # the loader's own generator draws its worker seeds (nothing in the workers is random): had it
+        # drawn from the global stream, reseeded every epoch for augmentation, a resumed run's first
+        # epoch (a new loader) would augment otherwise than the same epoch run straight through
+        return DataLoader(dataset, **batching, num_workers=n_workers, collate_fn=collate_images,
+                          pin_memory=self.device.type == "cuda", persistent_workers=n_workers > 0,
+                          generator=torch.Generator())
+
     def image_batches(self, order: np.ndarray):
         """Yield (positions, augmented normalised images) for an epoch in image mode."""
-        dataset = ImageDataset(self.catalog, self.train_items, self.cfg.image_size, self.image_cache)
-        loader = DataLoader(dataset, batch_sampler=sampling.batches(order, self.cfg.batch_size),
-                            num_workers=loader_workers(self.cfg.workers), collate_fn=collate_images,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, index, bad in loader:
+        if self.train_loader is None:
+            self.epoch_order = sampling.EpochBatches(self.cfg.batch_size)
+            self.train_loader = self.image_loader(self.train_items, self.epoch_order)
+        self.epoch_order.order = order  # read when the loop below starts the epoch's iterator
+        for images, index, bad in self.train_loader:
             self.bad_rows.update(bad)
             if not self.all_ranks_have(images is not None and len(images) > 1):
                 # every rank skips together (a lone skip would hang the others' all-reduce); one
@@ -200,10 +214,9 @@ class Job:
             for positions in index.split(self.cfg.batch_size):
                 yield positions, self.cached_batch(positions, self.val_rows, torch.zeros(len(positions), dtype=torch.long))
             return
-        dataset = ImageDataset(self.catalog, self.val_items, self.cfg.image_size, self.image_cache)
-        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate_images,
-                            num_workers=loader_workers(self.cfg.workers))
-        for images, positions, _ in loader:
+        if self.val_loader is None:
+            self.val_loader = self.image_loader(self.val_items)
+        for images, positions, _ in self.val_loader:
             if images is not None:
                 yield positions, normalize_batch(images.to(self.device))
 
@@ -308,5 +321,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     try:
         return job.run()
     finally:
+        job.train_loader = job.val_loader = None  # their worker processes end here, not when the job is collected
         if job.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
