@@ -8,7 +8,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from web_fixtures import (app, build_index, client, copy_index, make_config, photo_bytes, runner,  # noqa: F401
                           web_data, web_report)
 
@@ -105,6 +107,23 @@ def test_search_by_photo(client, web_data, fmt):
     assert len(body["results"]) == 5 and all("women" in r["labels"]["gender"] for r in body["results"])
     again = client.get(f"/api/search/{body['query_id']}?k=3&view=group-colours").get_json()
     assert again["view"] == "group-colours" and len(again["results"]) == 3
+
+
+def test_search_by_photo_runs_the_folded_trunk_to_the_same_vectors(web_data):
+    from PIL import Image
+
+    from retrieval.embed.inference import describe_image
+    from retrieval.net.checkpoint import load_model
+    from web.resources import ModelHolder
+
+    served = ModelHolder(web_data["checkpoint"]).get()[0]
+    plain = load_model(web_data["checkpoint"])[0]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.trunk.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.trunk.modules())
+    photo = Image.open(io.BytesIO(catalog_photo(web_data)))
+    a, b = describe_image(served, photo), describe_image(plain, photo)
+    assert np.allclose(a.vectors, b.vectors, atol=1e-5)
+    assert all(np.allclose(a.probs[g], b.probs[g], atol=1e-5) for g in b.probs)
 
 
 def test_search_bad_uploads(client, web_data):
