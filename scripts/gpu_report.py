@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
 from bench_eval import run_one  # noqa: E402
-from bench_index import make_mixture, sample_mixture  # noqa: E402
 from bench_train import measure_limit, measure_loader, sync  # noqa: E402
 
 from retrieval.atomic import write_text  # noqa: E402
@@ -51,20 +50,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def training_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
-    """Training images/s from JPEGs and from the HDF5 image cache beside random tensors."""
+def training_rows(catalog, s: SimpleNamespace, device):
+    """Training images/s from JPEGs and from the HDF5 image cache beside random tensors (one row
+    at a time, so that a stopped run keeps the rows it measured)."""
     model = create_model(s.backbone, catalog.vocab, image_size=s.image_size, weights="none").to(device).train()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     limit = measure_limit(model, optimizer, s, device)
+    ref = f"{limit:.0f} (forward+backward, random tensors)"
     jpeg = measure_loader(model, optimizer, ImageDataset(catalog, catalog.items, s.image_size), s, device)
+    yield "training, JPEG decoding (img/s)", f"{jpeg:.0f}", ref, jpeg / limit, ">= 0.80"
     path = Path(s.work) / f"images-{s.image_size}.h5"
     build_image_cache(catalog, path, s.image_size, s.workers)
     cached = measure_loader(model, optimizer, ImageDataset(catalog, catalog.items, s.image_size, ImageCache(path)), s, device)
-    ref = f"{limit:.0f} (forward+backward, random tensors)"
-    return [("training, JPEG decoding (img/s)", f"{jpeg:.0f}", ref, jpeg / limit, ">= 0.80"),
-            ("training, HDF5 image cache (img/s)", f"{cached:.0f}", ref, cached / limit, ">= 0.80")]
+    yield "training, HDF5 image cache (img/s)", f"{cached:.0f}", ref, cached / limit, ">= 0.80"
 
 
 @torch.no_grad()
@@ -100,7 +100,7 @@ def embed_rate(model, catalog, s: SimpleNamespace, device, image_cache) -> tuple
     return rate, max(0.0, t1 - n1 / rate)
 
 
-def embedding_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
+def embedding_rows(catalog, s: SimpleNamespace, device):
     """Embedding images/s into EMB.h5 (decoded JPEGs or the HDF5 image cache, flip-averaged
     features, heads, the work file and the merge) beside the forward alone on random tensors."""
     model = create_model(s.backbone, catalog.vocab, image_size=s.image_size, weights="none", flip_average=True,
@@ -108,28 +108,25 @@ def embedding_rows(catalog, s: SimpleNamespace, device) -> list[tuple]:
     limit = forward_rate(model, s, device)
     path = Path(s.work) / f"embed-images-{s.image_size}.h5"
     build_image_cache(catalog, path, s.image_size, s.workers)
-    rows = []
     for name, cache in (("JPEG decoding", None), ("HDF5 image cache", ImageCache(path))):
         rate, fixed = embed_rate(model, catalog, s, device, cache)
-        rows.append((f"embedding, {name} (img/s, EMB.h5 written)", f"{rate:.0f}",
-                     f"{limit:.0f} (forward, random tensors); {loader_workers(s.workers)} loader workers, "
-                     f"{fixed:.1f} s start-up and merge", rate / limit, ">= 0.80"))
-    return rows
+        yield (f"embedding, {name} (img/s, EMB.h5 written)", f"{rate:.0f}",
+               f"{limit:.0f} (forward, random tensors); {loader_workers(s.workers)} loader workers, "
+               f"{fixed:.1f} s start-up and merge", rate / limit, ">= 0.80")
 
 
-def evaluation_rows(s: SimpleNamespace, device) -> list[tuple]:
+def evaluation_rows(s: SimpleNamespace, device):
     """Query=candidate mAP@50 time of every view at each size beside the blocked X @ X.T alone."""
-    rows = []
     for n in s.eval_sizes:
         r = run_one(n, device.type, 50, queries=None, rounds=1)
-        rows.append((f"evaluation, N = {n:,}, {r['views']} views (s)", f"{r['wall']:.1f}",
-                     f"{r['floor']:.1f} (blocked X @ X.T of every view)", r["wall"] / r["floor"], "-"))
-    return rows
+        yield (f"evaluation, N = {n:,}, {r['views']} views (s)", f"{r['wall']:.1f}",
+               f"{r['floor']:.1f} (blocked X @ X.T of every view)", r["wall"] / r["floor"], "-")
 
 
-def ivf_rows(s: SimpleNamespace) -> list[tuple]:
-    """IVF build time (train, add, tune search depth) at corpus size."""
+def ivf_rows(s: SimpleNamespace):
+    """IVF build time (train, add, tune search depth) at corpus size (the only step that needs FAISS)."""
     import faiss
+    from bench_index import make_mixture, sample_mixture
 
     from indexer import build_index
 
@@ -139,7 +136,7 @@ def ivf_rows(s: SimpleNamespace) -> list[tuple]:
     build_index(x, np.arange(len(x)), "ivf", use_gpu="auto")
     seconds = time.perf_counter() - began
     where = f"{faiss.get_num_gpus()} GPU(s) seen by FAISS" if hasattr(faiss, "get_num_gpus") else "CPU"
-    return [(f"IVF build, N = {s.ivf_size:,}, d = {s.dim} (s)", f"{seconds:.0f}", where, None, "-")]
+    yield f"IVF build, N = {s.ivf_size:,}, d = {s.dim} (s)", f"{seconds:.0f}", where, None, "-"
 
 
 def quality_section(catalog_dir: str, s: SimpleNamespace, device) -> str:
@@ -199,23 +196,28 @@ def main(argv=None) -> int:
     head = [f"## GPU check on {name}{' (dry run, tiny sizes)' if args.dry_run else ''}", "",
             f"{s.backbone} at {s.image_size} px, batch {s.batch_size}, torch {torch.__version__}", ""]
     rows, quality = [], []
-    text = "\n".join(head + [format_rows(rows)]) + "\n"
+
+    def write() -> str:  # after every row, so that a run stopped by a time limit keeps what it measured
+        text = "\n".join(head + [format_rows(rows)] + quality) + "\n"
+        write_text(Path(args.work) / "gpu-check.md", text)
+        return text
+
     steps = [("train", lambda: training_rows(few, s, device)), ("embed", lambda: embedding_rows(catalog, s, device)),
              ("evaluate", lambda: evaluation_rows(s, device)), ("ivf", lambda: ivf_rows(s)),
              ("quality", lambda: ["", f"### Full fine-tuning vs the frozen-trunk default ({s.epochs} epochs, "
                                       f"{catalog_dir})", "", quality_section(catalog_dir, s, device)])]
+    text = "\n".join(head + [format_rows(rows)]) + "\n"
     for step, run in steps:
         if step in args.skip:
             continue
         if step == "quality":
             quality = run()
-        else:
-            new = run()
-            rows += new
-            print("\n".join(format_rows(new).splitlines()[2:]), flush=True)
-        # after every step, so that a run stopped by a time limit keeps what it measured
-        text = "\n".join(head + [format_rows(rows)] + quality) + "\n"
-        write_text(Path(args.work) / "gpu-check.md", text)
+            text = write()
+            continue
+        for row in run():
+            rows.append(row)
+            print(format_rows([row]).splitlines()[-1], flush=True)
+            text = write()
     print("\n" + text)
     return 0
 

@@ -20,22 +20,41 @@ def test_gpu_check_dry_run_writes_the_table(tmp_path):
     assert "GPU tests" in result.stdout and "dry run" in table
 
 
-def test_gpu_report_writes_the_table_after_each_step(tmp_path, monkeypatch, capsys):
-    # a run stopped by a time limit keeps every step it finished: here the quality step fails
-    # after the training step, and the training rows are in gpu-check.md and were printed
+def test_gpu_report_writes_the_table_after_each_row(tmp_path, monkeypatch, capsys):
+    # a run stopped by a time limit keeps every row it finished: here the second evaluation size
+    # is stopped after the training step and the first size, whose rows are in gpu-check.md and
+    # were printed
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     sys.modules.pop("gpu_report", None)
     import gpu_report
 
-    def stopped(*args):
-        raise KeyboardInterrupt
+    real = gpu_report.run_one
 
-    monkeypatch.setattr(gpu_report, "quality_section", stopped)
+    def stopped_at_the_second_size(n, *args, **kwargs):
+        if n == gpu_report.DRY["eval_sizes"][1]:
+            raise KeyboardInterrupt
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_report, "run_one", stopped_at_the_second_size)
     try:
-        gpu_report.main(["--dry-run", "--work", str(tmp_path), "--skip", "embed", "evaluate", "ivf"])
+        gpu_report.main(["--dry-run", "--work", str(tmp_path), "--skip", "embed", "ivf"])
     except KeyboardInterrupt:
         pass
     table = (tmp_path / "gpu-check.md").read_text()
     assert "training, JPEG decoding" in table and "training, HDF5 image cache" in table
+    assert "evaluation, N = 1,500" in table and "N = 3,000" not in table
     assert "embedding" not in table and "Full fine-tuning" not in table
-    assert "training, JPEG decoding" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training, JPEG decoding" in printed and "evaluation, N = 1,500" in printed
+
+
+def test_gpu_report_runs_without_faiss_where_the_ivf_step_is_skipped(tmp_path, monkeypatch):
+    # a GPU machine without a FAISS wheel still measures training, embedding, evaluation and quality
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    for name in ("gpu_report", "bench_index", "bench_eval", "bench_train"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import gpu_report
+
+    assert gpu_report.main(["--dry-run", "--work", str(tmp_path), "--skip", "train", "embed", "ivf", "quality"]) == 0
+    assert "evaluation, N = 3,000" in (tmp_path / "gpu-check.md").read_text()
