@@ -77,8 +77,8 @@ def _fold_pair(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
 @torch.no_grad()
 def _same_outputs(units: nn.ModuleList, folded: nn.ModuleList, tolerance: float) -> bool:
     """Whether every unit of ``folded`` gives its original's output on a random batch. Both run in
-    float64 on the CPU, so the check sees the folding, not the device's rounding (CUDA convolutions
-    in TF32 differ by ~1e-3 from run to run of the same weights)."""
+    float64 on the CPU, so the check sees the folding, not the device's rounding (CUDA runs float32
+    convolutions in TF32, whose ~1e-3 rounding differs between the folded and the original weights)."""
     param = next(units.parameters(), None)
     if param is None or param.device.type == "meta":  # nothing to check it with
         return False
