@@ -121,6 +121,13 @@ def test_test_only_group_is_left_out_of_training(tmp_path, capsys, caplog):
     assert "not trained: group 'fit' (labelled only in the test split)" in capsys.readouterr().out
 
 
+def test_a_group_of_one_label_is_pointed_out(tmp_path, capsys):
+    root = write_catalog(tmp_path, ["a.jpg,train,,red,dress", "b.jpg,test,,blue,dress", "c.jpg,train,,red,"])
+    assert cli(["catalog-info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "one label: group 'type' (every labelled item is 'dress')" in out and "group 'colour'" not in out
+
+
 def test_verify_images_lists_paths_relative_to_the_catalog(tmp_path, capsys):
     root = write_catalog(tmp_path, ["a.jpg,train,,red,dress", "sub/b.jpg,train,,red,dress"])
     (root / "sub" / "b.jpg").write_bytes(b"not an image")
