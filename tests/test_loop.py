@@ -1,5 +1,6 @@
 """train_one_epoch and validate on their own: synthetic batches, no catalog, no files."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -45,11 +46,27 @@ def test_train_one_epoch_steps_the_trained_part_only():
     targets = targets_of([0, 1, 2, 0, 1, 2, None, 0], [0, 1, None, 1, 0, 0, 1, 1])
     batches = [(torch.arange(0, 4), torch.randn(4, 3, 32, 32)), (torch.arange(4, 8), torch.randn(4, 3, 32, 32))]
     record = train_one_epoch(state, batches, targets)
-    assert set(record) == {"train_loss", "images_per_s", "seconds"} and np.isfinite(record["train_loss"])
+    assert set(record) == {"train_loss", "images_per_s", "seconds", "waiting_s", "first_step_s"}
+    assert np.isfinite(record["train_loss"]) and 0 <= record["waiting_s"] <= record["seconds"]
     assert not torch.equal(model.heads["0_type"].weight, head)
     assert all(torch.equal(a, b) for a, b in zip(model.trunk.units[0].parameters(), frozen))
     assert not model.trunk.units[0].training  # frozen units keep their batch-norm statistics
     assert state.scheduler.last_epoch == 2
+
+
+def test_train_one_epoch_times_the_wait_for_batches_and_the_first_step():
+    torch.manual_seed(0)
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", image_size=32)
+    targets = targets_of([0, 1, 2, 0, 1, 2, None, 0], [0, 1, None, 1, 0, 0, 1, 1])
+
+    def slow_batches():  # a data path that takes 0.2 s a batch
+        for start in (0, 4):
+            time.sleep(0.2)
+            yield torch.arange(start, start + 4), torch.randn(4, 3, 32, 32)
+
+    record = train_one_epoch(state_for(model), slow_batches(), targets)
+    assert 0.4 <= record["waiting_s"] <= record["seconds"]
+    assert 0.2 <= record["first_step_s"] < record["seconds"] - 0.2  # the second batch came after the first step
 
 
 class Fixed(torch.nn.Module):

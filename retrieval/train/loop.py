@@ -84,12 +84,22 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
 
 
 def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") -> dict:
-    """One pass over ``batches`` of (positions, inputs); ``targets`` are indexed by positions."""
+    """One pass over ``batches`` of (positions, inputs); ``targets`` are indexed by positions. Besides
+    the loss and speed, it records the seconds spent waiting for batches (the data path's share:
+    each step ends with the loss read back, so the rest is the device's work) and those until the
+    first step had ended (loader start, first batch, first kernels)."""
     state.net.train()
     freeze_units(state.model, state.start, state.freeze_bn)
-    seen, total_loss, began = 0, 0.0, time.perf_counter()
+    seen, total_loss, waited, first, began = 0, 0.0, 0.0, None, time.perf_counter()
     bar = tqdm(batches, desc=desc, unit="batch", disable=not state.progress, leave=False)
-    for positions, inputs in bar:
+    steps = iter(bar)
+    while True:
+        asked = time.perf_counter()
+        batch = next(steps, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
+        positions, inputs = batch
         loss, *_ = batch_loss(state, state.net, inputs, targets.take(positions).to(state.device), positions)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,10 +107,11 @@ def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") ->
         state.scheduler.step()
         seen += len(positions)
         total_loss += loss.item() * len(positions)
+        first = time.perf_counter() - began if first is None else first
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - began):.0f}")
     elapsed = time.perf_counter() - began
     return {"train_loss": total_loss / max(1, seen), "images_per_s": seen * state.world / elapsed,
-            "seconds": elapsed}
+            "seconds": elapsed, "waiting_s": waited, "first_step_s": first}
 
 
 @torch.no_grad()

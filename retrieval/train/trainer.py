@@ -312,9 +312,10 @@ class Job:
             atomic_save(ckpt, self.out / "best.pt")
         write_json(self.out / "metrics.json", history)
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
-        logger.info("epoch %d: train loss %.4f, val loss %.4f, val mAP %.3f, %.0f img/s, %.1fs | val acc %s",
-                    epoch, record["train_loss"], record.get("val_loss", float("nan")),
-                    record.get("val_map", float("nan")), record["images_per_s"], record["seconds"], accuracy)
+        logger.info("epoch %d: train loss %.4f, val loss %.4f, val mAP %.3f, %.0f img/s, %.1fs (%.1fs waiting for "
+                    "batches, first step after %.1fs) | val acc %s", epoch, record["train_loss"],
+                    record.get("val_loss", float("nan")), record.get("val_map", float("nan")), record["images_per_s"],
+                    record["seconds"], record["waiting_s"], record["first_step_s"] or 0.0, accuracy)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
