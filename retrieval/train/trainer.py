@@ -37,8 +37,9 @@ class Job:
         self.out = Path(cfg.out)
         self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
         self.main = self.rank == 0
-        # images mode: made at the first epoch, kept for the others (the order set per epoch)
-        self.train_loader = self.val_loader = self.epoch_order = None
+        # images mode: loaders made at the first epoch and kept for the others; the order set per epoch
+        self.train_loader = self.val_loader = None
+        self.epoch_order = sampling.EpochBatches(cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self.catalog = training_catalog(read_catalog(cfg.catalog), cfg.groups)  # groups with training labels
         self._prepare_items()
@@ -151,7 +152,6 @@ class Job:
     def image_batches(self, order: np.ndarray):
         """Yield (positions, augmented normalised images) for an epoch in image mode."""
         if self.train_loader is None:
-            self.epoch_order = sampling.EpochBatches(self.cfg.batch_size)
             self.train_loader = self.image_loader(self.train_items, self.epoch_order)
         self.epoch_order.order = order  # read when the loop below starts the epoch's iterator
         for images, index, bad in self.train_loader:
