@@ -18,6 +18,7 @@ def get_args_parser():
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     p.add_argument("--n-items", type=int, default=2000, help="images of the street and multicolour stand-ins")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes drawing the images (same catalog for any number)")
     return p
 
 
@@ -29,7 +30,7 @@ def main(argv=None):
         if labels.exists():
             print(f"{labels} exists: kept")
             continue
-        print(f"Wrote {make_standin(args.source, labels.parent, kind, args.n_items, args.seed)}")
+        print(f"Wrote {make_standin(args.source, labels.parent, kind, args.n_items, args.seed, args.workers)}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_garment_mask_removes_only_the_white_connected_to_the_border():
 
 def test_street_standin_pastes_garments_on_clutter_deterministically(studio_catalog, tmp_path):
     make_standin(studio_catalog, tmp_path / "a", "street", n_items=10, seed=3)
-    make_standin(studio_catalog, tmp_path / "b", "street", n_items=10, seed=3)
+    make_standin(studio_catalog, tmp_path / "b", "street", n_items=10, seed=3, workers=2)  # same, drawn in 2
     a, b, source = read_catalog(tmp_path / "a"), read_catalog(tmp_path / "b"), read_catalog(studio_catalog)
     assert a.groups == source.groups and len(a) == 10
     assert (tmp_path / "a/labels.csv").read_bytes() == (tmp_path / "b/labels.csv").read_bytes()
@@ -76,6 +76,9 @@ def test_multicolour_standin_lists_the_colours_of_every_item_shown(studio_catalo
         for name in colours:  # every listed colour is in the picture
             assert (np.abs(pixels - COLOURS[name]).sum(2) < 60).mean() > 0.005
     assert counts >= {1, 2}
+    make_standin(studio_catalog, tmp_path / "m2", "multicolour", n_items=24, seed=0, workers=2)
+    assert (tmp_path / "m2/labels.csv").read_bytes() == (tmp_path / "m/labels.csv").read_bytes()
+    assert all((tmp_path / "m2" / it.image).read_bytes() == catalog.path_of(it).read_bytes() for it in catalog.items)
 
 
 def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, tmp_path):

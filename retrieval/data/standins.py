@@ -15,6 +15,8 @@ deterministically from a seed and keeping the source's group names:
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -136,39 +138,53 @@ def colour_group(catalog: Catalog) -> str:
     return found[0]
 
 
-def make_street(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[list[str]]:
+def _street_row(catalog: Catalog, out: Path, seed: int, i: int, index: int) -> list[str]:
+    item_rng = np.random.default_rng([seed, i])
+    others = [catalog.items[j] for j in item_rng.integers(0, len(catalog.items), item_rng.integers(1, 4))]
+    image = street_image(item_rng, load_image(catalog.path_of(catalog.items[index])),
+                         [load_image(catalog.path_of(o)) for o in others])
+    path = f"images/{i:06d}.jpg"
+    image.save(out / path, "JPEG", quality=90)
+    return _row(catalog.items[index], catalog.groups, path)
+
+
+def make_street(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
     """Street-style rows (images written under ``out/images``)."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(catalog.items), size=min(n_items, len(catalog.items)), replace=False)
-    rows = []
-    for i, index in enumerate(tqdm(chosen, desc="street stand-in", unit="img")):
-        item_rng = np.random.default_rng([seed, i])
-        others = [catalog.items[j] for j in item_rng.integers(0, len(catalog.items), item_rng.integers(1, 4))]
-        image = street_image(item_rng, load_image(catalog.path_of(catalog.items[index])),
-                             [load_image(catalog.path_of(o)) for o in others])
-        path = f"images/{i:06d}.jpg"
-        image.save(out / path, "JPEG", quality=90)
-        rows.append(_row(catalog.items[index], catalog.groups, path))
-    return rows
+    return _rows(partial(_street_row, catalog, out, seed), chosen, workers, "street stand-in")
 
 
-def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int) -> list[list[str]]:
+def _multicolour_row(catalog: Catalog, coloured: list[Item], colour: str, out: Path, seed: int,
+                     i: int, index: int) -> list[str]:
+    item_rng = np.random.default_rng([seed, i])
+    extra = int(item_rng.choice(3, p=[0.25, 0.5, 0.25]))
+    shown = [coloured[index]] + [coloured[j] for j in item_rng.integers(0, len(coloured), extra)]
+    image = multicolour_image(item_rng, [load_image(catalog.path_of(it)) for it in shown])
+    path = f"images/{i:06d}.jpg"
+    image.save(out / path, "JPEG", quality=90)
+    colours = tuple(dict.fromkeys(c for it in shown for c in it.labels[colour]))
+    return _row(coloured[index], catalog.groups, path, {**coloured[index].labels, colour: colours})
+
+
+def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
     """Rows of garments shown with 0–2 other items; the colour group lists every item's colour."""
     colour = colour_group(catalog)
     coloured = [it for it in catalog.items if it.labels[colour]]
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(coloured), size=min(n_items, len(coloured)), replace=False)
-    rows = []
-    for i, index in enumerate(tqdm(chosen, desc="multicolour stand-in", unit="img")):
-        item_rng = np.random.default_rng([seed, i])
-        extra = int(item_rng.choice(3, p=[0.25, 0.5, 0.25]))
-        shown = [coloured[index]] + [coloured[j] for j in item_rng.integers(0, len(coloured), extra)]
-        image = multicolour_image(item_rng, [load_image(catalog.path_of(it)) for it in shown])
-        path = f"images/{i:06d}.jpg"
-        image.save(out / path, "JPEG", quality=90)
-        colours = tuple(dict.fromkeys(c for it in shown for c in it.labels[colour]))
-        rows.append(_row(coloured[index], catalog.groups, path, {**coloured[index].labels, colour: colours}))
-    return rows
+    return _rows(partial(_multicolour_row, catalog, coloured, colour, out, seed), chosen, workers,
+                 "multicolour stand-in")
+
+
+def _rows(make_row, chosen: np.ndarray, workers: int, desc: str) -> list[list[str]]:
+    """``make_row(i, index)`` for each chosen source index, in order; each image draws from its own
+    seed, so any number of worker processes gives the same catalog."""
+    jobs = (range(len(chosen)), [int(c) for c in chosen])
+    if workers <= 1:
+        return [make_row(i, index) for i, index in tqdm(zip(*jobs), total=len(chosen), desc=desc, unit="img")]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(make_row, *jobs, chunksize=64), total=len(chosen), desc=desc, unit="img"))
 
 
 def make_missing(catalog: Catalog, out: Path, seed: int) -> list[list[str]]:
@@ -181,7 +197,8 @@ def make_missing(catalog: Catalog, out: Path, seed: int) -> list[list[str]]:
     return rows
 
 
-def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 2000, seed: int = 0) -> Path:
+def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 2000, seed: int = 0,
+                 workers: int = 1) -> Path:
     """Write a stand-in catalog of ``kind`` drawn from ``source`` into ``out``; returns its labels.csv.
 
     Args:
@@ -190,6 +207,7 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         kind: one of ``KINDS``.
         n_items: how many images ``street`` and ``multicolour`` draw (``missing`` keeps them all).
         seed: the same seed gives the same catalog.
+        workers: processes drawing the images (the catalog is the same for any number).
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown stand-in kind {kind!r}; choose one of: {', '.join(KINDS)}")
@@ -200,7 +218,7 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
     if kind == "missing":
         rows = make_missing(catalog, out, seed)
     else:
-        rows = (make_street if kind == "street" else make_multicolour)(catalog, out, n_items, seed)
+        rows = (make_street if kind == "street" else make_multicolour)(catalog, out, n_items, seed, workers)
     labels = out / LABELS_FILE
     write_csv_atomic(labels, [["image", "split", "title", *catalog.groups], *rows])  # last: images exist
     logger.info("Wrote %s stand-in %s (%d items, seed %d)", kind, labels, len(rows), seed)
