@@ -529,3 +529,43 @@ def test_trunk_cache_memory_budget_is_shared_by_the_local_ranks(monkeypatch):
     assert memory_budget() == int(4 * 2**30 * MEMORY_SHARE)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory_budget() == int(4 * 2**30 * MEMORY_SHARE) // 4
+
+
+def test_collectives_hold_their_tensors_until_the_workers_let_go(tmp_path):
+    # A gloo worker that drops a collective's Python-made tensor last needs the GIL; at interpreter
+    # exit that aborted finished torchrun runs. Collectives keeps them until no one else holds them.
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from retrieval.devices import Collectives
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        c = Collectives(torch.device("cpu"))
+        mask = c.all_reduce(torch.tensor([0, 1, 0], dtype=torch.uint8), dist.ReduceOp.MAX)
+        assert mask.tolist() == [0, 1, 0] and c.held == [mask]
+        holder = {"ref": mask.view(-1)}  # another holder, as a worker still holding the finished work
+        assert mask._use_count() > 1
+        threading.Timer(0.3, holder.clear).start()
+        began = time.monotonic()
+        c.release()
+        assert time.monotonic() - began >= 0.25 and c.held == []
+        assert mask._use_count() == 1
+        # a reduction keeps the tensors still held elsewhere and drops those let go of
+        first = c.all_reduce(torch.tensor([1]))
+        holder = first.view(-1)
+        second = c.all_reduce(torch.tensor([2]))
+        assert [t is first for t in c.held] == [True, False]
+        del holder
+        c.release()  # waits out gloo's own hold on second
+        c.held = [first, second]
+        third = c.all_reduce(torch.tensor([3]))
+        assert [t is third for t in c.held] == [True]
+        stuck = third.view(-1)  # never let go: release gives up after its timeout
+        began = time.monotonic()
+        c.release(timeout_s=0.2)
+        assert 0.2 <= time.monotonic() - began < 2 and c.held == [] and stuck is not None
+    finally:
+        dist.destroy_process_group()

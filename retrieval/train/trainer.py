@@ -15,7 +15,7 @@ from retrieval.data.catalog import read_catalog, training_catalog
 from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
                                      loader_workers, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
-from retrieval.devices import resolve_device, setup_distributed
+from retrieval.devices import Collectives, resolve_device, setup_distributed
 from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
@@ -36,6 +36,7 @@ class Job:
         self.cfg = cfg = replace(cfg, loss_norm=resolve_loss_norm(cfg.loss_norm, cfg.method))  # config.yaml says which
         self.out = Path(cfg.out)
         self.rank, self.world, self.device = setup_distributed(resolve_device(cfg.device))
+        self.collectives = Collectives(self.device) if self.world > 1 else None
         self.main = self.rank == 0
         # images mode: loaders made at the first epoch and kept for the others; the order set per epoch
         self.train_loader = self.val_loader = None
@@ -170,17 +171,16 @@ class Job:
         """Whether ``flag`` holds on every rank (itself when not distributed)."""
         if self.world == 1:
             return flag
-        value = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+        return bool(self.collectives.all_reduce(torch.tensor([int(flag)]), dist.ReduceOp.MIN).item())
 
     def share_bad_rows(self) -> None:
         """Unreadable images found by any rank become known to all, so the next epochs leave the
         same items out of every rank's order before sharding."""
         if self.world > 1:
-            found = [None] * self.world
-            dist.all_gather_object(found, sorted(self.bad_rows))
-            self.bad_rows = set().union(*found)
+            mask = torch.zeros(len(self.train_items), dtype=torch.uint8)
+            mask[torch.tensor(sorted(self.bad_rows), dtype=torch.long)] = 1
+            mask = self.collectives.all_reduce(mask, dist.ReduceOp.MAX)
+            self.bad_rows = set(torch.nonzero(mask).flatten().tolist())
 
     # ----- epochs -----
     def epoch_batches(self, epoch: int):
@@ -326,4 +326,5 @@ def train(cfg: TrainConfig) -> list[dict]:
     finally:
         job.train_loader = job.val_loader = None  # their worker processes end here, not when the job is collected
         if job.world > 1 and dist.is_initialized():
+            job.collectives.release()  # see Collectives: else a finished run may abort at exit
             dist.destroy_process_group()
