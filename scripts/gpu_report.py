@@ -206,7 +206,7 @@ def main(argv=None) -> int:
              ("evaluate", lambda: evaluation_rows(s, device)), ("ivf", lambda: ivf_rows(s)),
              ("quality", lambda: ["", f"### Full fine-tuning vs the frozen-trunk default ({s.epochs} epochs, "
                                       f"{catalog_dir})", "", quality_section(catalog_dir, s, device)])]
-    text = "\n".join(head + [format_rows(rows)]) + "\n"
+    text = write()  # the header at once: the file exists even when every step is skipped
     for step, run in steps:
         if step in args.skip:
             continue
