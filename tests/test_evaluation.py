@@ -102,6 +102,22 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     assert report["groups"]["colour"]["map_paper"] == pytest.approx(29 / 84)  # every item labelled: the same
 
 
+def test_group_of_one_label_is_shown_but_left_out_of_the_mean(catalog_dir, tmp_path, capsys, caplog):
+    # Every item is "women": any ranking scores 100 there, so the means stay those of the hand-worked
+    # type and colour, and the table says why the group is not in them.
+    labels = catalog_dir / "labels.csv"
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join([lines[0] + ",gender"] + [line + ",women" for line in lines[1:]]) + "\n")
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["groups"]["gender"] == {"map_paper": 1.0, "map_standard": 1.0, "queries": 7, "uninformative": True}
+    assert report["mean"]["map_paper"] == pytest.approx((13 / 24 + 29 / 84) / 2)
+    assert report["views"]["shared"]["groups"] == ["type", "colour"]
+    assert "| gender (one label shared by all: not in the mean) | 7 | 100.0 / 100.0 |" in capsys.readouterr().out
+    assert "group 'gender': every evaluated item of split 'test' shares a label" in caplog.text
+
+
 def test_split_all_includes_train_items(catalog_dir, tmp_path):
     emb = write_embeddings(tmp_path / "emb.h5", ROWS)
     report = evaluate_embeddings(emb, read_catalog(catalog_dir), split="all", k=3)

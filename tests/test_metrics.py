@@ -184,8 +184,12 @@ def test_evaluate_retrieval_matches_reference_for_both_views(candidates):
     want_view = naive_map(own, labels["style"], 20, candidates=candidates)
     assert got["groups"]["style"]["group_view"]["map_paper"] == pytest.approx(want_view["map_paper"], abs=1e-12)
     assert "group_view" not in got["groups"]["colour"]
-    shared_mean = np.mean([got["groups"][g]["map_paper"] for g in labels])
+    # "rare": its two labelled items share "x", so with labelled candidates any ranking scores 1 there
+    assert got["groups"]["rare"].get("uninformative", False) == (candidates == "labelled")
+    counted = [g for g in labels if not (g == "rare" and candidates == "labelled")]
+    shared_mean = np.mean([got["groups"][g]["map_paper"] for g in counted])
     assert got["mean"]["map_paper"] == pytest.approx(shared_mean)
+    assert got["views"]["shared"]["groups"] == counted
     assert got["views"]["group"]["groups"] == ["style"]
     assert got["mean"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"])
 
@@ -342,6 +346,26 @@ def test_group_without_labels_is_left_out_of_the_mean():
     assert got["groups"]["empty"] == {"map_paper": None, "map_standard": None, "queries": 0}
     assert got["mean"]["map_paper"] == pytest.approx(35 / 48)
     assert got["views"]["shared"]["groups"] == ["type"]
+
+
+def test_group_that_every_item_shares_is_left_out_of_the_means():
+    # "gender" is 'w' on every labelled item (one unlabelled): every ranking gives AP 1, so it is
+    # kept in the report, marked, and the means are type's alone (35/48, as above). "season" has a
+    # label every item shares beside others ("all" on each): also uninformative. Ranked with
+    # candidates="all", the unlabelled item is a miss, so gender counts again.
+    labels = {"type": HAND_TYPE, "gender": [("w",), ("w",), (), ("w",), ("w",)],
+              "season": [("all", "s"), ("all",), ("all", "w"), ("all",), ("all", "s")]}
+    views = {g: np.eye(5, dtype=np.float32)[:, :3] for g in labels}
+    got = evaluate_retrieval(HAND_VECTORS, labels, k=3, vectors_by_group=views)
+    for g in ("gender", "season"):
+        assert got["groups"][g]["uninformative"] is True
+        assert got["groups"][g]["map_paper"] == 1.0 and got["groups"][g]["group_view"]["map_paper"] == 1.0
+    assert "uninformative" not in got["groups"]["type"]
+    assert got["mean"]["map_paper"] == pytest.approx(35 / 48)
+    assert got["views"]["shared"]["groups"] == got["views"]["group"]["groups"] == ["type"]
+    every = evaluate_retrieval(HAND_VECTORS, labels, k=3, candidates="all")
+    assert "uninformative" not in every["groups"]["gender"] and every["groups"]["season"]["uninformative"]
+    assert every["views"]["shared"]["groups"] == ["type", "gender"]
 
 
 # --------------------------------------------------------------------------- classification

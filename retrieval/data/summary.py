@@ -34,7 +34,7 @@ def left_out_lines(catalog: Catalog) -> list[str]:
     lines += [f"not trained: group {g!r} ({why}); evaluated but has no head"
               for g, why in untrainable_groups(catalog).items()]
     lines += [f"one label: group {g!r} (every labelled item is {labels[0]!r}); it tells no item apart, and "
-              "every ranking scores 100 in it, which lifts the evaluation's mean"
+              "every ranking scores 100 in it, so the evaluation leaves it out of the means"
               for g, labels in catalog.vocab.items() if len(labels) == 1]
     return lines
 

@@ -195,7 +195,9 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
     Returns:
         ``{"groups": {g: {map_paper, map_standard, queries[, group_view]}},
         "views": {"shared": mean, "group": mean}, "mean": {map_paper, map_standard[, group_view]}}``;
-        a group without queries has ``None`` maps and is left out of the means.
+        a group without queries has ``None`` maps and is left out of the means, and so is one where
+        every evaluated item shares a label (``uninformative``: every ranking scores 100 there),
+        which keeps its maps and is marked ``"uninformative": true``.
     """
     if candidates not in CANDIDATES:
         raise ValueError(f"Unknown candidates {candidates!r}; choose one of: {', '.join(CANDIDATES)}")
@@ -208,15 +210,29 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
     groups = {g: {**ap_means(*aps[SHARED, g][1:]), "queries": len(aps[SHARED, g][0])} for g in labels}
     for g in vectors_by_group:
         groups[g]["group_view"] = ap_means(*aps[g, g][1:])
-    views = {"shared": mean_over_groups(groups)}
+    trivial = [g for g, y in labels.items() if uninformative(y, candidates)]
+    for g in trivial:
+        groups[g]["uninformative"] = True
+    views = {"shared": mean_over_groups({g: m for g, m in groups.items() if g not in trivial})}
     if vectors_by_group:
-        views["group"] = mean_over_groups({g: groups[g]["group_view"] for g in vectors_by_group})
+        views["group"] = mean_over_groups({g: groups[g]["group_view"] for g in vectors_by_group if g not in trivial})
     if sample_queries is not None:
         add_intervals(groups, views, aps, len(queries), seed)
     mean = {key: views["shared"][key] for key in ("map_paper", "map_standard")}
     if "group" in views:
         mean["group_view"] = {key: views["group"][key] for key in ("map_paper", "map_standard")}
     return {"groups": groups, "views": views, "mean": mean}
+
+
+def uninformative(y: np.ndarray, candidates: str = "labelled") -> bool:
+    """Whether a group's ranking cannot matter: two or more evaluated items, and a label that every
+    one of them has, so each candidate is relevant to each query and any ranking scores AP 1 (a
+    catalog whose group has one label, or a test split that holds one). With ``candidates="all"``
+    an unlabelled item is a miss, so a group with unlabelled items still tells rankings apart."""
+    labelled = y.any(axis=1)
+    if labelled.sum() < 2 or (candidates == "all" and not labelled.all()):
+        return False
+    return bool(y[labelled].all(axis=0).any())
 
 
 def ap_means(paper: np.ndarray, standard: np.ndarray) -> dict:

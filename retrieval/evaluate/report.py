@@ -80,6 +80,10 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
     report = evaluate_retrieval(emb.vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
                                 sample_queries=sample_queries, seed=seed, candidates=candidates)
+    for g, entry in report["groups"].items():
+        if entry.get("uninformative"):
+            logger.warning("group %r: every evaluated item of split %r shares a label, so every ranking scores "
+                           "100 in it; shown, but left out of the means", g, split)
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
@@ -135,7 +139,8 @@ def format_table(report: dict) -> str:
              "|---|---:|---:" + ("|---:" if has_view else "") + "|"]
     for g, entry in groups.items():
         view = f" | {_pair(entry.get('group_view'))}" if has_view else ""
-        lines.append(f"| {g} | {entry['queries']} | {_pair(entry)}{view} |")
+        name = f"{g} (one label shared by all: not in the mean)" if entry.get("uninformative") else g
+        lines.append(f"| {name} | {entry['queries']} | {_pair(entry)}{view} |")
     views = report.get("views", {})
     view = f" | {_pair(views.get('group'))}" if has_view else ""
     lines.append(f"| **mean** | | {_pair(views.get('shared', report['mean']))}{view} |")
