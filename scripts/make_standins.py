@@ -1,6 +1,7 @@
-"""Write stand-in catalogues (street, multicolour, missing labels) drawn from a catalog of product photos.
+"""Write stand-in catalogues (street, multicolour, missing labels, noisy labels) drawn from a catalog of photos.
 
     python scripts/make_standins.py --source ../shared/datasets/fashion-product-images --out /tmp/standins
+    python scripts/make_standins.py --source /tmp/standins/street --kinds noisy --out /tmp/standins/street  # street/noisy
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="catalog of product photos on white")
     p.add_argument("--out", required=True, help="parent folder: one stand-in catalog per kind beneath it")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
+    p.add_argument("--kinds", default="street,multicolour,missing",
+                   help=f"comma-separated, of: {', '.join(KINDS)} (noisy: best made from a street stand-in)")
     p.add_argument("--n-items", type=int, default=2000, help="images of the street and multicolour stand-ins")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes drawing the images (same catalog for any number)")

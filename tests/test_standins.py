@@ -1,11 +1,11 @@
-"""Stand-in catalogues: the studio background mask, street, multi-label colour and missing-label kinds."""
+"""Stand-in catalogues: the studio background mask, street, multi-label colour, missing- and noisy-label kinds."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import LABEL_DROPOUT_PROFILES
-from retrieval.data.standins import SIDE, garment_mask, make_standin
+from retrieval.data.standins import NOISE, SIDE, garment_mask, make_standin
 
 COLOURS = {"Red": (200, 20, 20), "Blue": (20, 40, 200), "Green": (20, 160, 40), "Black": (10, 10, 10)}
 
@@ -91,7 +91,28 @@ def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, 
         kept = sum(bool(it.labels[g]) for it in catalog.items)
         assert kept == round(share * len(source))
         assert all(it.labels[g] in ((), src.labels[g]) for it, src in zip(catalog.items, source.items))
-    with pytest.raises(ValueError, match="street, multicolour, missing"):
+    with pytest.raises(ValueError, match="street, multicolour, missing, noisy"):
         make_standin(studio_catalog, tmp_path / "y", "indoor")
     with pytest.raises(ValueError, match="new folder"):
         make_standin(studio_catalog, studio_catalog, "street")
+
+
+def test_noisy_standin_swaps_training_labels_only_at_its_rate(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "n", "noisy", seed=0)
+    catalog, source = read_catalog(tmp_path / "n"), read_catalog(studio_catalog)
+    assert [it.stat for it in catalog.items] == [it.stat for it in source.items]  # the images themselves
+    pairs = list(zip(catalog.items, source.items))
+    assert all(it.labels == src.labels for it, src in pairs if src.split == "test")
+    train = [(it, src) for it, src in pairs if src.split == "train"]  # 19 of 24
+    changed_somewhere = False
+    for g in catalog.groups:
+        kept = [it.labels[g] for it in source.items if it.split == "train"]
+        # round(0.3 x 19) = 6 items drew a donor; a donor of the same class leaves the label as it was
+        assert sum(it.labels[g] != src.labels[g] for it, src in train) <= round(NOISE * len(train))
+        assert all(it.labels[g] in kept for it, _ in train)
+        changed_somewhere |= any(it.labels[g] != src.labels[g] for it, src in train)
+    assert changed_somewhere
+    make_standin(studio_catalog, tmp_path / "n2", "noisy", seed=0)
+    assert (tmp_path / "n2" / "labels.csv").read_text() == (tmp_path / "n" / "labels.csv").read_text()
+    make_standin(studio_catalog, tmp_path / "n3", "noisy", seed=1)
+    assert (tmp_path / "n3" / "labels.csv").read_text() != (tmp_path / "n" / "labels.csv").read_text()

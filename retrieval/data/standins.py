@@ -10,7 +10,13 @@ deterministically from a seed and keeping the source's group names:
   becomes multi-label (the distinct colours of the items shown, 1–3 labels), the other groups keep
   the main garment's labels;
 - ``missing``: every image of the source (hard-linked, so a trunk cache of the source serves it)
-  with each group's labels kept on the paper's shares of the items only (``--label-dropout paper``).
+  with each group's labels kept on the paper's shares of the items only (``--label-dropout paper``);
+- ``noisy``: every image of the source (hard-linked) with wrong labels in training, as a
+  catalogue labelled in a hurry has: in each group, ``NOISE`` of the labelled training items take
+  the labels of another labelled training item drawn at random (so the classes keep their shares,
+  and some draws repeat the true label); the test split keeps its labels, so that test scores
+  measure what the noise did to training. Made from a street stand-in, it stands for street photos
+  labelled by hand.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from retrieval.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("street", "multicolour", "missing")
+KINDS = ("street", "multicolour", "missing", "noisy")
+NOISE = 0.3  # share of the labelled training items whose labels the noisy stand-in replaces, per group
 SIDE = 256  # stand-in images are SIDE × SIDE
 WHITE = 235  # a background pixel has every channel at least this bright
 
@@ -197,6 +204,26 @@ def make_missing(catalog: Catalog, out: Path, seed: int) -> list[list[str]]:
     return rows
 
 
+def make_noisy(catalog: Catalog, out: Path, seed: int, rate: float = NOISE) -> list[list[str]]:
+    """Rows of every item, its images linked; in each group a share ``rate`` of the labelled training
+    items take the labels of a random labelled training item (seeded by group position)."""
+    labels = {i: dict(item.labels) for i, item in enumerate(catalog.items)}
+    for position, g in enumerate(catalog.groups):
+        rng = np.random.default_rng([seed, position])
+        pool = [i for i, item in enumerate(catalog.items) if item.split == "train" and item.labels[g]]
+        if not pool:
+            continue
+        changed = rng.choice(len(pool), size=round(rate * len(pool)), replace=False)
+        donors = rng.integers(0, len(pool), len(changed))
+        for c, d in zip(changed, donors):
+            labels[pool[c]][g] = catalog.items[pool[d]].labels[g]
+    rows = []
+    for i, item in enumerate(catalog.items):
+        link_or_copy(catalog.path_of(item), out / item.image)
+        rows.append(_row(item, catalog.groups, item.image, labels[i]))
+    return rows
+
+
 def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 2000, seed: int = 0,
                  workers: int = 1) -> Path:
     """Write a stand-in catalog of ``kind`` drawn from ``source`` into ``out``; returns its labels.csv.
@@ -205,7 +232,8 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         source: a catalog of product photos on white (``labels.csv`` + images).
         out: folder of the stand-in (created; must not be the source).
         kind: one of ``KINDS``.
-        n_items: how many images ``street`` and ``multicolour`` draw (``missing`` keeps them all).
+        n_items: how many images ``street`` and ``multicolour`` draw (``missing`` and ``noisy`` keep
+            them all).
         seed: the same seed gives the same catalog.
         workers: processes drawing the images (the catalog is the same for any number).
     """
@@ -217,6 +245,8 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
     (out / "images").mkdir(parents=True, exist_ok=True)
     if kind == "missing":
         rows = make_missing(catalog, out, seed)
+    elif kind == "noisy":
+        rows = make_noisy(catalog, out, seed)
     else:
         rows = (make_street if kind == "street" else make_multicolour)(catalog, out, n_items, seed, workers)
     labels = out / LABELS_FILE
