@@ -71,15 +71,17 @@ def test_trunk_cache_step_and_cached_forward_on_meta(weighting, pooling, start):
 
 
 def test_training_step_on_meta(demo_catalog, tmp_path):
-    # the trainer's own loss (both logit scales, contrastive term, head fit, per-label weights) and backward
+    # the trainer's own loss (both logit scales, contrastive term, head fit, per-label weights, early
+    # learning) and backward
     from retrieval.train.trainer import Job
 
     cfg = TrainConfig(catalog=str(demo_catalog), out=str(tmp_path), backbone="tiny", image_size=32,
-                      device="cpu", contrastive=0.1, weighting="label", head_fit=1.0)
+                      device="cpu", contrastive=0.1, weighting="label", head_fit=1.0, early_learning=3.0)
     job = Job(cfg)
     job.model.to(META)
     job.device = META
     job.class_weights = {g: w.to(META) for g, w in job.class_weights.items()}
+    job.early_learning.targets = {g: t.to(META) for g, t in job.early_learning.targets.items()}  # made on cfg.device
     positions = torch.arange(8)
     x = torch.empty(8, 3, 32, 32, device=META)
     prefix, act, weight = frozen_outputs(job.model, x, 2)

@@ -10,7 +10,7 @@ from retrieval.data.catalog import Item
 from retrieval.data.datasets import Targets
 from retrieval.net.model import create_model
 from retrieval.train.config import make_scheduler
-from retrieval.train.loop import LossSettings, TrainState, batch_loss, train_one_epoch, validate
+from retrieval.train.loop import LossSettings, TrainState, batch_loss, early_peak, train_one_epoch, validate
 
 GROUPS = {"type": ["dress", "shirt", "skirt"], "colour": ["red", "blue"]}
 
@@ -192,3 +192,15 @@ def test_head_fit_fits_the_sigmoid_heads_on_the_embedding_held_fixed():
     assert not torch.allclose(with_fit["heads.1_colour.weight"], without["heads.1_colour.weight"])
     assert torch.equal(with_fit["heads.0_type.weight"], without["heads.0_type.weight"])
     assert all(torch.allclose(with_fit[n], without[n]) for n in without if n.startswith(("embed.", "trunk.")))
+
+
+def test_early_peak_names_a_run_that_peaked_in_its_first_quarter():
+    def run(peak, epochs):
+        return [{"epoch": e, "train_loss": 1.0, "val_map": 0.5 - abs(e - peak) / 100} for e in range(epochs)]
+    assert early_peak(run(3, 59), 59) == 3  # the noisy street stand-in
+    assert early_peak(run(14, 59), 59) == 14 and early_peak(run(15, 59), 59) is None  # 59 / 4 = 14.75
+    assert early_peak(run(21, 30), 30) is None  # the clean catalogues: 21-45
+    assert early_peak(run(3, 59)[:10], 59) is None  # unfinished (interrupted, to be resumed)
+    assert early_peak(run(0, 4), 4) is None  # too short to say
+    by_loss = [{"epoch": e, "train_loss": 1.0, "val_loss": abs(e - 2) + 1.0} for e in range(20)]
+    assert early_peak(by_loss, 20, "loss") == 2

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from retrieval.data.datasets import Targets
-from retrieval.train.losses import (group_weights, label_weights, masked_group_loss, multi_group_loss, range_loss,
-                              resolve_group_loss, smoothed_weights)
+from retrieval.train.losses import (EarlyLearning, group_weights, label_weights, masked_group_loss, multi_group_loss,
+                                    range_loss, resolve_group_loss, smoothed_weights)
 
 
 def test_smoothed_weights_hand_worked():
@@ -176,3 +176,43 @@ def test_auto_norm_is_balanced_for_per_group_heads_and_labelled_for_the_multi_la
     assert resolve_loss_norm("auto", "multi-weight") == resolve_loss_norm("auto", "multi-task") == "balanced"
     assert resolve_loss_norm("auto", "multi-label") == "labelled"
     assert resolve_loss_norm("batch", "multi-weight") == "batch"
+
+
+def test_early_learning_hand_worked():
+    # one softmax group of 2 labels, 3 training items, momentum 0.5, group weight 0.5, weight 2.
+    # Batch = items 0 and 2 with logits [0, 0] and [ln 3, 0]: p = [.5, .5] and [.75, .25].
+    # Step 1: t = 0.5 x 0 + 0.5 p = [.25, .25], [.375, .125]; <p, t> = .25 and .3125.
+    # Step 2 (same logits): t = [.375, .375], [.5625, .1875]; <p, t> = .375 and .46875.
+    elr = EarlyLearning({"type": 2}, 3, weight=2.0, momentum=0.5)
+    logits = {"type": torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])}
+    y = Targets({"type": torch.tensor([[1.0, 0], [0, 1]])}, {"type": torch.tensor([True, True])})
+    positions, weights = torch.tensor([0, 2]), {"type": 0.5}
+    first = elr(logits, y, positions, weights)
+    assert first.item() == pytest.approx(2 * 0.5 * (math.log(0.75) + math.log(0.6875)) / 2)
+    assert torch.allclose(elr.targets["type"], torch.tensor([[0.25, 0.25], [0, 0], [0.375, 0.125]]))
+    second = elr(logits, y, positions, weights)
+    assert second.item() == pytest.approx(0.5 * (math.log(0.625) + math.log(0.53125)))
+    # an unlabelled item moves its target but adds nothing
+    unknown = Targets(y.multi_hot, {"type": torch.tensor([True, False])})
+    assert elr(logits, unknown, positions, weights).item() == pytest.approx(math.log(1 - 0.4375))
+    # the term pulls a prediction towards its target: a step down its gradient raises <p, t>
+    z = torch.tensor([[math.log(3), 0.0]], requires_grad=True)
+    target = torch.tensor([[0.9, 0.1]])
+    held = EarlyLearning({"type": 2}, 1, weight=1.0, momentum=0.99)
+    held.targets["type"][0] = target[0]
+    one = Targets({"type": torch.tensor([[0.0, 1]])}, {"type": torch.tensor([True])})
+    held({"type": z}, one, torch.tensor([0]), {"type": 1.0}).backward()
+    before = (torch.softmax(z.detach(), 1) * target).sum()
+    assert (torch.softmax(z.detach() - 0.1 * z.grad, 1) * target).sum() > before
+
+
+def test_early_learning_state_round_trip_and_checks():
+    elr = EarlyLearning({"type": 2, "colour": 3}, 4, weight=3.0)
+    elr.targets["colour"][1] = torch.tensor([0.2, 0.3, 0.5])
+    again = EarlyLearning({"type": 2, "colour": 3}, 4, weight=3.0)
+    again.load_state_dict(elr.state_dict())
+    assert all(torch.equal(again.targets[g], elr.targets[g]) for g in elr.targets)
+    with pytest.raises(ValueError, match="do not fit"):
+        EarlyLearning({"type": 2, "colour": 3}, 5, weight=3.0).load_state_dict(elr.state_dict())
+    with pytest.raises(ValueError, match="momentum"):
+        EarlyLearning({"type": 2}, 1, weight=1.0, momentum=1.0)

@@ -12,6 +12,7 @@ import yaml
 from conftest import TINY
 from retrieval.net.checkpoint import load_checkpoint, load_model
 from retrieval.cli import main as cli
+from retrieval.data.catalog import read_catalog
 from retrieval.net.model import fingerprint
 
 
@@ -66,6 +67,34 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     assert resumed["epoch"] == 1
     for key, value in straight["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_catalog, tiny_run, tmp_path, caplog):
+    # --early-learning keeps a running target per training item and softmax group; they travel in
+    # last.pt, so one epoch and a --resume to two give the weights of two epochs straight; best.pt
+    # (what embed and the web UI load) does not carry them
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    cache = ["--trunk-cache", str(tmp_path / "trunk.h5"), "--early-learning", "3"]
+    assert train(demo_catalog, tmp_path / "straight", "--epochs", "2", *cache) == 0
+    assert train(demo_catalog, tmp_path / "resumed", "--epochs", "1", *cache) == 0
+    assert train(demo_catalog, tmp_path / "resumed", "--epochs", "2", "--resume", *cache) == 0
+    straight, resumed = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+    catalog = read_catalog(demo_catalog)
+    softmax = [g for g in catalog.groups if g not in catalog.multi_label_groups()]
+    assert softmax and sorted(straight["early_learning"]) == sorted(softmax)
+    for g in softmax:
+        targets = straight["early_learning"][g]
+        assert torch.equal(targets, resumed["early_learning"][g])
+        assert targets.shape[1] == len(catalog.vocab[g]) and targets.sum(1).max() <= 1 + 1e-5
+        assert (targets.sum(1) > 0.5).float().mean() > 0.5  # two epochs at momentum 0.7: 1 - 0.3^2 for items seen twice
+    assert "early_learning" not in load_checkpoint(tmp_path / "straight" / "best.pt")
+    assert "early_learning" not in load_checkpoint(tiny_run / "last.pt")  # off by default
+    # a run made without them resumes with the targets starting from zero, and says so
+    shutil.copytree(tiny_run, tmp_path / "plain", ignore=shutil.ignore_patterns("trunk-cache.h5"))
+    assert train(demo_catalog, tmp_path / "plain", "--epochs", "3", "--resume", *cache) == 0
+    assert "holds no early-learning targets" in caplog.text
 
 
 def test_existing_run_is_not_overwritten(demo_catalog, tiny_run, capsys):

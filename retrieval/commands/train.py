@@ -101,6 +101,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "held fixed: every label's own cross-entropy (--loss-norm item), which makes each "
                            "label's probability decisive for the group view without letting the many negative "
                            "labels shape the shared embedding (0 = off; not for --method multi-label)")
+    loss.add_argument("--early-learning", type=float, metavar="WEIGHT",
+                      help="weight of the early-learning regularisation of the softmax groups (ELR, Liu et "
+                           "al. 2020): each training item's prediction is held near the running average of "
+                           "its own earlier ones, so wrong labels are not memorised; 3 for a catalogue labelled "
+                           "in a hurry (0 = off)")
+    loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
+                      help="momentum of those running averages, in [0, 1)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, metavar="S",

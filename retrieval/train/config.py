@@ -71,6 +71,8 @@ class TrainConfig:
     range_loss: float = 0.0
     contrastive: float = 0.0
     head_fit: float = 1.0
+    early_learning: float = 0.0  # 3 for catalogues with wrong labels (README: off by default, measured)
+    early_learning_momentum: float = 0.7
     range_group: str | None = None
     range_distance: str = "l2"
     device: str = "auto"

@@ -14,7 +14,7 @@ from retrieval.data import embfile
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
 from retrieval.train.config import freeze_units
-from retrieval.train.losses import multi_group_loss, overlap_contrastive_loss, range_loss
+from retrieval.train.losses import EarlyLearning, multi_group_loss, overlap_contrastive_loss, range_loss
 
 
 @dataclass
@@ -34,6 +34,7 @@ class LossSettings:
     norm: str = "labelled"  # how a group's loss is averaged (losses.LOSS_NORMS)
     range_distance: str = "l2"
     head_fit: float = 0.0  # the sigmoid groups' heads again, item-normalised, on the detached embedding
+    early_learning: EarlyLearning | None = None  # ELR of the softmax groups, by training position
 
 
 @dataclass
@@ -75,6 +76,8 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
         fitted = {g: fitted[g].float() for g in sigmoid}
         total = total + s.head_fit * multi_group_loss(fitted, targets, s.kinds, s.weights, s.class_weights,
                                                       norm="item")[0]
+    if s.early_learning is not None and positions is not None:  # training batches only
+        total = total + s.early_learning(logits, targets, positions, s.weights)
     if s.contrastive:
         total = total + s.contrastive * overlap_contrastive_loss(emb.float(), targets, s.weights)
     if s.range_weight and positions is not None:
@@ -171,3 +174,13 @@ def selection_score(record: dict, select_by: str = "map") -> float:
     if select_by == "map" and record.get("val_map") is not None:
         return record["val_map"]
     return -record.get("val_loss", record["train_loss"])
+
+
+def early_peak(history: list[dict], epochs: int, select_by: str = "map") -> int | None:
+    """The epoch best.pt holds when a finished run of 8 or more epochs peaked in its first quarter,
+    else None. Measured: the clean catalogues peak at epochs 21-45 (of 30 or 59); a street stand-in
+    with 30% of its training labels wrong at epoch 3 of 59 (with --early-learning 3: 35)."""
+    if epochs < 8 or len(history) < epochs:
+        return None
+    best = max(history, key=lambda record: selection_score(record, select_by))["epoch"]
+    return best if best < epochs / 4 else None

@@ -1,4 +1,4 @@
-"""Loss weights (Li et al. 2017), masked per-group losses and Range loss."""
+"""Loss weights (Li et al. 2017), masked per-group losses, early-learning regularisation and Range loss."""
 from __future__ import annotations
 
 import torch
@@ -113,6 +113,48 @@ def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, 
         parts[g] = masked_group_loss(z, targets.multi_hot[g], targets.known[g], kinds[g], cw, smoothing, norm)
     total = sum(weights[g] * parts[g] for g in parts)
     return total, parts
+
+
+class EarlyLearning:
+    """Early-learning regularisation (ELR; Liu et al., NeurIPS 2020) of the softmax groups, against
+    wrong labels: a network fits the clean majority of its labels first and memorises the wrong ones
+    later, so each training item keeps a running average of its own predictions (momentum
+    ``momentum``, from zero) and the loss gains ``weight`` x log(1 - <p, t>), which holds the
+    prediction p near that early target t while a wrong label pulls it away. The targets follow
+    the items' positions in the training list (``batch_loss``'s ``positions``); under torchrun each
+    rank keeps those of the items it was dealt. Multi-label (sigmoid) groups are left alone."""
+
+    def __init__(self, sizes: dict[str, int], n_items: int, weight: float, momentum: float = 0.7,
+                 device: torch.device | str = "cpu"):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"--early-learning-momentum must lie in [0, 1), got {momentum}")
+        self.weight, self.momentum = weight, momentum
+        self.targets = {g: torch.zeros(n_items, c, device=device) for g, c in sizes.items()}
+
+    def __call__(self, logits: dict[str, torch.Tensor], targets, positions: torch.Tensor,
+                 weights: dict[str, float]) -> torch.Tensor:
+        """The batch's term (each group's mean over its labelled items, times its group weight),
+        after moving the batch's targets towards its predictions."""
+        total = 0.0
+        for g, memory in self.targets.items():
+            p = torch.softmax(logits[g].float(), dim=1).clamp(1e-4, 1 - 1e-4)
+            rows = positions.to(memory.device)
+            with torch.no_grad():
+                t = self.momentum * memory[rows] + (1 - self.momentum) * (p / p.sum(1, keepdim=True)).to(memory.device)
+                memory[rows] = t
+            known = targets.known[g].to(p.dtype)
+            term = (torch.log(1 - (t.to(p.device) * p).sum(1)) * known).sum() / known.sum().clamp_min(1)
+            total = total + weights[g] * term
+        return self.weight * total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {g: t.cpu() for g, t in self.targets.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.targets) or any(state[g].shape != t.shape for g, t in self.targets.items()):
+            raise ValueError("the checkpoint's early-learning targets do not fit this run's groups and items")
+        for g, t in self.targets.items():
+            t.copy_(state[g])
 
 
 def _distances(x: torch.Tensor, distance: str) -> torch.Tensor:

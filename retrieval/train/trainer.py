@@ -23,8 +23,8 @@ from retrieval.train import sampling
 from retrieval.train.config import (FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units, make_optimizer,
                                     make_scheduler, parse_lr_steps, resolve_blocks, resolve_epochs, resolve_trainable,
                                     split_validation, write_config, write_json)
-from retrieval.train.loop import LossSettings, TrainState, selection_score, train_one_epoch, validate
-from retrieval.train.losses import group_weights, label_weights, resolve_group_loss, resolve_loss_norm
+from retrieval.train.loop import LossSettings, TrainState, early_peak, selection_score, train_one_epoch, validate
+from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ class Job:
                 raise ValueError(f"--sampling-group/--range-group {group!r} unknown; choose one of: {', '.join(groups)}")
             self.classes = sampling.item_classes(self.targets.multi_hot[group])
             self.class_group = group
+        softmax = {g: len(self.catalog.vocab[g]) for g in groups if self.kinds[g] == "ce"}
+        if cfg.early_learning < 0:
+            raise ValueError(f"--early-learning must be 0 (off) or more, got {cfg.early_learning}")
+        self.early_learning = EarlyLearning(softmax, len(self.train_items), cfg.early_learning,
+                                            cfg.early_learning_momentum, self.device) \
+            if cfg.early_learning and softmax and cfg.method != "multi-label" else None
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
@@ -205,7 +211,7 @@ class Job:
         cfg = self.cfg
         return LossSettings(self.kinds, self.weights, self.class_weights, cfg.label_smoothing, cfg.metric_scale,
                             cfg.head_scale, cfg.method == "multi-label", cfg.contrastive, cfg.range_loss, self.classes,
-                            cfg.loss_norm, cfg.range_distance, cfg.head_fit)
+                            cfg.loss_norm, cfg.range_distance, cfg.head_fit, self.early_learning)
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
@@ -245,9 +251,10 @@ class Job:
 
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
         """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
+        extra = {"early_learning": self.early_learning.state_dict()} if self.early_learning is not None else {}
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                epoch=epoch, best_score=best, history=history, group_weights=self.weights,
-                               train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode)
+                               train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode, **extra)
 
     def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
         """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
@@ -265,6 +272,12 @@ class Job:
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if self.early_learning is not None:
+            if "early_learning" in ckpt:
+                self.early_learning.load_state_dict(ckpt["early_learning"])
+            else:  # made without it (or before it existed): the targets start again from the resumed weights
+                logger.warning("%s holds no early-learning targets; they start from zero (--early-learning 0 "
+                               "continues it as it was trained)", last)
         logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
         history = ckpt.get("history", [])
         best = max((self.selection_score(r) for r in history), default=-float("inf"))
@@ -294,6 +307,12 @@ class Job:
                 best = max(best, self.selection_score(record))
             if self.world > 1:
                 dist.barrier()
+        peak = early_peak(history, cfg.epochs, cfg.select_by) if self.main and not cfg.early_learning else None
+        if peak is not None:
+            logger.warning("best.pt is epoch %d of %d: validation peaked early and fell as training went on, as it "
+                           "does when a catalogue's wrong labels are being memorised; 'retrieval audit' ranks the "
+                           "suspect labels, and --early-learning 3 keeps training from learning them (README: Wrong "
+                           "labels)", peak, cfg.epochs)
         if self.bad_rows and self.main:
             bad = sorted(self.train_items[i].image for i in self.bad_rows)
             logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
@@ -308,7 +327,7 @@ class Job:
         ckpt = self.checkpoint(optimizer, scheduler, epoch, history, max(best, score))
         atomic_save(ckpt, self.out / "last.pt")
         if score > best:
-            ckpt.pop("optimizer"), ckpt.pop("scheduler")
+            ckpt.pop("optimizer"), ckpt.pop("scheduler"), ckpt.pop("early_learning", None)
             atomic_save(ckpt, self.out / "best.pt")
         write_json(self.out / "metrics.json", history)
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
