@@ -97,6 +97,46 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
     assert "holds no early-learning targets" in caplog.text
 
 
+def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catalog, tiny_run, tmp_path,
+                                                                      monkeypatch, caplog):
+    # a peak in the first quarter (here forced: two epochs are too few for the rule) makes the default
+    # train again from the start with early learning; the first run's best.pt and metrics.json stay
+    # beside it, and best.pt is whichever validated better
+    import retrieval.train.trainer as trainer
+
+    peaks = []
+    monkeypatch.setattr(trainer, "early_peak", lambda history, *a: peaks.append(len(history)) or 0)
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    run, cache = tmp_path / "auto", ["--trunk-cache", str(tmp_path / "trunk.h5")]
+    assert train(demo_catalog, run, "--epochs", "2", *cache) == 0
+    assert peaks == [2] and "training again from the start with --early-learning 3" in caplog.text
+    first = load_checkpoint(run / "best-without-early-learning.pt")
+    assert first["train_config"]["early_learning"] == "auto" and "early_learning" not in first
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    assert last["train_config"]["early_learning"] == 3.0 and "early_learning" in last
+    second = max(r["val_map"] for r in json.loads((run / "metrics.json").read_text()))
+    assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
+    assert best["best_score"] == pytest.approx(max(first["best_score"], second))
+    assert yaml.safe_load((run / "config.yaml").read_text())["early_learning"] == 3.0
+    # resumed after it finished: the second run is recognised (no third), nothing changes
+    caplog.clear()
+    assert train(demo_catalog, run, "--epochs", "2", "--resume", *cache) == 0
+    assert peaks == [2] and "training again" not in caplog.text
+    assert load_checkpoint(run / "best.pt")["fingerprint"] == best["fingerprint"]
+    # --early-learning 0: no second run, only the hint
+    caplog.clear()
+    assert train(demo_catalog, tmp_path / "off", "--epochs", "2", "--early-learning", "0", *cache) == 0
+    assert "training again" not in caplog.text and "or auto) keeps training from learning them" in caplog.text
+    assert not (tmp_path / "off" / "best-without-early-learning.pt").exists()
+
+
+def test_early_learning_option_is_auto_or_a_weight(demo_catalog, tmp_path, capsys):
+    for value, why in (("some", "auto or a weight (0 = off), got 'some'"), ("-1", "a weight of 0 (off) or more")):
+        with pytest.raises(SystemExit) as exit_:
+            train(demo_catalog, tmp_path / "x", "--early-learning", value)
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_existing_run_is_not_overwritten(demo_catalog, tiny_run, capsys):
     assert train(demo_catalog, tiny_run, "--epochs", "1") == 1
     assert "pass --resume" in capsys.readouterr().err

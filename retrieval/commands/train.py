@@ -11,7 +11,7 @@ from retrieval.net.colour import COLOUR_WEIGHTINGS
 from retrieval.net.layers import SHARED_LAYERS
 from retrieval.net.model import METHODS, POOL_WEIGHTINGS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
-from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, parse_early_learning
 from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
 from retrieval.train.sampling import SAMPLINGS, parse_target
 
@@ -101,11 +101,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "held fixed: every label's own cross-entropy (--loss-norm item), which makes each "
                            "label's probability decisive for the group view without letting the many negative "
                            "labels shape the shared embedding (0 = off; not for --method multi-label)")
-    loss.add_argument("--early-learning", type=float, metavar="WEIGHT",
+    loss.add_argument("--early-learning", metavar="auto|WEIGHT",
                       help="weight of the early-learning regularisation of the softmax groups (ELR, Liu et "
                            "al. 2020): each training item's prediction is held near the running average of "
-                           "its own earlier ones, so wrong labels are not memorised; 3 for a catalogue labelled "
-                           "in a hurry (0 = off)")
+                           "its own earlier ones, so wrong labels are not memorised (0 = off); auto: off, and "
+                           "if the finished run's best epoch falls in its first quarter (wrong labels being "
+                           "learnt), trained again from the start at 3, keeping whichever validates better")
     loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
@@ -176,6 +177,10 @@ def parse_config(argv=None) -> TrainConfig:
             parse_target(args["sampling_target"])
         except ValueError as e:
             parser.error(str(e))
+    try:
+        args["early_learning"] = parse_early_learning(args["early_learning"])
+    except ValueError as e:
+        parser.error(str(e))
     return TrainConfig(**{k: v for k, v in args.items() if k in names})
 
 

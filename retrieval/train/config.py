@@ -71,7 +71,7 @@ class TrainConfig:
     range_loss: float = 0.0
     contrastive: float = 0.0
     head_fit: float = 1.0
-    early_learning: float = 0.0  # 3 for catalogues with wrong labels (README: off by default, measured)
+    early_learning: float | str = "auto"  # auto: 0, and a second run at EARLY_LEARNING if the first peaks early
     early_learning_momentum: float = 0.7
     range_group: str | None = None
     range_distance: str = "l2"
@@ -86,6 +86,20 @@ class TrainConfig:
 
 
 DEFAULT_EPOCHS = 30
+EARLY_LEARNING = 3.0  # the weight --early-learning auto retrains with (Liu et al.'s CIFAR-10 value, measured)
+
+
+def parse_early_learning(value) -> float | str:
+    """``auto`` or a non-negative weight, from the command line or a config file."""
+    if value == "auto":
+        return value
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--early-learning must be auto or a weight (0 = off), got {value!r}") from None
+    if weight < 0:
+        raise ValueError(f"--early-learning must be auto or a weight of 0 (off) or more, got {value!r}")
+    return weight
 
 
 def resolve_epochs(epochs: int | None, steps_per_epoch: int, min_steps: int) -> int:

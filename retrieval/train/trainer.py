@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -16,17 +17,22 @@ from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, co
                                      loader_workers, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
 from retrieval.devices import Collectives, resolve_device, setup_distributed
+from retrieval.atomic import atomic_write
 from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
-from retrieval.train.config import (FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units, make_optimizer,
-                                    make_scheduler, parse_lr_steps, resolve_blocks, resolve_epochs, resolve_trainable,
-                                    split_validation, write_config, write_json)
+from retrieval.train.config import (EARLY_LEARNING, FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units,
+                                    make_optimizer, make_scheduler, parse_early_learning, parse_lr_steps, resolve_blocks,
+                                    resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
 from retrieval.train.loop import LossSettings, TrainState, early_peak, selection_score, train_one_epoch, validate
 from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
 logger = logging.getLogger(__name__)
+
+
+# what the first run of --early-learning auto leaves beside the second
+ASIDE = {"best.pt": "best-without-early-learning.pt", "metrics.json": "metrics-without-early-learning.json"}
 
 
 class Job:
@@ -98,11 +104,10 @@ class Job:
             self.classes = sampling.item_classes(self.targets.multi_hot[group])
             self.class_group = group
         softmax = {g: len(self.catalog.vocab[g]) for g in groups if self.kinds[g] == "ce"}
-        if cfg.early_learning < 0:
-            raise ValueError(f"--early-learning must be 0 (off) or more, got {cfg.early_learning}")
-        self.early_learning = EarlyLearning(softmax, len(self.train_items), cfg.early_learning,
-                                            cfg.early_learning_momentum, self.device) \
-            if cfg.early_learning and softmax and cfg.method != "multi-label" else None
+        weight = parse_early_learning(cfg.early_learning)
+        weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
+        self.early_learning = EarlyLearning(softmax, len(self.train_items), weight, cfg.early_learning_momentum,
+                                            self.device) if weight and softmax and cfg.method != "multi-label" else None
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
@@ -284,15 +289,43 @@ class Job:
         return ckpt["epoch"] + 1, history, best
 
     def run(self) -> list[dict]:
-        """Train for the configured epochs; returns the per-epoch history."""
-        cfg = self.cfg
+        """Train for the configured epochs; returns the per-epoch history. With ``--early-learning
+        auto`` a finished run whose best epoch falls in its first quarter (``early_peak``: wrong
+        labels being learnt) trains again from the start with early learning, and the run that
+        validates better is best.pt."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
         self.prepare_inputs()
+        auto = self.cfg.early_learning == "auto"
+        second = auto and self.cfg.resume and self._second_run_started()
+        if second:
+            self.use_early_learning()
+        history = self.train_epochs()
+        if second:
+            self.keep_the_better_run(history)
+        elif auto and self.early_learning_possible():
+            peak = early_peak(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
+            if self.all_ranks_have(peak is not None if self.main else True):
+                history = self.train_again_with_early_learning(peak)
+        elif self.main and not self.cfg.early_learning and self.early_learning_possible():
+            peak = early_peak(history, self.cfg.epochs, self.cfg.select_by)
+            if peak is not None:
+                logger.warning("best.pt is epoch %d of %d: validation peaked early, as it does when a catalogue's "
+                               "wrong labels are being learnt; 'retrieval audit' ranks the suspect labels, and "
+                               "--early-learning %g (or auto) keeps training from learning them", peak,
+                               self.cfg.epochs, EARLY_LEARNING)
+        if self.bad_rows and self.main:
+            bad = sorted(self.train_items[i].image for i in self.bad_rows)
+            logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
+        return history
+
+    def train_epochs(self, fresh: bool = False) -> list[dict]:
+        """The epochs from the start (``fresh``) or from where last.pt left off (``--resume``)."""
+        cfg = self.cfg
         state = self.build_state()
         optimizer, scheduler = state.optimizer, state.scheduler
-        first, history, best = self.restore(optimizer, scheduler)
+        first, history, best = (0, [], -float("inf")) if fresh else self.restore(optimizer, scheduler)
         if self.main:
             write_config(self.out / "config.yaml", cfg)
         for epoch in range(first, cfg.epochs):
@@ -307,16 +340,56 @@ class Job:
                 best = max(best, self.selection_score(record))
             if self.world > 1:
                 dist.barrier()
-        peak = early_peak(history, cfg.epochs, cfg.select_by) if self.main and not cfg.early_learning else None
-        if peak is not None:
-            logger.warning("best.pt is epoch %d of %d: validation peaked early and fell as training went on, as it "
-                           "does when a catalogue's wrong labels are being memorised; 'retrieval audit' ranks the "
-                           "suspect labels, and --early-learning 3 keeps training from learning them (README: Wrong "
-                           "labels)", peak, cfg.epochs)
-        if self.bad_rows and self.main:
-            bad = sorted(self.train_items[i].image for i in self.bad_rows)
-            logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
         return history
+
+    def early_learning_possible(self) -> bool:
+        """Whether the run has softmax groups for early learning to hold (not the multi-label method)."""
+        return any(kind == "ce" for kind in self.kinds.values()) and self.cfg.method != "multi-label"
+
+    def use_early_learning(self) -> None:
+        """Fresh weights (as a run started with ``--early-learning EARLY_LEARNING`` has) and the
+        regularisation on; config.yaml and the checkpoints record the weight."""
+        self.cfg = replace(self.cfg, early_learning=EARLY_LEARNING)
+        torch.manual_seed(self.cfg.seed)
+        self._prepare_model()
+        self._prepare_loss()
+
+    def _second_run_started(self) -> bool:
+        """Whether last.pt is from the second run of ``--early-learning auto`` (it records the weight)."""
+        last = self.out / "last.pt"
+        return last.exists() and parse_early_learning(
+            load_checkpoint(last)["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
+
+    def train_again_with_early_learning(self, peak: int | None) -> list[dict]:
+        """The second run of ``--early-learning auto``, from the start; the first's best.pt and
+        metrics.json are kept aside (``ASIDE``)."""
+        if self.main:
+            logger.warning("best.pt is epoch %s of %d: validation peaked early, as it does when a catalogue's wrong "
+                           "labels are being learnt; training again from the start with --early-learning %g "
+                           "('retrieval audit' ranks the suspect labels)", peak, self.cfg.epochs, EARLY_LEARNING)
+            for name, aside in ASIDE.items():
+                os.replace(self.out / name, self.out / aside)
+        self.use_early_learning()
+        history = self.train_epochs(fresh=True)
+        self.keep_the_better_run(history)
+        return history
+
+    def keep_the_better_run(self, history: list[dict]) -> None:
+        """After the second run of ``--early-learning auto``: best.pt is the first run's again when
+        that validated better (the second's last.pt and metrics.json stay)."""
+        aside = self.out / ASIDE["best.pt"]
+        if not self.main or not aside.exists():
+            return
+        without = load_checkpoint(aside)["best_score"]
+        score = max((self.selection_score(r) for r in history), default=-float("inf"))
+        if score < without:
+            logger.warning("with early learning the best validation score is %.4f against %.4f without: best.pt "
+                           "is the run without again", score, without)
+            with atomic_write(self.out / "best.pt", "wb") as f:
+                f.write(aside.read_bytes())
+        else:
+            logger.info("with early learning the best validation score is %.4f against %.4f without (%s)", score,
+                        without, aside.name)
 
     def selection_score(self, record: dict) -> float:
         return selection_score(record, self.cfg.select_by)
