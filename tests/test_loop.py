@@ -10,7 +10,7 @@ from retrieval.data.catalog import Item
 from retrieval.data.datasets import Targets
 from retrieval.net.model import create_model
 from retrieval.train.config import make_scheduler
-from retrieval.train.loop import LossSettings, TrainState, batch_loss, early_peak, train_one_epoch, validate
+from retrieval.train.loop import LossSettings, TrainState, batch_loss, memorising, train_one_epoch, validate
 
 GROUPS = {"type": ["dress", "shirt", "skirt"], "colour": ["red", "blue"]}
 
@@ -194,13 +194,21 @@ def test_head_fit_fits_the_sigmoid_heads_on_the_embedding_held_fixed():
     assert all(torch.allclose(with_fit[n], without[n]) for n in without if n.startswith(("embed.", "trunk.")))
 
 
-def test_early_peak_names_a_run_that_peaked_in_its_first_quarter():
-    def run(peak, epochs):
-        return [{"epoch": e, "train_loss": 1.0, "val_map": 0.5 - abs(e - peak) / 100} for e in range(epochs)]
-    assert early_peak(run(3, 59), 59) == 3  # the noisy street stand-in
-    assert early_peak(run(14, 59), 59) == 14 and early_peak(run(15, 59), 59) is None  # 59 / 4 = 14.75
-    assert early_peak(run(21, 30), 30) is None  # the clean catalogues: 21-45
-    assert early_peak(run(3, 59)[:10], 59) is None  # unfinished (interrupted, to be resumed)
-    assert early_peak(run(0, 4), 4) is None  # too short to say
+def test_memorising_names_an_early_peak_or_an_early_low_in_validation_loss():
+    def run(peak, epochs, low=None, end=1.0):
+        low = epochs - 1 if low is None else low
+        return [{"epoch": e, "train_loss": 1.0, "val_map": 0.5 - abs(e - peak) / 100,
+                 "val_loss": 1.0 + (end - 1.0) * max(0, e - low) / max(1, epochs - 1 - low) + (low - e) * (e < low)}
+                for e in range(epochs)]
+    assert memorising(run(3, 59), 59) == "best.pt is epoch 3 of 59"  # the noisy street stand-in
+    assert memorising(run(14, 59), 59) is not None and memorising(run(15, 59), 59) is None  # 59 / 4 = 14.75
+    assert memorising(run(21, 30), 30) is None  # the clean product shots: best 21-45, loss lowest late
+    # validation loss lowest at epoch 1 and 11% above it at the end (the noisy multicolour stand-in)
+    assert memorising(run(40, 59, low=1, end=1.11), 59) == (
+        "the validation loss was lowest at epoch 1 of 59 and ends 11% above it")
+    assert memorising(run(40, 59, low=1, end=1.04), 59) is None  # a rise under 5%
+    assert memorising(run(40, 59, low=15, end=1.5), 59) is None  # lowest after the first quarter
+    assert memorising(run(3, 59)[:10], 59) is None  # unfinished (interrupted, to be resumed)
+    assert memorising(run(0, 4), 4) is None  # too short to say
     by_loss = [{"epoch": e, "train_loss": 1.0, "val_loss": abs(e - 2) + 1.0} for e in range(20)]
-    assert early_peak(by_loss, 20, "loss") == 2
+    assert memorising(by_loss, 20, "loss") == "best.pt is epoch 2 of 20"

@@ -105,11 +105,12 @@ def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catal
     import retrieval.train.trainer as trainer
 
     peaks = []
-    monkeypatch.setattr(trainer, "early_peak", lambda history, *a: peaks.append(len(history)) or 0)
+    monkeypatch.setattr(trainer, "memorising", lambda history, *a: peaks.append(len(history)) or "forced")
     shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
     run, cache = tmp_path / "auto", ["--trunk-cache", str(tmp_path / "trunk.h5")]
     assert train(demo_catalog, run, "--epochs", "2", *cache) == 0
-    assert peaks == [2] and "training again from the start with --early-learning 3" in caplog.text
+    assert peaks == [2] and "forced, as when a catalogue's wrong labels are being learnt; training again from " \
+        "the start with --early-learning 3" in caplog.text
     first = load_checkpoint(run / "best-without-early-learning.pt")
     assert first["train_config"]["early_learning"] == "auto" and "early_learning" not in first
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")

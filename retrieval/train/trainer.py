@@ -25,7 +25,7 @@ from retrieval.train import sampling
 from retrieval.train.config import (EARLY_LEARNING, FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units,
                                     make_optimizer, make_scheduler, parse_early_learning, parse_lr_steps, resolve_blocks,
                                     resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
-from retrieval.train.loop import LossSettings, TrainState, early_peak, selection_score, train_one_epoch, validate
+from retrieval.train.loop import LossSettings, TrainState, memorising, selection_score, train_one_epoch, validate
 from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
 logger = logging.getLogger(__name__)
@@ -290,9 +290,9 @@ class Job:
 
     def run(self) -> list[dict]:
         """Train for the configured epochs; returns the per-epoch history. With ``--early-learning
-        auto`` a finished run whose best epoch falls in its first quarter (``early_peak``: wrong
-        labels being learnt) trains again from the start with early learning, and the run that
-        validates better is best.pt."""
+        auto`` a finished run that looks like it learnt wrong labels (``memorising``: its best epoch,
+        or its lowest validation loss before a rise, in the first quarter) trains again from the
+        start with early learning, and the run that validates better is best.pt."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
@@ -305,16 +305,15 @@ class Job:
         if second:
             self.keep_the_better_run(history)
         elif auto and self.early_learning_possible():
-            peak = early_peak(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
-            if self.all_ranks_have(peak is not None if self.main else True):
-                history = self.train_again_with_early_learning(peak)
+            why = memorising(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
+            if self.all_ranks_have(why is not None if self.main else True):
+                history = self.train_again_with_early_learning(why)
         elif self.main and not self.cfg.early_learning and self.early_learning_possible():
-            peak = early_peak(history, self.cfg.epochs, self.cfg.select_by)
-            if peak is not None:
-                logger.warning("best.pt is epoch %d of %d: validation peaked early, as it does when a catalogue's "
-                               "wrong labels are being learnt; 'retrieval audit' ranks the suspect labels, and "
-                               "--early-learning %g (or auto) keeps training from learning them", peak,
-                               self.cfg.epochs, EARLY_LEARNING)
+            why = memorising(history, self.cfg.epochs, self.cfg.select_by)
+            if why is not None:
+                logger.warning("%s, as when a catalogue's wrong labels are being learnt; 'retrieval audit' ranks the "
+                               "suspect labels, and --early-learning %g (or auto) keeps training from learning them",
+                               why, EARLY_LEARNING)
         if self.bad_rows and self.main:
             bad = sorted(self.train_items[i].image for i in self.bad_rows)
             logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
@@ -360,13 +359,12 @@ class Job:
         return last.exists() and parse_early_learning(
             load_checkpoint(last)["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
 
-    def train_again_with_early_learning(self, peak: int | None) -> list[dict]:
+    def train_again_with_early_learning(self, why: str | None) -> list[dict]:
         """The second run of ``--early-learning auto``, from the start; the first's best.pt and
         metrics.json are kept aside (``ASIDE``)."""
         if self.main:
-            logger.warning("best.pt is epoch %s of %d: validation peaked early, as it does when a catalogue's wrong "
-                           "labels are being learnt; training again from the start with --early-learning %g "
-                           "('retrieval audit' ranks the suspect labels)", peak, self.cfg.epochs, EARLY_LEARNING)
+            logger.warning("%s, as when a catalogue's wrong labels are being learnt; training again from the start "
+                           "with --early-learning %g ('retrieval audit' ranks the suspect labels)", why, EARLY_LEARNING)
             for name, aside in ASIDE.items():
                 os.replace(self.out / name, self.out / aside)
         self.use_early_learning()
