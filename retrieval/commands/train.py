@@ -105,8 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="weight of the early-learning regularisation of the softmax groups (ELR, Liu et "
                            "al. 2020): each training item's prediction is held near the running average of "
                            "its own earlier ones, so wrong labels are not memorised (0 = off); auto: off, and "
-                           "if the finished run's best epoch falls in its first quarter (wrong labels being "
-                           "learnt), trained again from the start at 3, keeping whichever validates better")
+                           "if the finished run's best epoch, or its lowest validation loss before a 5%% rise, "
+                           "falls in its first quarter (wrong labels being learnt), trained again from the start "
+                           "at 3, keeping whichever validates better")
     loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",

@@ -71,7 +71,7 @@ class TrainConfig:
     range_loss: float = 0.0
     contrastive: float = 0.0
     head_fit: float = 1.0
-    early_learning: float | str = "auto"  # auto: 0, and a second run at EARLY_LEARNING if the first peaks early
+    early_learning: float | str = "auto"  # auto: 0, and a second run at EARLY_LEARNING if the first memorises
     early_learning_momentum: float = 0.7
     range_group: str | None = None
     range_distance: str = "l2"

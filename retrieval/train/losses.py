@@ -136,9 +136,9 @@ class EarlyLearning:
         """The batch's term (each group's mean over its labelled items, times its group weight),
         after moving the batch's targets towards its predictions."""
         total = 0.0
+        rows = positions.to(next(iter(self.targets.values())).device)  # every group's targets live together
         for g, memory in self.targets.items():
             p = torch.softmax(logits[g].float(), dim=1).clamp(1e-4, 1 - 1e-4)
-            rows = positions.to(memory.device)
             with torch.no_grad():
                 t = self.momentum * memory[rows] + (1 - self.momentum) * (p / p.sum(1, keepdim=True)).to(memory.device)
                 memory[rows] = t

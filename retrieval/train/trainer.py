@@ -107,7 +107,7 @@ class Job:
         weight = parse_early_learning(cfg.early_learning)
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
         self.early_learning = EarlyLearning(softmax, len(self.train_items), weight, cfg.early_learning_momentum,
-                                            self.device) if weight and softmax and cfg.method != "multi-label" else None
+                                            self.device) if weight and self.early_learning_possible() else None
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
@@ -304,16 +304,15 @@ class Job:
         history = self.train_epochs()
         if second:
             self.keep_the_better_run(history)
-        elif auto and self.early_learning_possible():
+        elif self.early_learning is None and self.early_learning_possible():  # auto's first run, or 0
             why = memorising(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
-            if self.all_ranks_have(why is not None if self.main else True):
+            if not auto:
+                if why is not None:
+                    logger.warning("%s, as when a catalogue's wrong labels are being learnt; 'retrieval audit' ranks "
+                                   "the suspect labels, and --early-learning %g (or auto) keeps training from "
+                                   "learning them", why, EARLY_LEARNING)
+            elif self.all_ranks_have(why is not None if self.main else True):
                 history = self.train_again_with_early_learning(why)
-        elif self.main and not self.cfg.early_learning and self.early_learning_possible():
-            why = memorising(history, self.cfg.epochs, self.cfg.select_by)
-            if why is not None:
-                logger.warning("%s, as when a catalogue's wrong labels are being learnt; 'retrieval audit' ranks the "
-                               "suspect labels, and --early-learning %g (or auto) keeps training from learning them",
-                               why, EARLY_LEARNING)
         if self.bad_rows and self.main:
             bad = sorted(self.train_items[i].image for i in self.bad_rows)
             logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
