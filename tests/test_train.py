@@ -90,6 +90,9 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
         assert targets.shape[1] == len(catalog.vocab[g]) and targets.sum(1).max() <= 1 + 1e-5
         assert (targets.sum(1) > 0.5).float().mean() > 0.5  # two epochs at momentum 0.7: 1 - 0.3^2 for items seen twice
     assert "early_learning" not in load_checkpoint(tmp_path / "straight" / "best.pt")
+    # the sigmoid groups, which it leaves alone, keep a share of the loss: weight x (1 + 3 / 2)
+    plain = load_checkpoint(tiny_run / "last.pt")["group_weights"]
+    assert straight["group_weights"] == pytest.approx({g: w * (2.5 if g == "colours" else 1) for g, w in plain.items()})
     assert "early_learning" not in load_checkpoint(tiny_run / "last.pt")  # off by default
     # a run made without them resumes with the targets starting from zero, and says so
     shutil.copytree(tiny_run, tmp_path / "plain", ignore=shutil.ignore_patterns("trunk-cache.h5"))

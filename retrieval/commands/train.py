@@ -104,7 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--early-learning", metavar="auto|WEIGHT",
                       help="weight of the early-learning regularisation of the softmax groups (ELR, Liu et "
                            "al. 2020): each training item's prediction is held near the running average of "
-                           "its own earlier ones, so wrong labels are not memorised (0 = off); auto: off, and "
+                           "its own earlier ones, so wrong labels are not memorised, and the sigmoid groups' "
+                           "weights are multiplied by 1 + WEIGHT/2 to keep their share (0 = off); auto: off, and "
                            "if the finished run's best epoch, or its lowest validation loss before a 5%% rise, "
                            "falls in its first quarter (wrong labels being learnt), trained again from the start "
                            "at 3, keeping whichever validates better")

@@ -108,6 +108,12 @@ class Job:
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
         self.early_learning = EarlyLearning(softmax, len(self.train_items), weight, cfg.early_learning_momentum,
                                             self.device) if weight and self.early_learning_possible() else None
+        if self.early_learning is not None:
+            # its term adds to the softmax groups' loss only; the sigmoid groups it leaves alone are
+            # weighted up so as to keep a share of the loss (else a multi-label colour group falls below
+            # the off-the-shelf trunk; 1 + weight/2 measured best against 1 and 1 + weight: README)
+            self.weights = {g: w * (1 + weight / 2) if self.kinds[g] == "bce" else w
+                            for g, w in self.weights.items()}
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
