@@ -66,6 +66,16 @@ class Collectives:
         self.held.append(tensor)
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` of every rank (each passes one shape), concatenated along rows in rank order;
+        the tensors held until released."""
+        self.held = [t for t in self.held if t._use_count() > 1]
+        tensor = tensor.contiguous().to(self.device)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        self.held.extend([tensor, *parts])
+        return torch.cat(parts)
+
     def release(self, timeout_s: float = 10.0) -> None:
         """Wait (at most ``timeout_s``) until no worker holds a tensor of ours, then let go of them."""
         deadline = time.monotonic() + timeout_s

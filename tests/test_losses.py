@@ -206,6 +206,29 @@ def test_early_learning_hand_worked():
     assert (torch.softmax(z.detach() - 0.1 * z.grad, 1) * target).sum() > before
 
 
+def test_early_learning_shares_every_ranks_new_targets():
+    # two ranks, batch size 3: this one steps item 0 (p = [.5, .5]: t = .5 x p = [.25, .25]), the
+    # other items 2 and 3 (their new targets arrive through gather, its padding row -1 ignored);
+    # item 1, seen by neither, stays at zero
+    other = {torch.int64: torch.tensor([2, 3, -1]),
+             torch.float32: torch.tensor([[0.1, 0.9, 0.5], [0.6, 0.4, 0.0], [0.0, 0.0, 0.0]])}
+    sent = []
+    def gather(x):
+        sent.append(x.clone())
+        return torch.cat([x, other[x.dtype]])
+    elr = EarlyLearning({"type": 2, "colour": 1}, 4, weight=1.0, momentum=0.5, gather=gather, batch_size=3)
+    logits = {"type": torch.zeros(1, 2), "colour": torch.zeros(1, 1)}
+    y = Targets({"type": torch.tensor([[1.0, 0]]), "colour": torch.tensor([[1.0]])},
+                {"type": torch.tensor([True]), "colour": torch.tensor([True])})
+    elr(logits, y, torch.tensor([0]), {"type": 1.0, "colour": 1.0})
+    assert sent[0].tolist() == [0, -1, -1] and sent[1].shape == (3, 3)  # one gather each: rows, then values
+    assert torch.allclose(elr.targets["type"], torch.tensor([[0.25, 0.25], [0, 0], [0.1, 0.9], [0.6, 0.4]]))
+    assert torch.allclose(elr.targets["colour"], torch.tensor([[0.5], [0], [0.5], [0.0]]))
+    with pytest.raises(ValueError, match="larger than the batch size"):
+        elr({g: z.repeat(4, 1) for g, z in logits.items()}, Targets({g: m.repeat(4, 1) for g, m in y.multi_hot.items()},
+            {g: k.repeat(4) for g, k in y.known.items()}), torch.arange(4), {"type": 1.0, "colour": 1.0})
+
+
 def test_early_learning_state_round_trip_and_checks():
     elr = EarlyLearning({"type": 2, "colour": 3}, 4, weight=3.0)
     elr.targets["colour"][1] = torch.tensor([0.2, 0.3, 0.5])

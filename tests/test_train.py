@@ -348,6 +348,24 @@ def test_torchrun_two_processes_gloo(demo_catalog, tmp_path):
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 0
 
 
+def test_torchrun_early_learning_targets_follow_every_rank(demo_catalog, tiny_run, tmp_path):
+    # each rank is dealt another half of the items every epoch; the running targets of the items
+    # another rank saw reach this one too, so after one epoch every item has one (sum 1 - 0.7), on
+    # every rank alike (last.pt holds rank 0's), as without torchrun
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
+           "--epochs", "1", "--early-learning", "3", "--trunk-cache", str(tmp_path / "trunk.h5"), *TINY]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    targets = load_checkpoint(tmp_path / "ddp" / "last.pt")["early_learning"]
+    for g, t in targets.items():
+        seen = t.sum(1)
+        assert seen.max() <= 0.3 + 1e-4, g  # one update each (momentum 0.7 from zero)
+        assert (seen > 0.29).float().mean() > 0.9, g  # not only the half rank 0 was dealt
+
+
 def test_predict_prints_every_group(tiny_run, demo_catalog, capsys):
     image = sorted((demo_catalog / "images").glob("*.jpg"))[0]
     assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(image), "--json"]) == 0

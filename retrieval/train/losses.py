@@ -121,31 +121,51 @@ class EarlyLearning:
     later, so each training item keeps a running average of its own predictions (momentum
     ``momentum``, from zero) and the loss gains ``weight`` x log(1 - <p, t>), which holds the
     prediction p near that early target t while a wrong label pulls it away. The targets follow
-    the items' positions in the training list (``batch_loss``'s ``positions``); under torchrun each
-    rank keeps those of the items it was dealt. Multi-label (sigmoid) groups are left alone."""
+    the items' positions in the training list (``batch_loss``'s ``positions``). Under torchrun each
+    rank is dealt other items every epoch, so ``gather`` (``Collectives.all_gather``) brings every
+    rank's batch of new targets to all of them, each batch padded to ``batch_size`` rows: every
+    rank holds every item's target. Multi-label (sigmoid) groups are left alone."""
 
     def __init__(self, sizes: dict[str, int], n_items: int, weight: float, momentum: float = 0.7,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", gather=None, batch_size: int = 0):
         if not 0 <= momentum < 1:
             raise ValueError(f"--early-learning-momentum must lie in [0, 1), got {momentum}")
-        self.weight, self.momentum = weight, momentum
+        self.weight, self.momentum, self.gather, self.batch_size = weight, momentum, gather, batch_size
         self.targets = {g: torch.zeros(n_items, c, device=device) for g, c in sizes.items()}
 
     def __call__(self, logits: dict[str, torch.Tensor], targets, positions: torch.Tensor,
                  weights: dict[str, float]) -> torch.Tensor:
         """The batch's term (each group's mean over its labelled items, times its group weight),
         after moving the batch's targets towards its predictions."""
-        total = 0.0
+        total, updated = 0.0, {}
         rows = positions.to(next(iter(self.targets.values())).device)  # every group's targets live together
         for g, memory in self.targets.items():
             p = torch.softmax(logits[g].float(), dim=1).clamp(1e-4, 1 - 1e-4)
             with torch.no_grad():
                 t = self.momentum * memory[rows] + (1 - self.momentum) * (p / p.sum(1, keepdim=True)).to(memory.device)
-                memory[rows] = t
+                memory[rows] = updated[g] = t
             known = targets.known[g].to(p.dtype)
             term = (torch.log(1 - (t.to(p.device) * p).sum(1)) * known).sum() / known.sum().clamp_min(1)
             total = total + weights[g] * term
+        if self.gather is not None:
+            self._share(rows, updated)
         return self.weight * total
+
+    @torch.no_grad()
+    def _share(self, rows: torch.Tensor, updated: dict[str, torch.Tensor]) -> None:
+        """Write every rank's new targets of this step into this rank's (rows padded with -1)."""
+        pad = self.batch_size - len(rows)
+        if pad < 0:
+            raise ValueError(f"a batch of {len(rows)} rows is larger than the batch size {self.batch_size}")
+        values = torch.cat([updated[g] for g in self.targets], 1)
+        every_row = self.gather(F.pad(rows, (0, pad), value=-1))
+        every_value = self.gather(F.pad(values, (0, 0, 0, pad))).to(values.device)
+        keep = (every_row >= 0).to(values.device)
+        every_row, every_value = every_row.to(values.device)[keep], every_value[keep]
+        start = 0
+        for g, memory in self.targets.items():
+            memory[every_row] = every_value[:, start:start + memory.shape[1]]
+            start += memory.shape[1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {g: t.cpu() for g, t in self.targets.items()}

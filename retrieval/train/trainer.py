@@ -106,8 +106,10 @@ class Job:
         softmax = {g: len(self.catalog.vocab[g]) for g in groups if self.kinds[g] == "ce"}
         weight = parse_early_learning(cfg.early_learning)
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
+        gather = self.collectives.all_gather if self.collectives is not None else None
         self.early_learning = EarlyLearning(softmax, len(self.train_items), weight, cfg.early_learning_momentum,
-                                            self.device) if weight and self.early_learning_possible() else None
+                                            self.device, gather, cfg.batch_size) \
+            if weight and self.early_learning_possible() else None
         if self.early_learning is not None:
             # its term adds to the softmax groups' loss only; the sigmoid groups it leaves alone are
             # weighted up so as to keep a share of the loss (else a multi-label colour group falls below
