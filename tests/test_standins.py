@@ -81,6 +81,19 @@ def test_multicolour_standin_lists_the_colours_of_every_item_shown(studio_catalo
     assert all((tmp_path / "m2" / it.image).read_bytes() == catalog.path_of(it).read_bytes() for it in catalog.items)
 
 
+def test_multilabel_standin_has_the_multicolour_pictures_and_a_second_multi_label_group(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "m", "multicolour", n_items=24, seed=0)
+    make_standin(studio_catalog, tmp_path / "l", "multilabel", n_items=24, seed=0)
+    colour, labels = read_catalog(tmp_path / "m"), read_catalog(tmp_path / "l")
+    # gender and season have two labels each: the first of the tie joins the colour group
+    assert sorted(labels.multi_label_groups()) == ["baseColour", "gender"]
+    for a, b in zip(colour.items, labels.items):
+        assert colour.path_of(a).read_bytes() == labels.path_of(b).read_bytes()
+        assert a.labels["baseColour"] == b.labels["baseColour"] and a.labels["season"] == b.labels["season"]
+        assert b.labels["gender"][0] == a.labels["gender"][0] and len(set(b.labels["gender"])) == len(b.labels["gender"])
+    assert {len(it.labels["gender"]) for it in labels.items} == {1, 2}
+
+
 def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, tmp_path):
     make_standin(studio_catalog, tmp_path / "x", "missing", seed=0)
     catalog, source = read_catalog(tmp_path / "x"), read_catalog(studio_catalog)
@@ -91,7 +104,7 @@ def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, 
         kept = sum(bool(it.labels[g]) for it in catalog.items)
         assert kept == round(share * len(source))
         assert all(it.labels[g] in ((), src.labels[g]) for it, src in zip(catalog.items, source.items))
-    with pytest.raises(ValueError, match="street, multicolour, missing, noisy"):
+    with pytest.raises(ValueError, match="street, multicolour, multilabel, missing, noisy"):
         make_standin(studio_catalog, tmp_path / "y", "indoor")
     with pytest.raises(ValueError, match="new folder"):
         make_standin(studio_catalog, studio_catalog, "street")

@@ -9,6 +9,10 @@ deterministically from a seed and keeping the source's group names:
 - ``multicolour``: a garment with one or two other items beside it on white; the colour group
   becomes multi-label (the distinct colours of the items shown, 1–3 labels), the other groups keep
   the main garment's labels;
+- ``multilabel``: the multicolour stand-in's images (the same seed draws the same pictures) with a
+  second multi-label group, as a street catalogue with several multi-label groups (colour,
+  pattern) has: the finest other group (the most labels: articleType) lists every shown item's
+  label too;
 - ``missing``: every image of the source (hard-linked, so a trunk cache of the source serves it)
   with each group's labels kept on the paper's shares of the items only (``--label-dropout paper``);
 - ``noisy``: every image of the source (hard-linked) with wrong labels in training, as a
@@ -37,7 +41,7 @@ from retrieval.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("street", "multicolour", "missing", "noisy")
+KINDS = ("street", "multicolour", "multilabel", "missing", "noisy")
 NOISE = 0.3  # share of the labelled training items whose labels the noisy stand-in replaces, per group
 SIDE = 256  # stand-in images are SIDE × SIDE
 WHITE = 235  # a background pixel has every channel at least this bright
@@ -162,7 +166,7 @@ def make_street(catalog: Catalog, out: Path, n_items: int, seed: int, workers: i
     return _rows(partial(_street_row, catalog, out, seed), chosen, workers, "street stand-in")
 
 
-def _multicolour_row(catalog: Catalog, coloured: list[Item], colour: str, out: Path, seed: int,
+def _multicolour_row(catalog: Catalog, coloured: list[Item], shared: tuple[str, ...], out: Path, seed: int,
                      i: int, index: int) -> list[str]:
     item_rng = np.random.default_rng([seed, i])
     extra = int(item_rng.choice(3, p=[0.25, 0.5, 0.25]))
@@ -170,18 +174,29 @@ def _multicolour_row(catalog: Catalog, coloured: list[Item], colour: str, out: P
     image = multicolour_image(item_rng, [load_image(catalog.path_of(it)) for it in shown])
     path = f"images/{i:06d}.jpg"
     image.save(out / path, "JPEG", quality=90)
-    colours = tuple(dict.fromkeys(c for it in shown for c in it.labels[colour]))
-    return _row(coloured[index], catalog.groups, path, {**coloured[index].labels, colour: colours})
+    every = {g: tuple(dict.fromkeys(c for it in shown for c in it.labels[g])) for g in shared}
+    return _row(coloured[index], catalog.groups, path, {**coloured[index].labels, **every})
 
 
-def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
-    """Rows of garments shown with 0–2 other items; the colour group lists every item's colour."""
+def finest_group(catalog: Catalog, besides: str) -> str:
+    """The group with the most labels other than ``besides`` (the first of a tie)."""
+    others = [g for g in catalog.groups if g != besides]
+    if not others:
+        raise ValueError(f"{catalog.root}: no group besides {besides!r} to make multi-label")
+    return max(others, key=lambda g: len(catalog.vocab[g]))
+
+
+def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1,
+                     kind: str = "multicolour") -> list[list[str]]:
+    """Rows of garments shown with 0–2 other items; the colour group (and for ``multilabel`` the
+    finest other group) lists every item's labels."""
     colour = colour_group(catalog)
+    shared = (colour,) if kind == "multicolour" else (colour, finest_group(catalog, colour))
     coloured = [it for it in catalog.items if it.labels[colour]]
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(coloured), size=min(n_items, len(coloured)), replace=False)
-    return _rows(partial(_multicolour_row, catalog, coloured, colour, out, seed), chosen, workers,
-                 "multicolour stand-in")
+    return _rows(partial(_multicolour_row, catalog, coloured, shared, out, seed), chosen, workers,
+                 f"{kind} stand-in")
 
 
 def _rows(make_row, chosen: np.ndarray, workers: int, desc: str) -> list[list[str]]:
@@ -232,7 +247,7 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         source: a catalog of product photos on white (``labels.csv`` + images).
         out: folder of the stand-in (created; must not be the source).
         kind: one of ``KINDS``.
-        n_items: how many images ``street`` and ``multicolour`` draw (``missing`` and ``noisy`` keep
+        n_items: how many images ``street``, ``multicolour`` and ``multilabel`` draw (``missing`` and ``noisy`` keep
             them all).
         seed: the same seed gives the same catalog.
         workers: processes drawing the images (the catalog is the same for any number).
@@ -247,8 +262,10 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         rows = make_missing(catalog, out, seed)
     elif kind == "noisy":
         rows = make_noisy(catalog, out, seed)
+    elif kind == "street":
+        rows = make_street(catalog, out, n_items, seed, workers)
     else:
-        rows = (make_street if kind == "street" else make_multicolour)(catalog, out, n_items, seed, workers)
+        rows = make_multicolour(catalog, out, n_items, seed, workers, kind)
     labels = out / LABELS_FILE
     write_csv_atomic(labels, [["image", "split", "title", *catalog.groups], *rows])  # last: images exist
     logger.info("Wrote %s stand-in %s (%d items, seed %d)", kind, labels, len(rows), seed)
