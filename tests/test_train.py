@@ -134,6 +134,27 @@ def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catal
     assert not (tmp_path / "off" / "best-without-early-learning.pt").exists()
 
 
+def test_auto_early_learning_resumes_when_stopped_between_the_runs(demo_catalog, tiny_run, tmp_path, monkeypatch):
+    # stopped after the first run's best.pt and metrics.json were set aside but before the second
+    # run saved an epoch (last.pt is still the first run's): --resume starts the second run
+    import retrieval.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
+    def stop(job):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Job, "use_early_learning", stop)
+        shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+        run, cache = tmp_path / "auto", ["--trunk-cache", str(tmp_path / "trunk.h5")]
+        with pytest.raises(KeyboardInterrupt):
+            train(demo_catalog, run, "--epochs", "2", *cache)
+    assert not (run / "best.pt").exists() and (run / "best-without-early-learning.pt").exists()
+    assert train(demo_catalog, run, "--epochs", "2", "--resume", *cache) == 0
+    assert load_checkpoint(run / "last.pt")["train_config"]["early_learning"] == 3.0
+    assert (run / "best.pt").exists() and len(json.loads((run / "metrics.json").read_text())) == 2
+    assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
+
+
 def test_early_learning_option_is_auto_or_a_weight(demo_catalog, tmp_path, capsys):
     for value, why in (("some", "auto or a weight (0 = off), got 'some'"), ("-1", "a weight of 0 (off) or more")):
         with pytest.raises(SystemExit) as exit_:

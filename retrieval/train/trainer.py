@@ -373,7 +373,8 @@ class Job:
             logger.warning("%s, as when a catalogue's wrong labels are being learnt; training again from the start "
                            "with --early-learning %g ('retrieval audit' ranks the suspect labels)", why, EARLY_LEARNING)
             for name, aside in ASIDE.items():
-                os.replace(self.out / name, self.out / aside)
+                if (self.out / name).exists() or not (self.out / aside).exists():  # done by a run stopped here
+                    os.replace(self.out / name, self.out / aside)
         self.use_early_learning()
         history = self.train_epochs(fresh=True)
         self.keep_the_better_run(history)
