@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,10 +123,15 @@ def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catal
     assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
     assert best["best_score"] == pytest.approx(max(first["best_score"], second))
     assert yaml.safe_load((run / "config.yaml").read_text())["early_learning"] == 3.0
-    # resumed after it finished: the second run is recognised (no third), nothing changes
+    # resumed after it finished: the second run is recognised (no third), nothing changes, and last.pt
+    # is read once (it holds early learning's targets: hundreds of MB on a full corpus)
     caplog.clear()
+    reads = []
+    monkeypatch.setattr(trainer, "load_checkpoint", lambda path, *a, **k: reads.append(Path(path).name)
+                        or load_checkpoint(path, *a, **k))
     assert train(demo_catalog, run, "--epochs", "2", "--resume", *cache) == 0
     assert peaks == [2] and "training again" not in caplog.text
+    assert reads.count("last.pt") == 1
     assert load_checkpoint(run / "best.pt")["fingerprint"] == best["fingerprint"]
     # --early-learning 0: no second run, only the hint
     caplog.clear()

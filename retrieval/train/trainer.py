@@ -46,6 +46,7 @@ class Job:
         self.main = self.rank == 0
         # images mode: loaders made at the first epoch and kept for the others; the order set per epoch
         self.train_loader = self.val_loader = None
+        self._last = None  # last.pt when already read for --resume
         self.epoch_order = sampling.EpochBatches(cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self.catalog = training_catalog(read_catalog(cfg.catalog), cfg.groups)  # groups with training labels
@@ -279,7 +280,7 @@ class Job:
             if self.cfg.resume:
                 logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
             return 0, [], -float("inf")
-        ckpt = load_checkpoint(last)
+        ckpt, self._last = self._last or load_checkpoint(last), None  # read once: see _second_run_started
         if ckpt["model_config"] != self.model.config.to_dict():
             raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
         self.model.load_state_dict(ckpt["model"])
@@ -361,10 +362,14 @@ class Job:
         self._prepare_loss()
 
     def _second_run_started(self) -> bool:
-        """Whether last.pt is from the second run of ``--early-learning auto`` (it records the weight)."""
+        """Whether last.pt is from the second run of ``--early-learning auto`` (it records the weight).
+        The checkpoint is kept for ``restore``, which would otherwise read it again (with early
+        learning's targets, hundreds of MB on a full corpus)."""
         last = self.out / "last.pt"
-        return last.exists() and parse_early_learning(
-            load_checkpoint(last)["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
+        if not last.exists():
+            return False
+        self._last = load_checkpoint(last)
+        return parse_early_learning(self._last["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
 
     def train_again_with_early_learning(self, why: str | None) -> list[dict]:
         """The second run of ``--early-learning auto``, from the start; the first's best.pt and
