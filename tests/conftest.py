@@ -21,7 +21,10 @@ def demo_catalog(tmp_path_factory) -> Path:
     return root
 
 
-TINY = ["--backbone", "tiny", "--image-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+# --fill-missing off: it would train every run on the demo catalog (missing labels) twice; its own
+# tests in test_train.py turn it on
+TINY = ["--backbone", "tiny", "--image-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+        "--fill-missing", "0"]
 
 
 @pytest.fixture(scope="session")

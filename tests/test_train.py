@@ -161,6 +161,101 @@ def test_auto_early_learning_resumes_when_stopped_between_the_runs(demo_catalog,
     assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
 
 
+def fill_run(demo_catalog, tiny_run, tmp_path, name, *extra):
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / f"{name}.h5")
+    return train(demo_catalog, tmp_path / name, "--epochs", "2", "--trunk-cache", str(tmp_path / f"{name}.h5"),
+                 "--fill-missing", "auto", *extra)
+
+
+def test_fill_missing_trains_again_with_the_confident_labels_filled(demo_catalog, tiny_run, tmp_path, caplog):
+    # auto on the demo catalog (its groups lack 5% or more of the labels): a second run from the start
+    # with the missing training labels that the first run predicts at 0.9 or more filled in; never a
+    # label the item has, a sleeve length for trousers (none of them has one) or a validation item's
+    from retrieval.train.config import split_validation
+
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "fill") == 0
+    run = tmp_path / "fill"
+    assert "the missing training labels the model predicts at 0.90 or more filled in (category " in caplog.text
+    last, best, before = (load_checkpoint(run / name) for name in ("last.pt", "best.pt", "best-before-filling.pt"))
+    items = split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[0]
+    filled = last["filled_labels"]
+    assert set(filled) == {"category", "pattern", "sleeve", "gender"}  # the softmax groups (colours: multi-label)
+    counts = {g: int((f >= 0).sum()) for g, f in filled.items()}
+    assert counts["sleeve"] > 0 and all(len(f) == len(items) for f in filled.values())
+    for g, labels in filled.items():
+        assert all(not item.labels[g] for item, label in zip(items, labels.tolist()) if label >= 0)
+    assert all(label == -1 for item, label in zip(items, filled["sleeve"].tolist())
+               if item.labels["category"] in {("trousers",), ("shorts",), ("skirt",), ("bag",), ("hat",)})
+    assert last["group_weights"]["sleeve"] > before["group_weights"]["sleeve"]  # more labels, more weight
+    assert yaml.safe_load((run / "config.yaml").read_text())["fill_missing"] == 0.9
+    assert before["train_config"]["fill_missing"] == "auto" and "filled_labels" not in before
+    assert len(json.loads((run / "metrics-before-filling.json").read_text())) == 2
+    second = max(r["val_map"] for r in json.loads((run / "metrics.json").read_text()))
+    assert best["best_score"] == pytest.approx(max(before["best_score"], second))
+    assert best.get("filled_labels", counts) == counts  # best.pt says how many, when it is the filled run's
+    # resumed after it finished: the filled run is recognised (no third), nothing changes
+    caplog.clear()
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "fill", "--resume") == 0
+    assert "filled in" not in caplog.text
+    assert load_checkpoint(run / "best.pt")["fingerprint"] == best["fingerprint"]
+    assert not (tiny_run / "best-before-filling.pt").exists()  # --fill-missing 0 (TINY): one run
+
+
+def test_fill_missing_resumes_where_it_stopped(demo_catalog, tiny_run, tmp_path, monkeypatch):
+    # stopped after the first run's best.pt was set aside (before the filling), then again after the
+    # filled run's first epoch: each --resume goes on, and the run ends as one made straight through
+    import retrieval.train.trainer as trainer
+
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "straight") == 0
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Job, "predict_missing", stop)
+        with pytest.raises(KeyboardInterrupt):
+            fill_run(demo_catalog, tiny_run, tmp_path, "stopped")
+    run = tmp_path / "stopped"
+    assert not (run / "best.pt").exists() and (run / "best-before-filling.pt").exists()
+    save_epoch = trainer.Job.save_epoch
+    def save_then_stop(job, optimizer, scheduler, epoch, *rest):
+        save_epoch(job, optimizer, scheduler, epoch, *rest)
+        if job.filled is not None and epoch == 0:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Job, "save_epoch", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            fill_run(demo_catalog, tiny_run, tmp_path, "stopped", "--resume")
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "stopped", "--resume") == 0
+    straight, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "stopped"))
+    assert resumed["epoch"] == 1 and resumed["fingerprint"] == straight["fingerprint"]
+    assert all(torch.equal(resumed["filled_labels"][g], f) for g, f in straight["filled_labels"].items())
+
+
+def test_fill_missing_fills_only_labels_missing_at_random():
+    # hand-worked: sleeve is labelled on 3 of 8 items (rate 0.375, half of it 0.1875); no trousers
+    # has one (0 of 4: missing because it does not apply), 3 of 4 T-shirts do (0.75)
+    from retrieval.data.datasets import Targets, missing_at_random
+
+    kind = torch.tensor([[1, 0]] * 4 + [[0, 1]] * 4, dtype=torch.float)  # trousers, T-shirt
+    sleeve = torch.tensor([[0, 0]] * 4 + [[1, 0], [0, 1], [1, 0], [0, 0]], dtype=torch.float)
+    targets = Targets({"type": kind, "sleeve": sleeve}, {"type": kind.sum(1) > 0, "sleeve": sleeve.sum(1) > 0})
+    assert missing_at_random(targets, "sleeve").tolist() == [False] * 4 + [True] * 4
+    # types are labelled on all items of either sleeve: every type label may be filled
+    assert missing_at_random(targets, "type").all()
+    # an item without a type is judged by its other labels only (here none: fillable)
+    kind[0] = 0
+    targets = Targets({"type": kind, "sleeve": sleeve}, {"type": kind.sum(1) > 0, "sleeve": sleeve.sum(1) > 0})
+    assert missing_at_random(targets, "sleeve").tolist() == [True] + [False] * 3 + [True] * 4
+
+
+def test_fill_missing_option_is_auto_or_a_confidence(demo_catalog, tmp_path, capsys):
+    for value in ("some", "1", "-0.5"):
+        with pytest.raises(SystemExit) as exit_:
+            train(demo_catalog, tmp_path / "x", "--fill-missing", value)
+        assert exit_.value.code == 2 and "--fill-missing must be auto, 0 (off) or a confidence in (0, 1)" \
+            in capsys.readouterr().err
+
+
 def test_early_learning_option_is_auto_or_a_weight(demo_catalog, tmp_path, capsys):
     for value, why in (("some", "auto or a weight (0 = off), got 'some'"), ("-1", "a weight of 0 (off) or more")):
         with pytest.raises(SystemExit) as exit_:

@@ -11,7 +11,7 @@ from retrieval.net.colour import COLOUR_WEIGHTINGS
 from retrieval.net.layers import SHARED_LAYERS
 from retrieval.net.model import METHODS, POOL_WEIGHTINGS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
-from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, parse_early_learning
+from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, parse_early_learning, parse_fill_missing
 from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
 from retrieval.train.sampling import SAMPLINGS, parse_target
 
@@ -111,6 +111,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "at 3, keeping whichever validates better")
     loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
+    loss.add_argument("--fill-missing", metavar="auto|P",
+                      help="where training labels are missing, train again from the start with each missing "
+                           "label of a softmax group filled by the trained model's prediction when its "
+                           "probability is P or more, keeping whichever run validates better (the validation "
+                           "items' labels are never filled; 0 = off); auto: P = 0.9 when a softmax group lacks "
+                           "the labels of 5%% or more of the training items")
     loss.add_argument("--label-smoothing", type=float, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, metavar="S",
@@ -181,6 +187,7 @@ def parse_config(argv=None) -> TrainConfig:
             parser.error(str(e))
     try:
         args["early_learning"] = parse_early_learning(args["early_learning"])
+        args["fill_missing"] = parse_fill_missing(args["fill_missing"])
     except ValueError as e:
         parser.error(str(e))
     return TrainConfig(**{k: v for k, v in args.items() if k in names})

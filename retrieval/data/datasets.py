@@ -56,6 +56,24 @@ def build_targets(items: list[Item], vocab: dict[str, list[str]]) -> Targets:
     return Targets(multi_hot, known)
 
 
+def missing_at_random(targets: Targets, group: str, share: float = 0.5) -> torch.Tensor:
+    """Which items' missing ``group`` label may be filled in (``train --fill-missing``): those whose
+    labels in every other group are ones whose items are labelled in ``group`` at ``share`` or more
+    of its overall rate. A label missing because it does not apply (the demo catalog's trousers have
+    no sleeve length) is not filled; one left out at random (a group labelled on 60% of the items,
+    about 60% of the trousers included) is."""
+    labelled = targets.known[group].float()
+    rate = labelled.mean()
+    fillable = torch.ones(len(labelled), dtype=torch.bool)
+    for other, members in targets.multi_hot.items():
+        if other == group:
+            continue
+        within = (members * labelled[:, None]).sum(0) / members.sum(0).clamp_min(1)  # by label of ``other``
+        lowest = torch.where(members > 0, within, torch.ones_like(within)).min(1).values
+        fillable &= lowest >= share * rate
+    return fillable
+
+
 def drop_labels(items: list[Item], groups: list[str], keep: list[float], seed: int) -> list[Item]:
     """Emulate incomplete labelling: keep group t's labels on a share ``keep[t]`` of items."""
     rng = np.random.default_rng(seed)

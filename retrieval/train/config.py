@@ -73,6 +73,7 @@ class TrainConfig:
     head_fit: float = 1.0
     early_learning: float | str = "auto"  # auto: 0, and a second run at EARLY_LEARNING if the first memorises
     early_learning_momentum: float = 0.7
+    fill_missing: float | str = "auto"  # auto: FILL_MISSING where labels are missing (FILL_MIN_MISSING), else off
     range_group: str | None = None
     range_distance: str = "l2"
     device: str = "auto"
@@ -87,6 +88,23 @@ class TrainConfig:
 
 DEFAULT_EPOCHS = 30
 EARLY_LEARNING = 3.0  # the weight --early-learning auto retrains with (Liu et al.'s CIFAR-10 value, measured)
+
+
+FILL_MISSING = 0.9  # the confidence --fill-missing auto fills a missing training label at (measured: README)
+FILL_MIN_MISSING = 0.05  # auto fills where a softmax group lacks the labels of this share of training items
+
+
+def parse_fill_missing(value) -> float | str:
+    """``auto``, 0 (off) or a confidence in (0, 1), from the command line or a config file."""
+    if value == "auto":
+        return value
+    try:
+        confidence = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--fill-missing must be auto, 0 (off) or a confidence in (0, 1), got {value!r}") from None
+    if not 0 <= confidence < 1:
+        raise ValueError(f"--fill-missing must be auto, 0 (off) or a confidence in (0, 1), got {value!r}")
+    return confidence
 
 
 def parse_early_learning(value) -> float | str:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from retrieval.data.catalog import read_catalog, training_catalog
 from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
-                                     loader_workers, parse_dropout_profile)
+                                     loader_workers, missing_at_random, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
 from retrieval.devices import Collectives, resolve_device, setup_distributed
 from retrieval.atomic import atomic_write
@@ -22,8 +22,9 @@ from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoi
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
-from retrieval.train.config import (EARLY_LEARNING, FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units,
-                                    make_optimizer, make_scheduler, parse_early_learning, parse_lr_steps, resolve_blocks,
+from retrieval.train.config import (EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING, FULL_TUNING_MIN_ITEMS,
+                                    CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
+                                    parse_early_learning, parse_fill_missing, parse_lr_steps, resolve_blocks,
                                     resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
 from retrieval.train.loop import LossSettings, TrainState, memorising, selection_score, train_one_epoch, validate
 from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # what the first run of --early-learning auto leaves beside the second
 ASIDE = {"best.pt": "best-without-early-learning.pt", "metrics.json": "metrics-without-early-learning.json"}
+# what the run before --fill-missing's leaves beside it
+FILL_ASIDE = {"best.pt": "best-before-filling.pt", "metrics.json": "metrics-before-filling.json"}
 
 
 class Job:
@@ -47,6 +50,7 @@ class Job:
         # images mode: loaders made at the first epoch and kept for the others; the order set per epoch
         self.train_loader = self.val_loader = None
         self._last = None  # last.pt when already read for --resume
+        self.filled = None  # per softmax group, each training item's filled label (-1: none), in --fill-missing's run
         self.epoch_order = sampling.EpochBatches(cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self.catalog = training_catalog(read_catalog(cfg.catalog), cfg.groups)  # groups with training labels
@@ -229,16 +233,23 @@ class Job:
 
     def val_batches(self):
         """Validation inputs, unaugmented."""
-        index = torch.arange(len(self.val_items))
         if self.mode == "cached":
-            ok = self.trunk_cache.ok[self.val_rows.numpy()] if len(self.val_rows) else np.array([], bool)
-            index = index[torch.from_numpy(ok)]
-            for positions in index.split(self.cfg.batch_size):
-                yield positions, self.cached_batch(positions, self.val_rows, torch.zeros(len(positions), dtype=torch.long))
+            yield from self.unaugmented_batches(self.val_items, self.val_rows)
             return
         if self.val_loader is None:
             self.val_loader = self.image_loader(self.val_items)
-        for images, positions, _ in self.val_loader:
+        yield from self.unaugmented_batches(self.val_items, loader=self.val_loader)
+
+    def unaugmented_batches(self, items: list, rows: torch.Tensor | None = None, loader: DataLoader | None = None):
+        """Yield (positions, inputs) of ``items`` unflipped: in cached mode from their trunk cache
+        ``rows`` (unreadable images left out), else decoded by ``loader`` (a new one by default)."""
+        if self.mode == "cached":
+            index = torch.arange(len(items))
+            ok = self.trunk_cache.ok[rows.numpy()] if len(rows) else np.array([], bool)
+            for positions in index[torch.from_numpy(ok)].split(self.cfg.batch_size):
+                yield positions, self.cached_batch(positions, rows, torch.zeros(len(positions), dtype=torch.long))
+            return
+        for images, positions, _ in loader if loader is not None else self.image_loader(items):
             if images is not None:
                 yield positions, normalize_batch(images.to(self.device))
 
@@ -266,6 +277,8 @@ class Job:
     def checkpoint(self, optimizer, scheduler, epoch: int, history: list, best: float) -> dict:
         """The checkpoint dict at the end of an epoch (``best``: the best selection score so far)."""
         extra = {"early_learning": self.early_learning.state_dict()} if self.early_learning is not None else {}
+        if self.filled is not None:
+            extra["filled_labels"] = self.filled
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                epoch=epoch, best_score=best, history=history, group_weights=self.weights,
                                train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode, **extra)
@@ -301,11 +314,28 @@ class Job:
         """Train for the configured epochs; returns the per-epoch history. With ``--early-learning
         auto`` a finished run that looks like it learnt wrong labels (``memorising``: its best epoch,
         or its lowest validation loss before a rise, in the first quarter) trains again from the
-        start with early learning, and the run that validates better is best.pt."""
+        start with early learning, and the run that validates better is best.pt. Then, with
+        ``--fill-missing`` where training labels are missing, a last run from the start with the
+        confidently predicted ones filled in, and again the better run is best.pt."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
         self.prepare_inputs()
+        if self.cfg.resume and self._filled_run_started():
+            history = self.train_with_filled_labels(resumed=True)
+        else:
+            history = self.train_with_early_learning_rule()
+            confidence = self.fill_confidence()
+            if confidence:
+                history = self.train_with_filled_labels(confidence=confidence)
+        if self.bad_rows and self.main:
+            bad = sorted(self.train_items[i].image for i in self.bad_rows)
+            logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
+        return history
+
+    def train_with_early_learning_rule(self) -> list[dict]:
+        """The run as configured, and with ``--early-learning auto`` the second run where the first
+        memorised (see ``run``)."""
         auto = self.cfg.early_learning == "auto"
         second = auto and self.cfg.resume and self._second_run_started()
         if second:
@@ -322,9 +352,6 @@ class Job:
                                    "learning them", why, EARLY_LEARNING)
             elif self.all_ranks_have(why is not None if self.main else True):
                 history = self.train_again_with_early_learning(why)
-        if self.bad_rows and self.main:
-            bad = sorted(self.train_items[i].image for i in self.bad_rows)
-            logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
         return history
 
     def train_epochs(self, fresh: bool = False) -> list[dict]:
@@ -368,7 +395,7 @@ class Job:
         last = self.out / "last.pt"
         if not last.exists():
             return False
-        self._last = load_checkpoint(last)
+        self._last = self._last or load_checkpoint(last)
         return parse_early_learning(self._last["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
 
     def train_again_with_early_learning(self, why: str | None) -> list[dict]:
@@ -377,30 +404,124 @@ class Job:
         if self.main:
             logger.warning("%s, as when a catalogue's wrong labels are being learnt; training again from the start "
                            "with --early-learning %g ('retrieval audit' ranks the suspect labels)", why, EARLY_LEARNING)
-            for name, aside in ASIDE.items():
-                if (self.out / name).exists() or not (self.out / aside).exists():  # done by a run stopped here
-                    os.replace(self.out / name, self.out / aside)
+            self.set_aside(ASIDE)
         self.use_early_learning()
         history = self.train_epochs(fresh=True)
         self.keep_the_better_run(history)
         return history
 
-    def keep_the_better_run(self, history: list[dict]) -> None:
-        """After the second run of ``--early-learning auto``: best.pt is the first run's again when
-        that validated better (the second's last.pt and metrics.json stay)."""
-        aside = self.out / ASIDE["best.pt"]
+    def set_aside(self, names: dict[str, str]) -> None:
+        """Rename the finished run's best.pt and metrics.json (``names``) before the next run starts."""
+        for name, aside in names.items():
+            if (self.out / name).exists() or not (self.out / aside).exists():  # else done by a run stopped here
+                os.replace(self.out / name, self.out / aside)
+
+    def keep_the_better_run(self, history: list[dict], names: dict[str, str] = ASIDE,
+                            change: str = "with early learning") -> None:
+        """After a run that retrained with a ``change`` (the second run of ``--early-learning auto``,
+        or ``--fill-missing``'s): best.pt is the run's before it (set aside as ``names``) again when
+        that validated better (the new run's last.pt and metrics.json stay)."""
+        aside = self.out / names["best.pt"]
         if not self.main or not aside.exists():
             return
         without = load_checkpoint(aside)["best_score"]
         score = max((self.selection_score(r) for r in history), default=-float("inf"))
         if score < without:
-            logger.warning("with early learning the best validation score is %.4f against %.4f without: best.pt "
-                           "is the run without again", score, without)
+            logger.warning("%s the best validation score is %.4f against %.4f without: best.pt is the run without "
+                           "again", change, score, without)
             with atomic_write(self.out / "best.pt", "wb") as f:
                 f.write(aside.read_bytes())
         else:
-            logger.info("with early learning the best validation score is %.4f against %.4f without (%s)", score,
-                        without, aside.name)
+            logger.info("%s the best validation score is %.4f against %.4f without (%s)", change, score, without,
+                        aside.name)
+
+    # ----- --fill-missing -----
+    def softmax_groups(self) -> list[str]:
+        """The groups trained with a softmax (those early learning holds and --fill-missing fills)."""
+        if self.cfg.method == "multi-label":
+            return []
+        return [g for g in self.catalog.groups if self.kinds[g] == "ce"]
+
+    def fill_confidence(self) -> float:
+        """``--fill-missing``'s confidence for this run's training labels, 0 where it does not fill:
+        off, no softmax group, or (auto) none lacking FILL_MIN_MISSING of the training items' labels."""
+        confidence = parse_fill_missing(self.cfg.fill_missing)
+        groups = self.softmax_groups()
+        if confidence == "auto":
+            n = max(1, len(self.train_items))
+            lacking = [g for g in groups if 1 - int(self.targets.known[g].sum()) / n >= FILL_MIN_MISSING]
+            confidence = FILL_MISSING if lacking else 0.0
+        return confidence if groups else 0.0
+
+    def _filled_run_started(self) -> bool:
+        """Whether last.pt is from ``--fill-missing``'s run (it holds the filled labels)."""
+        last = self.out / "last.pt"
+        if not last.exists():
+            return False
+        self._last = self._last or load_checkpoint(last)
+        return "filled_labels" in self._last
+
+    def train_with_filled_labels(self, confidence: float = 0.0, resumed: bool = False) -> list[dict]:
+        """``--fill-missing``'s run: from the start, as the run kept so far was trained (its early
+        learning weight), with each missing training label of a softmax group that the kept run
+        predicts at ``confidence`` or more filled in; or that run resumed from last.pt."""
+        if resumed:
+            ckpt = self._last
+            filled, before = ckpt["filled_labels"], ckpt["train_config"]
+        else:
+            if self.main:
+                self.set_aside(FILL_ASIDE)
+            if self.world > 1:
+                dist.barrier()
+            kept = load_checkpoint(self.out / FILL_ASIDE["best.pt"])
+            self.model.load_state_dict(kept["model"])
+            filled, before = self.predict_missing(confidence), kept["train_config"]
+            if self.main:
+                told = ", ".join(f"{g} {int((f >= 0).sum())} of {int((~self.targets.known[g]).sum())}"
+                                 for g, f in filled.items())
+                logger.warning("training again from the start with the missing training labels the model predicts "
+                               "at %.2f or more filled in (%s; the validation items' labels are not filled)",
+                               confidence, told)
+        weight = parse_early_learning(before.get("early_learning", 0.0))
+        self.cfg = replace(self.cfg, early_learning=0.0 if weight == "auto" else weight,
+                           fill_missing=before["fill_missing"] if resumed else confidence)
+        self.fill_targets(filled)
+        torch.manual_seed(self.cfg.seed)
+        self._prepare_model()
+        self._prepare_loss()
+        history = self.train_epochs(fresh=not resumed)
+        self.keep_the_better_run(history, FILL_ASIDE, "with the missing labels filled")
+        return history
+
+    def fill_targets(self, filled: dict[str, torch.Tensor]) -> None:
+        """Write the filled labels (-1: none) into the training targets."""
+        self.filled = filled
+        for g, labels in filled.items():
+            rows = torch.nonzero(labels >= 0).flatten()
+            self.targets.multi_hot[g][rows, labels[rows]] = 1
+            self.targets.known[g][rows] = True
+
+    @torch.no_grad()
+    def predict_missing(self, confidence: float) -> dict[str, torch.Tensor]:
+        """Per softmax group, each training item's most probable label where its label is missing and
+        the model (as it is now) gives it ``confidence`` or more, else -1; the main rank's, on every rank."""
+        groups, n = self.softmax_groups(), len(self.train_items)
+        filled = {g: torch.full((n,), -1, dtype=torch.long) for g in groups}
+        fillable = {g: missing_at_random(self.targets, g) for g in groups}
+        self.model.eval()
+        forward = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
+        for positions, x in self.unaugmented_batches(self.train_items, getattr(self, "train_rows", None)):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                _, logits = forward(*x) if isinstance(x, tuple) else forward(x)
+            for g in groups:
+                top, label = self.model.probabilities(g, logits[g].float()).cpu().max(1)
+                fill = ~self.targets.known[g][positions] & fillable[g][positions] & (top >= confidence)
+                filled[g][positions] = torch.where(fill, label, -1)
+        if self.world > 1:  # the main rank's: another's numerics could land otherwise at the threshold
+            for g in groups:
+                mine = filled[g] + 1 if self.main else torch.zeros_like(filled[g])
+                filled[g] = self.collectives.all_reduce(mine).cpu() - 1
+        return filled
 
     def selection_score(self, record: dict) -> float:
         return selection_score(record, self.cfg.select_by)
@@ -412,6 +533,8 @@ class Job:
         atomic_save(ckpt, self.out / "last.pt")
         if score > best:
             ckpt.pop("optimizer"), ckpt.pop("scheduler"), ckpt.pop("early_learning", None)
+            if self.filled is not None:  # best.pt keeps how many were filled, last.pt which
+                ckpt["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
             atomic_save(ckpt, self.out / "best.pt")
         write_json(self.out / "metrics.json", history)
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
