@@ -488,6 +488,29 @@ def test_torchrun_early_learning_targets_follow_every_rank(demo_catalog, tiny_ru
         assert (seen > 0.29).float().mean() > 0.9, g  # not only the half rank 0 was dealt
 
 
+def test_torchrun_fill_missing_from_decoded_images(demo_catalog, tmp_path):
+    # --fill-missing where the trunk trains (images decoded, no trunk cache) under torchrun: rank 0's
+    # predictions fill every rank's labels (a label index or -1, missing labels only)
+    from retrieval.train.config import split_validation
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
+           "--epochs", "1", *TINY, "--trainable-blocks", "all", "--fill-missing", "0.3"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "filled in (category " in result.stderr
+    last = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert last["input_mode"] == "images" and last["train_config"]["fill_missing"] == 0.3
+    catalog = read_catalog(demo_catalog)
+    items = split_validation(catalog.split_items("train"), 0.1)[0]
+    filled = last["filled_labels"]
+    assert sum(int((f >= 0).sum()) for f in filled.values()) > 0
+    for g, labels in filled.items():
+        assert labels.min() >= -1 and labels.max() < len(catalog.vocab[g])
+        assert all(not item.labels[g] for item, label in zip(items, labels.tolist()) if label >= 0)
+
+
 def test_predict_prints_every_group(tiny_run, demo_catalog, capsys):
     image = sorted((demo_catalog / "images").glob("*.jpg"))[0]
     assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(image), "--json"]) == 0
