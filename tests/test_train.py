@@ -231,6 +231,27 @@ def test_fill_missing_resumes_where_it_stopped(demo_catalog, tiny_run, tmp_path,
     assert all(torch.equal(resumed["filled_labels"][g], f) for g, f in straight["filled_labels"].items())
 
 
+def test_fill_missing_after_early_learning_trains_as_the_kept_run(demo_catalog, tiny_run, tmp_path, monkeypatch,
+                                                                   caplog):
+    # auto's second run (early learning, forced here) and then the filling: the filled run trains with
+    # the early-learning weight of the run kept before it, and a --resume after the end trains no more
+    import retrieval.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "both") == 0
+    run = tmp_path / "both"
+    assert "training again from the start with --early-learning 3" in caplog.text and "filled in (" in caplog.text
+    kept = load_checkpoint(run / "best-before-filling.pt")["train_config"]["early_learning"]
+    last = load_checkpoint(run / "last.pt")
+    assert last["train_config"]["early_learning"] == (0.0 if kept == "auto" else kept)
+    assert ("early_learning" in last) == (kept == 3.0) and "filled_labels" in last
+    assert (run / "best-without-early-learning.pt").exists()
+    caplog.clear()
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "both", "--resume") == 0
+    assert "training again" not in caplog.text and "filled in (" not in caplog.text
+    assert load_checkpoint(run / "last.pt")["fingerprint"] == last["fingerprint"]
+
+
 def test_fill_missing_fills_only_labels_missing_at_random():
     # hand-worked: sleeve is labelled on 3 of 8 items (rate 0.375, half of it 0.1875); no trousers
     # has one (0 of 4: missing because it does not apply), 3 of 4 T-shirts do (0.75)
