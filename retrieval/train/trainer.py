@@ -108,13 +108,13 @@ class Job:
                 raise ValueError(f"--sampling-group/--range-group {group!r} unknown; choose one of: {', '.join(groups)}")
             self.classes = sampling.item_classes(self.targets.multi_hot[group])
             self.class_group = group
-        softmax = {g: len(self.catalog.vocab[g]) for g in groups if self.kinds[g] == "ce"}
+        softmax = {g: len(self.catalog.vocab[g]) for g in self.softmax_groups()}
         weight = parse_early_learning(cfg.early_learning)
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
         gather = self.collectives.all_gather if self.collectives is not None else None
         self.early_learning = EarlyLearning(softmax, len(self.train_items), weight, cfg.early_learning_momentum,
                                             self.device, gather, cfg.batch_size) \
-            if weight and self.early_learning_possible() else None
+            if weight and softmax else None
         if self.early_learning is not None:
             # its term adds to the softmax groups' loss only; the sigmoid groups it leaves alone are
             # weighted up so as to keep a share of the loss (else a multi-label colour group falls below
@@ -293,7 +293,7 @@ class Job:
             if self.cfg.resume:
                 logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
             return 0, [], -float("inf")
-        ckpt, self._last = self._last or load_checkpoint(last), None  # read once: see _second_run_started
+        ckpt, self._last = self._last_checkpoint(), None  # read once: see _last_checkpoint
         if ckpt["model_config"] != self.model.config.to_dict():
             raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
         self.model.load_state_dict(ckpt["model"])
@@ -343,7 +343,7 @@ class Job:
         history = self.train_epochs()
         if second:
             self.keep_the_better_run(history)
-        elif self.early_learning is None and self.early_learning_possible():  # auto's first run, or 0
+        elif self.early_learning is None and self.softmax_groups():  # auto's first run, or 0
             why = memorising(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
             if not auto:
                 if why is not None:
@@ -376,10 +376,6 @@ class Job:
                 dist.barrier()
         return history
 
-    def early_learning_possible(self) -> bool:
-        """Whether the run has softmax groups for early learning to hold (not the multi-label method)."""
-        return any(kind == "ce" for kind in self.kinds.values()) and self.cfg.method != "multi-label"
-
     def use_early_learning(self) -> None:
         """Fresh weights (as a run started with ``--early-learning EARLY_LEARNING`` has) and the
         regularisation on; config.yaml and the checkpoints record the weight."""
@@ -388,15 +384,18 @@ class Job:
         self._prepare_model()
         self._prepare_loss()
 
+    def _last_checkpoint(self) -> dict | None:
+        """RUN/last.pt (None where there is none), read once: ``restore`` takes it from here rather
+        than read it again (with early learning's targets, hundreds of MB on a full corpus)."""
+        if self._last is None and (self.out / "last.pt").exists():
+            self._last = load_checkpoint(self.out / "last.pt")
+        return self._last
+
     def _second_run_started(self) -> bool:
-        """Whether last.pt is from the second run of ``--early-learning auto`` (it records the weight).
-        The checkpoint is kept for ``restore``, which would otherwise read it again (with early
-        learning's targets, hundreds of MB on a full corpus)."""
-        last = self.out / "last.pt"
-        if not last.exists():
-            return False
-        self._last = self._last or load_checkpoint(last)
-        return parse_early_learning(self._last["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
+        """Whether last.pt is from the second run of ``--early-learning auto`` (it records the weight)."""
+        last = self._last_checkpoint()
+        return last is not None and parse_early_learning(
+            last["train_config"].get("early_learning", 0.0)) not in ("auto", 0.0)
 
     def train_again_with_early_learning(self, why: str | None) -> list[dict]:
         """The second run of ``--early-learning auto``, from the start; the first's best.pt and
@@ -448,25 +447,22 @@ class Job:
         confidence = parse_fill_missing(self.cfg.fill_missing)
         groups = self.softmax_groups()
         if confidence == "auto":
-            n = max(1, len(self.train_items))
-            lacking = [g for g in groups if 1 - int(self.targets.known[g].sum()) / n >= FILL_MIN_MISSING]
+            n, counts = max(1, len(self.train_items)), self.targets.counts()
+            lacking = [g for g in groups if 1 - counts[g] / n >= FILL_MIN_MISSING]
             confidence = FILL_MISSING if lacking else 0.0
         return confidence if groups else 0.0
 
     def _filled_run_started(self) -> bool:
         """Whether last.pt is from ``--fill-missing``'s run (it holds the filled labels)."""
-        last = self.out / "last.pt"
-        if not last.exists():
-            return False
-        self._last = self._last or load_checkpoint(last)
-        return "filled_labels" in self._last
+        last = self._last_checkpoint()
+        return last is not None and "filled_labels" in last
 
     def train_with_filled_labels(self, confidence: float = 0.0, resumed: bool = False) -> list[dict]:
         """``--fill-missing``'s run: from the start, as the run kept so far was trained (its early
         learning weight), with each missing training label of a softmax group that the kept run
         predicts at ``confidence`` or more filled in; or that run resumed from last.pt."""
         if resumed:
-            ckpt = self._last
+            ckpt = self._last_checkpoint()
             filled, before = ckpt["filled_labels"], ckpt["train_config"]
         else:
             if self.main:
