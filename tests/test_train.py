@@ -21,6 +21,16 @@ def train(catalog, out, *extra):
     return cli(["train", "--catalog", str(catalog), "--out", str(out), *TINY, *extra])
 
 
+def torchrun_train(catalog, out, *extra, timeout=300):
+    """``retrieval train`` in two torchrun processes (gloo, one thread each); asserts it succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retrieval.cli", "train", "--catalog", str(catalog), "--out", str(out), *TINY, *extra]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, demo_catalog, capsys):
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.json", "trunk-cache.h5"):
         assert (tiny_run / name).exists(), name
@@ -481,12 +491,7 @@ def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):
 
 
 def test_torchrun_two_processes_gloo(demo_catalog, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
-           "--epochs", "1", *TINY]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1")
     assert "world 2" in result.stdout
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 0
 
@@ -496,12 +501,8 @@ def test_torchrun_early_learning_targets_follow_every_rank(demo_catalog, tiny_ru
     # another rank saw reach this one too, so after one epoch every item has one (sum 1 - 0.7), on
     # every rank alike (last.pt holds rank 0's), as without torchrun
     shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
-           "--epochs", "1", "--early-learning", "3", "--trunk-cache", str(tmp_path / "trunk.h5"), *TINY]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1", "--early-learning", "3",
+                   "--trunk-cache", str(tmp_path / "trunk.h5"))
     targets = load_checkpoint(tmp_path / "ddp" / "last.pt")["early_learning"]
     for g, t in targets.items():
         seen = t.sum(1)
@@ -514,12 +515,8 @@ def test_torchrun_fill_missing_from_decoded_images(demo_catalog, tmp_path):
     # predictions fill every rank's labels (a label index or -1, missing labels only)
     from retrieval.train.config import split_validation
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrieval.cli", "train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "ddp"),
-           "--epochs", "1", *TINY, "--trainable-blocks", "all", "--fill-missing", "0.3"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1", "--trainable-blocks", "all",
+                            "--fill-missing", "0.3")
     assert "filled in (category " in result.stderr
     last = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert last["input_mode"] == "images" and last["train_config"]["fill_missing"] == 0.3
@@ -649,12 +646,8 @@ def test_torchrun_images_mode_with_unreadable_images_on_one_rank(demo_catalog, t
     images = sorted((catalog / "images").glob("*.jpg"))
     for path in images[::3]:
         path.write_bytes(b"not an image")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retrieval.cli", "train", "--catalog", str(catalog), "--out", str(tmp_path / "ddp"),
-           "--epochs", "2", *TINY, "--batch-size", "2", "--trainable-blocks", "all"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun_train(catalog, tmp_path / "ddp", "--epochs", "2", "--batch-size", "2",
+                            "--trainable-blocks", "all", timeout=240)
     assert "input images" in result.stdout and "world 2" in result.stdout
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 1
     assert "unreadable training images were skipped" in result.stderr
