@@ -56,6 +56,28 @@ def test_default_trains_a_small_catalogue_on_the_frozen_trunk(demo_catalog, tmp_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocks", ["all", "0"])
+def test_early_learning_then_filling_on_the_device(demo_catalog, tmp_path, device, blocks, monkeypatch, caplog):
+    # auto's second run (early learning, forced) keeps a target per training item on the device and
+    # gathers them per batch; the filling predicts the missing training labels there (both input modes)
+    import retrieval.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
+    caplog.set_level(logging.INFO, logger="retrieval.train.trainer")
+    run = tmp_path / "run"
+    assert train(demo_catalog, run, device, "--epochs", "2", "--trainable-blocks", blocks,
+                 "--fill-missing", "auto") == 0
+    assert "training again from the start with --early-learning 3" in caplog.text and "filled in (" in caplog.text
+    last = load_checkpoint(run / "last.pt")
+    assert last["input_mode"] == ("images" if blocks == "all" else "cached")
+    assert all(torch.isfinite(t.float()).all() for t in last["model"].values())
+    assert sum(int((f >= 0).sum()) for f in last["filled_labels"].values()) > 0
+    assert all(t.device.type == "cpu" for t in last.get("early_learning", {}).values())  # saved device-free
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_catalogue_passes_fold_batch_norms_on_the_device(device):
     # the cache pass and embed run folded units; on CUDA (TF32 convolutions) the fold's check had
     # failed on every trunk, so nothing was folded there
