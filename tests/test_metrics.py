@@ -10,6 +10,16 @@ from retrieval.evaluate.metrics import (count_relevant, evaluate_retrieval, fetc
                                        topk_neighbors)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def ranked_in(request, monkeypatch):
+    """Each ranked block worked on in numpy on the host (the CPU's way) or in torch on the scores'
+    device (a GPU's way, run here on the CPU): the same results."""
+    import retrieval.evaluate.metrics as metrics
+
+    monkeypatch.setattr(metrics, "ON_HOST", ("cpu",) if request.param == "numpy" else ())
+    return request.param
+
+
 # --------------------------------------------------------------------------- naive references
 
 def naive_topk(vectors, k):
@@ -94,6 +104,20 @@ def test_topk_matches_full_sort_with_many_ties(tied_vectors, k, block_size):
     np.testing.assert_array_equal(scores, np.take_along_axis(full, want, axis=1))
 
 
+@pytest.mark.parametrize("k", [1, 5, 50, 298])
+def test_topk_ids_on_the_device_order_as_on_the_host(tied_vectors, k):
+    # the GPU's ordering (two stable sorts on the device) against the host's (numpy), many ties
+    import torch
+
+    from retrieval.evaluate.neighbours import row_scores, topk_ids, topk_scores
+
+    x = torch.as_tensor(tied_vectors[0])
+    for rows in (torch.arange(0, 64), torch.arange(250, 300)):
+        scores = row_scores(x, rows)
+        np.testing.assert_array_equal(topk_ids(scores.clone(), k).numpy(), topk_scores(scores, k)[1])
+        np.testing.assert_array_equal(topk_ids(scores.clone(), k).numpy(), tied_vectors[2][rows.numpy(), :k])
+
+
 def test_topk_identical_vectors_follow_row_order():
     # All six vectors identical: every score is 1, so the neighbours are the lowest other ids.
     vectors = np.ones((6, 4), dtype=np.float32) / 2
@@ -170,7 +194,7 @@ def test_map_matches_naive_reference(k, n_classes):
 
 
 @pytest.mark.parametrize("candidates", ["labelled", "all"])
-def test_evaluate_retrieval_matches_reference_for_both_views(candidates):
+def test_evaluate_retrieval_matches_reference_for_both_views(candidates, ranked_in):
     rng = np.random.default_rng(3)
     shared, own = dyadic_unit_vectors(rng, 90), dyadic_unit_vectors(rng, 90, dim=6)
     labels = {"colour": random_label_sets(rng, 90, ["red", "blue", "green"]),
@@ -194,7 +218,7 @@ def test_evaluate_retrieval_matches_reference_for_both_views(candidates):
     assert got["mean"]["group_view"]["map_standard"] == pytest.approx(want_view["map_standard"])
 
 
-def test_partially_labelled_groups_take_every_path_of_the_labelled_ranking():
+def test_partially_labelled_groups_take_every_path_of_the_labelled_ranking(ranked_in):
     # k = 5 among 600 rows. "half" (labelled on half the rows) and "far" find their labelled
     # neighbours in one top-56 of all rows (fetch_depth); "far"'s 20 labelled rows in cluster A
     # have the highest ids there, so ties put them last and some of them find fewer than 5
@@ -225,7 +249,7 @@ def test_partially_labelled_groups_take_every_path_of_the_labelled_ranking():
 
 
 @pytest.mark.parametrize("block_size", [1, 7, None])
-def test_sampled_queries_rank_every_candidate(block_size):
+def test_sampled_queries_rank_every_candidate(block_size, ranked_in):
     rng = np.random.default_rng(4)
     shared, own = dyadic_unit_vectors(rng, 80), dyadic_unit_vectors(rng, 80, dim=5)
     labels = {"colour": random_label_sets(rng, 80, ["red", "blue", "green"]),
@@ -303,7 +327,7 @@ def test_hand_worked_ties_overlap_and_unlabelled():
     assert got == {"map_paper": pytest.approx(0.625), "map_standard": pytest.approx(5 / 12), "queries": 4}
 
 
-def test_hand_worked_candidates_are_the_labelled_items():
+def test_hand_worked_candidates_are_the_labelled_items(ranked_in):
     # Query = candidate: item 3, unlabelled in "type", is neither a query nor a candidate there.
     # q0 {a}:   candidates 1, 2 (score 1, by id), 4 (score 0) -> rel [0, 1, 1]: 1/2 + 2/3 = 7/6;
     #           paper M = 2 -> 7/12; relevant {2, 4} -> standard 7/12.
@@ -335,20 +359,20 @@ def test_hand_worked_k_larger_than_set():
     assert got == {"map_paper": pytest.approx(29 / 48), "map_standard": pytest.approx(29 / 48), "queries": 4}
 
 
-def test_hand_worked_no_relevant_items():
+def test_hand_worked_no_relevant_items(ranked_in):
     # Every colour is unique, so no query has a relevant item: AP = 0, three queries (3, 4 unlabelled).
     got = evaluate_retrieval(HAND_VECTORS, {"colour": HAND_COLOUR}, k=3)
     assert got["groups"]["colour"] == {"map_paper": 0.0, "map_standard": 0.0, "queries": 3}
 
 
-def test_group_without_labels_is_left_out_of_the_mean():
+def test_group_without_labels_is_left_out_of_the_mean(ranked_in):
     got = evaluate_retrieval(HAND_VECTORS, {"type": HAND_TYPE, "empty": [()] * 5}, k=3)
     assert got["groups"]["empty"] == {"map_paper": None, "map_standard": None, "queries": 0}
     assert got["mean"]["map_paper"] == pytest.approx(35 / 48)
     assert got["views"]["shared"]["groups"] == ["type"]
 
 
-def test_group_that_every_item_shares_is_left_out_of_the_means():
+def test_group_that_every_item_shares_is_left_out_of_the_means(ranked_in):
     # "gender" is 'w' on every labelled item (one unlabelled): every ranking gives AP 1, so it is
     # kept in the report, marked, and the means are type's alone (35/48, as above). "season" has a
     # label every item shares beside others ("all" on each): also uninformative. Ranked with

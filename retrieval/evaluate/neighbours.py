@@ -2,8 +2,9 @@
 are left finite), ties broken by lower row id.
 
 One extra candidate tells whether the k-th score is tied with one outside the top k; only those
-rows (rare with real-valued vectors) are fixed up one by one. The [rows, k] results are ordered
-on the host with numpy: small tensor operations cost more than the work they do on a busy CPU.
+rows (rare with real-valued vectors) are fixed up one by one. On the CPU the [rows, k] results are
+ordered on the host with numpy (``topk_scores``): small tensor operations cost more than the work
+they do on a busy CPU. On a GPU they stay there (``topk_ids``): host work would leave it idle.
 """
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ def topk_scores(s: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)
         idx[r, :k], vals[r, :k] = best.cpu().numpy(), s[r, best].cpu().numpy()
     return _sort_by_score_then_index(vals[:, :k], idx[:, :k])
+
+
+def topk_ids(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of ``topk_scores``, ordered alike (score descending, ties by id), left on the scores'
+    device: the tied rows are fixed as there, then every row is ordered by two sorts on the device."""
+    vals, idx = torch.topk(s, k + 1, dim=1, sorted=True)
+    for r in torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist():  # one sync a block
+        best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)
+        idx[r, :k], vals[r, :k] = best, s[r, best]
+    idx, order = idx[:, :k].sort(dim=1)  # ids ascending, then a stable sort by score keeps them so in ties
+    return idx.gather(1, vals[:, :k].gather(1, order).sort(dim=1, descending=True, stable=True)[1])
 
 
 def _lowest_ids_at_boundary(row: torch.Tensor, threshold: float, k: int) -> torch.Tensor:
