@@ -2,7 +2,7 @@
 are left finite), ties broken by lower row id.
 
 One extra candidate tells whether the k-th score is tied with one outside the top k; only those
-rows (rare with real-valued vectors) are fixed up one by one. On the CPU the [rows, k] results are
+rows are fixed up, together (common where scores are coarse: a view of few labels, many items). On the CPU the [rows, k] results are
 ordered on the host with numpy (``topk_scores``): small tensor operations cost more than the work
 they do on a busy CPU. On a GPU they stay there (``topk_ids``): host work would leave it idle.
 """
@@ -38,29 +38,38 @@ def row_scores(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = N
 def topk_scores(s: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) of each row of scores ``s``, ties by id; columns at -inf are left out,
     so every row needs at least k finite scores (1 <= k < s.shape[1])."""
-    vals, idx = (t.cpu().numpy() for t in torch.topk(s, k + 1, dim=1, sorted=True))
-    for r in np.flatnonzero(vals[:, k] == vals[:, k - 1]):  # the k-th score ties with one left out
-        best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)
-        idx[r, :k], vals[r, :k] = best.cpu().numpy(), s[r, best].cpu().numpy()
-    return _sort_by_score_then_index(vals[:, :k], idx[:, :k])
+    vals, idx = _topk_fixed_at_boundary(s, k)
+    return _sort_by_score_then_index(vals.cpu().numpy(), idx.cpu().numpy())
 
 
 def topk_ids(s: torch.Tensor, k: int) -> torch.Tensor:
     """The ids of ``topk_scores``, ordered alike (score descending, ties by id), left on the scores'
     device: the tied rows are fixed as there, then every row is ordered by two sorts on the device."""
+    vals, idx = _topk_fixed_at_boundary(s, k)
+    idx, order = idx.sort(dim=1)  # ids ascending, then a stable sort by score keeps them so in ties
+    return idx.gather(1, vals.gather(1, order).sort(dim=1, descending=True, stable=True)[1])
+
+
+def _topk_fixed_at_boundary(s: torch.Tensor, k: int, cells: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk's k best (scores, ids) of each row, where the k-th score ties with one left out
+    replaced by every id scoring above it and then the lowest ids equal to it (in id order: the
+    caller orders by score). The tied rows are fixed together, ``cells`` scores at a time: ties are
+    common where scores are coarse (a 2-label group's view at 392k items: 22k rows in 49k queries,
+    which one at a time cost three syncs each on a GPU)."""
     vals, idx = torch.topk(s, k + 1, dim=1, sorted=True)
-    for r in torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist():  # one sync a block
-        best = _lowest_ids_at_boundary(s[r], float(vals[r, k - 1]), k)
-        idx[r, :k], vals[r, :k] = best, s[r, best]
-    idx, order = idx[:, :k].sort(dim=1)  # ids ascending, then a stable sort by score keeps them so in ties
-    return idx.gather(1, vals[:, :k].gather(1, order).sort(dim=1, descending=True, stable=True)[1])
-
-
-def _lowest_ids_at_boundary(row: torch.Tensor, threshold: float, k: int) -> torch.Tensor:
-    """The k best ids of one row when the k-th score is tied: all above it, then lowest ids equal to it."""
-    above = torch.nonzero(row > threshold).flatten()
-    equal = torch.nonzero(row == threshold).flatten()[: k - above.numel()]
-    return torch.cat([above, equal])
+    tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()
+    vals, idx = vals[:, :k], idx[:, :k]
+    for rows in tied.split(max(1, cells // s.shape[1])) if len(tied) else ():
+        scores, threshold = s[rows], vals[rows, k - 1]
+        row, col = torch.nonzero(scores >= threshold[:, None], as_tuple=True)  # ids ascending in each row
+        equal = scores[row, col] == threshold[row]
+        above = torch.bincount(row[~equal], minlength=len(rows))  # < k: the k-th score itself is not above
+        seen = equal.cumsum(0)  # equal ids so far, then counted from each row's first
+        rank = seen - (seen - equal.long())[torch.searchsorted(row, torch.arange(len(rows), device=row.device))][row]
+        best = col[~equal | (rank <= (k - above)[row])]  # exactly k in each row
+        idx[rows] = best.view(len(rows), k)
+        vals[rows] = scores.gather(1, idx[rows])
+    return vals, idx
 
 
 def _sort_by_score_then_index(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
