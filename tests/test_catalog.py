@@ -1,4 +1,6 @@
 """Catalog parsing: good input, each bad case, the hash split and the summary."""
+from collections import Counter
+
 import pytest
 
 from conftest import needs_dataset, write_catalog
@@ -99,12 +101,36 @@ def test_hostile_image_paths(tmp_path, image, message):
         read_catalog(root)
 
 
+@pytest.mark.parametrize("well_formed", [True, False])
+def test_identifier_columns_are_left_out_and_reported(tmp_path, capsys, caplog, monkeypatch, well_formed):
+    # a retailer's export: sku (one per photo) and a description (unique but for one repeat: 39 of
+    # 40 items alone) are no attributes; a product id shared by two photos each is one (each photo's
+    # relevant item is its pair), and so is a size where 10 of 20 items are alone (not more than half)
+    from retrieval.data import columns
+
+    if not well_formed:  # the row-by-row reader counts the labels itself
+        monkeypatch.setattr(columns, "read_columns", lambda *a: None)
+    rows = [f"{i}.jpg,train,,red,SKU{i},P{i // 2},text {max(i, 1)},{i if i < 10 else 'M'}" for i in range(40)]
+    root = write_catalog(tmp_path, rows, header="image,split,title,colour,sku,product,description,size")
+    cat = read_catalog(root)
+    assert cat.groups == ["colour", "product", "size"] and sorted(cat.left_out) == ["description", "sku"]
+    assert cat.left_out["sku"] == ("an identifier or free text, not an attribute: 40 of its 40 labelled items "
+                                   "share no label with another item")
+    assert "38 of its 40 labelled items" in cat.left_out["description"]  # 'text 1' is on rows 0 and 1
+    assert "group 'sku': an identifier or free text" in caplog.text
+    assert cli(["catalog-info", str(root)]) == 0
+    assert "left out: group 'sku' (an identifier or free text" in capsys.readouterr().out
+    # below 20 labelled items a group is kept whatever its labels (nothing to judge from)
+    small = write_catalog(tmp_path / "small", rows[:19], header="image,split,title,colour,sku,product,description,size")
+    assert read_catalog(small).left_out == {}
+
+
 def test_empty_group_is_left_out_and_reported(tmp_path, capsys, caplog):
     root = write_catalog(tmp_path, ["a.jpg,train,,red,,x", "b.jpg,test,,blue,,y"],
                          header="image,split,title,colour,season,fit")
     cat = read_catalog(root)
     assert cat.groups == ["colour", "fit"] and cat.left_out == {"season": "no label on any row"}
-    assert "'season' has no label on any row" in caplog.text
+    assert "'season': no label on any row" in caplog.text
     assert cli(["catalog-info", str(root)]) == 0
     assert "left out: group 'season' (no label on any row)" in capsys.readouterr().out
 
@@ -169,12 +195,12 @@ def test_column_reader_reads_as_the_row_reader(tmp_path, check_files):
     from retrieval.data.columns import read_columns
 
     root = tricky_catalog(tmp_path)
-    groups, items, vocab = read_columns(root / "labels.csv", root, check_files)
+    groups, items, cells = read_columns(root / "labels.csv", root, check_files)
     want_groups, want_items = _read_rows(root / "labels.csv", root, check_files)
     assert groups == want_groups == ["colour", "type", "fit"]
     assert items == want_items and [it.stat for it in items] == [it.stat for it in want_items]
     assert items[1].title == 'two\nlines "quoted"' and items[0].labels["colour"] == ("red", "white")
-    assert vocab == {"colour": ["blue", "red", "white"], "type": ["dress", "shirt"], "fit": []}
+    assert cells == {g: Counter(it.labels[g] for it in want_items) for g in groups}  # rows per label tuple
     assert (items[0].stat is not None) == check_files
 
 

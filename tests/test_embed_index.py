@@ -183,7 +183,7 @@ def test_empty_and_test_only_groups_are_left_out(demo_catalog, tmp_path, caplog)
     run, emb, report = tmp_path / "run", tmp_path / "emb.h5", tmp_path / "report"
     assert cli(["train", "--catalog", str(catalog), "--out", str(run), "--epochs", "1", "--backbone", "tiny",
                 "--image-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu"]) == 0
-    assert "'season' has no label on any row" in caplog.text and "'fit' is labelled only in the test" in caplog.text
+    assert "'season': no label on any row" in caplog.text and "'fit' is labelled only in the test" in caplog.text
     groups = load_checkpoint(run / "best.pt")["model_config"]["groups"]
     assert "season" not in groups and "fit" not in groups and "category" in groups
     assert embed(run, catalog, emb) == 0

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ LABELS_FILE = "labels.csv"
 RESERVED_COLUMNS = ("image", "split", "title")
 SPLITS = ("train", "test")
 LABEL_SEPARATOR = "|"
+MIN_UNSHARED_ITEMS = 20  # a group is judged an identifier column (unshared_labels) from this many labelled items
 
 
 class CatalogError(ValueError):
@@ -266,15 +268,33 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
     if fast is None:
         logger.info("%s: read row by row (the column reader takes only regular files: every row with every "
                     "column, plain paths, existing images)", csv_path)
-    groups, items, vocab = fast if fast else (*_read_rows(csv_path, root, check_files), None)
+    groups, items, cells = fast if fast else (*_read_rows(csv_path, root, check_files), None)
     if not items:
         raise CatalogError(f"{csv_path}: no rows")
-    vocab = vocab or build_vocab(items, groups)
-    empty = {g: "no label on any row" for g in groups if not vocab[g]}
-    for g in empty:
-        logger.warning("%s: group %r has no label on any row; it is left out", csv_path, g)
-    kept = [g for g in groups if g not in empty]
-    return Catalog(root, kept, items, {g: vocab[g] for g in kept}, left_out=empty)
+    cells = cells or {g: Counter(item.labels[g] for item in items) for g in groups}
+    vocab = {g: sorted({label for cell in cells[g] for label in cell}) for g in groups}
+    left_out = {g: "no label on any row" for g in groups if not vocab[g]}
+    left_out.update({g: why for g in groups if g not in left_out and (why := unshared_labels(cells[g]))})
+    for g, why in left_out.items():
+        logger.warning("%s: group %r: %s; it is left out", csv_path, g, why)
+    kept = [g for g in groups if g not in left_out]
+    return Catalog(root, kept, items, {g: vocab[g] for g in kept}, left_out=left_out)
+
+
+def unshared_labels(cells: dict[tuple[str, ...], int], min_items: int = MIN_UNSHARED_ITEMS) -> str | None:
+    """Why a group is a column of identifiers or free text rather than an attribute (None when it is
+    not): most of its labelled items (``min_items`` or more) share no label with any other item, so
+    there is nothing to learn from them, and as queries they have no relevant item in any ranking
+    (a SKU, a product name, a description; a product id shared by several photos stays a group)."""
+    counts: Counter[str] = Counter()
+    for cell, n in cells.items():
+        counts.update(dict.fromkeys(cell, n))
+    labelled = sum(n for cell, n in cells.items() if cell)
+    alone = sum(n for cell, n in cells.items() if cell and all(counts[label] == 1 for label in cell))
+    if labelled < min_items or 2 * alone <= labelled:
+        return None
+    return (f"an identifier or free text, not an attribute: {alone:,} of its {labelled:,} labelled items share "
+            "no label with another item")
 
 
 def items_digest(items: list[Item]) -> dict[str, str]:

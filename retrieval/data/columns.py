@@ -51,13 +51,17 @@ def stripped(column: pa.ChunkedArray) -> list[str]:
     return [cell.strip() for cell in column.to_pylist()]
 
 
-def label_column(column: pa.ChunkedArray) -> tuple[list[tuple[str, ...]], set[str]]:
-    """Each row's label tuple (one shared tuple per distinct cell) and the labels that occur."""
+def label_column(column: pa.ChunkedArray) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], int]]:
+    """Each row's label tuple (one shared tuple per distinct cell) and how many rows have each."""
     encoded = pc.dictionary_encode(column.combine_chunks())
     parsed = [parse_labels(cell) for cell in encoded.dictionary.to_pylist()]
     table = np.empty(len(parsed), dtype=object)
     table[:] = parsed
-    return table[encoded.indices.to_numpy(zero_copy_only=False)].tolist(), {label for cell in parsed for label in cell}
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    cells: dict[tuple[str, ...], int] = {}
+    for labels, n in zip(parsed, np.bincount(indices, minlength=len(parsed)).tolist()):
+        cells[labels] = cells.get(labels, 0) + n  # "a|b" and "a | b" are one tuple
+    return table[indices].tolist(), cells
 
 
 def file_stats(root: Path, images: list[str]) -> list[tuple[int, int] | None] | None:
@@ -93,8 +97,8 @@ def _lstat(path: str, inside: str) -> tuple[int, int] | None | bool:
 
 
 def read_columns(csv_path: Path, root: Path, check_files: bool
-                 ) -> tuple[list[str], list[Item], dict[str, list[str]]] | None:
-    """(groups, items, vocabulary of every group) of a well-formed labels.csv, else None."""
+                 ) -> tuple[list[str], list[Item], dict[str, dict[tuple[str, ...], int]]] | None:
+    """(groups, items, {group: {label tuple: rows}}) of a well-formed labels.csv, else None."""
     header = read_header(csv_path)
     table = read_table(csv_path, len(header)) if header else None
     if table is None or table.num_rows < 2 or table.slice(0, 1).to_pylist()[0] != {
@@ -116,9 +120,9 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     else:
         splits = [hash_split(image) for image in images]
     titles = stripped(columns["title"]) if "title" in columns else [""] * len(images)
-    labels, vocab = zip(*(label_column(columns[g]) for g in groups))
+    labels, cells = zip(*(label_column(columns[g]) for g in groups))
     stats = found if check_files else [None] * len(images)
     rows = zip(images, splits, titles, stats, zip(*labels))
     items = [Item(row, image, split, title, dict(zip(groups, cells)), st)
              for row, (image, split, title, st, cells) in enumerate(rows)]
-    return groups, items, {g: sorted(v) for g, v in zip(groups, vocab)}
+    return groups, items, dict(zip(groups, cells))
