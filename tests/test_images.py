@@ -115,3 +115,24 @@ def test_errors_name_the_path(tmp_path):
         load_image(path)
     with pytest.raises(ImageError, match="^sub/broken.jpg: cannot read image"):
         load_image(path, name="sub/broken.jpg")
+
+
+@pytest.mark.parametrize("mode, orientation", [("RGB", 1), ("RGB", 6), ("L", 1), ("CMYK", 1)])
+def test_large_jpeg_is_decoded_at_a_reduced_scale_for_its_size(mode, orientation):
+    # a 1,920 x 1,280 photo for 64 px: libjpeg's 1/8 scale (240 x 160: the longer side still >= 3 x 64,
+    # as uploads are decoded), the same picture letterboxed as from the full decode (EXIF rotation,
+    # grey and CMYK kept)
+    from retrieval.data.images import to_uint8_array
+
+    y, x = np.mgrid[0:1280, 0:1920]
+    rgb = np.stack([x * 255 // 1919, y * 255 // 1279, (x // 160 % 2) * 255], -1).astype(np.uint8)
+    img = Image.fromarray(rgb).convert(mode)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    full, reduced = (load_image(encode(img, "JPEG", quality=95, exif=exif), size=size) for size in (None, 64))
+    assert full.size == ((1280, 1920) if orientation == 6 else (1920, 1280))
+    assert reduced.size == tuple(side // 8 for side in full.size) and reduced.mode == "RGB"
+    a, b = (to_uint8_array(im, 64).astype(np.int16) for im in (full, reduced))
+    assert np.abs(a - b).mean() < 3
+    png = load_image(encode(Image.fromarray(rgb), "PNG"), size=64)  # other formats: decoded whole
+    assert png.size == (1920, 1280)

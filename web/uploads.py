@@ -4,21 +4,20 @@ orientation applied.
 
 A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG and WebP cannot be decoded
 at reduced scale, so their peak is the full raster (at most UPLOAD_MAX_PIXELS x 4 bytes), dropped
-before the model runs. Helpers live here, not in retrieval/images.py, because only uploads need them.
+before the model runs. The JPEG scale is chosen as for catalogue images (``retrieval.data.images.draft_size``),
+so that a photo and the same file in the catalogue are decoded alike.
 """
 from __future__ import annotations
 
 import io
-import math
 import struct
 import warnings
 
 from PIL import Image
 
-from retrieval.data.images import ImageError, to_rgb
+from retrieval.data.images import SUPERSAMPLE, ImageError, draft_size, to_rgb
 
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
-SUPERSAMPLE = 3  # keep the longer side >= 3x the largest size used, like PIL's reducing_gap=3 in letterbox
 OPEN_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)  # what PIL raises on garbage
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "RGBX", "PA")
 ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -65,14 +64,6 @@ def decode(img: Image.Image, longest: int, name: str) -> Image.Image:
     except OPEN_ERRORS as err:
         raise ImageError(f"{name}: cannot read the image ({err})") from err
     return small.transpose(ORIENTATIONS[orientation]) if orientation in ORIENTATIONS else small
-
-
-def draft_size(size: tuple[int, int], longest: int) -> tuple[int, int] | None:
-    """Return the smallest (w, h) keeping the aspect ratio with max(w, h) >= longest; None when already there."""
-    scale = longest / max(size)
-    if scale >= 1:
-        return None
-    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
 
 
 def shrink(img: Image.Image, longest: int) -> Image.Image:

@@ -165,7 +165,8 @@ class ImageDataset(Dataset):
         if self.cache is not None and self.cache.serves(item):
             return torch.from_numpy(self.cache.read(item.image)), i
         try:
-            return torch.from_numpy(to_uint8_array(load_image(self.catalog.path_of(item)), self.size)), i
+            image = load_image(self.catalog.path_of(item), size=self.size)
+            return torch.from_numpy(to_uint8_array(image, self.size)), i
         except ImageError as err:
             logger.debug("%s", err)
             return None, i
