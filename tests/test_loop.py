@@ -212,3 +212,26 @@ def test_memorising_names_an_early_peak_or_an_early_low_in_validation_loss():
     assert memorising(run(0, 4), 4) is None  # too short to say
     by_loss = [{"epoch": e, "train_loss": 1.0, "val_loss": abs(e - 2) + 1.0} for e in range(20)]
     assert memorising(by_loss, 20, "loss") == "best.pt is epoch 2 of 20"
+
+
+def test_unlearnt_groups_are_those_no_better_than_the_largest_class():
+    # 40 validation items. size: largest training class "M" (3 of 5 training items) is 25 of the
+    # 40 validation labels, 0.625: accuracy 0.600 at the best epoch (by val_map, epoch 1) is no
+    # better; type: largest class "a" is 20 of 40, 0.5, accuracy 0.9 is; "rare" has 10 labelled
+    # validation items (under 20: not judged); "price" is 0.5 at the best epoch although 0.1 at epoch 0
+    from retrieval.data.datasets import Targets
+    from retrieval.train.loop import unlearnt_groups
+
+    def targets(columns, n, known=None):
+        multi_hot = {g: torch.nn.functional.one_hot(torch.tensor(c), k).float() for g, (c, k) in columns.items()}
+        return Targets(multi_hot, {g: torch.ones(n, dtype=torch.bool) if known is None or g not in known
+                                   else known[g] for g in columns})
+
+    train = targets({"size": ([1, 1, 1, 0, 2], 3), "type": ([0, 0, 1, 1, 0], 2), "rare": ([0, 1, 1, 1, 1], 2),
+                     "price": ([0, 1, 2, 2, 2], 3)}, 5)
+    val = targets({"size": ([1] * 25 + [0] * 15, 3), "type": ([0] * 20 + [1] * 20, 2), "rare": ([0] * 40, 2),
+                   "price": ([2] * 20 + [0] * 20, 3)}, 40, known={"rare": torch.arange(40) < 10})
+    history = [{"epoch": 0, "val_map": 0.3, "val_accuracy": {"size": 0.9, "type": 0.9, "rare": 0.0, "price": 0.1}},
+               {"epoch": 1, "val_map": 0.4, "val_accuracy": {"size": 0.6, "type": 0.9, "rare": 0.0, "price": 0.5}}]
+    assert unlearnt_groups(history, train, val) == {"size": (0.6, 0.625, 1), "price": (0.5, 0.5, 2)}
+    assert unlearnt_groups([], train, val) == {}

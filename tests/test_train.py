@@ -67,6 +67,27 @@ def test_other_methods_train(demo_catalog, tmp_path, method, capsys):
     assert load_checkpoint(tmp_path / method / "last.pt")["model_config"]["method"] == method
 
 
+def test_a_group_the_photos_do_not_show_is_named(demo_catalog, tiny_run, tmp_path, monkeypatch, caplog):
+    # the run's history and targets go to unlearnt_groups (tested in test_loop.py) once the run is
+    # over; each group it returns is named with its accuracy, baseline and largest class
+    import retrieval.train.trainer as trainer
+
+    seen = []
+    def unlearnt(history, train_targets, val_targets, select_by):
+        seen.append((len(history), sorted(train_targets.known), len(val_targets.known["category"]), select_by))
+        return {"pattern": (0.5, 0.6, 1)}
+    monkeypatch.setattr(trainer, "unlearnt_groups", unlearnt)
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, tmp_path / "run", "--epochs", "2", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    from retrieval.train.config import split_validation
+
+    catalog = read_catalog(demo_catalog)
+    vocab, validation = catalog.vocab["pattern"], split_validation(catalog.split_items("train"), 0.1)[1]
+    assert seen == [(2, ["category", "colours", "gender", "pattern", "sleeve"], len(validation), "map")]
+    assert (f"group 'pattern': validation accuracy 0.500 at the best epoch, no better than always answering its "
+            f"largest training class {vocab[1]!r} (0.600): the photos may not show it") in caplog.text
+
+
 def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     # one epoch, then --resume to two: the same weights as the uninterrupted two-epoch run
     run = tmp_path / "resumed"

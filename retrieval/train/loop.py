@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from retrieval.data import embfile
+from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
 from retrieval.train.config import freeze_units
@@ -174,6 +175,31 @@ def selection_score(record: dict, select_by: str = "map") -> float:
     if select_by == "map" and record.get("val_map") is not None:
         return record["val_map"]
     return -record.get("val_loss", record["train_loss"])
+
+
+def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by: str = "map",
+                    min_items: int = 20) -> dict[str, tuple[float, float, int]]:
+    """Groups whose validation accuracy at the best epoch is no better than always answering the
+    training items' largest class (a price, a stock code, anything the photos do not show), among
+    groups with ``min_items`` or more labelled validation items: {group: (accuracy, that baseline,
+    the class)}. Such a group only adds noise to the shared embedding. Seen: a random price column
+    of a retailer's export (0.133 against 0.133); season on the street stand-ins with 30% of the labels
+    wrong (0.60 / 0.61 against 0.61: validated on wrong labels too); no group of the clean
+    stand-ins or the development catalog."""
+    scored = [r for r in history if r.get("val_accuracy")]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda record: selection_score(record, select_by))["val_accuracy"]
+    found = {}
+    for g, accuracy in best.items():
+        known = val.known[g]
+        if accuracy is None or int(known.sum()) < min_items:
+            continue
+        largest = int(train.multi_hot[g][train.known[g]].sum(0).argmax())
+        baseline = float(val.multi_hot[g][known, largest].mean())
+        if accuracy <= baseline:
+            found[g] = (accuracy, baseline, largest)
+    return found
 
 
 def memorising(history: list[dict], epochs: int, select_by: str = "map", rise: float = 0.05) -> str | None:

@@ -26,7 +26,8 @@ from retrieval.train.config import (EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSI
                                     CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                                     parse_early_learning, parse_fill_missing, parse_lr_steps, resolve_blocks,
                                     resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
-from retrieval.train.loop import LossSettings, TrainState, memorising, selection_score, train_one_epoch, validate
+from retrieval.train.loop import (LossSettings, TrainState, memorising, selection_score, train_one_epoch,
+                                  unlearnt_groups, validate)
 from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
 
 logger = logging.getLogger(__name__)
@@ -331,7 +332,19 @@ class Job:
         if self.bad_rows and self.main:
             bad = sorted(self.train_items[i].image for i in self.bad_rows)
             logger.warning("%d unreadable training images were skipped: %s", len(bad), ", ".join(bad[:10]))
+        if self.main:
+            self.warn_unlearnt(history)
         return history
+
+    def warn_unlearnt(self, history: list[dict]) -> None:
+        """Name each group the run predicts no better than its largest class (``unlearnt_groups``)."""
+        for g, (accuracy, baseline, label) in unlearnt_groups(history, self.targets, self.val_targets,
+                                                              self.cfg.select_by).items():
+            logger.warning("group %r: validation accuracy %.3f at the best epoch, no better than always answering "
+                           "its largest training class %r (%.3f): the photos may not show it, or its labels are too "
+                           "noisy to learn; a group nothing is learnt from only adds noise to the shared embedding, "
+                           "so consider training without it (--groups)", g, accuracy, self.catalog.vocab[g][label],
+                           baseline)
 
     def train_with_early_learning_rule(self) -> list[dict]:
         """The run as configured, and with ``--early-learning auto`` the second run where the first
@@ -474,7 +487,7 @@ class Job:
             filled, before = self.predict_missing(confidence), kept["train_config"]
             if self.main:
                 told = ", ".join(f"{g} {int((f >= 0).sum())} of {int((~self.targets.known[g]).sum())}"
-                                 for g, f in filled.items())
+                                 for g, f in filled.items() if not self.targets.known[g].all())
                 logger.warning("training again from the start with the missing training labels the model predicts "
                                "at %.2f or more filled in (%s; the validation items' labels are not filled)",
                                confidence, told)
