@@ -84,6 +84,45 @@ def test_non_utf8_file_names_file_and_line(tmp_path, capsys):
     assert "line 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("well_formed", [True, False])
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_spreadsheets_export_is_read_as_the_csv(tmp_path, monkeypatch, delimiter, well_formed):
+    # semicolons or tabs between cells (Excel's CSV in many locales, a tab-separated export) and
+    # Windows backslashes in the image paths: the same catalog as the comma-separated original
+    from retrieval.data import columns
+
+    rows = ["a.jpg,train,Red dress,red|white,dress", "sub/b.jpg,test,,,shirt", "sub/c.jpg,train,Blue,blue,dress"]
+    want = read_catalog(write_catalog(tmp_path / "csv", rows))
+    root = write_catalog(tmp_path / "export", [r.replace(",", delimiter).replace("/", "\\") for r in rows],
+                         header=f"image{delimiter}split{delimiter}title{delimiter}colour{delimiter}type",
+                         images=["a.jpg", "sub/b.jpg", "sub/c.jpg"])
+    if not well_formed:  # the row-by-row reader
+        monkeypatch.setattr(columns, "read_columns", lambda *a: None)
+    got = read_catalog(root)
+    assert got.groups == want.groups and got.vocab == want.vocab
+    assert [(it.image, it.split, it.title, it.labels) for it in got.items] == \
+        [(it.image, it.split, it.title, it.labels) for it in want.items]
+
+
+@pytest.mark.parametrize("well_formed", [True, False])
+def test_labels_differing_only_in_case_or_spaces_are_one(tmp_path, monkeypatch, caplog, well_formed):
+    # 'Black' on 3 items, 'black' on 1, 'BLACK' in a multi-label cell beside 'Black' (one label
+    # then); 'Navy  Blue' (2) and 'navy blue' (1); 'Red' untouched
+    from retrieval.data import columns
+
+    if not well_formed:
+        monkeypatch.setattr(columns, "read_columns", lambda *a: None)
+    rows = ["a.jpg,train,,Black,x", "b.jpg,train,,black,x", "c.jpg,train,,Black|BLACK,x", "d.jpg,test,,Black,y",
+            "e.jpg,test,,Navy  Blue,y", "f.jpg,train,,navy blue|Red,x", "g.jpg,train,,Navy  Blue,y"]
+    cat = read_catalog(write_catalog(tmp_path, rows))
+    assert cat.vocab["colour"] == ["Black", "Navy  Blue", "Red"]
+    assert [it.labels["colour"] for it in cat.items] == [("Black",)] * 4 + [("Navy  Blue",), ("Navy  Blue", "Red"),
+                                                                              ("Navy  Blue",)]
+    assert ("group 'colour': labels that differ only in letter case or spaces are one label, the most frequent "
+            "spelling: 'Black' for 'BLACK', 'black'; 'Navy  Blue' for 'navy blue'") in caplog.text
+    assert "'type'" not in caplog.text
+
+
 def test_header_names_are_trimmed(tmp_path):
     root = write_catalog(tmp_path, ["a.jpg,test,Red,red"], header="image, split , title, colour")
     cat = read_catalog(root)
@@ -94,6 +133,7 @@ def test_header_names_are_trimmed(tmp_path):
     ("a\x00b.jpg", "not a usable file path"),
     ("/etc/passwd", "leaves the catalog directory"),
     ("sub/../../x.jpg", "leaves the catalog directory"),
+    ("sub\\..\\..\\x.jpg", "leaves the catalog directory"),  # a Windows export's separators
 ])
 def test_hostile_image_paths(tmp_path, image, message):
     root = write_catalog(tmp_path, [f"{image},train,,red,dress"], images=[])

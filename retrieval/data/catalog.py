@@ -164,6 +164,20 @@ def decode_labels_file(csv_path: Path) -> str:
                            "re-save the file as UTF-8 (e.g. 'Save as' CSV UTF-8)") from None
 
 
+def csv_delimiter(first_line: str) -> str:
+    """The cell separator of labels.csv: a comma, or the semicolon or tab of a spreadsheet's export
+    where the header splits into an 'image' column on that and not on commas."""
+    for delimiter in (",", ";", "\t"):
+        if "image" in (cell.strip().strip('"') for cell in first_line.split(delimiter)):
+            return delimiter
+    return ","
+
+
+def image_path_of(cell: str) -> str:
+    """An image path as written in labels.csv, with a Windows export's backslashes as '/'."""
+    return cell.strip().replace("\\", "/")
+
+
 def image_stat(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a regular file, None when it is missing or not a file."""
     try:
@@ -215,7 +229,7 @@ class _RowReader:
         where = f"{self.csv_path}, line {line}"
         if None in row:
             raise CatalogError(f"{where}: more cells than header columns")
-        image = (row.get("image") or "").strip()
+        image = image_path_of(row.get("image") or "")
         if not image:
             raise CatalogError(f"{where}: empty 'image' field")
         found = self.image_path(image, where)
@@ -229,7 +243,8 @@ class _RowReader:
 
 
 def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str], list[Item]]:
-    reader = csv.DictReader(io.StringIO(decode_labels_file(csv_path), newline=""))
+    text = decode_labels_file(csv_path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
     try:
         header = reader.fieldnames
         reader.fieldnames = [h.strip() for h in header] if header else header
@@ -272,6 +287,17 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
     if not items:
         raise CatalogError(f"{csv_path}: no rows")
     cells = cells or {g: Counter(item.labels[g] for item in items) for g in groups}
+    for g in groups:
+        respelled, told = merge_spellings(cells[g])
+        if respelled:
+            logger.warning("%s: group %r: labels that differ only in letter case or spaces are one label, the "
+                           "most frequent spelling: %s", csv_path, g, told)
+            for item in items:
+                item.labels[g] = respelled.get(item.labels[g], item.labels[g])
+            merged: Counter[tuple[str, ...]] = Counter()
+            for cell, n in cells[g].items():
+                merged[respelled.get(cell, cell)] += n
+            cells[g] = merged
     vocab = {g: sorted({label for cell in cells[g] for label in cell}) for g in groups}
     left_out = {g: "no label on any row" for g in groups if not vocab[g]}
     left_out.update({g: why for g in groups if g not in left_out and (why := unshared_labels(cells[g]))})
@@ -279,6 +305,25 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
         logger.warning("%s: group %r: %s; it is left out", csv_path, g, why)
     kept = [g for g in groups if g not in left_out]
     return Catalog(root, kept, items, {g: vocab[g] for g in kept}, left_out=left_out)
+
+
+def merge_spellings(cells: dict[tuple[str, ...], int]) -> tuple[dict[tuple[str, ...], tuple[str, ...]], str]:
+    """Labels of one group that differ only in letter case or spaces ('Navy Blue', 'navy  blue') as
+    one: ({cell: the cell respelled} for the cells that change, what was merged, for the log). The
+    spelling kept is the one on the most items (ties: the first in sorted order)."""
+    counts: Counter[str] = Counter()
+    for cell, n in cells.items():
+        counts.update(dict.fromkeys(cell, n))
+    spellings: dict[str, list[str]] = {}
+    for label in sorted(counts):
+        spellings.setdefault(" ".join(label.casefold().split()), []).append(label)
+    kept = {label: max(group, key=lambda v: (counts[v], [-ord(c) for c in v]))
+            for group in spellings.values() if len(group) > 1 for label in group}
+    respelled = {cell: new for cell in cells if any(label in kept for label in cell)
+                 for new in [tuple(dict.fromkeys(kept.get(label, label) for label in cell))] if new != cell}
+    told = "; ".join(f"{keep!r} for {', '.join(repr(v) for v in group if v != keep)}"
+                     for group in spellings.values() if len(group) > 1 for keep in [kept[group[0]]])
+    return respelled, told
 
 
 def unshared_labels(cells: dict[tuple[str, ...], int], min_items: int = MIN_UNSHARED_ITEMS) -> str | None:

@@ -19,26 +19,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from retrieval.data.catalog import SPLITS, Item, check_header, hash_split, parse_labels
+from retrieval.data.catalog import (SPLITS, Item, check_header, csv_delimiter, hash_split, image_path_of,
+                                    parse_labels)
 
 STAT_CHUNK = 4096  # paths per thread-pool task
 
 
-def read_header(csv_path: Path) -> list[str] | None:
-    """The first record of labels.csv (None when it cannot be decoded or parsed)."""
+def read_header(csv_path: Path) -> tuple[list[str], str] | None:
+    """The first record of labels.csv and its cell separator (None when it cannot be decoded or parsed)."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            return next(csv.reader(f), None)
+            delimiter = csv_delimiter(f.readline())
+            f.seek(0)
+            header = next(csv.reader(f, delimiter=delimiter), None)
     except (UnicodeDecodeError, csv.Error):
         return None
+    return (header, delimiter) if header else None
 
 
-def read_table(csv_path: Path, n_columns: int) -> pa.Table | None:
+def read_table(csv_path: Path, n_columns: int, delimiter: str = ",") -> pa.Table | None:
     """Every cell as a string (empty stays empty), the header as row 0; None on any parse error."""
     names = [f"c{i}" for i in range(n_columns)]
     try:
         return pv.read_csv(csv_path, read_options=pv.ReadOptions(column_names=names),
-                           parse_options=pv.ParseOptions(newlines_in_values=True),
+                           parse_options=pv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
                            convert_options=pv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                              strings_can_be_null=False,
                                                              quoted_strings_can_be_null=False))
@@ -99,15 +103,16 @@ def _lstat(path: str, inside: str) -> tuple[int, int] | None | bool:
 def read_columns(csv_path: Path, root: Path, check_files: bool
                  ) -> tuple[list[str], list[Item], dict[str, dict[tuple[str, ...], int]]] | None:
     """(groups, items, {group: {label tuple: rows}}) of a well-formed labels.csv, else None."""
-    header = read_header(csv_path)
-    table = read_table(csv_path, len(header)) if header else None
+    head = read_header(csv_path)
+    header, delimiter = head if head else (None, ",")
+    table = read_table(csv_path, len(header), delimiter) if header else None
     if table is None or table.num_rows < 2 or table.slice(0, 1).to_pylist()[0] != {
             f"c{i}": h for i, h in enumerate(header)}:
         return None
     header = [h.strip() for h in header]
     groups = check_header(header, csv_path)
     columns = {h: table.column(i).slice(1) for i, h in enumerate(header)}
-    images = stripped(columns["image"])
+    images = [image_path_of(cell) for cell in columns["image"].to_pylist()]
     if not all(images) or len(set(images)) != len(images):
         return None
     found = file_stats(root, images)
