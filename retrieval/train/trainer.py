@@ -141,6 +141,7 @@ class Job:
         cfg = self.cfg
         self.image_cache = ImageCache(cfg.image_cache) if cfg.image_cache else None
         self.bad_rows: set[int] = set()
+        self.train_rows = self.val_rows = None  # the items' rows of the trunk cache (cached mode)
         if self.mode != "cached":
             return
         path = Path(cfg.trunk_cache) if cfg.trunk_cache else self.out / "trunk-cache.h5"
@@ -519,7 +520,7 @@ class Job:
         fillable = {g: missing_at_random(self.targets, g) for g in groups}
         self.model.eval()
         forward = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
-        for positions, x in self.unaugmented_batches(self.train_items, getattr(self, "train_rows", None)):
+        for positions, x in self.unaugmented_batches(self.train_items, self.train_rows):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 _, logits = forward(*x) if isinstance(x, tuple) else forward(x)
             for g in groups:
