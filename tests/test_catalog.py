@@ -274,3 +274,16 @@ def test_unreadable_images_in_catalog_order_on_several_threads(tmp_path):
     catalog = read_catalog(root, check_files=False)
     bad = unreadable_images(catalog, workers=3)
     assert [b.split(":")[0] for b in bad] == ["03.jpg", "11.jpg", "12.jpg", "17.jpg"]
+
+
+def test_labels_joined_by_another_separator_are_pointed_out(tmp_path, capsys):
+    # 'Black, White' and 'Red;Black' are labels the group has, joined; 'Black/White' (one two-tone
+    # colour) and 'Blue, Navy' (Navy is no label of the group) are not pointed out
+    from retrieval.data.summary import composite_labels
+
+    labels = ["Black", "Black, White", "Black/White", "Blue, Navy", "Red", "Red;Black", "White"]
+    assert composite_labels(labels) == ["Black, White", "Red;Black"]
+    rows = [f'{i}.jpg,train,,"{label}",x' for i, label in enumerate(labels)]
+    assert cli(["catalog-info", str(write_catalog(tmp_path, rows))]) == 0
+    assert ("several labels in one cell? group 'colour' has 2 labels made of its other labels (e.g. 'Black, White'); "
+            "separate the labels of a cell with '|' to make the group multi-label") in capsys.readouterr().out

@@ -36,7 +36,26 @@ def left_out_lines(catalog: Catalog) -> list[str]:
     lines += [f"one label: group {g!r} (every labelled item is {labels[0]!r}); it tells no item apart, and "
               "every ranking scores 100 in it, so the evaluation leaves it out of the means"
               for g, labels in catalog.vocab.items() if len(labels) == 1]
+    for g, labels in catalog.vocab.items():
+        joined = composite_labels(labels)
+        if joined:
+            lines.append(f"several labels in one cell? group {g!r} has {len(joined)} labels made of its other labels "
+                         f"(e.g. {joined[0]!r}); separate the labels of a cell with '|' to make the group multi-label")
     return lines
+
+
+def composite_labels(labels: list[str]) -> list[str]:
+    """The labels that are two or more of the group's other labels joined by ',' or ';' ('Black, White'
+    beside 'Black' and 'White'): a multi-label cell written with another separator than '|'."""
+    known = set(labels)
+    found = []
+    for label in labels:
+        for separator in (",", ";"):
+            parts = [part.strip() for part in label.split(separator)]
+            if len(parts) > 1 and all(part in known for part in parts):
+                found.append(label)
+                break
+    return found
 
 
 def format_summary(catalog: Catalog) -> str:
