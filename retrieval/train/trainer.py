@@ -358,7 +358,7 @@ class Job:
         if second:
             self.keep_the_better_run(history)
         elif self.early_learning is None and self.softmax_groups():  # auto's first run, or 0
-            why = memorising(history, self.cfg.epochs, self.cfg.select_by) if self.main else None
+            why = memorising(history, self.cfg.epochs, self.cfg.select_by, len(self.val_items)) if self.main else None
             if not auto:
                 if why is not None:
                     logger.warning("%s, as when a catalogue's wrong labels are being learnt; 'retrieval audit' ranks "
