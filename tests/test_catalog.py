@@ -123,6 +123,21 @@ def test_labels_differing_only_in_case_or_spaces_are_one(tmp_path, monkeypatch, 
     assert "'type'" not in caplog.text
 
 
+@pytest.mark.parametrize("well_formed", [True, False])
+def test_columns_without_a_name_are_ignored_while_empty(tmp_path, monkeypatch, well_formed):
+    # a spreadsheet's export with trailing separators: columns with no header name and no value
+    from retrieval.data import columns
+
+    if not well_formed:
+        monkeypatch.setattr(columns, "read_columns", lambda *a: None)
+    rows = ["a.jpg,train,,red,dress,,", "b.jpg,test,,blue,shirt,, "]
+    cat = read_catalog(write_catalog(tmp_path / "ok", rows, header="image,split,title,colour,type,,"))
+    assert cat.groups == ["colour", "type"] and [it.labels["type"] for it in cat.items] == [("dress",), ("shirt",)]
+    rows[1] = "b.jpg,test,,blue,shirt,,oops"
+    with pytest.raises(CatalogError, match="labels.csv, line 3: value 'oops' in column 7, which has no name"):
+        read_catalog(write_catalog(tmp_path / "bad", rows, header="image,split,title,colour,type,,"))
+
+
 def test_header_names_are_trimmed(tmp_path):
     root = write_catalog(tmp_path, ["a.jpg,test,Red,red"], header="image, split , title, colour")
     cat = read_catalog(root)

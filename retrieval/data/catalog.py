@@ -138,15 +138,23 @@ def check_header(header: list[str] | None, csv_path: Path) -> list[str]:
     """The attribute groups of a (whitespace-trimmed) header; CatalogError when it is not usable."""
     if not header or "image" not in header:
         raise CatalogError(f"{csv_path}: missing header; the first line must be 'image,split,title,<group>,...'")
-    duplicates = sorted({h for h in header if header.count(h) > 1})
+    duplicates = sorted({h for h in header if h and header.count(h) > 1})
     if duplicates:
         raise CatalogError(f"{csv_path}: duplicate columns {duplicates}")
-    groups = [h for h in header if h not in RESERVED_COLUMNS]
+    groups = [h for h in header if h and h not in RESERVED_COLUMNS]  # a column without a name: see unnamed_cell
     if not groups:
         raise CatalogError(f"{csv_path}: no attribute group columns besides {', '.join(RESERVED_COLUMNS)}")
-    if any(not g for g in groups):
-        raise CatalogError(f"{csv_path}: an attribute group column has an empty name")
     return groups
+
+
+def unnamed_cell(header: list[str], cells: list[str | None]) -> tuple[int, str] | None:
+    """(column number from 1, value) of the first cell with a value in a column whose header is empty,
+    or None. A spreadsheet's export may carry such columns, empty (trailing separators); they are
+    ignored, but a value there belongs to no group and is an error."""
+    for i, (name, cell) in enumerate(zip(header, cells)):
+        if not name and cell and cell.strip():
+            return i + 1, cell
+    return None
 
 
 def decode_labels_file(csv_path: Path) -> str:
@@ -229,6 +237,9 @@ class _RowReader:
         where = f"{self.csv_path}, line {line}"
         if None in row:
             raise CatalogError(f"{where}: more cells than header columns")
+        stray = unnamed_cell([k if not k.startswith("\0") else "" for k in row], list(row.values()))
+        if stray:
+            raise CatalogError(f"{where}: value {stray[1]!r} in column {stray[0]}, which has no name in the header")
         image = image_path_of(row.get("image") or "")
         if not image:
             raise CatalogError(f"{where}: empty 'image' field")
@@ -246,9 +257,10 @@ def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str]
     text = decode_labels_file(csv_path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
     try:
-        header = reader.fieldnames
-        reader.fieldnames = [h.strip() for h in header] if header else header
-        rows = _RowReader(root, csv_path, check_header(reader.fieldnames, csv_path), check_files)
+        header = [h.strip() for h in reader.fieldnames] if reader.fieldnames else reader.fieldnames
+        groups = check_header(header, csv_path)
+        reader.fieldnames = [h or f"\0unnamed {i}" for i, h in enumerate(header)]  # kept apart, checked empty
+        rows = _RowReader(root, csv_path, groups, check_files)
         items: list[Item] = []
         seen: dict[str, int] = {}
         for row in reader:

@@ -111,7 +111,9 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
         return None
     header = [h.strip() for h in header]
     groups = check_header(header, csv_path)
-    columns = {h: table.column(i).slice(1) for i, h in enumerate(header)}
+    columns = {h: table.column(i).slice(1) for i, h in enumerate(header) if h}
+    if any(not h and any(cell.strip() for cell in table.column(i).slice(1).to_pylist()) for i, h in enumerate(header)):
+        return None  # a value in a column without a name: the row reader names it
     images = [image_path_of(cell) for cell in columns["image"].to_pylist()]
     if not all(images) or len(set(images)) != len(images):
         return None
