@@ -244,7 +244,7 @@ class _RowReader:
         if not image:
             raise CatalogError(f"{where}: empty 'image' field")
         found = self.image_path(image, where)
-        split = (row.get("split") or "").strip()
+        split = (row.get("split") or "").strip().lower()  # 'Train', 'TEST' as spreadsheets write them
         if "split" not in row:
             split = hash_split(image)
         elif split not in SPLITS:

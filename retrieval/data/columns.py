@@ -121,7 +121,7 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     if found is None or (check_files and None in found):
         return None
     if "split" in columns:
-        splits = stripped(columns["split"])
+        splits = [split.lower() for split in stripped(columns["split"])]
         if not set(splits) <= set(SPLITS):
             return None
     else:
