@@ -228,11 +228,15 @@ def test_unlearnt_groups_are_those_no_better_than_the_largest_class():
         return Targets(multi_hot, {g: torch.ones(n, dtype=torch.bool) if known is None or g not in known
                                    else known[g] for g in columns})
 
+    # "usage": its largest class is 38 of 40 (0.95, over 0.9): accuracy cannot tell, not judged
     train = targets({"size": ([1, 1, 1, 0, 2], 3), "type": ([0, 0, 1, 1, 0], 2), "rare": ([0, 1, 1, 1, 1], 2),
-                     "price": ([0, 1, 2, 2, 2], 3)}, 5)
+                     "price": ([0, 1, 2, 2, 2], 3), "usage": ([0, 0, 0, 0, 1], 2)}, 5)
     val = targets({"size": ([1] * 25 + [0] * 15, 3), "type": ([0] * 20 + [1] * 20, 2), "rare": ([0] * 40, 2),
-                   "price": ([2] * 20 + [0] * 20, 3)}, 40, known={"rare": torch.arange(40) < 10})
-    history = [{"epoch": 0, "val_map": 0.3, "val_accuracy": {"size": 0.9, "type": 0.9, "rare": 0.0, "price": 0.1}},
-               {"epoch": 1, "val_map": 0.4, "val_accuracy": {"size": 0.6, "type": 0.9, "rare": 0.0, "price": 0.5}}]
+                   "price": ([2] * 20 + [0] * 20, 3), "usage": ([0] * 38 + [1] * 2, 2)}, 40,
+                  known={"rare": torch.arange(40) < 10})
+    history = [{"epoch": 0, "val_map": 0.3, "val_accuracy": {"size": 0.9, "type": 0.9, "rare": 0.0, "price": 0.1,
+                                                             "usage": 0.95}},
+               {"epoch": 1, "val_map": 0.4, "val_accuracy": {"size": 0.6, "type": 0.9, "rare": 0.0, "price": 0.5,
+                                                             "usage": 0.95}}]
     assert unlearnt_groups(history, train, val) == {"size": (0.6, 0.625, 1), "price": (0.5, 0.5, 2)}
     assert unlearnt_groups([], train, val) == {}

@@ -178,11 +178,12 @@ def selection_score(record: dict, select_by: str = "map") -> float:
 
 
 def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by: str = "map",
-                    min_items: int = 20) -> dict[str, tuple[float, float, int]]:
+                    min_items: int = 20, max_share: float = 0.9) -> dict[str, tuple[float, float, int]]:
     """Groups whose validation accuracy at the best epoch is no better than always answering the
     training items' largest class (a price, a stock code, anything the photos do not show), among
-    groups with ``min_items`` or more labelled validation items: {group: (accuracy, that baseline,
-    the class)}. Such a group only adds noise to the shared embedding. Seen: a random price column
+    groups with ``min_items`` or more labelled validation items where that class holds less than
+    ``max_share`` of them (above it, accuracy cannot tell a model from the majority answer):
+    {group: (accuracy, that baseline, the class)}. Such a group only adds noise to the shared embedding. Seen: a random price column
     of a retailer's export (0.133 against 0.133); season on the street stand-ins with 30% of the labels
     wrong (0.60 / 0.61 against 0.61: validated on wrong labels too); no group of the clean
     stand-ins or the development catalog."""
@@ -197,7 +198,7 @@ def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by
             continue
         largest = int(train.multi_hot[g][train.known[g]].sum(0).argmax())
         baseline = float(val.multi_hot[g][known, largest].mean())
-        if accuracy <= baseline:
+        if accuracy <= baseline < max_share:
             found[g] = (accuracy, baseline, largest)
     return found
 
