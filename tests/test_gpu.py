@@ -63,6 +63,7 @@ def test_early_learning_then_filling_on_the_device(demo_catalog, tmp_path, devic
     import retrieval.train.trainer as trainer
 
     monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
+    monkeypatch.setattr(trainer, "AUTO_MIN_VALIDATION", 0)  # the demo catalog's few validation items
     caplog.set_level(logging.INFO, logger="retrieval.train.trainer")
     run = tmp_path / "run"
     assert train(demo_catalog, run, device, "--epochs", "2", "--trainable-blocks", blocks,

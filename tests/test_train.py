@@ -31,6 +31,14 @@ def torchrun_train(catalog, out, *extra, timeout=300):
     return result
 
 
+@pytest.fixture
+def auto_on_few_items(monkeypatch):
+    """auto's second runs on the demo catalog's few validation items (AUTO_MIN_VALIDATION: 20)."""
+    import retrieval.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "AUTO_MIN_VALIDATION", 0)
+
+
 def test_smoke_run_writes_checkpoints_config_and_metrics(tiny_run, demo_catalog, capsys):
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.json", "trunk-cache.h5"):
         assert (tiny_run / name).exists(), name
@@ -132,8 +140,8 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
     assert "holds no early-learning targets" in caplog.text
 
 
-def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catalog, tiny_run, tmp_path,
-                                                                      monkeypatch, caplog):
+def test_auto_early_learning_trains_again_when_validation_peaks_early(auto_on_few_items, demo_catalog, tiny_run,
+                                                                      tmp_path, monkeypatch, caplog):
     # a peak in the first quarter (here forced: two epochs are too few for the rule) makes the default
     # train again from the start with early learning; the first run's best.pt and metrics.json stay
     # beside it, and best.pt is whichever validated better
@@ -171,7 +179,8 @@ def test_auto_early_learning_trains_again_when_validation_peaks_early(demo_catal
     assert not (tmp_path / "off" / "best-without-early-learning.pt").exists()
 
 
-def test_auto_early_learning_resumes_when_stopped_between_the_runs(demo_catalog, tiny_run, tmp_path, monkeypatch):
+def test_auto_early_learning_resumes_when_stopped_between_the_runs(auto_on_few_items, demo_catalog, tiny_run, tmp_path,
+                                                                   monkeypatch):
     # stopped after the first run's best.pt and metrics.json were set aside but before the second
     # run saved an epoch (last.pt is still the first run's): --resume starts the second run
     import retrieval.train.trainer as trainer
@@ -198,7 +207,8 @@ def fill_run(demo_catalog, tiny_run, tmp_path, name, *extra):
                  "--fill-missing", "auto", *extra)
 
 
-def test_fill_missing_trains_again_with_the_confident_labels_filled(demo_catalog, tiny_run, tmp_path, caplog):
+def test_fill_missing_trains_again_with_the_confident_labels_filled(auto_on_few_items, demo_catalog, tiny_run, tmp_path,
+                                                                    caplog):
     # auto on the demo catalog (its groups lack 5% or more of the labels): a second run from the start
     # with the missing training labels that the first run predicts at 0.9 or more filled in; never a
     # label the item has, a sleeve length for trousers (none of them has one) or a validation item's
@@ -232,7 +242,7 @@ def test_fill_missing_trains_again_with_the_confident_labels_filled(demo_catalog
     assert not (tiny_run / "best-before-filling.pt").exists()  # --fill-missing 0 (TINY): one run
 
 
-def test_fill_missing_resumes_where_it_stopped(demo_catalog, tiny_run, tmp_path, monkeypatch):
+def test_fill_missing_resumes_where_it_stopped(auto_on_few_items, demo_catalog, tiny_run, tmp_path, monkeypatch):
     # stopped after the first run's best.pt was set aside (before the filling), then again after the
     # filled run's first epoch: each --resume goes on, and the run ends as one made straight through
     import retrieval.train.trainer as trainer
@@ -262,8 +272,8 @@ def test_fill_missing_resumes_where_it_stopped(demo_catalog, tiny_run, tmp_path,
     assert all(torch.equal(resumed["filled_labels"][g], f) for g, f in straight["filled_labels"].items())
 
 
-def test_fill_missing_after_early_learning_trains_as_the_kept_run(demo_catalog, tiny_run, tmp_path, monkeypatch,
-                                                                   caplog):
+def test_fill_missing_after_early_learning_trains_as_the_kept_run(auto_on_few_items, demo_catalog, tiny_run, tmp_path,
+                                                                  monkeypatch, caplog):
     # auto's second run (early learning, forced here) and then the filling: the filled run trains with
     # the early-learning weight of the run kept before it, and a --resume after the end trains no more
     import retrieval.train.trainer as trainer
@@ -281,6 +291,22 @@ def test_fill_missing_after_early_learning_trains_as_the_kept_run(demo_catalog, 
     assert fill_run(demo_catalog, tiny_run, tmp_path, "both", "--resume") == 0
     assert "training again" not in caplog.text and "filled in (" not in caplog.text
     assert load_checkpoint(run / "last.pt")["fingerprint"] == last["fingerprint"]
+
+
+def test_auto_second_runs_need_twenty_validation_items(demo_catalog, tiny_run, tmp_path, caplog):
+    # the demo catalog's 8 validation items are too few to choose between two runs: auto fills
+    # nothing (and says so); an explicit confidence still fills
+    import logging
+
+    from retrieval.train.config import split_validation
+
+    caplog.set_level(logging.INFO, logger="retrieval.train.trainer")
+    assert len(split_validation(read_catalog(demo_catalog).split_items("train"), 0.1)[1]) < 20
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "few") == 0
+    assert "validation items are too few to choose between a run with the missing labels filled" in caplog.text
+    assert not (tmp_path / "few" / "best-before-filling.pt").exists()
+    assert fill_run(demo_catalog, tiny_run, tmp_path, "asked", "--fill-missing", "0.9") == 0
+    assert (tmp_path / "asked" / "best-before-filling.pt").exists()
 
 
 def test_fill_missing_fills_only_labels_missing_at_random():

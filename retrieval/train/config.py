@@ -92,6 +92,7 @@ EARLY_LEARNING = 3.0  # the weight --early-learning auto retrains with (Liu et a
 
 FILL_MISSING = 0.9  # the confidence --fill-missing auto fills a missing training label at (measured: README)
 FILL_MIN_MISSING = 0.05  # auto fills where a softmax group lacks the labels of this share of training items
+AUTO_MIN_VALIDATION = 20  # auto's second runs (early learning's rule, the filling) need this many validation items
 
 
 def parse_fill_missing(value) -> float | str:

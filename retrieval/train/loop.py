@@ -203,18 +203,15 @@ def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by
     return found
 
 
-def memorising(history: list[dict], epochs: int, select_by: str = "map", validation_items: int | None = None,
-               rise: float = 0.05, min_items: int = 20) -> str | None:
-    """Why a finished run of 8 or more epochs, validated on ``min_items`` (20) or more items, looks like
-    it learnt wrong labels, or None (on fewer, its best epoch is noise: a 30-item catalogue's run of
-    700 one-step epochs on 5 validation items peaked at epoch 47 and was trained twice): its best
+def memorising(history: list[dict], epochs: int, select_by: str = "map", rise: float = 0.05) -> str | None:
+    """Why a finished run of 8 or more epochs looks like it learnt wrong labels, or None: its best
     epoch (best.pt) in the first quarter, or its validation loss lowest in the first quarter and
     ``rise`` (5%) or more above that at the end. Measured (best epoch; epoch of the lowest
     validation loss, rise at the end): street stand-ins with 30% of their training labels wrong 3;
     3, +23% and 40; 1, +11%; the clean street stand-in 39; 5, +9% (a small catalogue of hard photos:
     early learning gains there too); the clean product shots (development catalog, missing labels,
     multicolour) 21-45; 25-48, +0 to +1%."""
-    if epochs < 8 or len(history) < epochs or (validation_items is not None and validation_items < min_items):
+    if epochs < 8 or len(history) < epochs:
         return None
     quarter = epochs / 4
     best = max(history, key=lambda record: selection_score(record, select_by))["epoch"]

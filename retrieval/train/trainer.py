@@ -22,7 +22,7 @@ from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoi
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
-from retrieval.train.config import (EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING, FULL_TUNING_MIN_ITEMS,
+from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING, FULL_TUNING_MIN_ITEMS,
                                     CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
                                     parse_early_learning, parse_fill_missing, parse_lr_steps, resolve_blocks,
                                     resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
@@ -358,7 +358,10 @@ class Job:
         if second:
             self.keep_the_better_run(history)
         elif self.early_learning is None and self.softmax_groups():  # auto's first run, or 0
-            why = memorising(history, self.cfg.epochs, self.cfg.select_by, len(self.val_items)) if self.main else None
+            # on fewer validation items the best epoch is noise: a 30-item catalogue's 700 one-step epochs
+            # on 5 validation items peaked at epoch 47
+            judged = self.main and len(self.val_items) >= AUTO_MIN_VALIDATION
+            why = memorising(history, self.cfg.epochs, self.cfg.select_by) if judged else None
             if not auto:
                 if why is not None:
                     logger.warning("%s, as when a catalogue's wrong labels are being learnt; 'retrieval audit' ranks "
@@ -464,6 +467,12 @@ class Job:
             n, counts = max(1, len(self.train_items)), self.targets.counts()
             lacking = [g for g in groups if 1 - counts[g] / n >= FILL_MIN_MISSING]
             confidence = FILL_MISSING if lacking else 0.0
+            if lacking and len(self.val_items) < AUTO_MIN_VALIDATION:
+                if self.main:
+                    logger.info("--fill-missing auto: %d validation items are too few to choose between a run with "
+                                "the missing labels filled and one without (%d needed); give a confidence "
+                                "(--fill-missing 0.9) to fill anyway", len(self.val_items), AUTO_MIN_VALIDATION)
+                confidence = 0.0
         return confidence if groups else 0.0
 
     def _filled_run_started(self) -> bool:
