@@ -51,6 +51,36 @@ def test_audit_finds_planted_wrong_missing_and_duplicate_labels():
         [("images/1.jpg", "other", "x", "y", "images/2.jpg")]
 
 
+def test_cleanlabs_warnings_for_rare_labels_become_one_log_line(caplog, monkeypatch):
+    # cleanlab warns once for each label (each yes/no task of a multi-label group) with too few
+    # examples: dozens of lines on a catalogue's colours. The audit logs one line per group and lets
+    # any other warning through (cleanlab stands in here: its own condition needs a real catalogue)
+    import logging
+    import warnings
+
+    import cleanlab.multilabel_classification.filter as multilabel_filter
+
+    from retrieval.audit.labels import wrong_labels
+
+    def find_label_issues(labels, probs, **kwargs):
+        for k in (1, 1):
+            warnings.warn(f"May not flag all label issues in class: {k}, it has too few examples (see "
+                          "`min_examples_per_class` argument)")
+        warnings.warn("something else")
+        return np.array([], dtype=np.int64)
+    monkeypatch.setattr(multilabel_filter, "find_label_issues", find_label_issues)
+    sets = [("a",)] * 30 + [("b",)] * 28 + [("a", "rare"), ("b", "odd")]
+    items = [Item(i, f"images/{i}.jpg", "train", "", {"colours": labels}) for i, labels in enumerate(sets)]
+    catalog = Catalog("/nowhere", ["colours"], items)
+    probs = np.random.default_rng(0).uniform(0.05, 0.95, (len(items), len(catalog.vocab["colours"])))
+    caplog.set_level(logging.INFO, logger="retrieval.audit.labels")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert wrong_labels(catalog, "colours", probs, np.arange(len(items)), multi=True) == []
+    assert [str(w.message) for w in said] == ["something else"]
+    assert "colours: 2 of its labels have too few examples for cleanlab to flag all their issues" in caplog.text
+
+
 def test_folds_are_balanced_and_seeded():
     fold = fold_of(103, 5, seed=1)
     assert sorted(np.bincount(fold).tolist()) == [20, 20, 21, 21, 21]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -143,12 +144,20 @@ def wrong_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarr
     if len(items) < 2 or len(vocab) < 2:
         return []
     p = probs[rows]
-    if multi:
-        from cleanlab.multilabel_classification.filter import find_label_issues as find_multi_label_issues
+    with warnings.catch_warnings(record=True) as said:  # one line per group below, not one per class
+        warnings.simplefilter("always")
+        if multi:
+            from cleanlab.multilabel_classification.filter import find_label_issues as find_multi_label_issues
 
-        flagged = find_multi_label_issues(labels, p, return_indices_ranked_by="self_confidence")
-    else:
-        flagged = find_label_issues(labels, p, return_indices_ranked_by="self_confidence")
+            flagged = find_multi_label_issues(labels, p, return_indices_ranked_by="self_confidence")
+        else:
+            flagged = find_label_issues(labels, p, return_indices_ranked_by="self_confidence")
+    few = sum("too few examples" in str(w.message) for w in said)
+    if few:
+        logger.info("%s: %d of its labels have too few examples for cleanlab to flag all their issues", group, few)
+    for w in said:
+        if "too few examples" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     issues = []
     for i in flagged:
         given = labels[i] if multi else [labels[i]]
