@@ -319,13 +319,19 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
     return Catalog(root, kept, items, {g: vocab[g] for g in kept}, left_out=left_out)
 
 
+def label_counts(cells: dict[tuple[str, ...], int]) -> Counter[str]:
+    """Items per label of a group, from its rows per label tuple (an item counts once per label)."""
+    counts: Counter[str] = Counter()
+    for cell, n in cells.items():
+        counts.update(dict.fromkeys(cell, n))
+    return counts
+
+
 def merge_spellings(cells: dict[tuple[str, ...], int]) -> tuple[dict[tuple[str, ...], tuple[str, ...]], str]:
     """Labels of one group that differ only in letter case or spaces ('Navy Blue', 'navy  blue') as
     one: ({cell: the cell respelled} for the cells that change, what was merged, for the log). The
     spelling kept is the one on the most items (ties: the first in sorted order)."""
-    counts: Counter[str] = Counter()
-    for cell, n in cells.items():
-        counts.update(dict.fromkeys(cell, n))
+    counts = label_counts(cells)
     spellings: dict[str, list[str]] = {}
     for label in sorted(counts):
         spellings.setdefault(" ".join(label.casefold().split()), []).append(label)
@@ -343,9 +349,7 @@ def unshared_labels(cells: dict[tuple[str, ...], int], min_items: int = MIN_UNSH
     not): most of its labelled items (``min_items`` or more) share no label with any other item, so
     there is nothing to learn from them, and as queries they have no relevant item in any ranking
     (a SKU, a product name, a description; a product id shared by several photos stays a group)."""
-    counts: Counter[str] = Counter()
-    for cell, n in cells.items():
-        counts.update(dict.fromkeys(cell, n))
+    counts = label_counts(cells)
     labelled = sum(n for cell, n in cells.items() if cell)
     alone = sum(n for cell, n in cells.items() if cell and all(counts[label] == 1 for label in cell))
     if labelled < min_items or 2 * alone <= labelled:

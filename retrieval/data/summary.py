@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from retrieval.data.catalog import SPLITS, Catalog, untrainable_groups
+from retrieval.data.catalog import SPLITS, Catalog, label_counts, untrainable_groups
 
 
 def summarize_catalog(catalog: Catalog) -> list[dict]:
@@ -12,9 +12,7 @@ def summarize_catalog(catalog: Catalog) -> list[dict]:
     rows = []
     for g in catalog.groups:
         cells = Counter(item.labels[g] for item in catalog.items)  # label tuples are few: count those
-        counts: Counter[str] = Counter()
-        for labels, n in cells.items():
-            counts.update(dict.fromkeys(labels, n))
+        counts = label_counts(cells)
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         rows.append({
             "group": g,

@@ -2,9 +2,10 @@
 are left finite), ties broken by lower row id.
 
 One extra candidate tells whether the k-th score is tied with one outside the top k; only those
-rows are fixed up, together (common where scores are coarse: a view of few labels, many items). On the CPU the [rows, k] results are
-ordered on the host with numpy (``topk_scores``): small tensor operations cost more than the work
-they do on a busy CPU. On a GPU they stay there (``topk_ids``): host work would leave it idle.
+rows are fixed up, together (common where scores are coarse: a view of few labels, many items).
+On the CPU the [rows, k] results are ordered on the host with numpy (``topk_scores``): small
+tensor operations cost more than the work they do on a busy CPU. On a GPU they stay there
+(``topk_ids``): host work would leave it idle.
 """
 from __future__ import annotations
 

@@ -92,31 +92,34 @@ EARLY_LEARNING = 3.0  # the weight --early-learning auto retrains with (Liu et a
 
 FILL_MISSING = 0.9  # the confidence --fill-missing auto fills a missing training label at (measured: README)
 FILL_MIN_MISSING = 0.05  # auto fills where a softmax group lacks the labels of this share of training items
-AUTO_MIN_VALIDATION = 20  # auto's second runs (early learning's rule, the filling) need this many validation items
+AUTO_MIN_VALIDATION = 20  # validation items needed before a run's validation decides anything automatically
+# (early learning's rule, the filling) or is read as a warning (loop.unlearnt_groups)
 
 
-def parse_fill_missing(value) -> float | str:
-    """``auto``, 0 (off) or a confidence in (0, 1), from the command line or a config file."""
+def auto_or_number(value, expected: str) -> float | str:
+    """``auto`` or a number, from the command line or a config file; ValueError("``expected``, got
+    ...") for anything else."""
     if value == "auto":
         return value
     try:
-        confidence = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--fill-missing must be auto, 0 (off) or a confidence in (0, 1), got {value!r}") from None
-    if not 0 <= confidence < 1:
-        raise ValueError(f"--fill-missing must be auto, 0 (off) or a confidence in (0, 1), got {value!r}")
+        raise ValueError(f"{expected}, got {value!r}") from None
+
+
+def parse_fill_missing(value) -> float | str:
+    """``auto``, 0 (off) or a confidence in (0, 1)."""
+    expected = "--fill-missing must be auto, 0 (off) or a confidence in (0, 1)"
+    confidence = auto_or_number(value, expected)
+    if confidence != "auto" and not 0 <= confidence < 1:
+        raise ValueError(f"{expected}, got {value!r}")
     return confidence
 
 
 def parse_early_learning(value) -> float | str:
-    """``auto`` or a non-negative weight, from the command line or a config file."""
-    if value == "auto":
-        return value
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--early-learning must be auto or a weight (0 = off), got {value!r}") from None
-    if weight < 0:
+    """``auto`` or a non-negative weight."""
+    weight = auto_or_number(value, "--early-learning must be auto or a weight (0 = off)")
+    if weight != "auto" and weight < 0:
         raise ValueError(f"--early-learning must be auto or a weight of 0 (off) or more, got {value!r}")
     return weight
 

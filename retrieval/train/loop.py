@@ -14,7 +14,7 @@ from retrieval.data import embfile
 from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
-from retrieval.train.config import freeze_units
+from retrieval.train.config import AUTO_MIN_VALIDATION, freeze_units
 from retrieval.train.losses import EarlyLearning, multi_group_loss, overlap_contrastive_loss, range_loss
 
 
@@ -178,15 +178,16 @@ def selection_score(record: dict, select_by: str = "map") -> float:
 
 
 def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by: str = "map",
-                    min_items: int = 20, max_share: float = 0.9) -> dict[str, tuple[float, float, int]]:
+                    min_items: int = AUTO_MIN_VALIDATION, max_share: float = 0.9
+                    ) -> dict[str, tuple[float, float, int]]:
     """Groups whose validation accuracy at the best epoch is no better than always answering the
     training items' largest class (a price, a stock code, anything the photos do not show), among
     groups with ``min_items`` or more labelled validation items where that class holds less than
     ``max_share`` of them (above it, accuracy cannot tell a model from the majority answer):
-    {group: (accuracy, that baseline, the class)}. Such a group only adds noise to the shared embedding. Seen: a random price column
-    of a retailer's export (0.133 against 0.133); season on the street stand-ins with 30% of the labels
-    wrong (0.60 / 0.61 against 0.61: validated on wrong labels too); no group of the clean
-    stand-ins or the development catalog."""
+    {group: (accuracy, that baseline, the class)}. Such a group only adds noise to the shared
+    embedding. Seen: a random price column of a retailer's export (0.133 against 0.133); season on
+    the street stand-ins with 30% of the labels wrong (0.60 / 0.61 against 0.61: validated on wrong
+    labels too); no group of the clean stand-ins or the development catalog."""
     scored = [r for r in history if r.get("val_accuracy")]
     if not scored:
         return {}

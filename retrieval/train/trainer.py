@@ -22,10 +22,11 @@ from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoi
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
-from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING, FULL_TUNING_MIN_ITEMS,
-                                    CachedForward, TrainConfig, freeze_units, make_optimizer, make_scheduler,
-                                    parse_early_learning, parse_fill_missing, parse_lr_steps, resolve_blocks,
-                                    resolve_epochs, resolve_trainable, split_validation, write_config, write_json)
+from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING,
+                                    FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units, make_optimizer,
+                                    make_scheduler, parse_early_learning, parse_fill_missing, parse_lr_steps,
+                                    resolve_blocks, resolve_epochs, resolve_trainable, split_validation, write_config,
+                                    write_json)
 from retrieval.train.loop import (LossSettings, TrainState, memorising, selection_score, train_one_epoch,
                                   unlearnt_groups, validate)
 from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
