@@ -94,6 +94,21 @@ def test_multilabel_standin_has_the_multicolour_pictures_and_a_second_multi_labe
     assert {len(it.labels["gender"]) for it in labels.items} == {1, 2}
 
 
+def test_street_standin_of_a_multilabel_standin_keeps_its_multi_label_groups(studio_catalog, tmp_path):
+    # the street stand-in with multi-label colour and type, as the street catalogue has them
+    make_standin(studio_catalog, tmp_path / "l", "multilabel", n_items=24, seed=0)
+    make_standin(tmp_path / "l", tmp_path / "s", "street", n_items=12, seed=0)
+    source, street = read_catalog(tmp_path / "l"), read_catalog(tmp_path / "s")
+    assert sorted(street.multi_label_groups()) == ["baseColour", "gender"] and len(street) == 12
+    by_title = {it.title: it for it in source.items}
+    assert all(it.labels == by_title[it.title].labels for it in street.items)
+    assert any(len(it.labels["baseColour"]) > 1 for it in street.items)
+    for item in street.items:  # the multi-item pictures, pasted on clutter
+        pixels = np.asarray(Image.open(street.path_of(item)).convert("RGB")).astype(int)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert (border.min(1) >= 235).mean() < 0.5
+
+
 def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, tmp_path):
     make_standin(studio_catalog, tmp_path / "x", "missing", seed=0)
     catalog, source = read_catalog(tmp_path / "x"), read_catalog(studio_catalog)
