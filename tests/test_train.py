@@ -109,6 +109,46 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
+def test_last_pt_follows_best_pt_and_a_stopped_run_resumes_from_the_last_one_written(demo_catalog, tiny_run,
+                                                                                        tmp_path, monkeypatch):
+    # epochs quicker than CHECKPOINT_EVERY_S: last.pt and metrics.json are written with best.pt and
+    # at the last epoch only; a run stopped after unwritten epochs resumes from the last written one,
+    # replays the rest and ends as the run made straight through, best.pt included
+    import retrieval.train.trainer as trainer
+
+    scores = [0.1, 0.3, 0.2, 0.2, 0.4, 0.1]  # validation by epoch: best.pt at epochs 0, 1 and 4
+    monkeypatch.setattr(trainer, "CHECKPOINT_EVERY_S", 1e9)
+    monkeypatch.setattr(trainer.Job, "selection_score", lambda job, record: scores[record["epoch"]])
+    writes, atomic_save = [], trainer.atomic_save
+    def counted(obj, path):
+        writes.append((Path(path).name, obj["epoch"]))
+        atomic_save(obj, path)
+    monkeypatch.setattr(trainer, "atomic_save", counted)
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    args = ["--epochs", "6", "--early-learning", "0", "--trunk-cache", str(tmp_path / "trunk.h5")]
+    assert train(demo_catalog, tmp_path / "straight", *args) == 0
+    assert [e for name, e in writes if name == "best.pt"] == [0, 1, 4]
+    assert [e for name, e in writes if name == "last.pt"] == [0, 1, 4, 5]
+    assert len(json.loads((tmp_path / "straight" / "metrics.json").read_text())) == 6
+
+    save_epoch, run = trainer.Job.save_epoch, tmp_path / "stopped"
+    def save_then_stop(job, optimizer, scheduler, epoch, *rest):
+        save_epoch(job, optimizer, scheduler, epoch, *rest)
+        if epoch == 3:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Job, "save_epoch", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(demo_catalog, run, *args)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert len(json.loads((run / "metrics.json").read_text())) == 2
+    assert train(demo_catalog, run, *args, "--resume") == 0
+    for name in ("last.pt", "best.pt"):
+        straight, resumed = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(run / name)
+        assert resumed["epoch"] == straight["epoch"] == {"last.pt": 5, "best.pt": 4}[name]
+        assert resumed["fingerprint"] == straight["fingerprint"], name
+
+
 def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_catalog, tiny_run, tmp_path, caplog):
     # --early-learning keeps a running target per training item and softmax group; they travel in
     # last.pt, so one epoch and a --resume to two give the weights of two epochs straight; best.pt
