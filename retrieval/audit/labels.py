@@ -152,12 +152,12 @@ def wrong_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarr
             flagged = find_multi_label_issues(labels, p, return_indices_ranked_by="self_confidence")
         else:
             flagged = find_label_issues(labels, p, return_indices_ranked_by="self_confidence")
-    few = sum("too few examples" in str(w.message) for w in said)
-    if few:
-        logger.info("%s: %d of its labels have too few examples for cleanlab to flag all their issues", group, few)
-    for w in said:
-        if "too few examples" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    others = [w for w in said if "too few examples" not in str(w.message)]
+    if len(others) < len(said):
+        logger.info("%s: %d of its labels have too few examples for cleanlab to flag all their issues", group,
+                    len(said) - len(others))
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     issues = []
     for i in flagged:
         given = labels[i] if multi else [labels[i]]

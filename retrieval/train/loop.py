@@ -192,12 +192,12 @@ def unlearnt_groups(history: list[dict], train: Targets, val: Targets, select_by
     if not scored:
         return {}
     best = max(scored, key=lambda record: selection_score(record, select_by))["val_accuracy"]
-    found = {}
+    found, per_label = {}, train.label_counts()
     for g, accuracy in best.items():
         known = val.known[g]
         if accuracy is None or int(known.sum()) < min_items:
             continue
-        largest = int(train.multi_hot[g][train.known[g]].sum(0).argmax())
+        largest = int(per_label[g].argmax())
         baseline = float(val.multi_hot[g][known, largest].mean())
         if accuracy <= baseline < max_share:
             found[g] = (accuracy, baseline, largest)
