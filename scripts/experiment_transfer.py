@@ -4,6 +4,8 @@ For each catalog (stand-ins from scripts/make_standins.py, optionally the develo
 the off-the-shelf ImageNet trunk (`retrieval embed --pretrained-only`) and the default training run
 (no flags, plus any --variant), each embedded and evaluated on the test split; one table of mean
 and colour-group mAP@50 (paper / standard), and one of the gains against issue 16's targets.
+The colour group is the first whose name says colour (``--colour-group NAME=GROUP`` picks another);
+a catalog without one gets "–" in the colour columns.
 Finished runs, embeddings and reports are reused; results.json and transfer.md are written atomically.
 
     python scripts/experiment_transfer.py --catalog street=/tmp/standins/street \\
@@ -51,14 +53,19 @@ def get_args_parser():
     p.add_argument("--reuse", type=_pair, action="append", default=[], metavar="NAME=DIR",
                    help="take trunk-cache.h5 and imagenet.h5 of catalog NAME from an earlier experiment "
                         "folder of the same images (e.g. scripts/experiment_methods.py's --work)")
+    p.add_argument("--colour-group", type=_pair, action="append", default=[], metavar="NAME=GROUP",
+                   help="the group in catalog NAME's colour columns (default: the first group whose name "
+                        "says colour; none: the columns stay empty)")
     return p
 
 
-def _cells(report: dict, colour: str) -> dict:
-    """Mean and colour-group mAP (paper, standard) of both views from a report."""
+def _cells(report: dict, colour: str | None) -> dict:
+    """Mean and colour-group mAP (paper, standard) of both views from a report (colour None: no
+    colour group, its cells None)."""
     def pair(entry):
-        return None if not entry else (100 * entry["map_paper"], 100 * entry["map_standard"])
-    mean, col = report["mean"], report["groups"].get(colour, {})
+        return None if not entry or entry.get("map_paper") is None else (
+            100 * entry["map_paper"], 100 * entry["map_standard"])
+    mean, col = report["mean"], report["groups"].get(colour, {}) if colour else {}
     return {"shared": pair(mean), "group view": pair(mean.get("group_view")),
             "colour shared": pair(col), "colour group view": pair(col.get("group_view"))}
 
@@ -79,11 +86,28 @@ def trunk_cache_name(options: list[str]) -> str:
     return f"trunk-cache-{slug}.h5" if slug else "trunk-cache.h5"
 
 
-def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, str]]) -> dict:
+def pick_colour_group(catalog: str, wanted: str | None = None) -> str | None:
+    """The group shown in the colour columns: ``wanted`` (which must be one of the catalog's
+    groups), else the first whose name says colour, else None (the columns stay empty)."""
+    groups = read_catalog(catalog, check_files=False).groups
+    if wanted is not None:
+        if wanted not in groups:
+            raise SystemExit(f"--colour-group: {catalog} has no group {wanted!r} (its groups: {', '.join(groups)})")
+        return wanted
+    try:
+        return colour_group(read_catalog(catalog, check_files=False))
+    except ValueError:
+        print(f"{catalog}: no group's name says colour, so the colour columns stay empty "
+              "(--colour-group NAME=GROUP names one)")
+        return None
+
+
+def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, str]],
+                colour: str | None = None) -> dict:
     """Off-the-shelf, default and variants on one catalog: ``{row: cells}``."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    colour = colour_group(read_catalog(catalog, check_files=False))
+    colour = pick_colour_group(catalog, colour)
     rows = [Experiment("imagenet", None), Experiment("default", [])]
     rows += [Experiment(v, shlex.split(options)) for v, options in variants]
     results = {}
@@ -116,14 +140,17 @@ def format_tables(results: dict) -> str:
                     ("colour shared", "colour shared", "colour"), ("colour group view", "colour shared", "colour")]
             cells = [_gain(r[key], base[against], TARGETS[target]) for key, against, target in cols]
             gains.append(f"| {catalog} | {name} | " + " | ".join(cells) + " |")
+    colours = ", ".join(f"{catalog}: {rows['imagenet'].get('colour group') or 'none'}"
+                        for catalog, rows in results.items())
     return "mAP@50 %, paper / standard, test split\n\n" + "\n".join(lines) + "\n\n" + \
-        "Points above the off-the-shelf trunk (paper normalisation)\n\n" + "\n".join(gains)
+        "Points above the off-the-shelf trunk (paper normalisation)\n\n" + "\n".join(gains) + \
+        f"\n\nColour columns: {colours}"
 
 
 def _gain(cell, base, target: float) -> str:
     if cell is None or base is None:
         return "–"
-    gain = cell[0] - base[0]
+    gain = round(cell[0] - base[0], 1)  # judged as shown: 58 - 50 in floats is 7.999...
     return f"{gain:+.1f} {'met' if gain >= target else 'missed'}"
 
 
@@ -138,8 +165,12 @@ def main(argv=None):
                 shutil.copy2(Path(source) / file, work / name / file)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    colours = dict(args.colour_group)
+    unknown = set(colours) - {name for name, _ in args.catalog}
+    if unknown:
+        raise SystemExit(f"--colour-group names no --catalog: {', '.join(sorted(unknown))}")
     for name, catalog in args.catalog:
-        results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant)
+        results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant, colours.get(name))
         write_text(results_path, json.dumps(results, indent=2))
     text = format_tables(results)
     write_text(work / "transfer.md", text + "\n")

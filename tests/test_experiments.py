@@ -57,3 +57,37 @@ def test_transfer_rows_share_a_trunk_cache_when_their_frozen_pass_is_the_same():
     assert trunk_cache_name(["--colour-weighting", "border"]) == "trunk-cache-colour_weighting=border.h5"
     assert trunk_cache_name(["--pool-weighting", "foreground"]) == "trunk-cache-pool_weighting=foreground.h5"
     assert trunk_cache_name(["--recipe", "li2017"]) == "trunk-cache-recipe-li2017.h5"  # not read: its own
+
+
+def test_transfer_table_names_its_colour_group_and_leaves_the_columns_empty_without_one(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import pytest
+    from conftest import write_catalog
+    from experiment_transfer import _cells, format_tables, pick_colour_group
+
+    rows = ["a.jpg,train,,red,shirt", "b.jpg,test,,blue,dress"]
+    coloured = write_catalog(tmp_path / "coloured", rows, header="image,split,title,type,mainColor")
+    plain = write_catalog(tmp_path / "plain", rows, header="image,split,title,type,fit")
+    assert pick_colour_group(str(coloured)) == "mainColor"  # "color" says colour too
+    assert pick_colour_group(str(coloured), "type") == "type"
+    with pytest.raises(SystemExit, match="no group 'hue'"):
+        pick_colour_group(str(coloured), "hue")
+    assert pick_colour_group(str(plain)) is None
+
+    def report(shared, colour):  # an evaluation report's shape: means and groups
+        entry = lambda m: {"map_paper": m, "map_standard": m / 2, "group_view": {"map_paper": m + 0.1,  # noqa: E731
+                                                                                 "map_standard": m}}
+        return {"mean": entry(shared), "groups": {"mainColor": entry(colour), "type": entry(0.9)}}
+
+    results = {
+        "retailer": {name: {**_cells(report(s, c), "mainColor"), "colour group": "mainColor"}
+                     for name, s, c in [("imagenet", 0.5, 0.2), ("default", 0.6, 0.35)]},
+        "plain": {name: {**_cells(report(s, c), None), "colour group": None}
+                  for name, s, c in [("imagenet", 0.5, 0.2), ("default", 0.58, 0.35)]},
+    }
+    text = format_tables(results)
+    # shared +10 and group view +20 over the off-the-shelf shared 50; colour +15 and +25 over its 20
+    assert "| retailer | default | +10.0 met | +20.0 met | +15.0 met | +25.0 met |" in text
+    assert "| plain | default | +8.0 met | +18.0 met | – | – |" in text
+    assert text.endswith("Colour columns: retailer: mainColor, plain: none")
