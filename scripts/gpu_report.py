@@ -67,9 +67,11 @@ def flow_rows(s: SimpleNamespace, device, dry_run: bool):
     catalog = work / "catalog"
     if not (catalog / "labels.csv").exists():
         make_demo_catalog(catalog, n_items=s.flow_items, seed=0, image_size=s.image_size if dry_run else 224)
-    extra = ["--backbone", s.backbone, "--image-size", str(s.image_size), "--workers", "0"] if dry_run else []
-    exp = run_experiment(Experiment("defaults", ["--epochs", str(s.flow_epochs), "--device", device.type, *extra],
-                                    ["--device", device.type, *extra[-2:]], ["--device", device.type]),
+    workers = ["--workers", "0"] if dry_run else []  # train and embed both take it; the model comes with the run
+    small = ["--backbone", s.backbone, "--image-size", str(s.image_size)] if dry_run else []
+    exp = run_experiment(Experiment("defaults", ["--epochs", str(s.flow_epochs), "--device", device.type, *small,
+                                                 *workers], ["--device", device.type, *workers],
+                                    ["--device", device.type]),
                          str(catalog), work)
     run = work / "defaults"
     ckpt = load_checkpoint(run / "last.pt")
