@@ -89,13 +89,13 @@ def trunk_cache_name(options: list[str]) -> str:
 def pick_colour_group(catalog: str, wanted: str | None = None) -> str | None:
     """The group shown in the colour columns: ``wanted`` (which must be one of the catalog's
     groups), else the first whose name says colour, else None (the columns stay empty)."""
-    groups = read_catalog(catalog, check_files=False).groups
+    read = read_catalog(catalog, check_files=False)
     if wanted is not None:
-        if wanted not in groups:
-            raise SystemExit(f"--colour-group: {catalog} has no group {wanted!r} (its groups: {', '.join(groups)})")
+        if wanted not in read.groups:
+            raise SystemExit(f"--colour-group: {catalog} has no group {wanted!r} (its groups: {', '.join(read.groups)})")
         return wanted
     try:
-        return colour_group(read_catalog(catalog, check_files=False))
+        return colour_group(read)
     except ValueError:
         print(f"{catalog}: no group's name says colour, so the colour columns stay empty "
               "(--colour-group NAME=GROUP names one)")
