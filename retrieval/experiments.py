@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval.atomic import write_text
 from retrieval.cli import main as cli
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,32 @@ def finished(output: Path, catalog: str) -> bool:
     return output.exists() and (not labels.exists() or output.stat().st_mtime > labels.stat().st_mtime)
 
 
+TRAINED = "experiment-trained"  # written in RUN once `retrieval train` has returned 0
+
+
+def trained(run: Path, catalog: str) -> bool:
+    """Whether a training stage can be reused: ``retrieval train`` returned 0 on it since the catalog
+    was written (``TRAINED``). best.pt alone does not say so: training writes it from the first epoch,
+    so a stopped run has one. A run from before the marker counts when best.pt is newer than the
+    catalog and metrics.json reached the epochs in config.yaml."""
+    if finished(run / TRAINED, catalog):
+        return True
+    if (run / TRAINED).exists() or not finished(run / "best.pt", catalog):
+        return False
+    try:
+        epochs = re.search(r"^epochs: *(\d+)", (run / "config.yaml").read_text(), re.M)
+        history = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(epochs and history) and history[-1]["epoch"] + 1 >= int(epochs.group(1))
+
+
 def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Path | None = None) -> Experiment:
     """Train (unless pretrained-only), embed and evaluate; reuses the stages a rerun finished since
-    the catalog was last written."""
+    the catalog was last written, and resumes a stopped training (``trained``)."""
     run, emb, report = workdir / exp.name, workdir / f"{exp.name}.h5", workdir / f"{exp.name}-report"
     cache = ["--trunk-cache", str(trunk_cache)] if trunk_cache else []
-    retrain = exp.train is not None and not finished(run / "best.pt", catalog)
+    retrain = exp.train is not None and not trained(run, catalog)
     if retrain:
         resume = ["--resume"] if finished(run / "last.pt", catalog) else []
         if not resume and (run / "last.pt").exists():  # made before the catalog was written: set aside
@@ -55,6 +77,7 @@ def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Pa
             run.rename(stale)
             logger.info("%s predates %s/labels.csv: moved to %s, training again", run, catalog, stale)
         _timed(exp, "train", ["train", "--catalog", catalog, "--out", str(run), *cache, *exp.train, *resume])
+        write_text(run / TRAINED, " ".join(["retrieval", "train", *exp.train]) + "\n")
     if retrain or not finished(emb, catalog):
         source = ["--checkpoint", str(run / exp.checkpoint)] if exp.train is not None else ["--pretrained-only"]
         _timed(exp, "embed", ["embed", *source, "--catalog", catalog, "--out", str(emb), *cache, *exp.embed])

@@ -91,3 +91,45 @@ def test_transfer_table_names_its_colour_group_and_leaves_the_columns_empty_with
     assert "| retailer | default | +10.0 met | +20.0 met | +15.0 met | +25.0 met |" in text
     assert "| plain | default | +8.0 met | +18.0 met | – | – |" in text
     assert text.endswith("Colour columns: retailer: mainColor, plain: none")
+
+
+def test_a_stopped_training_is_resumed_not_taken_for_finished(demo_catalog, tmp_path, monkeypatch):
+    """best.pt is written from the first epoch, so a run stopped after it has one: the harness
+    resumes it (train --resume) and reuses it only once train has returned."""
+    import json
+
+    import pytest
+    from conftest import TINY
+    from retrieval.train.trainer import Job
+
+    calls = []
+    real_cli, real_save = experiments.cli, Job.save_epoch
+
+    def counting_cli(argv):
+        calls.append(argv)
+        return real_cli(argv)
+
+    def stopped_after_the_first_epoch(self, optimizer, scheduler, epoch, *args, **kwargs):
+        real_save(self, optimizer, scheduler, epoch, *args, **kwargs)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as a killed process: the epoch's files are written, nothing after
+
+    monkeypatch.setattr(experiments, "cli", counting_cli)
+    monkeypatch.setattr(Job, "save_epoch", stopped_after_the_first_epoch)
+    exp = lambda: Experiment("run", ["--epochs", "3", *TINY], embed=["--workers", "0"])  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp(), str(demo_catalog), tmp_path)
+    run = tmp_path / "run"
+    assert (run / "best.pt").exists() and not experiments.trained(run, str(demo_catalog))
+
+    monkeypatch.setattr(Job, "save_epoch", real_save)
+    run_experiment(exp(), str(demo_catalog), tmp_path)
+    assert calls[1][0] == "train" and calls[1][-1] == "--resume"
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [0, 1, 2]
+    assert experiments.trained(run, str(demo_catalog))
+
+    calls.clear()
+    run_experiment(exp(), str(demo_catalog), tmp_path)
+    assert [argv[0] for argv in calls] == ["evaluate"]  # training and embedding reused
+    (run / experiments.TRAINED).unlink()  # a run finished before the marker: metrics.json reached the epochs
+    assert experiments.trained(run, str(demo_catalog))
