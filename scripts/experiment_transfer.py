@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -51,8 +52,8 @@ def get_args_parser():
     p.add_argument("--pass-variant", type=_pair, action="append", default=[], metavar="NAME='OPTIONS'",
                    help="the same as --variant (kept for earlier command lines)")
     p.add_argument("--reuse", type=_pair, action="append", default=[], metavar="NAME=DIR",
-                   help="take trunk-cache.h5 and imagenet.h5 of catalog NAME from an earlier experiment "
-                        "folder of the same images (e.g. scripts/experiment_methods.py's --work)")
+                   help="take the trunk caches (trunk-cache*.h5) and imagenet.h5 of catalog NAME from an earlier "
+                        "experiment folder of the same images (e.g. scripts/experiment_methods.py's --work)")
     p.add_argument("--colour-group", type=_pair, action="append", default=[], metavar="NAME=GROUP",
                    help="the group in catalog NAME's colour columns (default: the first group whose name "
                         "says colour; none: the columns stay empty)")
@@ -154,15 +155,30 @@ def _gain(cell, base, target: float) -> str:
     return f"{gain:+.1f} {'met' if gain >= target else 'missed'}"
 
 
+def take_reused(source: Path, folder: Path) -> list[str]:
+    """Copy an earlier experiment folder's trunk caches (every ``trunk-cache*.h5``: the default's and
+    the variants' passes) and off-the-shelf embeddings (``imagenet.h5``) into ``folder`` where it has
+    none of that name; copies, so the runs here never write into the other experiment, each made
+    under a temporary name and renamed into place, so a stopped copy is never taken for a cache."""
+    if not source.is_dir():
+        raise SystemExit(f"--reuse: {source} is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = []
+    for file in sorted(source.glob("trunk-cache*.h5")) + [source / "imagenet.h5"]:
+        if file.is_file() and not (folder / file.name).exists():
+            partial = folder / f".{file.name}.copying"
+            shutil.copy2(file, partial)
+            os.replace(partial, folder / file.name)
+            taken.append(file.name)
+    return taken
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     configure_logging()
     work = Path(args.work)
-    for name, source in args.reuse:  # copies: the runs here must never write into another experiment
-        (work / name).mkdir(parents=True, exist_ok=True)
-        for file in ("trunk-cache.h5", "imagenet.h5"):
-            if not (work / name / file).exists():
-                shutil.copy2(Path(source) / file, work / name / file)
+    for name, source in args.reuse:
+        take_reused(Path(source), work / name)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     colours = dict(args.colour_group)

@@ -133,3 +133,23 @@ def test_a_stopped_training_is_resumed_not_taken_for_finished(demo_catalog, tmp_
     assert [argv[0] for argv in calls] == ["evaluate"]  # training and embedding reused
     (run / experiments.TRAINED).unlink()  # a run finished before the marker: metrics.json reached the epochs
     assert experiments.trained(run, str(demo_catalog))
+
+
+def test_transfer_reuse_copies_every_trunk_cache_and_keeps_what_is_there(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from experiment_transfer import take_reused
+
+    source, folder = tmp_path / "earlier", tmp_path / "work" / "street"
+    source.mkdir()
+    for name in ("trunk-cache.h5", "trunk-cache-image_size=352.h5", "imagenet.h5", "default.h5",
+                 ".trunk-cache.h5.host-1.tmp"):
+        (source / name).write_text(name)
+    assert take_reused(source, folder) == ["trunk-cache-image_size=352.h5", "trunk-cache.h5", "imagenet.h5"]
+    assert sorted(p.name for p in folder.iterdir()) == ["imagenet.h5", "trunk-cache-image_size=352.h5",
+                                                        "trunk-cache.h5"]  # no runs, no temporaries
+    (folder / "trunk-cache.h5").write_text("resumed here")
+    assert take_reused(source, folder) == []  # what is there stays
+    assert (folder / "trunk-cache.h5").read_text() == "resumed here"
+    (tmp_path / "bare").mkdir()
+    assert take_reused(tmp_path / "bare", tmp_path / "other") == []  # nothing to take is no error
