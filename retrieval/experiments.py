@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from retrieval.atomic import write_text
 from retrieval.cli import main as cli
@@ -56,11 +57,11 @@ def trained(run: Path, catalog: str) -> bool:
     if (run / TRAINED).exists() or not finished(run / "best.pt", catalog):
         return False
     try:
-        epochs = re.search(r"^epochs: *(\d+)", (run / "config.yaml").read_text(), re.M)
+        epochs = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("epochs")
         history = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, yaml.YAMLError):
         return False
-    return bool(epochs and history) and history[-1]["epoch"] + 1 >= int(epochs.group(1))
+    return isinstance(epochs, int) and bool(history) and history[-1]["epoch"] + 1 >= epochs
 
 
 def run_experiment(exp: Experiment, catalog: str, workdir: Path, trunk_cache: Path | None = None) -> Experiment:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
 from pathlib import Path
 
-from retrieval.atomic import write_text
+from retrieval.atomic import atomic_write, write_text
 from retrieval.cli import configure_logging
 from retrieval.commands.train import get_args_parser as train_parser
 from retrieval.data.catalog import read_catalog
@@ -93,7 +92,8 @@ def pick_colour_group(catalog: str, wanted: str | None = None) -> str | None:
     read = read_catalog(catalog, check_files=False)
     if wanted is not None:
         if wanted not in read.groups:
-            raise SystemExit(f"--colour-group: {catalog} has no group {wanted!r} (its groups: {', '.join(read.groups)})")
+            raise SystemExit(f"--colour-group: {catalog} has no group {wanted!r} "
+                             f"(its groups: {', '.join(read.groups)})")
         return wanted
     try:
         return colour_group(read)
@@ -158,17 +158,16 @@ def _gain(cell, base, target: float) -> str:
 def take_reused(source: Path, folder: Path) -> list[str]:
     """Copy an earlier experiment folder's trunk caches (every ``trunk-cache*.h5``: the default's and
     the variants' passes) and off-the-shelf embeddings (``imagenet.h5``) into ``folder`` where it has
-    none of that name; copies, so the runs here never write into the other experiment, each made
-    under a temporary name and renamed into place, so a stopped copy is never taken for a cache."""
+    none of that name; copies, so the runs here never write into the other experiment, each written
+    atomically (``atomic_write``), so a stopped copy is never taken for a cache."""
     if not source.is_dir():
         raise SystemExit(f"--reuse: {source} is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     taken = []
     for file in sorted(source.glob("trunk-cache*.h5")) + [source / "imagenet.h5"]:
         if file.is_file() and not (folder / file.name).exists():
-            partial = folder / f".{file.name}.copying"
-            shutil.copy2(file, partial)
-            os.replace(partial, folder / file.name)
+            with open(file, "rb") as src, atomic_write(folder / file.name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
             taken.append(file.name)
     return taken
 
@@ -177,14 +176,14 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     configure_logging()
     work = Path(args.work)
+    colours = dict(args.colour_group)
+    unknown = set(colours) - {name for name, _ in args.catalog}
+    if unknown:  # before any copying or training
+        raise SystemExit(f"--colour-group names no --catalog: {', '.join(sorted(unknown))}")
     for name, source in args.reuse:
         take_reused(Path(source), work / name)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    colours = dict(args.colour_group)
-    unknown = set(colours) - {name for name, _ in args.catalog}
-    if unknown:
-        raise SystemExit(f"--colour-group names no --catalog: {', '.join(sorted(unknown))}")
     for name, catalog in args.catalog:
         results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant, colours.get(name))
         write_text(results_path, json.dumps(results, indent=2))
