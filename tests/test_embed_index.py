@@ -33,12 +33,19 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
     catalog = read_catalog(demo_catalog)
     with h5py.File(embeddings) as f:
         vectors = f["vectors"][:]
-        assert vectors.shape == (60, 256)
+        # the shared view: the 256-d embedding, then each group's view over sqrt(G), L2-normalised
+        views = np.concatenate([f[f"groups/{g}"][:] for g in catalog.groups], axis=1)
+        width = 256 + sum(len(catalog.vocab[g]) for g in catalog.groups)
+        assert vectors.shape == (60, width)
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        scale = np.sqrt(1 + (views ** 2).sum(1, keepdims=True) / len(catalog.groups))  # |embedding| = 1
+        assert np.allclose(np.linalg.norm(vectors[:, :256], axis=1, keepdims=True) * scale, 1, atol=1e-5)
+        assert np.allclose(vectors[:, 256:] * scale * np.sqrt(len(catalog.groups)), views, atol=1e-5)
         assert f["ids"][:].tolist() == list(range(60))
         assert list(f["paths"].asstr()[:]) == [it.image for it in catalog.items]
         assert f.attrs["fingerprint"] == load_checkpoint(tiny_run / "best.pt")["fingerprint"]
-        assert f.attrs["backbone"] == "tiny" and f.attrs["dimension"] == 256 and f.attrs["created"]
+        assert f.attrs["backbone"] == "tiny" and f.attrs["dimension"] == width and f.attrs["created"]
+        assert f.attrs["shared_view"] == "with-groups" and f.attrs["embedding_dim"] == 256
         assert sorted(json.loads(f.attrs["groups"])) == sorted(catalog.groups)
         for g in catalog.groups:
             assert f[f"probs/{g}"].shape == (60, len(catalog.vocab[g]))
@@ -47,6 +54,25 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
                 probs = probs / np.linalg.norm(probs, axis=1, keepdims=True)
             assert np.allclose(f[f"groups/{g}"][:], probs, atol=1e-6)
         assert np.allclose(f["probs/category"][:].sum(1), 1, atol=1e-5)  # single-label: softmax
+
+
+def test_a_model_trained_for_the_embedding_alone_indexes_the_embedding(embeddings, demo_catalog, tmp_path):
+    from conftest import TINY
+    from indexer import IndexStore
+
+    run, out = tmp_path / "run", tmp_path / "emb.h5"
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(run), "--epochs", "1", "--embed-dim", "16",
+                "--shared-view", "embedding", *TINY]) == 0
+    assert embed(run, demo_catalog, out) == 0
+    with h5py.File(out) as f:
+        assert f["vectors"].shape == (60, 16) and f.attrs["shared_view"] == "embedding"
+    assert cli(["index", "build", "--embeddings", str(out), "--out", str(tmp_path / "index")]) == 0
+    assert IndexStore.load(tmp_path / "index").dimension == 16
+    # the default model's file gives its embedding back: evaluate --shared-view embedding ranks by it
+    report = tmp_path / "report"
+    assert cli(["evaluate", "--embeddings", str(embeddings), "--catalog", str(demo_catalog), "--device", "cpu",
+                "--shared-view", "embedding", "--out", str(report)]) == 0
+    assert json.loads((report / "report.json").read_text())["settings"]["shared_view"] == "embedding"
 
 
 def test_trunk_cache_gives_the_same_embeddings(embeddings, tiny_run, demo_catalog, tmp_path):
@@ -124,7 +150,7 @@ def test_index_build_add_remove(embeddings, demo_catalog, tmp_path):
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
     store = IndexStore.load(index)
     assert len(store) == 60
-    scores, ids = store.search(np.eye(1, 256, dtype=np.float32), 5, filters={"gender": ["women"]})
+    scores, ids = store.search(np.eye(1, store.dimension, dtype=np.float32), 5, filters={"gender": ["women"]})
     assert all("women" in store.item(i)["labels"]["gender"] for i in ids[0] if i >= 0)
     assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg"]) == 1
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY
 
 from retrieval.cli import main as cli
-from retrieval.data.embfile import EmbeddingsError, fuse_probabilities, group_vectors, read_embeddings
+from retrieval.data.embfile import (Embeddings, EmbeddingsError, embedding_part, fuse_probabilities, group_vectors,
+                                    read_embeddings, shared_vectors)
 
 
 def test_group_vector_rule_hand_worked():
@@ -19,6 +20,26 @@ def test_group_vector_rule_hand_worked():
     assert np.allclose(fuse_probabilities(probs, {g: 1 - p for g, p in probs.items()})["type"], [[0.5, 0.5]])
     with pytest.raises(ValueError, match="groups or label vocabularies differ"):
         fuse_probabilities(probs, {"type": probs["type"]})
+
+
+def test_shared_view_with_groups_hand_worked():
+    embedding = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    views = {"type": np.array([[1.0, 0.0], [1.0, 0.0]]), "colour": np.array([[0.6, 0.8], [0.0, 1.0]])}
+    joined = shared_vectors(embedding, views)
+    # [e, type / sqrt 2, colour / sqrt 2], each row over sqrt(1 + (1 + 1) / 2) = sqrt 2
+    assert np.allclose(joined[0], np.array([1, 0, 1, 0, 0.6, 0.8]) / np.sqrt(2) * [1, 1, 2 ** -0.5, 2 ** -0.5,
+                                                                                    2 ** -0.5, 2 ** -0.5])
+    # items orthogonal in the embedding are now alike through their shared type and half their colour:
+    # (0 + (1 + 0.8) / 2) / 2 = 0.45
+    assert joined[0] @ joined[1] == pytest.approx(0.45)
+    assert shared_vectors(embedding, views, "embedding") is embedding and shared_vectors(embedding, {}) is embedding
+    # the embedding alone comes back from the file's vectors
+    stored = Embeddings(joined, np.arange(2), ["a", "b"], attrs={"shared_view": "with-groups", "embedding_dim": 2})
+    assert np.allclose(embedding_part(stored), embedding)
+    with pytest.raises(EmbeddingsError, match="embedding_dim"):
+        embedding_part(Embeddings(joined, np.arange(2), ["a", "b"], attrs={"shared_view": "with-groups"}))
+    older = Embeddings(embedding, np.arange(2), ["a", "b"])  # written before the option: the embedding alone
+    assert embedding_part(older) is embedding
 
 
 def test_a_fused_multi_label_method_model_ranks_as_the_model_does(demo_catalog, tmp_path):

@@ -69,6 +69,31 @@ def write_embeddings(path, rows, paths=None, fingerprint="sha-test"):
 EXPECTED = {"type": (13 / 24, 23 / 72, 6), "colour": (29 / 84, 2 / 7, 7)}
 
 
+def test_shared_view_embedding_ranks_by_the_embedding_part(catalog_dir, tmp_path):
+    # a with-groups file: each vector is the embedding followed by other columns (here a strong
+    # parity pattern that reorders every ranking), the whole L2-normalised
+    emb = write_embeddings(tmp_path / "emb.h5", [
+        row if row[2] is None else (*row[:2], np.concatenate([row[2], 5 * np.eye(2)[i % 2]]), row[3])
+        for i, row in enumerate(ROWS)])
+    with h5py.File(emb, "r+") as f:
+        v = f["vectors"][:]
+        f["vectors"][...] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        f.attrs.update({"shared_view": "with-groups", "embedding_dim": 3, "dimension": 5})
+    catalog = read_catalog(catalog_dir, check_files=False)
+    alone = evaluate_embeddings(emb, catalog, k=3, shared_view="embedding")
+    assert alone["settings"]["shared_view"] == "embedding"
+    for g, (paper, standard, _) in EXPECTED.items():  # as the plain embedding ranks (the test above)
+        assert alone["groups"][g]["map_paper"] == pytest.approx(paper)
+        assert alone["groups"][g]["map_standard"] == pytest.approx(standard)
+    whole = evaluate_embeddings(emb, catalog, k=3)
+    assert whole["settings"]["shared_view"] == "with-groups"
+    assert whole["groups"]["type"]["map_paper"] != pytest.approx(EXPECTED["type"][0])
+    with h5py.File(emb, "r+") as f:
+        del f.attrs["embedding_dim"]
+    with pytest.raises(EvaluationError, match="emb.h5.*embedding_dim"):
+        evaluate_embeddings(emb, catalog, k=3, shared_view="embedding")
+
+
 def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     emb = write_embeddings(tmp_path / "emb.h5", ROWS)
     assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--device", "cpu"]) == 0
@@ -77,7 +102,8 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     report = json.loads((out_dir / "report.json").read_text())
     assert report["settings"] | {"embeddings": None, "catalog": None} == {
         "split": "test", "k": 3, "fingerprint": "sha-test", "embeddings": None, "n_items": 7,
-        "n_missing": 1, "candidates": "labelled", "catalog": None, "title": "emb", "fused_with": None}
+        "n_missing": 1, "candidates": "labelled", "catalog": None, "title": "emb", "fused_with": None,
+        "shared_view": "embedding"}
     for g, (paper, standard, queries) in EXPECTED.items():
         assert report["groups"][g]["map_paper"] == pytest.approx(paper)
         assert report["groups"][g]["map_standard"] == pytest.approx(standard)

@@ -21,8 +21,9 @@ from retrieval.net.model import POOL_WEIGHTINGS, create_model
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval embed", description=(
-        "Embed every catalog image with the model's shared layers (L2-normalised) into HDF5, with "
-        "each group's head-focused vectors and probabilities. Interrupted runs resume. Under torchrun "
+        "Embed every catalog image with the model's shared layers into HDF5: the shared view's vectors "
+        "(L2-normalised: the shared embedding, followed by every group's probabilities unless the model was "
+        "trained with --shared-view embedding), each group's head-focused vectors and probabilities. Interrupted runs resume. Under torchrun "
         "(--nproc-per-node N, several nodes through its rendezvous) the rows are cut into shards, one "
         "resumable work file each beside --out, which rank 0 merges into the same file one process writes."))
     p.add_argument("--checkpoint", metavar="PT", help="trained checkpoint (RUN/best.pt)")
@@ -95,6 +96,8 @@ def embed(args, rank: int, device) -> int:
     trunk_cache = open_trunk_cache(args.trunk_cache, model, catalog, start) if args.trunk_cache else None
     meta = {"fingerprint": fp, "backbone": model.config.backbone, "catalog": str(Path(args.catalog).resolve()),
             "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
+    if heads:  # the vectors' first embedding_dim columns, L2-normalised, are the shared embedding alone
+        meta.update(shared_view=model.config.shared_view, embedding_dim=model.config.embed_dim)
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
                           image_cache, trunk_cache, start, args.split, args.shards, args.merge_only)

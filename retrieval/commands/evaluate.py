@@ -9,7 +9,7 @@ from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.evaluate.classification import draw_class_chart
 from retrieval.evaluate.metrics import CANDIDATES
-from retrieval.evaluate.report import (SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
+from retrieval.evaluate.report import (SHARED_VIEW_CHOICES, SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
                                        write_report)
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="a group's candidates: 'labelled' = the other items labelled in it, as its queries are "
                           "(an unlabelled item is unknown there); 'all' = every other item, the unlabelled "
                           "counted as misses (default: labelled)")
+    run.add_argument("--shared-view", default="file", choices=SHARED_VIEW_CHOICES,
+                     help="what the shared view ranks by: 'file' = the file's vectors (the shared embedding "
+                          "followed by the group probabilities, or the embedding alone, as the model was "
+                          "trained); 'embedding' = the shared embedding alone (default: file)")
     run.add_argument("--fuse", type=Path, metavar="EMB_B.h5",
                      help="score fusion: average the head probabilities of a second model's embeddings")
     run.add_argument("--class-chart", metavar="GROUP",
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
                                      args.split, args.k, device=args.device, fuse=args.fuse,
                                      sample_queries=args.sample_queries, seed=args.seed,
-                                     candidates=args.candidates)
+                                     candidates=args.candidates, shared_view=args.shared_view)
         report["settings"]["title"] = args.title or args.embeddings.stem
         out = write_report(report, args.out or args.embeddings.with_name(f"{args.embeddings.stem}-report"))
         if args.class_chart:

@@ -9,7 +9,7 @@ from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.colour import COLOUR_WEIGHTINGS
 from retrieval.net.layers import SHARED_LAYERS
-from retrieval.net.model import METHODS, POOL_WEIGHTINGS
+from retrieval.net.model import METHODS, POOL_WEIGHTINGS, SHARED_VIEWS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
 from retrieval.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, parse_early_learning, parse_fill_missing
 from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
@@ -49,6 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--shared-layers", choices=SHARED_LAYERS,
                        help="embedding: BatchNorm, Dropout, hidden layer, Linear; fc: AlexNet-style fc6/fc7 "
                             "(Dropout, Linear, ReLU twice), fc7's output indexed")
+    model.add_argument("--shared-view", choices=SHARED_VIEWS,
+                       help="what the shared view (the index searched for similar items) ranks by: with-groups = "
+                            "the shared embedding followed by every group's head probabilities, each group "
+                            "counting alike; embedding = the shared embedding alone (the papers' retrieval "
+                            "features); 'retrieval embed --shared-view' can change it later without training")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,

@@ -171,6 +171,38 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.
     return out
 
 
+def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str = "with-groups") -> np.ndarray:
+    """What the shared view ranks by (``ModelConfig.shared_view``): ``embedding``, the shared
+    embedding alone; ``with-groups``, the embedding followed by every group's view (``group_vectors``,
+    in the model's group order) scaled by 1/sqrt(G), the whole L2-normalised.
+
+    The inner product of two such vectors is (e·e' + mean_g v_g·v'_g) / (norms): the embedding's
+    cosine plus the chance, averaged over the groups, that the two items share each group's label.
+    Every group then counts alike, where the embedding's geometry favours the groups with many
+    labels, and an unsure group (flat probabilities, a short vector) counts less. Measured on eight
+    catalogues (README, issue 16): +0.3 to +1.1 mAP@50 on the shared view's mean, on every one."""
+    if how == "embedding" or not views:
+        return embedding
+    parts = [np.asarray(embedding, dtype=np.float32)]
+    parts += [np.asarray(v, dtype=np.float32) / np.sqrt(len(views)) for v in views.values()]
+    joined = np.concatenate(parts, axis=1)
+    return joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
+
+
+def embedding_part(emb: Embeddings) -> np.ndarray:
+    """The shared embedding alone from a file's shared-view vectors (``shared_vectors``): its first
+    ``embedding_dim`` columns, L2-normalised again; the vectors as they are when the file holds
+    the embedding alone (or is older than the option)."""
+    if emb.attrs.get("shared_view", "embedding") == "embedding":
+        return emb.vectors
+    width = int(emb.attrs.get("embedding_dim", 0))
+    if not 0 < width <= emb.vectors.shape[1]:
+        raise EmbeddingsError(f"embeddings file has shared view {emb.attrs['shared_view']!r} without a valid "
+                              f"embedding_dim attribute ({width}); embed it again")
+    part = emb.vectors[:, :width]
+    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+
+
 def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models") -> dict:
     """Score fusion: the mean of two models' class scores, group by group."""
     if set(a) != set(b) or any(np.shape(a[g]) != np.shape(b[g]) for g in a):

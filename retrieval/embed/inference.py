@@ -32,14 +32,16 @@ class Outputs:
 
 @torch.no_grad()
 def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, heads: bool = True) -> Outputs:
-    """Embedding, probabilities and group vectors from pooled trunk features."""
+    """Shared view's vectors (``embfile.shared_vectors``), probabilities and group vectors from
+    pooled trunk features."""
     emb = model.embed_pooled(pooled)
     probs, group_vectors = {}, {}
     if heads:
         logits = model.forward_heads(emb)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
-    return Outputs(np.asarray(positions), emb.float().cpu().numpy(), probs, group_vectors)
+    vectors = embfile.shared_vectors(emb.float().cpu().numpy(), group_vectors, model.config.shared_view)
+    return Outputs(np.asarray(positions), vectors, probs, group_vectors)
 
 
 def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) -> TrunkCache | None:

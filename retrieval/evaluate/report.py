@@ -9,14 +9,15 @@ import numpy as np
 
 from retrieval.atomic import atomic_write, write_text
 from retrieval.data.catalog import Catalog
-from retrieval.data.embfile import (SIGMOID_GROUPS, fuse_probabilities, group_vectors, read_attrs, read_paths,
-                                    read_probabilities, read_rows)
+from retrieval.data.embfile import (SIGMOID_GROUPS, EmbeddingsError, embedding_part, fuse_probabilities,
+                                    group_vectors, read_attrs, read_paths, read_probabilities, read_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "train", "all")
+SHARED_VIEW_CHOICES = ("file", "embedding")  # rank the shared view by the file's vectors, or the embedding alone
 REPORT_FILE = "report.json"
 
 
@@ -43,7 +44,7 @@ def match_rows(paths: list[str], catalog: Catalog, split: str) -> tuple[np.ndarr
 
 def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "test", k: int = 50,
                         device: str = "cpu", fuse: str | Path | None = None, sample_queries: int | None = None,
-                        seed: int = 0, candidates: str = "labelled") -> dict:
+                        seed: int = 0, candidates: str = "labelled", shared_view: str = "file") -> dict:
     """Report dict (docs/formats.md) of mAP@k on one split, plus classification of the heads.
 
     Only the split's rows are read from the embeddings file. With ``fuse``, a second embeddings
@@ -51,7 +52,11 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     use the fused scores, the shared view stays the first's. With ``sample_queries``, that many
     random queries (seeded) are ranked against every candidate and each mAP gets a 95% interval.
     ``candidates``: a group's candidates, the items labelled in it or ``all`` (``evaluate_retrieval``).
+    ``shared_view``: ``file`` ranks the shared view by the file's vectors; ``embedding`` by the
+    shared embedding alone (``embfile.embedding_part``: the papers' retrieval features).
     """
+    if shared_view not in SHARED_VIEW_CHOICES:
+        raise EvaluationError(f"Unknown shared view {shared_view!r}; choose one of: {', '.join(SHARED_VIEW_CHOICES)}")
     if split not in SPLITS:
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     rows, items = match_rows(read_paths(emb_path), catalog, split)
@@ -78,7 +83,11 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         sigmoid = set(emb.sigmoid_groups if emb.sigmoid_groups is not None else catalog.multi_label_groups())
         sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
-    report = evaluate_retrieval(emb.vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
+    try:
+        vectors = embedding_part(emb) if shared_view == "embedding" else emb.vectors
+    except EmbeddingsError as err:
+        raise EvaluationError(f"{emb_path}: {err}") from None
+    report = evaluate_retrieval(vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
                                 sample_queries=sample_queries, seed=seed, candidates=candidates)
     for g, entry in report["groups"].items():
         if entry.get("uninformative"):
@@ -87,7 +96,8 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
-                "fused_with": str(Path(fuse).resolve()) if fuse else None}
+                "fused_with": str(Path(fuse).resolve()) if fuse else None,
+                "shared_view": emb.attrs.get("shared_view", "embedding") if shared_view == "file" else shared_view}
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
                          "interval": "95% percentile bootstrap over the sampled queries"})

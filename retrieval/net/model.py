@@ -22,6 +22,9 @@ METHODS = ("multi-weight", "multi-task", "multi-label")
 # the mirror view doubles their cost (fashion index, 2 cores, concurrency 4: upload p50 138 vs 256 ms),
 # while single-view queries against the flip-averaged catalogue lose 0.1 shared / 0.2 group-view mAP@50
 QUERY_VIEWS = 1
+# what the shared view (the index searched for "similar clothing") ranks by: the shared embedding
+# alone (as the papers retrieve), or followed by every group's view (embfile.shared_vectors)
+SHARED_VIEWS = ("embedding", "with-groups")
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ModelConfig:
     embed_hidden: int = 1024
     flip_average: bool = True
     shared_layers: str = "embedding"
+    shared_view: str = "with-groups"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +120,8 @@ class RetrievalModel(nn.Module):
                              f"{', '.join(POOL_WEIGHTINGS)}")
         if config.method not in METHODS:
             raise ValueError(f"Unknown method {config.method!r}; choose one of: {', '.join(METHODS)}")
+        if config.shared_view not in SHARED_VIEWS:
+            raise ValueError(f"Unknown shared view {config.shared_view!r}; choose one of: {', '.join(SHARED_VIEWS)}")
         check_colour_weighting(config.colour_weighting)
         self.trunk = create_trunk(config.backbone, weights)
         self.taps = resolve_taps(config.taps, len(self.trunk))
@@ -407,7 +413,8 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
 
 # what a checkpoint written before an option existed was trained with (the option's old value)
 LEGACY = {"image_size": 224, "dropout": 0.1, "colour_bins": "none", "normalized_heads": False,
-          "embed_hidden": 0, "flip_average": False, "pool_weighting": "none", "colour_weighting": "border"}
+          "embed_hidden": 0, "flip_average": False, "pool_weighting": "none", "colour_weighting": "border",
+          "shared_view": "embedding"}
 
 
 def model_from_config(config: dict) -> RetrievalModel:

@@ -40,6 +40,7 @@ class TrainConfig:
     flip_average: bool = ModelConfig.flip_average
     embed_hidden: int = ModelConfig.embed_hidden
     shared_layers: str = ModelConfig.shared_layers
+    shared_view: str = ModelConfig.shared_view
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
     select_by: str = "map"
