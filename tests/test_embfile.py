@@ -26,9 +26,10 @@ def test_shared_view_with_groups_hand_worked():
     embedding = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     views = {"type": np.array([[1.0, 0.0], [1.0, 0.0]]), "colour": np.array([[0.6, 0.8], [0.0, 1.0]])}
     joined = shared_vectors(embedding, views)
-    # [e, type / sqrt 2, colour / sqrt 2], each row over sqrt(1 + (1 + 1) / 2) = sqrt 2
-    assert np.allclose(joined[0], np.array([1, 0, 1, 0, 0.6, 0.8]) / np.sqrt(2) * [1, 1, 2 ** -0.5, 2 ** -0.5,
-                                                                                    2 ** -0.5, 2 ** -0.5])
+    # [e, type / sqrt 2, colour / sqrt 2], each row over sqrt(1 + (1 + 1) / 2) = sqrt 2, two zero columns
+    # making 8
+    assert np.allclose(joined[0], np.array([1, 0, 1, 0, 0.6, 0.8, 0, 0]) / np.sqrt(2)
+                       * [1, 1, 2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 1, 1])
     # items orthogonal in the embedding are now alike through their shared type and half their colour:
     # (0 + (1 + 0.8) / 2) / 2 = 0.45
     assert joined[0] @ joined[1] == pytest.approx(0.45)

@@ -174,7 +174,9 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.
 def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str = "with-groups") -> np.ndarray:
     """What the shared view ranks by (``ModelConfig.shared_view``): ``embedding``, the shared
     embedding alone; ``with-groups``, the embedding followed by every group's view (``group_vectors``,
-    in the model's group order) scaled by 1/sqrt(G), the whole L2-normalised.
+    in the model's group order) scaled by 1/sqrt(G), the whole L2-normalised and padded with zero
+    columns to a multiple of 8 (no inner product changes; FAISS's PQ codes need a width with many
+    divisors: ``indexer.index.default_pq_m``).
 
     The inner product of two such vectors is (e·e' + mean_g v_g·v'_g) / (norms): the embedding's
     cosine plus the chance, averaged over the groups, that the two items share each group's label.
@@ -185,6 +187,8 @@ def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str
         return embedding
     parts = [np.asarray(embedding, dtype=np.float32)]
     parts += [np.asarray(v, dtype=np.float32) / np.sqrt(len(views)) for v in views.values()]
+    width = sum(p.shape[1] for p in parts)
+    parts.append(np.zeros((len(parts[0]), -width % 8), dtype=np.float32))
     joined = np.concatenate(parts, axis=1)
     return joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
 
