@@ -222,7 +222,7 @@ def test_product_page_shows_scores_and_shared_labels(client):
     html = client.get("/items/3?view=group-colours&k=6").get_data(as_text=True)
     assert html.count('class="score"') == 6 and "chip shared" in html and 'class="segment active"' in html
     assert "group head's agreement" in html  # a group view's score is no cosine of embeddings
-    assert "cosine similarity of the shared embeddings" in client.get("/items/3").get_data(as_text=True)
+    assert "cosine similarity of the shared vectors" in client.get("/items/3").get_data(as_text=True)
     assert client.get("/items/999").status_code == 404
 
 
