@@ -22,8 +22,9 @@ from retrieval.net.model import POOL_WEIGHTINGS, create_model
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval embed", description=(
         "Embed every catalog image with the model's shared layers into HDF5: the shared view's vectors "
-        "(L2-normalised: the shared embedding, followed by every group's probabilities unless the model was "
-        "trained with --shared-view embedding), each group's head-focused vectors and probabilities. Interrupted runs resume. Under torchrun "
+        "(L2-normalised: the shared embedding, followed by every group's probabilities unless the model "
+        "was trained with --shared-view embedding), each group's head-focused vectors and probabilities. "
+        "Interrupted runs resume. Under torchrun "
         "(--nproc-per-node N, several nodes through its rendezvous) the rows are cut into shards, one "
         "resumable work file each beside --out, which rank 0 merges into the same file one process writes."))
     p.add_argument("--checkpoint", metavar="PT", help="trained checkpoint (RUN/best.pt)")

@@ -9,8 +9,8 @@ from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.evaluate.classification import draw_class_chart
 from retrieval.evaluate.metrics import CANDIDATES
-from retrieval.evaluate.report import (SHARED_VIEW_CHOICES, SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
-                                       write_report)
+from retrieval.evaluate.report import (SHARED_VIEW_CHOICES, SPLITS, EvaluationError, compare_reports,
+                                       evaluate_embeddings, format_table, write_report)
 
 logger = logging.getLogger(__name__)
 

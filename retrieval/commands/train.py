@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="what the shared view (the index searched for similar items) ranks by: with-groups = "
                             "the shared embedding followed by every group's head probabilities, each group "
                             "counting alike; embedding = the shared embedding alone (the papers' retrieval "
-                            "features); 'retrieval embed --shared-view' can change it later without training")
+                            "features; 'retrieval evaluate --shared-view embedding' measures it from the same file)")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
