@@ -86,7 +86,10 @@ def test_transfer_table_names_its_colour_group_and_leaves_the_columns_empty_with
         "plain": {name: {**_cells(report(s, c), None), "colour group": None}
                   for name, s, c in [("imagenet", 0.5, 0.2), ("default", 0.58, 0.35)]},
     }
+    results["retailer"]["default"]["shared, embedding alone"] = (59.0, 29.5)
     text = format_tables(results)
+    assert "| retailer | default | 50.0 / 25.0 | 60.0 / 30.0 | 59.0 / 29.5 | 70.0 / 60.0 |" in text
+    assert "| plain | default | 50.0 / 25.0 | 58.0 / 29.0 | – | 68.0 / 58.0 |" in text  # an older results.json
     # shared +10 and group view +20 over the off-the-shelf shared 50; colour +15 and +25 over its 20
     assert "| retailer | default | +10.0 met | +20.0 met | +15.0 met | +25.0 met |" in text
     assert "| plain | default | +8.0 met | +18.0 met | – | – |" in text
