@@ -113,14 +113,14 @@ def run_catalog(name: str, catalog: str, work: Path, variants: list[tuple[str, s
     colour = pick_colour_group(catalog, colour)
     rows = [Experiment("imagenet", None), Experiment("default", [])]
     rows += [Experiment(v, shlex.split(options)) for v, options in variants]
+    labels = read_catalog(catalog, check_files=False)
     results = {}
     for exp in rows:
         cache = folder / trunk_cache_name(exp.train) if exp.train is not None else None
         run_experiment(exp, catalog, folder, cache)
         results[exp.name] = {**_cells(exp.report, colour), "colour group": colour, "seconds": exp.seconds}
         if exp.train is not None:  # the shared embedding alone, from the same file (the papers' feature)
-            alone = evaluate_embeddings(folder / f"{exp.name}.h5", read_catalog(catalog, check_files=False),
-                                        shared_view="embedding")
+            alone = evaluate_embeddings(folder / f"{exp.name}.h5", labels, shared_view="embedding")
             results[exp.name]["shared, embedding alone"] = _cells(alone, None)["shared"]
     return results
 
@@ -141,7 +141,8 @@ def format_tables(results: dict) -> str:
             if name == "imagenet":
                 continue
             lines.append(f"| {catalog} | {name} | {_fmt(base['shared'])} | {_fmt(r['shared'])} | "
-                         f"{_fmt(r.get('shared, embedding alone'))} | {_fmt(r['group view'])} | {_fmt(r['colour shared'])} ({_fmt(base['colour shared'])}) | "
+                         f"{_fmt(r.get('shared, embedding alone'))} | {_fmt(r['group view'])} | "
+                         f"{_fmt(r['colour shared'])} ({_fmt(base['colour shared'])}) | "
                          f"{_fmt(r['colour group view'])} |")
             cols = [("shared", "shared", "shared"), ("group view", "shared", "group view"),
                     ("colour shared", "colour shared", "colour"), ("colour group view", "colour shared", "colour")]

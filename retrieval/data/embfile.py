@@ -155,6 +155,11 @@ def select_rows(dataset, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.ndarray]:
     """Group-focused vectors from head probabilities, ranked by inner product: the rule for the
     model's own outputs and for fused scores alike.
@@ -166,7 +171,7 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.
     for g, p in probs.items():
         v = np.asarray(p, dtype=np.float32)
         if g in sigmoid_groups:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            v = unit_rows(v)
         out[g] = v
     return out
 
@@ -189,8 +194,7 @@ def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str
     parts += [np.asarray(v, dtype=np.float32) / np.sqrt(len(views)) for v in views.values()]
     width = sum(p.shape[1] for p in parts)
     parts.append(np.zeros((len(parts[0]), -width % 8), dtype=np.float32))
-    joined = np.concatenate(parts, axis=1)
-    return joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)
+    return unit_rows(np.concatenate(parts, axis=1))
 
 
 def embedding_part(emb: Embeddings) -> np.ndarray:
@@ -203,8 +207,7 @@ def embedding_part(emb: Embeddings) -> np.ndarray:
     if not 0 < width <= emb.vectors.shape[1]:
         raise EmbeddingsError(f"embeddings file has shared view {emb.attrs['shared_view']!r} without a valid "
                               f"embedding_dim attribute ({width}); embed it again")
-    part = emb.vectors[:, :width]
-    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+    return unit_rows(emb.vectors[:, :width])
 
 
 def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models") -> dict:
