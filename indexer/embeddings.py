@@ -27,7 +27,8 @@ def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
 
 
 def build_store(source: VectorSource, paths, index_type: str = "flat", titles=None, labels=None, *,
-                fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", **build_kwargs) -> IndexStore:
+                fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", shared_view: str | None = None,
+                **build_kwargs) -> IndexStore:
     """Build an IndexStore with the "shared" view of index_type and an exact compact view per group.
 
     Args:
@@ -36,6 +37,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
         titles: per-item titles, aligned with source.ids or a mapping {id: title}.
         labels: {group: per-item label lists}, each aligned with source.ids or a mapping {id: [labels]}.
         group_codec: how group views store their values: fp16 (2 bytes) or 8bit (1 byte).
+        shared_view: what the shared view's vectors are (as the embeddings name it), kept in the sidecar.
         use_gpu, build_kwargs: passed to build_view (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
     """
     ids = source.ids
@@ -49,7 +51,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
             built[view] = build_group_view(source, view, group_codec)
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
     return IndexStore(built, ids, paths, align_to_ids(titles, ids, "", "titles"), labels,
-                      fingerprint=fingerprint, use_gpu=use_gpu)
+                      fingerprint=fingerprint, use_gpu=use_gpu, shared_view=shared_view)
 
 
 def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, **kwargs) -> IndexStore:
@@ -57,5 +59,7 @@ def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None
     (``retrieval.data.embfile.read_embeddings(p).as_dict()``); kwargs as build_store takes them."""
     views = {"shared": emb["vectors"], **{f"group-{g}": x for g, x in emb.get("groups", {}).items()}}
     source = VectorSource.from_arrays(views, emb["ids"])
+    attrs = emb.get("attrs", {})
+    kwargs.setdefault("shared_view", attrs.get("shared_view"))
     return build_store(source, emb["paths"], index_type, titles, labels,
-                       fingerprint=str(emb.get("attrs", {}).get("fingerprint", "")), **kwargs)
+                       fingerprint=str(attrs.get("fingerprint", "")), **kwargs)

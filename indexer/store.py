@@ -36,7 +36,8 @@ class IndexStore:
     """The views of one catalog ("shared" by id, "group-<name>" by position) with item metadata."""
 
     def __init__(self, views: Mapping[str, faiss.Index], ids, paths=None, titles=None, labels=None, *,
-                 items: Items | None = None, fingerprint: str = "", created: str | None = None, use_gpu="auto"):
+                 items: Items | None = None, fingerprint: str = "", created: str | None = None, use_gpu="auto",
+                 shared_view: str | None = None):
         check_views(views)
         self.views = dict(views)
         if items is None:
@@ -45,6 +46,7 @@ class IndexStore:
                                      align_labels(labels, len(ids)))
         self.items = items
         self.fingerprint = fingerprint
+        self.shared_view = shared_view  # what the embeddings say the shared view holds (None: not recorded)
         self.created = created or utc_now()
         self.use_gpu = use_gpu
         self._gpu_lock = threading.Lock()
@@ -111,7 +113,8 @@ class IndexStore:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "type": self.index_type,
                 "dimension": self.dimension, "count": len(self), "metric": "inner_product",
                 "created": self.created, "views": {view: int(index.d) for view, index in self.views.items()},
-                "group_codec": group_codec(self.views), "labels": self.vocabulary()}
+                "group_codec": group_codec(self.views), "labels": self.vocabulary(),
+                **({"shared_view": self.shared_view} if self.shared_view else {})}
 
     # ---- search -----------------------------------------------------------------------------
     def search(self, vectors, k: int, filters: dict | None = None, view: str = "shared"):
@@ -214,7 +217,7 @@ class IndexStore:
         try:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],
-                       use_gpu=use_gpu)
+                       use_gpu=use_gpu, shared_view=sidecar.get("shared_view"))
         except ValueError as err:
             raise ValueError(f"Inconsistent index directory {directory}: {err}") from err
 

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Embed the whole catalog with a checkpoint and build a fresh index, then swap it into place
 # atomically: a running `retrieval serve` picks it up without a restart.
-#   scripts/rebuild_index.sh CATALOG CHECKPOINT INDEX_DIR [--type flat|ivf|hnsw|ivfpq] [embed options...]
+#   scripts/rebuild_index.sh CATALOG CHECKPOINT INDEX_DIR [--type flat|ivf|hnsw|ivfpq] [--shared-view file|embedding] [embed options...]
 # One rebuild per INDEX_DIR at a time (flock on .INDEX_DIR.lock beside it; a second one exits 75 with
 # "another rebuild ... is running (pid N)"). SIGINT/SIGTERM/SIGHUP stop the running step too; the
 # embeddings work file stays, and the next run resumes it.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  echo "usage: $0 CATALOG CHECKPOINT INDEX_DIR [--type TYPE] [retrieval embed options]" >&2
+  echo "usage: $0 CATALOG CHECKPOINT INDEX_DIR [--type TYPE] [--shared-view VIEW] [retrieval embed options]" >&2
   exit 2
 fi
 catalog=$1 checkpoint=$2 index_dir=${3%/}
 shift 3
-type=flat
-if [ "${1:-}" = "--type" ]; then type=$2; shift 2; fi
+type=flat shared_view=file
+while :; do  # the index build's own options, in either order, before the embed options
+  case "${1:-}" in
+    --type) type=$2; shift 2 ;;
+    --shared-view) shared_view=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
 retrieval=${RETRIEVAL:-retrieval}
 parent=$(dirname "$index_dir") name=$(basename "$index_dir")
 mkdir -p "$parent"
@@ -59,7 +65,7 @@ mkdir -p "$work"
 # the embeddings file survives an interrupted run: the next run resumes it
 step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place
-step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type"
+step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type" --shared-view "$shared_view"
 mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
 rmdir "$work" 2>/dev/null || true
 echo "Index $index_dir rebuilt from $checkpoint"

@@ -77,6 +77,33 @@ def test_a_model_trained_for_the_embedding_alone_indexes_the_embedding(embedding
     assert json.loads((report / "report.json").read_text())["settings"]["shared_view"] == "embedding"
 
 
+def test_index_of_the_embedding_alone_from_a_with_groups_file(embeddings, demo_catalog, tmp_path):
+    from indexer import IndexStore
+    from retrieval.data.embfile import embedding_part, read_embeddings
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index), "--shared-view",
+                "embedding"]) == 0
+    store = IndexStore.load(index)
+    alone = embedding_part(read_embeddings(embeddings))
+    assert store.dimension == 256 and store.shared_view == "embedding"
+    assert json.loads((index / "sidecar.json").read_text())["shared_view"] == "embedding"
+    assert np.allclose(store.vector(7), alone[7:8], atol=1e-6)
+    # ranked by the embedding's cosine: the same neighbours as the renormalised first 256 columns
+    scores, ids = store.search(alone[:3], 5)
+    expected = np.argsort(-(alone[:3] @ alone.T), axis=1, kind="stable")[:, :5]
+    assert (ids == expected).all() and np.allclose(scores, np.take_along_axis(alone[:3] @ alone.T, expected, 1), atol=1e-5)
+    # add keeps the index's choice: new rows come as the embedding alone, not the file's wider vectors
+    assert cli(["index", "remove", "--index", str(index), "--ids", "3", "4"]) == 0
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+    again = IndexStore.load(index)
+    assert len(again) == 60 and again.shared_view == "embedding" and np.allclose(again.vector(4), alone[4:5], atol=1e-6)
+    # the default reads the file as written and records its view
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(tmp_path / "whole")]) == 0
+    whole = IndexStore.load(tmp_path / "whole")
+    assert whole.shared_view == "with-groups" and whole.dimension == read_embeddings(embeddings).vectors.shape[1]
+
+
 def test_trunk_cache_gives_the_same_embeddings(embeddings, tiny_run, demo_catalog, tmp_path):
     out = tmp_path / "cached.h5"
     assert embed(tiny_run, demo_catalog, out, "--trunk-cache", str(tiny_run / "trunk-cache.h5")) == 0
@@ -171,11 +198,14 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
     index = tmp_path / "live"
     env = {**os.environ, "RETRIEVAL": str(Path(sys.executable).with_name("retrieval"))}
     cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), str(demo_catalog), str(tiny_run / "best.pt"),
-           str(index), "--device", "cpu", "--workers", "0"]
-    for _ in range(2):  # the second run replaces the first index in place
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           str(index)]
+    # the second run replaces the first index in place; the index build's options in either order
+    for options, view in [([], "with-groups"), (["--shared-view", "embedding", "--type", "flat"], "embedding")]:
+        result = subprocess.run(cmd + options + ["--device", "cpu", "--workers", "0"], env=env, capture_output=True,
+                                text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert (index / "sidecar.json").exists() and (tmp_path / "live.embeddings.h5").exists()
+        assert json.loads((index / "sidecar.json").read_text())["shared_view"] == view
+    assert (tmp_path / "live.embeddings.h5").exists()
     assert [p.name for p in tmp_path.glob(".live*")] == [".live.lock"]  # the lock file stays (flock)
 
 

@@ -9,7 +9,7 @@ from conftest import TINY
 
 from retrieval.cli import main as cli
 from retrieval.data.embfile import (Embeddings, EmbeddingsError, embedding_part, fuse_probabilities, group_vectors,
-                                    read_embeddings, shared_vectors)
+                                    read_embeddings, shared_vectors, shared_view_name, shared_view_rows)
 
 
 def test_group_vector_rule_hand_worked():
@@ -41,6 +41,13 @@ def test_shared_view_with_groups_hand_worked():
         embedding_part(Embeddings(joined, np.arange(2), ["a", "b"], attrs={"shared_view": "with-groups"}))
     older = Embeddings(embedding, np.arange(2), ["a", "b"])  # written before the option: the embedding alone
     assert embedding_part(older) is embedding
+    # reading a file's shared view: as stored, or its embedding alone, and the name of what comes back
+    assert shared_view_rows(joined, stored.attrs, "file") is joined
+    assert np.allclose(shared_view_rows(joined[1:], stored.attrs, "embedding"), [[0, 1]])
+    assert shared_view_name(stored.attrs) == "with-groups" and shared_view_name(stored.attrs, "embedding") == "embedding"
+    assert shared_view_name({}) == "embedding"  # an older file holds the embedding alone
+    with pytest.raises(EmbeddingsError, match="Unknown shared view 'groups'"):
+        shared_view_rows(joined, stored.attrs, "groups")
 
 
 def test_a_fused_multi_label_method_model_ranks_as_the_model_does(demo_catalog, tmp_path):

@@ -33,6 +33,7 @@ def test_health_reports_index_model_and_views(client):
     assert body["index_size"] == 60 and body["search_by_photo"] is True
     assert body["index_fingerprint"] == body["model_fingerprint"] and len(body["model_fingerprint"]) == 64
     assert body["views"][0] == "shared" and "group-colours" in body["views"]
+    assert body["shared_view"] == "with-groups"  # the sidecar's: what uploads are described as
 
 
 def test_items_pages_filters_and_text(client):
@@ -124,6 +125,32 @@ def test_search_by_photo_runs_the_folded_trunk_to_the_same_vectors(web_data):
     a, b = describe_image(served, photo), describe_image(plain, photo)
     assert np.allclose(a.vectors, b.vectors, atol=1e-5)
     assert all(np.allclose(a.probs[g], b.probs[g], atol=1e-5) for g in b.probs)
+
+
+def test_search_by_photo_follows_an_index_of_the_embedding_alone(web_data, tmp_path):
+    """An index built with --shared-view embedding from a with-groups file: uploads are described by the
+    embedding alone (as the index holds), though the model's own setting is with-groups."""
+    from PIL import Image
+
+    from retrieval.cli import main as cli
+    from retrieval.data.embfile import embedding_part, read_embeddings
+    from retrieval.embed.inference import describe_image
+    from web.resources import ModelHolder
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(web_data["emb"]), "--out", str(index), "--shared-view",
+                "embedding"]) == 0
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    assert client.get("/api/health").get_json()["shared_view"] == "embedding"
+    body = upload(client, catalog_photo(web_data), k="5").get_json()
+    model = ModelHolder(web_data["checkpoint"]).get()[0]
+    assert model.config.shared_view == "with-groups"
+    query = describe_image(model, Image.open(io.BytesIO(catalog_photo(web_data))), shared_view="embedding").vectors
+    alone = embedding_part(read_embeddings(web_data["emb"]))
+    assert query.shape == (1, 256)
+    order = np.argsort(-(alone @ query[0]), kind="stable")[:5]
+    assert [r["id"] for r in body["results"]] == order.tolist()
+    assert np.allclose([r["score"] for r in body["results"]], (alone @ query[0])[order], atol=1e-4)
 
 
 def test_search_bad_uploads(client, web_data):

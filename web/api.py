@@ -60,7 +60,7 @@ def search():
     upload = request.files.get("image")
     if upload is None or not upload.filename:
         abort(400, "Send the photo as multipart/form-data field 'image'")
-    query = read_query(model, upload, resources().model.device)
+    query = read_query(model, upload, resources().model.device, snapshot.store.shared_view)
     query_id = resources().queries.add(query)
     return jsonify(query_id=query_id, predicted=query.predicted, view=view, k=k, filters=filters,
                    results=[with_urls(r) for r in search_query(snapshot.store, query, k, view, filters)])
@@ -93,5 +93,6 @@ def health():
     model_fp = res.model.get()[1]["fingerprint"] if res.model.checkpoint else None
     return jsonify(status="ok", index_size=len(store), index_fingerprint=store.fingerprint,
                    model_fingerprint=model_fp, views=list(store.views), index_type=store.index_type,
+                   shared_view=store.shared_view,
                    index_created=store.created, search_by_photo=model_fp is not None,
                    reload_error=res.index().error)

@@ -88,11 +88,12 @@ def thumbnail_bytes(image, size: int = QUERY_THUMB) -> bytes:
     return buffer.getvalue()
 
 
-def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
-    """Run the model once over an uploaded photo: shared and group vectors, predicted labels."""
+def describe_upload(model, image, device: str = "cpu", name: str = "", shared_view: str | None = None) -> Query:
+    """Run the model once over an uploaded photo: shared and group vectors, predicted labels.
+    ``shared_view``: what the index's shared view holds (its sidecar's; None: the model's own)."""
     from retrieval.embed.inference import describe_image
 
-    out = describe_image(model, image, device)
+    out = describe_image(model, image, device, shared_view)
     vectors = {"shared": out.vectors[:1]}
     vectors.update({f"group-{g}": v[:1] for g, v in out.group_vectors.items()})
     return Query(vectors, predicted_labels(model, out.probs), query_labels(model, out.probs),
@@ -114,7 +115,7 @@ def lookup(store, item_id: int) -> dict:
         abort(404, f"No item with id {item_id}")
 
 
-def read_query(model, upload, device: str = "cpu") -> Query:
+def read_query(model, upload, device: str = "cpu", shared_view: str | None = None) -> Query:
     """Return the Query of an uploaded file, 400 with the reason when it is not a usable photo."""
     from retrieval.data.images import ImageError
 
@@ -123,7 +124,7 @@ def read_query(model, upload, device: str = "cpu") -> Query:
                             size=max(model.config.image_size, QUERY_THUMB))  # decoded near the sizes used
     except ImageError as err:
         abort(400, f"Not a usable photo: {err}")
-    return describe_upload(model, image, device, upload.filename)
+    return describe_upload(model, image, device, upload.filename, shared_view)
 
 
 class QueryCache:

@@ -6,6 +6,7 @@ import argparse
 import numpy as np
 
 from retrieval.data.catalog import read_catalog
+from retrieval.data.embfile import SHARED_VIEW_READS, shared_view_name, shared_view_rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     build.add_argument("--catalog", metavar="DIR", help="catalog for titles and labels (default: the one embedded)")
     build.add_argument("--gpu", choices=("auto", "on", "off"), default="auto",
                        help="build on the GPU when faiss sees one (auto)")
+    build.add_argument("--shared-view", choices=SHARED_VIEW_READS, default="file",
+                       help="what the shared view indexes: 'file', the embeddings' vectors as written (the model's "
+                            "--shared-view, with-groups by default); 'embedding', the shared embedding alone "
+                            "(its first embedding_dim columns): 256 wide instead of 256 + the labels, without "
+                            "embedding again. Search by photo follows the index's choice; 'add' keeps it")
     build.add_argument("--group-codec", choices=("fp16", "8bit"), default="fp16",
                        help="how group views store their values, searched exactly: fp16 (2 bytes a value, "
                             "default) or 8bit (1 byte; mAP@50 within 0.5 points on the development catalogue)")
@@ -49,14 +55,27 @@ def item_metadata(paths: list[str], attrs: dict, catalog_dir: str | None) -> tup
     return [it.title for it in items], labels
 
 
-def vector_source(reader):
-    """An indexer VectorSource reading the views of an open EMB.h5 (BlockReader) block by block."""
+def vector_source(reader, shared_view: str = "file"):
+    """An indexer VectorSource reading the views of an open EMB.h5 (BlockReader) block by block; its
+    shared view as ``shared_view`` says (``embfile.shared_view_rows``)."""
     from indexer import VectorSource
 
     dataset = {"shared": "vectors", **{f"group-{name[len('groups/'):]}": name for name in reader.dims
                                        if name.startswith("groups/")}}
-    return VectorSource(reader.ids, {view: reader.dims[name] for view, name in dataset.items()},
-                        lambda view, start, stop: reader.rows(dataset[view], start, stop))
+
+    def read(view: str, start: int, stop: int) -> np.ndarray:
+        rows = reader.rows(dataset[view], start, stop)
+        return shared_view_rows(rows, reader.attrs, shared_view) if view == "shared" else rows
+
+    dims = {view: reader.dims[name] for view, name in dataset.items()}
+    dims["shared"] = read("shared", 0, 1).shape[1] if len(reader.ids) else dims["shared"]
+    return VectorSource(reader.ids, dims, read)
+
+
+def store_reading(shared_view: str | None) -> str:
+    """How ``add`` reads new rows for an index whose sidecar says ``shared_view``: the embedding alone
+    for an index of it, the file's vectors otherwise (the index's dimension check refuses a mismatch)."""
+    return "embedding" if shared_view == "embedding" else "file"
 
 
 def use_gpu(choice: str):
@@ -71,18 +90,20 @@ def main(argv=None) -> int:
     if args.action == "build":
         with BlockReader(args.embeddings) as reader:
             titles, labels = item_metadata(reader.paths, reader.attrs, args.catalog)
-            store = build_store(vector_source(reader), reader.paths, args.type, titles, labels,
+            store = build_store(vector_source(reader, args.shared_view), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
-                                group_codec=args.group_codec, use_gpu=use_gpu(args.gpu))
+                                group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
+                                shared_view=shared_view_name(reader.attrs, args.shared_view))
         store.save(args.out)
-        print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)}")
+        print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
+              f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
     elif args.action == "add":
         with BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
             new = np.flatnonzero(~np.isin(reader.ids, store.ids))  # one sorted pass, not a set per row
             paths = [reader.paths[i] for i in new]
             titles, labels = item_metadata(paths, reader.attrs, args.catalog)
-            source = vector_source(reader)
+            source = vector_source(reader, store_reading(store.shared_view))
             views = {view: source.take(view, new) for view in store.views}
             store.add(views, reader.ids[new], paths, titles, labels)
         store.save(args.index)

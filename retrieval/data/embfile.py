@@ -16,6 +16,7 @@ from retrieval.data.catalog import digest_change
 logger = logging.getLogger(__name__)
 
 SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are independent sigmoids
+SHARED_VIEW_READS = ("file", "embedding")  # read a file's shared view as stored, or its embedding alone
 JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS)
 CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
 
@@ -197,17 +198,30 @@ def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str
     return unit_rows(np.concatenate(parts, axis=1))
 
 
-def embedding_part(emb: Embeddings) -> np.ndarray:
-    """The shared embedding alone from a file's shared-view vectors (``shared_vectors``): its first
-    ``embedding_dim`` columns, L2-normalised again; the vectors as they are when the file holds
-    the embedding alone (or is older than the option)."""
-    if emb.attrs.get("shared_view", "embedding") == "embedding":
-        return emb.vectors
-    width = int(emb.attrs.get("embedding_dim", 0))
-    if not 0 < width <= emb.vectors.shape[1]:
-        raise EmbeddingsError(f"embeddings file has shared view {emb.attrs['shared_view']!r} without a valid "
+def shared_view_rows(rows: np.ndarray, attrs: dict, how: str = "file") -> np.ndarray:
+    """Rows of a file's ``vectors`` as the shared view ``how`` (``SHARED_VIEW_READS``): ``file``, as
+    stored; ``embedding``, the shared embedding alone: the first ``embedding_dim`` columns of a
+    with-groups file (``shared_vectors``), L2-normalised again, or the rows as they are when the file
+    holds the embedding alone (or is older than the option). ``attrs``: the file's attributes."""
+    if how not in SHARED_VIEW_READS:
+        raise EmbeddingsError(f"Unknown shared view {how!r}; choose one of: {', '.join(SHARED_VIEW_READS)}")
+    if how == "file" or attrs.get("shared_view", "embedding") == "embedding":
+        return rows
+    width = int(attrs.get("embedding_dim", 0))
+    if not 0 < width <= rows.shape[1]:
+        raise EmbeddingsError(f"embeddings file has shared view {attrs['shared_view']!r} without a valid "
                               f"embedding_dim attribute ({width}); embed it again")
-    return unit_rows(emb.vectors[:, :width])
+    return unit_rows(rows[:, :width])
+
+
+def shared_view_name(attrs: dict, how: str = "file") -> str:
+    """What ``shared_view_rows(.., attrs, how)`` gives, by ``ModelConfig.shared_view``'s names."""
+    return "embedding" if how == "embedding" else str(attrs.get("shared_view", "embedding"))
+
+
+def embedding_part(emb: Embeddings) -> np.ndarray:
+    """The shared embedding alone from a file's shared-view vectors (``shared_view_rows``)."""
+    return shared_view_rows(emb.vectors, emb.attrs, "embedding")
 
 
 def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models") -> dict:

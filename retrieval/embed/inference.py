@@ -31,16 +31,17 @@ class Outputs:
 
 
 @torch.no_grad()
-def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, heads: bool = True) -> Outputs:
-    """Shared view's vectors (``embfile.shared_vectors``), probabilities and group vectors from
-    pooled trunk features."""
+def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, heads: bool = True,
+                        shared_view: str | None = None) -> Outputs:
+    """Shared view's vectors (``embfile.shared_vectors``; ``shared_view`` as named there, the
+    model's own by default), probabilities and group vectors from pooled trunk features."""
     emb = model.embed_pooled(pooled)
     probs, group_vectors = {}, {}
     if heads:
         logits = model.forward_heads(emb)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
-    vectors = embfile.shared_vectors(emb.float().cpu().numpy(), group_vectors, model.config.shared_view)
+    vectors = embfile.shared_vectors(emb.float().cpu().numpy(), group_vectors, shared_view or model.config.shared_view)
     return Outputs(np.asarray(positions), vectors, probs, group_vectors)
 
 
@@ -117,12 +118,14 @@ def standardize(vectors: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def describe_image(model: RetrievalModel, image, device="cpu") -> Outputs:
+def describe_image(model: RetrievalModel, image, device="cpu", shared_view: str | None = None) -> Outputs:
     """Embedding, head probabilities and group vectors of one PIL image (for search by photo),
-    from the image alone (no mirror view)."""
+    from the image alone (no mirror view); ``shared_view``: what the index's shared view holds
+    (``outputs_from_pooled``)."""
     from retrieval.data.images import to_uint8_array
 
     array = to_uint8_array(image.convert("RGB"), model.config.image_size)
     x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))
     model.eval().to(device)
-    return outputs_from_pooled(model, model.view_features(x, QUERY_VIEWS), np.zeros(1, dtype=np.int64))
+    return outputs_from_pooled(model, model.view_features(x, QUERY_VIEWS), np.zeros(1, dtype=np.int64),
+                               shared_view=shared_view)

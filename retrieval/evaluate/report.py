@@ -9,15 +9,16 @@ import numpy as np
 
 from retrieval.atomic import atomic_write, write_text
 from retrieval.data.catalog import Catalog
-from retrieval.data.embfile import (SIGMOID_GROUPS, EmbeddingsError, embedding_part, fuse_probabilities,
-                                    group_vectors, read_attrs, read_paths, read_probabilities, read_rows)
+from retrieval.data.embfile import (SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError, fuse_probabilities,
+                                    group_vectors, read_attrs, read_paths, read_probabilities, read_rows,
+                                    shared_view_name, shared_view_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "train", "all")
-SHARED_VIEW_CHOICES = ("file", "embedding")  # rank the shared view by the file's vectors, or the embedding alone
+SHARED_VIEW_CHOICES = SHARED_VIEW_READS  # rank the shared view by the file's vectors, or the embedding alone
 REPORT_FILE = "report.json"
 
 
@@ -84,7 +85,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
     try:
-        vectors = embedding_part(emb) if shared_view == "embedding" else emb.vectors
+        vectors = shared_view_rows(emb.vectors, emb.attrs, shared_view)
     except EmbeddingsError as err:
         raise EvaluationError(f"{emb_path}: {err}") from None
     report = evaluate_retrieval(vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
@@ -97,7 +98,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None,
-                "shared_view": emb.attrs.get("shared_view", "embedding") if shared_view == "file" else shared_view}
+                "shared_view": shared_view_name(emb.attrs, shared_view)}
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
                          "interval": "95% percentile bootstrap over the sampled queries"})
