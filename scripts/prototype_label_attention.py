@@ -119,11 +119,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.catalog}: no multi-label group")
     features = CellFeatures(f"{args.run}/trunk-cache.h5", args.map_channels)
     test_x = features([it.image for it in items], 0)
+    train = [it for it in catalog.split_items("train") if any(it.labels[g] for g in sigmoid)]
+    train_x = [features([it.image for it in train], v) for v in (0, 1)]  # read once for every group
     replaced = dict(probs)
     for g in sorted(sigmoid):
-        train = [it for it in catalog.split_items("train") if it.labels[g]]
-        y = torch.tensor(label_matrix([it.labels[g] for it in train], catalog.vocab[g]), dtype=torch.float32)
-        layer = fit_label_attention([features([it.image for it in train], v) for v in (0, 1)], y, args)
+        keep = torch.tensor([bool(it.labels[g]) for it in train])
+        y = torch.tensor(label_matrix([it.labels[g] for it in train if it.labels[g]], catalog.vocab[g]),
+                         dtype=torch.float32)
+        layer = fit_label_attention([x[keep] for x in train_x], y, args)
         with torch.no_grad():
             replaced[g] = torch.sigmoid(csra(layer, test_x, args)).numpy()
     labels = {g: [it.labels[g] for it in items] for g in catalog.groups}

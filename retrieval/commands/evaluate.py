@@ -9,8 +9,9 @@ from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.evaluate.classification import draw_class_chart
 from retrieval.evaluate.metrics import CANDIDATES
-from retrieval.evaluate.report import (SHARED_VIEW_CHOICES, SPLITS, EvaluationError, compare_reports,
-                                       evaluate_embeddings, format_table, write_report)
+from retrieval.data.embfile import SHARED_VIEW_READS
+from retrieval.evaluate.report import (SPLITS, EvaluationError, compare_reports, evaluate_embeddings, format_table,
+                                       write_report)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="a group's candidates: 'labelled' = the other items labelled in it, as its queries are "
                           "(an unlabelled item is unknown there); 'all' = every other item, the unlabelled "
                           "counted as misses (default: labelled)")
-    run.add_argument("--shared-view", default="file", choices=SHARED_VIEW_CHOICES,
+    run.add_argument("--shared-view", default="file", choices=SHARED_VIEW_READS,
                      help="what the shared view ranks by: 'file' = the file's vectors (the shared embedding "
                           "followed by the group probabilities, or the embedding alone, as the model was "
                           "trained); 'embedding' = the shared embedding alone (default: file)")

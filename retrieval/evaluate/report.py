@@ -18,7 +18,6 @@ from retrieval.evaluate.metrics import evaluate_retrieval
 logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "train", "all")
-SHARED_VIEW_CHOICES = SHARED_VIEW_READS  # rank the shared view by the file's vectors, or the embedding alone
 REPORT_FILE = "report.json"
 
 
@@ -54,10 +53,10 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
     random queries (seeded) are ranked against every candidate and each mAP gets a 95% interval.
     ``candidates``: a group's candidates, the items labelled in it or ``all`` (``evaluate_retrieval``).
     ``shared_view``: ``file`` ranks the shared view by the file's vectors; ``embedding`` by the
-    shared embedding alone (``embfile.embedding_part``: the papers' retrieval features).
+    shared embedding alone (``embfile.shared_view_rows``: the papers' retrieval features).
     """
-    if shared_view not in SHARED_VIEW_CHOICES:
-        raise EvaluationError(f"Unknown shared view {shared_view!r}; choose one of: {', '.join(SHARED_VIEW_CHOICES)}")
+    if shared_view not in SHARED_VIEW_READS:
+        raise EvaluationError(f"Unknown shared view {shared_view!r}; choose one of: {', '.join(SHARED_VIEW_READS)}")
     if split not in SPLITS:
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     rows, items = match_rows(read_paths(emb_path), catalog, split)
