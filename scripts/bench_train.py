@@ -38,7 +38,7 @@ def get_args_parser():
 def train_step(model, optimizer, x, device):
     """One full forward+backward+step (bf16 autocast on CUDA)."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        emb, logits = model(x)
+        emb, logits, _ = model(x)
         loss = sum(z.float().logsumexp(1).mean() for z in logits.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -62,12 +62,15 @@ def test_model_forward_and_group_vectors_on_meta(method):
 @pytest.mark.parametrize("start", [2, 3, 4])
 def test_trunk_cache_step_and_cached_forward_on_meta(weighting, pooling, start):
     model = create_model("tiny", GROUPS, embed_dim=16, colour_bins="4,6,6", pool_weighting=pooling,
-                         colour_weighting=weighting, weights="none").to(META).eval()
+                         colour_weighting=weighting, multi_label_groups=["colour"], weights="none").to(META).eval()
     x = torch.empty(2, 3, 32, 32, device=META)
     prefix, act, weight = frozen_outputs(model, x, start)
-    emb, logits = CachedForward(model, start)(prefix, act, weight)
+    emb, logits, attended = CachedForward(model, start)(prefix, act, weight)
     assert emb.device == META and logits["type"].shape == (2, 2)
+    # the learned weighting's cells give the multi-label group label attention
+    assert {g: z.device for g, z in attended.items()} == ({"colour": META} if weighting == "learned" else {})
     assert model.forward_features(x).device == META
+    assert all(z.device == META for z in model(x)[2].values())
 
 
 def test_training_step_on_meta(demo_catalog, tmp_path):
@@ -91,6 +94,7 @@ def test_training_step_on_meta(demo_catalog, tmp_path):
                                           positions)
     loss.backward()
     assert loss.device == META and set(parts) == set(job.catalog.groups)
+    assert job.model.attended_groups == ["colours"] and logits["colours"].device == META  # label attention's
 
 
 def test_losses_on_meta():

@@ -79,7 +79,7 @@ class Fixed(torch.nn.Module):
     def forward(self, x):
         rows = x[:, 0].long()
         emb = torch.nn.functional.one_hot(torch.as_tensor(self.types)[rows], 3).float()
-        return emb, {"type": torch.tensor([[0.0, 5.0, 0.0]]).repeat(len(x), 1)}
+        return emb, {"type": torch.tensor([[0.0, 5.0, 0.0]]).repeat(len(x), 1)}, {}
 
 
 def test_validate_hand_worked():
@@ -164,7 +164,8 @@ def test_head_fit_fits_the_sigmoid_heads_on_the_embedding_held_fixed():
     # --head-fit W adds W x the group weight x each labelled item's summed sigmoid cross-entropy
     # (item norm), computed on the detached embedding: the heads get its gradient, the embedding none
     torch.manual_seed(0)
-    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", multi_label_groups=["colour"]).eval()
+    model = create_model("tiny", GROUPS, embed_dim=8, weights="none", multi_label_groups=["colour"],
+                         label_attention=False).eval()
     kinds, weights = {"type": "ce", "colour": "bce"}, {"type": 1.0, "colour": 0.5}
     types, colours = [0, 2, 1], [[0, 1], None, [1]]
     multi_hot = {"type": one_hot(types, 3), "colour": torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])}

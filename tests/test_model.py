@@ -15,7 +15,8 @@ GROUPS = {"colour": ["red", "blue", "green"], "type": ["dress", "shirt"]}
 @pytest.mark.parametrize("backbone", ["tiny", "resnet18", "alexnet"])
 def test_features_and_heads(backbone):
     model = create_model(backbone, GROUPS, embed_dim=32, weights="none").eval()
-    emb, logits = model(torch.randn(2, 3, 96, 96))
+    emb, logits, attended = model(torch.randn(2, 3, 96, 96))
+    assert attended == {}  # no multi-label group
     assert emb.shape == (2, 32)
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     assert {g: z.shape[1] for g, z in logits.items()} == {"colour": 3, "type": 2}
@@ -158,7 +159,7 @@ def test_embedding_with_a_hidden_layer():
     model = create_model("tiny", GROUPS, embed_dim=8, weights="none", embed_hidden=32).eval()
     linears = [m for m in model.embed if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(model.feature_dim, 32), (32, 8)]
-    emb, _ = model(torch.randn(2, 3, 64, 64))
+    emb, *_ = model(torch.randn(2, 3, 64, 64))
     assert emb.shape == (2, 8)
     rebuilt = model_from_config(model.config.to_dict())
     rebuilt.load_state_dict(model.state_dict())

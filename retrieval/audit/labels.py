@@ -57,7 +57,8 @@ def catalog_features(model, catalog: Catalog, start: int, trunk_cache=None, devi
     for images, index, _ in loader:
         if images is None:
             continue
-        pooled = model.view_features(normalize_batch(images.to(device)), views=2, units=units)  # and its mirror
+        pooled = model.embedding_input(model.view_features(normalize_batch(images.to(device)), views=2,
+                                                           units=units))  # and its mirror
         if feats is None:
             feats = np.zeros((n, pooled.shape[1]), np.float32)
         feats[index.numpy()], ok[index.numpy()] = pooled.float().cpu().numpy(), True
@@ -70,7 +71,7 @@ def _cached_features(model, cache, start: int, batch_size: int, device) -> np.nd
     parts = []
     for chunk in torch.arange(len(cache.ok)).split(max(batch_size, 256)):
         views = [cached_pooled(model, cache, chunk, view, start, device) for view in (0, 1)]
-        parts.append(((views[0] + views[1]) / 2).float().cpu().numpy())
+        parts.append(model.embedding_input((views[0] + views[1]) / 2).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
 
 

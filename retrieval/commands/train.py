@@ -77,6 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction,
                        help="unit-length label weights in the per-group heads: a pure cosine classifier "
                             "(the multi-label method keeps a plain sigmoid layer)")
+    model.add_argument("--label-attention", action=argparse.BooleanOptionalAction,
+                       help="score each multi-label group's labels from the trunk's cells, each label attending "
+                            "to where it shows (class-specific residual attention; needs --colour-weighting "
+                            "learned); the heads still shape the embedding")
     model.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
                        help="embed and predict from the mean of an image's and its mirror image's features")
     model.add_argument("--image-size", type=int,

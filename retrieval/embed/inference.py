@@ -38,7 +38,7 @@ def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, 
     emb = model.embed_pooled(pooled)
     probs, group_vectors = {}, {}
     if heads:
-        logits = model.forward_heads(emb)
+        logits = model.group_logits(emb, pooled)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
     vectors = embfile.shared_vectors(emb.float().cpu().numpy(), group_vectors, shared_view or model.config.shared_view)
@@ -106,7 +106,8 @@ def predict_images(model: RetrievalModel, paths, device="cpu") -> list[dict[str,
     results = []
     for path in paths:
         x = image_tensor(path, model.config.image_size).to(device)
-        logits = model.forward_heads(model.forward_features(x, QUERY_VIEWS))
+        pooled = model.view_features(x, QUERY_VIEWS)
+        logits = model.group_logits(model.embed_pooled(pooled), pooled)
         results.append({g: model.probabilities(g, z)[0].cpu().numpy() for g, z in logits.items()})
     return results
 

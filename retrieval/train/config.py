@@ -41,6 +41,7 @@ class TrainConfig:
     embed_hidden: int = ModelConfig.embed_hidden
     shared_layers: str = ModelConfig.shared_layers
     shared_view: str = ModelConfig.shared_view
+    label_attention: bool = ModelConfig.label_attention
     label_smoothing: float = 0.0
     metric_scale: float = 6.0
     select_by: str = "map"
@@ -191,7 +192,7 @@ class CachedForward(nn.Module):
     def forward(self, prefix, act, weight=None):
         pooled = self.model.pooled_features(act, self.start, prefix, weight)
         emb = self.model.embed_pooled(pooled)
-        return emb, self.model.forward_heads(emb)
+        return emb, self.model.forward_heads(emb), self.model.label_logits(pooled)
 
 
 def freeze_units(model: RetrievalModel, start: int, batchnorm: bool = False) -> None:

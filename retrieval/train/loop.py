@@ -57,11 +57,14 @@ class TrainState:
 
 
 def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=None):
-    """Total loss, per-group losses, logits and embeddings of a batch (bf16 autocast on CUDA)."""
+    """Total loss, per-group losses (of the heads), the logits labels are scored with (label
+    attention's for the attended groups: ``RetrievalModel.group_logits``) and embeddings of a batch
+    (bf16 autocast on CUDA)."""
     s = state.loss
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
-        emb, logits = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
+        emb, logits, attended = net(*inputs) if isinstance(inputs, tuple) else net(inputs)
     logits = {g: z.float() for g, z in logits.items()}
+    attended = {g: z.float() for g, z in attended.items()}
     total, parts = multi_group_loss(logits, targets, s.kinds, s.weights, s.class_weights, s.label_smoothing, s.norm)
     if s.metric_scale and not s.multi_label_method:
         # the per-group heads again at a higher temperature: keeps pulling items towards their labels
@@ -84,7 +87,15 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
     if s.range_weight and positions is not None:
         labels = torch.as_tensor(s.classes[positions.numpy()], device=emb.device)
         total = total + s.range_weight * range_loss(emb.float(), labels, distance=s.range_distance)[0]
-    return total, parts, logits, emb
+    if attended:
+        # label attention learns as the heads do (the balanced loss, then each label's own with
+        # head_fit), on its own: its cells are detached, and no group weight (it shares nothing)
+        kinds, ones = {g: "bce" for g in attended}, {g: 1.0 for g in attended}
+        total = total + multi_group_loss(attended, targets, kinds, ones, s.class_weights, norm=s.norm)[0]
+        if s.head_fit:
+            total = total + s.head_fit * multi_group_loss(attended, targets, kinds, ones, s.class_weights,
+                                                          norm="item")[0]
+    return total, parts, {**logits, **attended}, emb
 
 
 def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") -> dict:

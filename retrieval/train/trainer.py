@@ -538,7 +538,7 @@ class Job:
         forward = CachedForward(self.model, self.start) if self.mode == "cached" else self.model
         for positions, x in self.unaugmented_batches(self.train_items, self.train_rows):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                _, logits = forward(*x) if isinstance(x, tuple) else forward(x)
+                _, logits, _ = forward(*x) if isinstance(x, tuple) else forward(x)
             for g in groups:
                 top, label = self.model.probabilities(g, logits[g].float()).cpu().max(1)
                 fill = ~self.targets.known[g][positions] & fillable[g][positions] & (top >= confidence)
