@@ -231,12 +231,15 @@ def test_learned_weighting_trains_and_embeds_from_the_cache(demo_catalog, tmp_pa
     model, _ = load_model(run / "last.pt")
     assert model.config.colour_weighting == "learned" and model.colour_attention.weight.abs().sum() > 0
     assert model.config.pool_weighting == "map"  # a frozen, cached trunk: auto pools the cached map
+    assert model.attended_groups == ["colours"] and model.label_head.weight.abs().sum() > 0  # label attention
     for source in (["--trunk-cache", str(cache)], []):  # the same vectors from the cache as from the images
         assert cli(["embed", "--checkpoint", str(run / "last.pt"), "--catalog", str(demo_catalog),
                     "--out", str(tmp_path / f"emb{len(source)}.h5"), *source]) == 0
     import h5py
     with h5py.File(tmp_path / "emb2.h5") as a, h5py.File(tmp_path / "emb0.h5") as b:
         assert torch.allclose(torch.from_numpy(a["vectors"][:]), torch.from_numpy(b["vectors"][:]), atol=1e-3)
+        assert torch.allclose(torch.from_numpy(a["probs/colours"][:]), torch.from_numpy(b["probs/colours"][:]),
+                              atol=1e-3)
 
 
 def _attended(pool_weighting: str, x: torch.Tensor):
