@@ -108,6 +108,17 @@ def test_label_head_round_trips_and_older_checkpoints_have_none():
     assert old.attended_groups == [] and "label_head.weight" not in old.state_dict()
 
 
+def test_label_head_learns_at_its_own_rate():
+    from retrieval.train.config import LABEL_HEAD_LR_SCALE, TrainConfig, make_optimizer
+
+    model = attended_model()
+    groups = make_optimizer(model, TrainConfig(catalog="C", out="R", lr=0.002)).param_groups
+    label = [g for g in groups if any(p is model.label_head.weight for p in g["params"])]
+    assert len(label) == 1 and label[0]["lr"] == pytest.approx(0.002 * LABEL_HEAD_LR_SCALE)
+    assert {id(p) for p in label[0]["params"]} == {id(model.label_head.weight), id(model.label_head.bias)}
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+
+
 def _bce(z: float, y: float) -> float:
     p = 1 / (1 + math.exp(-z))
     return -(y * math.log(p) + (1 - y) * math.log(1 - p))
