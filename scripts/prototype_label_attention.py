@@ -1,4 +1,5 @@
-"""Prototype (issue 16, not in the product): label-wise attention for multi-label groups, post hoc.
+"""Prototype (issue 16): label-wise attention for multi-label groups, post hoc (the model's
+``--label-attention`` trains the same classifier with the heads; this fits it alone, to try settings).
 
 A multi-label group on pictures of several items (each item's colour, each item's type) asks each
 label to find its own item, while the model pools every group's evidence through one attention and
@@ -34,6 +35,7 @@ from retrieval.data.embfile import embedding_part, group_vectors, read_paths, re
 from retrieval.data.standins import colour_group
 from retrieval.evaluate.metrics import evaluate_retrieval, label_matrix
 from retrieval.evaluate.report import match_rows
+from retrieval.net.model import RetrievalModel
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,11 +72,9 @@ class CellFeatures:
         x = np.empty((len(rows), stop), dtype=np.float32)
         x[order] = self.file["prefix"][rows[order].tolist(), view, :stop]
         x *= self.file["prefix_scale"][:, view][rows][:, None]
-        cells = torch.from_numpy(x[:, :self.bins * self.cells]).view(-1, self.bins, self.cells).clamp_min(0)
-        mass = cells.sum(1, keepdim=True)
+        cells = torch.from_numpy(x[:, :self.bins * self.cells]).view(-1, self.bins, self.cells)
         trunk_map = torch.from_numpy(x[:, self.bins * self.cells:]).view(-1, self.channels, self.cells)
-        return torch.cat([torch.sqrt(cells / mass.clamp_min(1e-8)), torch.log1p(100 * mass),
-                          trunk_map / trunk_map.norm(dim=1, keepdim=True).clamp_min(1e-6)], 1)
+        return RetrievalModel.cell_features(cells, trunk_map)  # what the model's label attention reads
 
 
 def fit_label_attention(train_x: list[torch.Tensor], y: torch.Tensor, args) -> torch.nn.Module:
