@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retrieval.data.embfile import unit_rows
 from retrieval.devices import resolve_device
 from retrieval.evaluate.interval import add_intervals, draw_queries
 from retrieval.evaluate.neighbours import row_scores, topk_ids, topk_rows, topk_scores
@@ -40,10 +41,8 @@ ON_HOST = ("cpu",)  # device types whose ranked blocks are worked on in numpy (c
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalise rows as float32 (zero rows stay zero)."""
-    x = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1).astype(np.float32)
+    """L2-normalise rows as float32 (zero rows stay zero): ``embfile.unit_rows`` of the float32 rows."""
+    return unit_rows(np.asarray(vectors, dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- nearest neighbours
