@@ -384,3 +384,23 @@ def test_facet_links_equal_one_link_per_toggled_label(app, filters):
             for group in ("gender", "category", "colours", "new"):
                 expected = [link(params.toggled(filters, group, label)) for label in labels]
                 assert params.toggle_links(url_for(endpoint, **route), filters, group, labels, **extra) == expected
+
+
+def test_an_earlier_upload_searches_an_index_rebuilt_with_the_other_shared_view(web_data, tmp_path):
+    """A query remembered before the index was rebuilt with --shared-view embedding (same model) is
+    searched as the new index's shared view holds, the same as uploading the photo again."""
+    from retrieval.cli import main as cli
+
+    index = copy_index(web_data, tmp_path)
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    first = upload(client, catalog_photo(web_data), k="5").get_json()
+    assert client.get("/api/health").get_json()["shared_view"] == "with-groups"
+    assert cli(["index", "build", "--embeddings", str(web_data["emb"]), "--out", str(index), "--shared-view",
+                "embedding"]) == 0
+    assert client.get("/api/health").get_json()["shared_view"] == "embedding"
+    again = client.get(f"/api/search/{first['query_id']}?k=5")
+    fresh = upload(client, catalog_photo(web_data), k="5").get_json()
+    assert again.status_code == 200
+    assert [r["id"] for r in again.get_json()["results"]] == [r["id"] for r in fresh["results"]]
+    assert np.allclose([r["score"] for r in again.get_json()["results"]], [r["score"] for r in fresh["results"]],
+                       atol=1e-5)

@@ -60,7 +60,7 @@ def search():
     upload = request.files.get("image")
     if upload is None or not upload.filename:
         abort(400, "Send the photo as multipart/form-data field 'image'")
-    query = read_query(model, upload, resources().model.device, snapshot.store.shared_view)
+    query = read_query(model, upload, resources().model.device)
     query_id = resources().queries.add(query)
     return jsonify(query_id=query_id, predicted=query.predicted, view=view, k=k, filters=filters,
                    results=[with_urls(r) for r in search_query(snapshot.store, query, k, view, filters)])

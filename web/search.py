@@ -21,13 +21,26 @@ QUERY_THUMB = 320
 
 @dataclass
 class Query:
-    """An uploaded photo reduced to what searching needs: vectors per view and predicted labels."""
+    """An uploaded photo reduced to what searching needs: its shared embedding and group vectors (the
+    shared view is formed from them as the index searched holds it: an index rebuilt with the other
+    ``--shared-view`` still serves the queries remembered before) and its predicted labels."""
 
-    vectors: dict[str, np.ndarray]
+    embedding: np.ndarray
+    group_vectors: dict[str, np.ndarray]
     predicted: dict[str, list[dict]]
     labels: dict[str, list[str]]
     thumbnail: bytes
     name: str = ""
+    own_shared_view: str = "with-groups"  # the model's ``shared_view``, for indexes that do not say theirs
+
+    def vector(self, view: str, shared_view: str | None) -> np.ndarray:
+        """The query's [1, D] vector in an index view (``shared`` or ``group-<name>``); ``shared_view``:
+        what the index's shared view holds (``embfile.shared_vectors``; None: the model's own)."""
+        from retrieval.data.embfile import shared_vectors
+
+        if view == "shared":
+            return shared_vectors(self.embedding, self.group_vectors, shared_view or self.own_shared_view)
+        return self.group_vectors[view.removeprefix("group-")]
 
 
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -55,7 +68,7 @@ def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tu
 
 def search_query(store, query: Query, k: int, view: str, filters: dict) -> list[dict]:
     """Return the k items most similar to an uploaded photo in a view, filtered."""
-    scores, ids = store.search(query.vectors[view], k, filters or None, view)
+    scores, ids = store.search(query.vector(view, store.shared_view), k, filters or None, view)
     return ranked_results(store, scores, ids, k, query.labels)
 
 
@@ -88,16 +101,14 @@ def thumbnail_bytes(image, size: int = QUERY_THUMB) -> bytes:
     return buffer.getvalue()
 
 
-def describe_upload(model, image, device: str = "cpu", name: str = "", shared_view: str | None = None) -> Query:
-    """Run the model once over an uploaded photo: shared and group vectors, predicted labels.
-    ``shared_view``: what the index's shared view holds (its sidecar's; None: the model's own)."""
+def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
+    """Run the model once over an uploaded photo: shared embedding, group vectors, predicted labels."""
     from retrieval.embed.inference import describe_image
 
-    out = describe_image(model, image, device, shared_view)
-    vectors = {"shared": out.vectors[:1]}
-    vectors.update({f"group-{g}": v[:1] for g, v in out.group_vectors.items()})
-    return Query(vectors, predicted_labels(model, out.probs), query_labels(model, out.probs),
-                 thumbnail_bytes(image), name)
+    out = describe_image(model, image, device, "embedding")
+    return Query(out.vectors[:1], {g: v[:1] for g, v in out.group_vectors.items()},
+                 predicted_labels(model, out.probs), query_labels(model, out.probs), thumbnail_bytes(image), name,
+                 model.config.shared_view)
 
 
 def with_urls(item: dict) -> dict:
@@ -115,7 +126,7 @@ def lookup(store, item_id: int) -> dict:
         abort(404, f"No item with id {item_id}")
 
 
-def read_query(model, upload, device: str = "cpu", shared_view: str | None = None) -> Query:
+def read_query(model, upload, device: str = "cpu") -> Query:
     """Return the Query of an uploaded file, 400 with the reason when it is not a usable photo."""
     from retrieval.data.images import ImageError
 
@@ -124,7 +135,7 @@ def read_query(model, upload, device: str = "cpu", shared_view: str | None = Non
                             size=max(model.config.image_size, QUERY_THUMB))  # decoded near the sizes used
     except ImageError as err:
         abort(400, f"Not a usable photo: {err}")
-    return describe_upload(model, image, device, upload.filename, shared_view)
+    return describe_upload(model, image, device, upload.filename)
 
 
 class QueryCache:

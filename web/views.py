@@ -100,8 +100,7 @@ def search_upload():
     upload = request.files.get("image")
     if upload is None or not upload.filename:
         abort(400, "Choose a photo (JPEG, PNG or WebP) to search with")
-    query_id = resources().queries.add(read_query(model, upload, resources().model.device,
-                                                  snapshot.store.shared_view))
+    query_id = resources().queries.add(read_query(model, upload, resources().model.device))
     extra = {"view": view} if view != "shared" else {}
     return redirect(link_to("views.search_results", {"query_id": query_id}, filters, **extra), code=303)
 
