@@ -98,6 +98,24 @@ def test_scores_take_label_attention_and_the_embedding_ignores_it():
     assert set(heads) == {"colour", "type"} and set(attended) == {"colour"}
 
 
+def test_several_multi_label_groups_share_one_label_head_each_with_its_own_labels():
+    """Catalogues with several multi-label groups (colour and pattern, say): one 1x1 layer scores every
+    attended group's labels, split back in the catalogue's group order, whatever order they were named."""
+    model = attended_model(multi_label_groups=["type", "colour"]).eval()
+    assert model.attended_groups == ["colour", "type"] and model.label_sizes == [3, 2]
+    assert model.label_head.out_channels == 5
+    with torch.no_grad():
+        model.label_head.weight.zero_()
+        model.label_head.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))  # every cell scores its bias
+    pooled = model.view_features(torch.randn(2, 3, 64, 64))
+    logits = model.group_logits(model.embed_pooled(pooled), pooled)
+    scale = 1 + LABEL_ATTENTION_WEIGHT  # a label scoring every cell alike: mean + weight x the same score
+    assert torch.allclose(logits["colour"], scale * torch.tensor([[1.0, 2.0, 3.0]] * 2))
+    assert torch.allclose(logits["type"], scale * torch.tensor([[4.0, 5.0]] * 2))
+    _, heads, attended = model(torch.randn(2, 3, 64, 64))
+    assert list(attended) == ["colour", "type"] and [z.shape[1] for z in attended.values()] == [3, 2]
+
+
 def test_label_head_round_trips_and_older_checkpoints_have_none():
     model = attended_model()
     torch.nn.init.normal_(model.label_head.weight)
