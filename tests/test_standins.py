@@ -1,11 +1,11 @@
-"""Stand-in catalogues: the studio background mask, street, multi-label colour, missing- and noisy-label kinds."""
+"""Stand-in catalogues: the studio background mask, street, multi-label colour, missing- and noisy-label, many-group kinds."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import LABEL_DROPOUT_PROFILES
-from retrieval.data.standins import NOISE, SIDE, garment_mask, make_standin
+from retrieval.data.standins import FAMILIES, NOISE, SIDE, WIDE_KEEP, garment_mask, make_standin
 
 COLOURS = {"Red": (200, 20, 20), "Blue": (20, 40, 200), "Green": (20, 160, 40), "Black": (10, 10, 10)}
 
@@ -119,7 +119,7 @@ def test_missing_standin_keeps_the_images_and_the_papers_shares(studio_catalog, 
         kept = sum(bool(it.labels[g]) for it in catalog.items)
         assert kept == round(share * len(source))
         assert all(it.labels[g] in ((), src.labels[g]) for it, src in zip(catalog.items, source.items))
-    with pytest.raises(ValueError, match="street, multicolour, multilabel, missing, noisy"):
+    with pytest.raises(ValueError, match="street, multicolour, multilabel, missing, noisy, wide"):
         make_standin(studio_catalog, tmp_path / "y", "indoor")
     with pytest.raises(ValueError, match="new folder"):
         make_standin(studio_catalog, studio_catalog, "street")
@@ -144,3 +144,31 @@ def test_noisy_standin_swaps_training_labels_only_at_its_rate(studio_catalog, tm
     assert (tmp_path / "n2" / "labels.csv").read_text() == (tmp_path / "n" / "labels.csv").read_text()
     make_standin(studio_catalog, tmp_path / "n3", "noisy", seed=1)
     assert (tmp_path / "n3" / "labels.csv").read_text() != (tmp_path / "n" / "labels.csv").read_text()
+
+
+def test_wide_standin_adds_four_groups_two_multi_label_each_kept_on_its_share(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "l", "multilabel", n_items=24, seed=0)
+    make_standin(tmp_path / "l", tmp_path / "w", "wide", seed=0)
+    source, wide = read_catalog(tmp_path / "l"), read_catalog(tmp_path / "w")
+    assert wide.groups == [*source.groups, "colourFamily", "mainColour", "department", "occasion"]
+    assert [it.stat for it in wide.items] == [it.stat for it in source.items]  # a source trunk cache serves it
+    # training colour counts: ties broken by name, dealt round the families
+    counts = {c: sum(c in it.labels["baseColour"] for it in source.items if it.split == "train") for c in COLOURS}
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    family = {c: f"family {r % FAMILIES + 1}" for r, c in enumerate(ranked)}
+    for it, src in zip(wide.items, source.items):
+        assert {g: it.labels[g] for g in source.groups} == src.labels
+        colours = src.labels["baseColour"]
+        assert it.labels["colourFamily"] == tuple(dict.fromkeys(family[c] for c in colours))
+        assert it.labels["mainColour"] in ((), colours[:1])
+        assert it.labels["department"] in ((), (f"{src.labels['gender'][0]} / {src.labels['season'][0]}",))
+        assert it.labels["occasion"] in ((), tuple(dict.fromkeys(src.labels["gender"] + src.labels["season"])))
+    assert sorted(wide.multi_label_groups()) == ["baseColour", "colourFamily", "gender", "occasion"]
+    for g in ("mainColour", "department", "occasion"):  # dropped at random, at about the share asked
+        kept = sum(bool(it.labels[g]) for it in wide.items)
+        assert 0 < kept < len(wide) and abs(kept / len(wide) - WIDE_KEEP[g]) < 0.3
+    again = tmp_path / "w2"
+    make_standin(tmp_path / "l", again, "wide", seed=0)
+    assert (again / "labels.csv").read_bytes() == (tmp_path / "w" / "labels.csv").read_bytes()
+    make_standin(tmp_path / "w", tmp_path / "ww", "wide", seed=0)  # names already taken get a 2
+    assert read_catalog(tmp_path / "ww").groups[-4:] == ["colourFamily2", "mainColour2", "department2", "occasion2"]

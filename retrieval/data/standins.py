@@ -20,7 +20,15 @@ deterministically from a seed and keeping the source's group names:
   the labels of another labelled training item drawn at random (so the classes keep their shares,
   and some draws repeat the true label); the test split keeps its labels, so that test scores
   measure what the noise did to training. Made from a street stand-in, it stands for street photos
-  labelled by hand.
+  labelled by hand;
+- ``wide``: every image of the source (hard-linked) with four more groups beside the source's, as a
+  catalogue of many groups has (the issue's street catalogue: 11 groups, multi-label colour and
+  pattern): ``colourFamily``, multi-label, the colour labels dealt into ``FAMILIES`` families by
+  their training frequency (the colours shown, coarser); ``mainColour``, the first colour label
+  alone; ``department``, the first two other groups' labels joined (``Men / Apparel``); ``occasion``,
+  multi-label, the last two other groups' labels together; each new group kept on a share of the
+  items only (``WIDE_KEEP``). Made from the street, multi-label stand-in it has 11 groups, four of
+  them multi-label.
 """
 from __future__ import annotations
 
@@ -41,8 +49,10 @@ from retrieval.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("street", "multicolour", "multilabel", "missing", "noisy")
+KINDS = ("street", "multicolour", "multilabel", "missing", "noisy", "wide")
 NOISE = 0.3  # share of the labelled training items whose labels the noisy stand-in replaces, per group
+FAMILIES = 4  # colour families of the wide stand-in's colourFamily group
+WIDE_KEEP = {"colourFamily": 1.0, "mainColour": 0.7, "department": 0.8, "occasion": 0.5}  # items labelled
 SIDE = 256  # stand-in images are SIDE × SIDE
 WHITE = 235  # a background pixel has every channel at least this bright
 
@@ -239,6 +249,55 @@ def make_noisy(catalog: Catalog, out: Path, seed: int, rate: float = NOISE) -> l
     return rows
 
 
+def _new_group_names(groups: list[str]) -> dict[str, str]:
+    """``WIDE_KEEP``'s names, each followed by 2s until no source group has it."""
+    names = {}
+    for name in WIDE_KEEP:
+        new = name
+        while new in groups or new in names.values():
+            new += "2"
+        names[name] = new
+    return names
+
+
+def wide_labels(catalog: Catalog, item: Item) -> dict[str, tuple[str, ...]]:
+    """The wide stand-in's four new groups of an item (before any are dropped), by ``WIDE_KEEP``'s names."""
+    colour = colour_group(catalog)
+    others = [g for g in catalog.groups if g != colour]
+    if len(others) < 2:
+        raise ValueError(f"{catalog.root}: the wide stand-in needs two groups besides {colour!r}")
+    counts = {c: 0 for c in catalog.vocab[colour]}
+    for it in catalog.items:
+        if it.split == "train":
+            for c in it.labels[colour]:
+                counts[c] += 1
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    family = {c: f"family {rank % FAMILIES + 1}" for rank, c in enumerate(ranked)}
+    colours = item.labels[colour]
+    joined = " / ".join(item.labels[g][0] for g in others[:2]) if all(item.labels[g] for g in others[:2]) else ""
+    return {"colourFamily": tuple(dict.fromkeys(family[c] for c in colours)),
+            "mainColour": colours[:1],
+            "department": (joined,) if joined else (),
+            "occasion": tuple(dict.fromkeys(label for g in others[-2:] for label in item.labels[g]))}
+
+
+def make_wide(catalog: Catalog, out: Path, seed: int) -> tuple[list[str], list[list[str]]]:
+    """(groups, rows) of every item, its images linked, with four new groups (``wide_labels``), each
+    kept on its ``WIDE_KEEP`` share of the items (seeded by the group's position)."""
+    names = _new_group_names(catalog.groups)
+    new = [wide_labels(catalog, item) for item in catalog.items]
+    for position, name in enumerate(WIDE_KEEP):
+        dropped = np.random.default_rng([seed, 100 + position]).random(len(new)) >= WIDE_KEEP[name]
+        for labels, drop in zip(new, dropped):
+            if drop:
+                labels[name] = ()
+    rows = []
+    for item, labels in zip(catalog.items, new):
+        link_or_copy(catalog.path_of(item), out / item.image)
+        rows.append(_row(item, catalog.groups, item.image) + [LABEL_SEPARATOR.join(labels[n]) for n in WIDE_KEEP])
+    return [*catalog.groups, *names.values()], rows
+
+
 def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 2000, seed: int = 0,
                  workers: int = 1) -> Path:
     """Write a stand-in catalog of ``kind`` drawn from ``source`` into ``out``; returns its labels.csv.
@@ -247,8 +306,8 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         source: a catalog of product photos on white (``labels.csv`` + images).
         out: folder of the stand-in (created; must not be the source).
         kind: one of ``KINDS``.
-        n_items: how many images ``street``, ``multicolour`` and ``multilabel`` draw (``missing`` and ``noisy`` keep
-            them all).
+        n_items: how many images ``street``, ``multicolour`` and ``multilabel`` draw (``missing``, ``noisy``
+            and ``wide`` keep them all).
         seed: the same seed gives the same catalog.
         workers: processes drawing the images (the catalog is the same for any number).
     """
@@ -258,7 +317,10 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
     if out.resolve() == catalog.root.resolve():
         raise ValueError(f"{out}: a stand-in must go to a new folder, not over its source")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    if kind == "missing":
+    groups = catalog.groups
+    if kind == "wide":
+        groups, rows = make_wide(catalog, out, seed)
+    elif kind == "missing":
         rows = make_missing(catalog, out, seed)
     elif kind == "noisy":
         rows = make_noisy(catalog, out, seed)
@@ -267,6 +329,6 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
     else:
         rows = make_multicolour(catalog, out, n_items, seed, workers, kind)
     labels = out / LABELS_FILE
-    write_csv_atomic(labels, [["image", "split", "title", *catalog.groups], *rows])  # last: images exist
+    write_csv_atomic(labels, [["image", "split", "title", *groups], *rows])  # last: images exist
     logger.info("Wrote %s stand-in %s (%d items, seed %d)", kind, labels, len(rows), seed)
     return labels
