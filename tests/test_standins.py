@@ -5,7 +5,7 @@ from PIL import Image
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import LABEL_DROPOUT_PROFILES
-from retrieval.data.standins import FAMILIES, NOISE, SIDE, WIDE_KEEP, garment_mask, make_standin
+from retrieval.data.standins import NOISE, SIDE, WIDE_KEEP, colour_family, garment_mask, make_standin
 
 COLOURS = {"Red": (200, 20, 20), "Blue": (20, 40, 200), "Green": (20, 160, 40), "Black": (10, 10, 10)}
 
@@ -152,10 +152,7 @@ def test_wide_standin_adds_four_groups_two_multi_label_each_kept_on_its_share(st
     source, wide = read_catalog(tmp_path / "l"), read_catalog(tmp_path / "w")
     assert wide.groups == [*source.groups, "colourFamily", "mainColour", "department", "occasion"]
     assert [it.stat for it in wide.items] == [it.stat for it in source.items]  # a source trunk cache serves it
-    # training colour counts: ties broken by name, dealt round the families
-    counts = {c: sum(c in it.labels["baseColour"] for it in source.items if it.split == "train") for c in COLOURS}
-    ranked = sorted(counts, key=lambda c: (-counts[c], c))
-    family = {c: f"family {r % FAMILIES + 1}" for r, c in enumerate(ranked)}
+    family = {"Red": "warm", "Blue": "cool", "Green": "cool", "Black": "dark"}
     for it, src in zip(wide.items, source.items):
         assert {g: it.labels[g] for g in source.groups} == src.labels
         colours = src.labels["baseColour"]
@@ -172,3 +169,11 @@ def test_wide_standin_adds_four_groups_two_multi_label_each_kept_on_its_share(st
     assert (again / "labels.csv").read_bytes() == (tmp_path / "w" / "labels.csv").read_bytes()
     make_standin(tmp_path / "w", tmp_path / "ww", "wide", seed=0)  # names already taken get a 2
     assert read_catalog(tmp_path / "ww").groups[-4:] == ["colourFamily2", "mainColour2", "department2", "occasion2"]
+
+
+@pytest.mark.parametrize("name, family", [("Navy Blue", "cool"), ("Black", "dark"), ("Off White", "neutral"), ("Grey Melange", "neutral"),
+                                          ("Maroon", "warm"), ("Pink", "warm"), ("Mustard", "other"),
+                                          ("Sea Green", "cool"), ("Turquoise Blue", "cool"), ("Multi", "other"),
+                                          ("Magenta", "warm"), ("Lavender", "cool"), ("Silver", "neutral")])
+def test_colour_family_reads_the_name_as_a_css_colour(name, family):
+    assert colour_family(name) == family

@@ -23,8 +23,8 @@ deterministically from a seed and keeping the source's group names:
   labelled by hand;
 - ``wide``: every image of the source (hard-linked) with four more groups beside the source's, as a
   catalogue of many groups has (the issue's street catalogue: 11 groups, multi-label colour and
-  pattern): ``colourFamily``, multi-label, the colour labels dealt into ``FAMILIES`` families by
-  their training frequency (the colours shown, coarser); ``mainColour``, the first colour label
+  pattern): ``colourFamily``, multi-label, the family of each colour shown (``colour_family``:
+  dark, neutral, warm, cool or other, by the colour's name); ``mainColour``, the first colour label
   alone; ``department``, the first two other groups' labels joined (``Men / Apparel``); ``occasion``,
   multi-label, the last two other groups' labels together; each new group kept on a share of the
   items only (``WIDE_KEEP``). Made from the street, multi-label stand-in it has 11 groups, four of
@@ -32,13 +32,14 @@ deterministically from a seed and keeping the source's group names:
 """
 from __future__ import annotations
 
+import colorsys
 import logging
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageColor, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("street", "multicolour", "multilabel", "missing", "noisy", "wide")
 NOISE = 0.3  # share of the labelled training items whose labels the noisy stand-in replaces, per group
-FAMILIES = 4  # colour families of the wide stand-in's colourFamily group
 WIDE_KEEP = {"colourFamily": 1.0, "mainColour": 0.7, "department": 0.8, "occasion": 0.5}  # items labelled
 SIDE = 256  # stand-in images are SIDE × SIDE
 WHITE = 235  # a background pixel has every channel at least this bright
@@ -260,22 +260,35 @@ def _new_group_names(groups: list[str]) -> dict[str, str]:
     return names
 
 
+def colour_family(name: str) -> str:
+    """A colour label's family by its name read as a CSS colour (the whole name without spaces, else
+    its words, first to last: 'Navy Blue' is navy): ``dark`` (lightness under 0.2), ``neutral``
+    (saturation under 0.2), ``warm`` (hues from red through yellow, and pinks), ``cool`` (the rest),
+    ``other`` when no name is known ('Multi', 'Charcoal')."""
+    words = name.lower().split()
+    for key in ["".join(words), *words]:
+        try:
+            r, g, b = ImageColor.getrgb(key)[:3]
+        except ValueError:
+            continue
+        hue, light, saturation = colorsys.rgb_to_hls(r / 255, g / 255, b / 255)
+        if light < 0.2:
+            return "dark"
+        if saturation < 0.2:
+            return "neutral"
+        return "warm" if hue < 1 / 6 or hue >= 5 / 6 else "cool"
+    return "other"
+
+
 def wide_labels(catalog: Catalog, item: Item) -> dict[str, tuple[str, ...]]:
     """The wide stand-in's four new groups of an item (before any are dropped), by ``WIDE_KEEP``'s names."""
     colour = colour_group(catalog)
     others = [g for g in catalog.groups if g != colour]
     if len(others) < 2:
         raise ValueError(f"{catalog.root}: the wide stand-in needs two groups besides {colour!r}")
-    counts = {c: 0 for c in catalog.vocab[colour]}
-    for it in catalog.items:
-        if it.split == "train":
-            for c in it.labels[colour]:
-                counts[c] += 1
-    ranked = sorted(counts, key=lambda c: (-counts[c], c))
-    family = {c: f"family {rank % FAMILIES + 1}" for rank, c in enumerate(ranked)}
     colours = item.labels[colour]
     joined = " / ".join(item.labels[g][0] for g in others[:2]) if all(item.labels[g] for g in others[:2]) else ""
-    return {"colourFamily": tuple(dict.fromkeys(family[c] for c in colours)),
+    return {"colourFamily": tuple(dict.fromkeys(colour_family(c) for c in colours)),
             "mainColour": colours[:1],
             "department": (joined,) if joined else (),
             "occasion": tuple(dict.fromkeys(label for g in others[-2:] for label in item.labels[g]))}
