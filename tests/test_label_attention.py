@@ -180,3 +180,23 @@ def test_label_attention_learns_on_its_own_with_the_balanced_and_item_losses(hea
     assert grads["label_head.weight"].abs().sum() > 0
     assert set(grads) - set(plain_grads) == {"label_head.weight", "label_head.bias"}
     assert all(torch.allclose(grads[n], g, atol=1e-6) for n, g in plain_grads.items())
+
+
+def test_label_attention_benchmark_prints_both_models(capsys, tmp_path):
+    """scripts/bench_label_attention.py end to end on the tiny trunk, with a catalogue's own groups."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_label_attention
+
+    (tmp_path / "labels.csv").write_text("image,split,colour,type\na.jpg,train,red|blue,dress\nb.jpg,test,green,shirt\n")
+    assert bench_label_attention.main(["--catalog", str(tmp_path), "--backbone", "tiny", "--batch-size", "2",
+                                       "--steps", "1", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "label head" in out and "(colour)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| with")]
+    assert len(rows) == 2 and rows[0].startswith("| without label attention") and rows[0].endswith("| 1.00x |")
+    with pytest.raises(SystemExit, match="no multi-label group"):
+        (tmp_path / "labels.csv").write_text("image,split,colour\na.jpg,train,red\n")
+        bench_label_attention.main(["--catalog", str(tmp_path), "--backbone", "tiny", "--steps", "1", "--rounds", "1"])
