@@ -9,7 +9,7 @@ import pytest
 from web_fixtures import web_audit, web_data  # noqa: F401
 
 from retrieval.audit.decisions import append_decision, apply_decisions, read_decisions
-from retrieval.audit.labels import audit_catalog, fold_of
+from retrieval.audit.labels import Issue, audit_catalog, crowded_groups, fold_of, summarize
 from retrieval.cli import main as cli
 from retrieval.data.catalog import Catalog, Item, read_catalog
 
@@ -79,6 +79,23 @@ def test_cleanlabs_warnings_for_rare_labels_become_one_log_line(caplog, monkeypa
         assert wrong_labels(catalog, "colours", probs, np.arange(len(items)), multi=True) == []
     assert [str(w.message) for w in said] == ["something else"]
     assert "colours: 2 of its labels have too few examples for cleanlab to flag all their issues" in caplog.text
+
+
+def test_summary_notes_the_groups_with_more_than_a_quarter_flagged_wrong():
+    # 8 items; type: all labelled, 3 flagged wrong (37.5%); colour: 4 labelled, 1 wrong (25%, not over)
+    # and 3 missing (those do not count)
+    items = [Item(i, f"images/{i}.jpg", "train", "", {"type": ("a",), "colour": ("red",) if i < 4 else ()})
+             for i in range(8)]
+    catalog = Catalog("/nowhere", ["type", "colour"], items)
+    issues = [Issue(f"images/{i}.jpg", "type", "a", "b", 0.9, "wrong") for i in range(3)]
+    issues += [Issue("images/0.jpg", "colour", "red", "blue", 0.8, "wrong")]
+    issues += [Issue(f"images/{i}.jpg", "colour", "", "red", 0.95, "missing") for i in range(4, 7)]
+    assert crowded_groups(issues, catalog, ["type", "colour"]) == ["type"]
+    table = summarize(issues, catalog, ["type", "colour"])
+    assert "| type | 8 | 3 | 0 | 0 |" in table and "| colour | 4 | 1 | 3 | 0 |" in table
+    assert table.splitlines()[-1].startswith("type: more than 25% of the labelled items flagged wrong")
+    assert "review from the top" in table
+    assert "more than" not in summarize(issues, catalog, ["colour"])
 
 
 def test_folds_are_balanced_and_seeded():
