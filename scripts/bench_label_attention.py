@@ -74,13 +74,15 @@ def main(argv=None) -> int:
     for name, on in (("without label attention", False), ("with label attention", True)):
         model = create_model(args.backbone, vocab, multi_label_groups=multi, weights="none", frozen_trunk=True,
                              label_attention=on)
-        nets[name] = CachedForward(model, len(model.trunk)).train()
+        nets[name] = CachedForward(model, len(model.trunk))
     model = nets["with label attention"].model
     if not model.attended_groups:
         raise SystemExit("No group gets label attention: the catalogue has no multi-label group")
     x = torch.randn(args.batch_size, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
         inputs = frozen_outputs(model.eval(), x, len(model.trunk))
+    for net in nets.values():  # both time training steps (dropout on), after the trunk pass in eval mode
+        net.train()
     optimizers = {name: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
                   for name, net in nets.items()}
     for name, net in nets.items():  # warm-up
