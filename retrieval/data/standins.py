@@ -280,15 +280,12 @@ def colour_family(name: str) -> str:
     return "other"
 
 
-def wide_labels(catalog: Catalog, item: Item) -> dict[str, tuple[str, ...]]:
-    """The wide stand-in's four new groups of an item (before any are dropped), by ``WIDE_KEEP``'s names."""
-    colour = colour_group(catalog)
-    others = [g for g in catalog.groups if g != colour]
-    if len(others) < 2:
-        raise ValueError(f"{catalog.root}: the wide stand-in needs two groups besides {colour!r}")
+def wide_labels(item: Item, colour: str, others: list[str], family: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """The wide stand-in's four new groups of an item (before any are dropped), by ``WIDE_KEEP``'s names:
+    ``colour`` is the source's colour group, ``others`` its other groups, ``family`` each colour's family."""
     colours = item.labels[colour]
     joined = " / ".join(item.labels[g][0] for g in others[:2]) if all(item.labels[g] for g in others[:2]) else ""
-    return {"colourFamily": tuple(dict.fromkeys(colour_family(c) for c in colours)),
+    return {"colourFamily": tuple(dict.fromkeys(family[c] for c in colours)),
             "mainColour": colours[:1],
             "department": (joined,) if joined else (),
             "occasion": tuple(dict.fromkeys(label for g in others[-2:] for label in item.labels[g]))}
@@ -297,8 +294,13 @@ def wide_labels(catalog: Catalog, item: Item) -> dict[str, tuple[str, ...]]:
 def make_wide(catalog: Catalog, out: Path, seed: int) -> tuple[list[str], list[list[str]]]:
     """(groups, rows) of every item, its images linked, with four new groups (``wide_labels``), each
     kept on its ``WIDE_KEEP`` share of the items (seeded by the group's position)."""
+    colour = colour_group(catalog)
+    others = [g for g in catalog.groups if g != colour]
+    if len(others) < 2:
+        raise ValueError(f"{catalog.root}: the wide stand-in needs two groups besides {colour!r}")
+    family = {c: colour_family(c) for c in catalog.vocab[colour]}
     names = _new_group_names(catalog.groups)
-    new = [wide_labels(catalog, item) for item in catalog.items]
+    new = [wide_labels(item, colour, others, family) for item in catalog.items]
     for position, name in enumerate(WIDE_KEEP):
         dropped = np.random.default_rng([seed, 100 + position]).random(len(new)) >= WIDE_KEEP[name]
         for labels, drop in zip(new, dropped):
