@@ -256,11 +256,10 @@ def summarize(issues: list[Issue], catalog: Catalog, groups: list[str]) -> str:
     """Markdown table: per group, labelled items and issues of each kind; a note under it for the
     groups with more than ``CROWDED_SHARE`` of their labelled items flagged wrong (``crowded_groups``)."""
     lines = ["| group | labelled | wrong | missing | conflicting duplicates |", "|---|---:|---:|---:|---:|"]
-    for g in groups:
-        count = {k: sum(1 for i in issues if i.group == g and i.kind == k) for k in KINDS}
-        labelled = sum(1 for it in catalog.items if it.labels[g])
+    counts = group_counts(issues, catalog, groups)
+    for g, (labelled, count) in counts.items():
         lines.append(f"| {g} | {labelled} | {count['wrong']} | {count['missing']} | {count['conflicting-duplicate']} |")
-    crowded = crowded_groups(issues, catalog, groups)
+    crowded = crowded_groups(issues, catalog, groups, counts=counts)
     if crowded:
         lines += ["", f"{', '.join(crowded)}: more than {CROWDED_SHARE:.0%} of the labelled items flagged wrong. The "
                   "out-of-sample predictions disagree with many labels there (photos that show the group poorly, "
@@ -269,14 +268,18 @@ def summarize(issues: list[Issue], catalog: Catalog, groups: list[str]) -> str:
     return "\n".join(lines)
 
 
-def crowded_groups(issues: list[Issue], catalog: Catalog, groups: list[str], share: float = CROWDED_SHARE) -> list[str]:
-    """The groups with more than ``share`` of their labelled items flagged as wrong."""
-    out = []
-    for g in groups:
-        labelled = sum(1 for it in catalog.items if it.labels[g])
-        if labelled and sum(1 for i in issues if i.group == g and i.kind == "wrong") > share * labelled:
-            out.append(g)
-    return out
+def group_counts(issues: list[Issue], catalog: Catalog, groups: list[str]) -> dict[str, tuple[int, dict[str, int]]]:
+    """Per group: (its labelled items, {kind: issues})."""
+    return {g: (sum(1 for it in catalog.items if it.labels[g]),
+                {k: sum(1 for i in issues if i.group == g and i.kind == k) for k in KINDS}) for g in groups}
+
+
+def crowded_groups(issues: list[Issue], catalog: Catalog, groups: list[str], share: float = CROWDED_SHARE,
+                   counts: dict | None = None) -> list[str]:
+    """The groups with more than ``share`` of their labelled items flagged as wrong (``counts``: their
+    ``group_counts``, when already made)."""
+    counts = counts or group_counts(issues, catalog, groups)
+    return [g for g, (labelled, count) in counts.items() if labelled and count["wrong"] > share * labelled]
 
 
 def write_issues(path: Path, issues: list[Issue]) -> None:
