@@ -53,11 +53,12 @@ def fill_view(index: faiss.Index, source: VectorSource, view: str, gpu: bool = F
 
 def build_view(source: VectorSource, view: str = "shared", index_type: str = "flat", *, nlist=None, m_hnsw=32,
                pq_m=None, use_gpu="auto", nprobe=None, ef_search=None, ef_construction=EF_CONSTRUCTION,
-               target_recall=TARGET_RECALL) -> faiss.Index:
+               target_recall=TARGET_RECALL, unit_length: bool = True) -> faiss.Index:
     """Build an inner-product index of one view under the source's catalog ids; always a CPU index.
 
     Args:
-        source: the vectors (L2-normalised: inner product = cosine) and their catalog ids.
+        source: the vectors (L2-normalised: inner product = cosine, unless ``unit_length`` is False:
+            a plain inner product, warned about otherwise) and their catalog ids.
         index_type: flat (exact), ivf, hnsw or ivfpq. ivf/ivfpq below MIN_TRAIN_ITEMS build flat.
             ivf/ivfpq train on at most TRAIN_SAMPLE rows.
         nlist, m_hnsw, pq_m, ef_construction: structure parameters (see make_empty_index).
@@ -68,7 +69,8 @@ def build_view(source: VectorSource, view: str = "shared", index_type: str = "fl
     check_index_type(index_type)
     as_ids(source.ids)
     n, d = len(source), source.dims[view]
-    warn_if_not_normalised(source.read(view, 0, min(n, 1000)))
+    if unit_length:
+        warn_if_not_normalised(source.read(view, 0, min(n, 1000)))
     if index_type in ("ivf", "ivfpq") and n < MIN_TRAIN_ITEMS:
         logger.warning("Only %d vectors: building a flat index instead of %s", n, index_type)
         index_type = "flat"

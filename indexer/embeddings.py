@@ -45,7 +45,9 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
     for view, dim in source.dims.items():
         if view == "shared":
             logger.info("Building the shared view (%s, %d x %d)", index_type, len(ids), dim)
-            built[view] = build_view(source, view, index_type, use_gpu=use_gpu, **build_kwargs)
+            # the embeddings' "matches" shared view ranks by a plain inner product (embfile.shared_vectors)
+            built[view] = build_view(source, view, index_type, use_gpu=use_gpu, unit_length=shared_view != "matches",
+                                     **build_kwargs)
         else:
             logger.info("Building %s (exact, %s, %d x %d)", view, group_codec, len(ids), dim)
             built[view] = build_group_view(source, view, group_codec)

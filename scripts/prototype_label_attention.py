@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.catalog import read_catalog
-from retrieval.data.embfile import embedding_part, group_vectors, read_paths, read_probabilities, read_rows, shared_vectors
+from retrieval.data.embfile import (embedding_part, group_vectors, ranks_by_cosine, read_paths, read_probabilities,
+                                    read_rows, shared_vectors)
 from retrieval.data.standins import colour_group
 from retrieval.evaluate.metrics import evaluate_retrieval, label_matrix
 from retrieval.evaluate.report import match_rows
@@ -140,9 +141,9 @@ def main(argv=None) -> None:
     print(f"{args.catalog}: multi-label groups {', '.join(sorted(sigmoid))}; mAP@50 paper, test split; "
           f"shared / group view / colour shared / colour group view (gains over the off-the-shelf trunk)")
     for name, p in (("default", probs), ("label attention", replaced)):
-        views = group_vectors(p, sigmoid)
-        report = evaluate_retrieval(shared_vectors(embedding_part(emb), views, emb.attrs.get("shared_view", "embedding")),
-                                    labels, k=50, vectors_by_group=views)
+        views, how = group_vectors(p, sigmoid), emb.attrs.get("shared_view", "embedding")
+        report = evaluate_retrieval(shared_vectors(embedding_part(emb), p, sigmoid, how), labels, k=50,
+                                    vectors_by_group=views, normalise=ranks_by_cosine(how))
         m = means(report, colour)
         gains = [m[0] - base[0], m[1] - base[0], m[2] - base[1], m[3] - base[1]]
         per_group = ", ".join(f"{g} {100 * report['groups'][g]['group_view']['map_paper']:.1f}" for g in sorted(sigmoid))

@@ -33,21 +33,19 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
     catalog = read_catalog(demo_catalog)
     with h5py.File(embeddings) as f:
         vectors = f["vectors"][:]
-        # the shared view: the 256-d embedding, then each group's view over sqrt(G), L2-normalised
-        views = np.concatenate([f[f"groups/{g}"][:] for g in catalog.groups], axis=1)
+        # the shared view (matches): the 256-d embedding at length 1/2, then each group's probabilities
+        # as they are over sqrt(G), not normalised
+        probs = np.concatenate([f[f"probs/{g}"][:] for g in catalog.groups], axis=1)
         width = 256 + sum(len(catalog.vocab[g]) for g in catalog.groups)
         width += -width % 8  # zero columns
-        assert vectors.shape == (60, width) and not vectors[:, 256 + views.shape[1]:].any()
-        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-        scale = np.sqrt(1 + (views ** 2).sum(1, keepdims=True) / len(catalog.groups))  # |embedding| = 1
-        assert np.allclose(np.linalg.norm(vectors[:, :256], axis=1, keepdims=True) * scale, 1, atol=1e-5)
-        assert np.allclose(vectors[:, 256:256 + views.shape[1]] * scale * np.sqrt(len(catalog.groups)), views,
-                           atol=1e-5)
+        assert vectors.shape == (60, width) and not vectors[:, 256 + probs.shape[1]:].any()
+        assert np.allclose(np.linalg.norm(vectors[:, :256], axis=1), 0.5, atol=1e-5)
+        assert np.allclose(vectors[:, 256:256 + probs.shape[1]] * np.sqrt(len(catalog.groups)), probs, atol=1e-5)
         assert f["ids"][:].tolist() == list(range(60))
         assert list(f["paths"].asstr()[:]) == [it.image for it in catalog.items]
         assert f.attrs["fingerprint"] == load_checkpoint(tiny_run / "best.pt")["fingerprint"]
         assert f.attrs["backbone"] == "tiny" and f.attrs["dimension"] == width and f.attrs["created"]
-        assert f.attrs["shared_view"] == "with-groups" and f.attrs["embedding_dim"] == 256
+        assert f.attrs["shared_view"] == "matches" and f.attrs["embedding_dim"] == 256
         assert sorted(json.loads(f.attrs["groups"])) == sorted(catalog.groups)
         for g in catalog.groups:
             assert f[f"probs/{g}"].shape == (60, len(catalog.vocab[g]))
@@ -77,7 +75,7 @@ def test_a_model_trained_for_the_embedding_alone_indexes_the_embedding(embedding
     assert json.loads((report / "report.json").read_text())["settings"]["shared_view"] == "embedding"
 
 
-def test_index_of_the_embedding_alone_from_a_with_groups_file(embeddings, demo_catalog, tmp_path):
+def test_index_of_the_embedding_alone_from_a_joined_file(embeddings, demo_catalog, tmp_path):
     from indexer import IndexStore
     from retrieval.data.embfile import embedding_part, read_embeddings
 
@@ -101,7 +99,61 @@ def test_index_of_the_embedding_alone_from_a_with_groups_file(embeddings, demo_c
     # the default reads the file as written and records its view
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(tmp_path / "whole")]) == 0
     whole = IndexStore.load(tmp_path / "whole")
-    assert whole.shared_view == "with-groups" and whole.dimension == read_embeddings(embeddings).vectors.shape[1]
+    assert whole.shared_view == "matches" and whole.dimension == read_embeddings(embeddings).vectors.shape[1]
+
+
+def test_the_matches_shared_view_from_embed_to_index_and_evaluation(embeddings, tiny_run, demo_catalog, tmp_path,
+                                                                     caplog, capsys):
+    """The default ``matches`` view is indexed and evaluated by the plain inner product; ``embed
+    --shared-view with-groups`` embeds the same model's catalogue as the L2-normalised joined view (the
+    embedding, each group's view over sqrt(G))."""
+    from indexer import IndexStore
+    from retrieval.data.embfile import read_embeddings
+    from retrieval.evaluate.metrics import evaluate_retrieval
+
+    catalog = read_catalog(demo_catalog)
+    emb = read_embeddings(embeddings)
+    assert emb.attrs["shared_view"] == "matches"
+    assert np.linalg.norm(emb.vectors, axis=1).std() > 1e-3  # lengths differ: no normalisation
+    # with-groups from the same model, without training
+    other = tmp_path / "with-groups.h5"
+    assert embed(tiny_run, demo_catalog, other, "--shared-view", "with-groups") == 0
+    with h5py.File(other) as f:
+        assert f.attrs["shared_view"] == "with-groups"
+        vectors = f["vectors"][:]
+        views = np.concatenate([f[f"groups/{g}"][:] for g in catalog.groups], axis=1)
+        assert vectors.shape == emb.vectors.shape and not vectors[:, 256 + views.shape[1]:].any()
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        scale = np.sqrt(1 + (views ** 2).sum(1, keepdims=True) / len(catalog.groups))  # |embedding| = 1
+        assert np.allclose(np.linalg.norm(vectors[:, :256], axis=1, keepdims=True) * scale, 1, atol=1e-5)
+        assert np.allclose(vectors[:, 256:256 + views.shape[1]] * scale * np.sqrt(len(catalog.groups)), views,
+                           atol=1e-5)
+        # the same embedding in both files
+        assert np.allclose(vectors[:, :256] * scale, 2 * emb.vectors[:, :256], atol=1e-5)
+    # the index: no "not L2-normalised" warning, searched by the inner product
+    with caplog.at_level("WARNING"):
+        assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(tmp_path / "index")]) == 0
+    assert "not L2-normalised" not in caplog.text
+    store = IndexStore.load(tmp_path / "index")
+    assert store.shared_view == "matches"
+    scores, ids = store.search(emb.vectors[:3], 6)
+    inner = emb.vectors[:3] @ emb.vectors.T
+    assert np.allclose(scores, np.take_along_axis(inner, ids, 1), atol=1e-4)
+    assert np.allclose(scores, -np.sort(-inner, axis=1)[:, :6], atol=1e-4)
+    # the evaluation: the same maps as the inner product ranks them, the file's view named
+    report = tmp_path / "report"
+    assert cli(["evaluate", "--embeddings", str(embeddings), "--catalog", str(demo_catalog), "--device", "cpu",
+                "--split", "all", "--out", str(report)]) == 0
+    written = json.loads((report / "report.json").read_text())
+    assert written["settings"]["shared_view"] == "matches"
+    labels = {g: [item.labels[g] for item in catalog.items] for g in catalog.groups}
+    expected = evaluate_retrieval(emb.vectors, labels, normalise=False)
+    for g in catalog.groups:
+        assert written["groups"][g]["map_paper"] == pytest.approx(expected["groups"][g]["map_paper"]), g
+    capsys.readouterr()
+    assert cli(["embed", "--pretrained-only", "--shared-view", "matches", "--catalog", str(demo_catalog),
+                "--out", str(tmp_path / "x.h5")]) == 1
+    assert "--shared-view needs --checkpoint" in capsys.readouterr().err
 
 
 def test_trunk_cache_gives_the_same_embeddings(embeddings, tiny_run, demo_catalog, tmp_path):
@@ -200,7 +252,7 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
     cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), str(demo_catalog), str(tiny_run / "best.pt"),
            str(index)]
     # the second run replaces the first index in place; the index build's options in either order
-    for options, view in [([], "with-groups"), (["--shared-view", "embedding", "--type", "flat"], "embedding")]:
+    for options, view in [([], "matches"), (["--shared-view", "embedding", "--type", "flat"], "embedding")]:
         result = subprocess.run(cmd + options + ["--device", "cpu", "--workers", "0"], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -9,7 +9,8 @@ from conftest import TINY
 
 from retrieval.cli import main as cli
 from retrieval.data.embfile import (Embeddings, EmbeddingsError, embedding_part, fuse_probabilities, group_vectors,
-                                    read_embeddings, shared_vectors, shared_view_name, shared_view_rows)
+                                    ranks_by_cosine, read_embeddings, shared_vectors, shared_view_name,
+                                    shared_view_rows)
 
 
 def test_group_vector_rule_hand_worked():
@@ -24,16 +25,19 @@ def test_group_vector_rule_hand_worked():
 
 def test_shared_view_with_groups_hand_worked():
     embedding = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
-    views = {"type": np.array([[1.0, 0.0], [1.0, 0.0]]), "colour": np.array([[0.6, 0.8], [0.0, 1.0]])}
-    joined = shared_vectors(embedding, views)
-    # [e, type / sqrt 2, colour / sqrt 2], each row over sqrt(1 + (1 + 1) / 2) = sqrt 2, two zero columns
-    # making 8
+    probs = {"type": np.array([[1.0, 0.0], [1.0, 0.0]]), "colour": np.array([[0.3, 0.4], [0.0, 0.5]])}
+    joined = shared_vectors(embedding, probs, ["colour"])
+    # [e, type / sqrt 2, colour (unit length: 0.6, 0.8 and 0, 1) / sqrt 2], each row over
+    # sqrt(1 + (1 + 1) / 2) = sqrt 2, two zero columns making 8
     assert np.allclose(joined[0], np.array([1, 0, 1, 0, 0.6, 0.8, 0, 0]) / np.sqrt(2)
                        * [1, 1, 2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 2 ** -0.5, 1, 1])
     # items orthogonal in the embedding are now alike through their shared type and half their colour:
     # (0 + (1 + 0.8) / 2) / 2 = 0.45
     assert joined[0] @ joined[1] == pytest.approx(0.45)
-    assert shared_vectors(embedding, views, "embedding") is embedding and shared_vectors(embedding, {}) is embedding
+    assert shared_vectors(embedding, probs, ["colour"], "embedding") is embedding
+    assert shared_vectors(embedding, {}) is embedding
+    with pytest.raises(EmbeddingsError, match="Unknown shared view 'groups'"):
+        shared_vectors(embedding, probs, ["colour"], "groups")
     # the embedding alone comes back from the file's vectors
     stored = Embeddings(joined, np.arange(2), ["a", "b"], attrs={"shared_view": "with-groups", "embedding_dim": 2})
     assert np.allclose(embedding_part(stored), embedding)
@@ -48,6 +52,29 @@ def test_shared_view_with_groups_hand_worked():
     assert shared_view_name({}) == "embedding"  # an older file holds the embedding alone
     with pytest.raises(EmbeddingsError, match="Unknown shared view 'groups'"):
         shared_view_rows(joined, stored.attrs, "groups")
+
+
+def test_shared_view_matches_hand_worked():
+    # the embedding at weight 1/2 (unit length first), then every group's probabilities as they are
+    # (sigmoids too) over sqrt(G), not normalised: e·e'/4 + mean_g p_g·p'_g
+    embedding = np.array([[2.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    probs = {"type": np.array([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),
+             "colour": np.array([[0.9, 0.9, 0.0], [0.8, 0.0, 0.1], [0.0, 0.0, 1.0]])}
+    joined = shared_vectors(embedding, probs, ["colour"], "matches")
+    assert joined.shape == (3, 8)  # 2 + 2 + 3 = 7 columns, one zero column
+    assert np.allclose(joined[0], [0.5, 0, 0.5 / np.sqrt(2), 0.5 / np.sqrt(2), 0.9 / np.sqrt(2), 0.9 / np.sqrt(2), 0, 0])
+    scores = joined @ joined.T
+    # items 0 and 1: embeddings orthogonal; type 0.5 * 1 = 0.5; colour 0.9 * 0.8 = 0.72: (0.5 + 0.72) / 2
+    assert scores[0, 1] == pytest.approx(0.61)
+    # items 1 and 2: e·e' = 0.8, / 4 = 0.2; type 0; colour 0.1 * 1 = 0.1: 0.2 + 0.05
+    assert scores[1, 2] == pytest.approx(0.25)
+    # no normalisation: a sure item scores with itself above an unsure one (lengths carry the heads' certainty)
+    assert scores[2, 2] == pytest.approx(0.25 + (1 + 1) / 2) and scores[0, 0] == pytest.approx(0.25 + (0.5 + 1.62) / 2)
+    # items 0 and 2: e·e' = 0.6, / 4 = 0.15; type 0.5; colour 0: 0.15 + 0.25
+    assert scores[0, 2] == pytest.approx(0.4)
+    assert ranks_by_cosine("with-groups") and ranks_by_cosine("embedding") and not ranks_by_cosine("matches")
+    stored = Embeddings(joined, np.arange(3), ["a", "b", "c"], attrs={"shared_view": "matches", "embedding_dim": 2})
+    assert np.allclose(embedding_part(stored), [[1, 0], [0, 1], [0.6, 0.8]])  # the embedding alone, unit length
 
 
 def test_a_fused_multi_label_method_model_ranks_as_the_model_does(demo_catalog, tmp_path):

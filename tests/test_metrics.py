@@ -439,3 +439,16 @@ def test_multilabel_report():
     assert report["sample_accuracy"] == pytest.approx(19 / 24)
     assert report["classes"]["y"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert list(itertools.islice(report["classes"], 3)) == ["x", "y", "z"]
+
+
+def test_shared_view_ranked_by_inner_product_when_not_normalised():
+    # the "matches" shared view is an inner product of vectors whose lengths count (embfile.shared_vectors)
+    # colour: item 0 red, item 1 red|blue, item 2 green; k = 2
+    vectors = np.array([[1.0, 0.0], [2.0, 2.0], [0.9, 0.2]], dtype=np.float32)
+    labels = {"colour": [("red",), ("red", "blue"), ("green",)]}
+    # q0: inner products 2 (item 1), 0.9 (item 2): rel 10 -> AP 1; cosines 0.71, 0.98: rel 01 -> 1/2.
+    # q1: 2.2 (item 2) before 2 (item 0), cosines 0.84 before 0.71 alike: rel 01 -> 1/2. q2: nothing relevant -> 0.
+    plain = evaluate_retrieval(vectors, labels, k=2, normalise=False)
+    cosine = evaluate_retrieval(vectors, labels, k=2)
+    assert plain["groups"]["colour"]["map_paper"] == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert cosine["groups"]["colour"]["map_paper"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)

@@ -183,7 +183,7 @@ def test_checkpoint_config_without_new_fields_rebuilds_the_old_model():
     assert model.colour_dim == 0 and not model.config.normalized_heads and not model.config.flip_average
     assert [type(m).__name__ for m in model.embed] == ["BatchNorm1d", "Dropout", "Linear"]
     assert model.config.shared_view == "embedding"  # its index was built from the embedding alone
-    assert create_model("tiny", GROUPS, embed_dim=8, weights="none").config.shared_view == "with-groups"
+    assert create_model("tiny", GROUPS, embed_dim=8, weights="none").config.shared_view == "matches"
     with pytest.raises(ValueError, match="Unknown shared view 'all'"):
         create_model("tiny", GROUPS, embed_dim=8, weights="none", shared_view="all")
 

@@ -33,7 +33,7 @@ def test_health_reports_index_model_and_views(client):
     assert body["index_size"] == 60 and body["search_by_photo"] is True
     assert body["index_fingerprint"] == body["model_fingerprint"] and len(body["model_fingerprint"]) == 64
     assert body["views"][0] == "shared" and "group-colours" in body["views"]
-    assert body["shared_view"] == "with-groups"  # the sidecar's: what uploads are described as
+    assert body["shared_view"] == "matches"  # the sidecar's: what uploads are described as
 
 
 def test_items_pages_filters_and_text(client):
@@ -128,8 +128,8 @@ def test_search_by_photo_runs_the_folded_trunk_to_the_same_vectors(web_data):
 
 
 def test_search_by_photo_follows_an_index_of_the_embedding_alone(web_data, tmp_path):
-    """An index built with --shared-view embedding from a with-groups file: uploads are described by the
-    embedding alone (as the index holds), though the model's own setting is with-groups."""
+    """An index built with --shared-view embedding from a matches file: uploads are described by the
+    embedding alone (as the index holds), though the model's own setting is matches."""
     from PIL import Image
 
     from retrieval.cli import main as cli
@@ -144,7 +144,7 @@ def test_search_by_photo_follows_an_index_of_the_embedding_alone(web_data, tmp_p
     assert client.get("/api/health").get_json()["shared_view"] == "embedding"
     body = upload(client, catalog_photo(web_data), k="5").get_json()
     model = ModelHolder(web_data["checkpoint"]).get()[0]
-    assert model.config.shared_view == "with-groups"
+    assert model.config.shared_view == "matches"
     query = describe_image(model, Image.open(io.BytesIO(catalog_photo(web_data))), shared_view="embedding").vectors
     alone = embedding_part(read_embeddings(web_data["emb"]))
     assert query.shape == (1, 256)
@@ -249,7 +249,7 @@ def test_product_page_shows_scores_and_shared_labels(client):
     html = client.get("/items/3?view=group-colours&k=6").get_data(as_text=True)
     assert html.count('class="score"') == 6 and "chip shared" in html and 'class="segment active"' in html
     assert "group head's agreement" in html  # a group view's score is no cosine of embeddings
-    assert "cosine similarity of the shared vectors" in client.get("/items/3").get_data(as_text=True)
+    assert "the shared view's similarity" in client.get("/items/3").get_data(as_text=True)
     assert client.get("/items/999").status_code == 404
 
 
@@ -394,7 +394,7 @@ def test_an_earlier_upload_searches_an_index_rebuilt_with_the_other_shared_view(
     index = copy_index(web_data, tmp_path)
     client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
     first = upload(client, catalog_photo(web_data), k="5").get_json()
-    assert client.get("/api/health").get_json()["shared_view"] == "with-groups"
+    assert client.get("/api/health").get_json()["shared_view"] == "matches"
     assert cli(["index", "build", "--embeddings", str(web_data["emb"]), "--out", str(index), "--shared-view",
                 "embedding"]) == 0
     assert client.get("/api/health").get_json()["shared_view"] == "embedding"
@@ -404,3 +404,35 @@ def test_an_earlier_upload_searches_an_index_rebuilt_with_the_other_shared_view(
     assert [r["id"] for r in again.get_json()["results"]] == [r["id"] for r in fresh["results"]]
     assert np.allclose([r["score"] for r in again.get_json()["results"]], [r["score"] for r in fresh["results"]],
                        atol=1e-5)
+
+
+def test_search_by_photo_on_a_matches_index_and_a_with_groups_one(web_data, tmp_path):
+    """On the default ``matches`` index an upload is ranked by the plain inner product of its own
+    matches vector; after a rebuild from ``embed --shared-view with-groups`` by the cosine of its
+    with-groups vector, and a query remembered before the rebuild searches as a fresh upload does."""
+    from PIL import Image
+
+    from retrieval.cli import main as cli
+    from retrieval.data.embfile import read_embeddings
+    from retrieval.embed.inference import describe_image
+    from web.resources import ModelHolder
+
+    index = copy_index(web_data, tmp_path)
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    model = ModelHolder(web_data["checkpoint"]).get()[0]
+    photo = Image.open(io.BytesIO(catalog_photo(web_data)))
+    first = upload(client, catalog_photo(web_data), k="5").get_json()
+    for view, emb in (("matches", web_data["emb"]), ("with-groups", tmp_path / "with-groups.h5")):
+        if view != "matches":
+            assert cli(["embed", "--checkpoint", str(web_data["checkpoint"]), "--catalog", str(web_data["catalog"]),
+                        "--out", str(emb), "--device", "cpu", "--workers", "0", "--shared-view", view]) == 0
+            assert cli(["index", "build", "--embeddings", str(emb), "--out", str(index)]) == 0
+        assert client.get("/api/health").get_json()["shared_view"] == view
+        fresh = upload(client, catalog_photo(web_data), k="5").get_json()
+        query = describe_image(model, photo, shared_view=view).vectors[0]
+        assert (abs(np.linalg.norm(query) - 1) > 1e-3) == (view == "matches")  # only matches is not unit length
+        scores = read_embeddings(emb).vectors @ query
+        assert [r["id"] for r in fresh["results"]] == np.argsort(-scores, kind="stable")[:5].tolist()
+        assert np.allclose([r["score"] for r in fresh["results"]], np.sort(scores)[::-1][:5], atol=1e-4)
+        again = client.get(f"/api/search/{first['query_id']}?k=5").get_json()
+        assert [r["id"] for r in again["results"]] == [r["id"] for r in fresh["results"]]

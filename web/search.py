@@ -21,26 +21,28 @@ QUERY_THUMB = 320
 
 @dataclass
 class Query:
-    """An uploaded photo reduced to what searching needs: its shared embedding and group vectors (the
-    shared view is formed from them as the index searched holds it: an index rebuilt with the other
+    """An uploaded photo reduced to what searching needs: its shared embedding and head probabilities
+    (the shared view is formed from them as the index searched holds it: an index rebuilt with another
     ``--shared-view`` still serves the queries remembered before) and its predicted labels."""
 
     embedding: np.ndarray
-    group_vectors: dict[str, np.ndarray]
+    probs: dict[str, np.ndarray]
+    sigmoid_groups: tuple[str, ...]
     predicted: dict[str, list[dict]]
     labels: dict[str, list[str]]
     thumbnail: bytes
+    own_shared_view: str  # the model's ``shared_view``, for indexes that do not say theirs
     name: str = ""
-    own_shared_view: str = "with-groups"  # the model's ``shared_view``, for indexes that do not say theirs
 
     def vector(self, view: str, shared_view: str | None) -> np.ndarray:
         """The query's [1, D] vector in an index view (``shared`` or ``group-<name>``); ``shared_view``:
         what the index's shared view holds (``embfile.shared_vectors``; None: the model's own)."""
-        from retrieval.data.embfile import shared_vectors
+        from retrieval.data.embfile import group_vectors, shared_vectors
 
         if view == "shared":
-            return shared_vectors(self.embedding, self.group_vectors, shared_view or self.own_shared_view)
-        return self.group_vectors[view.removeprefix("group-")]
+            return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view)
+        group = view.removeprefix("group-")
+        return group_vectors({group: self.probs[group]}, self.sigmoid_groups)[group]
 
 
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -102,13 +104,13 @@ def thumbnail_bytes(image, size: int = QUERY_THUMB) -> bytes:
 
 
 def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
-    """Run the model once over an uploaded photo: shared embedding, group vectors, predicted labels."""
+    """Run the model once over an uploaded photo: shared embedding, probabilities, predicted labels."""
     from retrieval.embed.inference import describe_image
 
     out = describe_image(model, image, device, "embedding")
-    return Query(out.vectors[:1], {g: v[:1] for g, v in out.group_vectors.items()},
-                 predicted_labels(model, out.probs), query_labels(model, out.probs), thumbnail_bytes(image), name,
-                 model.config.shared_view)
+    return Query(out.vectors[:1], {g: p[:1] for g, p in out.probs.items()}, tuple(model.sigmoid_groups),
+                 predicted_labels(model, out.probs), query_labels(model, out.probs), thumbnail_bytes(image),
+                 model.config.shared_view, name)
 
 
 def with_urls(item: dict) -> dict:

@@ -16,14 +16,14 @@ from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.checkpoint import load_model
-from retrieval.net.model import POOL_WEIGHTINGS, create_model
+from retrieval.net.model import POOL_WEIGHTINGS, SHARED_VIEWS, create_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval embed", description=(
         "Embed every catalog image with the model's shared layers into HDF5: the shared view's vectors "
-        "(L2-normalised: the shared embedding, followed by every group's probabilities unless the model "
-        "was trained with --shared-view embedding), each group's head-focused vectors and probabilities. "
+        "(the shared embedding, followed by every group's probabilities as the model's --shared-view "
+        "says, or --shared-view here), each group's head-focused vectors and probabilities. "
         "Interrupted runs resume. Under torchrun "
         "(--nproc-per-node N, several nodes through its rendezvous) the rows are cut into shards, one "
         "resumable work file each beside --out, which rank 0 merges into the same file one process writes."))
@@ -39,6 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")
     p.add_argument("--colour-bins", default="none", metavar="L,A,B",
                    help="with --pretrained-only: prepend a CIELAB colour histogram (e.g. 4,6,6)")
+    p.add_argument("--shared-view", choices=SHARED_VIEWS,
+                   help="with --checkpoint: what the shared view holds, instead of the model's own setting (an "
+                        "older model's catalogue embedded as today's default, without training again): matches, "
+                        "with-groups or embedding (see 'retrieval train --help')")
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="EMB.h5")
     p.add_argument("--split", default="all", choices=("all", "train", "test"))
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if bool(args.checkpoint) == bool(args.pretrained_only):
         raise ValueError("give either --checkpoint RUN/best.pt or --pretrained-only")
+    if args.shared_view and args.pretrained_only:
+        raise ValueError("--shared-view needs --checkpoint: the off-the-shelf trunk has no heads")
     rank, _, device = setup_distributed(resolve_device(args.device), BARRIER_TIMEOUT)
     try:
         return embed(args, rank, device)
@@ -92,6 +98,8 @@ def embed(args, rank: int, device) -> int:
             model.embed_pooled = lambda pooled: torch.nn.functional.normalize(pooled, dim=1)
     else:
         model, ckpt = load_model(args.checkpoint)
+        if args.shared_view:
+            model.config.shared_view = args.shared_view
         start, fp = ckpt.get("start_unit", 0), ckpt["fingerprint"]
         heads, standardise = True, False
     trunk_cache = open_trunk_cache(args.trunk_cache, model, catalog, start) if args.trunk_cache else None

@@ -50,10 +50,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="embedding: BatchNorm, Dropout, hidden layer, Linear; fc: AlexNet-style fc6/fc7 "
                             "(Dropout, Linear, ReLU twice), fc7's output indexed")
     model.add_argument("--shared-view", choices=SHARED_VIEWS,
-                       help="what the shared view (the index searched for similar items) ranks by: with-groups = "
-                            "the shared embedding followed by every group's head probabilities, each group "
-                            "counting alike; embedding = the shared embedding alone (the papers' retrieval "
-                            "features; 'retrieval evaluate --shared-view embedding' measures it from the same file)")
+                       help="what the shared view (the index searched for similar items) ranks by: matches = "
+                            "a quarter of the shared embedding's cosine plus the groups' mean chance of a shared "
+                            "label (a plain inner product of the embedding and every group's probabilities); "
+                            "with-groups = the same parts as one L2-normalised vector (a cosine: each multi-label "
+                            "group's probabilities unit length); embedding = the shared embedding alone (the "
+                            "papers' retrieval features; 'retrieval evaluate --shared-view embedding' measures it "
+                            "from the same file). 'retrieval embed --shared-view' changes it without training")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
     model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,

@@ -19,6 +19,11 @@ SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are ind
 SHARED_VIEW_READS = ("file", "embedding")  # read a file's shared view as stored, or its embedding alone
 JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS)
 CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
+# the shared embedding's weight in the ``matches`` shared view (``shared_vectors``): its cosine counts
+# a quarter beside the groups' mean chance of a match. Measured post hoc on eleven catalogues (the shared
+# view's mean, mAP@50 paper): 0.35 / 0.5 / 0.7 within 0.1 of each other on seven, colour 0.4-1.1 lower
+# at 0.7 and the single-label article type 0.6-2.1 lower at 0.35 (README, issue 16)
+MATCHES_EMBEDDING_WEIGHT = 0.5
 
 
 class EmbeddingsError(ValueError):
@@ -177,31 +182,55 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups) -> dict[str, np.
     return out
 
 
-def shared_vectors(embedding: np.ndarray, views: dict[str, np.ndarray], how: str = "with-groups") -> np.ndarray:
-    """What the shared view ranks by (``ModelConfig.shared_view``): ``embedding``, the shared
-    embedding alone; ``with-groups``, the embedding followed by every group's view (``group_vectors``,
-    in the model's group order) scaled by 1/sqrt(G), the whole L2-normalised and padded with zero
-    columns to a multiple of 8 (no inner product changes; FAISS's PQ codes need a width with many
-    divisors: ``indexer.index.default_pq_m``).
+def shared_vectors(embedding: np.ndarray, probs: dict[str, np.ndarray], sigmoid_groups=(),
+                   how: str = "with-groups") -> np.ndarray:
+    """What the shared view ranks by (``ModelConfig.shared_view``), from the shared embedding and
+    the heads' probabilities (in the model's group order):
 
-    The inner product of two such vectors is (e·e' + mean_g v_g·v'_g) / (norms): the embedding's
-    cosine plus the chance, averaged over the groups, that the two items share each group's label.
-    Every group then counts alike, where the embedding's geometry favours the groups with many
-    labels, and an unsure group (flat probabilities, a short vector) counts less. Measured on eight
-    catalogues (README, issue 16): +0.3 to +1.1 mAP@50 on the shared view's mean, on every one."""
-    if how == "embedding" or not views:
+    - ``embedding``: the shared embedding alone;
+    - ``with-groups``: the embedding followed by every group's view (``group_vectors``) scaled by
+      1/sqrt(G), the whole L2-normalised: the inner product of two items is (e·e' + mean_g
+      v_g·v'_g) / (their norms), the embedding's cosine plus the chance, averaged over the groups,
+      that the two share each group's label, every group counting alike;
+    - ``matches``: the embedding (unit length) times ``MATCHES_EMBEDDING_WEIGHT`` followed by every
+      group's probabilities as they are, sigmoid groups too, scaled by 1/sqrt(G), and not
+      normalised: the inner product is e·e'/4 + mean_g p_g·p'_g, where p·p' is the chance that the
+      two share a single-label group's label, and for a multi-label group the expected number of
+      labels they share. The expected share of the groups two items match, ranked as such: no
+      normalisation divides a confident item's score down, and an item showing several colours
+      keeps each (a cosine ranks the item with exactly the query's set of labels first, the
+      evaluation and a shopper count any shared one). Measured against ``with-groups`` on eleven
+      catalogues (README, issue 16).
+
+    Both joined forms are padded with zero columns to a multiple of 8 (no inner product changes;
+    FAISS's PQ codes need a width with many divisors: ``indexer.index.default_pq_m``)."""
+    if how == "embedding" or not probs:
         return embedding
-    parts = [np.asarray(embedding, dtype=np.float32)]
-    parts += [np.asarray(v, dtype=np.float32) / np.sqrt(len(views)) for v in views.values()]
+    if how == "with-groups":
+        parts = [np.asarray(embedding, dtype=np.float32)]
+        views = group_vectors(probs, sigmoid_groups)
+    elif how == "matches":
+        parts = [MATCHES_EMBEDDING_WEIGHT * unit_rows(np.asarray(embedding, dtype=np.float32))]
+        views = {g: np.asarray(p, dtype=np.float32) for g, p in probs.items()}
+    else:
+        raise EmbeddingsError(f"Unknown shared view {how!r}; choose one of: embedding, with-groups, matches")
+    parts += [v / np.sqrt(len(views)) for v in views.values()]
     width = sum(p.shape[1] for p in parts)
     parts.append(np.zeros((len(parts[0]), -width % 8), dtype=np.float32))
-    return unit_rows(np.concatenate(parts, axis=1))
+    joined = np.concatenate(parts, axis=1)
+    return unit_rows(joined) if how == "with-groups" else joined
+
+
+def ranks_by_cosine(shared_view: str) -> bool:
+    """Whether a shared view's vectors are unit length (inner product = cosine; ``shared_vectors``):
+    every view but ``matches``, whose lengths carry how sure the heads are."""
+    return shared_view != "matches"
 
 
 def shared_view_rows(rows: np.ndarray, attrs: dict, how: str = "file") -> np.ndarray:
     """Rows of a file's ``vectors`` as the shared view ``how`` (``SHARED_VIEW_READS``): ``file``, as
     stored; ``embedding``, the shared embedding alone: the first ``embedding_dim`` columns of a
-    with-groups file (``shared_vectors``), L2-normalised again, or the rows as they are when the file
+    with-groups or matches file (``shared_vectors``), L2-normalised again, or the rows as they are when the file
     holds the embedding alone (or is older than the option). ``attrs``: the file's attributes."""
     if how not in SHARED_VIEW_READS:
         raise EmbeddingsError(f"Unknown shared view {how!r}; choose one of: {', '.join(SHARED_VIEW_READS)}")

@@ -41,7 +41,8 @@ def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, 
         logits = model.group_logits(emb, pooled)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
-    vectors = embfile.shared_vectors(emb.float().cpu().numpy(), group_vectors, shared_view or model.config.shared_view)
+    vectors = embfile.shared_vectors(emb.float().cpu().numpy(), probs, model.sigmoid_groups,
+                                     shared_view or model.config.shared_view)
     return Outputs(np.asarray(positions), vectors, probs, group_vectors)
 
 

@@ -174,7 +174,7 @@ def map_at_k(neighbors: np.ndarray, y: np.ndarray, k: int = 50) -> dict:
 def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[Sequence[str]]], k: int = 50,
                        vectors_by_group: dict[str, np.ndarray] | None = None, device: str = "cpu",
                        block_size: int | None = None, progress: bool = False, sample_queries: int | None = None,
-                       seed: int = 0, candidates: str = "labelled") -> dict:
+                       seed: int = 0, candidates: str = "labelled", normalise: bool = True) -> dict:
     """mAP@k per group on the shared vectors and, where given, on each group's own vectors.
 
     Memory, besides the inputs: the views' vectors as float32, N x (D + sum_g D_g) x 4 bytes (on
@@ -184,7 +184,8 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
     ``sample_queries`` Q, 2 x Q x S x 8 bytes for the bootstrap (S = 2 x the group entries).
 
     Args:
-        vectors: [N, D] shared embedding (normalised here).
+        vectors: [N, D] shared view (normalised here: ranked by cosine; with ``normalise`` False
+            ranked by the plain inner product, as the ``matches`` shared view is).
         labels_by_group: {group: one tuple of labels per item}; an empty tuple means unlabelled.
         k: retrieval depth R.
         vectors_by_group: optional {group: [N, D_g]} group-focused vectors, ranked by their plain
@@ -208,7 +209,8 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
         raise ValueError(f"Unknown candidates {candidates!r}; choose one of: {', '.join(CANDIDATES)}")
     vectors_by_group = {g: v for g, v in (vectors_by_group or {}).items() if g in labels_by_group}
     labels = {g: label_matrix(sets, sorted({lab for s in sets for lab in s})) for g, sets in labels_by_group.items()}
-    ranked = {SHARED: (normalize_rows(vectors), list(labels))}
+    shared = normalize_rows(vectors) if normalise else np.asarray(vectors, dtype=np.float32)
+    ranked = {SHARED: (shared, list(labels))}
     ranked.update({g: (np.asarray(v, dtype=np.float32), [g]) for g, v in vectors_by_group.items()})
     queries = np.arange(len(vectors)) if sample_queries is None else draw_queries(len(vectors), sample_queries, seed)
     aps = rank_views(ranked, labels, queries, k, device, block_size, progress, candidates)

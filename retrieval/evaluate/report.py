@@ -10,8 +10,8 @@ import numpy as np
 from retrieval.atomic import atomic_write, write_text
 from retrieval.data.catalog import Catalog
 from retrieval.data.embfile import (SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError, fuse_probabilities,
-                                    group_vectors, read_attrs, read_paths, read_probabilities, read_rows,
-                                    shared_view_name, shared_view_rows)
+                                    group_vectors, ranks_by_cosine, read_attrs, read_paths, read_probabilities,
+                                    read_rows, shared_view_name, shared_view_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
 
@@ -87,8 +87,10 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         vectors = shared_view_rows(emb.vectors, emb.attrs, shared_view)
     except EmbeddingsError as err:
         raise EvaluationError(f"{emb_path}: {err}") from None
+    name = shared_view_name(emb.attrs, shared_view)
     report = evaluate_retrieval(vectors, labels, k=k, vectors_by_group=views, device=device, progress=True,
-                                sample_queries=sample_queries, seed=seed, candidates=candidates)
+                                sample_queries=sample_queries, seed=seed, candidates=candidates,
+                                normalise=ranks_by_cosine(name))
     for g, entry in report["groups"].items():
         if entry.get("uninformative"):
             logger.warning("group %r: every evaluated item of split %r shares a label, so every ranking scores "
@@ -97,7 +99,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None,
-                "shared_view": shared_view_name(emb.attrs, shared_view)}
+                "shared_view": name}
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
                          "interval": "95% percentile bootstrap over the sampled queries"})

@@ -23,8 +23,9 @@ METHODS = ("multi-weight", "multi-task", "multi-label")
 # while single-view queries against the flip-averaged catalogue lose 0.1 shared / 0.2 group-view mAP@50
 QUERY_VIEWS = 1
 # what the shared view (the index searched for "similar clothing") ranks by: the shared embedding
-# alone (as the papers retrieve), or followed by every group's view (embfile.shared_vectors)
-SHARED_VIEWS = ("embedding", "with-groups")
+# alone (as the papers retrieve), or followed by every group's view (cosine), or by every group's
+# probabilities as the expected share of groups two items match (inner product; embfile.shared_vectors)
+SHARED_VIEWS = ("embedding", "with-groups", "matches")
 # label attention (class-specific residual attention, Zhu & Wu 2021): a label's logit is the mean of its
 # cell scores plus LABEL_ATTENTION_WEIGHT x their softmax(LABEL_ATTENTION_SHARPNESS x score)-weighted
 # mean. Measured post hoc on the street, multi-label stand-in (colour group view; weight / sharpness 0.3 / 1:
@@ -55,7 +56,7 @@ class ModelConfig:
     embed_hidden: int = 1024
     flip_average: bool = True
     shared_layers: str = "embedding"
-    shared_view: str = "with-groups"
+    shared_view: str = "matches"
     label_attention: bool = True
 
     def to_dict(self) -> dict:
