@@ -140,6 +140,14 @@ def test_the_matches_shared_view_from_embed_to_index_and_evaluation(embeddings, 
     inner = emb.vectors[:3] @ emb.vectors.T
     assert np.allclose(scores, np.take_along_axis(inner, ids, 1), atol=1e-4)
     assert np.allclose(scores, -np.sort(-inner, axis=1)[:, :6], atol=1e-4)
+    # add: the with-groups file is the same model's and as wide, but another view: refused, not mixed in
+    assert cli(["index", "remove", "--index", str(tmp_path / "index"), "--ids", "3", "4"]) == 0
+    capsys.readouterr()
+    assert cli(["index", "add", "--index", str(tmp_path / "index"), "--embeddings", str(other)]) == 1
+    assert "with-groups.h5: its shared view is 'with-groups', the index's is 'matches'" in capsys.readouterr().err
+    assert len(IndexStore.load(tmp_path / "index")) == 58
+    assert cli(["index", "add", "--index", str(tmp_path / "index"), "--embeddings", str(embeddings)]) == 0
+    assert np.allclose(IndexStore.load(tmp_path / "index").vector(4), emb.vectors[4:5], atol=1e-6)
     # the evaluation: the same maps as the inner product ranks them, the file's view named
     report = tmp_path / "report"
     assert cli(["evaluate", "--embeddings", str(embeddings), "--catalog", str(demo_catalog), "--device", "cpu",

@@ -72,10 +72,18 @@ def vector_source(reader, shared_view: str = "file"):
     return VectorSource(reader.ids, dims, read)
 
 
-def store_reading(shared_view: str | None) -> str:
-    """How ``add`` reads new rows for an index whose sidecar says ``shared_view``: the embedding alone
-    for an index of it, the file's vectors otherwise (the index's dimension check refuses a mismatch)."""
-    return "embedding" if shared_view == "embedding" else "file"
+def store_reading(shared_view: str | None, path, attrs: dict) -> str:
+    """How ``add`` reads new rows of the file at ``path`` (attributes ``attrs``) for an index whose
+    sidecar says ``shared_view``: the embedding alone for an index of it, the file's vectors otherwise
+    (the index's dimension check refuses another width). One model's files can hold different joined
+    views of the same width (``embed --shared-view``): such a file is refused, not mixed in."""
+    if shared_view == "embedding":
+        return "embedding"
+    own = shared_view_name(attrs)
+    if shared_view is not None and own != shared_view:
+        raise ValueError(f"{path}: its shared view is {own!r}, the index's is {shared_view!r}; embed it with "
+                         f"'retrieval embed --shared-view {shared_view}' or build the index again from it")
+    return "file"
 
 
 def use_gpu(choice: str):
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
             new = np.flatnonzero(~np.isin(reader.ids, store.ids))  # one sorted pass, not a set per row
             paths = [reader.paths[i] for i in new]
             titles, labels = item_metadata(paths, reader.attrs, args.catalog)
-            source = vector_source(reader, store_reading(store.shared_view))
+            source = vector_source(reader, store_reading(store.shared_view, args.embeddings, reader.attrs))
             views = {view: source.take(view, new) for view in store.views}
             store.add(views, reader.ids[new], paths, titles, labels)
         store.save(args.index)
