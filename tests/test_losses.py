@@ -206,6 +206,24 @@ def test_early_learning_hand_worked():
     assert (torch.softmax(z.detach() - 0.1 * z.grad, 1) * target).sum() > before
 
 
+def test_early_learning_sigmoid_group_hand_worked():
+    # one multi-label group of 2 labels held label by label, 1 item, momentum 0.5, weight 1.
+    # Step 1, logits [0, 0]: p = [.5, .5], t = [.25, .25]; each label's <(p, 1-p), (t, 1-t)> = .5.
+    # Step 2, logits [ln 3, -ln 3]: p = [.75, .25], t = [.5, .25]; agreements .5 and .625.
+    elr = EarlyLearning({"colour": 2}, 1, weight=1.0, momentum=0.5, sigmoid={"colour"})
+    y = Targets({"colour": torch.tensor([[1.0, 1.0]])}, {"colour": torch.tensor([True])})
+    first = elr({"colour": torch.zeros(1, 2)}, y, torch.tensor([0]), {"colour": 1.0})
+    assert first.item() == pytest.approx(math.log(0.5))
+    z = torch.tensor([[math.log(3), -math.log(3)]], requires_grad=True)
+    second = elr({"colour": z}, y, torch.tensor([0]), {"colour": 1.0})
+    assert second.item() == pytest.approx((math.log(0.5) + math.log(0.375)) / 2)
+    assert torch.allclose(elr.targets["colour"], torch.tensor([[0.5, 0.25]]))
+    # the gradient pushes each label to the side of 1/2 its target is on: none at t = .5 (label 1);
+    # label 2 (t = .25) down: d/dz of (1/2) log(t + p - 2tp) = (1/2) (1 - 2t) p (1 - p) / .375 = .125
+    second.backward()
+    assert z.grad[0, 0].abs() < 1e-6 and z.grad[0, 1].item() == pytest.approx(0.125)
+
+
 def test_early_learning_shares_every_ranks_new_targets():
     # two ranks, batch size 3: this one steps item 0 (p = [.5, .5]: t = .5 x p = [.25, .25]), the
     # other items 2 and 3 (their new targets arrive through gather, its padding row -1 ignored);

@@ -163,14 +163,17 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
     catalog = read_catalog(demo_catalog)
     softmax = [g for g in catalog.groups if g not in catalog.multi_label_groups()]
-    assert softmax and sorted(straight["early_learning"]) == sorted(softmax)
-    for g in softmax:
+    # every group held, the multi-label one (colours) label by label
+    assert softmax and sorted(straight["early_learning"]) == sorted(catalog.groups)
+    for g in catalog.groups:
         targets = straight["early_learning"][g]
         assert torch.equal(targets, resumed["early_learning"][g])
-        assert targets.shape[1] == len(catalog.vocab[g]) and targets.sum(1).max() <= 1 + 1e-5
-        assert (targets.sum(1) > 0.5).float().mean() > 0.5  # two epochs at momentum 0.7: 1 - 0.3^2 for items seen twice
+        assert targets.shape[1] == len(catalog.vocab[g]) and targets.max() <= 1 + 1e-5
+        if g in softmax:
+            assert targets.sum(1).max() <= 1 + 1e-5
+            assert (targets.sum(1) > 0.5).float().mean() > 0.5  # two epochs at momentum 0.7: 1 - 0.3^2 for items seen twice
     assert "early_learning" not in load_checkpoint(tmp_path / "straight" / "best.pt")
-    # the sigmoid groups, which it leaves alone, keep a share of the loss: weight x (1 + 3 / 2)
+    # the sigmoid groups keep a share of the loss: weight x (1 + 3 / 2)
     plain = load_checkpoint(tiny_run / "last.pt")["group_weights"]
     assert straight["group_weights"] == pytest.approx({g: w * (2.5 if g == "colours" else 1) for g, w in plain.items()})
     assert "early_learning" not in load_checkpoint(tiny_run / "last.pt")  # off by default
@@ -178,6 +181,9 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
     shutil.copytree(tiny_run, tmp_path / "plain", ignore=shutil.ignore_patterns("trunk-cache.h5"))
     assert train(demo_catalog, tmp_path / "plain", "--epochs", "3", "--resume", *cache) == 0
     assert "holds no early-learning targets" in caplog.text
+    # --no-early-learning-sigmoid: the softmax groups only (as before)
+    assert train(demo_catalog, tmp_path / "softmax", "--epochs", "1", *cache, "--no-early-learning-sigmoid") == 0
+    assert sorted(load_checkpoint(tmp_path / "softmax" / "last.pt")["early_learning"]) == sorted(softmax)
 
 
 def test_auto_early_learning_trains_again_when_validation_peaks_early(auto_on_few_items, demo_catalog, tiny_run,
@@ -591,7 +597,12 @@ def test_torchrun_early_learning_targets_follow_every_rank(demo_catalog, tiny_ru
     torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1", "--early-learning", "3",
                    "--trunk-cache", str(tmp_path / "trunk.h5"))
     targets = load_checkpoint(tmp_path / "ddp" / "last.pt")["early_learning"]
+    multi = read_catalog(demo_catalog).multi_label_groups()
+    assert multi and set(multi) <= set(targets)
     for g, t in targets.items():
+        if g in multi:  # held label by label: each label's target 0.3 x its sigmoid
+            assert t.max() <= 0.3 + 1e-4 and (t.sum(1) > 0).float().mean() > 0.9, g
+            continue
         seen = t.sum(1)
         assert seen.max() <= 0.3 + 1e-4, g  # one update each (momentum 0.7 from zero)
         assert (seen > 0.29).float().mean() > 0.9, g  # not only the half rank 0 was dealt

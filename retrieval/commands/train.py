@@ -123,6 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "at 3, keeping whichever validates better")
     loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
+    loss.add_argument("--early-learning-sigmoid", action=argparse.BooleanOptionalAction,
+                      help="early learning holds the multi-label (sigmoid) groups' heads too, label by label "
+                           "(the default; --no-early-learning-sigmoid: the softmax groups only)")
     loss.add_argument("--fill-missing", metavar="auto|P",
                       help="where training labels are missing, train again from the start with each missing "
                            "label of a softmax group filled by the trained model's prediction when its "

@@ -1,6 +1,8 @@
 """Loss weights (Li et al. 2017), masked per-group losses, early-learning regularisation and Range loss."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -124,13 +126,16 @@ class EarlyLearning:
     the items' positions in the training list (``batch_loss``'s ``positions``). Under torchrun each
     rank is dealt other items every epoch, so ``gather`` (``Collectives.all_gather``) brings every
     rank's batch of new targets to all of them, each batch padded to ``batch_size`` rows: every
-    rank holds every item's target. Multi-label (sigmoid) groups are left alone."""
+    rank holds every item's target. Groups in ``sigmoid`` (multi-label) are held label by label: each
+    label a two-class prediction (p, 1 - p) against its target (t, 1 - t), the logs averaged over the
+    labels."""
 
     def __init__(self, sizes: dict[str, int], n_items: int, weight: float, momentum: float = 0.7,
-                 device: torch.device | str = "cpu", gather=None, batch_size: int = 0):
+                 device: torch.device | str = "cpu", gather=None, batch_size: int = 0, sigmoid=()):
         if not 0 <= momentum < 1:
             raise ValueError(f"--early-learning-momentum must lie in [0, 1), got {momentum}")
         self.weight, self.momentum, self.gather, self.batch_size = weight, momentum, gather, batch_size
+        self.sigmoid = frozenset(sigmoid) & set(sizes)
         self.targets = {g: torch.zeros(n_items, c, device=device) for g, c in sizes.items()}
 
     def __call__(self, logits: dict[str, torch.Tensor], targets, positions: torch.Tensor,
@@ -140,12 +145,19 @@ class EarlyLearning:
         total, updated = 0.0, {}
         rows = positions.to(next(iter(self.targets.values())).device)  # every group's targets live together
         for g, memory in self.targets.items():
-            p = torch.softmax(logits[g].float(), dim=1).clamp(1e-4, 1 - 1e-4)
+            binary = g in self.sigmoid
+            p = (torch.sigmoid if binary else partial(torch.softmax, dim=1))(logits[g].float()).clamp(1e-4, 1 - 1e-4)
             with torch.no_grad():
-                t = self.momentum * memory[rows] + (1 - self.momentum) * (p / p.sum(1, keepdim=True)).to(memory.device)
+                early = p if binary else p / p.sum(1, keepdim=True)
+                t = self.momentum * memory[rows] + (1 - self.momentum) * early.to(memory.device)
                 memory[rows] = updated[g] = t
+            t = t.to(p.device)
+            if binary:  # each label a two-class softmax: <p, t> = pt + (1-p)(1-t), the logs averaged over the labels
+                held = torch.log(1 - (t * p + (1 - t) * (1 - p))).mean(1)
+            else:
+                held = torch.log(1 - (t * p).sum(1))
             known = targets.known[g].to(p.dtype)
-            term = (torch.log(1 - (t.to(p.device) * p).sum(1)) * known).sum() / known.sum().clamp_min(1)
+            term = (held * known).sum() / known.sum().clamp_min(1)
             total = total + weights[g] * term
         if self.gather is not None:
             self._share(rows, updated)
@@ -172,7 +184,9 @@ class EarlyLearning:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.targets) or any(state[g].shape != t.shape for g, t in self.targets.items()):
-            raise ValueError("the checkpoint's early-learning targets do not fit this run's groups and items")
+            raise ValueError("the checkpoint's early-learning targets do not fit this run's groups and items (a run "
+                             "started before early learning held the multi-label groups resumes with "
+                             "--no-early-learning-sigmoid)")
         for g, t in self.targets.items():
             t.copy_(state[g])
 
