@@ -35,7 +35,7 @@ class LossSettings:
     norm: str = "labelled"  # how a group's loss is averaged (losses.LOSS_NORMS)
     range_distance: str = "l2"
     head_fit: float = 0.0  # the sigmoid groups' heads again, item-normalised, on the detached embedding
-    early_learning: EarlyLearning | None = None  # ELR of the softmax groups, by training position
+    early_learning: EarlyLearning | None = None  # ELR of the heads (sigmoid groups label by label), by training position
 
 
 @dataclass
