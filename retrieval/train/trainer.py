@@ -117,8 +117,8 @@ class Job:
             self.classes = sampling.item_classes(self.targets.multi_hot[group])
             self.class_group = group
         softmax = {g: len(self.catalog.vocab[g]) for g in self.softmax_groups()}
-        sigmoid = [g for g in self.catalog.groups if self.kinds[g] == "bce"] \
-            if cfg.early_learning_sigmoid and cfg.method != "multi-label" else []
+        # (the multi-label method has no softmax group, so no early learning at all)
+        sigmoid = [g for g in self.catalog.groups if self.kinds[g] == "bce"] if cfg.early_learning_sigmoid else []
         held = {**softmax, **{g: len(self.catalog.vocab[g]) for g in sigmoid}}
         weight = parse_early_learning(cfg.early_learning)
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
