@@ -85,6 +85,9 @@ def test_training_step_on_meta(demo_catalog, tmp_path):
     job.device = META
     job.class_weights = {g: w.to(META) for g, w in job.class_weights.items()}
     job.early_learning.targets = {g: t.to(META) for g, t in job.early_learning.targets.items()}  # made on cfg.device
+    # the softmax groups' early targets are balanced by default (--early-learning-balance 0.5)
+    assert sorted(job.early_learning.divisors) == sorted(set(job.catalog.groups) - {"colours"})
+    job.early_learning.divisors = {g: d.to(META) for g, d in job.early_learning.divisors.items()}
     positions = torch.arange(8)
     x = torch.empty(8, 3, 32, 32, device=META)
     prefix, act, weight = frozen_outputs(job.model, x, 2)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from retrieval.data.datasets import Targets
-from retrieval.train.losses import (EarlyLearning, group_weights, label_weights, masked_group_loss, multi_group_loss,
+from retrieval.train.losses import (EarlyLearning, attention_key, balancing_divisors, group_weights, label_weights, masked_group_loss, multi_group_loss,
                                     range_loss, resolve_group_loss, smoothed_weights)
 
 
@@ -222,6 +222,56 @@ def test_early_learning_sigmoid_group_hand_worked():
     # label 2 (t = .25) down: d/dz of (1/2) log(t + p - 2tp) = (1/2) (1 - 2t) p (1 - p) / .375 = .125
     second.backward()
     assert z.grad[0, 0].abs() < 1e-6 and z.grad[0, 1].item() == pytest.approx(0.125)
+
+
+def test_early_learning_holds_label_attention_beside_the_head():
+    # the colour group's head and its label attention each keep a target and add a term: the head's
+    # at the group weight (3), attention's at 1; step 1 from zero logits: each log(1/2)
+    elr = EarlyLearning({"type": 2, "colour": 2}, 1, weight=1.0, momentum=0.5, sigmoid={"colour"},
+                        attended=["colour"])
+    key = attention_key("colour")
+    assert sorted(elr.targets) == sorted(["type", "colour", key]) and key in elr.sigmoid
+    y = Targets({"type": torch.tensor([[1.0, 0]]), "colour": torch.tensor([[1.0, 1.0]])},
+                {"type": torch.tensor([False]), "colour": torch.tensor([True])})
+    z = torch.tensor([[math.log(3), -math.log(3)]])
+    term = elr({"type": torch.zeros(1, 2), "colour": torch.zeros(1, 2), key: z}, y, torch.tensor([0]),
+               {"type": 1.0, "colour": 3.0})
+    # attention's p = [.75, .25], t = p / 2 = [.375, .125]; agreements pt + (1-p)(1-t):
+    # .75 * .375 + .25 * .625 = .4375 and .25 * .125 + .75 * .875 = .6875, the logs averaged
+    expected = 3 * math.log(0.5) + (math.log(1 - 0.4375) + math.log(1 - 0.6875)) / 2
+    assert term.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(elr.targets[key], torch.tensor([[0.375, 0.125]]))
+    # a checkpoint saved before attention was held resumes, its attention targets from zero
+    before = {g: t for g, t in elr.state_dict().items() if g != key}
+    again = EarlyLearning({"type": 2, "colour": 2}, 1, weight=1.0, sigmoid={"colour"}, attended=["colour"])
+    assert again.load_state_dict(before) == [key] and again.targets[key].abs().sum() == 0
+    assert torch.equal(again.targets["colour"], elr.targets["colour"])
+    with pytest.raises(ValueError, match="do not fit"):
+        again.load_state_dict({"type": before["type"]})
+
+
+def test_balanced_early_targets_hand_worked():
+    # usage: 6 Casual, 2 Formal, 1 Sports, no Ethnic (counted as one): shares 0.6, 0.2, 0.1, 0.1; those
+    # below uniform (1/4) count as uniform, so only Casual is lowered
+    divisors = balancing_divisors({"usage": torch.tensor([6.0, 2, 1, 0])}, tau=1.0)
+    assert divisors["usage"].tolist() == pytest.approx([0.6, 0.25, 0.25, 0.25])
+    assert balancing_divisors({"usage": torch.tensor([6.0, 2, 1, 0])}, tau=0.5)["usage"].tolist() == \
+        pytest.approx([0.6 ** 0.5, 0.5, 0.5, 0.5])
+    divisors = {"usage": torch.tensor([0.75, 0.25, 0.25, 0.25])}  # given directly, for round numbers below
+    elr = EarlyLearning({"usage": 4, "colour": 2}, 1, weight=1.0, momentum=0.5, sigmoid={"colour"},
+                        divisors={**divisors, "colour": torch.tensor([0.9, 0.1])})
+    assert set(elr.divisors) == {"usage"}  # a multi-label group's targets are never divided
+    p = torch.tensor([[0.6, 0.2, 0.1, 0.1]])
+    t = Targets({"usage": torch.tensor([[1.0, 0, 0, 0]]), "colour": torch.tensor([[1.0, 0]])},
+                {"usage": torch.tensor([True]), "colour": torch.tensor([False])})
+    term = elr({"usage": p.log(), "colour": torch.zeros(1, 2)}, t, torch.tensor([0]), {"usage": 1.0, "colour": 1.0})
+    # the early prediction divided by the shares: [0.8, 0.8, 0.4, 0.4], renormalised [1/3, 1/3, 1/6, 1/6];
+    # the target moves half way from zero: [1/6, 1/6, 1/12, 1/12]; <p, t> = 0.1 + 0.2/6 + 0.2/12 = 0.15
+    assert elr.targets["usage"][0].tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 12, 1 / 12])
+    assert term.item() == pytest.approx(math.log(0.85), rel=1e-5)
+    plain = EarlyLearning({"usage": 4}, 1, weight=1.0, momentum=0.5)
+    plain({"usage": p.log()}, t, torch.tensor([0]), {"usage": 1.0})
+    assert plain.targets["usage"][0].tolist() == pytest.approx([0.3, 0.1, 0.05, 0.05])  # without: half of p
 
 
 def test_early_learning_shares_every_ranks_new_targets():

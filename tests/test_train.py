@@ -15,6 +15,7 @@ from retrieval.net.checkpoint import load_checkpoint, load_model
 from retrieval.cli import main as cli
 from retrieval.data.catalog import read_catalog
 from retrieval.net.model import fingerprint
+from retrieval.train.losses import attention_key
 
 
 def train(catalog, out, *extra):
@@ -163,11 +164,12 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
     catalog = read_catalog(demo_catalog)
     softmax = [g for g in catalog.groups if g not in catalog.multi_label_groups()]
-    # every group held, the multi-label one (colours) label by label
-    assert softmax and sorted(straight["early_learning"]) == sorted(catalog.groups)
-    for g in catalog.groups:
-        targets = straight["early_learning"][g]
-        assert torch.equal(targets, resumed["early_learning"][g])
+    # every group held, the multi-label one (colours) label by label, on its head and on its label attention
+    held = {**{g: g for g in catalog.groups}, attention_key("colours"): "colours"}
+    assert softmax and sorted(straight["early_learning"]) == sorted(held)
+    for key, g in held.items():
+        targets = straight["early_learning"][key]
+        assert torch.equal(targets, resumed["early_learning"][key])
         assert targets.shape[1] == len(catalog.vocab[g]) and targets.max() <= 1 + 1e-5
         if g in softmax:
             assert targets.sum(1).max() <= 1 + 1e-5
@@ -598,9 +600,10 @@ def test_torchrun_early_learning_targets_follow_every_rank(demo_catalog, tiny_ru
                    "--trunk-cache", str(tmp_path / "trunk.h5"))
     targets = load_checkpoint(tmp_path / "ddp" / "last.pt")["early_learning"]
     multi = read_catalog(demo_catalog).multi_label_groups()
-    assert multi and set(multi) <= set(targets)
+    binary = set(multi) | {attention_key(g) for g in multi}  # each head and its label attention
+    assert multi and binary <= set(targets)
     for g, t in targets.items():
-        if g in multi:  # held label by label: each label's target 0.3 x its sigmoid
+        if g in binary:  # held label by label: each label's target 0.3 x its sigmoid
             assert t.max() <= 0.3 + 1e-4 and (t.sum(1) > 0).float().mean() > 0.9, g
             continue
         seen = t.sum(1)

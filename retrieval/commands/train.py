@@ -123,6 +123,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "at 3, keeping whichever validates better")
     loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
+    loss.add_argument("--early-learning-balance", type=float, metavar="TAU",
+                      help="the predictions that make a softmax group's early-learning targets are divided by "
+                           "each class's share of the training labels to the power TAU (shares below uniform "
+                           "count as uniform) and renormalised, so an imbalanced group's targets do not "
+                           "collapse onto its largest class (0 = off)")
     loss.add_argument("--early-learning-sigmoid", action=argparse.BooleanOptionalAction,
                       help="early learning holds the multi-label (sigmoid) groups' heads too, label by label "
                            "(the default; --no-early-learning-sigmoid: the softmax groups only)")

@@ -75,6 +75,7 @@ class TrainConfig:
     head_fit: float = 1.0
     early_learning: float | str = "auto"  # auto: 0, and a second run at EARLY_LEARNING if the first memorises
     early_learning_momentum: float = 0.7
+    early_learning_balance: float = 0.5  # the softmax groups' early targets divided by class share ** this
     early_learning_sigmoid: bool = True  # early learning holds the sigmoid (multi-label) groups' heads too
     fill_missing: float | str = "auto"  # auto: FILL_MISSING where labels are missing (FILL_MIN_MISSING), else off
     range_group: str | None = None

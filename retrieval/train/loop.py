@@ -15,7 +15,7 @@ from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
 from retrieval.train.config import AUTO_MIN_VALIDATION, freeze_units
-from retrieval.train.losses import EarlyLearning, multi_group_loss, overlap_contrastive_loss, range_loss
+from retrieval.train.losses import EarlyLearning, attention_key, multi_group_loss, overlap_contrastive_loss, range_loss
 
 
 @dataclass
@@ -81,7 +81,8 @@ def batch_loss(state: TrainState, net: nn.Module, inputs, targets, positions=Non
         total = total + s.head_fit * multi_group_loss(fitted, targets, s.kinds, s.weights, s.class_weights,
                                                       norm="item")[0]
     if s.early_learning is not None and positions is not None:  # training batches only
-        total = total + s.early_learning(logits, targets, positions, s.weights)
+        held = {**logits, **{attention_key(g): z for g, z in attended.items()}}
+        total = total + s.early_learning(held, targets, positions, s.weights)
     if s.contrastive:
         total = total + s.contrastive * overlap_contrastive_loss(emb.float(), targets, s.weights)
     if s.range_weight and positions is not None:

@@ -117,6 +117,24 @@ def multi_group_loss(logits: dict[str, torch.Tensor], targets, kinds: dict[str, 
     return total, parts
 
 
+def attention_key(group: str) -> str:
+    """Where early learning keeps a group's targets for label attention's logits (beside the head's)."""
+    return f"{group} (label attention)"
+
+
+def balancing_divisors(label_counts: dict[str, torch.Tensor], tau: float) -> dict[str, torch.Tensor]:
+    """Per group, each class's share of the group's training labels raised to ``tau``, the shares
+    of classes rarer than uniform (1 / classes) raised from there: dividing by them lowers the
+    classes that outnumber the others and leaves the rare ones as a uniform prior would, so a rare
+    class's few (and, with wrong labels, often wrong) examples are not amplified. A class without
+    training labels counts one."""
+    divisors = {}
+    for g, counts in label_counts.items():
+        counts = counts.float().clamp_min(1)
+        divisors[g] = (counts / counts.sum()).clamp_min(1 / len(counts)) ** tau
+    return divisors
+
+
 class EarlyLearning:
     """Early-learning regularisation (ELR; Liu et al., NeurIPS 2020) of the softmax groups, against
     wrong labels: a network fits the clean majority of its labels first and memorises the wrong ones
@@ -128,14 +146,23 @@ class EarlyLearning:
     rank's batch of new targets to all of them, each batch padded to ``batch_size`` rows: every
     rank holds every item's target. Groups in ``sigmoid`` (multi-label) are held label by label: each
     label a two-class prediction (p, 1 - p) against its target (t, 1 - t), the logs averaged over the
-    labels."""
+    labels. ``divisors`` (a softmax group's, from ``balancing_divisors``) divide the predictions that
+    enter a group's running target, renormalised: an imbalanced group's early predictions lean to
+    its largest class, and a target held there collapses every prediction onto it. Groups in
+    ``attended`` (multi-label, with label attention) are held a second time, label by label, on label
+    attention's own logits (``logits[attention_key(g)]``, what the group's labels are scored with),
+    at weight 1 as attention's own loss is."""
 
     def __init__(self, sizes: dict[str, int], n_items: int, weight: float, momentum: float = 0.7,
-                 device: torch.device | str = "cpu", gather=None, batch_size: int = 0, sigmoid=()):
+                 device: torch.device | str = "cpu", gather=None, batch_size: int = 0, sigmoid=(),
+                 divisors: dict[str, torch.Tensor] | None = None, attended=()):
         if not 0 <= momentum < 1:
             raise ValueError(f"--early-learning-momentum must lie in [0, 1), got {momentum}")
         self.weight, self.momentum, self.gather, self.batch_size = weight, momentum, gather, batch_size
-        self.sigmoid = frozenset(sigmoid) & set(sizes)
+        self.group_of = {g: g for g in sizes} | {attention_key(g): g for g in attended if g in sizes}
+        sizes = {k: sizes[g] for k, g in self.group_of.items()}
+        self.sigmoid = (frozenset(sigmoid) & set(sizes)) | {attention_key(g) for g in attended if g in sizes}
+        self.divisors = {g: d.to(device) for g, d in (divisors or {}).items() if g in sizes and g not in self.sigmoid}
         self.targets = {g: torch.zeros(n_items, c, device=device) for g, c in sizes.items()}
 
     def __call__(self, logits: dict[str, torch.Tensor], targets, positions: torch.Tensor,
@@ -149,6 +176,9 @@ class EarlyLearning:
             p = (torch.sigmoid if binary else partial(torch.softmax, dim=1))(logits[g].float()).clamp(1e-4, 1 - 1e-4)
             with torch.no_grad():
                 early = p if binary else p / p.sum(1, keepdim=True)
+                if g in self.divisors:
+                    early = early / self.divisors[g]
+                    early = early / early.sum(1, keepdim=True)
                 t = self.momentum * memory[rows] + (1 - self.momentum) * early.to(memory.device)
                 memory[rows] = updated[g] = t
             t = t.to(p.device)
@@ -156,9 +186,9 @@ class EarlyLearning:
                 held = torch.log(1 - (t * p + (1 - t) * (1 - p))).mean(1)
             else:
                 held = torch.log(1 - (t * p).sum(1))
-            known = targets.known[g].to(p.dtype)
+            known = targets.known[self.group_of[g]].to(p.dtype)
             term = (held * known).sum() / known.sum().clamp_min(1)
-            total = total + weights[g] * term
+            total = total + (weights[g] if g == self.group_of[g] else 1.0) * term
         if self.gather is not None:
             self._share(rows, updated)
         return self.weight * total
@@ -182,13 +212,17 @@ class EarlyLearning:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {g: t.cpu() for g, t in self.targets.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.targets) or any(state[g].shape != t.shape for g, t in self.targets.items()):
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Take a checkpoint's targets; returns the label-attention targets it lacks (a run saved before
+        early learning held label attention), which start from zero."""
+        fresh = [k for k in self.targets if k not in state and k != self.group_of[k]]
+        if set(state) != set(self.targets) - set(fresh) or any(state[g].shape != self.targets[g].shape for g in state):
             raise ValueError("the checkpoint's early-learning targets do not fit this run's groups and items (a run "
                              "started before early learning held the multi-label groups resumes with "
                              "--no-early-learning-sigmoid)")
-        for g, t in self.targets.items():
-            t.copy_(state[g])
+        for g in state:
+            self.targets[g].copy_(state[g])
+        return fresh
 
 
 def _distances(x: torch.Tensor, distance: str) -> torch.Tensor:

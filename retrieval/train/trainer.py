@@ -30,7 +30,8 @@ from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MI
                                     write_json)
 from retrieval.train.loop import (LossSettings, TrainState, memorising, selection_score, train_one_epoch,
                                   unlearnt_groups, validate)
-from retrieval.train.losses import EarlyLearning, group_weights, label_weights, resolve_group_loss, resolve_loss_norm
+from retrieval.train.losses import (EarlyLearning, balancing_divisors, group_weights, label_weights, resolve_group_loss,
+                                    resolve_loss_norm)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,12 @@ class Job:
         weight = parse_early_learning(cfg.early_learning)
         weight = 0.0 if weight == "auto" else weight  # auto: a first run without (see run)
         gather = self.collectives.all_gather if self.collectives is not None else None
+        counts = self.targets.label_counts()
+        divisors = balancing_divisors({g: counts[g] for g in softmax}, cfg.early_learning_balance) \
+            if cfg.early_learning_balance else None
         self.early_learning = EarlyLearning(held, len(self.train_items), weight, cfg.early_learning_momentum,
-                                            self.device, gather, cfg.batch_size, sigmoid) \
+                                            self.device, gather, cfg.batch_size, sigmoid, divisors,
+                                            [g for g in self.model.attended_groups if g in sigmoid]) \
             if weight and softmax else None
         if self.early_learning is not None:
             # the sigmoid groups are weighted up so as to keep a share of the loss (else a multi-label
@@ -314,7 +319,10 @@ class Job:
         scheduler.load_state_dict(ckpt["scheduler"])
         if self.early_learning is not None:
             if "early_learning" in ckpt:
-                self.early_learning.load_state_dict(ckpt["early_learning"])
+                fresh = self.early_learning.load_state_dict(ckpt["early_learning"])
+                if fresh:
+                    logger.warning("%s holds no early-learning targets for %s (saved before early learning held "
+                                   "label attention); they start from zero", last, ", ".join(fresh))
             else:  # made without it (or before it existed): the targets start again from the resumed weights
                 logger.warning("%s holds no early-learning targets; they start from zero (--early-learning 0 "
                                "continues it as it was trained)", last)
