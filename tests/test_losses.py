@@ -257,6 +257,8 @@ def test_balanced_early_targets_hand_worked():
     assert divisors["usage"].tolist() == pytest.approx([0.6, 0.25, 0.25, 0.25])
     assert balancing_divisors({"usage": torch.tensor([6.0, 2, 1, 0])}, tau=0.5)["usage"].tolist() == \
         pytest.approx([0.6 ** 0.5, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="--early-learning-balance must be 0"):
+        balancing_divisors({"usage": torch.tensor([6.0, 2, 1, 0])}, tau=-0.5)
     divisors = {"usage": torch.tensor([0.75, 0.25, 0.25, 0.25])}  # given directly, for round numbers below
     elr = EarlyLearning({"usage": 4, "colour": 2}, 1, weight=1.0, momentum=0.5, sigmoid={"colour"},
                         divisors={**divisors, "colour": torch.tensor([0.9, 0.1])})

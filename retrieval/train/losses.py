@@ -128,6 +128,8 @@ def balancing_divisors(label_counts: dict[str, torch.Tensor], tau: float) -> dic
     classes that outnumber the others and leaves the rare ones as a uniform prior would, so a rare
     class's few (and, with wrong labels, often wrong) examples are not amplified. A class without
     training labels counts one."""
+    if tau < 0:
+        raise ValueError(f"--early-learning-balance must be 0 (off) or more, got {tau}")
     divisors = {}
     for g, counts in label_counts.items():
         counts = counts.float().clamp_min(1)
