@@ -129,8 +129,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "count as uniform) and renormalised, so an imbalanced group's targets do not "
                            "collapse onto its largest class (0 = off)")
     loss.add_argument("--early-learning-sigmoid", action=argparse.BooleanOptionalAction,
-                      help="early learning holds the multi-label (sigmoid) groups' heads too, label by label "
-                           "(the default; --no-early-learning-sigmoid: the softmax groups only)")
+                      help="early learning holds the multi-label (sigmoid) groups' heads and their label attention "
+                           "too, label by label (the default; --no-early-learning-sigmoid: the softmax groups only)")
     loss.add_argument("--fill-missing", metavar="auto|P",
                       help="where training labels are missing, train again from the start with each missing "
                            "label of a softmax group filled by the trained model's prediction when its "
