@@ -16,6 +16,7 @@ from retrieval.cli import main as cli
 from retrieval.data.catalog import read_catalog
 from retrieval.net.model import fingerprint
 from retrieval.train.losses import attention_key
+from retrieval.train.config import EARLY_LEARNING
 
 
 def train(catalog, out, *extra):
@@ -155,7 +156,7 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
     # last.pt, so one epoch and a --resume to two give the weights of two epochs straight; best.pt
     # (what embed and the web UI load) does not carry them
     shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
-    cache = ["--trunk-cache", str(tmp_path / "trunk.h5"), "--early-learning", "3"]
+    cache = ["--trunk-cache", str(tmp_path / "trunk.h5"), "--early-learning", "4"]
     assert train(demo_catalog, tmp_path / "straight", "--epochs", "2", *cache) == 0
     assert train(demo_catalog, tmp_path / "resumed", "--epochs", "1", *cache) == 0
     assert train(demo_catalog, tmp_path / "resumed", "--epochs", "2", "--resume", *cache) == 0
@@ -175,7 +176,7 @@ def test_early_learning_resumes_exactly_and_keeps_its_targets_in_last_pt(demo_ca
             assert targets.sum(1).max() <= 1 + 1e-5
             assert (targets.sum(1) > 0.5).float().mean() > 0.5  # two epochs at momentum 0.7: 1 - 0.3^2 for items seen twice
     assert "early_learning" not in load_checkpoint(tmp_path / "straight" / "best.pt")
-    # the sigmoid groups keep a share of the loss: weight x (1 + 3 / 2)
+    # the sigmoid groups keep a share of the loss: weight x 2.5 whatever the early-learning weight
     plain = load_checkpoint(tiny_run / "last.pt")["group_weights"]
     assert straight["group_weights"] == pytest.approx({g: w * (2.5 if g == "colours" else 1) for g, w in plain.items()})
     assert "early_learning" not in load_checkpoint(tiny_run / "last.pt")  # off by default
@@ -201,15 +202,15 @@ def test_auto_early_learning_trains_again_when_validation_peaks_early(auto_on_fe
     run, cache = tmp_path / "auto", ["--trunk-cache", str(tmp_path / "trunk.h5")]
     assert train(demo_catalog, run, "--epochs", "2", *cache) == 0
     assert peaks == [2] and "forced, as when a catalogue's wrong labels are being learnt; training again from " \
-        "the start with --early-learning 3" in caplog.text
+        f"the start with --early-learning {EARLY_LEARNING:g}" in caplog.text
     first = load_checkpoint(run / "best-without-early-learning.pt")
     assert first["train_config"]["early_learning"] == "auto" and "early_learning" not in first
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
-    assert last["train_config"]["early_learning"] == 3.0 and "early_learning" in last
+    assert last["train_config"]["early_learning"] == EARLY_LEARNING and "early_learning" in last
     second = max(r["val_map"] for r in json.loads((run / "metrics.json").read_text()))
     assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
     assert best["best_score"] == pytest.approx(max(first["best_score"], second))
-    assert yaml.safe_load((run / "config.yaml").read_text())["early_learning"] == 3.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["early_learning"] == EARLY_LEARNING
     # resumed after it finished: the second run is recognised (no third), nothing changes, and last.pt
     # is read once (it holds early learning's targets: hundreds of MB on a full corpus)
     caplog.clear()
@@ -244,7 +245,7 @@ def test_auto_early_learning_resumes_when_stopped_between_the_runs(auto_on_few_i
             train(demo_catalog, run, "--epochs", "2", *cache)
     assert not (run / "best.pt").exists() and (run / "best-without-early-learning.pt").exists()
     assert train(demo_catalog, run, "--epochs", "2", "--resume", *cache) == 0
-    assert load_checkpoint(run / "last.pt")["train_config"]["early_learning"] == 3.0
+    assert load_checkpoint(run / "last.pt")["train_config"]["early_learning"] == EARLY_LEARNING
     assert (run / "best.pt").exists() and len(json.loads((run / "metrics.json").read_text())) == 2
     assert len(json.loads((run / "metrics-without-early-learning.json").read_text())) == 2
 
@@ -329,11 +330,11 @@ def test_fill_missing_after_early_learning_trains_as_the_kept_run(auto_on_few_it
     monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
     assert fill_run(demo_catalog, tiny_run, tmp_path, "both") == 0
     run = tmp_path / "both"
-    assert "training again from the start with --early-learning 3" in caplog.text and "filled in (" in caplog.text
+    assert f"training again from the start with --early-learning {EARLY_LEARNING:g}" in caplog.text and "filled in (" in caplog.text
     kept = load_checkpoint(run / "best-before-filling.pt")["train_config"]["early_learning"]
     last = load_checkpoint(run / "last.pt")
     assert last["train_config"]["early_learning"] == (0.0 if kept == "auto" else kept)
-    assert ("early_learning" in last) == (kept == 3.0) and "filled_labels" in last
+    assert ("early_learning" in last) == (kept == EARLY_LEARNING) and "filled_labels" in last
     assert (run / "best-without-early-learning.pt").exists()
     caplog.clear()
     assert fill_run(demo_catalog, tiny_run, tmp_path, "both", "--resume") == 0

@@ -24,10 +24,10 @@ from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING,
-                                    FULL_TUNING_MIN_ITEMS, CachedForward, TrainConfig, freeze_units, make_optimizer,
-                                    make_scheduler, parse_early_learning, parse_fill_missing, parse_lr_steps,
-                                    resolve_blocks, resolve_epochs, resolve_trainable, split_validation, write_config,
-                                    write_json)
+                                    FULL_TUNING_MIN_ITEMS, SIGMOID_WEIGHT_UNDER_EARLY_LEARNING, CachedForward,
+                                    TrainConfig, freeze_units, make_optimizer, make_scheduler, parse_early_learning,
+                                    parse_fill_missing, parse_lr_steps, resolve_blocks, resolve_epochs,
+                                    resolve_trainable, split_validation, write_config, write_json)
 from retrieval.train.loop import (LossSettings, TrainState, memorising, selection_score, train_one_epoch,
                                   unlearnt_groups, validate)
 from retrieval.train.losses import (EarlyLearning, balancing_divisors, group_weights, label_weights, resolve_group_loss,
@@ -133,10 +133,10 @@ class Job:
             if weight and softmax else None
         if self.early_learning is not None:
             # the sigmoid groups are weighted up so as to keep a share of the loss (else a multi-label
-            # colour group falls below the off-the-shelf trunk; 1 + weight/2 measured best against 1 and
-            # 1 + weight: README), held by early learning too or not (with it and the weighting kept:
-            # noisy multicolour, three seeds, group view +0.8; without the weighting, colour -0.7)
-            self.weights = {g: w * (1 + weight / 2) if self.kinds[g] == "bce" else w
+            # colour group falls below the off-the-shelf trunk; x 2.5 measured best against 1 and 4 at
+            # weight 3, held by early learning too or not: README). The same x 2.5 at weight 4 (noisy
+            # multicolour, three seeds): group view +0.3 and shared +0.2 against x 3 = 1 + weight/2
+            self.weights = {g: w * SIGMOID_WEIGHT_UNDER_EARLY_LEARNING if self.kinds[g] == "bce" else w
                             for g, w in self.weights.items()}
 
     def describe(self) -> str:
