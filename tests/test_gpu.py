@@ -69,7 +69,8 @@ def test_early_learning_then_filling_on_the_device(demo_catalog, tmp_path, devic
     run = tmp_path / "run"
     assert train(demo_catalog, run, device, "--epochs", "2", "--trainable-blocks", blocks,
                  "--fill-missing", "auto") == 0
-    assert f"training again from the start with --early-learning {EARLY_LEARNING:g}" in caplog.text and "filled in (" in caplog.text
+    assert f"training again from the start with --early-learning {EARLY_LEARNING:g}" in caplog.text
+    assert "filled in (" in caplog.text
     last = load_checkpoint(run / "last.pt")
     assert last["input_mode"] == ("images" if blocks == "all" else "cached")
     assert all(torch.isfinite(t.float()).all() for t in last["model"].values())

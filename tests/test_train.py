@@ -330,7 +330,8 @@ def test_fill_missing_after_early_learning_trains_as_the_kept_run(auto_on_few_it
     monkeypatch.setattr(trainer, "memorising", lambda *a: "forced")
     assert fill_run(demo_catalog, tiny_run, tmp_path, "both") == 0
     run = tmp_path / "both"
-    assert f"training again from the start with --early-learning {EARLY_LEARNING:g}" in caplog.text and "filled in (" in caplog.text
+    assert f"training again from the start with --early-learning {EARLY_LEARNING:g}" in caplog.text
+    assert "filled in (" in caplog.text
     kept = load_checkpoint(run / "best-before-filling.pt")["train_config"]["early_learning"]
     last = load_checkpoint(run / "last.pt")
     assert last["train_config"]["early_learning"] == (0.0 if kept == "auto" else kept)
