@@ -11,8 +11,8 @@ from retrieval.net.colour import COLOUR_WEIGHTINGS
 from retrieval.net.layers import SHARED_LAYERS
 from retrieval.net.model import METHODS, POOL_WEIGHTINGS, SHARED_VIEWS
 from retrieval.recipes import RECIPES, describe_recipe, load_recipe
-from retrieval.train.config import (EARLY_LEARNING, OPTIMIZERS, SCHEDULES, TrainConfig, parse_early_learning,
-                                    parse_fill_missing)
+from retrieval.train.config import (EARLY_LEARNING, OPTIMIZERS, SCHEDULES, SIGMOID_WEIGHT_UNDER_EARLY_LEARNING,
+                                    TrainConfig, parse_early_learning, parse_fill_missing)
 from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WEIGHTINGS
 from retrieval.train.sampling import SAMPLINGS, parse_target
 
@@ -118,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="weight of the early-learning regularisation of the softmax groups (ELR, Liu et "
                            "al. 2020): each training item's prediction is held near the running average of "
                            "its own earlier ones, so wrong labels are not memorised, and the sigmoid groups' "
-                           "weights are multiplied by 2.5 to keep their share (0 = off); auto: off, and "
+                           f"weights are multiplied by {SIGMOID_WEIGHT_UNDER_EARLY_LEARNING:g} to keep their share "
+                           "(0 = off); auto: off, and "
                            "if the finished run's best epoch, or its lowest validation loss before a 5%% rise, "
                            "falls in its first quarter (wrong labels being learnt), trained again from the start "
                            f"at {EARLY_LEARNING:g}, keeping whichever validates better")
