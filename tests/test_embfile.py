@@ -17,7 +17,10 @@ def test_group_vector_rule_hand_worked():
     probs = {"type": np.array([[0.6, 0.4]]), "colour": np.array([[0.3, 0.4]])}
     vectors = group_vectors(probs, ["colour"])
     assert np.allclose(vectors["type"], [[0.6, 0.4]])  # softmax kept: p·q = P(same label)
-    assert np.allclose(vectors["colour"], [[0.6, 0.8]])  # sigmoids: unit length (0.3, 0.4) / 0.5
+    # sigmoids over their length to the power 1/2: (0.3, 0.4) / sqrt(0.5)
+    assert np.allclose(vectors["colour"], [[0.3 / 0.5 ** 0.5, 0.4 / 0.5 ** 0.5]])
+    assert np.allclose(group_vectors(probs, ["colour"], power=1.0)["colour"], [[0.6, 0.8]])  # the cosine's unit length
+    assert np.allclose(group_vectors(probs, ["colour"], power=0.0)["colour"], [[0.3, 0.4]])  # as they are
     assert np.allclose(fuse_probabilities(probs, {g: 1 - p for g, p in probs.items()})["type"], [[0.5, 0.5]])
     with pytest.raises(ValueError, match="groups or label vocabularies differ"):
         fuse_probabilities(probs, {"type": probs["type"]})

@@ -232,14 +232,30 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
     assert view["map_standard"] == pytest.approx((3 + 1 / 3) / 4)
 
 
-def test_group_vectors_from_probs_normalise_multi_label_groups_only():
+def test_group_vectors_from_probs_scale_multi_label_groups_only():
     from retrieval.data.embfile import group_vectors as group_vectors_from_probs
 
     probs = {"type": np.array([[0.2, 0.8]]), "colour": np.array([[0.6, 0.8, 0.0]])}
     vectors = group_vectors_from_probs(probs, ["colour"])
     assert np.allclose(vectors["type"], [[0.2, 0.8]])  # softmax kept: p·q = P(same label)
-    assert np.allclose(vectors["colour"], [[0.6, 0.8, 0.0]])  # already unit length
-    assert np.allclose(np.linalg.norm(group_vectors_from_probs({"c": np.array([[0.9, 0.9]])}, ["c"])["c"]), 1)
+    assert np.allclose(vectors["colour"], [[0.6, 0.8, 0.0]])  # length 1: unchanged
+    # length 0.9 * sqrt 2 = 1.273 -> divided by its square root, 1.128: length sqrt(1.273) = 1.128
+    assert np.allclose(np.linalg.norm(group_vectors_from_probs({"c": np.array([[0.9, 0.9]])}, ["c"])["c"]),
+                       (0.9 * 2 ** 0.5) ** 0.5)
+
+
+def test_multi_label_group_view_weighs_sure_labels_against_length():
+    """Query (0.9, 0.9, 0); candidate X has exactly its labels but is unsure (0.5, 0.5, 0), Y is sure
+    of both and of a third (0.9, 0.9, 0.9). The cosine ranks X first (1.0 against 0.816); p.q /
+    sqrt(|p| |q|) ranks Y first: X 0.9 / sqrt(1.2728 * 0.7071) = 0.9487, Y 1.62 / sqrt(1.2728 * 1.5588) = 1.1501."""
+    from retrieval.data.embfile import group_vectors as group_vectors_from_probs
+
+    rows = np.array([[0.9, 0.9, 0.0], [0.5, 0.5, 0.0], [0.9, 0.9, 0.9]])
+    views = group_vectors_from_probs({"c": rows}, ["c"])["c"]
+    assert views[0] @ views[1] == pytest.approx(0.9487, abs=1e-4)
+    assert views[0] @ views[2] == pytest.approx(1.1501, abs=1e-4)
+    cosine = group_vectors_from_probs({"c": rows}, ["c"], power=1.0)["c"]
+    assert cosine[0] @ cosine[1] == pytest.approx(1.0) and cosine[0] @ cosine[2] == pytest.approx(0.8165, abs=1e-4)
 
 
 def test_sampled_queries_give_intervals(catalog_dir, tmp_path, capsys):

@@ -38,7 +38,8 @@ def test_group_vectors_are_head_probabilities():
     probs = {g: model.probabilities(g, z).detach().numpy() for g, z in logits.items()}
     vectors = {g: torch.from_numpy(v) for g, v in group_vectors(probs, model.sigmoid_groups).items()}
     assert torch.allclose(vectors["type"], logits["type"].softmax(1))
-    assert torch.allclose(vectors["colour"], torch.nn.functional.normalize(torch.sigmoid(logits["colour"]), dim=1))
+    sig = torch.sigmoid(logits["colour"])
+    assert torch.allclose(vectors["colour"], sig / sig.norm(dim=1, keepdim=True).sqrt())
     # inner product of two softmax vectors = probability that both carry the same label
     p, q = vectors["type"][0], vectors["type"][1]
     assert (p @ q).item() == pytest.approx(sum(p[c].item() * q[c].item() for c in range(2)))
