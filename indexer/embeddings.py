@@ -28,6 +28,7 @@ def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
 
 def build_store(source: VectorSource, paths, index_type: str = "flat", titles=None, labels=None, *,
                 fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", shared_view: str | None = None,
+                multi_label_view_power: float | None = None,
                 **build_kwargs) -> IndexStore:
     """Build an IndexStore with the "shared" view of index_type and an exact compact view per group.
 
@@ -38,6 +39,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
         labels: {group: per-item label lists}, each aligned with source.ids or a mapping {id: [labels]}.
         group_codec: how group views store their values: fp16 (2 bytes) or 8bit (1 byte).
         shared_view: what the shared view's vectors are (as the embeddings name it), kept in the sidecar.
+        multi_label_view_power: how the embeddings scaled their multi-label group views, kept in the sidecar.
         use_gpu, build_kwargs: passed to build_view (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
     """
     ids = source.ids
@@ -53,7 +55,8 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
             built[view] = build_group_view(source, view, group_codec)
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
     return IndexStore(built, ids, paths, align_to_ids(titles, ids, "", "titles"), labels,
-                      fingerprint=fingerprint, use_gpu=use_gpu, shared_view=shared_view)
+                      fingerprint=fingerprint, use_gpu=use_gpu, shared_view=shared_view,
+                      multi_label_view_power=multi_label_view_power)
 
 
 def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, **kwargs) -> IndexStore:
@@ -63,5 +66,6 @@ def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None
     source = VectorSource.from_arrays(views, emb["ids"])
     attrs = emb.get("attrs", {})
     kwargs.setdefault("shared_view", attrs.get("shared_view"))
+    kwargs.setdefault("multi_label_view_power", attrs.get("multi_label_view_power"))
     return build_store(source, emb["paths"], index_type, titles, labels,
                        fingerprint=str(attrs.get("fingerprint", "")), **kwargs)

@@ -37,7 +37,7 @@ class IndexStore:
 
     def __init__(self, views: Mapping[str, faiss.Index], ids, paths=None, titles=None, labels=None, *,
                  items: Items | None = None, fingerprint: str = "", created: str | None = None, use_gpu="auto",
-                 shared_view: str | None = None):
+                 shared_view: str | None = None, multi_label_view_power: float | None = None):
         check_views(views)
         self.views = dict(views)
         if items is None:
@@ -47,6 +47,8 @@ class IndexStore:
         self.items = items
         self.fingerprint = fingerprint
         self.shared_view = shared_view  # what the embeddings say the shared view holds (None: not recorded)
+        # the power the embeddings' multi-label group views were scaled with (None: none, or not recorded)
+        self.multi_label_view_power = multi_label_view_power
         self.created = created or utc_now()
         self.use_gpu = use_gpu
         self._gpu_lock = threading.Lock()
@@ -114,7 +116,9 @@ class IndexStore:
                 "dimension": self.dimension, "count": len(self), "metric": "inner_product",
                 "created": self.created, "views": {view: int(index.d) for view, index in self.views.items()},
                 "group_codec": group_codec(self.views), "labels": self.vocabulary(),
-                **({"shared_view": self.shared_view} if self.shared_view else {})}
+                **({"shared_view": self.shared_view} if self.shared_view else {}),
+                **({"multi_label_view_power": self.multi_label_view_power}
+                   if self.multi_label_view_power is not None else {})}
 
     # ---- search -----------------------------------------------------------------------------
     def search(self, vectors, k: int, filters: dict | None = None, view: str = "shared"):
@@ -217,7 +221,8 @@ class IndexStore:
         try:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],
-                       use_gpu=use_gpu, shared_view=sidecar.get("shared_view"))
+                       use_gpu=use_gpu, shared_view=sidecar.get("shared_view"),
+                       multi_label_view_power=sidecar.get("multi_label_view_power"))
         except ValueError as err:
             raise ValueError(f"Inconsistent index directory {directory}: {err}") from err
 

@@ -46,12 +46,13 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
         assert f.attrs["fingerprint"] == load_checkpoint(tiny_run / "best.pt")["fingerprint"]
         assert f.attrs["backbone"] == "tiny" and f.attrs["dimension"] == width and f.attrs["created"]
         assert f.attrs["shared_view"] == "matches" and f.attrs["embedding_dim"] == 256
+        assert f.attrs["multi_label_view_power"] == 0.5  # how groups/colours below is scaled
         assert sorted(json.loads(f.attrs["groups"])) == sorted(catalog.groups)
         for g in catalog.groups:
             assert f[f"probs/{g}"].shape == (60, len(catalog.vocab[g]))
             probs = f[f"probs/{g}"][:]
             if g in catalog.multi_label_groups():
-                probs = probs / np.linalg.norm(probs, axis=1, keepdims=True)
+                probs = probs / np.sqrt(np.linalg.norm(probs, axis=1, keepdims=True))  # |p|^-0.5
             assert np.allclose(f[f"groups/{g}"][:], probs, atol=1e-6)
         assert np.allclose(f["probs/category"][:].sum(1), 1, atol=1e-5)  # single-label: softmax
 
@@ -108,7 +109,7 @@ def test_the_matches_shared_view_from_embed_to_index_and_evaluation(embeddings, 
     --shared-view with-groups`` embeds the same model's catalogue as the L2-normalised joined view (the
     embedding, each group's view over sqrt(G))."""
     from indexer import IndexStore
-    from retrieval.data.embfile import read_embeddings
+    from retrieval.data.embfile import group_vectors, read_embeddings
     from retrieval.evaluate.metrics import evaluate_retrieval
 
     catalog = read_catalog(demo_catalog)
@@ -121,7 +122,10 @@ def test_the_matches_shared_view_from_embed_to_index_and_evaluation(embeddings, 
     with h5py.File(other) as f:
         assert f.attrs["shared_view"] == "with-groups"
         vectors = f["vectors"][:]
-        views = np.concatenate([f[f"groups/{g}"][:] for g in catalog.groups], axis=1)
+        # each group's view as this view joins them: a multi-label group's at unit length (power 1)
+        unit = group_vectors({g: f[f"probs/{g}"][:] for g in catalog.groups}, json.loads(f.attrs["sigmoid_groups"]),
+                             power=1.0)
+        views = np.concatenate([unit[g] for g in catalog.groups], axis=1)
         assert vectors.shape == emb.vectors.shape and not vectors[:, 256 + views.shape[1]:].any()
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
         scale = np.sqrt(1 + (views ** 2).sum(1, keepdims=True) / len(catalog.groups))  # |embedding| = 1
@@ -252,6 +256,71 @@ def test_index_add_refuses_other_model(embeddings, tmp_path):
     with h5py.File(other, "r+") as f:
         f.attrs["fingerprint"] = "0" * 64
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(other)]) == 1
+
+
+def test_index_add_refuses_group_views_of_another_rule(embeddings, tmp_path, capsys):
+    """A file embedded before the multi-label group views were scaled by |p|^-0.5 (no attribute, its
+    views at unit length) is not mixed into an index of today's files, nor today's into its index."""
+    from indexer import IndexStore
+    from retrieval.data.embfile import MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER
+
+    with h5py.File(embeddings) as f:
+        assert f.attrs[MULTI_LABEL_VIEW_ATTR] == MULTI_LABEL_VIEW_POWER == 0.5  # the demo's colours are multi-label
+        colours = f["groups/colours"][:]
+        probs = f["probs/colours"][:]
+    length = np.linalg.norm(probs, axis=1, keepdims=True)
+    assert np.allclose(colours, probs / np.sqrt(length), atol=1e-6)
+    old = tmp_path / "old.h5"
+    shutil.copy(embeddings, old)
+    with h5py.File(old, "r+") as f:
+        del f.attrs[MULTI_LABEL_VIEW_ATTR]
+        f["groups/colours"][:] = probs / length
+    index, old_index = tmp_path / "index", tmp_path / "old-index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    assert cli(["index", "build", "--embeddings", str(old), "--out", str(old_index)]) == 0
+    assert IndexStore.load(index).multi_label_view_power == 0.5
+    assert IndexStore.load(old_index).multi_label_view_power == 1.0  # the file's, read as the cosine's
+    sidecar = json.loads((old_index / "sidecar.json").read_text())  # as an index built before the record
+    del sidecar["multi_label_view_power"]
+    (old_index / "sidecar.json").write_text(json.dumps(sidecar))
+    assert IndexStore.load(old_index).multi_label_view_power is None
+    for target in (index, old_index):
+        assert cli(["index", "remove", "--index", str(target), "--ids", "3"]) == 0
+    capsys.readouterr()
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(old)]) == 1
+    assert "old.h5: its multi-label groups' views are divided by their length to the power 1, the index's " \
+           "to the power 0.5" in capsys.readouterr().err
+    assert cli(["index", "add", "--index", str(old_index), "--embeddings", str(embeddings)]) == 1
+    assert "to the power 0.5, the index's to the power 1" in capsys.readouterr().err
+    assert len(IndexStore.load(index)) == len(IndexStore.load(old_index)) == 59  # nothing mixed in
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+    assert cli(["index", "add", "--index", str(old_index), "--embeddings", str(old)]) == 0
+
+
+def test_posthoc_multilabel_view_script_matches_the_evaluation(embeddings, demo_catalog, tmp_path, capsys):
+    """scripts/posthoc_multilabel_view.py at today's power gives what ``evaluate`` reports for the file's
+    own group views; at power 1 what the cosine of the same probabilities gives."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import posthoc_multilabel_view
+    from retrieval.data.embfile import read_probabilities, read_rows
+    from retrieval.evaluate.metrics import evaluate_retrieval
+    from retrieval.evaluate.report import match_rows
+
+    capsys.readouterr()
+    posthoc_multilabel_view.main(["--embeddings", str(embeddings), "--catalog", str(demo_catalog), "--powers", "1", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("power 1: group view") and lines[2].startswith("power 0.5: group view")
+    assert cli(["evaluate", "--embeddings", str(embeddings), "--catalog", str(demo_catalog), "--device", "cpu",
+                "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert f"group view {100 * report['views']['group']['map_paper']:.1f} " in lines[2]
+    catalog = read_catalog(demo_catalog)
+    rows, items = match_rows([it.image for it in catalog.items], catalog, "test")
+    probs = read_probabilities(embeddings, rows)
+    labels = {g: [it.labels[g] for it in items] for g in catalog.groups}
+    views = {g: p / np.linalg.norm(p, axis=1, keepdims=True) if g == "colours" else p for g, p in probs.items()}
+    cosine = evaluate_retrieval(read_rows(embeddings, rows).vectors, labels, vectors_by_group=views, normalise=False)
+    assert f"colours {100 * cosine['groups']['colours']['group_view']['map_paper']:.1f})" in lines[1]
 
 
 def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):

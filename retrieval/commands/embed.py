@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import ImageCache
+from retrieval.data.embfile import MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER
 from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
@@ -107,6 +108,8 @@ def embed(args, rank: int, device) -> int:
             "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
     if heads:  # the vectors' first embedding_dim columns, L2-normalised, are the shared embedding alone
         meta.update(shared_view=model.config.shared_view, embedding_dim=model.config.embed_dim)
+        if model.sigmoid_groups:  # group_vectors' rule for them, so that index add mixes no other
+            meta[MULTI_LABEL_VIEW_ATTR] = MULTI_LABEL_VIEW_POWER
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
                           image_cache, trunk_cache, start, args.split, args.shards, args.merge_only)

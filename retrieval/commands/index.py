@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 
 from retrieval.data.catalog import read_catalog
-from retrieval.data.embfile import SHARED_VIEW_READS, shared_view_name, shared_view_rows
+from retrieval.data.embfile import SHARED_VIEW_READS, multi_label_view_power, shared_view_name, shared_view_rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,6 +86,21 @@ def store_reading(shared_view: str | None, path, attrs: dict) -> str:
     return "file"
 
 
+def check_group_views(store_power: float | None, path, attrs: dict) -> None:
+    """Refuse to add rows whose multi-label group views were scaled by another rule than the index's
+    (``embfile.group_vectors``: files embedded before 2026-11-29 hold them at unit length, power 1):
+    their scores would not compare. An index that records no power and is asked to take such groups
+    was built from files that predate the record, so it holds the cosine's."""
+    own = multi_label_view_power(attrs)
+    if own is None:
+        return
+    theirs = 1.0 if store_power is None else float(store_power)
+    if own != theirs:
+        raise ValueError(f"{path}: its multi-label groups' views are divided by their length to the power {own:g}, "
+                         f"the index's to the power {theirs:g} (embedded by another version); build the index "
+                         f"again from it (scripts/rebuild_index.sh)")
+
+
 def use_gpu(choice: str):
     return {"auto": "auto", "on": True, "off": False}[choice]
 
@@ -101,7 +116,8 @@ def main(argv=None) -> int:
             store = build_store(vector_source(reader, args.shared_view), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
-                                shared_view=shared_view_name(reader.attrs, args.shared_view))
+                                shared_view=shared_view_name(reader.attrs, args.shared_view),
+                                multi_label_view_power=multi_label_view_power(reader.attrs))
         store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
@@ -112,6 +128,7 @@ def main(argv=None) -> int:
             paths = [reader.paths[i] for i in new]
             titles, labels = item_metadata(paths, reader.attrs, args.catalog)
             source = vector_source(reader, store_reading(store.shared_view, args.embeddings, reader.attrs))
+            check_group_views(store.multi_label_view_power, args.embeddings, reader.attrs)
             views = {view: source.take(view, new) for view in store.views}
             store.add(views, reader.ids[new], paths, titles, labels)
         store.save(args.index)
