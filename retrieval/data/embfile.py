@@ -182,8 +182,8 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups,
     the label). Sigmoid groups are divided by their length to the ``power`` (``MULTI_LABEL_VIEW_POWER``),
     so two items score p·q / (|p| |q|)^power: at 1 (the rule before, and ``with-groups``'s) the cosine,
     which ranks the candidate with exactly the query's set of labels first; at 0 the expected number
-    of labels they share, which favours items with many likely labels (on a sigmoid head without
-    label attention, the demo catalog's colours: 38.2 against the cosine's 67.5 mAP@50)."""
+    of labels they share, which favours items with many likely labels (before the head fit made the
+    sigmoids decisive, the demo catalog's colours: 38.2 against the cosine's 67.5 mAP@50)."""
     out = {}
     for g, p in probs.items():
         v = np.asarray(p, dtype=np.float32)
