@@ -436,3 +436,16 @@ def test_search_by_photo_on_a_matches_index_and_a_with_groups_one(web_data, tmp_
         assert np.allclose([r["score"] for r in fresh["results"]], np.sort(scores)[::-1][:5], atol=1e-4)
         again = client.get(f"/api/search/{first['query_id']}?k=5").get_json()
         assert [r["id"] for r in again["results"]] == [r["id"] for r in fresh["results"]]
+
+
+def test_query_group_vector_follows_the_index_rule():
+    """A photo's group-view vector is scaled as the index's rows are: an index that records a power
+    gets it, one that records none (built before the rule) the cosine's."""
+    from web.search import Query
+
+    p = np.array([[0.6, 0.8, 0.0]], dtype=np.float32)  # |p| = 1.0 would hide the power: scale it
+    query = Query(embedding=np.ones((1, 4), np.float32), probs={"colour": 2 * p, "kind": p},
+                  sigmoid_groups=("colour",), predicted={}, labels={}, thumbnail=b"", own_shared_view="matches")
+    assert np.allclose(query.vector("group-colour", "matches", 0.5), 2 * p / np.sqrt(2.0))
+    assert np.allclose(query.vector("group-colour", "matches", None), p)  # the cosine: unit length
+    assert np.allclose(query.vector("group-kind", "matches", 0.5), p)  # a softmax group is never scaled

@@ -34,15 +34,19 @@ class Query:
     own_shared_view: str  # the model's ``shared_view``, for indexes that do not say theirs
     name: str = ""
 
-    def vector(self, view: str, shared_view: str | None) -> np.ndarray:
+    def vector(self, view: str, shared_view: str | None, multi_label_view_power: float | None = None) -> np.ndarray:
         """The query's [1, D] vector in an index view (``shared`` or ``group-<name>``); ``shared_view``:
-        what the index's shared view holds (``embfile.shared_vectors``; None: the model's own)."""
+        what the index's shared view holds (``embfile.shared_vectors``; None: the model's own);
+        ``multi_label_view_power``: the index's multi-label group-view rule (``embfile.group_vectors``;
+        None, an index that records none: one built before the rule, the cosine's, or one without
+        multi-label groups, where it does not matter), so scores are on the index's scale."""
         from retrieval.data.embfile import group_vectors, shared_vectors
 
         if view == "shared":
             return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view)
         group = view.removeprefix("group-")
-        return group_vectors({group: self.probs[group]}, self.sigmoid_groups)[group]
+        power = 1.0 if multi_label_view_power is None else multi_label_view_power
+        return group_vectors({group: self.probs[group]}, self.sigmoid_groups, power)[group]
 
 
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -70,7 +74,8 @@ def similar_to_item(store, item_id: int, k: int, view: str, filters: dict) -> tu
 
 def search_query(store, query: Query, k: int, view: str, filters: dict) -> list[dict]:
     """Return the k items most similar to an uploaded photo in a view, filtered."""
-    scores, ids = store.search(query.vector(view, store.shared_view), k, filters or None, view)
+    scores, ids = store.search(query.vector(view, store.shared_view, store.multi_label_view_power), k,
+                               filters or None, view)
     return ranked_results(store, scores, ids, k, query.labels)
 
 
