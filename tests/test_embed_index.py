@@ -34,8 +34,11 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
     with h5py.File(embeddings) as f:
         vectors = f["vectors"][:]
         # the shared view (matches): the 256-d embedding at length 1/2, then each group's probabilities
-        # as they are over sqrt(G), not normalised
-        probs = np.concatenate([f[f"probs/{g}"][:] for g in catalog.groups], axis=1)
+        # times the square root of its weight (the checkpoint's, recorded) over sqrt(G), not normalised
+        weights = json.loads(f.attrs["shared_view_weights"])
+        assert weights == load_checkpoint(tiny_run / "best.pt")["shared_view_weights"]
+        assert sorted(weights) == sorted(catalog.groups) and np.isclose(np.mean(list(weights.values())), 1)
+        probs = np.concatenate([f[f"probs/{g}"][:] * np.sqrt(weights[g]) for g in catalog.groups], axis=1)
         width = 256 + sum(len(catalog.vocab[g]) for g in catalog.groups)
         width += -width % 8  # zero columns
         assert vectors.shape == (60, width) and not vectors[:, 256 + probs.shape[1]:].any()

@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY
 
 from retrieval.cli import main as cli
-from retrieval.data.embfile import (Embeddings, EmbeddingsError, embedding_part, fuse_probabilities, group_vectors,
-                                    ranks_by_cosine, read_embeddings, shared_vectors, shared_view_name,
+from retrieval.data.embfile import (Embeddings, EmbeddingsError, embedding_part, fuse_probabilities,
+                                    group_spread_weights, group_vectors, ranks_by_cosine, read_embeddings, shared_vectors, shared_view_name,
                                     shared_view_rows)
 
 
@@ -78,6 +78,31 @@ def test_shared_view_matches_hand_worked():
     assert ranks_by_cosine("with-groups") and ranks_by_cosine("embedding") and not ranks_by_cosine("matches")
     stored = Embeddings(joined, np.arange(3), ["a", "b", "c"], attrs={"shared_view": "matches", "embedding_dim": 2})
     assert np.allclose(embedding_part(stored), [[1, 0], [0, 1], [0.6, 0.8]])  # the embedding alone, unit length
+
+
+def test_group_spread_weights_hand_worked():
+    probs = {"a": np.array([[1.0, 0], [0, 1], [1, 0]]),  # p·q over the pairs: 0, 1, 0 (sd 0.4714)
+             "b": np.array([[0.5, 0.5]] * 3),  # 0.5 for every pair: cannot reorder, keeps 1
+             "c": np.array([[1.0, 0], [0.5, 0.5], [0, 1]])}  # 0.5, 0, 0.5 (sd 0.2357)
+    # 1 / sd: 2.1213 and 4.2426, scaled to mean 1 over the groups that vary
+    assert group_spread_weights(probs) == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 4 / 3}, abs=1e-6)
+    assert group_spread_weights(probs, limit=2) == {}  # one pair: too few to tell
+    assert group_spread_weights({"b": probs["b"]}) == {}  # nothing varies: equal weights
+
+
+def test_shared_view_matches_weighs_each_group_by_its_weight():
+    # e·e'/4 + mean_g w_g p_g·p'_g: the weights multiply each group's agreement, on both sides alike
+    embedding = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    probs = {"type": np.array([[1.0, 0], [1, 0], [0, 1]]), "colour": np.array([[0.0, 1], [1, 0], [0, 1]])}
+    equal = shared_vectors(embedding, probs, [], "matches")
+    weighted = shared_vectors(embedding, probs, [], "matches", {"type": 0.5, "colour": 1.5})
+    # item 0 against 1: type agrees (1), colour not; against 2: colour agrees, embeddings equal (1/4)
+    assert (equal @ equal.T)[0, 1] == pytest.approx(0.5) and (equal @ equal.T)[0, 2] == pytest.approx(0.75)
+    assert (weighted @ weighted.T)[0, 1] == pytest.approx(0.25) and (weighted @ weighted.T)[0, 2] == pytest.approx(1.0)
+    assert np.allclose(shared_vectors(embedding, probs, [], "matches", {"type": 1.0}), equal)  # absent: 1
+    # the older views take no weights
+    assert np.allclose(shared_vectors(embedding, probs, [], "with-groups", {"type": 0.5, "colour": 1.5}),
+                       shared_vectors(embedding, probs, [], "with-groups"))
 
 
 def test_a_fused_multi_label_method_model_ranks_as_the_model_does(demo_catalog, tmp_path):

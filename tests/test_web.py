@@ -439,8 +439,9 @@ def test_search_by_photo_on_a_matches_index_and_a_with_groups_one(web_data, tmp_
 
 
 def test_query_group_vector_follows_the_index_rule():
-    """A photo's group-view vector is scaled as the index's rows are: an index that records a power
-    gets it, one that records none (built before the rule) the cosine's."""
+    """A photo's vectors are made as the index's rows are: the group view with the power the index
+    records (one that records none, built before the rule, the cosine's), the shared view with the
+    model's group weights."""
     from web.search import Query
 
     p = np.array([[0.6, 0.8, 0.0]], dtype=np.float32)  # |p| = 1.0 would hide the power: scale it
@@ -449,3 +450,11 @@ def test_query_group_vector_follows_the_index_rule():
     assert np.allclose(query.vector("group-colour", "matches", 0.5), 2 * p / np.sqrt(2.0))
     assert np.allclose(query.vector("group-colour", "matches", None), p)  # the cosine: unit length
     assert np.allclose(query.vector("group-kind", "matches", 0.5), p)  # a softmax group is never scaled
+
+    # the shared view weighs the groups as the model (which embedded the index) does
+    from retrieval.data.embfile import shared_vectors
+    query.shared_view_weights = {"colour": 0.5, "kind": 1.5}
+    assert np.allclose(query.vector("shared", "matches"),
+                       shared_vectors(query.embedding, query.probs, ("colour",), "matches", {"colour": 0.5, "kind": 1.5}))
+    assert not np.allclose(query.vector("shared", "matches"), shared_vectors(query.embedding, query.probs, ("colour",),
+                                                                            "matches"))

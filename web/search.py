@@ -6,7 +6,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flask import abort, current_app, url_for
@@ -33,6 +33,7 @@ class Query:
     thumbnail: bytes
     own_shared_view: str  # the model's ``shared_view``, for indexes that do not say theirs
     name: str = ""
+    shared_view_weights: dict[str, float] = field(default_factory=dict)  # the model's (the index was embedded with it)
 
     def vector(self, view: str, shared_view: str | None, multi_label_view_power: float | None = None) -> np.ndarray:
         """The query's [1, D] vector in an index view (``shared`` or ``group-<name>``); ``shared_view``:
@@ -43,7 +44,8 @@ class Query:
         from retrieval.data.embfile import group_vectors, shared_vectors
 
         if view == "shared":
-            return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view)
+            return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view,
+                                  self.shared_view_weights)
         group = view.removeprefix("group-")
         power = 1.0 if multi_label_view_power is None else multi_label_view_power
         return group_vectors({group: self.probs[group]}, self.sigmoid_groups, power)[group]
@@ -115,7 +117,7 @@ def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
     out = describe_image(model, image, device, "embedding")
     return Query(out.vectors[:1], {g: p[:1] for g, p in out.probs.items()}, tuple(model.sigmoid_groups),
                  predicted_labels(model, out.probs), query_labels(model, out.probs), thumbnail_bytes(image),
-                 model.config.shared_view, name)
+                 model.config.shared_view, name, dict(model.shared_view_weights))
 
 
 def with_urls(item: dict) -> dict:

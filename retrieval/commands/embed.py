@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import ImageCache
-from retrieval.data.embfile import MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER
+from retrieval.data.embfile import MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
 from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
@@ -110,6 +110,8 @@ def embed(args, rank: int, device) -> int:
         meta.update(shared_view=model.config.shared_view, embedding_dim=model.config.embed_dim)
         if model.sigmoid_groups:  # group_vectors' rule for them, so that index add mixes no other
             meta[MULTI_LABEL_VIEW_ATTR] = MULTI_LABEL_VIEW_POWER
+        if model.config.shared_view == "matches" and model.shared_view_weights:  # what weighed the groups
+            meta[SHARED_VIEW_WEIGHTS] = json.dumps(model.shared_view_weights)
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
                           image_cache, trunk_cache, start, args.split, args.shards, args.merge_only)

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are independent sigmoids
 SHARED_VIEW_READS = ("file", "embedding")  # read a file's shared view as stored, or its embedding alone
-JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS)
+SHARED_VIEW_WEIGHTS = "shared_view_weights"  # attribute: the matches view's group weights (``group_spread_weights``)
+JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS, SHARED_VIEW_WEIGHTS)
 CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
 # the shared embedding's weight in the ``matches`` shared view (``shared_vectors``): its cosine counts
 # a quarter beside the groups' mean chance of a match. Measured post hoc on thirteen catalogues (mAP@50
@@ -31,6 +32,11 @@ MATCHES_EMBEDDING_WEIGHT = 0.5
 MULTI_LABEL_VIEW_POWER = 0.5
 # attribute: the power a file's multi-label group views were written with (files without it: 1, the cosine)
 MULTI_LABEL_VIEW_ATTR = "multi_label_view_power"
+# the ``matches`` shared view weighs each group by 1 / the spread of its p·q over pairs of items
+# (``group_spread_weights``), so that every group moves the ranking alike. Items used (the first ones):
+# all pairs of 2,000 items are 2M scores, a 32 MB matrix per group
+SPREAD_ITEMS = 2000
+MIN_SPREAD = 1e-4  # a group whose p·q barely varies (one label, or a head that says the same for all) keeps weight 1
 
 
 class EmbeddingsError(ValueError):
@@ -193,8 +199,31 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups,
     return out
 
 
+def group_spread_weights(probs: dict[str, np.ndarray], limit: int = SPREAD_ITEMS) -> dict[str, float]:
+    """The ``matches`` shared view's weight of each group: 1 / the standard deviation of p·q over the
+    pairs of the first ``limit`` items (two different items each), scaled to mean 1 over the groups
+    that vary, so that each group's score moves the ranking as much as any other's. Under equal weights
+    a group whose p·q varies little (many labels, rarely agreed on with certainty: a colour, an
+    article type) barely orders the candidates beside ones that are near 0 or 1 for every pair (gender,
+    master category). A group that varies less than ``MIN_SPREAD`` keeps 1 (it cannot reorder). Empty
+    with fewer than 3 items (too few pairs to tell). Measured post hoc on the default's files of
+    twenty catalogues (README, issue 16): colour in the shared view +0.0 to +1.6 mAP@50, the mean -0.3 to +0.2."""
+    spread = {}
+    for g, p in probs.items():
+        p = np.asarray(p[:limit], dtype=np.float64)
+        if len(p) < 3:
+            return {}
+        scores = p @ p.T
+        spread[g] = float(scores[~np.eye(len(p), dtype=bool)].std())
+    varying = {g: 1.0 / s for g, s in spread.items() if s >= MIN_SPREAD}
+    if not varying:
+        return {}
+    mean = float(np.mean(list(varying.values())))
+    return {g: round(varying[g] / mean, 6) if g in varying else 1.0 for g in spread}
+
+
 def shared_vectors(embedding: np.ndarray, probs: dict[str, np.ndarray], sigmoid_groups=(),
-                   how: str = "with-groups") -> np.ndarray:
+                   how: str = "with-groups", weights: dict[str, float] | None = None) -> np.ndarray:
     """What the shared view ranks by (``ModelConfig.shared_view``), from the shared embedding and
     the heads' probabilities (in the model's group order):
 
@@ -213,7 +242,8 @@ def shared_vectors(embedding: np.ndarray, probs: dict[str, np.ndarray], sigmoid_
       keeps each (a cosine ranks the item with exactly the query's set of labels first, the
       evaluation and a shopper count any shared one). Measured against ``with-groups`` on thirteen
       catalogues (README, issue 16): colour in the shared view +0.5 to +5.0 mAP@50 on every one,
-      the mean -0.2 to +0.9.
+      the mean -0.2 to +0.9. ``weights`` (``group_spread_weights``; a group absent counts 1) multiply
+      each group's p·p' (its block by their square root): the model's, from its checkpoint.
 
     Both joined forms are padded with zero columns to a multiple of 8 (no inner product changes;
     FAISS's PQ codes need a width with many divisors: ``indexer.index.default_pq_m``)."""
@@ -224,7 +254,9 @@ def shared_vectors(embedding: np.ndarray, probs: dict[str, np.ndarray], sigmoid_
         views = group_vectors(probs, sigmoid_groups, power=1.0)  # unit length, as this view always had
     elif how == "matches":
         parts = [MATCHES_EMBEDDING_WEIGHT * unit_rows(np.asarray(embedding, dtype=np.float32))]
-        views = {g: np.asarray(p, dtype=np.float32) for g, p in probs.items()}
+        weights = weights or {}
+        views = {g: np.asarray(p, dtype=np.float32) * np.float32(np.sqrt(weights.get(g, 1.0)))
+                 for g, p in probs.items()}
     else:
         raise EmbeddingsError(f"Unknown shared view {how!r}; choose one of: embedding, with-groups, matches")
     parts += [v / np.sqrt(len(views)) for v in views.values()]

@@ -42,7 +42,7 @@ def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, 
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
     vectors = embfile.shared_vectors(emb.float().cpu().numpy(), probs, model.sigmoid_groups,
-                                     shared_view or model.config.shared_view)
+                                     shared_view or model.config.shared_view, model.shared_view_weights)
     return Outputs(np.asarray(positions), vectors, probs, group_vectors)
 
 

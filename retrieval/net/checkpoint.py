@@ -44,4 +44,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
     ckpt = load_checkpoint(path)
     model = model_from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
+    model.shared_view_weights = dict(ckpt.get("shared_view_weights") or {})  # none before they existed: equal
     return model.to(device).eval(), ckpt

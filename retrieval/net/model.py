@@ -172,6 +172,9 @@ class RetrievalModel(nn.Module):
         self.attended_groups = [g for g in config.groups if g in config.multi_label_groups] \
             if config.label_attention and self.learned_colour and config.method != "multi-label" else []
         self.label_sizes = [sizes[g] for g in self.attended_groups]
+        # the matches shared view's group weights (embfile.group_spread_weights), set after training from
+        # the validation items' probabilities and kept in the checkpoint (not a parameter: no state-dict key)
+        self.shared_view_weights: dict[str, float] = {}
         if self.attended_groups:
             self.label_head = nn.Conv1d(self.colour_dim + 1 + self.trunk.channels[self.colour_unit],
                                         sum(self.label_sizes), 1)

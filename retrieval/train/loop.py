@@ -132,15 +132,16 @@ def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") ->
 
 @torch.no_grad()
 def validate(state: TrainState, batches, targets, items, groups: list[str], limit: int = 5000) -> dict:
-    """Validation loss (weighted, and per group), top-1 accuracy per group and retrieval mAP among
-    the validation items (the shared embedding and the group view, standard normalisation)."""
+    """Validation loss (weighted, and per group), top-1 accuracy per group, retrieval mAP among
+    the validation items (the shared embedding and the group view, standard normalisation) and the
+    ``matches`` shared view's group weights from their probabilities (``embfile.group_spread_weights``)."""
     state.model.eval()
     if not items:
         return {}
     total_loss, n = 0.0, 0
     group_loss = {g: 0.0 for g in groups}
     hits = {g: [0, 0] for g in groups}
-    seen, vectors, group_vectors = [], [], {g: [] for g in groups}
+    seen, vectors, group_vectors, val_probs = [], [], {g: [] for g in groups}, {g: [] for g in groups}
     for positions, x in batches:
         t = targets.take(positions).to(state.device)
         total, parts, logits, emb = batch_loss(state, state.forward, x, t)
@@ -149,6 +150,8 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
         probs = {g: state.model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
         for g, v in embfile.group_vectors(probs, state.model.sigmoid_groups).items():
             group_vectors[g].append(v)
+        for g, p in probs.items():
+            val_probs[g].append(p)
         total_loss += total.item() * len(positions)
         n += len(positions)
         for g, z in logits.items():
@@ -158,8 +161,11 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
             hits[g][0] += int(t.multi_hot[g][known].gather(1, top[:, None]).sum())
             hits[g][1] += int(known.sum())
     n_ = max(1, n)
+    # the matches shared view's group weights, from items the model has not learnt (as a catalogue's new ones)
+    weights = embfile.group_spread_weights({g: np.concatenate(v) for g, v in val_probs.items() if v})
     return {"val_loss": total_loss / n_, "val_group_loss": {g: v / n_ for g, v in group_loss.items()},
             "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
+            **({"shared_view_weights": weights} if weights else {}),
             **validation_map(items, groups, seen, vectors, group_vectors, limit)}
 
 

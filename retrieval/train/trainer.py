@@ -297,6 +297,8 @@ class Job:
         extra = {"early_learning": self.early_learning.state_dict()} if self.early_learning is not None else {}
         if self.filled is not None:
             extra["filled_labels"] = self.filled
+        if history and history[-1].get("shared_view_weights"):  # this epoch's: the weights of these heads
+            extra["shared_view_weights"] = history[-1]["shared_view_weights"]
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                epoch=epoch, best_score=best, history=history, group_weights=self.weights,
                                train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode, **extra)
