@@ -88,6 +88,13 @@ def test_group_spread_weights_hand_worked():
     assert group_spread_weights(probs) == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 4 / 3}, abs=1e-6)
     assert group_spread_weights(probs, limit=2) == {}  # one pair: too few to tell
     assert group_spread_weights({"b": probs["b"]}) == {}  # nothing varies: equal weights
+    # a group nearly constant among the items would take most of the weight: held at 3 x the median
+    rare = np.tile([[1.0, 0.0]], (400, 1))
+    rare[0] = [0.0, 1.0]  # one item of 400 differs: p·q 0 for 399 of 79,800 pairs, sd 0.0706
+    weights = group_spread_weights({"a": np.tile(probs["a"], (134, 1))[:400], "c": np.tile(probs["c"], (134, 1))[:400],
+                                    "rare": rare})
+    assert weights["rare"] == pytest.approx(3 * weights["c"], rel=1e-4)  # c is the median group
+    assert np.mean(list(weights.values())) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_shared_view_matches_weighs_each_group_by_its_weight():
