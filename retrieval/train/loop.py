@@ -141,17 +141,14 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
     total_loss, n = 0.0, 0
     group_loss = {g: 0.0 for g in groups}
     hits = {g: [0, 0] for g in groups}
-    seen, vectors, group_vectors, val_probs = [], [], {g: [] for g in groups}, {g: [] for g in groups}
+    seen, vectors, batch_probs = [], [], {g: [] for g in groups}
     for positions, x in batches:
         t = targets.take(positions).to(state.device)
         total, parts, logits, emb = batch_loss(state, state.forward, x, t)
         seen.append(positions)
         vectors.append(emb.float().cpu().numpy())
-        probs = {g: state.model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
-        for g, v in embfile.group_vectors(probs, state.model.sigmoid_groups).items():
-            group_vectors[g].append(v)
-        for g, p in probs.items():
-            val_probs[g].append(p)
+        for g, z in logits.items():
+            batch_probs[g].append(state.model.probabilities(g, z).float().cpu().numpy())
         total_loss += total.item() * len(positions)
         n += len(positions)
         for g, z in logits.items():
@@ -161,12 +158,14 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
             hits[g][0] += int(t.multi_hot[g][known].gather(1, top[:, None]).sum())
             hits[g][1] += int(known.sum())
     n_ = max(1, n)
+    probs = {g: np.concatenate(v) for g, v in batch_probs.items() if v}
     # the matches shared view's group weights, from items the model has not learnt (as a catalogue's new ones)
-    weights = embfile.group_spread_weights({g: np.concatenate(v) for g, v in val_probs.items() if v})
+    weights = embfile.group_spread_weights(probs)
     return {"val_loss": total_loss / n_, "val_group_loss": {g: v / n_ for g, v in group_loss.items()},
             "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
             **({"shared_view_weights": weights} if weights else {}),
-            **validation_map(items, groups, seen, vectors, group_vectors, limit)}
+            **validation_map(items, groups, seen, vectors, embfile.group_vectors(probs, state.model.sigmoid_groups),
+                             limit)}
 
 
 def validation_map(items, groups, seen, vectors, group_vectors, limit: int = 5000) -> dict:
@@ -183,7 +182,7 @@ def validation_map(items, groups, seen, vectors, group_vectors, limit: int = 500
     n = len(order)
     labels = {g: [items[i].labels[g] for i in order] for g in groups}
     report = evaluate_retrieval(np.concatenate(vectors)[:n], labels, k=min(50, n - 1),
-                                vectors_by_group={g: np.concatenate(v)[:n] for g, v in group_vectors.items()})
+                                vectors_by_group={g: v[:n] for g, v in group_vectors.items()})
     shared, view = report["views"]["shared"]["map_standard"], report["views"]["group"]["map_standard"]
     if shared is None or view is None:
         return {}
