@@ -41,14 +41,14 @@ class Query:
         ``multi_label_view_power``: the index's multi-label group-view rule (``embfile.group_vectors``;
         None, an index that records none: one built before the rule, the cosine's, or one without
         multi-label groups, where it does not matter), so scores are on the index's scale."""
-        from retrieval.data.embfile import group_vectors, shared_vectors
+        from retrieval.data.embfile import group_vectors, index_view_power, shared_vectors
 
         if view == "shared":
             return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view,
                                   self.shared_view_weights)
         group = view.removeprefix("group-")
-        power = 1.0 if multi_label_view_power is None else multi_label_view_power
-        return group_vectors({group: self.probs[group]}, self.sigmoid_groups, power)[group]
+        return group_vectors({group: self.probs[group]}, self.sigmoid_groups,
+                             index_view_power(multi_label_view_power))[group]
 
 
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:

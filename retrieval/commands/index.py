@@ -6,7 +6,8 @@ import argparse
 import numpy as np
 
 from retrieval.data.catalog import read_catalog
-from retrieval.data.embfile import SHARED_VIEW_READS, multi_label_view_power, shared_view_name, shared_view_rows
+from retrieval.data.embfile import (SHARED_VIEW_READS, index_view_power, multi_label_view_power, shared_view_name,
+                                    shared_view_rows)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,7 +95,7 @@ def check_group_views(store_power: float | None, path, attrs: dict) -> None:
     own = multi_label_view_power(attrs)
     if own is None:
         return
-    theirs = 1.0 if store_power is None else float(store_power)
+    theirs = index_view_power(store_power)
     if own != theirs:
         raise ValueError(f"{path}: its multi-label groups' views are divided by their length to the power {own:g}, "
                          f"the index's to the power {theirs:g} (embedded by another version); build the index "

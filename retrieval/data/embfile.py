@@ -285,6 +285,12 @@ def multi_label_view_power(attrs: dict) -> float | None:
     return 1.0 if sigmoid else None
 
 
+def index_view_power(recorded: float | None) -> float:
+    """The power an index's multi-label group views hold: the one its sidecar records, else 1.0 (the
+    cosine: an index built before the record; one without multi-label groups scales nothing either way)."""
+    return 1.0 if recorded is None else float(recorded)
+
+
 def ranks_by_cosine(shared_view: str) -> bool:
     """Whether a shared view's vectors are unit length (inner product = cosine; ``shared_vectors``):
     every view but ``matches``, whose lengths carry how sure the heads are."""
