@@ -12,7 +12,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
-VIEW_NAME = re.compile(r"^(shared|group-[A-Za-z0-9_.-]+)$")
+VIEW_NAME = re.compile(r"^(shared|group-.+)$", re.DOTALL)  # a group's name may be anything (files: persist.view_file)
 GPU_TYPES = ("flat", "ivf")
 MIN_TRAIN_ITEMS = 256  # below this IVF training is meaningless: such indexes are built flat
 EF_CONSTRUCTION = 64
@@ -200,7 +200,7 @@ def check_views(views: Mapping[str, faiss.Index]) -> None:
         raise ValueError(f"An index needs a 'shared' view; got: {', '.join(views) or 'none'}")
     bad = [name for name in views if not VIEW_NAME.match(name)]
     if bad:
-        raise ValueError(f"Bad view name(s) {bad}; use 'shared' or 'group-<name>' ([A-Za-z0-9_.-])")
+        raise ValueError(f"Bad view name(s) {bad}; use 'shared' or 'group-<name>'")
     by_id = [name for name, index in views.items()
              if name != "shared" and not isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes)]
     if by_id:

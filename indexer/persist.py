@@ -2,12 +2,14 @@
 the removal of temporary directories that a killed writer left beside the index."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from indexer.stale import writer_gone, writer_tag
 
 logger = logging.getLogger(__name__)
 
+MAX_VIEW_STEM = 200  # bytes of a view's file name before ".faiss" (file systems allow 255); longer ones end in a hash
 SIDECAR = "sidecar.json"
 FORMAT = 2  # 1: ids, paths, titles and labels in sidecar.json; 2: in items-*.npy, group views compact
 SIDECAR_FIELDS = ("format", "fingerprint", "type", "dimension", "count", "metric", "created", "views",
@@ -99,6 +102,20 @@ def check_expected(sidecar: dict, field: str, expected, path: Path) -> None:
     if expected is not None and sidecar[field] != expected:
         raise IndexMismatch(f"Index {field} mismatch: {path} has {field}={sidecar[field]!r}, "
                          f"expected {field}={expected!r}; rebuild the index for these embeddings", field)
+
+
+def view_file(directory: Path, view: str) -> Path:
+    """A view's file, ``<view>.faiss`` in directory: a character other than an ASCII letter, digit or
+    ``_.-~`` is written %XX (its UTF-8 bytes), so that a group of any name (``Sleeve Length``,
+    ``Farbe/Colour``) is one portable file name and the names allowed before keep their files; a name
+    longer than MAX_VIEW_STEM bytes so written is cut there and ends in a hash of the whole."""
+    stem = urllib.parse.quote(view, safe="")
+    if len(stem) > MAX_VIEW_STEM:
+        cut = stem[:MAX_VIEW_STEM - 17]
+        if "%" in cut[-2:]:  # not in the middle of an escape
+            cut = cut[:cut.rindex("%")]
+        stem = f"{cut}-{hashlib.sha1(view.encode()).hexdigest()[:16]}"
+    return Path(directory) / f"{stem}.faiss"
 
 
 def read_view(path: Path, dimension: int, mmap: bool = False) -> faiss.Index:

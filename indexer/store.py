@@ -19,7 +19,7 @@ from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_k
                            to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
 from indexer.persist import (FORMAT, SIDECAR, check_expected, fsync_file, read_sidecar, read_view,
-                             remove_stale_temporaries, swap_into_place, temporary_dir)
+                             remove_stale_temporaries, swap_into_place, temporary_dir, view_file)
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +186,14 @@ class IndexStore:
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """Write <view>.faiss files, items-*.npy and sidecar.json to a temporary directory, then swap it in."""
+        """Write <view>.faiss files (``view_file``), items-*.npy and sidecar.json to a temporary directory, then swap it in."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)  # what a killed writer left (whole index copies)
         tmp = temporary_dir(directory)
         try:
             for view, index in self.views.items():
-                faiss.write_index(index, str(tmp / f"{view}.faiss"))
+                faiss.write_index(index, str(view_file(tmp, view)))
             self.items.save(tmp)
             (tmp / SIDECAR).write_text(json.dumps(self.sidecar()), encoding="utf-8")
             for path in tmp.iterdir():
@@ -217,7 +217,7 @@ class IndexStore:
         sidecar = read_sidecar(directory)
         check_expected(sidecar, "fingerprint", expect_fingerprint, directory / SIDECAR)
         check_expected(sidecar, "dimension", expect_dimension, directory / SIDECAR)
-        views = {view: read_view(directory / f"{view}.faiss", dim, mmap) for view, dim in sidecar["views"].items()}
+        views = {view: read_view(view_file(directory, view), dim, mmap) for view, dim in sidecar["views"].items()}
         try:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],

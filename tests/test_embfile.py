@@ -141,3 +141,22 @@ def test_bad_files_name_the_file_and_dataset(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(EmbeddingsError, match="text.h5: cannot read the embeddings file as HDF5"):
         read_embeddings(tmp_path / "text.h5")
+
+
+def test_group_names_become_hdf5_link_names_and_back():
+    """'/' (HDF5's path separator), '%' and a lone '.' are escaped; every other name is its own key,
+    so files written before read the same; any name comes back as it went in."""
+    from hypothesis import given, strategies as st
+
+    from retrieval.data.embfile import group_name, h5_key
+
+    assert [h5_key(g) for g in ["colour", "Sleeve Length", "Ärmel ✓", "x.y", ".."]] == \
+        ["colour", "Sleeve Length", "Ärmel ✓", "x.y", ".."]
+    assert [h5_key(g) for g in ["Colour/Color", "100%", ".", "%2F"]] == ["Colour%2FColor", "100%25", "%2E", "%252F"]
+
+    @given(st.text(min_size=1))
+    def round_trip(name):
+        key = h5_key(name)
+        assert "/" not in key and key != "." and group_name(key) == name
+
+    round_trip()

@@ -54,3 +54,59 @@ def test_a_spreadsheet_export_runs_from_catalog_info_to_evaluate(demo_catalog, t
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert set(report["groups"]) == {"category", "colours", "pattern", "gender"}
     assert np.isfinite(report["mean"]["map_paper"]) and report["groups"]["colours"]["queries"] > 0
+
+
+def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_web(demo_catalog, tmp_path):
+    """Headers with spaces, '/', '%', letters outside ASCII and a lone '.' name groups like any other:
+    EMB.h5 keeps them (the HDF5 path separator escaped), the index gives every view a file of its own,
+    the evaluation's class chart a file, and the web's views and filters take them."""
+    import os
+    import shutil
+    import urllib.parse
+
+    from indexer import IndexStore
+    from indexer.persist import view_file
+    from retrieval.data.embfile import read_embeddings, read_probabilities
+    from web import create_app
+
+    names = {"category": "Product Type", "colours": "Colour/Color", "pattern": "Muster 100%",
+             "sleeve": "Ärmel ✓", "gender": "."}
+    export = tmp_path / "export"
+    shutil.copytree(demo_catalog, export, copy_function=os.link)
+    lines = (export / "labels.csv").read_text(encoding="utf-8").splitlines()
+    (export / "labels.csv").unlink()  # a hard link of the demo catalog's: written anew, not through it
+    header = lines[0].split(",")
+    (export / "labels.csv").write_text("\n".join([",".join(names.get(h, h) for h in header), *lines[1:]]) + "\n",
+                                       encoding="utf-8")
+    assert read_catalog(export).groups == list(names.values())
+    run, emb, index = tmp_path / "run", tmp_path / "emb.h5", tmp_path / "index"
+    assert cli(["train", "--catalog", str(export), "--out", str(run), "--epochs", "2", *TINY]) == 0
+    assert cli(["embed", "--checkpoint", str(run / "best.pt"), "--catalog", str(export), "--out", str(emb),
+                "--trunk-cache", str(run / "trunk-cache.h5"), "--workers", "0"]) == 0
+    embeddings = read_embeddings(emb)
+    assert set(embeddings.group_vectors) == set(names.values()) == set(embeddings.attrs["groups"])
+    assert set(read_probabilities(emb, np.arange(3))) == set(names.values())
+
+    assert cli(["index", "build", "--embeddings", str(emb), "--out", str(index), "--catalog", str(export)]) == 0
+    views = ["shared", *(f"group-{g}" for g in names.values())]
+    assert sorted(p.name for p in index.glob("*.faiss")) == sorted(view_file(index, v).name for v in views)
+    assert view_file(index, "group-Colour/Color").name == "group-Colour%2FColor.faiss"
+    assert set(IndexStore.load(index).views) == set(views)
+
+    report = tmp_path / "report"
+    assert cli(["evaluate", "--embeddings", str(emb), "--catalog", str(export), "--out", str(report),
+                "--class-chart", "Colour/Color"]) == 0
+    assert (report / "class_Colour%2FColor.png").is_file()
+    assert set(json.loads((report / "report.json").read_text())["groups"]) == set(names.values())
+
+    client = create_app({"TESTING": True, "INDEX_DIR": str(index), "CATALOG_DIR": str(export),
+                         "CHECKPOINT": str(run / "best.pt"), "THUMB_DIR": str(tmp_path / "thumbs"),
+                         "INDEX_CHECK_INTERVAL": 0}).test_client()
+    for view in views:
+        answer = client.get(f"/api/items/0/similar?{urllib.parse.urlencode({'view': view, 'k': 5})}")
+        assert answer.status_code == 200 and answer.json["view"] == view and answer.json["results"]
+    label = read_catalog(export).items[0].labels["Product Type"][0]
+    answer = client.get(f"/api/items/1/similar?{urllib.parse.urlencode({'Product Type': label, 'view': 'group-.'})}")
+    assert answer.status_code == 200 and answer.json["results"]
+    assert all(label in r["labels"]["Product Type"] for r in answer.json["results"])
+    assert client.get(f"/items/0?{urllib.parse.urlencode({'view': 'group-Colour/Color'})}").status_code == 200

@@ -469,3 +469,30 @@ def test_added_labels_extend_the_vocabulary_and_keep_the_old_codes(catalog):
                             (("color", [["amber"], ["red"]]), ("style", [["sport"], []]))}
     assert set(store.search(catalog["x"][:1], 500, {"color": ["amber", "red"]})[1][0]) - {-1} == \
         set(catalog["ids"][[p for p, c in enumerate(catalog["labels"]["color"]) if c == ["red"]]]) | {1, 2}
+
+
+def test_every_view_name_has_a_portable_file_of_its_own(tmp_path):
+    """A group of any name gets a file: characters other than ASCII letters, digits and _.-~ as %XX,
+    the names allowed before unchanged, a very long one cut and ended by a hash (still distinct);
+    save and load keep each view's vectors under its name."""
+    from indexer.persist import MAX_VIEW_STEM, view_file
+
+    assert view_file(tmp_path, "shared").name == "shared.faiss"
+    assert view_file(tmp_path, "group-base_colour.v2").name == "group-base_colour.v2.faiss"
+    assert view_file(tmp_path, "group-Sleeve Length").name == "group-Sleeve%20Length.faiss"
+    assert view_file(tmp_path, "group-Farbe/Colour").name == "group-Farbe%2FColour.faiss"
+    long = [f"group-{'Ärmellänge ' * 30}{i}" for i in range(2)]
+    files = [view_file(tmp_path, v).name for v in long]
+    assert files[0] != files[1] and all(len(f.encode()) <= MAX_VIEW_STEM + len(".faiss") for f in files)
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 8)).astype(np.float32)
+    groups = {"Farbe/Colour": rng.random((20, 3)).astype(np.float32), long[0][6:]: rng.random((20, 2)).astype(np.float32),
+              long[1][6:]: rng.random((20, 4)).astype(np.float32), "Sleeve Length": rng.random((20, 5)).astype(np.float32)}
+    emb = {"vectors": vectors, "ids": np.arange(20), "paths": [f"{i}.jpg" for i in range(20)], "groups": groups}
+    store = build_store_from_embeddings(emb, "flat")
+    store.save(tmp_path / "index")
+    loaded = IndexStore.load(tmp_path / "index")
+    assert len(list((tmp_path / "index").glob("*.faiss"))) == 5 and set(loaded.views) == set(store.views)
+    for view in store.views:
+        assert np.array_equal(loaded.views[view].reconstruct_n(0, 20), store.views[view].reconstruct_n(0, 20))

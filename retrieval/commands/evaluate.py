@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import urllib.parse
 from pathlib import Path
 
 from retrieval.data.catalog import CatalogError, read_catalog
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.class_chart not in classes:
                 raise EvaluationError(f"--class-chart {args.class_chart!r}: no classification for it; "
                                       f"choose one of: {', '.join(classes) or '(no head probabilities)'}")
-            draw_class_chart(classes[args.class_chart], args.class_chart, out / f"class_{args.class_chart}.png")
+            draw_class_chart(classes[args.class_chart], args.class_chart,
+                             out / f"class_{urllib.parse.quote(args.class_chart, safe='')}.png")
     except (EvaluationError, CatalogError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(report))

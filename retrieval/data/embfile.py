@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,25 @@ MIN_SPREAD = 1e-4  # a group whose p·q barely varies (one label, or a head that
 # take most of the weight and leave the others little beside the embedding. Unreached on the 29
 # catalogues measured (the largest: 2.0 x the median, the street stand-in's article type)
 MAX_WEIGHT_RATIO = 3.0
+
+
+# a group's name as an HDF5 link name (``h5_key``): '/' separates the parts of an HDF5 path and '.'
+# alone names the parent, so these are written as %-escapes ('%' too, so that each key reads back one way)
+H5_ESCAPES = {"%": "%25", "/": "%2F"}
+H5_UNESCAPES = {"%25": "%", "%2F": "/", "%2E": "."}
+H5_ESCAPE = re.compile("|".join(H5_UNESCAPES))
+
+
+def h5_key(group: str) -> str:
+    """The link name of a group's datasets under ``groups/`` and ``probs/``: '%' and '/' written as
+    %25 and %2F, a name '.' as %2E; any other name (every name of the files written before) is itself."""
+    key = "".join(H5_ESCAPES.get(c, c) for c in group)
+    return "%2E" if key == "." else key
+
+
+def group_name(key: str) -> str:
+    """The group a ``groups/`` or ``probs/`` link name holds (``h5_key`` undone)."""
+    return H5_ESCAPE.sub(lambda m: H5_UNESCAPES[m.group()], key)
 
 
 class EmbeddingsError(ValueError):
@@ -121,7 +141,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
         emb = Embeddings(np.asarray(f["vectors"][...], dtype=np.float32),
                          np.asarray(f["ids"][...], dtype=np.int64).reshape(-1),
                          [str(p) for p in f["paths"].asstr()[...]],
-                         {g: np.asarray(ds[...], dtype=np.float32) for g, ds in f.get("groups", {}).items()},
+                         {group_name(k): np.asarray(ds[...], dtype=np.float32) for k, ds in f.get("groups", {}).items()},
                          {name: decode_attr(name, value) for name, value in f.attrs.items()})
     logger.info("Read %d embeddings of dimension %d from %s", *emb.vectors.shape, path)
     return emb
@@ -132,7 +152,7 @@ def read_probabilities(path: str | Path, rows: np.ndarray) -> dict[str, np.ndarr
     with open_file(path) as f:
         if "probs" not in f:
             return {}
-        return {g: select_rows(f[f"probs/{g}"], np.asarray(rows, dtype=np.int64)) for g in f["probs"]}
+        return {group_name(k): select_rows(ds, np.asarray(rows, dtype=np.int64)) for k, ds in f["probs"].items()}
 
 
 def read_paths(path: str | Path) -> list[str]:
@@ -160,7 +180,8 @@ def read_rows(path: str | Path, rows: np.ndarray) -> Embeddings:
         emb = Embeddings(select_rows(f["vectors"], rows).astype(np.float32, copy=False),
                          select_rows(f["ids"], rows).astype(np.int64).reshape(-1),
                          [str(p) for p in select_rows(f["paths"].asstr(), rows)],
-                         {g: select_rows(ds, rows).astype(np.float32, copy=False) for g, ds in f.get("groups", {}).items()},
+                         {group_name(k): select_rows(ds, rows).astype(np.float32, copy=False)
+                          for k, ds in f.get("groups", {}).items()},
                          {name: decode_attr(name, value) for name, value in f.attrs.items()})
     logger.info("Read %d of %d embeddings from %s", len(rows), n, path)
     return emb
@@ -399,7 +420,7 @@ class BlockReader:
         self.paths = [str(p) for p in self.file["paths"].asstr()[...]]
         self.attrs = {name: decode_attr(name, value) for name, value in self.file.attrs.items()}
         self.datasets = {"vectors": self.file["vectors"],
-                         **{f"groups/{g}": ds for g, ds in self.file.get("groups", {}).items()}}
+                         **{f"groups/{group_name(k)}": ds for k, ds in self.file.get("groups", {}).items()}}
 
     def __enter__(self) -> "BlockReader":
         return self

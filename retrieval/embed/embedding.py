@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from retrieval.data.catalog import Catalog, Item, items_digest
-from retrieval.data.embfile import open_partial
+from retrieval.data.embfile import h5_key, open_partial
 from retrieval.embed.inference import Outputs, iter_outputs, standardize
 from retrieval.embed.shards import merge_shards, shard_count, shard_path, shard_rows
 
@@ -22,7 +22,7 @@ def output_columns(o: Outputs) -> dict[str, np.ndarray]:
     """A batch's outputs by EMB.h5 dataset name, in the work file's column order."""
     columns = {"vectors": o.vectors}
     for g in o.group_vectors:
-        columns[f"groups/{g}"], columns[f"probs/{g}"] = o.group_vectors[g], o.probs[g]
+        columns[f"groups/{h5_key(g)}"], columns[f"probs/{h5_key(g)}"] = o.group_vectors[g], o.probs[g]
     return columns
 
 
