@@ -57,9 +57,10 @@ def test_a_spreadsheet_export_runs_from_catalog_info_to_evaluate(demo_catalog, t
 
 
 def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_web(demo_catalog, tmp_path):
-    """Headers with spaces, '/', '%', letters outside ASCII and a lone '.' name groups like any other:
-    EMB.h5 keeps them (the HDF5 path separator escaped), the index gives every view a file of its own,
-    the evaluation's class chart a file, and the web's views and filters take them."""
+    """Headers with spaces, '/', '%', letters outside ASCII, a lone '.' and a web parameter's name
+    ('view') name groups like any other: EMB.h5 keeps them (the HDF5 path separator escaped), the index
+    gives every view a file of its own, the evaluation's class chart a file, and the web's views and
+    filters take them (the 'view' group's filter as filter.view)."""
     import os
     import shutil
     import urllib.parse
@@ -69,8 +70,8 @@ def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_we
     from retrieval.data.embfile import read_embeddings, read_probabilities
     from web import create_app
 
-    names = {"category": "Product Type", "colours": "Colour/Color", "pattern": "Muster 100%",
-             "sleeve": "Ärmel ✓", "gender": "."}
+    names = {"category": "Product Type", "colours": "Colour/Color", "pattern": "view",
+             "sleeve": "Ärmel 100% ✓", "gender": "."}
     export = tmp_path / "export"
     shutil.copytree(demo_catalog, export, copy_function=os.link)
     lines = (export / "labels.csv").read_text(encoding="utf-8").splitlines()
@@ -110,3 +111,9 @@ def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_we
     assert answer.status_code == 200 and answer.json["results"]
     assert all(label in r["labels"]["Product Type"] for r in answer.json["results"])
     assert client.get(f"/items/0?{urllib.parse.urlencode({'view': 'group-Colour/Color'})}").status_code == 200
+    shown = read_catalog(export).items[2].labels["view"][0]
+    answer = client.get(f"/api/items/1/similar?{urllib.parse.urlencode({'filter.view': shown, 'view': 'group-view'})}")
+    assert answer.status_code == 200 and answer.json["view"] == "group-view" and answer.json["filters"] == {"view": [shown]}
+    assert answer.json["results"] and all(shown in r["labels"]["view"] for r in answer.json["results"])
+    page = client.get(f"/?{urllib.parse.urlencode({'filter.view': shown})}")
+    assert page.status_code == 200 and f"filter.view={urllib.parse.quote_plus(shown)}".encode() in page.data

@@ -368,7 +368,7 @@ def test_serve_prints_its_address(web_data, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("filters", [{}, {"gender": ["women"]}, {"category": ["dress", "t-shirt"], "gender": ["men"]},
-                                     {"colours": ["red, white"], "pattern": ["plain"]}])
+                                     {"colours": ["red, white"], "pattern": ["plain"]}, {"view": ["back"], "q": ["x"]}])
 def test_facet_links_equal_one_link_per_toggled_label(app, filters):
     from functools import partial
 
@@ -381,7 +381,7 @@ def test_facet_links_equal_one_link_per_toggled_label(app, filters):
     with app.test_request_context():
         for endpoint, route, extra in (("views.browse", {}, {"q": "blue top"}), ("views.product", {"item_id": 3}, {})):
             link = partial(link_to, endpoint, route, **extra)
-            for group in ("gender", "category", "colours", "new"):
+            for group in ("gender", "category", "colours", "new", "view", "k"):
                 expected = [link(params.toggled(filters, group, label)) for label in labels]
                 assert params.toggle_links(url_for(endpoint, **route), filters, group, labels, **extra) == expected
 
@@ -458,3 +458,20 @@ def test_query_group_vector_follows_the_index_rule():
                        shared_vectors(query.embedding, query.probs, ("colour",), "matches", {"colour": 0.5, "kind": 1.5}))
     assert not np.allclose(query.vector("shared", "matches"), shared_vectors(query.embedding, query.probs, ("colour",),
                                                                             "matches"))
+
+
+def test_a_group_named_like_a_parameter_filters_as_filter_dot_its_name():
+    """A group called view, k, q, page or per_page (a photo's view: front, back) is filtered by
+    filter.<group>, so that ?view= still picks the index view; filter.<group> works for any group."""
+    from werkzeug.datastructures import MultiDict
+
+    from web import params
+
+    vocab = {"view": ["back", "front"], "colour": ["red", "blue"]}
+    args = MultiDict([("view", "group-colour"), ("k", "5"), ("filter.view", "back"), ("colour", "red"),
+                      ("filter.colour", "blue")])
+    assert params.parse_filters(args, vocab) == {"view": ["back"], "colour": ["red", "blue"]}
+    assert params.parse_view(args, ["shared", "group-colour", "group-view"]) == "group-colour"
+    assert params.query_string({"view": ["back", "front"], "colour": ["red"]}, view="group-view") == \
+        "?filter.view=back%2Cfront&colour=red&view=group-view"
+    assert params.parse_filters(MultiDict([("view", "shared")]), vocab) == {}

@@ -8,6 +8,9 @@ from flask import abort
 from werkzeug.datastructures import MultiDict
 
 RESERVED = ("q", "page", "per_page", "k", "view")
+# a group's filter parameter is its name, but a group named like a parameter above (a photo's "view":
+# front, back) filters as filter.<group>; filter.<group> is accepted for every group
+FILTER_PREFIX = "filter."
 PER_PAGE = 24
 MAX_PER_PAGE = 100
 DEFAULT_K = 12
@@ -50,13 +53,21 @@ def split_values(raw_values: list[str], labels: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def filter_param(group: str) -> str:
+    """The query parameter that filters a group: its name, or filter.<name> for a name in RESERVED."""
+    return FILTER_PREFIX + group if group in RESERVED else group
+
+
 def parse_filters(args: MultiDict, vocab: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Return {group: [labels]} from the parameters named after groups, 400 listing valid labels."""
+    """Return {group: [labels]} from the parameters named after groups (``filter_param``, or
+    filter.<group>), 400 listing valid labels."""
     filters = {}
     for group, labels in vocab.items():
-        if group not in args:
+        raw = [value for name in dict.fromkeys([filter_param(group), FILTER_PREFIX + group])
+               for value in args.getlist(name)]
+        if not raw:
             continue
-        wanted = split_values(args.getlist(group), labels)
+        wanted = split_values(raw, labels)
         unknown = [label for label in wanted if label not in labels]
         if unknown:
             abort(400, f"Unknown {group} label(s) {', '.join(map(repr, unknown))}; "
@@ -84,8 +95,8 @@ def page_bounds(total: int, page: int, per_page: int) -> tuple[int, int, int]:
 
 
 def filter_params(filters: dict[str, list[str]]) -> list[tuple[str, str]]:
-    """Return the filters as (group, comma-joined labels) query pairs."""
-    return [(group, ",".join(labels)) for group, labels in filters.items() if labels]
+    """Return the filters as (parameter, comma-joined labels) query pairs (``filter_param``)."""
+    return [(filter_param(group), ",".join(labels)) for group, labels in filters.items() if labels]
 
 
 def query_string(filters: dict[str, list[str]], **extra) -> str:
@@ -102,7 +113,7 @@ def toggle_links(prefix: str, filters: dict[str, list[str]], group: str, labels:
     before = urlencode(filter_params({g: filters[g] for g in keys[:at]}))
     after = urlencode(filter_params({g: filters[g] for g in keys[at + 1:]}) +
                       [(k, str(v)) for k, v in extra.items() if v not in (None, "")])
-    current, key = filters.get(group, []), quote_plus(group) + "="
+    current, key = filters.get(group, []), quote_plus(filter_param(group)) + "="
     links = []
     for label in labels:
         own = [x for x in current if x != label] if label in current else [*current, label]
