@@ -51,6 +51,23 @@ def test_audit_finds_planted_wrong_missing_and_duplicate_labels():
         [("images/1.jpg", "other", "x", "y", "images/2.jpg")]
 
 
+def test_a_multi_label_suggestion_has_at_most_as_many_labels_as_an_item_of_the_group():
+    """Every label over the threshold, in vocabulary order, but no more than the most labels any item
+    of the group has (the likeliest ones); a single-label group's suggestion is its top label."""
+    from retrieval.audit.labels import most_labels, suggest
+
+    vocab = ["black", "blue", "green", "red", "white"]
+    p = np.array([0.6, 0.9, 0.2, 0.7, 0.55])
+    assert suggest(p, vocab, multi=True) == "black|blue|red|white"
+    assert suggest(p, vocab, multi=True, most=2) == "blue|red"
+    assert suggest(p, vocab, multi=True, threshold=0.95, most=2) == "blue"  # none over: the top one
+    assert suggest(p, vocab, multi=False, most=2) == "blue"
+    items = [Item(i, f"{i}.jpg", "train", "", {"colour": labels}) for i, labels in
+             enumerate([("black",), ("blue", "red"), (), ("black", "red", "white")])]
+    catalog = Catalog("/nowhere", ["colour"], items, {"colour": vocab})
+    assert most_labels(catalog, "colour") == 3
+
+
 def test_cleanlabs_warnings_for_rare_labels_become_one_log_line(caplog, monkeypatch):
     # cleanlab warns once for each label (each yes/no task of a multi-label group) with too few
     # examples: dozens of lines on a catalogue's colours. The audit logs one line per group and lets

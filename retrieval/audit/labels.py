@@ -162,30 +162,40 @@ def wrong_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarr
                     len(said) - len(others))
     for w in others:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    issues = []
+    issues, most = [], most_labels(catalog, group)
     for i in flagged:
         given = labels[i] if multi else [labels[i]]
         confidence = float(np.mean([p[i, c] for c in given])) if len(given) else 0.0
         issues.append(Issue(items[i].image, group, "|".join(vocab[c] for c in given),
-                            suggest(p[i], vocab, multi), round(1 - confidence, 4), "wrong"))
+                            suggest(p[i], vocab, multi, most=most), round(1 - confidence, 4), "wrong"))
     return issues
 
 
-def suggest(p: np.ndarray, vocab: list[str], multi: bool, threshold: float = 0.5) -> str:
-    """The labels a probability row suggests: the top one, or every one over ``threshold``."""
+def suggest(p: np.ndarray, vocab: list[str], multi: bool, threshold: float = 0.5, most: int | None = None) -> str:
+    """The labels a probability row suggests: the top one, or for a multi-label group every one over
+    ``threshold`` but at most the ``most`` likeliest (the most labels an item of the group has: an
+    out-of-sample probe over a few items can put dozens of labels over it), in vocabulary order."""
     if multi and (p >= threshold).any():
-        return "|".join(vocab[c] for c in np.flatnonzero(p >= threshold))
+        over = np.flatnonzero(p >= threshold)
+        if most is not None and len(over) > most:
+            over = np.sort(over[np.argsort(-p[over], kind="stable")[:max(most, 1)]])
+        return "|".join(vocab[c] for c in over)
     return vocab[int(p.argmax())]
+
+
+def most_labels(catalog: Catalog, group: str) -> int:
+    """The most labels any item has in a group (1 for a single-label group)."""
+    return max((len(it.labels[group]) for it in catalog.items), default=1) or 1
 
 
 def missing_labels(catalog: Catalog, group: str, probs: np.ndarray, rows: np.ndarray, multi: bool,
                    min_confidence: float) -> list[Issue]:
     """Empty cells whose out-of-sample prediction is confident: a suggestion with its probability."""
-    vocab, issues = catalog.vocab[group], []
+    vocab, issues, most = catalog.vocab[group], [], most_labels(catalog, group)
     for i in rows:
         p = probs[i]
         if p.max() >= min_confidence:
-            chosen = suggest(p, vocab, multi, min_confidence)
+            chosen = suggest(p, vocab, multi, min_confidence, most)
             issues.append(Issue(catalog.items[i].image, group, "", chosen, round(float(p.max()), 4), "missing"))
     return issues
 
