@@ -136,3 +136,24 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale_for_its_size(mode, orientation
     assert np.abs(a - b).mean() < 3
     png = load_image(encode(Image.fromarray(rgb), "PNG"), size=64)  # other formats: decoded whole
     assert png.size == (1920, 1280)
+
+
+def test_the_pixel_limit_counts_the_pixels_decoded(monkeypatch):
+    """A JPEG past the limit is read at the reduced scale its size allows (a 50-100 Mpx studio photo
+    at 1/8), not refused; in full, or in another format, it is refused before decoding. PIL's own
+    warning past its bomb size no longer refuses such a JPEG; its error past twice that still does."""
+    y, x = np.mgrid[0:600, 0:800]
+    img = Image.fromarray(np.stack([x * 255 // 799, y * 255 // 599, x * 0], -1).astype(np.uint8))
+    jpeg, png = encode(img, "JPEG", quality=95), encode(img, "PNG")
+    assert load_image(jpeg, max_pixels=100_000, size=32).size == (100, 75)  # 1/8: 7,500 pixels decoded
+    with pytest.raises(ImageError, match="800x600 exceeds 100000 pixels"):
+        load_image(jpeg, max_pixels=100_000)
+    with pytest.raises(ImageError, match="800x600 decoded at 400x300 exceeds 100000 pixels"):
+        load_image(jpeg, max_pixels=100_000, size=100)  # 1/2 scale (>= 3 x 100 a side): 120,000
+    with pytest.raises(ImageError, match="800x600 exceeds 100000 pixels"):
+        load_image(png, max_pixels=100_000, size=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)  # PIL warns past 300k, refuses past 600k
+    assert load_image(jpeg, size=32).size == (100, 75)
+    big = encode(Image.new("RGB", (1000, 700)), "JPEG")
+    with pytest.raises(ImageError, match="cannot read image"):
+        load_image(big, size=32)

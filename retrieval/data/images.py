@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the most pixels decoded: a JPEG's at the reduced scale it is decoded at (``load_image``'s ``size``), so
+# that a 50-100 Mpx studio photo is read (at 1/8 scale) where any other format of that size is refused
 MAX_PIXELS = 40_000_000
 SUPERSAMPLE = 3  # a JPEG is decoded with its longer side >= 3x the size it is letterboxed to (letterbox's reducing_gap)
 
@@ -30,21 +32,27 @@ def load_image(source, max_pixels: int = MAX_PIXELS, name: str | None = None, si
     ``size``: the side the image will be letterboxed to. A JPEG is then decoded at the smallest of
     1/8, 1/4, 1/2 or full scale (libjpeg's DCT scaling) that keeps its longer side at SUPERSAMPLE x
     ``size`` or more, as uploads are (``web/uploads.py``): a 4032x3024 photo for 288 px is read at
-    1008x756, decoded and letterboxed in 52 ms instead of 115 (2-core machine)."""
+    1008x756, decoded and letterboxed in 52 ms instead of 115 (2-core machine).
+
+    ``max_pixels`` bounds the pixels decoded, checked before decoding: a JPEG's at that reduced scale
+    (a 100 Mpx one for 288 px is decoded at 1/8, 1.6 Mpx), any other image's in full. PIL's own
+    warning past 89 Mpx is left to that check; its error past 179 Mpx still refuses the file."""
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else getattr(source, "name", "image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below counts what is decoded
             with Image.open(source) as img:
-                if img.width * img.height > max_pixels:
-                    raise ImageError(f"{name}: {img.width}x{img.height} exceeds {max_pixels} pixels")
+                width, height = img.size
                 if size and img.format == "JPEG":
                     img.draft(None, draft_size(img.size, SUPERSAMPLE * size))  # the mode is kept (grey, CMYK)
+                if img.width * img.height > max_pixels:
+                    scale = "" if img.size == (width, height) else f" decoded at {img.width}x{img.height}"
+                    raise ImageError(f"{name}: {width}x{height}{scale} exceeds {max_pixels} pixels")
                 return to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"{name}: cannot read image ({err})") from err
 
 

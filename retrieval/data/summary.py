@@ -85,12 +85,17 @@ def unreadable_images(catalog: Catalog, workers: int | None = None, progress: bo
     return bad
 
 
+# --verify-images decodes a JPEG as training does (at a reduced scale, whose whole stream is still read),
+# here for a model of up to this many pixels a side: what training reads, it accepts
+VERIFY_SIZE = 1024
+
+
 def _decode_error(catalog: Catalog, item) -> str | None:
     """Why an item's image cannot be decoded, or None."""
     from retrieval.data.images import ImageError, load_image
 
     try:
-        load_image(catalog.path_of(item), name=item.image)
+        load_image(catalog.path_of(item), name=item.image, size=VERIFY_SIZE)
     except ImageError as err:
         return str(err)
     return None
