@@ -60,7 +60,8 @@ def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_we
     """Headers with spaces, '/', '%', letters outside ASCII, a lone '.' and a web parameter's name
     ('view') name groups like any other: EMB.h5 keeps them (the HDF5 path separator escaped), the index
     gives every view a file of its own, the evaluation's class chart a file, and the web's views and
-    filters take them (the 'view' group's filter as filter.view)."""
+    filters take them (the 'view' group's filter as filter.view). One photo is a phone's HEIC."""
+    import io
     import os
     import shutil
     import urllib.parse
@@ -77,6 +78,9 @@ def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_we
     lines = (export / "labels.csv").read_text(encoding="utf-8").splitlines()
     (export / "labels.csv").unlink()  # a hard link of the demo catalog's: written anew, not through it
     header = lines[0].split(",")
+    photo = lines[5].split(",")[0]  # one photo as a phone takes it: HEIC (written anew, not through the link)
+    Image.open(export / photo).save(export / "phone.heic", "HEIF")
+    lines[5] = lines[5].replace(photo, "phone.heic", 1)
     (export / "labels.csv").write_text("\n".join([",".join(names.get(h, h) for h in header), *lines[1:]]) + "\n",
                                        encoding="utf-8")
     assert read_catalog(export).groups == list(names.values())
@@ -115,5 +119,8 @@ def test_group_names_as_retailers_write_them_run_through_index_evaluation_and_we
     answer = client.get(f"/api/items/1/similar?{urllib.parse.urlencode({'filter.view': shown, 'view': 'group-view'})}")
     assert answer.status_code == 200 and answer.json["view"] == "group-view" and answer.json["filters"] == {"view": [shown]}
     assert answer.json["results"] and all(shown in r["labels"]["view"] for r in answer.json["results"])
+    heic = client.get("/images/phone.heic")  # browsers do not show HEIC: a JPEG copy
+    assert heic.status_code == 200 and heic.mimetype == "image/jpeg" and Image.open(io.BytesIO(heic.data)).size == (64, 64)
+    assert client.get("/images/" + read_catalog(export).items[0].image).mimetype == "image/jpeg"  # as it is
     page = client.get(f"/?{urllib.parse.urlencode({'filter.view': shown})}")
     assert page.status_code == 200 and f"filter.view={urllib.parse.quote_plus(shown)}".encode() in page.data

@@ -157,3 +157,19 @@ def test_the_pixel_limit_counts_the_pixels_decoded(monkeypatch):
     big = encode(Image.new("RGB", (1000, 700)), "JPEG")
     with pytest.raises(ImageError, match="cannot read image"):
         load_image(big, size=32)
+
+
+def test_heic_photos_read_as_any_other(tmp_path):
+    """A phone's HEIC photo (pillow-heif) decodes to the picture it holds, with its size or without,
+    and the web makes its catalogue thumbnail."""
+    from web.media import write_thumbnail
+
+    y, x = np.mgrid[0:120, 0:180]
+    rgb = np.stack([x * 255 // 179, y * 255 // 119, (x // 30 % 2) * 255], -1).astype(np.uint8)
+    path = tmp_path / "street.heic"
+    Image.fromarray(rgb).save(path, "HEIF", quality=95)
+    for size in (None, 32):
+        decoded = np.asarray(load_image(path, size=size), dtype=float)
+        assert decoded.shape == rgb.shape and np.abs(decoded - rgb).mean() < 6
+    assert write_thumbnail(path, tmp_path / "thumb.jpg", 64)
+    assert Image.open(tmp_path / "thumb.jpg").size == (64, 43)

@@ -274,7 +274,7 @@ def test_large_photos_are_decoded_near_the_size_used():
 
 @pytest.mark.parametrize("fmt, mode, transparent", [
     ("PNG", "I;16", False), ("PNG", "LA", True), ("PNG", "RGBA", True), ("WEBP", "RGBA", True),
-    ("JPEG", "CMYK", False), ("JPEG", "L", False), ("PNG", "P", False),
+    ("JPEG", "CMYK", False), ("JPEG", "L", False), ("PNG", "P", False), ("HEIF", "RGB", False), ("HEIF", "RGBA", True),
 ])
 def test_upload_modes_decode_to_resembling_rgb(fmt, mode, transparent):
     source = synthetic(mode="L" if mode == "I;16" else mode, transparent_right=transparent)

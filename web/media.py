@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 bp = Blueprint("media", __name__)
 CACHE_SECONDS = 300  # ids may point at other images after a rebuild: keep browser caching short
+BROWSER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".avif")  # served as they are
+DISPLAY_SIZE = 1600  # the longer side of the JPEG copy served for other formats (HEIC, TIFF)
 
 
 def thumb_path(cache_dir: Path, image: Path, size: int) -> Path:
@@ -68,9 +70,15 @@ def image_file(relative: str) -> Path:
 
 @bp.get("/images/<path:filename>")
 def image(filename: str):
-    """Serve a catalog image (only paths of indexed items; traversal gives 404)."""
+    """Serve a catalog image (only paths of indexed items; traversal gives 404); one in a format
+    browsers do not show (a phone's HEIC, TIFF) as a JPEG copy of DISPLAY_SIZE, cached as thumbnails are."""
     if not get_snapshot().store.items.has_path(filename):
         abort(404, f"No indexed image {filename!r}")
+    if Path(filename).suffix.lower() not in BROWSER_SUFFIXES:
+        target = cached_thumbnail(image_file(filename), Path(current_app.config["THUMB_DIR"]), DISPLAY_SIZE)
+        if target is None:
+            abort(404, f"The image {filename!r} cannot be read")
+        return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
     return send_from_directory(catalog_dir(), filename, max_age=CACHE_SECONDS)
 
 

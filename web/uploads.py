@@ -2,7 +2,7 @@
 right after decoding, every PIL mode converted to RGB as catalogue images are (``retrieval.data.images.to_rgb``), EXIF
 orientation applied.
 
-A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG and WebP cannot be decoded
+A 25-megapixel JPEG is decoded at 1/2 to 1/8 scale, never at full size; PNG, WebP and HEIC cannot be decoded
 at reduced scale, so their peak is the full raster (at most UPLOAD_MAX_PIXELS x 4 bytes), dropped
 before the model runs. The JPEG scale is chosen as for catalogue images (``retrieval.data.images.draft_size``),
 so that a photo and the same file in the catalogue are decoded alike.
@@ -17,7 +17,7 @@ from PIL import Image
 
 from retrieval.data.images import SUPERSAMPLE, ImageError, draft_size, to_rgb
 
-UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")  # HEIF: a phone's HEIC photo (pillow-heif)
 OPEN_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)  # what PIL raises on garbage
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "RGBX", "PA")
 ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -42,13 +42,13 @@ def open_upload(stream, name: str, max_pixels: int, size: int = 320) -> Image.Im
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageError(f"{name}: too many pixels ({err})") from err
         except OPEN_ERRORS as err:
-            raise ImageError(f"{name}: not an image file, or a corrupt one; upload a JPEG, PNG or WebP photo") from err
+            raise ImageError(f"{name}: not an image file, or a corrupt one; upload a JPEG, PNG, WebP or HEIC photo") from err
 
 
 def check_upload(img: Image.Image, name: str, max_pixels: int) -> None:
-    """Refuse formats other than JPEG, PNG and WebP, and images over max_pixels, before decoding."""
+    """Refuse formats other than JPEG, PNG, WebP and HEIF, and images over max_pixels, before decoding."""
     if img.format not in UPLOAD_FORMATS:
-        raise ImageError(f"{name}: unsupported image format {img.format}; upload a JPEG, PNG or WebP photo")
+        raise ImageError(f"{name}: unsupported image format {img.format}; upload a JPEG, PNG, WebP or HEIC photo")
     if img.width * img.height > max_pixels:
         raise ImageError(f"{name}: {img.width}x{img.height} exceeds {max_pixels} pixels")
 

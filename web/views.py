@@ -99,7 +99,7 @@ def search_upload():
     view = params.parse_view(request.values, snapshot.store.views)
     upload = request.files.get("image")
     if upload is None or not upload.filename:
-        abort(400, "Choose a photo (JPEG, PNG or WebP) to search with")
+        abort(400, "Choose a photo (JPEG, PNG, WebP or HEIC) to search with")
     query_id = resources().queries.add(read_query(model, upload, resources().model.device))
     extra = {"view": view} if view != "shared" else {}
     return redirect(link_to("views.search_results", {"query_id": query_id}, filters, **extra), code=303)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from pillow_heif import register_heif_opener
 
 logger = logging.getLogger(__name__)
+register_heif_opener()  # HEIC / HEIF (a phone camera's default format) opens as any other image, here and in the web
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

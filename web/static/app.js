@@ -7,7 +7,7 @@
   const veil = document.getElementById("dropveil");
   const busy = document.getElementById("uploading");
   const zone = document.getElementById("dropzone");
-  const ACCEPTED = ["image/jpeg", "image/png", "image/webp"];
+  const ACCEPTED = ["image/jpeg", "image/png", "image/webp", "image/heic", "image/heif"];
 
   // on phones the facet groups start folded (those with a ticked label stay open)
   if (window.matchMedia("(max-width: 760px)").matches) {
@@ -18,7 +18,7 @@
     if (!targetForm || !files || !files.length) return;
     const file = files[0];
     if (file.type && ACCEPTED.indexOf(file.type) < 0) {
-      alert("Please choose a JPEG, PNG or WebP photo (got " + file.type + ").");
+      alert("Please choose a JPEG, PNG, WebP or HEIC photo (got " + file.type + ").");
       return;
     }
     const field = targetForm.querySelector("input[type=file]");
