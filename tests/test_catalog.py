@@ -37,6 +37,8 @@ def test_missing_split_column_uses_hash(tmp_path):
     ("image,split,colour", ["a.jpg,validation,red"], ["a.jpg"], "line 2: unknown split 'validation'"),
     ("image,split,colour", ["../x.jpg,train,red"], [], "leaves the catalog directory"),
     ("image,split,colour", ["a.jpg,train,red", "gone.jpg,train,red"], ["a.jpg"], "line 3: image file 'gone.jpg' does not exist"),
+    ("image,split,colour", ["a.jpg,train,red", "https://cdn.example.com/b.jpg,train,red"], ["a.jpg"],
+     "line 3: image file 'https://cdn.example.com/b.jpg' does not exist .*web addresses are not downloaded"),
     ("image,split,colour", ["a.jpg,train,red", "a.jpg,test,red"], ["a.jpg"], "already listed on line 2"),
     ("image,split", ["a.jpg,train"], ["a.jpg"], "no attribute group"),
     ("image,split,colour", ["a.jpg,train,red,extra"], ["a.jpg"], "more cells than header"),

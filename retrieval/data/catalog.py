@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections import Counter
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
 RESERVED_COLUMNS = ("image", "split", "title")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # an image cell that is a web address (https://cdn...)
 SPLITS = ("train", "test")
 LABEL_SEPARATOR = "|"
 MIN_UNSHARED_ITEMS = 20  # a group is judged an identifier column (unshared_labels) from this many labelled items
@@ -229,7 +231,9 @@ class _RowReader:
             raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
-            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}")
+            hint = ("; image paths are files under the catalog directory, and web addresses are not "
+                    "downloaded: download the photos into it and write their paths") if URL.match(image) else ""
+            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}{hint}")
         return found
 
     def item(self, row: dict, row_id: int, line: int) -> Item:
