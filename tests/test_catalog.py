@@ -305,3 +305,15 @@ def test_labels_joined_by_another_separator_are_pointed_out(tmp_path, capsys):
     assert cli(["catalog-info", str(write_catalog(tmp_path, rows))]) == 0
     assert ("several labels in one cell? group 'colour' has 2 labels made of its other labels (e.g. 'Black, White'); "
             "separate the labels of a cell with '|' to make the group multi-label") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_unicode_text_export_in_utf16_reads_as_utf8(tmp_path, encoding):
+    """A spreadsheet's "Unicode text" export: UTF-16 with its byte-order mark, cells separated by tabs."""
+    root = write_catalog(tmp_path / "cat", ["a.jpg,train,Weiß,dress", "b.jpg,test,Grün,shirt"])
+    text = "image\tsplit\tcolour\ttype\na.jpg\ttrain\tWeiß\tdress\nb.jpg\ttest\tGrün\tshirt\n"
+    data = text.encode(encoding)
+    (root / "labels.csv").write_bytes(data if data[:2] in (b"\xff\xfe", b"\xfe\xff") else b"\xfe\xff" + data)
+    catalog = read_catalog(root)
+    assert catalog.groups == ["colour", "type"] and catalog.vocab["colour"] == ["Grün", "Weiß"]
+    assert [it.labels["colour"] for it in catalog.items] == [("Weiß",), ("Grün",)]

@@ -1,6 +1,7 @@
 """Read and validate a labelled catalog (``DIR/labels.csv`` plus images)."""
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -160,11 +161,18 @@ def unnamed_cell(header: list[str], cells: list[str | None]) -> tuple[int, str] 
 
 
 def decode_labels_file(csv_path: Path) -> str:
-    """The text of labels.csv; a CatalogError names the line of the first byte that is not UTF-8."""
+    """The text of labels.csv: UTF-8, or UTF-16 with its byte-order mark (a spreadsheet's "Unicode
+    text" export, tab-separated); a CatalogError names the line of the first byte that is not UTF-8."""
     try:
         data = csv_path.read_bytes()
     except OSError as err:
         raise CatalogError(f"{csv_path}: cannot read ({err.strerror or err})") from err
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise CatalogError(f"{csv_path}: starts as UTF-16 but byte {err.start} is not ({err.reason}); "
+                               "re-save the file as UTF-8 (e.g. 'Save as' CSV UTF-8)") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
