@@ -160,6 +160,29 @@ def unnamed_cell(header: list[str], cells: list[str | None]) -> tuple[int, str] 
     return None
 
 
+def missing_hint(root: str, resolved: str, image: str) -> str:
+    """What a missing image's error adds: that a web address is not downloaded, or the file whose path
+    differs only in letter case (a catalogue written on Windows or macOS, read on Linux)."""
+    if URL.match(image):
+        return ("; image paths are files under the catalog directory, and web addresses are not downloaded: "
+                "download the photos into it and write their paths")
+    parts, path = [], resolved
+    while not os.path.isdir(path):  # the deepest existing folder, then each part matched without case
+        path, part = os.path.split(path)
+        if not part:
+            return ""
+        parts.append(part)
+    for part in reversed(parts):
+        try:
+            match = next((n for n in os.listdir(path) if n.lower() == part.lower()), None)
+        except OSError:
+            return ""
+        if match is None:
+            return ""
+        path = os.path.join(path, match)
+    return f"; {os.path.relpath(path, root)!r} differs only in letter case (paths are case-sensitive here)"
+
+
 def decode_labels_file(csv_path: Path) -> str:
     """The text of labels.csv: UTF-8, or UTF-16 with its byte-order mark (a spreadsheet's "Unicode
     text" export, tab-separated); a CatalogError names the line of the first byte that is not UTF-8."""
@@ -239,9 +262,7 @@ class _RowReader:
             raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
-            hint = ("; image paths are files under the catalog directory, and web addresses are not "
-                    "downloaded: download the photos into it and write their paths") if URL.match(image) else ""
-            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}{hint}")
+            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}{missing_hint(self.real_root, resolved, image)}")
         return found
 
     def item(self, row: dict, row_id: int, line: int) -> Item:
