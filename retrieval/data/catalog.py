@@ -262,7 +262,8 @@ class _RowReader:
             raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
-            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}{missing_hint(self.real_root, resolved, image)}")
+            hint = missing_hint(self.real_root, resolved, image)
+            raise CatalogError(f"{where}: image file {image!r} does not exist under {self.root}{hint}")
         return found
 
     def item(self, row: dict, row_id: int, line: int) -> Item:

@@ -141,7 +141,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
         emb = Embeddings(np.asarray(f["vectors"][...], dtype=np.float32),
                          np.asarray(f["ids"][...], dtype=np.int64).reshape(-1),
                          [str(p) for p in f["paths"].asstr()[...]],
-                         {group_name(k): np.asarray(ds[...], dtype=np.float32) for k, ds in f.get("groups", {}).items()},
+                         {group_name(k): np.asarray(ds[...], dtype=np.float32)
+                          for k, ds in f.get("groups", {}).items()},
                          {name: decode_attr(name, value) for name, value in f.attrs.items()})
     logger.info("Read %d embeddings of dimension %d from %s", *emb.vectors.shape, path)
     return emb
