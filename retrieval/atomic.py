@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,3 +64,28 @@ def write_text(path: str | Path, text: str) -> None:
     """Text written atomically."""
     with atomic_write(path) as f:
         f.write(text)
+
+
+class DiskSpaceError(ValueError):
+    """Too little free disk for a long write; the message says how much it needs and where."""
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """Raise DiskSpaceError when the file system of ``directory`` (or of its nearest existing parent)
+    has fewer than ``needed`` bytes free: checked before a long write (the trunk pass, embedding),
+    which would otherwise stop hours in on a full disk."""
+    place = Path(directory).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if needed > free:
+        raise DiskSpaceError(f"{what} needs about {size_text(needed)} on {place}, which has {size_text(free)} free; "
+                             "free some space or write it to another disk (what was written resumes)")
+
+
+def size_text(n: int) -> str:
+    """A byte count for people: 1.5 GB, 320 MB, 12 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} B"

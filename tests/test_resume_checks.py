@@ -140,3 +140,25 @@ def test_image_cache_notices_a_replaced_image(catalog, tmp_path, caplog):
     assert "Not resuming" in caplog.text and "image files changed" in caplog.text
     rebuilt = ImageCache(cache)
     assert rebuilt.serves(items[1]) and (rebuilt.read(victim) == expected).all()
+
+
+def test_a_full_disk_is_told_before_the_trunk_pass_and_the_embedding(demo_catalog, tiny_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    """With too little free space, train and embed stop at once, saying how much they need and where,
+    before writing anything (not hours in with a half-written file); with enough they run."""
+    from conftest import TINY
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    emb = tmp_path / "out" / "emb.h5"
+    assert cli(["embed", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(demo_catalog), "--out", str(emb),
+                "--device", "cpu", "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"embedding {len(read_catalog(demo_catalog))} images" in err and "which has 1.0 kB free" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    run = tmp_path / "run"
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(run), "--epochs", "1", *TINY]) == 1
+    assert "the trunk cache of" in capsys.readouterr().err and not (run / "last.pt").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    assert cli(["embed", "--checkpoint", str(tiny_run / "best.pt"), "--catalog", str(demo_catalog), "--out", str(emb),
+                "--device", "cpu", "--workers", "0"]) == 0

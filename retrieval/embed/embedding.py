@@ -10,6 +10,7 @@ import numpy as np
 import torch.distributed as dist
 from tqdm import tqdm
 
+from retrieval.atomic import check_free_space
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.embfile import h5_key, open_partial
 from retrieval.embed.inference import Outputs, iter_outputs, standardize
@@ -93,6 +94,12 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
     if mine:
         dims = output_dims(model, catalog, items, device, image_cache, trunk_cache, start, heads)
         logger.info("Rank %d of %d embeds shard(s) %s of %d", rank, world, mine, count)
+        row_bytes = 4 * sum(dims.values())  # float32
+        written = sum(p.stat().st_size for i in mine if (p := shard_path(out, i, count)).is_file())
+        needed = sum(len(shard_rows(len(items), i, count)) for i in mine) * row_bytes - written
+        check_free_space(out.parent, needed + (len(items) * row_bytes if rank == 0 else 0),
+                         f"embedding {len(items)} images ({sum(dims.values())} values each: the work files, "
+                         f"then {out.name} beside them)")
     for i in mine:
         rows = shard_rows(len(items), i, count)
         embed_shard(model, catalog, items[rows.start:rows.stop], shard_path(out, i, count), dims, meta, device,

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from retrieval.atomic import check_free_space
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
@@ -268,6 +269,8 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
     key = cache_key(model, start, items)
     done = _open_or_create(model, items, start, path, key, device)
     if done < len(items):
+        check_free_space(path.parent, _item_bytes(path, len(items)) * (len(items) - done),
+                         f"the trunk cache of {len(items)} images ({path.name})")
         _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers)
     with h5py.File(path, "r") as f:
         ok = f["ok"][:].astype(bool)
@@ -275,6 +278,13 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
     if bad:
         logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
     return path
+
+
+def _item_bytes(path: Path, n: int) -> int:
+    """Bytes one image takes in the cache file's numeric datasets (its flips included)."""
+    with h5py.File(path, "r") as f:
+        return sum(int(np.prod(ds.shape[1:])) * ds.dtype.itemsize for ds in f.values()
+                   if isinstance(ds, h5py.Dataset) and ds.shape[:1] == (n,) and ds.dtype.kind in "fb")
 
 
 def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
