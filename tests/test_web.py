@@ -234,6 +234,35 @@ def test_browse_page_with_facets_and_pages(client):
     assert "No products match" in client.get("/?q=zzzz").get_data(as_text=True)
 
 
+def test_a_facet_lists_its_selected_and_most_frequent_labels_and_finds_the_others(client, monkeypatch):
+    """A group of many labels (brands) lists the selected ones and the FACET_ROWS most frequent others;
+    a find box (find.<group>, which keeps the page's other parameters) narrows it to the labels holding
+    the text; a group of few labels has no box."""
+    import re
+
+    from web import facets
+    from web.facets import shown_rows
+
+    rows = [{"label": label, "count": count, "selected": label == "navy"}
+            for label, count in [("black", 9), ("blue", 7), ("red", 5), ("navy", 2), ("sky blue", 1)]]
+    assert shown_rows(rows, limit=2) == ([rows[0], rows[1], rows[3]], 2)
+    assert shown_rows(rows, "BLUE", limit=1) == ([rows[1], rows[3]], 1)  # navy: selected, kept
+    assert shown_rows(rows, "x", limit=1) == ([rows[3]], 0)
+    monkeypatch.setattr(facets, "FACET_ROWS", 2)
+    html = client.get("/?gender=women&per_page=5&page=2").get_data(as_text=True)
+    category = re.findall(r'data-group="category" data-label="([^"]+)"', html)
+    assert len(category) == 2 and 'name="find.category"' in html and 'placeholder="Find among' in html
+    box = html[html.index('name="find.category"') - 400:html.index('name="find.category"')]
+    assert '<input type="hidden" name="gender" value="women">' in box and 'name="per_page" value="5"' in box
+    assert 'name="page"' not in box
+    found = client.get("/?gender=women&find.category=ss").get_data(as_text=True)  # dress, ...
+    assert re.findall(r'data-group="category" data-label="([^"]+)"', found)
+    assert all("ss" in label for label in re.findall(r'data-group="category" data-label="([^"]+)"', found))
+    assert client.get("/?find.category=" + "x" * 101).status_code == 400
+    monkeypatch.setattr(facets, "FACET_ROWS", 40)
+    assert 'name="find.category"' not in client.get("/").get_data(as_text=True)
+
+
 def test_facet_counts_follow_the_other_groups_filters(app):
     facets = app.extensions["retrieval"].index().get().facets
     filters = {"colours": ["red", "blue"], "gender": ["women"]}

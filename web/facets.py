@@ -12,6 +12,7 @@ from indexer.items import csr_gather, csr_offsets
 logger = logging.getLogger(__name__)
 
 TEXT_MASKS = 8  # title-query masks kept (N bytes each)
+FACET_ROWS = 40  # labels a facet lists beyond the selected ones; find.<group> reaches the others
 
 
 class TitleWords:
@@ -128,6 +129,17 @@ class Facets:
         codes = np.flatnonzero(keep)
         codes = codes[np.lexsort((codes, -counts[codes]))]  # codes follow the sorted labels
         return [{"label": vocab[c], "count": int(counts[c]), "selected": vocab[c] in selected} for c in codes]
+
+
+def shown_rows(rows: list[dict], find: str = "", limit: int | None = None) -> tuple[list[dict], int]:
+    """The facet rows a page lists, in their order: every selected one and the first ``limit`` others
+    whose label holds ``find`` (any letter case); and how many others hold it beyond those. A group of
+    thousands of labels (brands) would otherwise put a link for each on every page."""
+    needle = find.casefold()
+    wanted = [r for r in rows if r["selected"] or needle in r["label"].casefold()]
+    others = [i for i, r in enumerate(wanted) if not r["selected"]]
+    cut = set(others[FACET_ROWS if limit is None else limit:])
+    return [r for i, r in enumerate(wanted) if i not in cut], len(cut)
 
 
 def combine(masks: list[np.ndarray | None]) -> np.ndarray | None:

@@ -11,6 +11,8 @@ RESERVED = ("q", "page", "per_page", "k", "view")
 # a group's filter parameter is its name, but a group named like a parameter above (a photo's "view":
 # front, back) filters as filter.<group>; filter.<group> is accepted for every group
 FILTER_PREFIX = "filter."
+FIND_PREFIX = "find."  # find.<group>=text narrows the labels a facet lists (a group of many labels: brands)
+MAX_FIND_CHARS = 100
 PER_PAGE = 24
 MAX_PER_PAGE = 100
 DEFAULT_K = 12
@@ -75,6 +77,19 @@ def parse_filters(args: MultiDict, vocab: dict[str, list[str]]) -> dict[str, lis
         if wanted:
             filters[group] = wanted
     return filters
+
+
+def parse_finds(args: MultiDict, groups) -> dict[str, str]:
+    """Return {group: text} of the find.<group> parameters given (400 past MAX_FIND_CHARS)."""
+    finds = {}
+    for group in groups:
+        text = args.get(FIND_PREFIX + group, "").strip()
+        if len(text) > MAX_FIND_CHARS:
+            abort(400, f"Parameter {FIND_PREFIX + group!r} is too long ({len(text)} characters); "
+                       f"the limit is {MAX_FIND_CHARS}")
+        if text:
+            finds[group] = text
+    return finds
 
 
 def parse_view(args: MultiDict, views) -> str:

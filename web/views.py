@@ -7,6 +7,7 @@ from functools import partial
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
 
 from web import params
+from web.facets import shown_rows
 from web.resources import get_model, get_snapshot, resources
 from web.search import lookup, read_query, search_query, similar_to_item, with_urls
 
@@ -27,17 +28,24 @@ def view_choices(views) -> list[tuple[str, str]]:
 
 
 def page_context(snapshot, filters: dict, text: str, link: partial) -> dict:
-    """Return the template variables every page with a facet sidebar needs; each facet row gets the
-    href that toggles its label (link: partial(link_to, endpoint, route, **extra))."""
+    """Return the template variables every page with a facet sidebar needs; each facet lists its
+    selected labels and the most frequent others (``facets.shown_rows``, narrowed by find.<group>),
+    each row with the href that toggles its label (link: partial(link_to, endpoint, route, **extra));
+    a facet with more gets a find box that keeps the page's other parameters."""
     counts = snapshot.facets.counts(filters, text)
+    finds = params.parse_finds(request.args, counts)
     endpoint, route = link.args
     prefix = url_for(endpoint, **route)
-    for group, rows in counts.items():
-        hrefs = params.toggle_links(prefix, filters, group, [row["label"] for row in rows], **link.keywords)
-        for row, href in zip(rows, hrefs):
+    more, kept = {}, {}
+    for group in counts:
+        counts[group], more[group] = shown_rows(counts[group], finds.get(group, ""))
+        hrefs = params.toggle_links(prefix, filters, group, [row["label"] for row in counts[group]], **link.keywords)
+        for row, href in zip(counts[group], hrefs):
             row["href"] = href
-    return {"facets": counts, "filters": filters, "q": text, "link": link,
-            "toggle": partial(params.toggled, filters)}
+        if more[group] or group in finds:
+            kept[group] = [(k, v) for k, v in request.args.items(multi=True) if k not in ("page", params.FIND_PREFIX + group)]
+    return {"facets": counts, "filters": filters, "q": text, "link": link, "toggle": partial(params.toggled, filters),
+            "facet_more": more, "facet_find": finds, "facet_kept": kept, "find_prefix": params.FIND_PREFIX}
 
 
 def upload_enabled() -> bool:
