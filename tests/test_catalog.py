@@ -73,6 +73,19 @@ def test_summary_and_cli(tmp_path, capsys):
     assert cli(["catalog-info", str(root), "--verify-images"]) == 0
     out = capsys.readouterr().out
     assert "3 items (2 train, 1 test)" in out and "dress (2) / shirt (1)" in out and "0 unreadable" in out
+    # 256 + 3 x 3 labels (red; dress, shirt) = 265 float32 values an item, 3 items
+    assert "a trained model's EMB.h5: ~3.2 kB (265 values an item: the embedding's 256 and three for each of the 3 labels)" in out
+    assert "many labels" not in out
+
+
+def test_summary_names_a_group_of_many_labels_and_its_cost(tmp_path, monkeypatch):
+    from retrieval.data import summary
+
+    root = write_catalog(tmp_path, [f"{i}.jpg,train,,red,type {i}" for i in range(12)])
+    monkeypatch.setattr(summary, "WIDE_GROUP", 10)
+    text = summary.format_summary(read_catalog(root))
+    assert "many labels: 'type' (12); each label is a value of every item in EMB.h5" in text
+    assert "~14 kB (295 values an item: the embedding's 256 and three for each of the 13 labels)" in text
 
 
 def test_cli_reports_catalog_errors(tmp_path, capsys):

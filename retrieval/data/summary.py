@@ -56,6 +56,9 @@ def composite_labels(labels: list[str]) -> list[str]:
     return found
 
 
+WIDE_GROUP = 1000  # labels from which catalog-info names a group's cost in EMB.h5 and the index
+
+
 def format_summary(catalog: Catalog) -> str:
     """Human-readable table of ``summarize_catalog``, then the groups left out and why."""
     splits = {s: len(catalog.split_items(s)) for s in SPLITS}
@@ -67,7 +70,25 @@ def format_summary(catalog: Catalog) -> str:
         smallest = "{} ({})".format(*row["smallest"]) if row["smallest"] else "-"
         lines.append(f"{row['group']:<20} {row['classes']:>7} {row['labelled']:>8.1%} "
                      f"{'yes' if row['multi_label'] else 'no':>5}  {largest} / {smallest}")
-    return "\n".join(lines + left_out_lines(catalog))
+    return "\n".join(lines + size_lines(catalog) + left_out_lines(catalog))
+
+
+def size_lines(catalog: Catalog, embed_dim: int = 256) -> list[str]:
+    """What a trained model's EMB.h5 holds an item (the shared view: the embedding and every label's
+    probability; each group's view and probabilities: two values a label), and for a group of many
+    labels (a brand, a product id) the share of it that group is and what keeps it small."""
+    from retrieval.atomic import size_text
+
+    labels = sum(len(catalog.vocab[g]) for g in catalog.groups)
+    values = embed_dim + 3 * labels
+    lines = [f"a trained model's EMB.h5: ~{size_text(4 * values * len(catalog))} ({values:,} values an item: "
+             f"the embedding's {embed_dim} and three for each of the {labels:,} labels)"]
+    wide = [g for g in catalog.groups if len(catalog.vocab[g]) >= WIDE_GROUP]
+    if wide:
+        lines.append(f"many labels: {', '.join(f'{g!r} ({len(catalog.vocab[g]):,})' for g in wide)}; each label "
+                     "is a value of every item in EMB.h5 and the index's shared view (index build --shared-view "
+                     "embedding keeps the shared view to the embedding's)")
+    return lines
 
 
 def unreadable_images(catalog: Catalog, workers: int | None = None, progress: bool = False) -> list[str]:
