@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from pillow_heif import register_heif_opener
 
 logger = logging.getLogger(__name__)
-register_heif_opener()  # HEIC / HEIF (a phone camera's default format) opens as any other image, here and in the web
+
+try:  # HEIC / HEIF (a phone camera's default format) opens as any other image, here and in the web
+    from pillow_heif import register_heif_opener
+except ImportError:  # an environment set up before the dependency: HEIC stays unreadable until setup.sh runs again
+    logger.debug("pillow-heif is not installed: HEIC photos cannot be read")
+else:
+    register_heif_opener()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
