@@ -9,6 +9,7 @@ import click
 from flask import Blueprint, abort, current_app, send_file, send_from_directory
 from flask.cli import with_appcontext
 
+import retrieval.data.images  # noqa: F401  (registers HEIC with PIL for the thumbnails and copies below)
 from retrieval.atomic import atomic_write
 from web.resources import catalog_dir, get_snapshot, resources
 
