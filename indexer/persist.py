@@ -118,6 +118,20 @@ def view_file(directory: Path, view: str) -> Path:
     return Path(directory) / f"{stem}.faiss"
 
 
+def view_files(views) -> dict[str, str]:
+    """Each view's file name (``view_file``), distinct without letter case too: on a case-insensitive
+    file system (macOS, Windows) ``group-Colour`` and ``group-colour`` would write one file, so the
+    later of two such names ends in a hash of its view. The sidecar keeps the names (``files``)."""
+    files, taken = {}, set()
+    for view in views:
+        name = view_file(Path("."), view).name
+        if name.lower() in taken:
+            name = f"{name[:-len('.faiss')]}-{hashlib.sha1(view.encode()).hexdigest()[:16]}.faiss"
+        taken.add(name.lower())
+        files[view] = name
+    return files
+
+
 def read_view(path: Path, dimension: int, mmap: bool = False) -> faiss.Index:
     """Read one <view>.faiss file, checking it exists, parses and has the sidecar's dimension; with
     mmap, flat and scalar-quantized codes stay in the file's pages (read-only: for servers)."""

@@ -19,7 +19,7 @@ from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_k
                            to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
 from indexer.persist import (FORMAT, SIDECAR, check_expected, fsync_file, read_sidecar, read_view,
-                             remove_stale_temporaries, swap_into_place, temporary_dir, view_file)
+                             remove_stale_temporaries, swap_into_place, temporary_dir, view_file, view_files)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class IndexStore:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "type": self.index_type,
                 "dimension": self.dimension, "count": len(self), "metric": "inner_product",
                 "created": self.created, "views": {view: int(index.d) for view, index in self.views.items()},
+                "files": view_files(self.views),
                 "group_codec": group_codec(self.views), "labels": self.vocabulary(),
                 **({"shared_view": self.shared_view} if self.shared_view else {}),
                 **({"multi_label_view_power": self.multi_label_view_power}
@@ -186,16 +187,17 @@ class IndexStore:
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """Write <view>.faiss files (``view_file``), items-*.npy and sidecar.json to a temporary directory, then swap it in."""
+        """Write <view>.faiss files (``view_files``), items-*.npy and sidecar.json to a temporary directory, then swap it in."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)  # what a killed writer left (whole index copies)
         tmp = temporary_dir(directory)
         try:
+            sidecar = self.sidecar()
             for view, index in self.views.items():
-                faiss.write_index(index, str(view_file(tmp, view)))
+                faiss.write_index(index, str(tmp / sidecar["files"][view]))
             self.items.save(tmp)
-            (tmp / SIDECAR).write_text(json.dumps(self.sidecar()), encoding="utf-8")
+            (tmp / SIDECAR).write_text(json.dumps(sidecar), encoding="utf-8")
             for path in tmp.iterdir():
                 fsync_file(path)  # the data must be on disk before the rename makes it visible
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; an index is meant to be read by servers
@@ -217,7 +219,9 @@ class IndexStore:
         sidecar = read_sidecar(directory)
         check_expected(sidecar, "fingerprint", expect_fingerprint, directory / SIDECAR)
         check_expected(sidecar, "dimension", expect_dimension, directory / SIDECAR)
-        views = {view: read_view(view_file(directory, view), dim, mmap) for view, dim in sidecar["views"].items()}
+        files = sidecar.get("files") or {}  # indexes saved before it: view_file's names
+        views = {view: read_view(directory / files.get(view, view_file(directory, view).name), dim, mmap)
+                 for view, dim in sidecar["views"].items()}
         try:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],

@@ -150,8 +150,9 @@ def test_sidecar_follows_formats_md(tmp_path, catalog):
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
         ["group-color.faiss", "shared.faiss", "sidecar.json", *(f"items-{name}.npy" for name in ITEM_ARRAYS)])
     side = json.loads((tmp_path / "index" / "sidecar.json").read_text())
-    assert {"format", "fingerprint", "type", "dimension", "count", "metric", "created", "views", "group_codec",
-            "labels"} == set(side)
+    assert {"format", "fingerprint", "type", "dimension", "count", "metric", "created", "views", "files",
+            "group_codec", "labels"} == set(side)
+    assert side["files"] == {"shared": "shared.faiss", "group-color": "group-color.faiss"}
     assert side["format"] == 2 and side["metric"] == "inner_product" and side["type"] == "flat"
     assert side["dimension"] == 16 and side["views"] == {"shared": 16, "group-color": 8}
     assert side["count"] == 400 and side["group_codec"] == "fp16"
@@ -159,6 +160,9 @@ def test_sidecar_follows_formats_md(tmp_path, catalog):
     assert np.load(tmp_path / "index" / "items-ids.npy").tolist() == catalog["ids"].tolist()
     loaded = IndexStore.load(tmp_path / "index")
     assert loaded.paths == catalog["paths"] and loaded.labels == catalog["labels"]
+    del side["files"]  # an index saved before the sidecar named its files: view_file's names
+    (tmp_path / "index" / "sidecar.json").write_text(json.dumps(side))
+    assert set(IndexStore.load(tmp_path / "index").views) == {"shared", "group-color"}
 
 
 def test_an_index_of_the_old_format_asks_for_a_rebuild(tmp_path, catalog):
@@ -473,8 +477,9 @@ def test_added_labels_extend_the_vocabulary_and_keep_the_old_codes(catalog):
 
 def test_every_view_name_has_a_portable_file_of_its_own(tmp_path):
     """A group of any name gets a file: characters other than ASCII letters, digits and _.-~ as %XX,
-    the names allowed before unchanged, a very long one cut and ended by a hash (still distinct);
-    save and load keep each view's vectors under its name."""
+    the names allowed before unchanged, a very long one cut and ended by a hash (still distinct), one
+    differing from another only in letter case ended by a hash (a case-insensitive file system would
+    write them to one file); save and load keep each view's vectors under its name."""
     from indexer.persist import MAX_VIEW_STEM, view_file
 
     assert view_file(tmp_path, "shared").name == "shared.faiss"
@@ -490,9 +495,12 @@ def test_every_view_name_has_a_portable_file_of_its_own(tmp_path):
     groups = {"Farbe/Colour": rng.random((20, 3)).astype(np.float32), long[0][6:]: rng.random((20, 2)).astype(np.float32),
               long[1][6:]: rng.random((20, 4)).astype(np.float32), "Sleeve Length": rng.random((20, 5)).astype(np.float32)}
     emb = {"vectors": vectors, "ids": np.arange(20), "paths": [f"{i}.jpg" for i in range(20)], "groups": groups}
+    groups["farbe/colour"] = rng.random((20, 6)).astype(np.float32)  # one file with Farbe/Colour's where case is not told
     store = build_store_from_embeddings(emb, "flat")
     store.save(tmp_path / "index")
     loaded = IndexStore.load(tmp_path / "index")
-    assert len(list((tmp_path / "index").glob("*.faiss"))) == 5 and set(loaded.views) == set(store.views)
+    files = sorted(p.name for p in (tmp_path / "index").glob("*.faiss"))
+    assert len(files) == 6 and len({f.lower() for f in files}) == 6 and set(loaded.views) == set(store.views)
+    assert "group-Farbe%2FColour.faiss" in files and "group-farbe%2Fcolour.faiss" not in files
     for view in store.views:
         assert np.array_equal(loaded.views[view].reconstruct_n(0, 20), store.views[view].reconstruct_n(0, 20))
