@@ -114,8 +114,13 @@ def view_file(directory: Path, view: str) -> Path:
         cut = stem[:MAX_VIEW_STEM - 17]
         if "%" in cut[-2:]:  # not in the middle of an escape
             cut = cut[:cut.rindex("%")]
-        stem = f"{cut}-{hashlib.sha1(view.encode()).hexdigest()[:16]}"
+        stem = f"{cut}-{name_hash(view)}"
     return Path(directory) / f"{stem}.faiss"
+
+
+def name_hash(view: str) -> str:
+    """The 16 hex digits of a view's SHA-1 that end a file name cut short or told apart."""
+    return hashlib.sha1(view.encode()).hexdigest()[:16]
 
 
 def view_files(views) -> dict[str, str]:
@@ -126,7 +131,7 @@ def view_files(views) -> dict[str, str]:
     for view in views:
         name = view_file(Path("."), view).name
         if name.lower() in taken:
-            name = f"{name[:-len('.faiss')]}-{hashlib.sha1(view.encode()).hexdigest()[:16]}.faiss"
+            name = f"{name[:-len('.faiss')]}-{name_hash(view)}.faiss"
         taken.add(name.lower())
         files[view] = name
     return files
