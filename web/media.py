@@ -73,13 +73,13 @@ def image_file(relative: str) -> Path:
 def image(filename: str):
     """Serve a catalog image (only paths of indexed items; traversal gives 404); one in a format
     browsers do not show (a phone's HEIC, TIFF) as a JPEG copy of DISPLAY_SIZE, cached as thumbnails are."""
-    if not get_snapshot().store.items.has_path(filename):
-        abort(404, f"No indexed image {filename!r}")
-    if Path(filename).suffix.lower() not in BROWSER_SUFFIXES:
+    if Path(filename).suffix.lower() not in BROWSER_SUFFIXES:  # image_file checks that it is indexed
         target = cached_thumbnail(image_file(filename), Path(current_app.config["THUMB_DIR"]), DISPLAY_SIZE)
         if target is None:
             abort(404, f"The image {filename!r} cannot be read")
         return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
+    if not get_snapshot().store.items.has_path(filename):
+        abort(404, f"No indexed image {filename!r}")
     return send_from_directory(catalog_dir(), filename, max_age=CACHE_SECONDS)
 
 

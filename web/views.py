@@ -43,7 +43,8 @@ def page_context(snapshot, filters: dict, text: str, link: partial) -> dict:
         for row, href in zip(counts[group], hrefs):
             row["href"] = href
         if more[group] or group in finds:
-            kept[group] = [(k, v) for k, v in request.args.items(multi=True) if k not in ("page", params.FIND_PREFIX + group)]
+            kept[group] = [(k, v) for k, v in request.args.items(multi=True)
+                           if k not in ("page", params.FIND_PREFIX + group)]
     return {"facets": counts, "filters": filters, "q": text, "link": link, "toggle": partial(params.toggled, filters),
             "facet_more": more, "facet_find": finds, "facet_kept": kept, "find_prefix": params.FIND_PREFIX}
 
