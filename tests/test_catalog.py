@@ -22,6 +22,23 @@ def test_reads_groups_labels_and_multi_label(tmp_path):
     assert [it.image for it in cat.split_items("test")] == ["b.jpg"]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_validation_split_is_read_by_its_usual_names(tmp_path, monkeypatch, fast):
+    from retrieval.data import catalog, columns
+
+    if not fast:
+        monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)  # the row reader
+    cells = ["Train", "val", "Validation", "VALID", "dev", "test", "Testing", "training"]
+    root = write_catalog(tmp_path, [f"{i}.jpg,{cell},,red,dress" for i, cell in enumerate(cells)])
+    cat = read_catalog(root)
+    assert [it.split for it in cat.items] == ["train", "val", "val", "val", "val", "test", "test", "train"]
+    assert [it.image for it in cat.split_items("val")] == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+    assert catalog.SPLITS == ("train", "val", "test")
+    from retrieval.data.summary import format_summary
+
+    assert "8 items (2 train, 4 val, 2 test), 2 groups" in format_summary(cat)
+
+
 def test_missing_split_column_uses_hash(tmp_path):
     names = [f"img{i}.jpg" for i in range(200)]
     root = write_catalog(tmp_path, [f"{n},x" for n in names], header="image,colour")
@@ -34,7 +51,7 @@ def test_missing_split_column_uses_hash(tmp_path):
 @pytest.mark.parametrize("header,rows,images,message", [
     ("", [], [], "missing header"),
     ("colour,type", ["red,dress"], [], "missing header"),
-    ("image,split,colour", ["a.jpg,validation,red"], ["a.jpg"], "line 2: unknown split 'validation'"),
+    ("image,split,colour", ["a.jpg,holdout,red"], ["a.jpg"], "line 2: unknown split 'holdout'; expected one of: train, val, test"),
     ("image,split,colour", ["../x.jpg,train,red"], [], "leaves the catalog directory"),
     ("image,split,colour", ["a.jpg,train,red", "gone.jpg,train,red"], ["a.jpg"], "line 3: image file 'gone.jpg' does not exist"),
     ("image,split,colour", ["a.jpg,train,red", "https://cdn.example.com/b.jpg,train,red"], ["a.jpg"],

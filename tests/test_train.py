@@ -587,6 +587,24 @@ def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):
     assert train(demo_catalog, tmp_path / "run", "--epochs", "1", "--label-dropout", "paper") == 0
 
 
+def test_a_catalogs_val_split_is_the_validation(demo_catalog, tmp_path, capsys):
+    # every third train row relabelled 'validation': those rows validate, the others all train
+    root = tmp_path / "cat"
+    shutil.copytree(demo_catalog, root)
+    lines = (root / "labels.csv").read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    train_rows = [r for r in rows if r[1] == "train"]
+    for r in train_rows[::3]:
+        r[1] = "validation"
+    (root / "labels.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    n_val = len(train_rows[::3])
+    assert train(root, tmp_path / "run", "--epochs", "1", "--val-fraction", "0.5") == 0
+    out = capsys.readouterr().out
+    assert f"{len(train_rows) - n_val} training / {n_val} validation items (the val split)" in out
+    assert train(demo_catalog, tmp_path / "plain", "--epochs", "1", "--val-fraction", "0.5") == 0
+    assert "validation items (0.5 of the train split)" in capsys.readouterr().out
+
+
 def test_torchrun_two_processes_gloo(demo_catalog, tmp_path):
     result = torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1")
     assert "world 2" in result.stdout

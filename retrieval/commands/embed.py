@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "with-groups or embedding (see 'retrieval train --help')")
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="EMB.h5")
-    p.add_argument("--split", default="all", choices=("all", "train", "test"))
+    p.add_argument("--split", default="all", choices=("all", "train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int)

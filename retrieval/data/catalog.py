@@ -20,7 +20,11 @@ logger = logging.getLogger(__name__)
 LABELS_FILE = "labels.csv"
 RESERVED_COLUMNS = ("image", "split", "title")
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # an image cell that is a web address (https://cdn...)
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# a split cell as catalogues write it (any letter case) -> the split: a ``val`` split is the validation
+# items training selects its checkpoint by (without one, ``--val-fraction`` of the train split)
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}
 LABEL_SEPARATOR = "|"
 MIN_UNSHARED_ITEMS = 20  # a group is judged an identifier column (unshared_labels) from this many labelled items
 
@@ -63,11 +67,11 @@ class Catalog:
         return self.root / item.image
 
     def split_items(self, split: str) -> list[Item]:
-        """Items of one split (``train``, ``test``) or all of them (``all``)."""
+        """Items of one split (``train``, ``val``, ``test``) or all of them (``all``)."""
         if split == "all":
             return list(self.items)
         if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; choose one of: train, test, all")
+            raise ValueError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}, all")
         return [item for item in self.items if item.split == split]
 
     def multi_label_groups(self) -> list[str]:
@@ -91,8 +95,12 @@ def select_groups(catalog: Catalog, groups: list[str]) -> Catalog:
 def untrainable_groups(catalog: Catalog) -> dict[str, str]:
     """Groups with no label in the train split (they get no head), with the reason."""
     train = catalog.split_items("train")
-    return {g: "labelled only in the test split" for g in catalog.groups
-            if not any(it.labels[g] for it in train)}
+    out = {}
+    for g in catalog.groups:
+        if not any(it.labels[g] for it in train):
+            where = sorted({it.split for it in catalog.items if it.labels[g]}, key=SPLITS.index)
+            out[g] = f"labelled only in the {' and '.join(where)} split{'s' if len(where) > 1 else ''}"
+    return out
 
 
 def training_catalog(catalog: Catalog, groups: str | None = None) -> Catalog:
@@ -112,6 +120,11 @@ def training_catalog(catalog: Catalog, groups: str | None = None) -> Catalog:
     catalog = select_groups(catalog, kept)
     catalog.left_out.update(skipped)
     return catalog
+
+
+def split_name(cell: str) -> str | None:
+    """The split a split cell names (``SPLIT_NAMES``, any letter case: 'Train', 'Validation'), None if none."""
+    return SPLIT_NAMES.get(cell.strip().lower())
 
 
 def hash_split(image: str, test_share: float = 0.2) -> str:
@@ -278,11 +291,13 @@ class _RowReader:
         if not image:
             raise CatalogError(f"{where}: empty 'image' field")
         found = self.image_path(image, where)
-        split = (row.get("split") or "").strip().lower()  # 'Train', 'TEST' as spreadsheets write them
+        cell = (row.get("split") or "").strip()
+        split = split_name(cell)
         if "split" not in row:
             split = hash_split(image)
-        elif split not in SPLITS:
-            raise CatalogError(f"{where}: unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+        elif split is None:
+            raise CatalogError(f"{where}: unknown split {cell!r}; expected one of: {', '.join(SPLITS)} "
+                               f"(or {', '.join(n for n in SPLIT_NAMES if n not in SPLITS)})")
         labels = {g: parse_labels(row.get(g)) for g in self.groups}
         return Item(row_id, image, split, (row.get("title") or "").strip(), labels, found)
 

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from retrieval.data.catalog import (SPLITS, Item, check_header, csv_delimiter, hash_split, image_path_of,
-                                    parse_labels)
+from retrieval.data.catalog import (Item, check_header, csv_delimiter, hash_split, image_path_of, parse_labels,
+                                    split_name)
 
 STAT_CHUNK = 4096  # paths per thread-pool task
 
@@ -121,9 +121,9 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     if found is None or (check_files and None in found):
         return None
     if "split" in columns:
-        splits = [split.lower() for split in stripped(columns["split"])]
-        if not set(splits) <= set(SPLITS):
-            return None
+        splits = [split_name(split) for split in stripped(columns["split"])]
+        if None in splits:
+            return None  # the row reader names the line
     else:
         splits = [hash_split(image) for image in images]
     titles = stripped(columns["title"]) if "title" in columns else [""] * len(images)

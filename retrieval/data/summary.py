@@ -62,8 +62,8 @@ WIDE_GROUP = 1000  # labels from which catalog-info names a group's cost in EMB.
 def format_summary(catalog: Catalog) -> str:
     """Human-readable table of ``summarize_catalog``, then the groups left out and why."""
     splits = {s: len(catalog.split_items(s)) for s in SPLITS}
-    lines = [f"{catalog.root}: {len(catalog)} items ({splits['train']} train, {splits['test']} test), "
-             f"{len(catalog.groups)} groups",
+    counts = ", ".join(f"{n} {s}" for s, n in splits.items() if n or s != "val")
+    lines = [f"{catalog.root}: {len(catalog)} items ({counts}), {len(catalog.groups)} groups",
              f"{'group':<20} {'classes':>7} {'labelled':>9} {'multi':>5}  largest / smallest class"]
     for row in summarize_catalog(catalog):
         largest = "{} ({})".format(*row["largest"]) if row["largest"] else "-"

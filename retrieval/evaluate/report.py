@@ -17,7 +17,7 @@ from retrieval.evaluate.metrics import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("test", "train", "all")
+SPLITS = ("test", "val", "train", "all")
 REPORT_FILE = "report.json"
 
 

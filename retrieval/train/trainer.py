@@ -71,11 +71,15 @@ class Job:
 
     def _prepare_items(self):
         cfg, catalog = self.cfg, self.catalog
-        items = catalog.split_items("train")
+        items, val = catalog.split_items("train"), catalog.split_items("val")
         if cfg.label_dropout:
             keep = parse_dropout_profile(cfg.label_dropout, len(catalog.groups))
             items = drop_labels(items, catalog.groups, keep, cfg.seed)
-        self.train_items, self.val_items = split_validation(items, cfg.val_fraction)
+            val = drop_labels(val, catalog.groups, keep, cfg.seed + 1) if val else val
+        if val:  # the catalogue's own validation items (--val-fraction is not used)
+            self.train_items, self.val_items = items, val
+        else:
+            self.train_items, self.val_items = split_validation(items, cfg.val_fraction)
         if not self.train_items:
             raise ValueError(f"{catalog.root}: no training items (split column has no 'train' rows?)")
         self.targets = build_targets(self.train_items, catalog.vocab)
@@ -141,7 +145,8 @@ class Job:
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
-        lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items, "
+        source = "the val split" if self.catalog.split_items("val") else f"{self.cfg.val_fraction:g} of the train split"
+        lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items ({source}), "
                  f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
                  f"world {self.world}, input {self.mode}, "
                  f"trainable trunk units {self.start}..{len(self.model.trunk) - 1}, "
