@@ -112,12 +112,27 @@ def test_cli_reports_catalog_errors(tmp_path, capsys):
 
 
 def test_non_utf8_file_names_file_and_line(tmp_path, capsys):
-    root = write_catalog(tmp_path, ["a.jpg,train,Plain,red,dress", "b.jpg,train,Caf\u00e9,red,dress"])
-    (root / "labels.csv").write_bytes((root / "labels.csv").read_text().encode("latin-1"))
+    # UTF-8 ('Crème brûlée' in its two-byte forms) with one byte that is not: no guess, the line is named
+    root = write_catalog(tmp_path, ["a.jpg,train,Cr\u00e8me br\u00fbl\u00e9e,red,dress", "b.jpg,train,Caf\u00e9,red,dress"])
+    data = (root / "labels.csv").read_bytes()
+    (root / "labels.csv").write_bytes(data.replace("Caf\u00e9".encode(), b"Caf\xe9"))
     with pytest.raises(CatalogError, match=r"labels.csv, line 3: byte 0xe9 at column 16 is not UTF-8; re-save"):
         read_catalog(root)
     assert cli(["catalog-info", str(root)]) == 1
     assert "line 3" in capsys.readouterr().err
+
+
+def test_a_windows_spreadsheets_csv_reads_as_windows_1252_with_a_warning(tmp_path, caplog):
+    # Excel's plain "CSV" on Windows: 'é' is one byte 0xe9, '€' 0x80, 'œ' 0x9c; every letter reads right
+    root = write_catalog(tmp_path, ["a.jpg,train,Plain,red,dress", "b.jpg,train,Caf\u00e9 \u20ac5,c\u0153ur,robe"])
+    (root / "labels.csv").write_bytes((root / "labels.csv").read_text().encode("cp1252"))
+    cat = read_catalog(root)
+    assert cat.items[1].title == "Caf\u00e9 \u20ac5" and cat.vocab["colour"] == ["c\u0153ur", "red"]
+    assert "is not UTF-8: read as Windows-1252" in caplog.text and "line 3 reads 'b.jpg,train,Caf\u00e9" in caplog.text
+    # a byte Windows-1252 has no letter for (0x81) is no such file: the byte is named
+    (root / "labels.csv").write_bytes((root / "labels.csv").read_bytes().replace(b"\xe9", b"\x81"))
+    with pytest.raises(CatalogError, match=r"line 3: byte 0x81 at column 16 is not UTF-8"):
+        read_catalog(root)
 
 
 @pytest.mark.parametrize("well_formed", [True, False])

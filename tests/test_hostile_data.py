@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -98,11 +98,21 @@ def test_hostile_paths(catalog_dir, paths, split):
 
 
 @PROPERTY
-@given(lines=st.lists(st.text(alphabet="abcé, ", max_size=10), min_size=1, max_size=8))
-def test_non_utf8_bytes_name_their_line(catalog_dir, lines):
+@given(lines=st.lists(st.text(alphabet="abcé€, ", max_size=10), min_size=1, max_size=8))
+def test_a_windows_1252_file_reads_as_its_utf8_form(catalog_dir, lines):
+    # one byte a letter (a spreadsheet's CSV export on Windows): the same catalog, or the same error
     text = "\n".join(["image,colour", *lines]) + "\n"
-    (catalog_dir / "labels.csv").write_bytes(text.encode("latin-1"))
-    outcome = check_outcome(catalog_dir, check_files=False)
-    if "é" in text:
-        first = next(n for n, line in enumerate(text.split("\n"), 1) if "é" in line)
-        assert f"line {first}: byte 0xe9" in str(outcome) and "re-save the file as UTF-8" in str(outcome)
+    try:  # 'é€€' is E9 80 80, UTF-8's 退 too: a file that is valid UTF-8 reads as UTF-8
+        assume(text.encode("cp1252").decode("utf-8") == text)
+    except UnicodeDecodeError:
+        pass
+    outcomes = []
+    for encoding in ("utf-8", "cp1252"):
+        (catalog_dir / "labels.csv").write_bytes(text.encode(encoding))
+        outcome = check_outcome(catalog_dir, check_files=False)
+        outcomes.append(str(outcome) if isinstance(outcome, CatalogError)
+                        else [(it.image, it.split, it.labels) for it in outcome.items])
+    if outcomes[0] != outcomes[1]:  # where its bytes hold more of UTF-8's letters than bytes it fails on
+        as_utf8 = text.encode("cp1252").decode("utf-8", errors="replace")
+        assert "is not UTF-8" in outcomes[1] and sum(c not in "\ufffd" and not c.isascii() for c in as_utf8) > \
+            as_utf8.count("\ufffd")

@@ -197,8 +197,9 @@ def missing_hint(root: str, resolved: str, image: str) -> str:
 
 
 def decode_labels_file(csv_path: Path) -> str:
-    """The text of labels.csv: UTF-8, or UTF-16 with its byte-order mark (a spreadsheet's "Unicode
-    text" export, tab-separated); a CatalogError names the line of the first byte that is not UTF-8."""
+    """The text of labels.csv: UTF-8, UTF-16 with its byte-order mark (a spreadsheet's "Unicode
+    text" export, tab-separated), or Windows-1252 (``windows_1252_text``); otherwise a CatalogError
+    names the line of the first byte that is not UTF-8."""
     try:
         data = csv_path.read_bytes()
     except OSError as err:
@@ -212,10 +213,34 @@ def decode_labels_file(csv_path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        text = windows_1252_text(data, csv_path)
+        if text is not None:
+            return text
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise CatalogError(f"{csv_path}, line {line}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
                            "re-save the file as UTF-8 (e.g. 'Save as' CSV UTF-8)") from None
+
+
+def windows_1252_text(data: bytes, csv_path: Path) -> str | None:
+    """labels.csv read as Windows-1252, what a spreadsheet's plain "CSV" export writes on Windows
+    ('Bébé' as b'B\\xe9b\\xe9'), when that is what it is: every byte is Windows-1252's and UTF-8 reads
+    no more of its letters outside ASCII than it fails on (UTF-8 text with a bad byte or two is not
+    taken for it: its many-byte letters outnumber the bad bytes). A warning shows the first line with
+    a letter outside ASCII as read, so that a file in another encoding is seen. None otherwise (the
+    caller names the bad byte)."""
+    as_utf8 = data.decode("utf-8", errors="replace")
+    failed = as_utf8.count("\ufffd") - data.count("\ufffd".encode())
+    if sum(not c.isascii() for c in as_utf8) - failed > failed:
+        return None
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+    line, example = next((n, row) for n, row in enumerate(text.splitlines(), 1) if not row.isascii())
+    logger.warning("%s is not UTF-8: read as Windows-1252 (a spreadsheet's CSV export on Windows); line %d "
+                   "reads %r. If its letters are wrong, re-save the file as CSV UTF-8", csv_path, line, example[:120])
+    return text
 
 
 def csv_delimiter(first_line: str) -> str:
