@@ -185,6 +185,33 @@ def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
         apply_decisions(demo_catalog, read_decisions(decisions), out)
 
 
+def test_apply_reads_a_spreadsheets_export_as_the_catalog_does(tmp_path):
+    # semicolons, a padded header, Windows backslashes in the image paths, a spelling merged by case,
+    # Windows-1252 text: the decisions name the images and labels as read_catalog gives them
+    from PIL import Image
+
+    src = tmp_path / "export"
+    (src / "photos").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(src / "photos" / f"{name}.jpg")
+    rows = ["image ; split;title ;colour;type", "photos\\a.jpg;Train;Bébé;Rouge;dress",
+            "photos\\b.jpg;train;Été;rouge;shirt", "photos\\c.jpg;test;;Bleu;dress"]
+    (src / "labels.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode("cp1252"))
+    items = read_catalog(src).by_image()
+    assert set(items) == {"photos/a.jpg", "photos/b.jpg", "photos/c.jpg"}
+    decisions = tmp_path / "decisions.csv"
+    append_decision(decisions, "photos/b.jpg", "type", "wrong", "shirt", "dress", "accept")
+    append_decision(decisions, "photos/c.jpg", "colour", "wrong", "Bleu", "Rouge", "accept")
+    out = tmp_path / "fixed"
+    assert apply_decisions(src, read_decisions(decisions), out) == 2
+    fixed = read_catalog(out).by_image()
+    assert fixed["photos/b.jpg"].labels == {"colour": ("Rouge",), "type": ("dress",)}
+    assert fixed["photos/c.jpg"].labels["colour"] == ("Rouge",) and fixed["photos/a.jpg"].title == "Bébé"
+    assert [it.split for it in fixed.values()] == ["train", "train", "test"]
+    assert (out / "photos" / "a.jpg").exists()
+    assert (out / "labels.csv").read_text(encoding="utf-8").startswith("image,split,title,colour,type\n")
+
+
 def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
     from web_fixtures import make_config
 
