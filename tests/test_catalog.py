@@ -198,11 +198,13 @@ def test_header_names_are_trimmed(tmp_path):
 
 @pytest.mark.parametrize("image,message", [
     ("a\x00b.jpg", "not a usable file path"),
-    ("/etc/passwd", "leaves the catalog directory"),
+    ("/etc/passwd", "is absolute; write it relative to the catalog directory [^(]*$"),
+    ("{root}/sub/a.jpg", "is absolute; write it relative to the catalog directory .* \\(here 'sub/a.jpg'\\)"),
     ("sub/../../x.jpg", "leaves the catalog directory"),
     ("sub\\..\\..\\x.jpg", "leaves the catalog directory"),  # a Windows export's separators
 ])
 def test_hostile_image_paths(tmp_path, image, message):
+    image = image.format(root=tmp_path)
     root = write_catalog(tmp_path, [f"{image},train,,red,dress"], images=[])
     with pytest.raises(CatalogError, match=f"labels.csv, line 2: image path .* {message}"):
         read_catalog(root)

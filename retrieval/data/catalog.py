@@ -296,7 +296,11 @@ class _RowReader:
         except (OSError, ValueError) as err:  # NUL bytes
             raise CatalogError(f"{where}: image path {image!r} is not a usable file path ({err})") from None
         inside = resolved == self.real_root or resolved.startswith(os.path.join(self.real_root, ""))
-        if os.path.isabs(image) or not inside:
+        if os.path.isabs(image):
+            relative = f" (here {os.path.relpath(resolved, self.real_root)!r})" if inside else ""
+            raise CatalogError(f"{where}: image path {image!r} is absolute; write it relative to the catalog "
+                               f"directory {self.root}{relative}")
+        if not inside:
             raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
