@@ -251,6 +251,35 @@ def test_index_build_add_remove(embeddings, demo_catalog, tmp_path):
     assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg"]) == 1
 
 
+def test_index_add_knows_an_item_by_its_image_not_its_row(embeddings, tmp_path, caplog):
+    # a catalogue whose rows moved (new ones inserted first) or a file of the new rows alone: row ids
+    # name other images than the index's; the images already held stay, the new ones come in
+    from indexer import IndexStore
+    from retrieval.commands.index import new_items
+    from retrieval.data.embfile import read_embeddings
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    assert cli(["index", "remove", "--index", str(index), "--ids", "0", "1", "2"]) == 0
+    moved = tmp_path / "moved.h5"
+    shutil.copy(embeddings, moved)
+    with h5py.File(moved, "r+") as f:  # the same rows, listed under ids 3.. (removed ones 0-2 now 57-59)
+        f["ids"][...] = (f["ids"][:] - 3) % 60
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(moved)]) == 0
+    store = IndexStore.load(index)
+    first = read_embeddings(embeddings)
+    assert len(store) == 60 and sorted(store.paths) == sorted(first.paths)
+    assert "3 new images have row ids that the index gives to other images" in caplog.text
+    back = {p: i for p, i in zip(store.paths, store.ids.tolist())}
+    assert [back[p] for p in first.paths[:3]] == [60, 61, 62]  # above both files' ids
+    assert np.allclose(store.vector(60), first.vectors[:1], atol=1e-3)
+    assert all(back[p] == i for p, i in zip(first.paths[3:], range(3, 60)))  # the held images kept theirs
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(moved)]) == 0  # nothing new
+    assert len(IndexStore.load(index)) == 60
+    new, ids = new_items(["a", "b", "c"], np.array([5, 0, 9]), ["b", "x"], np.array([0, 5]))
+    assert new.tolist() == [0, 2] and ids.tolist() == [10, 9]
+
+
 def test_index_add_refuses_other_model(embeddings, tmp_path):
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import numpy as np
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.embfile import (SHARED_VIEW_READS, index_view_power, multi_label_view_power, shared_view_name,
                                     shared_view_rows)
+
+logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,6 +105,25 @@ def check_group_views(store_power: float | None, path, attrs: dict) -> None:
                          f"again from it (scripts/rebuild_index.sh)")
 
 
+def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of an embeddings file whose image the index does not hold, the ids they get there). An
+    image is the item (a catalogue's rows move when rows are inserted, sorted or removed, so a file's
+    row ids name other images than the index's did); a new image keeps its row id unless the index
+    gives that id to another image, when it gets the next free one above both files' ids (warned)."""
+    held = set(held_paths)
+    new = np.array([i for i, path in enumerate(paths) if path not in held], dtype=np.int64)
+    out = np.asarray(ids, dtype=np.int64)[new]
+    taken = np.isin(out, held_ids)
+    if taken.any():
+        start = int(max(np.max(held_ids, initial=-1), np.max(ids, initial=-1))) + 1
+        out[taken] = np.arange(start, start + int(taken.sum()))
+        logger.warning("%d new images have row ids that the index gives to other images (the catalogue's rows "
+                       "moved since it was built); they get ids %d to %d", int(taken.sum()), start,
+                       start + int(taken.sum()) - 1)
+    return new, out
+
+
 def use_gpu(choice: str):
     return {"auto": "auto", "on": True, "off": False}[choice]
 
@@ -125,13 +147,13 @@ def main(argv=None) -> int:
     elif args.action == "add":
         with BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
-            new = np.flatnonzero(~np.isin(reader.ids, store.ids))  # one sorted pass, not a set per row
+            new, ids = new_items(reader.paths, reader.ids, store.paths, store.ids)
             paths = [reader.paths[i] for i in new]
             titles, labels = item_metadata(paths, reader.attrs, args.catalog)
             source = vector_source(reader, store_reading(store.shared_view, args.embeddings, reader.attrs))
             check_group_views(store.multi_label_view_power, args.embeddings, reader.attrs)
             views = {view: source.take(view, new) for view in store.views}
-            store.add(views, reader.ids[new], paths, titles, labels)
+            store.add(views, ids, paths, titles, labels)
         store.save(args.index)
         print(f"Added {len(new)} items to {args.index}; it now holds {len(store)}")
     else:
