@@ -38,6 +38,7 @@ def test_embeddings_file_follows_the_contract(embeddings, tiny_run, demo_catalog
         weights = json.loads(f.attrs["shared_view_weights"])
         assert weights == load_checkpoint(tiny_run / "best.pt")["shared_view_weights"]
         assert sorted(weights) == sorted(catalog.groups) and np.isclose(np.mean(list(weights.values())), 1)
+        assert json.loads(f.attrs["head_labels"]) == catalog.vocab  # what probs/'s columns are
         probs = np.concatenate([f[f"probs/{g}"][:] * np.sqrt(weights[g]) for g in catalog.groups], axis=1)
         width = 256 + sum(len(catalog.vocab[g]) for g in catalog.groups)
         width += -width % 8  # zero columns

@@ -232,6 +232,48 @@ def test_classification_and_fusion_from_head_probabilities(tmp_path):
     assert view["map_standard"] == pytest.approx((3 + 1 / 3) / 4)
 
 
+def test_classification_reads_the_models_labels_when_the_catalog_changed(tmp_path, caplog):
+    """Hand-worked: the model learnt (blue, green, red); the catalog now has no green and a new label,
+    pink. Its columns are read by the file's head_labels, not by the catalog's (blue, pink, red)."""
+    import h5py
+
+    from conftest import write_catalog
+    from retrieval.data.catalog import read_catalog
+    from retrieval.evaluate.report import evaluate_embeddings
+
+    root = write_catalog(tmp_path / "cat", [f"{n}.png,test,,{c},x" for n, c in
+                                            [("a", "red"), ("b", "blue"), ("c", "pink"), ("d", "red")]])
+    catalog = read_catalog(root)
+    assert catalog.vocab["colour"] == ["blue", "pink", "red"]
+    # columns blue, green, red: a -> red (right), b -> blue (right), c -> green (pink: no class), d -> blue (wrong)
+    probs = np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], dtype=np.float32)
+    path = tmp_path / "e.h5"
+    with h5py.File(path, "w") as f:
+        f["vectors"] = np.eye(4, dtype=np.float32)
+        f["ids"] = np.arange(4)
+        f.create_dataset("paths", data=["a.png", "b.png", "c.png", "d.png"], dtype=h5py.string_dtype())
+        f["probs/colour"] = probs
+        f["groups/colour"] = probs
+        f.attrs["head_labels"] = json.dumps({"colour": ["blue", "green", "red"]})
+    report = evaluate_embeddings(path, catalog, "test", k=3)["classification"]["colour"]
+    assert report["accuracy"] == pytest.approx(0.5)
+    classes = report["classes"]
+    # blue: predicted b, d (1 right), support 1 -> P 1/2, R 1; red: predicted a, support a, d -> P 1, R 1/2;
+    # green: predicted c, support 0 -> 0; pink: never predicted, support 1 -> 0. Macro-F1 over all four
+    assert set(classes) == {"blue", "green", "red", "pink"}
+    assert (classes["pink"]["support"], classes["pink"]["recall"]) == (1, 0.0)
+    assert (classes["blue"]["precision"], classes["red"]["recall"]) == (0.5, 0.5)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)
+    assert "1 evaluated item(s) carry labels the model has no class for ('pink')" in caplog.text
+    # a file that does not name its columns, whose width no longer matches the catalog: no report
+    with h5py.File(path, "r+") as f:
+        del f.attrs["head_labels"]
+        del f["probs/colour"]
+        f["probs/colour"] = np.hstack([probs, probs[:, :1]])
+    assert "colour" not in evaluate_embeddings(path, catalog, "test", k=3).get("classification", {})
+    assert "the embeddings hold 4 class scores, the catalog 3 labels" in caplog.text
+
+
 def test_group_vectors_from_probs_scale_multi_label_groups_only():
     from retrieval.data.embfile import group_vectors as group_vectors_from_probs
 

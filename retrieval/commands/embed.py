@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import ImageCache
-from retrieval.data.embfile import MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
+from retrieval.data.embfile import HEAD_LABELS, MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
 from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
@@ -108,6 +108,7 @@ def embed(args, rank: int, device) -> int:
             "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
     if heads:  # the vectors' first embedding_dim columns, L2-normalised, are the shared embedding alone
         meta.update(shared_view=model.config.shared_view, embedding_dim=model.config.embed_dim)
+        meta[HEAD_LABELS] = json.dumps(model.config.groups)  # what probs/'s columns are, whatever the catalog becomes
         if model.sigmoid_groups:  # group_vectors' rule for them, so that index add mixes no other
             meta[MULTI_LABEL_VIEW_ATTR] = MULTI_LABEL_VIEW_POWER
         if model.config.shared_view == "matches" and model.shared_view_weights:  # what weighed the groups

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are independent sigmoids
 SHARED_VIEW_READS = ("file", "embedding")  # read a file's shared view as stored, or its embedding alone
 SHARED_VIEW_WEIGHTS = "shared_view_weights"  # attribute: the matches view's group weights (``group_spread_weights``)
-JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS, SHARED_VIEW_WEIGHTS)
+HEAD_LABELS = "head_labels"  # attribute: each group's labels in the order of its heads' columns (``probs/``)
+JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS, SHARED_VIEW_WEIGHTS, HEAD_LABELS)
 CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
 # the shared embedding's weight in the ``matches`` shared view (``shared_vectors``): its cosine counts
 # a quarter beside the groups' mean chance of a match. Measured post hoc on thirteen catalogues (mAP@50
@@ -345,9 +346,12 @@ def embedding_part(emb: Embeddings) -> np.ndarray:
     return shared_view_rows(emb.vectors, emb.attrs, "embedding")
 
 
-def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models") -> dict:
-    """Score fusion: the mean of two models' class scores, group by group."""
-    if set(a) != set(b) or any(np.shape(a[g]) != np.shape(b[g]) for g in a):
+def fuse_probabilities(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "the two models",
+                       labels_a: dict | None = None, labels_b: dict | None = None) -> dict:
+    """Score fusion: the mean of two models' class scores, group by group. ``labels_a`` / ``labels_b``:
+    the files' ``HEAD_LABELS``, compared where both record them (the same width can name other labels)."""
+    if set(a) != set(b) or any(np.shape(a[g]) != np.shape(b[g]) for g in a) or \
+            (labels_a and labels_b and any(labels_a.get(g) != labels_b.get(g) for g in a)):
         raise ValueError(f"Cannot fuse {what}: their groups or label vocabularies differ")
     return {g: (a[g] + b[g]) / 2 for g in a}
 

@@ -71,32 +71,54 @@ def _per_class_report(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray
 
 
 def group_report(probs: np.ndarray, items, group: str, vocab: list[str], multi_label: bool) -> dict | None:
-    """Classification report of one group over the items labelled in it (None when none are)."""
+    """Classification report of one group over the items labelled in it (None when none are).
+    ``vocab``: the labels of ``probs``'s columns (the model's); a label of the items' that the model
+    has none for (the catalog gained it since training) is a class of the report that is never
+    predicted, so its items count as wrong (warned)."""
     known = np.array([bool(it.labels[group]) for it in items])
     if not known.any():
         return None
-    position = {label: i for i, label in enumerate(vocab)}
+    labelled = [it.labels[group] for it, k in zip(items, known) if k]
+    unseen = sorted({label for labels in labelled for label in labels} - set(vocab))
+    if unseen:
+        n = sum(any(label in unseen for label in labels) for labels in labelled)
+        logger.warning("group %r: %d evaluated item(s) carry labels the model has no class for (%s); they count "
+                       "as wrong: train again to learn them", group, n, ", ".join(map(repr, unseen[:5])) +
+                       (f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""))
+    names = [*vocab, *unseen]
+    position = {label: i for i, label in enumerate(names)}
+    p = probs[known]
     if multi_label:
-        truth = np.zeros((known.sum(), len(vocab)), dtype=bool)
-        for r, it in enumerate(i for i, k in zip(items, known) if k):
-            truth[r, [position[l] for l in it.labels[group]]] = True
-        p = probs[known]
-        predicted = p >= 0.5
+        truth = np.zeros((len(p), len(names)), dtype=bool)
+        for r, labels in enumerate(labelled):
+            truth[r, [position[label] for label in labels]] = True
+        predicted = np.zeros_like(truth)
+        predicted[:, :len(vocab)] = p >= 0.5
         predicted[np.arange(len(p)), p.argmax(1)] = True  # at least one label each
-        report = multilabel_report(truth, predicted, vocab)
+        report = multilabel_report(truth, predicted, names)
         report["accuracy"] = report["sample_accuracy"]
         return report
-    truth = [position[it.labels[group][0]] for it, k in zip(items, known) if k]
-    return classification_report(truth, probs[known].argmax(1).tolist(), vocab)
+    truth = [position[labels[0]] for labels in labelled]
+    return classification_report(truth, p.argmax(1).tolist(), names)
 
 
-def classify(probs: dict[str, np.ndarray], items, catalog: Catalog) -> dict:
-    """Per-group classification reports of head probabilities aligned with ``items``."""
+def classify(probs: dict[str, np.ndarray], items, catalog: Catalog, head_labels: dict | None = None) -> dict:
+    """Per-group classification reports of head probabilities aligned with ``items``. ``head_labels``:
+    each group's labels in the order of its columns (the embeddings file's ``head_labels``); a file
+    without them (embedded before 2026-11-29) is read by the catalog's labels, and a group whose
+    label count no longer matches its columns is left out (warned)."""
     multi = set(catalog.multi_label_groups())
     reports = {}
     for g in catalog.groups:
-        if g in probs:
-            reports[g] = group_report(probs[g], items, g, catalog.vocab[g], g in multi)
+        if g not in probs:
+            continue
+        vocab = (head_labels or {}).get(g, catalog.vocab[g])
+        if len(vocab) != probs[g].shape[1]:
+            logger.warning("group %r: the embeddings hold %d class scores, the catalog %d labels (changed since "
+                           "embedding, by a file that does not name its columns); no classification report: "
+                           "embed again", g, probs[g].shape[1], len(vocab))
+            continue
+        reports[g] = group_report(probs[g], items, g, vocab, g in multi)
     return {g: r for g, r in reports.items() if r is not None}
 
 

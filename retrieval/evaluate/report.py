@@ -9,9 +9,9 @@ import numpy as np
 
 from retrieval.atomic import atomic_write, write_text
 from retrieval.data.catalog import Catalog
-from retrieval.data.embfile import (SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError, fuse_probabilities,
-                                    group_vectors, ranks_by_cosine, read_attrs, read_paths, read_probabilities,
-                                    read_rows, shared_view_name, shared_view_rows)
+from retrieval.data.embfile import (HEAD_LABELS, SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError,
+                                    fuse_probabilities, group_vectors, ranks_by_cosine, read_attrs, read_paths,
+                                    read_probabilities, read_rows, shared_view_name, shared_view_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
 
@@ -79,7 +79,8 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         if missing:
             raise EvaluationError(f"{fuse}: lacks {len(missing)} image(s) of {emb_path}, e.g. {missing[:3]}")
         probs = fuse_probabilities(probs, read_probabilities(fuse, np.array([position[p] for p in emb.paths])),
-                                   f"{emb_path} and {fuse}")
+                                   f"{emb_path} and {fuse}", emb.attrs.get(HEAD_LABELS),
+                                   read_attrs(fuse).get(HEAD_LABELS))
         sigmoid = set(emb.sigmoid_groups if emb.sigmoid_groups is not None else catalog.multi_label_groups())
         sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
@@ -105,7 +106,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                          "interval": "95% percentile bootstrap over the sampled queries"})
     report = {"settings": settings, **report}
     if probs:
-        report["classification"] = classify(probs, items, catalog)
+        report["classification"] = classify(probs, items, catalog, emb.attrs.get(HEAD_LABELS))
     return report
 
 
