@@ -39,6 +39,26 @@ def test_a_validation_split_is_read_by_its_usual_names(tmp_path, monkeypatch, fa
     assert "8 items (2 train, 4 val, 2 test), 2 groups" in format_summary(cat)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("delimiter", [",", ";"])
+def test_reserved_column_names_in_any_letter_case(tmp_path, monkeypatch, fast, delimiter):
+    # 'Split' was an attribute group (labels train / test) and the split the hash one; 'Image' was
+    # "missing header"
+    from retrieval.data import columns
+
+    if not fast:
+        monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)
+    rows = [f"{i}.jpg{delimiter}{split}{delimiter}T{i}{delimiter}red" for i, split in enumerate(["train", "test", "TEST"])]
+    root = write_catalog(tmp_path, rows, header=delimiter.join(["Image", " SPLIT", "Title", "Colour"]),
+                         images=["0.jpg", "1.jpg", "2.jpg"])
+    cat = read_catalog(root)
+    assert cat.groups == ["Colour"] and [it.split for it in cat.items] == ["train", "test", "test"]
+    assert [it.title for it in cat.items] == ["T0", "T1", "T2"]
+    (root / "labels.csv").write_text(f"image{delimiter}Image{delimiter}colour\n0.jpg{delimiter}1.jpg{delimiter}red\n")
+    with pytest.raises(CatalogError, match=r"duplicate columns \['image'\]"):
+        read_catalog(root)
+
+
 def test_missing_split_column_uses_hash(tmp_path):
     names = [f"img{i}.jpg" for i in range(200)]
     root = write_catalog(tmp_path, [f"{n},x" for n in names], header="image,colour")

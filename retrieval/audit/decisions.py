@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from retrieval.atomic import atomic_write
-from retrieval.data.catalog import (LABEL_SEPARATOR, LABELS_FILE, csv_delimiter, decode_labels_file, image_path_of,
-                                    link_or_copy, read_catalog)
+from retrieval.data.catalog import (LABEL_SEPARATOR, LABELS_FILE, csv_delimiter, decode_labels_file, header_names,
+                                    image_path_of, link_or_copy, read_catalog)
 
 FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
 DECISIONS = ("accept", "reject", "skip")
@@ -68,8 +68,8 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
         raise FileExistsError(f"{out / LABELS_FILE} exists; choose another --out")
     text = decode_labels_file(src / LABELS_FILE)  # and written as UTF-8 with commas
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
-    header = [h.strip() for h in reader.fieldnames or []]
-    rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    header = header_names(reader.fieldnames or [])
+    rows = [dict(zip(header_names([k or "" for k in row]), row.values())) for row in reader]
     for row in rows:
         row["image"] = image_path_of(row["image"])  # as read_catalog names it (a Windows export's '\\' as '/')
     accepted: dict[str, list[dict]] = {}

@@ -150,8 +150,15 @@ def build_vocab(items: list[Item], groups: list[str]) -> dict[str, list[str]]:
     return {g: sorted(labels) for g, labels in vocab.items()}
 
 
+def header_names(cells: list[str]) -> list[str]:
+    """A header row's column names: trimmed, and ``image``, ``split`` and ``title`` in any letter case
+    ('Image', 'SPLIT', as spreadsheets write them) as those names; every other name as written."""
+    names = [cell.strip() for cell in cells]
+    return [name.lower() if name.lower() in RESERVED_COLUMNS else name for name in names]
+
+
 def check_header(header: list[str] | None, csv_path: Path) -> list[str]:
-    """The attribute groups of a (whitespace-trimmed) header; CatalogError when it is not usable."""
+    """The attribute groups of a header (``header_names``); CatalogError when it is not usable."""
     if not header or "image" not in header:
         raise CatalogError(f"{csv_path}: missing header; the first line must be 'image,split,title,<group>,...'")
     duplicates = sorted({h for h in header if h and header.count(h) > 1})
@@ -247,7 +254,7 @@ def csv_delimiter(first_line: str) -> str:
     """The cell separator of labels.csv: a comma, or the semicolon or tab of a spreadsheet's export
     where the header splits into an 'image' column on that and not on commas."""
     for delimiter in (",", ";", "\t"):
-        if "image" in (cell.strip().strip('"') for cell in first_line.split(delimiter)):
+        if "image" in (cell.strip().strip('"').lower() for cell in first_line.split(delimiter)):
             return delimiter
     return ","
 
@@ -335,7 +342,7 @@ def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str]
     text = decode_labels_file(csv_path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
     try:
-        header = [h.strip() for h in reader.fieldnames] if reader.fieldnames else reader.fieldnames
+        header = header_names(reader.fieldnames) if reader.fieldnames else reader.fieldnames
         groups = check_header(header, csv_path)
         reader.fieldnames = [h or f"\0unnamed {i}" for i, h in enumerate(header)]  # kept apart, checked empty
         rows = _RowReader(root, csv_path, groups, check_files)

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from retrieval.data.catalog import (Item, check_header, csv_delimiter, hash_split, image_path_of, parse_labels,
-                                    split_name)
+from retrieval.data.catalog import (Item, check_header, csv_delimiter, hash_split, header_names, image_path_of,
+                                    parse_labels, split_name)
 
 STAT_CHUNK = 4096  # paths per thread-pool task
 
@@ -109,7 +109,7 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     if table is None or table.num_rows < 2 or table.slice(0, 1).to_pylist()[0] != {
             f"c{i}": h for i, h in enumerate(header)}:
         return None
-    header = [h.strip() for h in header]
+    header = header_names(header)
     groups = check_header(header, csv_path)
     columns = {h: table.column(i).slice(1) for i, h in enumerate(header) if h}
     if any(not h and any(cell.strip() for cell in table.column(i).slice(1).to_pylist()) for i, h in enumerate(header)):
