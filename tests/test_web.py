@@ -220,6 +220,28 @@ def test_thumbnails_are_cached_on_disk(app, client, monkeypatch):
     assert client.get("/thumbs/999.jpg").status_code == 404
 
 
+def test_thumbnails_show_what_the_model_sees(tmp_path):
+    # 16-bit grey (PIL's own conversion clips it white) and a cut-out on transparency (black under
+    # PIL's): each thumbnail is the model's input's colours, mid grey and white around the garment
+    from PIL import Image
+
+    from retrieval.data.images import load_image
+    from web.media import write_thumbnail
+
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.full((40, 60), 30000, dtype=np.uint16)).save(grey)
+    cutout = np.zeros((40, 60, 4), dtype=np.uint8)
+    cutout[10:30, 20:40] = (200, 20, 20, 255)  # a red garment, the rest transparent
+    Image.fromarray(cutout, "RGBA").save(tmp_path / "cutout.png")
+    for name, centre, corner in (("grey16.png", 117, 117), ("cutout.png", (200, 20, 20), (255, 255, 255))):
+        target = tmp_path / f"{name}.jpg"
+        assert write_thumbnail(tmp_path / name, target, 64)
+        thumb = np.asarray(Image.open(target).convert("RGB")).astype(int)
+        seen = np.asarray(load_image(tmp_path / name)).astype(int)
+        for y, x, want in ((20, 30, centre), (0, 0, corner)):
+            assert np.abs(thumb[y, x] - want).max() <= 6 and np.abs(seen[y, x] - want).max() <= 6, (name, y, x)
+
+
 def test_thumbs_command_fills_the_cache(runner, app):
     result = runner.invoke(args=["thumbs"])
     assert "60 thumbnails" in result.output and "0 unreadable" in result.output

@@ -9,7 +9,7 @@ import click
 from flask import Blueprint, abort, current_app, send_file, send_from_directory
 from flask.cli import with_appcontext
 
-import retrieval.data.images  # noqa: F401  (registers HEIC with PIL for the thumbnails and copies below)
+from retrieval.data.images import to_rgb  # importing it registers HEIC with PIL for the thumbnails and copies
 from retrieval.atomic import atomic_write
 from web.resources import catalog_dir, get_snapshot, resources
 
@@ -36,7 +36,7 @@ def write_thumbnail(image: Path, target: Path, size: int) -> bool:
     try:
         with Image.open(image) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
-            small = ImageOps.exif_transpose(img).convert("RGB")
+            small = to_rgb(ImageOps.exif_transpose(img))  # 16-bit grey, alpha on white: as the model sees it
             small.thumbnail((size, size))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         logger.warning("Cannot make a thumbnail of %s: %s", image, err)

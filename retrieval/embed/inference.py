@@ -124,9 +124,9 @@ def describe_image(model: RetrievalModel, image, device="cpu", shared_view: str 
     """Embedding, head probabilities and group vectors of one PIL image (for search by photo),
     from the image alone (no mirror view); ``shared_view``: what the index's shared view holds
     (``outputs_from_pooled``)."""
-    from retrieval.data.images import to_uint8_array
+    from retrieval.data.images import to_rgb, to_uint8_array
 
-    array = to_uint8_array(image.convert("RGB"), model.config.image_size)
+    array = to_uint8_array(to_rgb(image), model.config.image_size)
     x = normalize_batch(torch.from_numpy(array).unsqueeze(0).to(device))
     model.eval().to(device)
     return outputs_from_pooled(model, model.view_features(x, QUERY_VIEWS), np.zeros(1, dtype=np.int64),
