@@ -51,6 +51,18 @@ def test_audit_finds_planted_wrong_missing_and_duplicate_labels():
         [("images/1.jpg", "other", "x", "y", "images/2.jpg")]
 
 
+def test_a_group_of_one_label_gets_no_suggestion(caplog):
+    # a flag written only where it holds ('striped' on a few rows): its head scores it 1 everywhere,
+    # which suggested it for every empty cell at confidence 1.0
+    catalog, x, *_ = synthetic()
+    items = [Item(it.row_id, it.image, it.split, "", {**it.labels, "flag": ("striped",) if it.row_id % 20 == 0 else ()})
+             for it in catalog.items]
+    flagged = Catalog("/nowhere", ["type", "other", "flag"], items)
+    issues = audit_catalog(flagged, x, np.ones(len(x), bool), ["type", "flag"], folds=5, min_confidence=0.6)
+    assert not [i for i in issues if i.group == "flag"] and [i for i in issues if i.group == "type"]
+    assert "group 'flag' has one label ('striped'): no label of it can be wrong or suggested" in caplog.text
+
+
 def test_a_multi_label_suggestion_has_at_most_as_many_labels_as_an_item_of_the_group():
     """Every label over the threshold, in vocabulary order, but no more than the most labels any item
     of the group has (the likeliest ones); a single-label group's suggestion is its top label."""

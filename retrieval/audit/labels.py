@@ -251,6 +251,11 @@ def audit_catalog(catalog: Catalog, x: np.ndarray, ok: np.ndarray, groups: list[
         probs = np.zeros((len(catalog.items), len(catalog.vocab[g])), np.float32)
         probs[readable] = probs_sub[g]
         labelled = np.array([bool(catalog.items[i].labels[g]) for i in readable], bool)
+        if len(catalog.vocab[g]) < 2:  # nothing tells its label from another: a heads' 'probability' of 1
+            logger.warning("group %r has one label (%r): no label of it can be wrong or suggested for an empty "
+                           "cell (a flag written only where it holds? catalog-info names such a group)",
+                           g, catalog.vocab[g][0] if catalog.vocab[g] else "")
+            continue
         issues += wrong_labels(catalog, g, probs, readable[labelled], g in multi)
         issues += missing_labels(catalog, g, probs, readable[~labelled], g in multi, min_confidence)
     # cosine of standardised features: raw pooled activations are all positive, so any two images
