@@ -224,6 +224,40 @@ def test_apply_reads_a_spreadsheets_export_as_the_catalog_does(tmp_path):
     assert (out / "labels.csv").read_text(encoding="utf-8").startswith("image,split,title,colour,type\n")
 
 
+def test_apply_links_a_symlinks_file_and_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    # images kept as relative symbolic links (links/a.jpg -> ../real/a.jpg): the copy's link pointed
+    # nowhere, the check failed and the half-written folder made a second try "exists"
+    from PIL import Image
+
+    import retrieval.audit.decisions as decisions
+
+    src = tmp_path / "shop"
+    (src / "real").mkdir(parents=True)
+    (src / "links").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(src / "real" / f"{name}.jpg")
+        (src / "links" / f"{name}.jpg").symlink_to(f"../real/{name}.jpg")
+    (src / "labels.csv").write_text("image,split,colour\nlinks/a.jpg,train,red\nlinks/b.jpg,test,blue\n")
+    log = tmp_path / "decisions.csv"
+    append_decision(log, "links/b.jpg", "colour", "wrong", "blue", "red", "accept")
+    out = tmp_path / "fixed"
+    monkeypatch.setattr(decisions, "read_catalog", lambda root: (_ for _ in ()).throw(RuntimeError("check failed")))
+    with pytest.raises(RuntimeError, match="check failed"):
+        apply_decisions(src, read_decisions(log), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.csv", "shop"]  # nothing left behind
+    monkeypatch.undo()
+    out.mkdir()  # an empty folder is fine
+    assert apply_decisions(src, read_decisions(log), out) == 1
+    copied = out / "links" / "b.jpg"
+    assert not copied.is_symlink() and copied.stat().st_ino == (src / "real" / "b.jpg").stat().st_ino
+    assert read_catalog(out).by_image()["links/b.jpg"].labels["colour"] == ("red",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.csv", "fixed", "shop"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not an empty folder"):
+        apply_decisions(src, read_decisions(log), tmp_path / "other")
+
+
 def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
     from web_fixtures import make_config
 

@@ -7,6 +7,8 @@ import csv
 import fcntl
 import io
 import os
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,14 +60,16 @@ def latest(decisions: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str | Path) -> int:
-    """Write a corrected copy of the catalog to ``out_dir`` (images hard-linked, or copied across
-    file systems): every accepted decision sets its group's cell to the suggested labels. Returns
-    the number of cells changed."""
+    """Write a corrected copy of the catalog to ``out_dir``, a new or empty folder (images hard-linked,
+    or copied across file systems; a symbolic link's file, not the link): every accepted decision sets
+    its group's cell to the suggested labels. The copy is made in a folder beside it and renamed into
+    place once it reads as a catalog, so a failed run leaves nothing there. Returns the number of cells
+    changed."""
     src, out = Path(catalog_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: the corrected catalog must go to a new folder, not over {src}")
-    if (out / LABELS_FILE).exists():
-        raise FileExistsError(f"{out / LABELS_FILE} exists; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
     text = decode_labels_file(src / LABELS_FILE)  # and written as UTF-8 with commas
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
     header = header_names(reader.fieldnames or [])
@@ -81,13 +85,24 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
         for d in accepted.get(row["image"], ()):
             row[d["group"]] = LABEL_SEPARATOR.join(filter(None, d["suggested"].split(LABEL_SEPARATOR)))
             changed += 1
-    out.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        link_or_copy(src / row["image"], out / row["image"])
-    with atomic_write(out / LABELS_FILE, newline="") as f:
-        writer = csv.DictWriter(f, header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    read_catalog(out)  # the copy must be a valid catalog
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for row in rows:
+            link_or_copy(src / row["image"], work / row["image"])
+        with atomic_write(work / LABELS_FILE, newline="") as f:
+            writer = csv.DictWriter(f, header, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        read_catalog(work)  # the copy must be a valid catalog
+        mask = os.umask(0)
+        os.umask(mask)
+        work.chmod(0o777 & ~mask)  # a folder as mkdir makes it (mkdtemp's is 0o700)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return changed
 

@@ -274,12 +274,13 @@ def image_stat(path: str | Path) -> tuple[int, int] | None:
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (a copy keeping its times across file systems)."""
+    """Hard-link ``source``'s file to ``target`` (a copy keeping its times across file systems). A
+    symbolic link's file is linked, not the link (a relative one would point elsewhere from there)."""
     if target.exists() or not source.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(source, target)
+        os.link(os.path.realpath(source), target)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(source, target)
 
