@@ -363,9 +363,13 @@ def test_hand_worked_k_larger_than_set():
 
 
 def test_hand_worked_no_relevant_items(ranked_in):
-    # Every colour is unique, so no query has a relevant item: AP = 0, three queries (3, 4 unlabelled).
-    got = evaluate_retrieval(HAND_VECTORS, {"colour": HAND_COLOUR}, k=3)
-    assert got["groups"]["colour"] == {"map_paper": 0.0, "map_standard": 0.0, "queries": 3}
+    # Every colour is unique, so no query has a relevant item: AP = 0, three queries (3, 4 unlabelled);
+    # every ranking scores 0, so the group is marked and left out of the means (type's alone, 35/48)
+    got = evaluate_retrieval(HAND_VECTORS, {"colour": HAND_COLOUR, "type": HAND_TYPE}, k=3)
+    assert got["groups"]["colour"] == {"map_paper": 0.0, "map_standard": 0.0, "queries": 3, "uninformative": True}
+    assert got["views"]["shared"]["groups"] == ["type"] and got["mean"]["map_paper"] == pytest.approx(35 / 48)
+    every = evaluate_retrieval(HAND_VECTORS, {"colour": HAND_COLOUR}, k=3, candidates="all")
+    assert every["groups"]["colour"]["uninformative"] is True  # the unlabelled are misses: still no hit
 
 
 def test_group_without_labels_is_left_out_of_the_mean(ranked_in):

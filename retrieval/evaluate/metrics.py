@@ -202,8 +202,8 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
         ``{"groups": {g: {map_paper, map_standard, queries[, group_view]}},
         "views": {"shared": mean, "group": mean}, "mean": {map_paper, map_standard[, group_view]}}``;
         a group without queries has ``None`` maps and is left out of the means, and so is one where
-        every evaluated item shares a label (``uninformative``: every ranking scores 100 there),
-        which keeps its maps and is marked ``"uninformative": true``.
+        every evaluated item shares a label or none shares one with another (``uninformative``: every
+        ranking scores 100 or 0 there), which keeps its maps and is marked ``"uninformative": true``.
     """
     if candidates not in CANDIDATES:
         raise ValueError(f"Unknown candidates {candidates!r}; choose one of: {', '.join(CANDIDATES)}")
@@ -232,12 +232,18 @@ def evaluate_retrieval(vectors: np.ndarray, labels_by_group: dict[str, Sequence[
 
 
 def uninformative(y: np.ndarray, candidates: str = "labelled") -> bool:
-    """Whether a group's ranking cannot matter: two or more evaluated items, and a label that every
-    one of them has, so each candidate is relevant to each query and any ranking scores AP 1 (a
-    catalog whose group has one label, or a test split that holds one). With ``candidates="all"``
-    an unlabelled item is a miss, so a group with unlabelled items still tells rankings apart."""
+    """Whether a group's ranking cannot matter: two or more evaluated items, and either a label that
+    every one of them has, so each candidate is relevant to each query and any ranking scores AP 1 (a
+    catalog whose group has one label, or a test split that holds one), or no label that two of them
+    share, so no query has a relevant item and any ranking scores 0 (a small test split of rare
+    labels). With ``candidates="all"`` an unlabelled item is a miss, so a group with unlabelled items
+    still tells rankings apart in the first case."""
     labelled = y.any(axis=1)
-    if labelled.sum() < 2 or (candidates == "all" and not labelled.all()):
+    if labelled.sum() < 2:
+        return False
+    if not (y[labelled].sum(axis=0) >= 2).any():
+        return True
+    if candidates == "all" and not labelled.all():
         return False
     return bool(y[labelled].all(axis=0).any())
 

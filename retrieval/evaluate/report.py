@@ -94,8 +94,9 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                                 normalise=ranks_by_cosine(name))
     for g, entry in report["groups"].items():
         if entry.get("uninformative"):
-            logger.warning("group %r: every evaluated item of split %r shares a label, so every ranking scores "
-                           "100 in it; shown, but left out of the means", g, split)
+            how = "shares a label" if entry["map_paper"] else "has a label no other one has"
+            logger.warning("group %r: every evaluated item of split %r %s, so every ranking scores %s in it; "
+                           "shown, but left out of the means", g, split, how, "100" if entry["map_paper"] else "0")
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
