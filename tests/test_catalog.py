@@ -81,6 +81,8 @@ def test_missing_split_column_uses_hash(tmp_path):
     ("image,split,colour", ["a.jpg,train,red", "photos/c.jpg,train,red"], ["a.jpg", "photos/b.jpg"],
      "line 3: image file 'photos/c.jpg' does not exist under [^;]*$"),
     ("image,split,colour", ["a.jpg,train,red", "a.jpg,test,red"], ["a.jpg"], "already listed on line 2"),
+    ("image,split,colour", ["sub/a.jpg,train,red", "./sub//a.jpg,test,red"], ["sub/a.jpg"],
+     "line 3: image 'sub/a.jpg' already listed on line 2"),  # one image under two spellings
     ("image,split", ["a.jpg,train"], ["a.jpg"], "no attribute group"),
     ("image,split,colour", ["a.jpg,train,red,extra"], ["a.jpg"], "more cells than header"),
 ])
@@ -349,6 +351,12 @@ def test_image_linked_out_of_the_catalog_is_refused(tmp_path, check_files):
     write_catalog(tmp_path / "elsewhere", [], images=["x.jpg"])
     (root / "out.jpg").symlink_to(tmp_path / "elsewhere" / "x.jpg")
     with pytest.raises(CatalogError, match=r"labels.csv, line 3: image path 'out.jpg' leaves the catalog"):
+        read_catalog(root, check_files=check_files)
+    (root / "out.jpg").unlink()
+    (root / "shared").symlink_to(tmp_path / "elsewhere")  # a linked-in folder of photos
+    (root / "labels.csv").write_text("image,split,title,colour,type\na.jpg,train,,red,dress\nshared/x.jpg,train,,red,dress\n")
+    with pytest.raises(CatalogError, match=r"line 3: image path 'shared/x.jpg' leaves the catalog directory .* "
+                                           r"through the symbolic link 'shared' -> '.*elsewhere'"):
         read_catalog(root, check_files=check_files)
 
 

@@ -281,6 +281,22 @@ def test_index_add_knows_an_item_by_its_image_not_its_row(embeddings, tmp_path, 
     assert new.tolist() == [0, 2] and ids.tolist() == [10, 9]
 
 
+def test_index_add_leaves_out_a_group_the_catalog_gained_since_the_build(embeddings, demo_catalog, tmp_path, caplog):
+    from indexer import IndexStore
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    assert cli(["index", "remove", "--index", str(index), "--ids", "0", "1"]) == 0
+    grown = tmp_path / "grown"
+    shutil.copytree(demo_catalog, grown)
+    lines = (grown / "labels.csv").read_text().splitlines()
+    (grown / "labels.csv").write_text("\n".join([lines[0] + ",material", *(f"{line},cotton" for line in lines[1:])]) + "\n")
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings), "--catalog", str(grown)]) == 0
+    store = IndexStore.load(index)
+    assert len(store) == 60 and "material" not in store.vocabulary()
+    assert "group(s) 'material' are not in the index" in caplog.text
+
+
 def test_index_add_refuses_other_model(embeddings, tmp_path):
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0

@@ -605,6 +605,16 @@ def test_a_catalogs_val_split_is_the_validation(demo_catalog, tmp_path, capsys):
     assert "validation items (0.5 of the train split)" in capsys.readouterr().out
 
 
+def test_one_training_item_is_a_clear_error(tmp_path, capsys):
+    # it trained no step (a batch of one is skipped) and wrote an untrained best.pt, exit 0
+    from conftest import write_catalog
+
+    root = write_catalog(tmp_path / "cat", ["a.jpg,train,,red,dress", "b.jpg,val,,blue,shirt", "c.jpg,test,,red,shirt"])
+    assert train(root, tmp_path / "run", "--epochs", "1") == 1
+    assert "1 training item (a.jpg) beside 1 validation item(s); at least 2 are needed" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
 def test_torchrun_two_processes_gloo(demo_catalog, tmp_path):
     result = torchrun_train(demo_catalog, tmp_path / "ddp", "--epochs", "1")
     assert "world 2" in result.stdout

@@ -150,6 +150,12 @@ def main(argv=None) -> int:
             new, ids = new_items(reader.paths, reader.ids, store.paths, store.ids)
             paths = [reader.paths[i] for i in new]
             titles, labels = item_metadata(paths, reader.attrs, args.catalog)
+            extra = [g for g in labels if g not in store.vocabulary()]
+            if extra:  # a column the catalog gained since the build: the index has no filter for it
+                logger.warning("the catalog's group(s) %s are not in the index (built before they were added): "
+                               "left out of the new items; build the index again to filter by them "
+                               "(scripts/rebuild_index.sh)", ", ".join(map(repr, extra)))
+                labels = {g: v for g, v in labels.items() if g not in extra}
             source = vector_source(reader, store_reading(store.shared_view, args.embeddings, reader.attrs))
             check_group_views(store.multi_label_view_power, args.embeddings, reader.attrs)
             views = {view: source.take(view, new) for view in store.views}

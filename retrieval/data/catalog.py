@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -180,6 +181,18 @@ def unnamed_cell(header: list[str], cells: list[str | None]) -> tuple[int, str] 
     return None
 
 
+def link_hint(root: Path, image: str) -> str:
+    """What an error about a path leaving the catalog adds when a symbolic link inside it is the way
+    out (a folder of photos linked in from a shared drive): the link and where it points."""
+    path = Path(root)
+    for part in Path(image).parts[:-1] if ".." not in Path(image).parts else ():
+        path = path / part
+        if path.is_symlink():
+            return (f" through the symbolic link {str(path.relative_to(root))!r} -> {os.readlink(path)!r}; "
+                    "copy the photos into the catalog directory or point the catalog at the folder holding both")
+    return ""
+
+
 def missing_hint(root: str, resolved: str, image: str) -> str:
     """What a missing image's error adds: that a web address is not downloaded, or the file whose path
     differs only in letter case (a catalogue written on Windows or macOS, read on Linux)."""
@@ -260,8 +273,15 @@ def csv_delimiter(first_line: str) -> str:
 
 
 def image_path_of(cell: str) -> str:
-    """An image path as written in labels.csv, with a Windows export's backslashes as '/'."""
-    return cell.strip().replace("\\", "/")
+    """An image path as written in labels.csv, with a Windows export's backslashes as '/', and './'
+    parts and doubled '/' dropped ('./images//a.jpg' is 'images/a.jpg': one image, one name); a path
+    with '..' parts stays as written (the reader refuses one that leaves the catalog), as does a web
+    address (named as such)."""
+    path = cell.strip().replace("\\", "/")
+    if "/" not in path or ".." in path.split("/") or URL.match(path):
+        return path
+    tidy = posixpath.normpath(path)
+    return path if tidy == "." else tidy
 
 
 def image_stat(path: str | Path) -> tuple[int, int] | None:
@@ -309,7 +329,8 @@ class _RowReader:
             raise CatalogError(f"{where}: image path {image!r} is absolute; write it relative to the catalog "
                                f"directory {self.root}{relative}")
         if not inside:
-            raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}")
+            raise CatalogError(f"{where}: image path {image!r} leaves the catalog directory {self.root}"
+                               f"{link_hint(self.root, image)}")
         found = image_stat(resolved) if self.check_files else None
         if self.check_files and found is None:
             hint = missing_hint(self.real_root, resolved, image)

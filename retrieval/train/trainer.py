@@ -82,6 +82,9 @@ class Job:
             self.train_items, self.val_items = split_validation(items, cfg.val_fraction)
         if not self.train_items:
             raise ValueError(f"{catalog.root}: no training items (split column has no 'train' rows?)")
+        if len(self.train_items) < 2:  # a batch of one is skipped (batch norm): nothing would train
+            raise ValueError(f"{catalog.root}: 1 training item ({self.train_items[0].image}) beside "
+                             f"{len(self.val_items)} validation item(s); at least 2 are needed to train")
         self.targets = build_targets(self.train_items, catalog.vocab)
         self.val_targets = build_targets(self.val_items, catalog.vocab)
 
