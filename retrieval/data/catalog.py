@@ -251,7 +251,7 @@ def windows_1252_text(data: bytes, csv_path: Path) -> str | None:
     caller names the bad byte)."""
     as_utf8 = data.decode("utf-8", errors="replace")
     failed = as_utf8.count("\ufffd") - data.count("\ufffd".encode())
-    if sum(not c.isascii() for c in as_utf8) - failed > failed:
+    if len(as_utf8) - len(as_utf8.encode("ascii", "ignore")) - failed > failed:  # letters read > bytes failed
         return None
     try:
         text = data.decode("cp1252")
