@@ -148,7 +148,8 @@ class Job:
 
     def describe(self) -> str:
         """Start-of-run summary: data, mode, loss kinds and weights."""
-        source = "the val split" if self.catalog.split_items("val") else f"{self.cfg.val_fraction:g} of the train split"
+        source = ("the val split" if self.catalog.split_items("val")
+                  else f"{self.cfg.val_fraction:g} of the train split")
         lines = [f"{len(self.train_items)} training / {len(self.val_items)} validation items ({source}), "
                  f"method {self.cfg.method}, backbone {self.cfg.backbone}, device {self.device}, "
                  f"world {self.world}, input {self.mode}, "
