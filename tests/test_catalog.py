@@ -59,6 +59,15 @@ def test_reserved_column_names_in_any_letter_case(tmp_path, monkeypatch, fast, d
         read_catalog(root)
 
 
+def test_groups_option_names_a_group_with_a_comma():
+    from retrieval.data.catalog import group_list
+
+    known = ["Size, EU", "colour", "type"]
+    assert group_list("colour,type", known) == ["colour", "type"]
+    assert group_list("Size, EU", known) == ["Size, EU"]  # the whole value is one group's name
+    assert group_list('"Size, EU", colour', known) == ["Size, EU", "colour"]  # quoted as a CSV cell
+
+
 def test_missing_split_column_uses_hash(tmp_path):
     names = [f"img{i}.jpg" for i in range(200)]
     root = write_catalog(tmp_path, [f"{n},x" for n in names], header="image,colour")

@@ -721,7 +721,7 @@ def test_train_on_a_subset_of_groups(demo_catalog, tiny_run, tmp_path, capsys):
                  "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
     assert list(load_checkpoint(tmp_path / "run" / "last.pt")["model_config"]["groups"]) == ["category", "pattern"]
     assert train(demo_catalog, tmp_path / "bad", "--groups", "size") == 1
-    assert "Unknown group(s) size" in capsys.readouterr().err
+    assert "Unknown group(s) 'size'; choose from: 'category'" in capsys.readouterr().err
 
 
 def test_killed_trunk_cache_resumes(demo_catalog, tmp_path):

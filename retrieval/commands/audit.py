@@ -10,7 +10,7 @@ from pathlib import Path
 
 from retrieval.atomic import write_text
 from retrieval.audit.labels import audit_catalog, catalog_features, summarize, write_issues
-from retrieval.data.catalog import read_catalog, select_groups
+from retrieval.data.catalog import group_list, read_catalog, select_groups
 from retrieval.devices import resolve_device
 from retrieval.net.checkpoint import load_model
 
@@ -51,7 +51,7 @@ def get_apply_parser() -> argparse.ArgumentParser:
 def run_audit(args) -> Path:
     began = time.perf_counter()
     catalog = read_catalog(args.catalog)
-    groups = args.groups.split(",") if args.groups else list(catalog.groups)
+    groups = group_list(args.groups, catalog.groups) if args.groups else list(catalog.groups)
     select_groups(catalog, groups)  # refuses unknown groups, naming the valid ones
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)

@@ -84,11 +84,20 @@ class Catalog:
         return {item.image: item for item in self.items}
 
 
+def group_list(text: str, known: list[str]) -> list[str]:
+    """The groups a ``--groups`` value names: comma-separated, a name holding a comma quoted as in a
+    CSV cell (``'"Size, EU",colour'``), or the whole value when it is one group's name."""
+    if text in known:
+        return [text]
+    return [name.strip() for name in next(csv.reader([text], skipinitialspace=True), []) if name.strip()]
+
+
 def select_groups(catalog: Catalog, groups: list[str]) -> Catalog:
     """The same catalog seen through a subset of its attribute groups."""
     unknown = [g for g in groups if g not in catalog.groups]
     if unknown:
-        raise ValueError(f"Unknown group(s) {', '.join(unknown)}; choose from: {', '.join(catalog.groups)}")
+        raise ValueError(f"Unknown group(s) {', '.join(map(repr, unknown))}; choose from: "
+                         f"{', '.join(map(repr, catalog.groups))} (a name with a comma in double quotes)")
     return Catalog(catalog.root, list(groups), catalog.items, {g: catalog.vocab[g] for g in groups},
                    dict(catalog.left_out))
 
@@ -108,7 +117,7 @@ def training_catalog(catalog: Catalog, groups: str | None = None) -> Catalog:
     """The catalog a training run uses: the ``groups`` asked for (comma-separated, default all),
     less those with no label in the train split, which are named in a warning."""
     if groups:
-        catalog = select_groups(catalog, groups.split(","))
+        catalog = select_groups(catalog, group_list(groups, catalog.groups))
     skipped = untrainable_groups(catalog)
     if groups and skipped:
         raise CatalogError(f"{catalog.root / LABELS_FILE}: group(s) {', '.join(skipped)} asked for have "
