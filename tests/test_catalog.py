@@ -382,6 +382,14 @@ def test_unreadable_images_in_catalog_order_on_several_threads(tmp_path):
     assert [b.split(":")[0] for b in bad] == ["03.jpg", "11.jpg", "12.jpg", "17.jpg"]
 
 
+def test_one_number_written_several_ways_is_pointed_out():
+    from retrieval.data.summary import same_numbers
+
+    assert same_numbers(["036", "36", "38", "38.0", "40", "L", "M", "nan", "NaN", "1e3", "1000"]) == \
+        [["036", "36"], ["38", "38.0"], ["1e3", "1000"]]
+    assert same_numbers(["S", "M", "36", "38"]) == []
+
+
 def test_labels_joined_by_another_separator_are_pointed_out(tmp_path, capsys):
     # 'Black, White' and 'Red;Black' are labels the group has, joined; 'Black/White' (one two-tone
     # colour) and 'Blue, Navy' (Navy is no label of the group) are not pointed out

@@ -39,7 +39,26 @@ def left_out_lines(catalog: Catalog) -> list[str]:
         if joined:
             lines.append(f"several labels in one cell? group {g!r} has {len(joined)} labels made of its other labels "
                          f"(e.g. {joined[0]!r}); separate the labels of a cell with '|' to make the group multi-label")
+        same = same_numbers(labels)
+        if same:
+            lines.append(f"one number written several ways? group {g!r} has {len(same)} numbers with more than one "
+                         f"spelling (e.g. {' / '.join(map(repr, same[0]))}: a spreadsheet's '38.0' for '38'), each a "
+                         f"label of its own; write each number one way")
     return lines
+
+
+def same_numbers(labels: list[str]) -> list[list[str]]:
+    """The spellings of each number that more than one label of a group writes ('38', '38.0', '038'),
+    the most spellings first."""
+    by_value: dict[float, list[str]] = {}
+    for label in labels:
+        try:
+            value = float(label)
+        except ValueError:
+            continue
+        if value == value and abs(value) != float("inf"):  # not nan / inf ('nan' is a word here)
+            by_value.setdefault(value, []).append(label)
+    return sorted((spellings for spellings in by_value.values() if len(spellings) > 1), key=len, reverse=True)
 
 
 def composite_labels(labels: list[str]) -> list[str]:
