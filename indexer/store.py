@@ -94,7 +94,9 @@ class IndexStore:
         return self.items.labels.vocab
 
     def position(self, item_id: int) -> int:
-        """Return the row position of a catalog id (KeyError when absent)."""
+        """Return the row position of a catalog id (KeyError when absent, or past int64 as a web address may ask)."""
+        if not -2**63 <= int(item_id) < 2**63:
+            raise KeyError(f"id(s) not in the index: [{item_id}]")
         return int(self._positions(np.array([item_id], dtype=np.int64))[0])
 
     def item(self, item_id: int) -> dict:
@@ -134,6 +136,8 @@ class IndexStore:
                 scores, found = pad_results(*index.search(queries, k), k)
             else:
                 scores, found = filtered_search(index, queries, k, allowed, len(self), self.exact_subset_max)
+            if not len(self):  # nothing to map (an index whose every item was removed)
+                return scores, np.full_like(found, -1)
             return scores, np.where(found >= 0, self.ids[np.maximum(found, 0)], -1)
         if allowed is None and len(self._dead):
             allowed = np.arange(len(self))  # hide removed HNSW nodes

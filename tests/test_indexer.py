@@ -266,6 +266,25 @@ def test_remove_never_returns_removed_ids(tmp_path, catalog, index_type):
     assert not np.isin(found, gone).any()
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_an_emptied_index_answers_every_view_with_nothing(catalog, index_type):
+    # a group view of an index whose every item was removed raised IndexError (a 500 in the web)
+    store = make_store(catalog, index_type)
+    store.remove(catalog["ids"])
+    for view, queries in (("shared", catalog["x"][:2]), ("group-color", catalog["gx"][:2])):
+        scores, found = store.search(queries, 5, view=view)
+        assert (found == -1).all() and found.shape == (2, 5), view
+        _, found = store.search(queries, 5, view=view, filters={"color": ["red"]})
+        assert (found == -1).all(), view
+
+
+def test_an_id_past_int64_is_not_in_the_index(catalog):
+    store = make_store(catalog)
+    for item_id in (2**63, -2**63 - 1, 10**30):
+        with pytest.raises(KeyError, match="not in the index"):
+            store.item(item_id)
+
+
 def test_remove_unknown_ids_names_them(catalog):
     store = make_store(catalog)
     with pytest.raises(KeyError, match="4, 6"):

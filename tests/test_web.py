@@ -70,9 +70,13 @@ def test_empty_result_is_an_empty_first_page(client):
 
 def test_item_and_unknown_ids(client):
     assert client.get("/api/items/3").get_json()["id"] == 3
-    for url in ("/api/items/999", "/api/items/-1", "/api/items/abc", "/api/items/999/similar"):
+    huge = 10**20  # past int64: was a 500 (OverflowError)
+    for url in ("/api/items/999", "/api/items/-1", "/api/items/abc", "/api/items/999/similar", f"/api/items/{huge}",
+                f"/api/items/{huge}/similar", f"/api/items/{2**63}/similar?view=group-colours"):
         response = client.get(url)
-        assert response.status_code == 404 and "error" in response.get_json()
+        assert response.status_code == 404 and "error" in response.get_json(), url
+    for url in (f"/items/{huge}", f"/thumbs/{huge}.jpg"):
+        assert client.get(url).status_code == 404, url
 
 
 def test_similar_is_sorted_excludes_the_item_and_filters(client):
