@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import threading
 import time
@@ -155,6 +156,27 @@ def test_search_by_photo_follows_an_index_of_the_embedding_alone(web_data, tmp_p
     order = np.argsort(-(alone @ query[0]), kind="stable")[:5]
     assert [r["id"] for r in body["results"]] == order.tolist()
     assert np.allclose([r["score"] for r in body["results"]], (alone @ query[0])[order], atol=1e-4)
+
+
+def test_a_filter_on_a_group_the_index_has_no_label_for_is_refused(web_data, tmp_path):
+    # the index built from a catalog without the gender column keeps the model's group-gender view:
+    # ?gender=men was ignored (every item listed, as if filtered)
+    from retrieval.cli import main as cli
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(web_data["catalog"], catalog)
+    rows = [line.split(",") for line in (catalog / "labels.csv").read_text().splitlines()]
+    drop = rows[0].index("gender")
+    (catalog / "labels.csv").write_text("\n".join(",".join(r[:drop] + r[drop + 1:]) for r in rows) + "\n")
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(web_data["emb"]), "--out", str(index),
+                "--catalog", str(catalog)]) == 0
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index), CATALOG_DIR=str(catalog))).test_client()
+    for url in ("/api/items?gender=men", "/api/items/3/similar?view=group-gender&gender=men"):
+        response = client.get(url)
+        assert response.status_code == 400 and "No indexed item is labelled in 'gender'" in response.get_json()["error"]
+    assert client.get("/api/items/3/similar?view=group-gender").status_code == 200
+    assert client.get("/api/items?colours=red").status_code == 200
 
 
 def test_search_bad_uploads(client, web_data):

@@ -30,7 +30,8 @@ def fake_store(titles: list[str], labels: dict[str, list[list[str]]]):
     from indexer.items import Items
 
     return SimpleNamespace(items=Items.from_lists(np.arange(len(titles)), list(map(str, range(len(titles)))),
-                                                  titles, labels))
+                                                  titles, labels),
+                           views={"shared": None, **{f"group-{g}": None for g in labels}})
 
 
 # ---- item 2: the title filter is capped and linear in the catalogue ------------------------------

@@ -18,14 +18,15 @@ def search_args(snapshot) -> tuple[int, str, dict]:
     """Return (k, view, filters) of a similarity request."""
     args = request.args if request.method == "GET" else request.values
     k = params.parse_int(args, "k", params.DEFAULT_K, 1, params.MAX_K)
-    return k, params.parse_view(args, snapshot.store.views), params.parse_filters(args, snapshot.facets.vocab)
+    view = params.parse_view(args, snapshot.store.views)
+    return k, view, params.parse_filters(args, snapshot.facets.filter_vocab)
 
 
 @bp.get("/items")
 def items():
     """List indexed items, filtered by label and title text, one page at a time."""
     snapshot = get_snapshot()
-    filters = params.parse_filters(request.args, snapshot.facets.vocab)
+    filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
     page = params.parse_int(request.args, "page", 1, 1, 10**9)
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
     positions = snapshot.facets.select(filters, params.parse_text(request.args))

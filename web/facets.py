@@ -64,6 +64,10 @@ class Facets:
         self.items = store.items
         self.labels = store.items.labels
         self.vocab = self.labels.vocab
+        # what a filter parameter may name: every labelled group, and a group the index has a view of
+        # but no label for (a catalog without that column at the build): a filter on it is refused, not ignored
+        self.filter_vocab = {**{view[len("group-"):]: [] for view in store.views if view.startswith("group-")},
+                             **self.vocab}
         self.titles = TitleWords(store.items.titles.tolist())
         self.totals = np.diff(self.labels.posting_offsets)  # items per label code, before any filter
         self._text_mask = lru_cache(maxsize=TEXT_MASKS)(self._read_only_mask)

@@ -70,6 +70,9 @@ def parse_filters(args: MultiDict, vocab: dict[str, list[str]]) -> dict[str, lis
         if not raw:
             continue
         wanted = split_values(raw, labels)
+        if wanted and not labels:
+            abort(400, f"No indexed item is labelled in {group!r}, so it cannot filter (the index was built "
+                       f"from a catalog without that column?)")
         unknown = [label for label in wanted if label not in labels]
         if unknown:
             abort(400, f"Unknown {group} label(s) {', '.join(map(repr, unknown))}; "

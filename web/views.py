@@ -64,7 +64,7 @@ def inject_globals() -> dict:
 def browse():
     """The catalogue as a paginated grid with facet filters and a title filter."""
     snapshot = get_snapshot()
-    filters = params.parse_filters(request.args, snapshot.facets.vocab)
+    filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
     text = params.parse_text(request.args)
     page = params.parse_int(request.args, "page", 1, 1, 10**9)
     per_page = params.parse_int(request.args, "per_page", params.PER_PAGE, 1, params.MAX_PER_PAGE)
@@ -81,7 +81,7 @@ def product(item_id: int):
     """One product: photo, title, labels and its most similar products."""
     snapshot = get_snapshot()
     lookup(snapshot.store, item_id)
-    filters = params.parse_filters(request.args, snapshot.facets.vocab)
+    filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
     view = params.parse_view(request.args, snapshot.store.views)
     k = params.parse_int(request.args, "k", params.DEFAULT_K, 1, params.MAX_K)
     item, similar = similar_to_item(snapshot.store, item_id, k, view, filters)
@@ -95,7 +95,7 @@ def product(item_id: int):
 def search_page():
     """The search-by-photo page: a drop zone and a file chooser."""
     snapshot = get_snapshot()
-    filters = params.parse_filters(request.args, snapshot.facets.vocab)
+    filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
     return render_template("search.html", filters=filters)
 
 
@@ -104,7 +104,7 @@ def search_upload():
     """Run the model on an uploaded photo, remember the query and redirect to its results."""
     model, _ = get_model()
     snapshot = get_snapshot()
-    filters = params.parse_filters(request.values, snapshot.facets.vocab)
+    filters = params.parse_filters(request.values, snapshot.facets.filter_vocab)
     view = params.parse_view(request.values, snapshot.store.views)
     upload = request.files.get("image")
     if upload is None or not upload.filename:
@@ -119,7 +119,7 @@ def search_results(query_id: str):
     """The results of an uploaded photo: predicted labels and similar products, filtered."""
     query = stored_query(query_id)
     snapshot = get_snapshot()
-    filters = params.parse_filters(request.args, snapshot.facets.vocab)
+    filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
     view = params.parse_view(request.args, snapshot.store.views)
     k = params.parse_int(request.args, "k", params.DEFAULT_K * 2, 1, params.MAX_K)
     results = [with_urls(r) for r in search_query(snapshot.store, query, k, view, filters)]
