@@ -24,6 +24,19 @@ def test_unknown_command_lists_valid_ones(capsys):
     assert "choose one of: demo-catalog" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--catalog", "c", "--out", "o", "--image-size", "-5"], "argument --image-size: -5 is under 32"),
+    (["cache", "--catalog", "c", "--out", "o", "--image-size", "0"], "argument --image-size: 0 is under 32"),
+    (["embed", "--pretrained-only", "--catalog", "c", "--out", "o", "--image-size", "big"], "'big' is not a whole"),
+    (["predict", "--checkpoint", "x.pt", "--top", "0", "a.jpg"], "argument --top: 0 is under 1"),
+])
+def test_sizes_and_counts_out_of_range_are_usage_errors(argv, message, capsys):
+    # they were tracebacks from torch or HDF5 (a negative image size), or silently dropped a label (--top -1)
+    with pytest.raises(SystemExit) as done:
+        cli(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_sub_packages_import_in_flow_order():
     # data <- net, evaluate <- embed, train <- audit, recipes <- commands; no package imports a later one
     import re

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from retrieval.commands.argtypes import image_size
 from retrieval.data.catalog import read_catalog
 from retrieval.data.imagecache import build_image_cache
 
@@ -13,7 +14,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "'retrieval train --image-cache' then reads it instead of JPEGs. Interrupted runs resume."))
     p.add_argument("--catalog", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="IMAGES.h5")
-    p.add_argument("--image-size", type=int, default=288, help="must equal the training --image-size")
+    p.add_argument("--image-size", type=image_size, default=288, help="must equal the training --image-size")
     p.add_argument("--workers", type=int)
     return p
 

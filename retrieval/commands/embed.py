@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from retrieval.commands.argtypes import image_size
 from retrieval.data.catalog import read_catalog
 from retrieval.data.datasets import ImageCache
 from retrieval.data.embfile import HEAD_LABELS, MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
@@ -36,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--taps", default="last", help="with --pretrained-only: pooled units (last, all, or 3,5,8); "
                                                   "several are standardised and concatenated")
     p.add_argument("--gem-p", type=float, default=1.0, help="with --pretrained-only: pooling exponent (1 = average)")
-    p.add_argument("--image-size", type=int, default=224, help="with --pretrained-only")
+    p.add_argument("--image-size", type=image_size, default=224, help="with --pretrained-only")
     p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")
     p.add_argument("--colour-bins", default="none", metavar="L,A,B",
                    help="with --pretrained-only: prepend a CIELAB colour histogram (e.g. 4,6,6)")

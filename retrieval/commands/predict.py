@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from retrieval.commands.argtypes import at_least
 from retrieval.data.embfile import fuse_probabilities
 from retrieval.data.images import ImageError
 from retrieval.devices import resolve_device
@@ -19,7 +20,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--checkpoint", required=True, metavar="PT", help="RUN/best.pt")
     p.add_argument("--fuse", metavar="PT", help="a second checkpoint whose class scores are averaged in (score fusion)")
-    p.add_argument("--top", type=int, default=3, help="labels shown per single-label group")
+    p.add_argument("--top", type=at_least(1), default=3, help="labels shown per single-label group")
     p.add_argument("--threshold", type=float, default=0.5, help="probability shown for multi-label groups")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default="auto")

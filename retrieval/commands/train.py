@@ -5,6 +5,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
+from retrieval.commands.argtypes import image_size
 from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.colour import COLOUR_WEIGHTINGS
@@ -88,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "learned); the heads still shape the embedding")
     model.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
                        help="embed and predict from the mean of an image's and its mirror image's features")
-    model.add_argument("--image-size", type=int,
+    model.add_argument("--image-size", type=image_size,
                        help="input side in pixels (images are letterboxed to a square of this side)")
     model.add_argument("--trainable-blocks",
                        help="trunk units to train from the top: N, all, or auto (0 on CPU; on GPU all from "

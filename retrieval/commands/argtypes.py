@@ -1,0 +1,23 @@
+"""Argument types the commands share: a bad value is argparse's usage error naming the option."""
+from __future__ import annotations
+
+import argparse
+
+MIN_IMAGE_SIZE = 32  # a backbone's five stride-2 stages leave one cell; below, the first layer fails
+
+
+def at_least(low: int):
+    """An ``int`` type for argparse that refuses values under ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is under {low}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+image_size = at_least(MIN_IMAGE_SIZE)
