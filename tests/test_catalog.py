@@ -297,7 +297,8 @@ def test_a_group_of_one_label_is_pointed_out(tmp_path, capsys):
 def test_verify_images_lists_paths_relative_to_the_catalog(tmp_path, capsys):
     root = write_catalog(tmp_path, ["a.jpg,train,,red,dress", "sub/b.jpg,train,,red,dress"])
     (root / "sub" / "b.jpg").write_bytes(b"not an image")
-    assert cli(["catalog-info", str(root), "--verify-images"]) == 0
+    assert cli(["catalog-info", str(root), "--verify-images"]) == 1  # a check that fails
+    assert cli(["catalog-info", str(root)]) == 0  # images not decoded: nothing found
     out = capsys.readouterr().out
     assert "1 unreadable images\n  sub/b.jpg: cannot read image" in out
 

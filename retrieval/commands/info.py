@@ -13,7 +13,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                  "(classes, labelled share, largest/smallest class).")
     parser.add_argument("catalog", metavar="DIR", help="catalog directory holding labels.csv")
     parser.add_argument("--verify-images", action="store_true",
-                        help="also decode every image (on a thread pool) and list the unreadable ones")
+                        help="also decode every image (on a thread pool) and list the unreadable ones; "
+                             "exit status 1 when there are any")
     parser.add_argument("--workers", type=int, help="threads of --verify-images (default: 2 per CPU, at most 16)")
     return parser
 
@@ -25,4 +26,6 @@ def main(argv=None) -> int:
     if args.verify_images:
         bad = unreadable_images(catalog, args.workers, progress=True)
         print(f"{len(bad)} unreadable images" + "".join(f"\n  {b}" for b in bad))
+        if bad:  # a check that fails (a script or CI), though training and embedding skip them
+            return 1
     return 0
