@@ -34,8 +34,21 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``retrieval COMMAND ...`` to the command's module."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Dispatch ``retrieval COMMAND ...`` to the command's module. Run as the console script (no
+    ``argv``), Ctrl-C ends it with one line and status 130 instead of a traceback; called with
+    ``argv`` (tests, scripts) the KeyboardInterrupt propagates."""
+    if argv is None:
+        try:
+            return dispatch(sys.argv[1:])
+        except KeyboardInterrupt:
+            print(f"\nretrieval {sys.argv[1] if len(sys.argv) > 1 else ''}: interrupted; what it finished is kept "
+                  "(run the same command again to resume; a training run with --resume)", file=sys.stderr)
+            return 130
+    return dispatch(argv)
+
+
+def dispatch(argv: list[str]) -> int:
+    """``main`` for an explicit argument list."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -37,6 +37,20 @@ def test_sizes_and_counts_out_of_range_are_usage_errors(argv, message, capsys):
     assert done.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_ctrl_c_ends_the_console_script_with_one_line(monkeypatch, capsys):
+    import retrieval.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval.cli, "dispatch", interrupted)
+    monkeypatch.setattr("sys.argv", ["retrieval", "embed", "--out", "x.h5"])
+    assert retrieval.cli.main() == 130  # the console script: no traceback
+    assert "retrieval embed: interrupted; what it finished is kept" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # an explicit argument list (tests, scripts): it propagates
+        retrieval.cli.main(["embed"])
+
+
 def test_sub_packages_import_in_flow_order():
     # data <- net, evaluate <- embed, train <- audit, recipes <- commands; no package imports a later one
     import re

@@ -109,6 +109,9 @@ def test_a_rerun_skips_finished_shards_and_resumes_an_interrupted_one(tiny_run, 
     assert calls == [1, 4, 20]  # the probe, shard 1's last 4 rows, shard 2; nothing of shard 0
     assert_same_file(single, out)
     assert work_files(out) == []
+    # merged and its work files removed: --merge-only says so (it said "1 shard(s) ... missing, run again")
+    with pytest.raises(ValueError, match=r"emb.h5 is complete \(its shards were merged and removed\)"):
+        embed_merge_only(tiny_run, demo_catalog, out)
 
 
 def embed_merge_only(run, catalog, out):

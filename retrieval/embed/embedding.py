@@ -88,6 +88,8 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
     items = catalog.split_items(split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     count = agreed_shard_count(out, len(items), shards, world)
+    if merge_only and out.is_file() and not any(shard_path(out, i, count).exists() for i in range(count)):
+        raise ValueError(f"{out} is complete (its shards were merged and removed): nothing to merge")
     mine = [] if merge_only else list(range(rank, count, world))
     if rank >= count and not merge_only:
         logger.warning("Rank %d has no shard: the job has %d (pass --shards to cut it anew)", rank, count)
