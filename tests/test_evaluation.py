@@ -180,6 +180,27 @@ def test_compare_needs_report_directories(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--compare", str(tmp_path)])
     assert "report.json not found" in capsys.readouterr().err
+    for text, message in (("{}", "is not a report of 'retrieval evaluate' (no settings, groups, mean)"),
+                          ("[1, 2]", "is not a report of 'retrieval evaluate'"), ("<html>", "is not a report (Expecting")):
+        (tmp_path / "report.json").write_text(text)
+        with pytest.raises(SystemExit):
+            main(["--compare", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert str(tmp_path / "report.json") in err and message in err, err
+
+
+def test_compare_notes_means_over_different_groups(catalog_dir, tmp_path):
+    # the same embeddings, evaluated with and without a group: their means look like a gain
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--out", str(tmp_path / "both")])
+    report = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert report["views"]["shared"]["groups"] == ["type", "colour"]
+    report["views"]["shared"]["groups"] = ["type"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "report.json").write_text(json.dumps(report))
+    table = compare_reports([tmp_path / "both", tmp_path / "one"])
+    assert table.endswith("The means are over different groups: both: type, colour; one: type.")
+    assert "different groups" not in compare_reports([tmp_path / "both", tmp_path / "both"])
 
 
 def test_classification_section_is_written(catalog_dir, tmp_path):

@@ -197,7 +197,14 @@ def load_report(report_dir: str | Path) -> dict:
     path = Path(report_dir) / REPORT_FILE
     if not path.is_file():
         raise EvaluationError(f"{path} not found; --compare takes directories written by 'retrieval evaluate'")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvaluationError(f"{path} is not a report ({err}); write it again with 'retrieval evaluate'") from None
+    missing = [key for key in ("settings", "groups", "mean") if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise EvaluationError(f"{path} is not a report of 'retrieval evaluate' (no {', '.join(missing)})")
+    return report
 
 
 def compare_reports(dirs: list[str | Path]) -> str:
@@ -219,6 +226,10 @@ def compare_reports(dirs: list[str | Path]) -> str:
         cells = [_pair(_view(r["groups"].get(g), view)) for _, r, view in columns]
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(_pair(_view(r["mean"], view)) for _, r, view in columns) + " |")
+    averaged = {name: r.get("views", {}).get("shared", {}).get("groups") for name, r in reports.items()}
+    if len({tuple(g) for g in averaged.values() if g is not None}) > 1:  # the means do not compare
+        lines += ["", "The means are over different groups: " + "; ".join(
+            f"{name}: {', '.join(g)}" for name, g in averaged.items() if g is not None) + "."]
     return "\n".join(lines)
 
 
