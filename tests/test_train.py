@@ -321,6 +321,36 @@ def test_fill_missing_resumes_where_it_stopped(auto_on_few_items, demo_catalog, 
     assert all(torch.equal(resumed["filled_labels"][g], f) for g, f in straight["filled_labels"].items())
 
 
+def test_resume_refuses_per_item_state_when_the_training_items_changed(auto_on_few_items, demo_catalog, tmp_path,
+                                                                       capsys):
+    # filled labels and early learning's targets are kept by position among the training items: the
+    # catalog's rows reversed put them on other images (silently), rows removed past the end (IndexError)
+    import retrieval.train.trainer as trainer
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(demo_catalog, catalog)
+    save_epoch = trainer.Job.save_epoch
+
+    def save_then_stop(job, optimizer, scheduler, epoch, *rest):
+        save_epoch(job, optimizer, scheduler, epoch, *rest)
+        raise KeyboardInterrupt
+
+    lines = (catalog / "labels.csv").read_text().splitlines()
+    for name, args in (("elr", ("--early-learning", "4")), ("plain", ())):
+        (catalog / "labels.csv").write_text("\n".join(lines) + "\n")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(trainer.Job, "save_epoch", save_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                train(catalog, tmp_path / name, "--epochs", "2", *args)
+        (catalog / "labels.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+        capsys.readouterr()
+        code = train(catalog, tmp_path / name, "--epochs", "2", "--resume", *args)
+        if args:  # per-item state: refused, saying why
+            assert code == 1 and "training or validation items changed since it was written" in capsys.readouterr().err
+        else:  # nothing kept per item: it goes on, as before
+            assert code == 0
+
+
 def test_fill_missing_after_early_learning_trains_as_the_kept_run(auto_on_few_items, demo_catalog, tiny_run, tmp_path,
                                                                   monkeypatch, caplog):
     # auto's second run (early learning, forced here) and then the filling: the filled run trains with

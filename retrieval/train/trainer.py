@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from retrieval.data.catalog import read_catalog, training_catalog
+from retrieval.data.catalog import items_digest, read_catalog, training_catalog
 from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
                                      loader_workers, missing_at_random, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
@@ -306,6 +306,7 @@ class Job:
         extra = {"early_learning": self.early_learning.state_dict()} if self.early_learning is not None else {}
         if self.filled is not None:
             extra["filled_labels"] = self.filled
+        extra["training_items"] = self.items_key()
         if history and history[-1].get("shared_view_weights"):  # this epoch's: the weights of these heads
             extra["shared_view_weights"] = history[-1]["shared_view_weights"]
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -325,6 +326,7 @@ class Job:
         ckpt, self._last = self._last_checkpoint(), None  # read once: see _last_checkpoint
         if ckpt["model_config"] != self.model.config.to_dict():
             raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
+        self.check_items_unchanged(ckpt)
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -431,6 +433,22 @@ class Job:
         self._prepare_model()
         self._prepare_loss()
 
+    def items_key(self) -> str:
+        """A digest of the training and validation items' images in order: what per-item state in a
+        checkpoint (filled labels, early learning's targets) is indexed by."""
+        return items_digest(self.train_items)["paths"] + items_digest(self.val_items)["paths"][:16]
+
+    def check_items_unchanged(self, ckpt: dict) -> None:
+        """Refuse to resume a checkpoint holding per-item state (filled labels, early learning's targets,
+        both kept by position among the training items) onto training items that changed since: rows
+        added, removed or reordered would put each item's state on another image (or past the end)."""
+        per_item = "filled_labels" in ckpt or ("early_learning" in ckpt and self.early_learning is not None)
+        stored = ckpt.get("training_items")
+        if per_item and stored is not None and stored != self.items_key():
+            raise ValueError(f"{self.out / 'last.pt'}: the catalog's training or validation items changed since it was "
+                             "written (rows added, removed or reordered); its filled labels and early-learning "
+                             "targets are kept by position and would land on other images: train into a new --out")
+
     def _last_checkpoint(self) -> dict | None:
         """RUN/last.pt (None where there is none), read once: ``restore`` takes it from here rather
         than read it again (with early learning's targets, hundreds of MB on a full corpus)."""
@@ -516,6 +534,7 @@ class Job:
         predicts at ``confidence`` or more filled in; or that run resumed from last.pt."""
         if resumed:
             ckpt = self._last_checkpoint()
+            self.check_items_unchanged(ckpt)
             filled, before = ckpt["filled_labels"], ckpt["train_config"]
         else:
             if self.main:
