@@ -33,6 +33,31 @@ def test_every_recipe_option_is_a_training_option():
         load_recipe("x")
 
 
+@pytest.mark.parametrize("text,message", [
+    ("epohcs: 3", "no option 'epohcs'; did you mean epochs?"),  # was ignored: 700 epochs by the steps rule
+    ("normalized_heads: 'no'", "normalized_heads takes true or false, not 'no'"),  # was taken as true
+    ("image_size: 8", "image_size: 8 is under 32"),  # the flag's own check
+    ("lr: [1, 2]", "lr takes one value, not [1, 2]"),
+    ("optimizer: adam", "optimizer 'adam' is not one of: adamw, sgd"),
+    ("- epochs", "holds a list, not option: value lines"),
+    ("epochs: [", "--config C.yaml: while parsing"),
+])
+def test_a_config_file_is_checked_as_the_flags_are(tmp_path, monkeypatch, capsys, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "C.yaml").write_text(text + "\n")
+    with pytest.raises(SystemExit) as done:
+        parse_config(["--catalog", "C", "--out", "R", "--config", "C.yaml"])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_config_file_reads_dashes_and_a_runs_own_config_yaml(tiny_run, tmp_path):
+    (tmp_path / "c.yaml").write_text("label-attention: false\ntrainable-blocks: '0'\nlabel_dropout: 0.5\n")
+    cfg = parse_config(["--catalog", "C", "--out", "R", "--config", str(tmp_path / "c.yaml")])
+    assert (cfg.label_attention, cfg.trainable_blocks, cfg.label_dropout) == (False, "0", "0.5")
+    again = parse_config(["--catalog", "C", "--out", "R", "--config", str(tiny_run / "config.yaml")])
+    assert (again.backbone, again.epochs, again.image_size) == ("tiny", 2, 64)
+
+
 def test_recipe_is_a_default_that_config_and_flags_override(tmp_path):
     base = ["--catalog", "C", "--out", "R"]
     li = parse_config([*base, "--recipe", "li2017"])

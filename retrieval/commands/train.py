@@ -185,6 +185,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a ``--config`` YAML file, each checked as its flag is: a name no option has (a
+    typo) is an error naming the close ones, dashes read as underscores, a value converted by the
+    option's type and checked against its choices, a switch given true or false."""
+    import difflib
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(loaded, dict):
+        parser.error(f"--config {path}: holds a {type(loaded).__name__}, not option: value lines")
+    actions = {}
+    for a in parser._actions:  # of several flags for one option (--freeze-trunk), the one taking a value
+        if a.dest not in ("help", "config") and (a.dest not in actions or actions[a.dest].nargs == 0):
+            actions[a.dest] = a
+    out = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        action = actions.get(name)
+        if action is None:
+            close = difflib.get_close_matches(name, actions, n=3)
+            parser.error(f"--config {path}: no option {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key} takes true or false, not {value!r}")
+        elif value is not None:
+            if isinstance(value, (list, dict)):
+                parser.error(f"--config {path}: {key} takes one value, not {value!r}")
+            try:  # as the flag's text would be
+                value = action.type(str(value)) if action.type else str(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+                parser.error(f"--config {path}: {key}: {str(err) or repr(value)}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"--config {path}: {key} {value!r} is not one of: {', '.join(map(str, action.choices))}")
+        out[name] = value
+    return out
+
+
 def parse_config(argv=None) -> TrainConfig:
     """Arguments (with YAML defaults from --config) as a TrainConfig."""
     parser = get_args_parser()
@@ -192,10 +234,7 @@ def parse_config(argv=None) -> TrainConfig:
     if first.recipe:
         parser.set_defaults(**load_recipe(first.recipe)["options"])
     if first.config:
-        import yaml
-
-        with open(first.config) as f:
-            parser.set_defaults(**(yaml.safe_load(f) or {}))
+        parser.set_defaults(**config_defaults(parser, first.config))
     args = vars(parser.parse_args(argv))
     names = {f.name for f in fields(TrainConfig)}
     if (args.get("sampling") != "none") and not args.get("sampling_group"):
