@@ -29,6 +29,11 @@ def test_unknown_command_lists_valid_ones(capsys):
     (["cache", "--catalog", "c", "--out", "o", "--image-size", "0"], "argument --image-size: 0 is under 32"),
     (["embed", "--pretrained-only", "--catalog", "c", "--out", "o", "--image-size", "big"], "'big' is not a whole"),
     (["predict", "--checkpoint", "x.pt", "--top", "0", "a.jpg"], "argument --top: 0 is under 1"),
+    (["train", "--catalog", "c", "--out", "o", "--batch-size", "1"], "argument --batch-size: 1 is under 2"),
+    (["train", "--catalog", "c", "--out", "o", "--epochs", "0"], "argument --epochs: 0 is under 1"),
+    (["train", "--catalog", "c", "--out", "o", "--lr", "-1"], "argument --lr: -1 is not above 0"),
+    (["train", "--catalog", "c", "--out", "o", "--lr", "nan"], "argument --lr: nan is not above 0"),
+    (["train", "--catalog", "c", "--out", "o", "--range-loss", "-1"], "argument --range-loss: -1 is not at least 0"),
 ])
 def test_sizes_and_counts_out_of_range_are_usage_errors(argv, message, capsys):
     # they were tracebacks from torch or HDF5 (a negative image size), or silently dropped a label (--top -1)

@@ -21,3 +21,17 @@ def at_least(low: int):
 
 
 image_size = at_least(MIN_IMAGE_SIZE)
+
+
+def number_above(low: float, inclusive: bool = False):
+    """A ``float`` type for argparse that refuses values under ``low`` (or at it, unless ``inclusive``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"{value:g} is not {'at least' if inclusive else 'above'} {low:g}")
+        return value
+    parse.__name__ = "float"
+    return parse

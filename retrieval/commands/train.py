@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
-from retrieval.commands.argtypes import image_size
+from retrieval.commands.argtypes import at_least, image_size, number_above
 from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.colour import COLOUR_WEIGHTINGS
@@ -154,17 +154,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--contrastive", type=float, metavar="WEIGHT",
                       help="weight of a contrastive loss pulling the shared embedding towards label "
                            "agreement over all groups (0 = off)")
-    loss.add_argument("--range-loss", type=float, metavar="WEIGHT", help="Range loss weight (0 = off)")
+    loss.add_argument("--range-loss", type=number_above(0, inclusive=True), metavar="WEIGHT", help="Range loss weight (0 = off)")
     loss.add_argument("--range-group", help="the group whose classes Range loss uses")
     loss.add_argument("--range-distance", choices=RANGE_DISTANCES, help="Range loss on L2 or squared L2 distances")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int,
+    opt.add_argument("--epochs", type=at_least(1),
                      help="passes over the training items (default: 30, or more on a small catalogue, enough "
                           "for --min-steps optimisation steps)")
-    opt.add_argument("--min-steps", type=int, metavar="N",
+    opt.add_argument("--min-steps", type=at_least(1), metavar="N",
                      help="without --epochs, train at least N optimisation steps (batches)")
-    opt.add_argument("--batch-size", type=int)
-    opt.add_argument("--lr", type=float)
+    opt.add_argument("--batch-size", type=at_least(2), help="images a step (a batch of one is skipped: batch norm)")
+    opt.add_argument("--lr", type=number_above(0))
     opt.add_argument("--trunk-lr-scale", type=float, help="learning rate factor of trainable trunk units")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--optimizer", choices=OPTIMIZERS)

@@ -98,8 +98,8 @@ def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
         except ValueError:
             raise ValueError(f"Bad --label-dropout {text!r}; use {', '.join(LABEL_DROPOUT_PROFILES)} "
                              "or shares like 1.0,0.8,0.6") from None
-    if any(not 0 <= s <= 1 for s in shares):
-        raise ValueError(f"--label-dropout shares must lie in [0, 1], got {shares}")
+    if any(not 0 < s <= 1 for s in shares):  # 0 keeps no label of a group (leave it out with --groups)
+        raise ValueError(f"--label-dropout shares must lie in (0, 1], got {shares}")
     return (shares + [shares[-1]] * n_groups)[:n_groups]
 
 
