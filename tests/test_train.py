@@ -109,6 +109,10 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     assert resumed["epoch"] == 1
     for key, value in straight["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+    # best.pt deleted: the resumed run writes one at its next epoch (it finished without one)
+    (run / "best.pt").unlink()
+    assert train(demo_catalog, run, "--epochs", "3", "--resume", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    assert load_checkpoint(run / "best.pt")["epoch"] == 2
 
 
 def test_last_pt_follows_best_pt_and_a_stopped_run_resumes_from_the_last_one_written(demo_catalog, tiny_run,

@@ -342,6 +342,9 @@ class Job:
         logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
         history = ckpt.get("history", [])
         best = max((self.selection_score(r) for r in history), default=-float("inf"))
+        if not (self.out / "best.pt").exists():  # deleted: the next validated epoch writes one
+            logger.warning("%s has no best.pt; the next epoch writes it (the best epoch before is not kept)", self.out)
+            best = -float("inf")
         return ckpt["epoch"] + 1, history, best
 
     def run(self) -> list[dict]:
