@@ -445,6 +445,22 @@ def test_interrupted_trunk_cache_resumes(demo_catalog, tiny_run, tmp_path):
         assert (f["prefix"][:] == full).all()
 
 
+def test_a_trunk_cache_that_cannot_be_read_is_built_again(demo_catalog, tiny_run, tmp_path, caplog):
+    # cut short (a full disk, a copy stopped): h5py's "truncated file" traceback in train, embed, audit
+    import h5py
+
+    cache = tmp_path / "trunk.h5"
+    cache.write_bytes((tiny_run / "trunk-cache.h5").read_bytes()[:5000])
+    assert train(demo_catalog, tmp_path / "r", "--epochs", "1", "--trunk-cache", str(cache)) == 0
+    assert "cannot be read" in caplog.text and "rebuilding" in caplog.text
+    with h5py.File(cache) as f:
+        assert f.attrs["done"] == 60
+    cache.write_bytes(b"not HDF5")
+    assert cli(["embed", "--checkpoint", str(tmp_path / "r" / "best.pt"), "--catalog", str(demo_catalog), "--out",
+                str(tmp_path / "e.h5"), "--trunk-cache", str(cache), "--device", "cpu", "--workers", "0"]) == 0
+    assert "cannot be read" in caplog.text and "computing from images" in caplog.text
+
+
 def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
     catalog = tmp_path / "cat"
     shutil.copytree(demo_catalog, catalog)

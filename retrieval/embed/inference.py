@@ -50,8 +50,12 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
     """A trunk cache usable for this model and catalog, or None (with the reason logged)."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        key, done = f.attrs.get("key"), int(f.attrs.get("done", 0))
+    try:
+        with h5py.File(path, "r") as f:
+            key, done = f.attrs.get("key"), int(f.attrs.get("done", 0))
+    except OSError as err:  # truncated or not HDF5: derived data, so the images serve instead
+        logger.warning("%s cannot be read (%s): computing from images", path, err)
+        return None
     if not cache_serves(key, cache_key(model, start, catalog.items), model, start) or done < len(catalog):
         logger.warning("%s does not match this model and catalog: computing from images", path)
         return None

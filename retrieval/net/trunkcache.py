@@ -289,13 +289,16 @@ def _item_bytes(path: Path, n: int) -> int:
 
 def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
     if path.exists():
-        with h5py.File(path, "r") as f:
-            if cache_serves(f.attrs.get("key"), key, model, start):
-                done = int(f.attrs.get("done", 0))
-                if done:
-                    logger.info("Resuming trunk cache %s at %d/%d images", path, done, len(items))
-                return done
-        logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
+        try:
+            with h5py.File(path, "r") as f:
+                if cache_serves(f.attrs.get("key"), key, model, start):
+                    done = int(f.attrs.get("done", 0))
+                    if done:
+                        logger.info("Resuming trunk cache %s at %d/%d images", path, done, len(items))
+                    return done
+            logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
+        except OSError as err:  # truncated (a full disk, a copy cut short) or not HDF5: derived, so made again
+            logger.warning("Trunk cache %s cannot be read (%s): rebuilding", path, err)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
     prefix, act, weight = frozen_outputs(model, probe, start, list(range(start)))
