@@ -181,10 +181,11 @@ def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
     items = read_catalog(demo_catalog).items
     first, second = items[0], items[1]
     decisions = tmp_path / "decisions.csv"
-    append_decision(decisions, first.image, "category", "wrong", "", "bag", "accept")
-    append_decision(decisions, second.image, "category", "wrong", "", "bag", "accept")
+    given = {g: "|".join(first.labels[g]) for g in first.labels}
+    append_decision(decisions, first.image, "category", "wrong", given["category"], "bag", "accept")
+    append_decision(decisions, second.image, "category", "wrong", "|".join(second.labels["category"]), "bag", "accept")
     append_decision(decisions, second.image, "category", "wrong", "", "bag", "reject")  # the later one wins
-    append_decision(decisions, first.image, "colours", "missing", "", "red|blue", "accept")
+    append_decision(decisions, first.image, "colours", "missing", given["colours"], "red|blue", "accept")
     out = tmp_path / "fixed"
     assert cli(["audit", "apply", "--catalog", str(demo_catalog), "--decisions", str(decisions), "--out", str(out)]) == 0
     fixed = read_catalog(out).by_image()
@@ -258,6 +259,42 @@ def test_apply_links_a_symlinks_file_and_leaves_nothing_when_it_fails(tmp_path, 
         apply_decisions(src, read_decisions(log), tmp_path / "other")
 
 
+def test_apply_passes_over_decisions_it_cannot_apply_and_says_so(tmp_path, capsys, caplog):
+    # stale (the cell changed since the audit), an image or group gone, a column that is no group, an
+    # empty suggestion: each was applied or dropped silently
+    from PIL import Image
+
+    src = tmp_path / "cat"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(src / f"{name}.jpg")
+    (src / "labels.csv").write_text("image,split,colour,type\na.jpg,train,red,dress\nb.jpg,train,Navy  Blue,shirt\n"
+                                    "c.jpg,test,blue,dress\n")
+    log = tmp_path / "decisions.csv"
+    append_decision(log, "a.jpg", "colour", "wrong", "blue", "green", "accept")  # the cell says red now: stale
+    append_decision(log, "b.jpg", "colour", "wrong", "navy blue", "black", "accept")  # the same, spelt otherwise
+    append_decision(log, "gone.jpg", "colour", "wrong", "red", "blue", "accept")
+    append_decision(log, "c.jpg", "fabric", "missing", "", "cotton", "accept")
+    append_decision(log, "c.jpg", "split", "wrong", "test", "train", "accept")
+    append_decision(log, "c.jpg", "type", "wrong", "dress", "", "accept")
+    assert apply_decisions(src, read_decisions(log), tmp_path / "out") == 1
+    fixed = read_catalog(tmp_path / "out").by_image()
+    assert fixed["a.jpg"].labels["colour"] == ("red",) and fixed["b.jpg"].labels["colour"] == ("black",)
+    assert fixed["c.jpg"].split == "test" and fixed["c.jpg"].labels["type"] == ("dress",)
+    assert ("accepted decisions not applied: 1 for an image no longer in the catalog; 2 for a group no longer in "
+            "it (or not a group); 1 for an empty suggestion; 1 whose cell changed since the audit") in caplog.text
+    # a decisions file that is not one: named, never an empty copy
+    assert cli(["audit", "apply", "--catalog", str(src), "--decisions", str(tmp_path / "nope.csv"),
+                "--out", str(tmp_path / "o2")]) == 1
+    assert "nope.csv: no such decisions file" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    for bad, content in (("short.csv", "image,group,decision\na.jpg,colour,accept\n".encode()),
+                         ("utf16.csv", "timestamp,image\n".encode("utf-16"))):
+        (tmp_path / bad).write_bytes(content)
+        with pytest.raises(ValueError, match=bad + r": (not a decisions file \(no column timestamp, kind, given, "
+                                                   r"suggested|cannot read it as a decisions file)"):
+            read_decisions(tmp_path / bad)
+
+
 def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
     from web_fixtures import make_config
 
@@ -286,6 +323,16 @@ def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
     assert [r["decision"] for r in read_decisions(audit / "decisions.csv")] == ["accept"]
     form = client.post("/review/decide", data={**body["issues"][1], "decision": "skip", "filter_kind": "wrong"})
     assert form.status_code == 302 and "kind=wrong" in form.headers["Location"]
+    # a body that is no JSON object was a 500 (a list) or "Missing field(s)" (malformed JSON)
+    listed = client.post("/api/review/decisions", json=[issue])
+    assert listed.status_code == 400 and "not a JSON object" in listed.get_json()["error"]
+    broken = client.post("/api/review/decisions", data="{", content_type="application/json")
+    assert broken.status_code == 400 and "not valid JSON" in broken.get_json()["error"]
+    # a hand-edited row that is no decision stopped the review with a 500: skipped, the rest still counted
+    with open(audit / "decisions.csv", "a") as f:
+        f.write("oops,,,,,,\n")
+    assert client.get("/api/review/issues?kind=wrong").get_json()["total"] == body["total"] - 2
+    assert client.get("/review").status_code == 200
 
 
 def test_review_without_an_audit_says_how(web_data, tmp_path):

@@ -63,7 +63,7 @@ def audit_files() -> AuditFiles:
 
 def pending(group: str | None, kind: str | None) -> list[Issue]:
     """Issues of a group and kind (None = all) without a decision yet, in ranked order."""
-    decided = latest(read_decisions(audit_dir() / "decisions.csv"))
+    decided = latest(read_decisions(audit_dir() / "decisions.csv", strict=False))  # a bad hand-edited row: skipped
     return [i for i in audit_files().issues if (group is None or i.group == group)
             and (kind is None or i.kind == kind) and (i.image, i.group) not in decided]
 
@@ -143,5 +143,10 @@ def api_issues():
 @bp.post("/api/review/decisions")
 def api_decide():
     """JSON or form body {image, group, kind, decision}: the recorded row (201)."""
-    values = request.get_json(silent=True) if request.is_json else request.form
+    values = request.form
+    if request.is_json:
+        values = request.get_json(silent=True)
+        if not isinstance(values, dict):
+            abort(400, "The body is not a JSON object {image, group, kind, decision}" if values is not None
+                  else "The body is not valid JSON")
     return jsonify(record(values or {})), 201

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -13,8 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from retrieval.atomic import atomic_write
-from retrieval.data.catalog import (LABEL_SEPARATOR, LABELS_FILE, csv_delimiter, decode_labels_file, header_names,
-                                    image_path_of, link_or_copy, read_catalog)
+from retrieval.data.catalog import (LABEL_SEPARATOR, LABELS_FILE, RESERVED_COLUMNS, csv_delimiter, decode_labels_file,
+                                    header_names, image_path_of, link_or_copy, parse_labels, read_catalog)
+
+logger = logging.getLogger(__name__)
 
 FIELDS = ("timestamp", "image", "group", "kind", "given", "suggested", "decision")
 DECISIONS = ("accept", "reject", "skip")
@@ -40,18 +43,40 @@ def append_decision(path: str | Path, image: str, group: str, kind: str, given: 
     return row
 
 
-def read_decisions(path: str | Path) -> list[dict]:
-    """Decisions in the order they were made (a missing file holds none)."""
+def read_decisions(path: str | Path, strict: bool = True) -> list[dict]:
+    """Decisions in the order they were made (a missing file holds none). A file that is not a
+    decisions file (not UTF-8, a folder, its columns missing) is a ValueError naming it; so is a row
+    without image, group or a known decision, unless not ``strict`` (the review page: such a
+    hand-edited row is skipped with a warning rather than stopping the review)."""
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read it as a decisions file ({err})") from None
+    absent = [field for field in FIELDS if field not in (reader.fieldnames or [])]
+    if rows and absent:
+        raise ValueError(f"{path}: not a decisions file (no column {', '.join(absent)}; its header is "
+                         f"{','.join(FIELDS)})")
+    kept = []
     for n, row in enumerate(rows, start=2):
         if row.get("decision") not in DECISIONS or not row.get("image") or not row.get("group"):
-            raise ValueError(f"{path}, line {n}: not a decision row (needs image, group and one of "
-                             f"{', '.join(DECISIONS)})")
-    return rows
+            why = (f"{path}, line {n}: not a decision row (needs image, group and one of "
+                   f"{', '.join(DECISIONS)})")
+            if strict:
+                raise ValueError(why)
+            logger.warning("%s; skipped", why)
+            continue
+        kept.append(row)
+    return kept
+
+
+def labels_of(cell: str) -> set[str]:
+    """A cell's labels as the catalog reader compares spellings: without letter case or extra spaces."""
+    return {" ".join(label.casefold().split()) for label in parse_labels(cell or "")}
 
 
 def latest(decisions: list[dict]) -> dict[tuple[str, str], dict]:
@@ -76,15 +101,34 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
     rows = [dict(zip(header_names([k or "" for k in row]), row.values())) for row in reader]
     for row in rows:
         row["image"] = image_path_of(row["image"])  # as read_catalog names it (a Windows export's '\\' as '/')
+    groups = [h for h in header if h and h not in RESERVED_COLUMNS]
+    images = {row["image"] for row in rows}
     accepted: dict[str, list[dict]] = {}
+    passed = {"an image no longer in the catalog": 0, "a group no longer in it (or not a group)": 0,
+              "an empty suggestion": 0}
     for (image, group), d in latest(decisions).items():
-        if d["decision"] == "accept" and group in header:
+        if d["decision"] != "accept":
+            continue
+        why = ("an image no longer in the catalog" if image not in images else
+               "a group no longer in it (or not a group)" if group not in groups else
+               "an empty suggestion" if not labels_of(d["suggested"]) else None)
+        if why:
+            passed[why] += 1
+        else:
             accepted.setdefault(image, []).append(d)
-    changed = 0
+    changed = stale = 0
     for row in rows:
         for d in accepted.get(row["image"], ()):
+            if labels_of(row[d["group"]]) != labels_of(d.get("given", "")):  # relabelled since the audit
+                stale += 1
+                continue
             row[d["group"]] = LABEL_SEPARATOR.join(filter(None, d["suggested"].split(LABEL_SEPARATOR)))
             changed += 1
+    told = [f"{n} for {why}" for why, n in passed.items() if n]
+    if stale:
+        told.append(f"{stale} whose cell changed since the audit (it showed another label: audit again)")
+    if told:
+        logger.warning("accepted decisions not applied: %s", "; ".join(told))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

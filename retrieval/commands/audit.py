@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         from retrieval.audit.decisions import apply_decisions, read_decisions
 
         args = get_apply_parser().parse_args(argv[1:])
+        if not Path(args.decisions).is_file():
+            raise FileNotFoundError(f"{args.decisions}: no such decisions file (the review writes "
+                                    "AUDIT_DIR/decisions.csv)")
         changed = apply_decisions(args.catalog, read_decisions(args.decisions), args.out)
         print(f"Wrote {Path(args.out) / 'labels.csv'}: {changed} cell(s) changed by accepted decisions")
         return 0
