@@ -66,6 +66,8 @@ def test_groups_option_names_a_group_with_a_comma():
     assert group_list("colour,type", known) == ["colour", "type"]
     assert group_list("Size, EU", known) == ["Size, EU"]  # the whole value is one group's name
     assert group_list('"Size, EU", colour', known) == ["Size, EU", "colour"]  # quoted as a CSV cell
+    with pytest.raises(ValueError, match="--groups ',' names no group; choose from: 'Size, EU', 'colour'"):
+        group_list(",", known)
 
 
 def test_missing_split_column_uses_hash(tmp_path):

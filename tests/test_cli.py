@@ -34,6 +34,7 @@ def test_unknown_command_lists_valid_ones(capsys):
     (["train", "--catalog", "c", "--out", "o", "--lr", "-1"], "argument --lr: -1 is not above 0"),
     (["train", "--catalog", "c", "--out", "o", "--lr", "nan"], "argument --lr: nan is not above 0"),
     (["train", "--catalog", "c", "--out", "o", "--range-loss", "-1"], "argument --range-loss: -1 is not at least 0"),
+    (["train", "--catalog", "c", "--out", "o", "--val-fraction", "1"], "--val-fraction: 1 is not a share from 0 up to"),
 ])
 def test_sizes_and_counts_out_of_range_are_usage_errors(argv, message, capsys):
     # they were tracebacks from torch or HDF5 (a negative image size), or silently dropped a label (--top -1)

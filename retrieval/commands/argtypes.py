@@ -35,3 +35,14 @@ def number_above(low: float, inclusive: bool = False):
         return value
     parse.__name__ = "float"
     return parse
+
+
+def share_below_one(text: str) -> float:
+    """A ``float`` type for argparse: a share of at least 0 and under 1 (``--val-fraction``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a share from 0 up to (not including) 1")
+    return value

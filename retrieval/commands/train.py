@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
-from retrieval.commands.argtypes import at_least, image_size, number_above
+from retrieval.commands.argtypes import at_least, image_size, number_above, share_below_one
 from retrieval.devices import resolve_device
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.colour import COLOUR_WEIGHTINGS
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--label-dropout", metavar="PROFILE",
                       help="keep group t's training labels on a share of images: 'paper' or e.g. 1.0,0.9,0.6")
     data.add_argument("--groups", metavar="G1,G2", help="train on these attribute groups only (default: all)")
-    data.add_argument("--val-fraction", type=float,
+    data.add_argument("--val-fraction", type=share_below_one,
                       help="share of the train split held out for validation when the catalog has no val split")
     data.add_argument("--image-cache", metavar="H5", help="pre-decoded images from 'retrieval cache'")
     data.add_argument("--trunk-cache", metavar="H5", help="where to keep cached trunk outputs (default RUN/trunk-cache.h5); "

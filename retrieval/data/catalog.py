@@ -89,7 +89,10 @@ def group_list(text: str, known: list[str]) -> list[str]:
     CSV cell (``'"Size, EU",colour'``), or the whole value when it is one group's name."""
     if text in known:
         return [text]
-    return [name.strip() for name in next(csv.reader([text], skipinitialspace=True), []) if name.strip()]
+    names = [name.strip() for name in next(csv.reader([text], skipinitialspace=True), []) if name.strip()]
+    if not names:
+        raise ValueError(f"--groups {text!r} names no group; choose from: {', '.join(map(repr, known))}")
+    return names
 
 
 def select_groups(catalog: Catalog, groups: list[str]) -> Catalog:
