@@ -115,6 +115,27 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     assert load_checkpoint(run / "best.pt")["epoch"] == 2
 
 
+def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog, tiny_run, tmp_path, capsys,
+                                                                    monkeypatch, caplog):
+    # another model configuration (named now), optimiser options the saved state holds (--lr was
+    # ignored, --optimizer sgd a KeyError), and fewer epochs than trained (config.yaml was rewritten)
+    import retrieval.train.trainer as trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "config.yaml").read_text()
+    monkeypatch.setattr(trainer.Job, "prepare_inputs", lambda job: pytest.fail("the trunk pass ran"))
+    for extra, message in ((("--image-size", "96"), "another model configuration (image_size differ)"),
+                           (("--lr", "0.5"), "(lr 0.002 there, 0.5 now)"),
+                           (("--optimizer", "sgd"), "optimizer 'adamw' there, 'sgd' now")):
+        assert train(demo_catalog, run, "--epochs", "3", "--resume", *extra) == 1
+        assert message in capsys.readouterr().err, extra
+    monkeypatch.undo()
+    assert train(demo_catalog, run, "--epochs", "1", "--resume") == 0
+    assert "has trained 2 epochs already (--epochs 1): nothing to do" in caplog.text
+    assert (run / "config.yaml").read_text() == before
+
+
 def test_last_pt_follows_best_pt_and_a_stopped_run_resumes_from_the_last_one_written(demo_catalog, tiny_run,
                                                                                         tmp_path, monkeypatch):
     # epochs quicker than CHECKPOINT_EVERY_S: last.pt and metrics.json are written with best.pt and

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 ASIDE = {"best.pt": "best-without-early-learning.pt", "metrics.json": "metrics-without-early-learning.json"}
 # what the run before --fill-missing's leaves beside it
 FILL_ASIDE = {"best.pt": "best-before-filling.pt", "metrics.json": "metrics-before-filling.json"}
+# training options a resumed run must keep: the saved optimiser and schedule hold them (a changed one was
+# ignored, or failed: --optimizer sgd on AdamW's state), and the epochs' seeds follow --seed
+RESUME_FIXED = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "lr_steps", "trunk_lr_scale",
+                "seed")
 # last.pt and metrics.json are written at an epoch's end when best.pt is (validation improved), at the
 # last epoch, and otherwise at most this often: a 60-item catalogue's 700 one-step epochs spent 108 of
 # their 146 s writing them every epoch (a 44 MB last.pt and an ever longer history)
@@ -324,9 +328,7 @@ class Job:
                 logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
             return 0, [], -float("inf")
         ckpt, self._last = self._last_checkpoint(), None  # read once: see _last_checkpoint
-        if ckpt["model_config"] != self.model.config.to_dict():
-            raise ValueError(f"{last}: was trained with another model configuration; cannot resume it")
-        self.check_items_unchanged(ckpt)
+        self.check_resumable(ckpt)
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -357,6 +359,8 @@ class Job:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(self.describe(), flush=True)
+        if self.cfg.resume and self._last_checkpoint() is not None:  # before the trunk pass: it may be refused
+            self.check_resumable(self._last_checkpoint())
         self.prepare_inputs()
         if self.cfg.resume and self._filled_run_started():
             history = self.train_with_filled_labels(resumed=True)
@@ -412,6 +416,10 @@ class Job:
         state = self.build_state()
         optimizer, scheduler = state.optimizer, state.scheduler
         first, history, best = (0, [], -float("inf")) if fresh else self.restore(optimizer, scheduler)
+        if first >= cfg.epochs and self.main:
+            logger.warning("%s has trained %d epochs already (--epochs %d): nothing to do; a larger --epochs "
+                           "trains it further", self.out, first, cfg.epochs)
+            return history
         if self.main:
             write_config(self.out / "config.yaml", cfg)
         for epoch in range(first, cfg.epochs):
@@ -435,6 +443,26 @@ class Job:
         torch.manual_seed(self.cfg.seed)
         self._prepare_model()
         self._prepare_loss()
+
+    def check_resumable(self, ckpt: dict) -> None:
+        """Refuse ``--resume`` of a last.pt this job cannot continue as it was trained, naming what
+        differs: another model configuration (method, groups, labels, image size, ...), optimisation
+        options the saved optimiser and schedule hold (``RESUME_FIXED``), or per-item state on training
+        items that changed (``check_items_unchanged``)."""
+        last = self.out / "last.pt"
+        mine = self.model.config.to_dict()
+        theirs = ckpt["model_config"]
+        if theirs != mine:
+            keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{last}: was trained with another model configuration ({', '.join(keys)} differ); "
+                             "cannot resume it: train into a new --out")
+        before = ckpt.get("train_config", {})
+        changed = [f"{k} {before[k]!r} there, {getattr(self.cfg, k)!r} now" for k in RESUME_FIXED
+                   if k in before and before[k] != getattr(self.cfg, k)]
+        if changed:
+            raise ValueError(f"{last}: --resume continues the run as it was trained ({'; '.join(changed)}): leave "
+                             "those options as they were, or train into a new --out")
+        self.check_items_unchanged(ckpt)
 
     def items_key(self) -> str:
         """A digest of the training and validation items' images in order: what per-item state in a
