@@ -647,6 +647,11 @@ def test_label_dropout_keeps_profile_share(demo_catalog, tmp_path):
     keep = parse_dropout_profile("1.0,0.5,0.2", len(catalog.groups))
     assert keep == [1.0, 0.5, 0.2, 0.2, 0.2]
     assert parse_dropout_profile("paper", 7) == [1.0, 0.96, 0.82, 0.78, 0.68, 0.61, 0.60]
+    assert parse_dropout_profile("paper", 3) == [1.0, 0.96, 0.82]
+    with pytest.raises(ValueError, match="gives 7 shares for 5 groups"):  # the extra ones were dropped silently
+        parse_dropout_profile("1,1,1,1,1,1,1", 5)
+    with pytest.raises(ValueError, match=r"shares must lie in \(0, 1\]"):  # 0 blanked every label
+        parse_dropout_profile("1,0", 5)
     dropped = drop_labels(items, catalog.groups, keep, seed=0)
     for g, share in zip(catalog.groups, keep):
         kept = sum(bool(d.labels[g]) for d in dropped)
@@ -674,6 +679,17 @@ def test_a_catalogs_val_split_is_the_validation(demo_catalog, tmp_path, capsys):
     assert f"{len(train_rows) - n_val} training / {n_val} validation items (the val split)" in out
     assert train(demo_catalog, tmp_path / "plain", "--epochs", "1", "--val-fraction", "0.5") == 0
     assert "validation items (0.5 of the train split)" in capsys.readouterr().out
+
+
+def test_options_this_run_cannot_use_are_said_to_be_off(demo_catalog, tiny_run, tmp_path, caplog):
+    # they were accepted in silence: config.yaml said on, nothing was done
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    assert train(demo_catalog, tmp_path / "a", "--epochs", "1", "--colour-bins", "none") == 0
+    assert "label attention is off for this run: it needs the learned colour weighting" in caplog.text
+    assert train(demo_catalog, tmp_path / "b", "--epochs", "1", "--method", "multi-label", "--early-learning", "4",
+                 "--fill-missing", "0.5", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    assert "--early-learning 4 is off: it holds the single-label (softmax) groups" in caplog.text
+    assert "--fill-missing 0.5 is off: it fills single-label (softmax) groups" in caplog.text
 
 
 def test_one_training_item_is_a_clear_error(tmp_path, capsys):

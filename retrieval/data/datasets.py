@@ -100,6 +100,9 @@ def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
                              "or shares like 1.0,0.8,0.6") from None
     if any(not 0 < s <= 1 for s in shares):  # 0 keeps no label of a group (leave it out with --groups)
         raise ValueError(f"--label-dropout shares must lie in (0, 1], got {shares}")
+    if text not in LABEL_DROPOUT_PROFILES and len(shares) > n_groups:  # a profile fits any number of groups
+        raise ValueError(f"--label-dropout gives {len(shares)} shares for {n_groups} groups: one a group, "
+                         "the last repeated for the groups after it")
     return (shares + [shares[-1]] * n_groups)[:n_groups]
 
 

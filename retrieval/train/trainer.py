@@ -103,6 +103,10 @@ class Job:
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
                                   frozen_trunk=blocks != "all" and int(blocks) == 0, **options)
+        if cfg.label_attention and self.catalog.multi_label_groups() and not self.model.attended_groups and \
+                cfg.method != "multi-label" and self.main:
+            logger.warning("label attention is off for this run: it needs the learned colour weighting "
+                           "(--colour-weighting learned, with --colour-bins); the multi-label groups get plain heads")
         self.start, self.mode = resolve_trainable(cfg, blocks, len(self.model.trunk))
         freeze_units(self.model, self.start, cfg.freeze_bn)
         self.model.to(self.device)
@@ -142,6 +146,9 @@ class Job:
                                             self.device, gather, cfg.batch_size, sigmoid, divisors,
                                             [g for g in self.model.attended_groups if g in sigmoid]) \
             if weight and softmax else None
+        if weight and not softmax and self.main:
+            logger.warning("--early-learning %g is off: it holds the single-label (softmax) groups, and this run has "
+                           "none (the multi-label method, or --groups of multi-label groups only)", weight)
         if self.early_learning is not None:
             # the sigmoid groups are weighted up so as to keep a share of the loss (else a multi-label
             # colour group falls below the off-the-shelf trunk; x 2.5 measured best against 1 and 4 at
@@ -552,6 +559,9 @@ class Job:
                                 "the missing labels filled and one without (%d needed); give a confidence "
                                 "(--fill-missing 0.9) to fill anyway", len(self.val_items), AUTO_MIN_VALIDATION)
                 confidence = 0.0
+        if confidence and not groups and self.main and self.cfg.fill_missing != "auto":
+            logger.warning("--fill-missing %s is off: it fills single-label (softmax) groups, and this run has none",
+                           self.cfg.fill_missing)
         return confidence if groups else 0.0
 
     def _filled_run_started(self) -> bool:
