@@ -89,3 +89,9 @@ def size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
     return f"{n} B"
+
+
+def in_use(err: OSError) -> bool:
+    """Whether an error opening an HDF5 file is its lock (another process has it open to write)."""
+    text = str(err).lower()  # h5py: "unable to lock file, errno = 11" ("sblock" in a truncated file's is not it)
+    return isinstance(err, BlockingIOError) or "unable to lock" in text or "errno = 11" in text

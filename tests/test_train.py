@@ -482,6 +482,25 @@ def test_a_trunk_cache_that_cannot_be_read_is_built_again(demo_catalog, tiny_run
     assert "cannot be read" in caplog.text and "computing from images" in caplog.text
 
 
+def test_a_trunk_cache_another_process_writes_is_named_in_use_not_rebuilt(demo_catalog, tiny_run, tmp_path, capsys):
+    # two runs sharing --trunk-cache: the lock error was taken for a corrupt file and the cache rebuilt
+    # under the other run (or a BlockingIOError traceback)
+    import time
+
+    cache = tmp_path / "trunk.h5"
+    shutil.copy(tiny_run / "trunk-cache.h5", cache)
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(cache)!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = cache.stat().st_mtime_ns
+        assert train(demo_catalog, tmp_path / "r", "--epochs", "1", "--trunk-cache", str(cache)) == 1
+        assert "is in use by another process" in capsys.readouterr().err and cache.stat().st_mtime_ns == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):
     catalog = tmp_path / "cat"
     shutil.copytree(demo_catalog, catalog)

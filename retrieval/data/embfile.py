@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from retrieval.atomic import in_use
 from retrieval.data.catalog import digest_change
 
 logger = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def open_h5(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as err:
-        if not isinstance(err, BlockingIOError) and "lock" not in str(err).lower():
+        if not in_use(err):
             raise
         raise ValueError(f"{path} is in use by another process (another 'retrieval embed' of the same --out, "
                          "or a rebuild, still running?); wait for it to finish or stop it") from None

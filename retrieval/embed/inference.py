@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from retrieval.atomic import in_use
 from retrieval.data import embfile
 from retrieval.data.catalog import Catalog, Item
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
@@ -54,6 +55,9 @@ def open_trunk_cache(path, model: RetrievalModel, catalog: Catalog, start: int) 
         with h5py.File(path, "r") as f:
             key, done = f.attrs.get("key"), int(f.attrs.get("done", 0))
     except OSError as err:  # truncated or not HDF5: derived data, so the images serve instead
+        if in_use(err):
+            raise ValueError(f"trunk cache {path} is in use by another process (a training run still filling "
+                             "it?); wait for it to finish, or embed without --trunk-cache") from None
         logger.warning("%s cannot be read (%s): computing from images", path, err)
         return None
     if not cache_serves(key, cache_key(model, start, catalog.items), model, start) or done < len(catalog):

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retrieval.atomic import check_free_space
+from retrieval.atomic import check_free_space, in_use
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
@@ -264,16 +264,23 @@ class TrunkCache:
 def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item], start: int, path: Path,
                       device: torch.device, batch_size: int = 64, image_cache: ImageCache | None = None,
                       workers: int | None = None) -> Path:
-    """Compute (or resume) the trunk cache of ``items`` for training units ``start..``."""
+    """Compute (or resume) the trunk cache of ``items`` for training units ``start..``. Another process
+    writing it (two runs sharing ``--trunk-cache``) is a ValueError saying so, never a rebuild under it."""
     path = Path(path)
     key = cache_key(model, start, items)
-    done = _open_or_create(model, items, start, path, key, device)
-    if done < len(items):
-        check_free_space(path.parent, _item_bytes(path, len(items)) * (len(items) - done),
-                         f"the trunk cache of {len(items)} images ({path.name})")
-        _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers)
-    with h5py.File(path, "r") as f:
-        ok = f["ok"][:].astype(bool)
+    try:
+        done = _open_or_create(model, items, start, path, key, device)
+        if done < len(items):
+            check_free_space(path.parent, _item_bytes(path, len(items)) * (len(items) - done),
+                             f"the trunk cache of {len(items)} images ({path.name})")
+            _fill(model, catalog, items, start, path, done, device, batch_size, image_cache, workers)
+        with h5py.File(path, "r") as f:
+            ok = f["ok"][:].astype(bool)
+    except OSError as err:
+        if not in_use(err):
+            raise
+        raise ValueError(f"trunk cache {path} is in use by another process (another run sharing --trunk-cache, "
+                         "still filling it?); wait for it to finish, or give this run its own --trunk-cache") from None
     bad = [items[i].image for i in np.flatnonzero(~ok)]
     if bad:
         logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
@@ -298,6 +305,10 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
                     return done
             logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
         except OSError as err:  # truncated (a full disk, a copy cut short) or not HDF5: derived, so made again
+            if in_use(err):  # another run (sharing --trunk-cache) has it open: never rebuilt under it
+                raise ValueError(f"trunk cache {path} is in use by another process (another run sharing "
+                                 "--trunk-cache, still filling it?); wait for it to finish, or give this run "
+                                 "its own --trunk-cache") from None
             logger.warning("Trunk cache %s cannot be read (%s): rebuilding", path, err)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
