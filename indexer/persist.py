@@ -48,8 +48,22 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse an index target that is something else: a file, or a folder holding files but no
+    sidecar.json (a catalog, a run: replacing the index deletes what was there). A missing or empty
+    folder, or an index, may be (re)written."""
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target} is a file, not an index directory; choose another --out")
+    if target.is_dir() and not (target / SIDECAR).is_file() and any(target.iterdir()):
+        raise FileExistsError(f"{target} holds files but no index ({SIDECAR}); writing the index there would "
+                              "delete them: choose a new or empty folder")
+
+
 def swap_into_place(new: Path, target: Path) -> None:
-    """Rename the finished directory new to target, moving an existing target away first."""
+    """Rename the finished directory new to target, moving an existing target away first (an index:
+    ``check_replaceable``)."""
+    check_replaceable(target)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{writer_tag()}-{uuid.uuid4().hex[:8]}")

@@ -18,7 +18,7 @@ from indexer.filters import EXACT_SUBSET_MAX, filtered_search, pad_results, qual
 from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_kind, pad_columns, rebuild_hnsw,
                            to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
-from indexer.persist import (FORMAT, SIDECAR, check_expected, fsync_file, read_sidecar, read_view,
+from indexer.persist import (FORMAT, SIDECAR, check_expected, check_replaceable, fsync_file, read_sidecar, read_view,
                              remove_stale_temporaries, swap_into_place, temporary_dir, view_file, view_files)
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ class IndexStore:
     def save(self, directory) -> Path:
         """Write <view>.faiss files (``view_files``), items-*.npy and sidecar.json to a temporary directory, then swap it in."""
         directory = Path(directory)
+        check_replaceable(directory)  # before any work: a catalog or a file is never replaced
         directory.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)  # what a killed writer left (whole index copies)
         tmp = temporary_dir(directory)

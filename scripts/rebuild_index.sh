@@ -15,11 +15,19 @@ shift 3
 type=flat shared_view=file
 while :; do  # the index build's own options, in either order, before the embed options
   case "${1:-}" in
-    --type) type=$2; shift 2 ;;
-    --shared-view) shared_view=$2; shift 2 ;;
+    --type) type=${2:-}; shift $(( $# > 1 ? 2 : 1 )) ;;
+    --shared-view) shared_view=${2:-}; shift $(( $# > 1 ? 2 : 1 )) ;;
     *) break ;;
   esac
 done
+# checked before the embedding, which takes the longest
+case "$type" in flat|ivf|hnsw|ivfpq) ;; *) echo "$0: --type takes flat, ivf, hnsw or ivfpq (got '$type')" >&2; exit 2 ;; esac
+case "$shared_view" in file|embedding) ;; *) echo "$0: --shared-view takes file or embedding (got '$shared_view')" >&2; exit 2 ;; esac
+if [ -e "$index_dir" ] && { [ ! -d "$index_dir" ] || { [ ! -f "$index_dir/sidecar.json" ] && [ -n "$(ls -A "$index_dir")" ]; }; }; then
+  echo "$0: $index_dir is not an index (a file, or a folder of other files without sidecar.json); rebuilding" \
+       "there would delete it: choose a new or empty folder" >&2
+  exit 2
+fi
 retrieval=${RETRIEVAL:-retrieval}
 parent=$(dirname "$index_dir") name=$(basename "$index_dir")
 mkdir -p "$parent"

@@ -200,11 +200,15 @@ def test_save_replaces_existing_dir_atomically(tmp_path, catalog):
     target = tmp_path / "index"
     target.mkdir()
     (target / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="holds files but no index"):  # not an index: never deleted
+        make_store(catalog).save(target)
+    assert (target / "stale.txt").read_text() == "old"
+    (target / "stale.txt").unlink()
+    make_store(catalog).save(target)  # an empty folder is fine
+    (target / "stale.txt").write_text("old")  # a file left inside an index goes with it
     make_store(catalog).save(target)
     assert not (target / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["index"]  # no temp or old dirs left
-    make_store(catalog).save(target)  # replacing a real index works too
-    assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
 def test_failed_save_keeps_old_index(tmp_path, catalog, monkeypatch):

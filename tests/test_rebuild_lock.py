@@ -98,3 +98,31 @@ def test_embed_names_a_file_locked_by_another_process(tiny_run, demo_catalog, tm
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_rebuild_and_build_never_replace_what_is_not_an_index(tmp_path, capsys):
+    # index build --out / rebuild_index.sh onto a catalog copy or a folder of notes deleted it, exit 0;
+    # a bad --type was refused only after the embedding
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep")
+    for target, message in ((folder, "is not an index"), (afile, "is not an index")):
+        done = start_rebuild(tmp_path, target)
+        _, err = done.communicate(timeout=60)
+        assert done.returncode == 2 and message in err, err
+    hang = tmp_path / "embed.pid"
+    fake = tmp_path / "retrieval"
+    env = {**os.environ, "RETRIEVAL": str(fake), "HANG": str(hang)}
+    for extra, message in ((["--type", "bogus"], "--type takes flat, ivf, hnsw or ivfpq (got 'bogus')"),
+                           (["--type"], "--type takes flat, ivf, hnsw or ivfpq (got '')"),
+                           (["--shared-view", "x"], "--shared-view takes file or embedding")):
+        cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), "CAT", "RUN/best.pt", str(tmp_path / "idx"), *extra]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr and not hang.exists()  # no embedding began
+    assert (folder / "notes.txt").read_text() == "keep" and afile.read_text() == "keep"
+    for target, message in ((folder, "holds files but no index"), (afile, "is a file, not an index directory")):
+        assert cli(["index", "build", "--embeddings", str(tmp_path / "none.h5"), "--out", str(target)]) == 1
+        assert message in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "keep" and afile.read_text() == "keep"

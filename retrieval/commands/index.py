@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -130,10 +131,12 @@ def use_gpu(choice: str):
 
 def main(argv=None) -> int:
     from indexer import IndexStore, build_store
+    from indexer.persist import check_replaceable
     from retrieval.data.embfile import BlockReader
 
     args = get_args_parser().parse_args(argv)
     if args.action == "build":
+        check_replaceable(Path(args.out))  # before reading anything: a folder of other files is never replaced
         with BlockReader(args.embeddings) as reader:
             titles, labels = item_metadata(reader.paths, reader.attrs, args.catalog)
             store = build_store(vector_source(reader, args.shared_view), reader.paths, args.type, titles, labels,
