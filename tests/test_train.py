@@ -446,6 +446,30 @@ def test_early_learning_option_is_auto_or_a_weight(demo_catalog, tmp_path, capsy
         assert exit_.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_a_run_folder_in_use_by_another_training_is_refused(demo_catalog, tiny_run, tmp_path, capsys):
+    # two trains into one --out both exited 0, best.pt and last.pt holding one run's epochs; and a train
+    # without --resume into a run rebuilt its trunk cache (for the refused settings) before refusing
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cache_time = (run / "trunk-cache.h5").stat().st_mtime_ns
+    assert train(demo_catalog, run, "--epochs", "1", "--seed", "9") == 1
+    assert "already holds a run (last.pt); pass --resume" in capsys.readouterr().err
+    assert (run / "trunk-cache.h5").stat().st_mtime_ns == cache_time
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               f"fd = os.open({str(run / '.train.lock')!r}, os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'4242'); "
+                               "print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train(demo_catalog, run, "--epochs", "3", "--resume") == 1
+        assert "is in use by another training (pid 4242)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(demo_catalog, run, "--epochs", "3", "--resume") == 0  # released when its holder ends
+
+
 def test_existing_run_is_not_overwritten(demo_catalog, tiny_run, capsys):
     assert train(demo_catalog, tiny_run, "--epochs", "1") == 1
     assert "pass --resume" in capsys.readouterr().err

@@ -365,7 +365,11 @@ class Job:
         confidently predicted ones filled in, and again the better run is best.pt."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.hold_run_folder()
             print(self.describe(), flush=True)
+        if not self.cfg.resume and (self.out / "last.pt").exists():  # before the trunk pass, which it would redo
+            raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue "
+                                  "it or choose another --out")
         if self.cfg.resume and self._last_checkpoint() is not None:  # before the trunk pass: it may be refused
             self.check_resumable(self._last_checkpoint())
         self.prepare_inputs()
@@ -450,6 +454,32 @@ class Job:
         torch.manual_seed(self.cfg.seed)
         self._prepare_model()
         self._prepare_loss()
+
+    def hold_run_folder(self) -> None:
+        """Lock RUN for this job's life (``RUN/.train.lock``, released when the process ends, even by
+        kill -9): a second ``train`` into the same --out stops at once, naming the holder, instead of
+        both writing best.pt and last.pt and one's epochs being lost."""
+        import fcntl
+
+        path = self.out / ".train.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{self.out} is in use by another training (pid {holder}); wait for it to finish "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._run_lock = fd  # held until the process exits
+
+    def release_run_folder(self) -> None:
+        """Let go of ``hold_run_folder``'s lock (the job is over; a later train in this process may take it)."""
+        fd = getattr(self, "_run_lock", None)
+        if fd is not None:
+            os.close(fd)
+            self._run_lock = None
 
     def check_resumable(self, ckpt: dict) -> None:
         """Refuse ``--resume`` of a last.pt this job cannot continue as it was trained, naming what
@@ -664,6 +694,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     try:
         return job.run()
     finally:
+        job.release_run_folder()
         job.train_loader = job.val_loader = None  # their worker processes end here, not when the job is collected
         if job.world > 1 and dist.is_initialized():
             job.collectives.release()  # see Collectives: else a finished run may abort at exit
