@@ -297,6 +297,31 @@ def test_index_add_leaves_out_a_group_the_catalog_gained_since_the_build(embeddi
     assert "group(s) 'material' are not in the index" in caplog.text
 
 
+def test_index_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings, tmp_path, capsys):
+    # two adds at once each read the same index and the last save dropped the other's items (both said
+    # "Added 10 items"); the lock is the one scripts/rebuild_index.sh holds
+    import subprocess
+    import sys
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    assert cli(["index", "remove", "--index", str(index), "--ids", "0"]) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time; "
+                               f"fd = os.open({str(tmp_path / '.index.lock')!r}, os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'777'); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        for argv in (["add", "--embeddings", str(embeddings)], ["remove", "--ids", "1"]):
+            assert cli(["index", argv[0], "--index", str(index), *argv[1:]]) == 1
+            assert "is being changed by another process (pid 777" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+
+
 def test_index_add_refuses_other_model(embeddings, tmp_path):
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0

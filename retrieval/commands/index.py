@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,30 @@ def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids
     return new, out
 
 
+@contextmanager
+def index_lock(index: Path):
+    """Hold the index's update lock (``.INDEX_DIR.lock`` beside it, the one scripts/rebuild_index.sh
+    holds) while ``add`` or ``remove`` reads, changes and saves it: two at once each read the same
+    index and the last save dropped the other's items. Another holder is a ValueError naming it."""
+    import fcntl
+
+    index = Path(index)
+    path = index.parent / f".{index.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{index} is being changed by another process (pid {holder}: an index add or remove, "
+                             "or scripts/rebuild_index.sh); try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def use_gpu(choice: str):
     return {"auto": "auto", "on": True, "off": False}[choice]
 
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
     elif args.action == "add":
-        with BlockReader(args.embeddings) as reader:
+        with index_lock(args.index), BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
             new, ids = new_items(reader.paths, reader.ids, store.paths, store.ids)
             paths = [reader.paths[i] for i in new]
@@ -163,18 +189,19 @@ def main(argv=None) -> int:
             check_group_views(store.multi_label_view_power, args.embeddings, reader.attrs)
             views = {view: source.take(view, new) for view in store.views}
             store.add(views, ids, paths, titles, labels)
-        store.save(args.index)
+            store.save(args.index)
         print(f"Added {len(new)} items to {args.index}; it now holds {len(store)}")
     else:
-        store = IndexStore.load(args.index)
-        by_path = dict(zip(store.paths, store.ids.tolist()))
-        unknown = [p for p in args.paths if p not in by_path]
-        if unknown:
-            raise KeyError(f"not in the index: {', '.join(unknown[:10])}")
-        ids = sorted(set(args.ids) | {by_path[p] for p in args.paths})
-        if not ids:
-            raise ValueError("nothing to remove: give --paths or --ids")
-        store.remove(ids)
-        store.save(args.index)
+        with index_lock(args.index):
+            store = IndexStore.load(args.index)
+            by_path = dict(zip(store.paths, store.ids.tolist()))
+            unknown = [p for p in args.paths if p not in by_path]
+            if unknown:
+                raise KeyError(f"not in the index: {', '.join(unknown[:10])}")
+            ids = sorted(set(args.ids) | {by_path[p] for p in args.paths})
+            if not ids:
+                raise ValueError("nothing to remove: give --paths or --ids")
+            store.remove(ids)
+            store.save(args.index)
         print(f"Removed {len(ids)} items from {args.index}; it now holds {len(store)}")
     return 0
