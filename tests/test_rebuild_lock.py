@@ -126,3 +126,11 @@ def test_rebuild_and_build_never_replace_what_is_not_an_index(tmp_path, capsys):
         assert cli(["index", "build", "--embeddings", str(tmp_path / "none.h5"), "--out", str(target)]) == 1
         assert message in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "keep" and afile.read_text() == "keep"
+
+
+def test_embed_into_a_folder_is_refused_before_embedding(tiny_run, demo_catalog, tmp_path, capsys):
+    # it embedded everything, then failed renaming the work file onto the folder (IsADirectoryError)
+    (tmp_path / "out").mkdir()
+    assert embed(tiny_run, demo_catalog, tmp_path / "out") == 1
+    assert "is a folder; --out names the embeddings file to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work file begun

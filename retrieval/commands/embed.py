@@ -82,8 +82,10 @@ def main(argv=None) -> int:
 
 def embed(args, rank: int, device) -> int:
     """The command proper, on one rank."""
-    catalog = read_catalog(args.catalog)
     out = Path(args.out)
+    if out.is_dir():  # before the embedding, not at its merge
+        raise FileExistsError(f"{out} is a folder; --out names the embeddings file to write (e.g. {out / 'EMB.h5'})")
+    catalog = read_catalog(args.catalog)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:
         # a trunk without packaged weights starts random: the same on every rank and in every resumed run

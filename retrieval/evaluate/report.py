@@ -153,7 +153,8 @@ def format_table(report: dict) -> str:
              "|---|---:|---:" + ("|---:" if has_view else "") + "|"]
     for g, entry in groups.items():
         view = f" | {_pair(entry.get('group_view'))}" if has_view else ""
-        name = f"{g} (one label shared by all: not in the mean)" if entry.get("uninformative") else g
+        shared = "one label shared by all" if entry.get("map_paper") else "no label shared by two"
+        name = f"{g} ({shared}: not in the mean)" if entry.get("uninformative") else g
         lines.append(f"| {name} | {entry['queries']} | {_pair(entry)}{view} |")
     views = report.get("views", {})
     view = f" | {_pair(views.get('group'))}" if has_view else ""
