@@ -1,6 +1,7 @@
 """The ``retrieval`` console script: one subcommand per stage, each a module with ``main(argv)``."""
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -33,6 +34,17 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried, at every start
 
 
+PLACE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+                errno.ENAMETOOLONG}
+
+
+def place_error(err: OSError) -> bool:
+    """Whether an OSError is about the place a command reads or writes (permission, a read-only or full
+    disk, a folder where a file goes): told in one line like the commands' own errors, not a traceback.
+    h5py raises a plain OSError with the errno in its message."""
+    return err.errno in PLACE_ERRNOS or any(f"errno = {n}," in str(err) for n in PLACE_ERRNOS)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``retrieval COMMAND ...`` to the command's module. Run as the console script (no
     ``argv``), Ctrl-C ends it with one line and status 130 instead of a traceback; called with
@@ -63,6 +75,11 @@ def dispatch(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"retrieval {name}: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not place_error(err):
+            raise
+        print(f"retrieval {name}: error: {err}", file=sys.stderr)
         return 1
 
 

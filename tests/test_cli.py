@@ -57,6 +57,27 @@ def test_ctrl_c_ends_the_console_script_with_one_line(monkeypatch, capsys):
         retrieval.cli.main(["embed"])
 
 
+def test_a_place_that_cannot_be_written_is_one_line(monkeypatch, capsys):
+    # a read-only or full disk, no permission: tracebacks from os.mkdir, mkdtemp or h5py before
+    import errno
+    import types
+
+    import retrieval.cli
+
+    def failing(err):
+        return types.SimpleNamespace(main=lambda argv: (_ for _ in ()).throw(err))
+
+    for err, shown in ((OSError(errno.EROFS, "Read-only file system", "ro/run"), "Read-only file system: 'ro/run'"),
+                       (OSError("Unable to synchronously create file (unable to open file: name = 'ro/e.h5', "
+                                "errno = 30, error message = 'Read-only file system')"), "errno = 30")):
+        monkeypatch.setattr(retrieval.cli.importlib, "import_module", lambda name, err=err: failing(err))
+        assert cli(["embed"]) == 1 and shown in capsys.readouterr().err
+    monkeypatch.setattr(retrieval.cli.importlib, "import_module",
+                        lambda name: failing(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError):  # anything else stays a traceback (a bug or the machine, not a place)
+        cli(["embed"])
+
+
 def test_sub_packages_import_in_flow_order():
     # data <- net, evaluate <- embed, train <- audit, recipes <- commands; no package imports a later one
     import re
