@@ -56,6 +56,9 @@ def test_a_config_file_reads_dashes_and_a_runs_own_config_yaml(tiny_run, tmp_pat
     assert (cfg.label_attention, cfg.trainable_blocks, cfg.label_dropout) == (False, "0", "0.5")
     again = parse_config(["--catalog", "C", "--out", "R", "--config", str(tiny_run / "config.yaml")])
     assert (again.backbone, again.epochs, again.image_size) == ("tiny", 2, 64)
+    alone = parse_config(["--config", str(tiny_run / "config.yaml")])  # its catalog and out are given there
+    written = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert (alone.catalog, alone.out) == (written["catalog"], written["out"])
 
 
 def test_recipe_is_a_default_that_config_and_flags_override(tmp_path):

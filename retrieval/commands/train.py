@@ -230,11 +230,18 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 def parse_config(argv=None) -> TrainConfig:
     """Arguments (with YAML defaults from --config) as a TrainConfig."""
     parser = get_args_parser()
-    first, _ = parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(prog="retrieval train", add_help=False)  # --recipe and --config first: they give defaults, maybe --catalog
+    pre.add_argument("--recipe")
+    pre.add_argument("--config")
+    first, _ = pre.parse_known_args(argv)
     if first.recipe:
         parser.set_defaults(**load_recipe(first.recipe)["options"])
     if first.config:
-        parser.set_defaults(**config_defaults(parser, first.config))
+        given = config_defaults(parser, first.config)
+        parser.set_defaults(**given)
+        for action in parser._actions:  # --catalog / --out given by the file are given
+            if action.dest in given and given[action.dest] is not None:
+                action.required = False
     args = vars(parser.parse_args(argv))
     names = {f.name for f in fields(TrainConfig)}
     if (args.get("sampling") != "none") and not args.get("sampling_group"):
