@@ -322,6 +322,18 @@ def test_index_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
 
 
+def test_embed_warns_when_the_checkpoint_and_the_catalog_have_other_groups(tiny_run, demo_catalog, tmp_path, caplog):
+    # the index then has a group-gender view while its filters come from the catalog: said nowhere before
+    catalog = tmp_path / "cat"
+    shutil.copytree(demo_catalog, catalog)
+    rows = [line.split(",") for line in (catalog / "labels.csv").read_text().splitlines()]
+    drop = rows[0].index("gender")
+    (catalog / "labels.csv").write_text("\n".join(",".join(r[:drop] + r[drop + 1:]) for r in rows) + "\n")
+    assert embed(tiny_run, catalog, tmp_path / "e.h5") == 0
+    assert "was trained on groups category, colours, pattern, sleeve, gender, the catalog has category, colours, " \
+           "pattern, sleeve: group views follow the model" in caplog.text
+
+
 def test_index_add_refuses_other_model(embeddings, tmp_path):
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from retrieval.embed.inference import open_trunk_cache
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.checkpoint import load_model
 from retrieval.net.model import POOL_WEIGHTINGS, SHARED_VIEWS, create_model
+
+logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -102,6 +105,11 @@ def embed(args, rank: int, device) -> int:
             model.embed_pooled = lambda pooled: torch.nn.functional.normalize(pooled, dim=1)
     else:
         model, ckpt = load_model(args.checkpoint)
+        theirs, ours = list(model.config.groups), catalog.groups
+        if set(theirs) != set(ours) and rank == 0:  # a checkpoint of another catalog: views and filters part ways
+            logger.warning("%s was trained on groups %s, the catalog has %s: group views follow the model, "
+                           "labels and filters the catalog (only %s have both)", args.checkpoint, ", ".join(theirs),
+                           ", ".join(ours), ", ".join(g for g in ours if g in theirs) or "none")
         if args.shared_view:
             model.config.shared_view = args.shared_view
         start, fp = ckpt.get("start_unit", 0), ckpt["fingerprint"]

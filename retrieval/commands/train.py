@@ -230,7 +230,8 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 def parse_config(argv=None) -> TrainConfig:
     """Arguments (with YAML defaults from --config) as a TrainConfig."""
     parser = get_args_parser()
-    pre = argparse.ArgumentParser(prog="retrieval train", add_help=False)  # --recipe and --config first: they give defaults, maybe --catalog
+    # --recipe and --config first: they give defaults (--catalog and --out too, from a file)
+    pre = argparse.ArgumentParser(prog="retrieval train", add_help=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config")
     first, _ = pre.parse_known_args(argv)
