@@ -24,7 +24,7 @@ from pathlib import Path
 from retrieval.atomic import atomic_write, write_text
 from retrieval.cli import configure_logging
 from retrieval.commands.train import get_args_parser as train_parser
-from retrieval.data.catalog import read_catalog
+from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.data.standins import colour_group
 from retrieval.evaluate.report import evaluate_embeddings
 from retrieval.experiments import Experiment, run_experiment
@@ -192,7 +192,10 @@ def main(argv=None):
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name, catalog in args.catalog:
-        results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant, colours.get(name))
+        try:
+            results[name] = run_catalog(name, catalog, work, args.variant + args.pass_variant, colours.get(name))
+        except CatalogError as err:  # a --catalog that is none: one line, the others' results kept
+            raise SystemExit(f"experiment_transfer.py: --catalog {name}={catalog}: {err}") from None
         write_text(results_path, json.dumps(results, indent=2))
     text = format_tables(results)
     write_text(work / "transfer.md", text + "\n")
