@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.atomic import hold_lock
 from retrieval.data.catalog import read_catalog
 from retrieval.data.embfile import (SHARED_VIEW_READS, index_view_power, multi_label_view_power, shared_view_name,
                                     shared_view_rows)
@@ -132,23 +133,15 @@ def index_lock(index: Path):
     """Hold the index's update lock (``.INDEX_DIR.lock`` beside it, the one scripts/rebuild_index.sh
     holds) while ``add`` or ``remove`` reads, changes and saves it: two at once each read the same
     index and the last save dropped the other's items. Another holder is a ValueError naming it."""
-    import fcntl
-
     index = Path(index)
-    path = index.parent / f".{index.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = hold_lock(index.parent / f".{index.name}.lock")
+    if isinstance(held, str):
+        raise ValueError(f"{index} is being changed by another process (pid {held}: an index add or remove, "
+                         "or scripts/rebuild_index.sh); try again when it has finished")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"{index} is being changed by another process (pid {holder}: an index add or remove, "
-                             "or scripts/rebuild_index.sh); try again when it has finished") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        os.close(held)
 
 
 def use_gpu(choice: str):

@@ -18,7 +18,7 @@ from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, co
                                      loader_workers, missing_at_random, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
 from retrieval.devices import Collectives, resolve_device, setup_distributed
-from retrieval.atomic import atomic_write
+from retrieval.atomic import atomic_write, hold_lock
 from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from retrieval.net.model import create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
@@ -62,6 +62,7 @@ class Job:
         # images mode: loaders made at the first epoch and kept for the others; the order set per epoch
         self.train_loader = self.val_loader = None
         self._last = None  # last.pt when already read for --resume
+        self._run_lock = None  # RUN/.train.lock's descriptor while the main rank runs (hold_run_folder)
         self._saved_at = time.monotonic()  # when last.pt was last written (CHECKPOINT_EVERY_S)
         self.filled = None  # per softmax group, each training item's filled label (-1: none), in --fill-missing's run
         self.epoch_order = sampling.EpochBatches(cfg.batch_size)
@@ -459,26 +460,16 @@ class Job:
         """Lock RUN for this job's life (``RUN/.train.lock``, released when the process ends, even by
         kill -9): a second ``train`` into the same --out stops at once, naming the holder, instead of
         both writing best.pt and last.pt and one's epochs being lost."""
-        import fcntl
-
-        path = self.out / ".train.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ValueError(f"{self.out} is in use by another training (pid {holder}); wait for it to finish "
-                             "or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._run_lock = fd  # held until the process exits
+        held = hold_lock(self.out / ".train.lock")
+        if isinstance(held, str):
+            raise ValueError(f"{self.out} is in use by another training (pid {held}); wait for it to finish "
+                             "or choose another --out")
+        self._run_lock = held  # until release_run_folder, or the process's end
 
     def release_run_folder(self) -> None:
         """Let go of ``hold_run_folder``'s lock (the job is over; a later train in this process may take it)."""
-        fd = getattr(self, "_run_lock", None)
-        if fd is not None:
-            os.close(fd)
+        if self._run_lock is not None:
+            os.close(self._run_lock)
             self._run_lock = None
 
     def check_resumable(self, ckpt: dict) -> None:
