@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import urlencode
 
 from flask import abort
 from werkzeug.datastructures import MultiDict
@@ -112,9 +112,20 @@ def page_bounds(total: int, page: int, per_page: int) -> tuple[int, int, int]:
     return start, min(total, start + per_page), pages
 
 
+def group_pairs(group: str, labels: list[str]) -> list[tuple[str, str]]:
+    """One group's filter as query pairs: its labels comma-joined in one parameter, or the parameter
+    repeated once a label when a label holds a comma (``a, b`` joined with ``sport`` would read as
+    three labels: ``split_values`` keeps a whole value that is a label)."""
+    if not labels:
+        return []
+    if any("," in label for label in labels):
+        return [(filter_param(group), label) for label in labels]
+    return [(filter_param(group), ",".join(labels))]
+
+
 def filter_params(filters: dict[str, list[str]]) -> list[tuple[str, str]]:
-    """Return the filters as (parameter, comma-joined labels) query pairs (``filter_param``)."""
-    return [(filter_param(group), ",".join(labels)) for group, labels in filters.items() if labels]
+    """Return the filters as query pairs (``filter_param``, ``group_pairs``)."""
+    return [pair for group, labels in filters.items() for pair in group_pairs(group, labels)]
 
 
 def query_string(filters: dict[str, list[str]], **extra) -> str:
@@ -131,11 +142,11 @@ def toggle_links(prefix: str, filters: dict[str, list[str]], group: str, labels:
     before = urlencode(filter_params({g: filters[g] for g in keys[:at]}))
     after = urlencode(filter_params({g: filters[g] for g in keys[at + 1:]}) +
                       [(k, str(v)) for k, v in extra.items() if v not in (None, "")])
-    current, key = filters.get(group, []), quote_plus(filter_param(group)) + "="
+    current = filters.get(group, [])
     links = []
     for label in labels:
         own = [x for x in current if x != label] if label in current else [*current, label]
-        query = "&".join(part for part in (before, key + quote_plus(",".join(own)) if own else "", after) if part)
+        query = "&".join(part for part in (before, urlencode(group_pairs(group, own)), after) if part)
         links.append(prefix + ("?" + query if query else ""))
     return links
 
