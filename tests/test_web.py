@@ -465,6 +465,27 @@ def test_a_link_of_labels_holding_commas_reads_back_as_those_labels(app):
         assert params.parse_filters(query, vocab) == {"Farbe/Größe %": ["a, b", "sport"]}
 
 
+def test_serve_on_a_port_in_use_or_out_of_range_is_one_line(web_data, tmp_path, capsys):
+    # a 27-line traceback (Address already in use); --port 70000 wrapped round to 4464
+    import socket
+
+    from retrieval.cli import main as cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        assert cli(["serve", "--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]),
+                    "--cache-dir", str(tmp_path), "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port} (" in capsys.readouterr().err
+    finally:
+        taken.close()
+    with pytest.raises(SystemExit):
+        cli(["serve", "--index", "i", "--catalog", "c", "--port", "70000"])
+    assert "argument --port: 70000 is not a port (0 to 65535)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("filters", [{}, {"gender": ["women"]}, {"category": ["dress", "t-shirt"], "gender": ["men"]},
                                      {"colours": ["red, white"], "pattern": ["plain"]}, {"view": ["back"], "q": ["x"]}])
 def test_facet_links_equal_one_link_per_toggled_label(app, filters):

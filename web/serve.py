@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", metavar="DIR", help="thumbnail cache (default: the app's instance/thumbs)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    server.add_argument("--port", type=port_number, default=8000, help="port (default: 8000; 0 = any free port)")
     server.add_argument("--threads", type=int, default=4, help="request threads (default: 4)")
     server.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N (default: cpu)")
     server.add_argument("--max-upload-mb", type=float, default=10.0,
@@ -100,6 +100,17 @@ def app_config(args: argparse.Namespace) -> dict:
     if args.cache_dir:
         config["THUMB_DIR"] = args.cache_dir
     return config  # create_app makes every path absolute
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535 (70000 wrapped round to 4464)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4, limits: ServerLimits | None = None):
@@ -165,7 +176,11 @@ def main(argv=None) -> int:
     use_one_thread_per_search()
     app = create_app(app_config(args))
     snapshot = app.extensions["retrieval"].warm_up()  # refuses a fingerprint mismatch before listening
-    server = make_server(app, args.host, args.port, args.threads, limits)
+    try:
+        server = make_server(app, args.host, args.port, args.threads, limits)
+    except OSError as err:  # a port in use, an address this machine does not have
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+                         "choose another --port or --host") from None
     upload = "on" if args.checkpoint else "off (no --checkpoint)"
     review = "" if not args.audit else ("; label review records decisions" if args.review else
                                         "; label review read-only (add --review to record decisions)")
