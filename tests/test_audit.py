@@ -335,6 +335,24 @@ def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
     assert client.get("/review").status_code == 200
 
 
+def test_review_names_an_audit_file_it_cannot_read(web_data, web_audit, tmp_path):
+    # issues.csv with other columns or not UTF-8, decisions.csv of another header: each was a 500
+    from web_fixtures import make_config
+
+    from web import create_app
+
+    for name, content, message in (("decisions.csv", b"foo,bar\n1,2\n", "not a decisions file"),
+                                   ("issues.csv", b"image,group\na.jpg,x\n", "cannot be read as an audit"),
+                                   ("issues.csv", b"\xff\xfe\x00", "cannot be read as an audit")):
+        audit = tmp_path / f"audit-{name}-{len(content)}"
+        shutil.copytree(web_audit, audit)
+        (audit / name).write_bytes(content)
+        client = create_app(make_config(web_data, tmp_path, AUDIT_DIR=str(audit))).test_client()
+        for url in ("/api/review/issues", "/review"):
+            response = client.get(url)
+            assert response.status_code == 503 and message in response.get_data(as_text=True), (name, url)
+
+
 def test_review_without_an_audit_says_how(web_data, tmp_path):
     from web_fixtures import make_config
 

@@ -351,6 +351,13 @@ def test_evaluation_page(web_data, web_report, tmp_path):
     html = client.get("/evaluation").get_data(as_text=True)
     assert "colours" in html and "mean" in html and "mAP@10" in html
     assert client.get("/evaluation/chart.png").content_type == "image/png"
+    # a report.json that is there but unreadable was "No report.json yet", a hand-edited one a 500
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for content in (b"\xff\xfe", b'{"settings": {}, "groups": [], "mean": {}}'):
+        (bad / "report.json").write_bytes(content)
+        page = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(bad))).test_client().get("/evaluation")
+        assert page.status_code == 200 and "cannot be read" in page.get_data(as_text=True)
 
 
 # ---- hot reload and startup -------------------------------------------------------------------

@@ -22,11 +22,11 @@ def read_report(directory: Path) -> tuple[dict | None, str | None]:
     """Return (report, None), or (None, a friendly reason) when it is missing or unreadable."""
     from retrieval.evaluate.report import EvaluationError, load_report
 
+    if not (directory / "report.json").is_file():
+        return None, f"No report.json in {directory} yet. Write one with: retrieval evaluate --out {directory} ..."
     try:
         return load_report(directory), None
-    except EvaluationError:
-        return None, f"No report.json in {directory} yet. Write one with: retrieval evaluate --out {directory} ..."
-    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+    except (OSError, ValueError, EvaluationError) as err:  # not JSON, not a report: named, not "none yet"
         logger.warning("Cannot read the report in %s: %s", directory, err)
         return None, f"The report in {directory} cannot be read ({err})."
 

@@ -33,7 +33,11 @@ class AuditFiles:
             key.append(os.stat(catalog_dir / "labels.csv").st_mtime_ns)
         with self._lock:
             if key != self._key:
-                self.issues = read_issues(directory / "issues.csv")
+                try:
+                    self.issues = read_issues(directory / "issues.csv")
+                except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:  # hand-edited or not one
+                    abort(503, f"{directory / 'issues.csv'} cannot be read as an audit's issues ({err!r}); "
+                               "run 'retrieval audit' again")
                 self.groups = sorted({i.group for i in self.issues})
                 catalog = read_catalog(catalog_dir, check_files=False) if catalog_dir else None
                 self.labels = {it.image: it.labels for it in catalog.items} if catalog else {}
@@ -63,7 +67,10 @@ def audit_files() -> AuditFiles:
 
 def pending(group: str | None, kind: str | None) -> list[Issue]:
     """Issues of a group and kind (None = all) without a decision yet, in ranked order."""
-    decided = latest(read_decisions(audit_dir() / "decisions.csv", strict=False))  # a bad hand-edited row: skipped
+    try:
+        decided = latest(read_decisions(audit_dir() / "decisions.csv", strict=False))  # a bad row: skipped
+    except ValueError as err:  # not a decisions file at all (its columns): named, not a 500
+        abort(503, f"{err}; move it aside to start the review's decisions afresh")
     return [i for i in audit_files().issues if (group is None or i.group == group)
             and (kind is None or i.kind == kind) and (i.image, i.group) not in decided]
 

@@ -202,7 +202,8 @@ def load_report(report_dir: str | Path) -> dict:
         report = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise EvaluationError(f"{path} is not a report ({err}); write it again with 'retrieval evaluate'") from None
-    missing = [key for key in ("settings", "groups", "mean") if not isinstance(report, dict) or key not in report]
+    missing = [key for key in ("settings", "groups", "mean")
+               if not isinstance(report, dict) or not isinstance(report.get(key), dict)]
     if missing:
         raise EvaluationError(f"{path} is not a report of 'retrieval evaluate' (no {', '.join(missing)})")
     return report
