@@ -1,6 +1,7 @@
 """Label audit: planted wrong, missing and conflicting labels are found; decisions are appended
 without losing lines and applied to a valid corrected copy."""
 import csv
+import dataclasses
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ import pytest
 from web_fixtures import web_audit, web_data  # noqa: F401
 
 from retrieval.audit.decisions import append_decision, apply_decisions, read_decisions
-from retrieval.audit.labels import Issue, audit_catalog, crowded_groups, fold_of, summarize
+from retrieval.audit.labels import Issue, audit_catalog, crowded_groups, fold_of, read_issues, summarize
 from retrieval.cli import main as cli
 from retrieval.data.catalog import Catalog, Item, read_catalog
 
@@ -333,6 +334,38 @@ def test_review_api_is_read_only_without_review(web_data, web_audit, tmp_path):
         f.write("oops,,,,,,\n")
     assert client.get("/api/review/issues?kind=wrong").get_json()["total"] == body["total"] - 2
     assert client.get("/review").status_code == 200
+
+
+def test_review_keeps_its_page_and_an_issue_is_its_image_group_and_kind(web_data, web_audit, tmp_path):
+    # deciding went back to page 1; an item's wrong-label decision hid its duplicate conflict in the same
+    # group; a page past the end said "Nothing left" with issues waiting
+    from web_fixtures import make_config
+
+    from web import create_app
+
+    audit = tmp_path / "audit"
+    shutil.copytree(web_audit, audit)
+    (audit / "decisions.csv").unlink(missing_ok=True)
+    issues = read_issues(audit / "issues.csv")
+    first = issues[0]
+    twin = Issue(first.image, first.group, first.given, first.suggested, 0.99, "conflicting-duplicate",
+                 issues[1].image)
+    with open(audit / "issues.csv", "a", newline="") as f:
+        csv.DictWriter(f, list(dataclasses.asdict(twin))).writerow(dataclasses.asdict(twin))
+    client = create_app(make_config(web_data, tmp_path, AUDIT_DIR=str(audit), REVIEW=True)).test_client()
+    total = client.get("/api/review/issues").get_json()["total"]
+    assert client.post("/api/review/decisions", json={"image": first.image, "group": first.group,
+                                                      "kind": first.kind, "decision": "reject"}).status_code == 201
+    assert client.get("/api/review/issues").get_json()["total"] == total - 1
+    conflicts = client.get(f"/api/review/issues?kind=conflicting-duplicate&group={first.group}").get_json()["issues"]
+    assert first.image in [i["image"] for i in conflicts]  # its twin of another kind is still waiting
+    pages = -(-(total - 1) // 12)
+    assert pages > 1
+    html = client.get("/review?page=999").get_data(as_text=True)
+    assert f"page {pages} of {pages}" in html and "Nothing left" not in html
+    issue = client.get("/api/review/issues?page=2").get_json()["issues"][0]
+    form = client.post("/review/decide", data={**issue, "decision": "skip", "filter_page": "2"})
+    assert form.status_code == 302 and "page=2" in form.headers["Location"]
 
 
 def test_review_names_an_audit_file_it_cannot_read(web_data, web_audit, tmp_path):

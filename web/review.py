@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, url_for
 
-from retrieval.audit.decisions import DECISIONS, append_decision, latest, read_decisions
+from retrieval.audit.decisions import DECISIONS, append_decision, read_decisions
 from retrieval.audit.labels import KINDS, Issue
 
 bp = Blueprint("review", __name__)
@@ -68,11 +68,13 @@ def audit_files() -> AuditFiles:
 def pending(group: str | None, kind: str | None) -> list[Issue]:
     """Issues of a group and kind (None = all) without a decision yet, in ranked order."""
     try:
-        decided = latest(read_decisions(audit_dir() / "decisions.csv", strict=False))  # a bad row: skipped
+        rows = read_decisions(audit_dir() / "decisions.csv", strict=False)  # a bad row: skipped
     except ValueError as err:  # not a decisions file at all (its columns): named, not a 500
         abort(503, f"{err}; move it aside to start the review's decisions afresh")
+    # an issue is its image, group and kind: deciding an item's wrong label leaves its duplicate conflict
+    decided = {(d["image"], d["group"], d.get("kind")) for d in rows}
     return [i for i in audit_files().issues if (group is None or i.group == group)
-            and (kind is None or i.kind == kind) and (i.image, i.group) not in decided]
+            and (kind is None or i.kind == kind) and (i.image, i.group, i.kind) not in decided]
 
 
 def chosen_filters() -> tuple[str | None, str | None]:
@@ -121,10 +123,12 @@ def page():
     """The pending issues of the chosen group and kind, a page at a time."""
     group, kind = chosen_filters()
     issues = pending(group, kind)
-    number = max(1, request.args.get("page", 1, type=int) or 1)
+    pages = max(1, -(-len(issues) // PAGE_SIZE))
+    # past the last page (its last issue just decided, or a stale link): the last page, not "nothing left"
+    number = min(pages, max(1, request.args.get("page", 1, type=int) or 1))
     groups = audit_files().groups
     return render_template("review.html", issues=[as_dict(i) for i in page_of(issues, number)], total=len(issues),
-                           page=number, pages=max(1, -(-len(issues) // PAGE_SIZE)), group=group, kind=kind,
+                           page=number, pages=pages, group=group, kind=kind,
                            groups=groups, kinds=KINDS, review_enabled=bool(current_app.config.get("REVIEW")),
                            off=OFF)
 
@@ -133,8 +137,9 @@ def page():
 def decide():
     """Form post (the page's buttons and keyboard shortcuts): record, then back to the list."""
     record(request.form)
+    page = request.form.get("filter_page", type=int)
     return redirect(url_for("review.page", group=request.form.get("filter_group") or None,
-                            kind=request.form.get("filter_kind") or None))
+                            kind=request.form.get("filter_kind") or None, page=page if page and page > 1 else None))
 
 
 @bp.get("/api/review/issues")
