@@ -472,6 +472,13 @@ def test_a_link_of_labels_holding_commas_reads_back_as_those_labels(app):
         assert params.parse_filters(query, vocab) == {"Farbe/Größe %": ["a, b", "sport"]}
 
 
+def test_group_names_show_as_written_but_the_first_letter():
+    from web import group_title
+
+    assert group_title("Farbe/Größe %") == "Farbe/Größe %"  # capitalize gave 'Farbe/größe %'
+    assert group_title("baseColour") == "BaseColour" and group_title("sleeve_length") == "Sleeve length"
+
+
 def test_serve_on_a_port_in_use_or_out_of_range_is_one_line(web_data, tmp_path, capsys):
     # a 27-line traceback (Address already in use); --port 70000 wrapped round to 4464
     import socket

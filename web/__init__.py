@@ -56,4 +56,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(evaluation.bp)
     app.register_blueprint(review.bp)
+    app.add_template_filter(group_title, "group_title")
     return app
+
+
+def group_title(name: str) -> str:
+    """A group's name as a heading: underscores as spaces and the first letter upper case, the rest as
+    written (Jinja's ``capitalize`` lower-cased it: 'Farbe/Größe' read 'Farbe/größe', 'baseColour' 'Basecolour')."""
+    text = str(name).replace("_", " ")
+    return text[:1].upper() + text[1:]
