@@ -472,6 +472,21 @@ def test_a_link_of_labels_holding_commas_reads_back_as_those_labels(app):
         assert params.parse_filters(query, vocab) == {"Farbe/Größe %": ["a, b", "sport"]}
 
 
+def test_links_keep_the_pages_k_per_page_and_view(client):
+    # facet links and "Clear all" dropped per_page on browse and k on the product and results pages;
+    # the photo search form dropped view
+    import re
+
+    html = client.get("/?per_page=2&gender=women").get_data(as_text=True)
+    facet_links = re.findall(r'href="(/\?[^"]*)"', html)
+    assert facet_links and all("per_page=2" in link for link in facet_links if "page=" not in link.replace("per_page", ""))
+    html = client.get("/items/3?k=3&view=group-colours").get_data(as_text=True)
+    links = re.findall(r'href="(/items/3(?:\?[^"]*)?)"', html)  # this product's own links
+    assert links and [link for link in links if "k=3" not in link] == []
+    form = client.get("/search?view=group-colours").get_data(as_text=True)
+    assert re.search(r'action="/search\?view=group-colours"', form)
+
+
 def test_group_names_show_as_written_but_the_first_letter():
     from web import group_title
 

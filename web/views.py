@@ -23,8 +23,9 @@ def link_to(endpoint: str, route: dict, filters: dict, **extra) -> str:
 
 def view_choices(views) -> list[tuple[str, str]]:
     """Return (view, caption) pairs for the "Similar in" control."""
-    return [(v, "Overall" if v == "shared" else v.removeprefix("group-").replace("_", " ").capitalize())
-            for v in views]
+    from web import group_title
+
+    return [(v, "Overall" if v == "shared" else group_title(v.removeprefix("group-"))) for v in views]
 
 
 def page_context(snapshot, filters: dict, text: str, link: partial) -> dict:
@@ -71,7 +72,8 @@ def browse():
     positions = snapshot.facets.select(filters, text)
     start, stop, pages = params.page_bounds(len(positions), page, per_page)
     items = [with_urls(snapshot.store.items.item(int(p))) for p in positions[start:stop]]
-    link = partial(link_to, "views.browse", {}, q=text or None)
+    link = partial(link_to, "views.browse", {}, q=text or None,
+                   per_page=per_page if per_page != params.PER_PAGE else None)  # facet links keep it
     return render_template("browse.html", items=items, page=page, pages=pages, total=len(positions),
                            per_page=per_page, **page_context(snapshot, filters, text, link))
 
@@ -85,7 +87,8 @@ def product(item_id: int):
     view = params.parse_view(request.args, snapshot.store.views)
     k = params.parse_int(request.args, "k", params.DEFAULT_K, 1, params.MAX_K)
     item, similar = similar_to_item(snapshot.store, item_id, k, view, filters)
-    link = partial(link_to, "views.product", {"item_id": item_id}, view=view if view != "shared" else None)
+    link = partial(link_to, "views.product", {"item_id": item_id}, view=view if view != "shared" else None,
+                   k=k if k != params.DEFAULT_K else None)
     return render_template("product.html", item=with_urls(item), results=[with_urls(r) for r in similar],
                            view=view, views=view_choices(snapshot.store.views), k=k,
                            **page_context(snapshot, filters, "", link))
@@ -96,7 +99,8 @@ def search_page():
     """The search-by-photo page: a drop zone and a file chooser."""
     snapshot = get_snapshot()
     filters = params.parse_filters(request.args, snapshot.facets.filter_vocab)
-    return render_template("search.html", filters=filters)
+    view = params.parse_view(request.args, snapshot.store.views)
+    return render_template("search.html", filters=filters, view=view if view != "shared" else None)
 
 
 @bp.post("/search")
@@ -124,7 +128,7 @@ def search_results(query_id: str):
     k = params.parse_int(request.args, "k", params.DEFAULT_K * 2, 1, params.MAX_K)
     results = [with_urls(r) for r in search_query(snapshot.store, query, k, view, filters)]
     link = partial(link_to, "views.search_results", {"query_id": query_id},
-                   view=view if view != "shared" else None)
+                   view=view if view != "shared" else None, k=k if k != params.DEFAULT_K * 2 else None)
     return render_template("results.html", query=query, query_id=query_id, results=results, view=view,
                            views=view_choices(snapshot.store.views), k=k,
                            **page_context(snapshot, filters, "", link))
