@@ -351,6 +351,15 @@ def test_evaluation_page(web_data, web_report, tmp_path):
     html = client.get("/evaluation").get_data(as_text=True)
     assert "colours" in html and "mean" in html and "mAP@10" in html
     assert client.get("/evaluation/chart.png").content_type == "image/png"
+    # a report of another model than the index serves: said on the page
+    other = tmp_path / "other"
+    other.mkdir()
+    report = json.loads((web_report / "report.json").read_text())
+    report["settings"]["fingerprint"] = "f" * 64
+    (other / "report.json").write_text(json.dumps(report))
+    html = create_app(make_config(web_data, tmp_path, REPORT_DIR=str(other))).test_client().get("/evaluation")
+    assert "This report is of model ffffffffffff; the index serves model" in html.get_data(as_text=True)
+    assert "the index serves" not in client.get("/evaluation").get_data(as_text=True)
     # a report.json that is there but unreadable was "No report.json yet", a hand-edited one a 500
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -513,6 +522,11 @@ def test_serve_on_a_port_in_use_or_out_of_range_is_one_line(web_data, tmp_path, 
     with pytest.raises(SystemExit):
         cli(["serve", "--index", "i", "--catalog", "c", "--port", "70000"])
     assert "argument --port: 70000 is not a port (0 to 65535)" in capsys.readouterr().err
+    # --audit of a folder without issues.csv started, its nav link answering 503; --review without --audit
+    for extra, message in ((["--audit", str(tmp_path / "none")], "no issues.csv there"),
+                           (["--review"], "--review needs --audit AUDIT_DIR")):
+        assert cli(["serve", "--index", str(web_data["index"]), "--catalog", str(web_data["catalog"]), *extra]) == 1
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("filters", [{}, {"gender": ["women"]}, {"category": ["dress", "t-shirt"], "gender": ["men"]},

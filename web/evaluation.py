@@ -6,6 +6,8 @@ from pathlib import Path
 
 from flask import Blueprint, abort, current_app, render_template, send_from_directory
 
+from web.resources import get_snapshot
+
 logger = logging.getLogger(__name__)
 
 bp = Blueprint("evaluation", __name__, url_prefix="/evaluation")
@@ -58,9 +60,12 @@ def page():
     if report is None:
         return render_template("evaluation.html", report=None, reason=reason)
     has_view = any(r["view_paper"] is not None for r in table_rows(report))
-    return render_template("evaluation.html", report=report, reason=None, rows=table_rows(report),
-                           has_view=has_view, chart=(directory / CHART).is_file(),
-                           settings=report.get("settings", {}))
+    settings = report.get("settings", {})
+    served = get_snapshot().store.fingerprint
+    other = (f"This report is of model {str(settings['fingerprint'])[:12]}; the index serves model {served[:12]}."
+             if settings.get("fingerprint") and served and str(settings["fingerprint"]) != served else None)
+    return render_template("evaluation.html", report=report, reason=other, rows=table_rows(report),
+                           has_view=has_view, chart=(directory / CHART).is_file(), settings=settings)
 
 
 @bp.get("/chart.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,11 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.review and not args.audit:
+        raise ValueError("--review needs --audit AUDIT_DIR (written by 'retrieval audit')")
+    if args.audit and not (Path(args.audit) / "issues.csv").is_file():  # else a nav link that answers 503
+        raise ValueError(f"--audit {args.audit}: no issues.csv there (write it with 'retrieval audit --out "
+                         f"{args.audit} ...')")
     limits = server_limits(args)
     ensure_file_limit(limits.connection_limit)
     use_one_thread_per_search()
@@ -184,8 +190,6 @@ def main(argv=None) -> int:
     upload = "on" if args.checkpoint else "off (no --checkpoint)"
     review = "" if not args.audit else ("; label review records decisions" if args.review else
                                         "; label review read-only (add --review to record decisions)")
-    if args.review and not args.audit:
-        raise ValueError("--review needs --audit AUDIT_DIR (written by 'retrieval audit')")
     print(f"Serving {len(snapshot.store)} items from {args.index} on http://{args.host}:{server.effective_port}/ "
           f"(search by photo {upload}{review}; Ctrl-C stops)", flush=True)
     try:
