@@ -181,6 +181,21 @@ def test_path_missing_from_catalog_is_a_clear_error(catalog_dir, tmp_path, capsy
     assert "not in the catalog" in capsys.readouterr().err
 
 
+def test_a_bad_class_chart_or_an_empty_split_is_told_before_evaluating(catalog_dir, tmp_path, capsys):
+    # --class-chart of no group ran the whole evaluation and wrote the report, then failed; an empty
+    # split suggested itself among "test, val, train, all"
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    with pytest.raises(SystemExit):
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--class-chart", "nope",
+              "--out", str(tmp_path / "r")])
+    assert "--class-chart 'nope': no such group; choose one of: type, colour" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--split", "val"])
+    assert ("only 0 embedded item(s) in split 'val'; choose another split: test (8 items), train (4 items), or all"
+            in capsys.readouterr().err)
+
+
 def test_compare_needs_report_directories(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--compare", str(tmp_path)])

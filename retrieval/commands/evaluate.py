@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--k must be at least 1, got {args.k}")
         if args.sample_queries is not None and args.sample_queries < 1:
             parser.error(f"--sample-queries must be at least 1, got {args.sample_queries}")
-        report = evaluate_embeddings(args.embeddings, read_catalog(args.catalog, check_files=False),
+        catalog = read_catalog(args.catalog, check_files=False)
+        if args.class_chart and args.class_chart not in catalog.groups:  # before the evaluation, not after it
+            raise EvaluationError(f"--class-chart {args.class_chart!r}: no such group; choose one of: "
+                                  f"{', '.join(catalog.groups)}")
+        report = evaluate_embeddings(args.embeddings, catalog,
                                      args.split, args.k, device=args.device, fuse=args.fuse,
                                      sample_queries=args.sample_queries, seed=args.seed,
                                      candidates=args.candidates, shared_view=args.shared_view)

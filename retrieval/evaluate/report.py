@@ -61,8 +61,10 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         raise EvaluationError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     rows, items = match_rows(read_paths(emb_path), catalog, split)
     if len(rows) < 2:
+        held = {s: len(catalog.split_items(s)) for s in SPLITS if s != "all"}
+        others = ", ".join(f"{s} ({n} items)" for s, n in held.items() if n >= 2 and s != split)
         raise EvaluationError(f"only {len(rows)} embedded item(s) in split {split!r}; "
-                              f"choose another split ({', '.join(SPLITS)})")
+                              f"choose another split: {others or 'none holds two items'}, or all")
     n_missing = len(catalog.split_items(split)) - len(rows)
     if n_missing:
         logger.warning("%d item(s) of split %r have no embedding (skipped images); evaluating %d",
