@@ -127,3 +127,17 @@ def test_invalid_arguments_are_refused(tmp_path):
         demo_command.main([str(tmp_path), "--image-size", "8"])
     assert exc.value.code == 2
     assert demo_command.get_args_parser().prog == "retrieval demo-catalog"
+
+
+def test_demo_catalog_refuses_too_few_items_and_a_folder_holding_a_catalog(tmp_path, capsys):
+    # --n-items 1 made a catalog nothing could train on; over a catalog of 120 a new one of 10 left 110
+    # stale images beside it
+    from retrieval.commands import demo as demo_command
+
+    with pytest.raises(SystemExit):
+        demo_command.main([str(tmp_path / "one"), "--n-items", "1"])
+    assert "argument --n-items: 1 is under 10" in capsys.readouterr().err
+    assert demo_command.main([str(tmp_path / "cat"), "--n-items", "12", "--image-size", "32"]) == 0
+    with pytest.raises(SystemExit):
+        demo_command.main([str(tmp_path / "cat"), "--n-items", "10", "--image-size", "32"])
+    assert "already holds a catalog (labels.csv)" in capsys.readouterr().err

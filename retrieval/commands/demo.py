@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from retrieval.commands.argtypes import at_least
 from retrieval.data.demo import DEMO_GROUPS, make_demo_catalog
 
 
@@ -13,7 +15,8 @@ def get_args_parser():
         "without downloading data."))
     parser.add_argument("out", metavar="OUT", help="output directory (created if needed; its "
                         "labels.csv and images/NNNNNN.jpg are overwritten)")
-    parser.add_argument("--n-items", type=int, default=480, help="how many garments (default: 480)")
+    parser.add_argument("--n-items", type=at_least(10), default=480,
+                        help="how many garments (default: 480; at least 10, enough to train and evaluate)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--image-size", type=int, default=128, help="side in pixels, >= 32")
     return parser
@@ -23,6 +26,9 @@ def main(argv=None):
     """Generate the demo catalog from command-line arguments and print a summary."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if (out / "labels.csv").exists():  # written over, its images would stay beside the new ones (a smaller one's)
+        parser.error(f"{out} already holds a catalog (labels.csv); choose another folder or delete it")
     try:
         path = make_demo_catalog(args.out, n_items=args.n_items, seed=args.seed,
                                  image_size=args.image_size, progress=True)
