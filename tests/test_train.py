@@ -801,11 +801,17 @@ def test_predict_prints_every_group(tiny_run, demo_catalog, capsys):
     assert "category" in capsys.readouterr().out
 
 
-def test_predict_bad_image_is_a_clear_error(tiny_run, tmp_path, capsys):
+def test_predict_bad_image_is_a_clear_error(tiny_run, demo_catalog, tmp_path, capsys):
     bad = tmp_path / "x.jpg"
     bad.write_text("not an image")
     assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(bad)]) == 1
     assert "x.jpg: cannot read image" in capsys.readouterr().err
+    # beside a good one, the good one is still predicted (one bad file aborted the batch); status 1
+    good = str(demo_catalog / "images" / "000000.jpg")
+    assert cli(["predict", "--checkpoint", str(tiny_run / "best.pt"), good, str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [entry["image"] for entry in report] == [good, str(bad)]
+    assert "category" in report[0]["labels"] and "cannot read image" in report[1]["error"]
 
 
 @pytest.mark.parametrize("extra", [["--sampling", "over", "--sampling-group", "category"],
