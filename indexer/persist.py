@@ -62,8 +62,7 @@ def check_replaceable(target: Path) -> None:
 
 def swap_into_place(new: Path, target: Path) -> None:
     """Rename the finished directory new to target, moving an existing target away first (an index:
-    ``check_replaceable``)."""
-    check_replaceable(target)
+    ``IndexStore.save`` calls ``check_replaceable`` before it writes anything)."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{writer_tag()}-{uuid.uuid4().hex[:8]}")
