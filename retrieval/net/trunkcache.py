@@ -306,9 +306,7 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
             logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
         except OSError as err:  # truncated (a full disk, a copy cut short) or not HDF5: derived, so made again
             if in_use(err):  # another run (sharing --trunk-cache) has it open: never rebuilt under it
-                raise ValueError(f"trunk cache {path} is in use by another process (another run sharing "
-                                 "--trunk-cache, still filling it?); wait for it to finish, or give this run "
-                                 "its own --trunk-cache") from None
+                raise  # build_trunk_cache says so
             logger.warning("Trunk cache %s cannot be read (%s): rebuilding", path, err)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
