@@ -328,10 +328,7 @@ class Job:
     def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
         """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
         last = self.out / "last.pt"
-        if not self.cfg.resume or not last.exists():
-            if last.exists():
-                raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue "
-                                      "it or choose another --out")
+        if not self.cfg.resume or not last.exists():  # without --resume, run() refused a last.pt at the start
             if self.cfg.resume:
                 logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
             return 0, [], -float("inf")
