@@ -6,13 +6,18 @@ import argparse
 MIN_IMAGE_SIZE = 32  # a backbone's five stride-2 stages leave one cell; below, the first layer fails
 
 
+def parsed(text: str, cast, what: str):
+    """``cast(text)``, or argparse's type error saying the text is not ``what``."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def at_least(low: int):
     """An ``int`` type for argparse that refuses values under ``low``."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = parsed(text, int, "a whole number")
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is under {low}")
         return value
@@ -26,10 +31,7 @@ image_size = at_least(MIN_IMAGE_SIZE)
 def number_above(low: float, inclusive: bool = False):
     """A ``float`` type for argparse that refuses values under ``low`` (or at it, unless ``inclusive``)."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = parsed(text, float, "a number")
         if not (value >= low if inclusive else value > low) or value != value:
             raise argparse.ArgumentTypeError(f"{value:g} is not {'at least' if inclusive else 'above'} {low:g}")
         return value
@@ -39,10 +41,7 @@ def number_above(low: float, inclusive: bool = False):
 
 def share_below_one(text: str) -> float:
     """A ``float`` type for argparse: a share of at least 0 and under 1 (``--val-fraction``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = parsed(text, float, "a number")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{value:g} is not a share from 0 up to (not including) 1")
     return value
