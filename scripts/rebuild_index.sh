@@ -46,6 +46,8 @@ if ! flock -n 9; then
   exit 75
 fi
 echo $$ >"$lock"
+# its steps run under this lock: `retrieval index build` takes it unless it is the one named here
+export RETRIEVAL_INDEX_LOCK="$(cd "$parent" && pwd -P)/.$name.lock"
 
 child=""
 stop() {  # $1: exit status; stop the running step, which otherwise goes on without us

@@ -297,11 +297,13 @@ def test_index_add_leaves_out_a_group_the_catalog_gained_since_the_build(embeddi
     assert "group(s) 'material' are not in the index" in caplog.text
 
 
-def test_index_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings, tmp_path, capsys):
+def test_index_build_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings, tmp_path, capsys):
     # two adds at once each read the same index and the last save dropped the other's items (both said
     # "Added 10 items"); the lock is the one scripts/rebuild_index.sh holds
     import subprocess
     import sys
+
+    from indexer import IndexStore
 
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
@@ -316,6 +318,10 @@ def test_index_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings
         for argv in (["add", "--embeddings", str(embeddings)], ["remove", "--ids", "1"]):
             assert cli(["index", argv[0], "--index", str(index), *argv[1:]]) == 1
             assert "is being changed by another process (pid 777" in capsys.readouterr().err
+        # a build during an add was lost when the add saved; it waits for the lock too
+        assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 1
+        assert "is being changed by another process (pid 777" in capsys.readouterr().err
+        assert len(IndexStore.load(index)) == 59  # untouched
     finally:
         holder.kill()
         holder.wait()

@@ -128,16 +128,25 @@ def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids
     return new, out
 
 
+HELD_BY_PARENT = "RETRIEVAL_INDEX_LOCK"  # set by scripts/rebuild_index.sh for its steps: the lock it holds
+
+
 @contextmanager
 def index_lock(index: Path):
     """Hold the index's update lock (``.INDEX_DIR.lock`` beside it, the one scripts/rebuild_index.sh
-    holds) while ``add`` or ``remove`` reads, changes and saves it: two at once each read the same
-    index and the last save dropped the other's items. Another holder is a ValueError naming it."""
+    holds) while ``build``, ``add`` or ``remove`` reads, changes and saves it: two at once each read
+    the same index and the last save dropped the other's items (or an add saved over a new build).
+    Another holder is a ValueError naming it; a step of the rebuild script, whose lock it is
+    (``RETRIEVAL_INDEX_LOCK`` names it), goes ahead under it."""
     index = Path(index)
-    held = hold_lock(index.parent / f".{index.name}.lock")
+    lock = index.parent / f".{index.name}.lock"
+    if os.environ.get(HELD_BY_PARENT) and Path(os.environ[HELD_BY_PARENT]).resolve() == lock.resolve():
+        yield
+        return
+    held = hold_lock(lock)
     if isinstance(held, str):
-        raise ValueError(f"{index} is being changed by another process (pid {held}: an index add or remove, "
-                         "or scripts/rebuild_index.sh); try again when it has finished")
+        raise ValueError(f"{index} is being changed by another process (pid {held}: an index build, add or "
+                         "remove, or scripts/rebuild_index.sh); try again when it has finished")
     try:
         yield
     finally:
@@ -156,14 +165,15 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.action == "build":
         check_replaceable(Path(args.out))  # before reading anything: a folder of other files is never replaced
-        with BlockReader(args.embeddings) as reader:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with index_lock(Path(args.out)), BlockReader(args.embeddings) as reader:
             titles, labels = item_metadata(reader.paths, reader.attrs, args.catalog)
             store = build_store(vector_source(reader, args.shared_view), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
                                 shared_view=shared_view_name(reader.attrs, args.shared_view),
                                 multi_label_view_power=multi_label_view_power(reader.attrs))
-        store.save(args.out)
+            store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
     elif args.action == "add":
