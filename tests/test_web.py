@@ -524,6 +524,9 @@ def test_serve_on_a_port_in_use_or_out_of_range_is_one_line(web_data, tmp_path, 
     with pytest.raises(SystemExit):
         cli(["serve", "--index", "i", "--catalog", "c", "--port", "70000"])
     assert "argument --port: 70000 is not a port (0 to 65535)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["serve", "--index", "i", "--catalog", "c", "--port", "80a"])
+    assert "argument --port: '80a' is not a port number" in capsys.readouterr().err
     # --audit of a folder without issues.csv started, its nav link answering 503; --review without --audit
     for extra, message in ((["--audit", str(tmp_path / "none")], "no issues.csv there"),
                            (["--review"], "--review needs --audit AUDIT_DIR")):

@@ -105,10 +105,9 @@ def app_config(args: argparse.Namespace) -> dict:
 
 def port_number(text: str) -> int:
     """A TCP port for argparse: 0 (any free one) to 65535 (70000 wrapped round to 4464)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    from retrieval.commands.argtypes import parsed
+
+    port = parsed(text, int, "a port number")
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
     return port
