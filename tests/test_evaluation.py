@@ -141,12 +141,12 @@ def test_group_of_one_label_is_shown_but_left_out_of_the_mean(catalog_dir, tmp_p
     assert report["mean"]["map_paper"] == pytest.approx((13 / 24 + 29 / 84) / 2)
     assert report["views"]["shared"]["groups"] == ["type", "colour"]
     assert "| gender (one label shared by all: not in the mean) | 7 | 100.0 / 100.0 |" in capsys.readouterr().out
-    assert "group 'gender': every evaluated item of split 'test' shares a label" in caplog.text
+    assert "group 'gender': one label shared by all in split 'test'" in caplog.text
     # a label of its own on every item (a brand): any ranking scores 0, and the table says that
     labels.write_text("\n".join([lines[0] + ",brand"] + [line + f",b{i}" for i, line in enumerate(lines[1:])]) + "\n")
     assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--out", str(tmp_path / "b")]) == 0
     assert "| brand (no label shared by two: not in the mean) | 7 | 0.0 / 0.0 | – |" in capsys.readouterr().out
-    assert "group 'brand': every evaluated item of split 'test' has a label no other one has" in caplog.text
+    assert "group 'brand': no label shared by two in split 'test'" in caplog.text
 
 
 def test_split_all_includes_train_items(catalog_dir, tmp_path):

@@ -96,9 +96,8 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                                 normalise=ranks_by_cosine(name))
     for g, entry in report["groups"].items():
         if entry.get("uninformative"):
-            how = "shares a label" if entry["map_paper"] else "has a label no other one has"
-            logger.warning("group %r: every evaluated item of split %r %s, so every ranking scores %s in it; "
-                           "shown, but left out of the means", g, split, how, "100" if entry["map_paper"] else "0")
+            logger.warning("group %r: %s in split %r, so every ranking scores %s in it; shown, but left out "
+                           "of the means", g, why_uninformative(entry), split, "100" if entry["map_paper"] else "0")
     settings = {"split": split, "k": k, "fingerprint": emb.fingerprint, "embeddings": str(Path(emb_path).resolve()),
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
@@ -114,6 +113,12 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def why_uninformative(entry: dict) -> str:
+    """Why a group marked uninformative scores the same for every ranking (its mAP 100: one label
+    shared by every evaluated item; 0: no label shared by two), worded once for the log and the table."""
+    return "one label shared by all" if entry.get("map_paper") else "no label shared by two"
 
 def write_report(report: dict, out_dir: str | Path) -> Path:
     """Write report.json, table.md and chart.png into ``out_dir``; return the directory."""
@@ -155,8 +160,7 @@ def format_table(report: dict) -> str:
              "|---|---:|---:" + ("|---:" if has_view else "") + "|"]
     for g, entry in groups.items():
         view = f" | {_pair(entry.get('group_view'))}" if has_view else ""
-        shared = "one label shared by all" if entry.get("map_paper") else "no label shared by two"
-        name = f"{g} ({shared}: not in the mean)" if entry.get("uninformative") else g
+        name = f"{g} ({why_uninformative(entry)}: not in the mean)" if entry.get("uninformative") else g
         lines.append(f"| {name} | {entry['queries']} | {_pair(entry)}{view} |")
     views = report.get("views", {})
     view = f" | {_pair(views.get('group'))}" if has_view else ""
