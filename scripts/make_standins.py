@@ -21,7 +21,7 @@ def get_args_parser():
     p.add_argument("--kinds", default="street,multicolour,missing",
                    help=f"comma-separated, of: {', '.join(KINDS)} (noisy: best made from a street stand-in; wide: from the street, multi-label one)")
     p.add_argument("--n-items", type=at_least(10), default=2000,
-                   help="images of the street, multicolour and multilabel stand-ins (at most the source's)")
+                   help="images of the street, multicolour and multilabel stand-ins (at most the source's: more is capped, with a warning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes drawing the images (same catalog for any number)")
     return p

@@ -59,6 +59,13 @@ def test_street_standin_pastes_garments_on_clutter_deterministically(studio_cata
     assert (tmp_path / "c/labels.csv").read_bytes() != (tmp_path / "a/labels.csv").read_bytes()
 
 
+def test_more_items_than_the_source_has_are_capped_with_a_warning(studio_catalog, tmp_path, caplog):
+    # the written catalog's size was the only sign
+    make_standin(studio_catalog, tmp_path / "s", "street", n_items=30, seed=0)
+    assert len(read_catalog(tmp_path / "s").items) == 24
+    assert "--n-items 30: the source catalog has 24 images, each drawn once; the stand-in has 24" in caplog.text
+
+
 def test_multicolour_standin_lists_the_colours_of_every_item_shown(studio_catalog, tmp_path):
     make_standin(studio_catalog, tmp_path / "m", "multicolour", n_items=24, seed=0)
     catalog, source = read_catalog(tmp_path / "m"), read_catalog(studio_catalog)

@@ -169,10 +169,19 @@ def _street_row(catalog: Catalog, out: Path, seed: int, i: int, index: int) -> l
     return _row(catalog.items[index], catalog.groups, path)
 
 
+def capped(n_items: int, available: int, what: str) -> int:
+    """``n_items``, or the ``available`` count when that is fewer (each source image is drawn once),
+    with a warning saying so."""
+    if n_items > available:
+        logger.warning("--n-items %d: the source catalog has %d %s, each drawn once; the stand-in has %d",
+                       n_items, available, what, available)
+    return min(n_items, available)
+
+
 def make_street(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
     """Street-style rows (images written under ``out/images``)."""
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(catalog.items), size=min(n_items, len(catalog.items)), replace=False)
+    chosen = rng.choice(len(catalog.items), size=capped(n_items, len(catalog.items), "images"), replace=False)
     return _rows(partial(_street_row, catalog, out, seed), chosen, workers, "street stand-in")
 
 
@@ -204,7 +213,8 @@ def make_multicolour(catalog: Catalog, out: Path, n_items: int, seed: int, worke
     shared = (colour,) if kind == "multicolour" else (colour, finest_group(catalog, colour))
     coloured = [it for it in catalog.items if it.labels[colour]]
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(coloured), size=min(n_items, len(coloured)), replace=False)
+    chosen = rng.choice(len(coloured), size=capped(n_items, len(coloured), f"images with a {colour!r} label"),
+                        replace=False)
     return _rows(partial(_multicolour_row, catalog, coloured, shared, out, seed), chosen, workers,
                  f"{kind} stand-in")
 
