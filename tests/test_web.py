@@ -339,7 +339,11 @@ def test_photo_search_page_redirects_to_filterable_results(client, web_data):
     assert "What the model sees" in html and html.count('class="score"') == 24
     query_url = response.headers["Location"].split("?")[0]
     assert client.get(f"{query_url}/query.jpg").content_type == "image/jpeg"
-    assert client.get("/search/expired").status_code == 404
+    expired = client.get("/search/expired?gender=women&view=group-colours")
+    assert expired.status_code == 404 and "has expired" in expired.get_data(as_text=True)
+    # it offers photo search again with the search's filters and view, beside the catalogue
+    assert 'href="/search?gender=women&amp;view=group-colours">Search by photo again' in expired.get_data(as_text=True)
+    assert "Search by photo again" not in client.get("/items/999").get_data(as_text=True)
     bad = upload(client, b"nope", url="/search")
     assert bad.status_code == 400 and "not an image" in bad.get_data(as_text=True) and not bad.is_json
 

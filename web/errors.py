@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import jsonify, make_response, render_template, request
+from flask import g, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def handle_http_error(error: HTTPException):
     if wants_json():
         response = jsonify(error=message)
     else:
-        response = make_response(render_template("error.html", code=error.code, title=error.name, message=message))
+        response = make_response(render_template("error.html", code=error.code, title=error.name, message=message,
+                                                 back=g.get("back")))
     for name, value in error.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 
 from web import params
 from web.facets import shown_rows
@@ -145,5 +145,7 @@ def stored_query(query_id: str):
     """Return a remembered upload, 404 when it expired."""
     query = resources().queries.get(query_id)
     if query is None:
+        # the error page then offers photo search again, with the filters and view the search had
+        g.back = (url_for("views.search_page", **request.args.to_dict(flat=False)), "Search by photo again")
         abort(404, "This search has expired; upload the photo again.")
     return query
