@@ -394,3 +394,21 @@ def test_review_without_an_audit_says_how(web_data, tmp_path):
     client = create_app(make_config(web_data, tmp_path)).test_client()
     response = client.get("/api/review/issues")
     assert response.status_code == 503 and "retrieval audit" in response.get_json()["error"]
+
+
+def test_review_says_when_an_issue_photo_is_no_longer_indexed(web_data, web_audit, tmp_path):
+    # /images serves indexed paths only: an image removed since the audit showed as a broken picture
+    from web_fixtures import copy_index, make_config
+
+    from web import create_app
+
+    first = read_issues(web_audit / "issues.csv")[0]
+    index = copy_index(web_data, tmp_path)
+    assert cli(["index", "remove", "--index", str(index), "--paths", first.image]) == 0
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index), AUDIT_DIR=str(web_audit))).test_client()
+    issues = client.get("/api/review/issues").get_json()["issues"]
+    assert [i["indexed"] for i in issues if i["image"] == first.image] == [False]
+    assert all(i["indexed"] for i in issues if i["image"] != first.image)
+    html = client.get("/review").get_data(as_text=True)
+    assert "not in the index (removed since the audit?)" in html
+    assert f'src="/images/{first.image}"' not in html

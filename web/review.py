@@ -11,6 +11,7 @@ from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_te
 
 from retrieval.audit.decisions import DECISIONS, append_decision, read_decisions
 from retrieval.audit.labels import KINDS, Issue
+from web.resources import get_snapshot
 
 bp = Blueprint("review", __name__)
 PAGE_SIZE = 12
@@ -89,11 +90,15 @@ def chosen_filters() -> tuple[str | None, str | None]:
 
 
 def as_dict(issue: Issue) -> dict:
-    labels = audit_files().labels
+    """An issue for the page and the API; ``indexed`` says whether its photo (each neighbour's too) is
+    in the index, which ``/images`` serves (an image removed since the audit: the page says so, no
+    broken picture)."""
+    labels, items = audit_files().labels, get_snapshot().store.items
     near = [n for n in issue.neighbours.split("|") if n]
     return {"image": issue.image, "group": issue.group, "given": issue.given, "suggested": issue.suggested,
-            "score": issue.score, "kind": issue.kind,
-            "neighbours": [{"image": n, "labels": list(labels.get(n, {}).get(issue.group, ()))} for n in near]}
+            "score": issue.score, "kind": issue.kind, "indexed": items.has_path(issue.image),
+            "neighbours": [{"image": n, "labels": list(labels.get(n, {}).get(issue.group, ())),
+                            "indexed": items.has_path(n)} for n in near]}
 
 
 def page_of(issues: list, page: int) -> list:
