@@ -231,6 +231,22 @@ def test_images_and_traversal(client):
         assert client.get(url, follow_redirects=True).status_code == 404, url
 
 
+def test_an_indexed_image_deleted_from_the_catalog_is_said(web_data, tmp_path):
+    # a browser-format image answered a bare "Not found" (a HEIC's copy said the file is missing)
+    import html
+    import shutil
+
+    from web import create_app
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(web_data["catalog"], catalog)
+    (catalog / "images/000003.jpg").unlink()
+    client = create_app(make_config(web_data, tmp_path, CATALOG_DIR=str(catalog))).test_client()
+    response = client.get("/images/images/000003.jpg")
+    assert response.status_code == 404
+    assert "Image file 'images/000003.jpg' is missing from the catalog" in html.unescape(response.get_data(as_text=True))
+
+
 def test_thumbnails_are_cached_on_disk(app, client, monkeypatch):
     from PIL import Image
 

@@ -78,8 +78,7 @@ def image(filename: str):
         if target is None:
             abort(404, f"The image {filename!r} cannot be read")
         return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
-    if not get_snapshot().store.items.has_path(filename):
-        abort(404, f"No indexed image {filename!r}")
+    image_file(filename)  # indexed, and on disk: a deleted file is said, not a bare "Not found"
     return send_from_directory(catalog_dir(), filename, max_age=CACHE_SECONDS)
 
 
