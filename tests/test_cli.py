@@ -35,6 +35,10 @@ def test_unknown_command_lists_valid_ones(capsys):
     (["train", "--catalog", "c", "--out", "o", "--lr", "nan"], "argument --lr: nan is not above 0"),
     (["train", "--catalog", "c", "--out", "o", "--range-loss", "-1"], "argument --range-loss: -1 is not at least 0"),
     (["train", "--catalog", "c", "--out", "o", "--val-fraction", "1"], "--val-fraction: 1 is not a share from 0 up to"),
+    # --folds 0 or 1 wrote 35 / 118 "issues" scored by heads that had seen the items
+    (["audit", "--checkpoint", "x.pt", "--catalog", "c", "--out", "o", "--folds", "1"], "argument --folds: 1 is under 2"),
+    (["audit", "--checkpoint", "x.pt", "--catalog", "c", "--out", "o", "--min-confidence", "0"],
+     "argument --min-confidence: 0 is not a share above 0 and up to 1"),
 ])
 def test_sizes_and_counts_out_of_range_are_usage_errors(argv, message, capsys):
     # they were tracebacks from torch or HDF5 (a negative image size), or silently dropped a label (--top -1)

@@ -45,3 +45,11 @@ def share_below_one(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{value:g} is not a share from 0 up to (not including) 1")
     return value
+
+
+def share_up_to_one(text: str) -> float:
+    """A ``float`` type for argparse: a share above 0 and at most 1 (a probability to act on, a cosine)."""
+    value = parsed(text, float, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a share above 0 and up to 1")
+    return value

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from retrieval.atomic import write_text
 from retrieval.audit.labels import audit_catalog, catalog_features, summarize, write_issues
+from retrieval.commands.argtypes import at_least, share_up_to_one
 from retrieval.data.catalog import group_list, read_catalog, select_groups
 from retrieval.devices import resolve_device
 from retrieval.net.checkpoint import load_model
@@ -29,9 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="AUDIT_DIR")
     p.add_argument("--trunk-cache", metavar="H5", help="the run's trunk cache (default: RUN/trunk-cache.h5 if present)")
     p.add_argument("--groups", help="comma-separated groups to audit (default: all)")
-    p.add_argument("--folds", type=int, default=5, help="k of the k-fold heads (default: 5)")
-    p.add_argument("--min-confidence", type=float, default=0.9, help="suggest a missing label at this probability")
-    p.add_argument("--duplicate-threshold", type=float, default=0.98, help="cosine of near-duplicate products")
+    p.add_argument("--folds", type=at_least(2), default=5,
+                   help="k of the k-fold heads (default: 5; at least 2: each item is scored by heads that never saw it)")
+    p.add_argument("--min-confidence", type=share_up_to_one, default=0.9,
+                   help="suggest a missing label at this probability (above 0, up to 1)")
+    p.add_argument("--duplicate-threshold", type=share_up_to_one, default=0.98,
+                   help="cosine of near-duplicate products (above 0, up to 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int)
     p.add_argument("--seed", type=int, default=0)
