@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.audit.decisions import _link_or_copy
+from retrieval.atomic import atomic_write, write_text
 from retrieval.cli import main as cli
-from retrieval.data.catalog import LABELS_FILE, decode_labels_file
+from retrieval.data.catalog import LABELS_FILE, decode_labels_file, link_or_copy
+from retrieval.experiments import TRAINED, trained
 
 
 def get_args_parser():
@@ -43,11 +44,15 @@ def read_rows(root: Path) -> tuple[list[str], list[dict]]:
 def write_catalog(src: Path, out: Path, header: list[str], rows: list[dict]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        _link_or_copy(src / row["image"], out / row["image"])
-    with open(out / LABELS_FILE, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, header)
-        writer.writeheader()
-        writer.writerows(rows)
+        link_or_copy(src / row["image"], out / row["image"])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, header)
+    writer.writeheader()
+    writer.writerows(rows)
+    labels = out / LABELS_FILE
+    if not labels.exists() or labels.read_bytes() != text.getvalue().encode():  # the same rows: its runs stand
+        with atomic_write(labels, newline="") as f:  # last: a stopped run leaves no half catalog
+            f.write(text.getvalue())
     return out
 
 
@@ -75,8 +80,11 @@ def train_and_score(name: str, catalog: Path, work: Path, args) -> dict:
     run, emb, report = work / name, work / f"{name}.h5", work / f"{name}-report"
     cache = ["--trunk-cache", args.trunk_cache] if args.trunk_cache else []
     began = time.perf_counter()
-    if not (run / "best.pt").exists():
-        assert cli(["train", "--catalog", str(catalog), "--out", str(run), *cache, *args.train_args.split()]) == 0
+    if not trained(run, str(catalog)):  # best.pt alone: a stopped run has one from its first epoch
+        resume = ["--resume"] if (run / "last.pt").exists() else []
+        assert cli(["train", "--catalog", str(catalog), "--out", str(run), *cache, *args.train_args.split(),
+                    *resume]) == 0
+        write_text(run / TRAINED, "retrieval train\n")
     if not emb.exists():
         assert cli(["embed", "--checkpoint", str(run / "best.pt"), "--catalog", str(catalog), "--out", str(emb),
                     *cache]) == 0
