@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.atomic import write_text
+
 CLASSES = np.round(np.geomspace(2, 145, 24)).astype(int)
 MULTI_LABEL = {5, 17}
 MODES = ("rows", "columns", "catalog-info")
@@ -42,12 +44,13 @@ def write_catalog(root: Path, n: int, files: bool, seed: int = 0) -> None:
         columns.append(cells)
     header = ",".join(["image", "split", "title", *(f"g{g:02d}" for g in range(len(CLASSES)))])
     lines = (",".join(map(str, row)) for row in zip(*columns))
-    (root / "labels.csv").write_text(header + "\n" + "\n".join(lines) + "\n")
     if files:
         for folder in range(min(n, 1000)):
             (root / "img" / f"{folder:03d}").mkdir(parents=True, exist_ok=True)
         for image in images:
             (root / image).touch()
+    # last and whole: a stopped run left labels.csv before its images, and the next reused it
+    write_text(root / "labels.csv", header + "\n" + "\n".join(lines) + "\n")
 
 
 def run_one(root: Path, mode: str, check_files: bool) -> dict:
