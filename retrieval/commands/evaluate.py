@@ -6,6 +6,7 @@ import logging
 import urllib.parse
 from pathlib import Path
 
+from retrieval.atomic import atomic_write
 from retrieval.data.catalog import CatalogError, read_catalog
 from retrieval.devices import DEVICES
 from retrieval.evaluate.classification import draw_class_chart
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.class_chart not in classes:
                 raise EvaluationError(f"--class-chart {args.class_chart!r}: no classification for it; "
                                       f"choose one of: {', '.join(classes) or '(no head probabilities)'}")
-            draw_class_chart(classes[args.class_chart], args.class_chart,
-                             out / f"class_{urllib.parse.quote(args.class_chart, safe='')}.png")
+            with atomic_write(out / f"class_{urllib.parse.quote(args.class_chart, safe='')}.png", "wb") as f:
+                draw_class_chart(classes[args.class_chart], args.class_chart, f)  # as chart.png: whole or not at all
     except (EvaluationError, CatalogError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(report))

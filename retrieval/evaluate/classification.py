@@ -122,8 +122,8 @@ def classify(probs: dict[str, np.ndarray], items, catalog: Catalog, head_labels:
     return {g: r for g, r in reports.items() if r is not None}
 
 
-def draw_class_chart(report: dict, group: str, path: Path) -> None:
-    """Per-class accuracy (recall) of one group, rarest classes last, as PNG."""
+def draw_class_chart(report: dict, group: str, path) -> None:
+    """Per-class accuracy (recall) of one group, rarest classes last, as PNG into ``path`` (a file name or an open binary file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -138,4 +138,4 @@ def draw_class_chart(report: dict, group: str, path: Path) -> None:
     ax.set_title(f"{group}: accuracy {100 * report['accuracy']:.1f}%, macro-F1 {100 * report['macro_f1']:.1f}%")
     ax.set_ylim(0, 100)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
