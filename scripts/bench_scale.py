@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench_scale_data import generate  # noqa: E402
 from bench_scale_run import Result, free_port, growth_exponent, matmul_floor, run_stage, serve_stage  # noqa: E402
+from retrieval.atomic import write_text  # noqa: E402
 
 # The stages, as the CLI is called today: edit here when a command's options change.
 # {catalog} {emb} {work} {port} are filled per size.
@@ -158,8 +159,8 @@ def main(argv=None) -> int:
         text = format_table(done, table, stages) if done else "(no size finished)"
         print(text, flush=True)
         if args.out:
-            (out / "bench_scale.md").write_text(text + "\n")
-            (out / "bench_scale.json").write_text(json.dumps(
+            write_text(out / "bench_scale.md", text + "\n")
+            write_text(out / "bench_scale.json", json.dumps(
                 {str(n): {row: r.__dict__ for row, r in table[n].items()} for n in done}, indent=1))
         else:
             shutil.rmtree(out, ignore_errors=True)

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from retrieval.atomic import write_text
 from retrieval.cli import configure_logging
 from retrieval.cli import main as cli
 from retrieval.experiments import Experiment, run_experiment
@@ -73,7 +74,7 @@ def main(argv=None):
     run_fusion(args, work, lines)
     lines.append(f"\nTotal {time.perf_counter() - began:.0f} s. Per-class charts: {work}/*-report/class_{args.group}.png")
     text = "\n".join(lines)
-    (work / "imbalance.md").write_text(text + "\n")
+    write_text(work / "imbalance.md", text + "\n")
     print(text)
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from retrieval.atomic import write_text
 from retrieval.cli import configure_logging
 from retrieval.evaluate.report import compare_reports
 from retrieval.experiments import Experiment, format_rows, run_experiment
@@ -58,7 +59,7 @@ def main(argv=None):
     tables = [compare_reports([work / f"{e.name}-report" for e in experiments]),
               format_rows(experiments), validation_table(work, list(METHODS))]
     text = "\n\n".join(tables)
-    (work / "comparison.md").write_text(text + "\n")
+    write_text(work / "comparison.md", text + "\n")
     print(text)
 
 

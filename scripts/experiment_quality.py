@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retrieval.atomic import write_text
 from retrieval.cli import configure_logging
 from retrieval.evaluate.report import compare_reports
 from retrieval.experiments import Experiment, format_rows, run_experiment
@@ -95,7 +96,7 @@ def main(argv=None):
         done[exp.name] = exp
     ordered = [exp for exp, _ in rows]
     text = "\n\n".join([format_rows(ordered, args.focus), compare_reports([work / f"{e.name}-report" for e in ordered])])
-    (work / "quality.md").write_text(text + "\n")
+    write_text(work / "quality.md", text + "\n")
     print(text)
 
 
