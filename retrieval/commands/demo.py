@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.commands.argtypes import at_least
+from retrieval.commands.argtypes import at_least, image_size
 from retrieval.data.demo import DEMO_GROUPS, make_demo_catalog
 
 
@@ -13,12 +13,12 @@ def get_args_parser():
     parser = argparse.ArgumentParser(prog="retrieval demo-catalog", description=(
         "Generate a small catalog of drawn garments (labels.csv + images/) to try the pipeline "
         "without downloading data."))
-    parser.add_argument("out", metavar="OUT", help="output directory (created if needed; its "
-                        "labels.csv and images/NNNNNN.jpg are overwritten)")
+    parser.add_argument("out", metavar="OUT", help="output directory (created if needed; one "
+                        "that holds a catalog already, a labels.csv, is refused)")
     parser.add_argument("--n-items", type=at_least(10), default=480,
                         help="how many garments (default: 480; at least 10, enough to train and evaluate)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--image-size", type=int, default=128, help="side in pixels, >= 32")
+    parser.add_argument("--image-size", type=image_size, default=128, help="side in pixels (default: 128; at least 32)")
     return parser
 
 

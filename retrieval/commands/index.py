@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="build on the GPU when faiss sees one (auto)")
     build.add_argument("--shared-view", choices=SHARED_VIEW_READS, default="file",
                        help="what the shared view indexes: 'file', the embeddings' vectors as written (the model's "
-                            "--shared-view, with-groups by default); 'embedding', the shared embedding alone "
+                            "--shared-view, matches by default); 'embedding', the shared embedding alone "
                             "(its first embedding_dim columns): 256 wide instead of 256 + the labels, without "
                             "embedding again. Search by photo follows the index's choice; 'add' keeps it")
     build.add_argument("--group-codec", choices=("fp16", "8bit"), default="fp16",
