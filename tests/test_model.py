@@ -332,3 +332,21 @@ def test_fold_benchmark_prints_both_rows(capsys, monkeypatch):
     assert main(["--backbones", "tiny", "--image-size", "64", "--batch-size", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| tiny | as they are |" in out and "| tiny | folded |" in out
+
+
+def test_files_that_are_no_checkpoint_or_weights_are_named(tmp_path):
+    # a saved tensor as --checkpoint was "Tensor.__contains__ only supports Tensor or scalar", a CSV as
+    # --weights torch's unpickling traceback, a saved None "'NoneType' object is not iterable"
+    from retrieval.net.backbones import load_trunk_weights
+    from retrieval.net.checkpoint import load_checkpoint
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor.pt: not a retrieval checkpoint \(it holds a Tensor, not a dict\)"):
+        load_checkpoint(tmp_path / "tensor.pt")
+    (tmp_path / "labels.csv").write_text("image,split\na.jpg,train\n")
+    torch.save(None, tmp_path / "none.pt")
+    trunk = create_trunk("tiny")
+    with pytest.raises(ValueError, match="labels.csv: not a weights file torch can read"):
+        load_trunk_weights(trunk, tmp_path / "labels.csv")
+    with pytest.raises(ValueError, match=r"none.pt: not a state dict of tensors \(it holds a NoneType\)"):
+        load_trunk_weights(trunk, tmp_path / "none.pt")

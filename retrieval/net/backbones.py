@@ -125,7 +125,7 @@ def _lite_state(name: str, weights: str | None) -> dict | None:
         except ImportError:
             logger.warning("%s is not installed: starting from random weights", module.replace("_", "-"))
             return None
-    source = torch.load(weights, map_location="cpu", weights_only=True)
+    source = read_weights(weights)
     import timm
 
     target = timm.create_model(name, pretrained=False).state_dict()
@@ -214,9 +214,24 @@ def create_trunk(name: str, weights: str | None = None) -> Trunk:
     return trunk
 
 
+def read_weights(path: str | Path) -> dict:
+    """A state dict of tensors from ``path`` (``--weights``), or a ValueError naming the file: a CSV
+    was torch's unpickling traceback, a saved None "'NoneType' object is not iterable"."""
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many types for files that are no weights
+        raise ValueError(f"{path}: not a weights file torch can read (a state dict saved with torch.save; "
+                         f"{type(err).__name__})") from None
+    if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
+        raise ValueError(f"{path}: not a state dict of tensors (it holds a {type(source).__name__})")
+    return source
+
+
 def load_trunk_weights(trunk: Trunk, path: str | Path) -> None:
     """Load a torchvision/timm state dict (classifier keys ignored) into a trunk, in order."""
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = read_weights(path)
     source = {k: v for k, v in source.items() if not k.startswith(("fc.", "classifier.", "last_linear."))}
     target = trunk.state_dict()
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):

@@ -33,6 +33,8 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for corrupt files
         raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(ckpt, dict):  # a saved tensor or module: `in` raised torch's own errors
+        raise ValueError(f"{path}: not a retrieval checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in ("model", "model_config", "fingerprint") if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a retrieval checkpoint (missing {', '.join(missing)})")
