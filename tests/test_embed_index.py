@@ -446,6 +446,25 @@ def test_image_cache_feeds_training(demo_catalog, tmp_path):
                 "--image-cache", str(cache), "--device", "cpu"]) == 0
 
 
+def test_a_file_of_another_kind_is_no_image_cache(demo_catalog, embeddings, tmp_path, capsys):
+    # a checkpoint or an EMB.h5 as `cache --out` was HDF5's traceback or "object 'images' doesn't exist"
+    # (and a readable HDF5 file of another kind was about to be rebuilt over); as --image-cache the same
+    notes = tmp_path / "notes.pt"
+    notes.write_bytes(b"not hdf5")
+    other = tmp_path / "emb.h5"
+    shutil.copy(embeddings, other)
+    for target, why in ((notes, "not an HDF5 file"), (other, "no images and paths datasets")):
+        before = target.read_bytes()
+        assert cli(["cache", "--catalog", str(demo_catalog), "--out", str(target), "--image-size", "64",
+                    "--workers", "0"]) == 1
+        assert f"{target}: not an image cache ({why}); choose another file or delete it" in capsys.readouterr().err
+        assert target.read_bytes() == before
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                "--image-size", "64", "--epochs", "1", "--trainable-blocks", "all", "--workers", "0",
+                "--image-cache", str(notes), "--device", "cpu"]) == 1
+    assert f"{notes}: not an image cache (not an HDF5 file)" in capsys.readouterr().err
+
+
 def test_empty_and_test_only_groups_are_left_out(demo_catalog, tmp_path, caplog):
     """A group empty on every row crashed training after epoch 0; one labelled only in the test split
     got a head that nothing trained. Both are left out of training; the empty one of everything."""

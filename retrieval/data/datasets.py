@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from retrieval.atomic import in_use
 from retrieval.data.catalog import Catalog, Item
 from retrieval.data.images import ImageError, load_image, to_uint8_array
 
@@ -106,6 +107,20 @@ def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
     return (shares + [shares[-1]] * n_groups)[:n_groups]
 
 
+def check_image_cache(path: Path) -> None:
+    """A ValueError naming ``path`` unless it is an HDF5 image cache (datasets ``images`` and ``paths``)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "images" in f and "paths" in f:
+                return
+    except OSError as err:
+        if in_use(err):
+            raise ValueError(f"{path} is in use by another process (a cache being written?); "
+                             "try again when it has finished") from None
+        raise ValueError(f"{path}: not an image cache (not an HDF5 file); choose another file or delete it") from None
+    raise ValueError(f"{path}: not an image cache (no images and paths datasets); choose another file or delete it")
+
+
 class ImageCache:
     """Pre-decoded letterboxed images in HDF5: ``images`` uint8 [N,S,S,3], ``paths``, ``ok`` and the
     ``stats`` (size, mtime_ns) of the files they were decoded from."""
@@ -113,9 +128,8 @@ class ImageCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = None
+        check_image_cache(self.path)  # a checkpoint or CSV given as --image-cache was HDF5's traceback
         with h5py.File(self.path, "r") as f:
-            if "images" not in f or "paths" not in f:
-                raise ValueError(f"{self.path}: not an image cache (needs datasets images, paths)")
             self.size = int(f["images"].shape[1])
             self.done = int(f.attrs.get("done", 0))
             paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]

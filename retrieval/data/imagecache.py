@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retrieval.data.catalog import Catalog, digest_change, items_digest
-from retrieval.data.datasets import ImageDataset, collate_images, loader_workers
+from retrieval.data.datasets import ImageDataset, check_image_cache, collate_images, loader_workers
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ def open_cache(path: Path, catalog: Catalog, size: int) -> int:
     paths = [it.image for it in catalog.items]
     covers = items_digest(catalog.items)
     if path.exists():
+        check_image_cache(path)  # a file of another kind (a checkpoint, EMB.h5) is never rebuilt over
         with h5py.File(path, "r") as f:
             why = (f"it holds {f['images'].shape[1]}px images, not {size}px" if f["images"].shape[1] != size
                    else digest_change(json.loads(f.attrs.get("covers", "null")), covers))
