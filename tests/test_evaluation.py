@@ -207,6 +207,24 @@ def test_compare_needs_report_directories(tmp_path, capsys):
             main(["--compare", str(tmp_path)])
         err = capsys.readouterr().err
         assert str(tmp_path / "report.json") in err and message in err, err
+    # hand-edited fields of the wrong type were an AttributeError traceback, a missing k "error: k"
+    good = {"settings": {"k": 50}, "groups": {"colour": {"map_paper": 0.5, "map_standard": 0.4,
+                                                         "group_view": {"map_paper": 0.6}}},
+            "mean": {"map_paper": 0.5}}
+    for change, message in (
+            (lambda r: r["settings"].pop("k"), "settings.k is None, not a whole number"),
+            (lambda r: r["groups"].update(colour="0.5"), "groups.colour is '0.5', not an object"),
+            (lambda r: r["groups"]["colour"].update(group_view=[1]), "groups.colour.group_view is [1], not an object"),
+            (lambda r: r["groups"]["colour"].update(map_paper="high"), "groups.colour.map_paper is 'high', not a number"),
+            (lambda r: r.update(views={"shared": 3}), "views is not an object of objects")):
+        report = json.loads(json.dumps(good))
+        change(report)
+        (tmp_path / "report.json").write_text(json.dumps(report))
+        with pytest.raises(SystemExit):
+            main(["--compare", str(tmp_path)])
+        assert message in capsys.readouterr().err
+    (tmp_path / "report.json").write_text(json.dumps(good))
+    assert main(["--compare", str(tmp_path)]) == 0
 
 
 def test_compare_notes_means_over_different_groups(catalog_dir, tmp_path):

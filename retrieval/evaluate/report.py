@@ -212,7 +212,34 @@ def load_report(report_dir: str | Path) -> dict:
                if not isinstance(report, dict) or not isinstance(report.get(key), dict)]
     if missing:
         raise EvaluationError(f"{path} is not a report of 'retrieval evaluate' (no {', '.join(missing)})")
+    wrong = report_problem(report)
+    if wrong:  # a hand-edited one: --compare's AttributeError, "error: k"
+        raise EvaluationError(f"{path}: {wrong}; write it again with 'retrieval evaluate'")
     return report
+
+
+def report_problem(report: dict) -> str | None:
+    """What in a report.json the tables cannot read (a field of the wrong type), or None."""
+    k = report["settings"].get("k")
+    if not isinstance(k, int) or isinstance(k, bool):
+        return f"settings.k is {k!r}, not a whole number"
+    views = report.get("views", {})
+    if not isinstance(views, dict) or not all(isinstance(v, dict) for v in views.values()):
+        return "views is not an object of objects"
+    entries = {f"groups.{g}": e for g, e in report["groups"].items()}
+    entries.update({"mean": report["mean"], **{f"views.{v}": e for v, e in views.items()}})
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            return f"{name} is {entry!r}, not an object"
+        for sub, part in [(name, entry), *((f"{name}.group_view", entry[key]) for key in ("group_view",)
+                                            if key in entry)]:
+            if not isinstance(part, dict):
+                return f"{sub} is {part!r}, not an object"
+            for key in ("map_paper", "map_standard"):
+                value = part.get(key)
+                if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                    return f"{sub}.{key} is {value!r}, not a number"
+    return None
 
 
 def compare_reports(dirs: list[str | Path]) -> str:
