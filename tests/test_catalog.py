@@ -22,6 +22,25 @@ def test_reads_groups_labels_and_multi_label(tmp_path):
     assert [it.image for it in cat.split_items("test")] == ["b.jpg"]
 
 
+def test_an_unclosed_quote_is_named_not_read_as_one_cell_of_the_rows_after_it(tmp_path, monkeypatch):
+    from retrieval.data import columns
+
+    # 'catalog-info' said "3 items" of 40 rows, the rest read as a title; a title over two lines still reads
+    rows = [f"{i}.jpg,train,Shirt {i},red,dress" for i in range(6)]
+    rows[2] = '2.jpg,train,"Shirt 2,red,dress'
+    root = write_catalog(tmp_path / "bad", rows, images=[f"{i}.jpg" for i in range(6)])
+    with pytest.raises(CatalogError, match=r"labels.csv, line 4: the 'title' cell runs on over 4 lines, holding "
+                                           r"the rows after it \(a stray '\"'\?"):
+        read_catalog(root)
+    monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)  # the row reader says it too
+    with pytest.raises(CatalogError, match=r"labels.csv, line 4: the 'title' cell runs on over 4 lines"):
+        read_catalog(root)
+    monkeypatch.undo()
+    rows[2] = '2.jpg,train,"Shirt 2, blue\nlong sleeves",red,dress'
+    cat = read_catalog(write_catalog(tmp_path / "good", rows, images=[f"{i}.jpg" for i in range(6)]))
+    assert len(cat.items) == 6 and cat.items[2].title == "Shirt 2, blue\nlong sleeves" and cat.items[3].image == "3.jpg"
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_validation_split_is_read_by_its_usual_names(tmp_path, monkeypatch, fast):
     from retrieval.data import catalog, columns

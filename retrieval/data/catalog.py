@@ -317,6 +317,13 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def runaway_cell(value: str, delimiter: str, n_columns: int) -> bool:
+    """Whether a cell over several lines holds whole rows: a line after its first that splits into
+    as many cells as the header has (a quote opened and never closed), not a title written over
+    two lines."""
+    return n_columns > 1 and any(line.count(delimiter) >= n_columns - 1 for line in value.split("\n")[1:])
+
+
 @dataclass
 class _RowReader:
     """Turns the rows of one labels.csv into Items, naming the file and line of a bad one."""
@@ -325,6 +332,7 @@ class _RowReader:
     csv_path: Path
     groups: list[str]
     check_files: bool
+    delimiter: str = ","
 
     def __post_init__(self):
         self.real_root = os.path.realpath(self.root)
@@ -357,6 +365,12 @@ class _RowReader:
         stray = unnamed_cell([k if not k.startswith("\0") else "" for k in row], list(row.values()))
         if stray:
             raise CatalogError(f"{where}: value {stray[1]!r} in column {stray[0]}, which has no name in the header")
+        for name, value in row.items():  # a quote opened and never closed reads the rows after it as one cell
+            if value and runaway_cell(value, self.delimiter, len(row)):
+                lines = value.rstrip("\n").count("\n")  # an unclosed quote holds the last line end too
+                raise CatalogError(f"{self.csv_path}, line {line - lines}: the {name!r} cell runs on over "
+                                   f"{lines + 1} lines, holding the rows after it (a stray '\"'? a cell that "
+                                   "opens with a quote must close with one)")
         image = image_path_of(row.get("image") or "")
         if not image:
             raise CatalogError(f"{where}: empty 'image' field")
@@ -374,12 +388,13 @@ class _RowReader:
 
 def _read_rows(csv_path: Path, root: Path, check_files: bool) -> tuple[list[str], list[Item]]:
     text = decode_labels_file(csv_path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
+    delimiter = csv_delimiter(text.split("\n", 1)[0])
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = header_names(reader.fieldnames) if reader.fieldnames else reader.fieldnames
         groups = check_header(header, csv_path)
         reader.fieldnames = [h or f"\0unnamed {i}" for i, h in enumerate(header)]  # kept apart, checked empty
-        rows = _RowReader(root, csv_path, groups, check_files)
+        rows = _RowReader(root, csv_path, groups, check_files, delimiter)
         items: list[Item] = []
         seen: dict[str, int] = {}
         for row in reader:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 
 from retrieval.data.catalog import (Item, check_header, csv_delimiter, hash_split, header_names, image_path_of,
-                                    parse_labels, split_name)
+                                    parse_labels, runaway_cell, split_name)
 
 STAT_CHUNK = 4096  # paths per thread-pool task
 
@@ -114,6 +114,11 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     columns = {h: table.column(i).slice(1) for i, h in enumerate(header) if h}
     if any(not h and any(cell.strip() for cell in table.column(i).slice(1).to_pylist()) for i, h in enumerate(header)):
         return None  # a value in a column without a name: the row reader names it
+    for i in range(len(header)):
+        column = table.column(i)
+        if pc.any(pc.match_substring(column, "\n")).as_py() and any(
+                runaway_cell(cell, delimiter, len(header)) for cell in column.to_pylist() if "\n" in cell):
+            return None  # rows read as one cell of an unclosed quote: the row reader names its line
     images = [image_path_of(cell) for cell in columns["image"].to_pylist()]
     if not all(images) or len(set(images)) != len(images):
         return None
