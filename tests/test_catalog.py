@@ -110,6 +110,9 @@ def test_missing_split_column_uses_hash(tmp_path):
      "line 3: image file 'Photos/B.JPG' does not exist .*'photos/b.jpg' differs only in letter case"),
     ("image,split,colour", ["a.jpg,train,red", "photos/c.jpg,train,red"], ["a.jpg", "photos/b.jpg"],
      "line 3: image file 'photos/c.jpg' does not exist under [^;]*$"),
+    ("image,split,colour", ["a.jpg,train,red", "photos,train,red"], ["a.jpg", "photos/b.jpg"],
+     "line 3: image file 'photos' does not exist under .*; it is a folder, not an image file$"),  # was: "'photos'
+    # differs only in letter case"
     ("image,split,colour", ["a.jpg,train,red", "a.jpg,test,red"], ["a.jpg"], "already listed on line 2"),
     ("image,split,colour", ["sub/a.jpg,train,red", "./sub//a.jpg,test,red"], ["sub/a.jpg"],
      "line 3: image 'sub/a.jpg' already listed on line 2"),  # one image under two spellings

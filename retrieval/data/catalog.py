@@ -211,6 +211,8 @@ def missing_hint(root: str, resolved: str, image: str) -> str:
     if URL.match(image):
         return ("; image paths are files under the catalog directory, and web addresses are not downloaded: "
                 "download the photos into it and write their paths")
+    if os.path.isdir(resolved):  # said "differs only in letter case" of itself
+        return "; it is a folder, not an image file"
     parts, path = [], resolved
     while not os.path.isdir(path):  # the deepest existing folder, then each part matched without case
         path, part = os.path.split(path)
@@ -225,6 +227,8 @@ def missing_hint(root: str, resolved: str, image: str) -> str:
         if match is None:
             return ""
         path = os.path.join(path, match)
+    if path == resolved:  # there, as written, but no regular file (a socket, a device)
+        return "; it is not a regular file"
     return f"; {os.path.relpath(path, root)!r} differs only in letter case (paths are case-sensitive here)"
 
 
