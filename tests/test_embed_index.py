@@ -326,6 +326,13 @@ def test_index_build_add_and_remove_wait_for_no_one_else_changing_the_index(embe
         holder.kill()
         holder.wait()
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+    # a file given as the index left its lock file beside it (in a catalog: .labels.csv.lock)
+    notes = tmp_path / "notes" / "labels.csv"
+    notes.parent.mkdir()
+    notes.write_text("image\n")
+    assert cli(["index", "remove", "--index", str(notes), "--ids", "1"]) == 1
+    assert f"{notes} is a file, not an index folder" in capsys.readouterr().err
+    assert sorted(p.name for p in notes.parent.iterdir()) == ["labels.csv"]
 
 
 def test_embed_warns_when_the_checkpoint_and_the_catalog_have_other_groups(tiny_run, demo_catalog, tmp_path, caplog):

@@ -139,6 +139,8 @@ def index_lock(index: Path):
     Another holder is a ValueError naming it; a step of the rebuild script, whose lock it is
     (``RETRIEVAL_INDEX_LOCK`` names it), goes ahead under it."""
     index = Path(index)
+    if index.exists() and not index.is_dir():  # its lock file would go beside it, into a catalog say
+        raise ValueError(f"{index} is a file, not an index folder")
     lock = index.parent / f".{index.name}.lock"
     if os.environ.get(HELD_BY_PARENT) and Path(os.environ[HELD_BY_PARENT]).resolve() == lock.resolve():
         yield
