@@ -1,4 +1,6 @@
 """Model factory: backbones, the feature/head seam, packaged ImageNet weights, fingerprints."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -343,6 +345,14 @@ def test_files_that_are_no_checkpoint_or_weights_are_named(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match=r"tensor.pt: not a retrieval checkpoint \(it holds a Tensor, not a dict\)"):
         load_checkpoint(tmp_path / "tensor.pt")
+    # a checkpoint is unpickled as tensors and plain data only: one from elsewhere given to serve or
+    # predict ran the code it names (here it would have written a file)
+    torch.save({"model": {}, "model_config": {}, "fingerprint": "x", "payload": RunsCode(tmp_path / "ran")},
+               tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt: not a retrieval checkpoint \(it holds Python objects besides "
+                                         r"tensors and plain data, which are not unpickled: Unsupported global"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
     (tmp_path / "labels.csv").write_text("image,split\na.jpg,train\n")
     torch.save(None, tmp_path / "none.pt")
     trunk = create_trunk("tiny")
@@ -350,3 +360,13 @@ def test_files_that_are_no_checkpoint_or_weights_are_named(tmp_path):
         load_trunk_weights(trunk, tmp_path / "labels.csv")
     with pytest.raises(ValueError, match=r"none.pt: not a state dict of tensors \(it holds a NoneType\)"):
         load_trunk_weights(trunk, tmp_path / "none.pt")
+
+
+class RunsCode:
+    """Unpickled, it touches a file: what a checkpoint from an untrusted source could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))

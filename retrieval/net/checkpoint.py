@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -24,13 +26,22 @@ def make_checkpoint(model: RetrievalModel, **extra) -> dict:
     return {"model": state, "model_config": model.config.to_dict(), "fingerprint": fingerprint(model), **extra}
 
 
+def unpickler_detail(err: Exception) -> str:
+    """``: Unsupported global: GLOBAL x`` from torch's long weights-only message, or nothing."""
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
+    return f": {found.group(0)}" if found else ""
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint dict, naming the file when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain data only: unpickling runs code, and serve or predict may be given any file
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a retrieval checkpoint (it holds Python objects besides tensors and "
+                         f"plain data, which are not unpickled{unpickler_detail(err)})") from None
     except Exception as err:  # torch raises many types for corrupt files
         raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
     if not isinstance(ckpt, dict):  # a saved tensor or module: `in` raised torch's own errors
