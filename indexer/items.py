@@ -251,9 +251,42 @@ class Items:
             try:
                 # a plain view of the mapping: np.memmap's Python-level indexing costs ~5 us a slice
                 arrays[name] = np.asarray(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
-            except ValueError as err:
-                raise ValueError(f"Corrupt index item file {path}: {err}") from err
+            except (ValueError, EOFError, OSError) as err:  # EOFError: an empty file (a copy cut short)
+                raise ValueError(f"Corrupt index item file {path}: {err or type(err).__name__}") from err
+            if arrays[name].ndim != 1 or arrays[name].dtype.kind not in "iu":
+                raise ValueError(f"Corrupt index item file {path}: {arrays[name].dtype} array of shape "
+                                 f"{arrays[name].shape}, not a list of whole numbers")
+        check_item_arrays(directory, arrays, vocab)
         labels = LabelCodes(vocab, arrays["label_offsets"], arrays["label_codes"], arrays["posting_offsets"],
                             arrays["postings"])
         return cls(arrays["ids"], TextColumn(arrays["path_blob"], arrays["path_offsets"]),
                    TextColumn(arrays["title_blob"], arrays["title_offsets"]), labels, arrays["path_order"])
+
+
+def check_item_arrays(directory: Path, arrays: dict[str, np.ndarray], vocab: Mapping[str, list[str]]) -> None:
+    """Raise a ValueError naming the file when the item arrays do not fit together or the sidecar's label
+    vocabulary (a shortened vocabulary made pages fail on the first item of a lost label). Only sizes,
+    ends and the largest label code are checked: one pass over the codes, the rest O(1)."""
+    def bad(name: str, why: str):
+        return ValueError(f"Corrupt index item file {directory / f'items-{name}.npy'}: {why}")
+
+    n = len(arrays["ids"])
+    for name in ("path_offsets", "title_offsets", "label_offsets"):
+        if len(arrays[name]) != n + 1:
+            raise bad(name, f"{len(arrays[name])} offsets for {n} items (items-ids.npy)")
+    if len(arrays["path_order"]) != n:
+        raise bad("path_order", f"{len(arrays['path_order'])} entries for {n} items (items-ids.npy)")
+    for offsets, values in (("path_offsets", "path_blob"), ("title_offsets", "title_blob"),
+                            ("label_offsets", "label_codes"), ("posting_offsets", "postings")):
+        end = int(arrays[offsets][-1]) if len(arrays[offsets]) else 0
+        if end != len(arrays[values]) or (len(arrays[offsets]) and int(arrays[offsets][0]) != 0):
+            raise bad(offsets, f"its offsets run from {int(arrays[offsets][0]) if len(arrays[offsets]) else 0} "
+                               f"to {end}; items-{values}.npy holds {len(arrays[values])}")
+    n_codes = sum(len(labels) for labels in vocab.values())
+    if len(arrays["posting_offsets"]) != n_codes + 1:
+        raise bad("posting_offsets", f"{len(arrays['posting_offsets']) - 1} labels; the sidecar's vocabulary "
+                                     f"(labels) has {n_codes}")
+    codes = arrays["label_codes"]
+    if len(codes) and not 0 <= int(codes.min()) <= int(codes.max()) < n_codes:
+        raise bad("label_codes", f"label codes {int(codes.min())}..{int(codes.max())}; the sidecar's vocabulary "
+                                 f"(labels) has {n_codes}")

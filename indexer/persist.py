@@ -99,7 +99,62 @@ def read_sidecar(directory: Path) -> dict:
     missing = [f for f in SIDECAR_FIELDS if not isinstance(sidecar, dict) or f not in sidecar]
     if missing:
         raise ValueError(f"Corrupt index sidecar {path}: missing field(s) {', '.join(missing)}")
+    wrong = sidecar_type_errors(sidecar)
+    if wrong:
+        raise ValueError(f"Corrupt index sidecar {path}: {'; '.join(wrong)}")
     return sidecar
+
+
+def is_count(value) -> bool:
+    """Whether a JSON value is a whole number (``true`` and ``"288"`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_kind(value) -> str:
+    """How a JSON value reads in a message: ``a list``, ``an object without 'shared'``, ``the string '288'``."""
+    if isinstance(value, dict):
+        return "an object without 'shared'"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r}"[:60]
+
+
+def sidecar_type_errors(sidecar: dict) -> list[str]:
+    """What is of the wrong type in a sidecar that has every field (hand-edited, or written by something
+    else): a dimension as a string, ``views`` or ``labels`` as a list. Each names the field."""
+    wrong = []
+    for name in ("dimension", "count"):
+        if not is_count(sidecar[name]) or sidecar[name] < 0:
+            wrong.append(f"{name} is {sidecar[name]!r}, not a whole number")
+    for name in ("fingerprint", "type", "created"):
+        if not isinstance(sidecar[name], str):
+            wrong.append(f"{name} is {sidecar[name]!r}, not a string")
+    views = sidecar["views"]
+    if not isinstance(views, dict) or "shared" not in views:
+        wrong.append(f"views is {json_kind(views)}, not an object {{view: dimension}} with a 'shared' view")
+    else:
+        wrong += [f"views[{view!r}] is {dim!r}, not a dimension (a whole number above 0)"
+                  for view, dim in views.items() if not is_count(dim) or dim < 1]
+    files = sidecar.get("files")
+    if files is not None:
+        if not isinstance(files, dict):
+            wrong.append(f"files is {json_kind(files)}, not an object {{view: file name}}")
+        else:
+            wrong += [f"files[{view!r}] is {name!r}, not a file name in the index directory"
+                      for view, name in files.items()
+                      if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..")]
+    labels = sidecar["labels"]
+    if not isinstance(labels, dict):
+        wrong.append(f"labels is {json_kind(labels)}, not an object {{group: [labels]}}")
+    else:
+        wrong += [f"labels[{group!r}] is not a list of label strings" for group, vocab in labels.items()
+                  if not isinstance(vocab, list) or not all(isinstance(label, str) for label in vocab)]
+    if sidecar.get("shared_view") is not None and not isinstance(sidecar["shared_view"], str):
+        wrong.append(f"shared_view is {sidecar['shared_view']!r}, not a string")
+    power = sidecar.get("multi_label_view_power")
+    if power is not None and (isinstance(power, bool) or not isinstance(power, (int, float))):
+        wrong.append(f"multi_label_view_power is {power!r}, not a number")
+    return wrong
 
 
 class IndexMismatch(ValueError):

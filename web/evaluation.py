@@ -34,17 +34,30 @@ def read_report(directory: Path) -> tuple[dict | None, str | None]:
 
 
 def table_rows(report: dict) -> list[dict]:
-    """Return one row per group (plus the mean) with mAP values in percent, None when undefined."""
-    def pct(entry, key):
+    """Return one row per group (plus the mean) with mAP values in percent, None when undefined; a
+    ValueError naming the entry when the report is not shaped as 'retrieval evaluate' writes it (a
+    hand-edited group that is a string, a ``group_view`` that is no object, a mAP that is no number)."""
+    def pct(entry, key, where):
         value = (entry or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}.{key} is {value!r}, not a number")
         return None if value is None else 100 * value
 
     rows = []
     for name, entry in [*report.get("groups", {}).items(), ("mean", report.get("mean", {}))]:
+        where = "mean" if name == "mean" and entry is report.get("mean") else f"groups.{name}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is {str(entry)[:40]!r}, not an object of mAP values")
         view = entry.get("group_view")
-        rows.append({"group": name, "queries": entry.get("queries"), "mean": name == "mean",
-                     "paper": pct(entry, "map_paper"), "standard": pct(entry, "map_standard"),
-                     "view_paper": pct(view, "map_paper"), "view_standard": pct(view, "map_standard")})
+        if view is not None and not isinstance(view, dict):
+            raise ValueError(f"{where}.group_view is {str(view)[:40]!r}, not an object of mAP values")
+        queries = entry.get("queries")
+        if queries is not None and (isinstance(queries, bool) or not isinstance(queries, (int, float))):
+            raise ValueError(f"{where}.queries is {str(queries)[:40]!r}, not a number")
+        rows.append({"group": name, "queries": queries, "mean": name == "mean",
+                     "paper": pct(entry, "map_paper", where), "standard": pct(entry, "map_standard", where),
+                     "view_paper": pct(view, "map_paper", f"{where}.group_view"),
+                     "view_standard": pct(view, "map_standard", f"{where}.group_view")})
     return rows
 
 
@@ -59,12 +72,18 @@ def page():
     report, reason = read_report(directory)
     if report is None:
         return render_template("evaluation.html", report=None, reason=reason)
-    has_view = any(r["view_paper"] is not None for r in table_rows(report))
+    try:  # a hand-edited report.json of the right keys but wrong values was a 500
+        rows = table_rows(report)
+    except ValueError as err:
+        logger.warning("Cannot read the report in %s: %s", directory, err)
+        return render_template("evaluation.html", report=None,
+                               reason=f"The report in {directory} cannot be read ({directory / 'report.json'}: {err}).")
+    has_view = any(r["view_paper"] is not None for r in rows)
     settings = report.get("settings", {})
     served = get_snapshot().store.fingerprint
     other = (f"This report is of model {str(settings['fingerprint'])[:12]}; the index serves model {served[:12]}."
              if settings.get("fingerprint") and served and str(settings["fingerprint"]) != served else None)
-    return render_template("evaluation.html", report=report, reason=other, rows=table_rows(report),
+    return render_template("evaluation.html", report=report, reason=other, rows=rows,
                            has_view=has_view, chart=(directory / CHART).is_file(), settings=settings)
 
 

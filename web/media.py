@@ -59,6 +59,17 @@ def cached_thumbnail(image: Path, cache_dir: Path, size: int) -> Path | None:
     return None
 
 
+def served_thumbnail(image: Path, size: int) -> Path | None:
+    """cached_thumbnail under THUMB_DIR for a request: a cache that cannot be written (a file there, no
+    permission, a full disk) is a 503 naming it, not a 500."""
+    cache_dir = Path(current_app.config["THUMB_DIR"])
+    try:
+        return cached_thumbnail(image, cache_dir, size)
+    except OSError as err:
+        logger.error("Cannot write the thumbnail cache %s: %s", cache_dir, err)
+        abort(503, f"The thumbnail cache {cache_dir} cannot be written ({err.strerror or err})")
+
+
 def image_file(relative: str) -> Path:
     """Return the catalog file of an indexed image path, 404 for anything else."""
     if not get_snapshot().store.items.has_path(relative):
@@ -74,7 +85,7 @@ def image(filename: str):
     """Serve a catalog image (only paths of indexed items; traversal gives 404); one in a format
     browsers do not show (a phone's HEIC, TIFF) as a JPEG copy of DISPLAY_SIZE, cached as thumbnails are."""
     if Path(filename).suffix.lower() not in BROWSER_SUFFIXES:  # image_file checks that it is indexed
-        target = cached_thumbnail(image_file(filename), Path(current_app.config["THUMB_DIR"]), DISPLAY_SIZE)
+        target = served_thumbnail(image_file(filename), DISPLAY_SIZE)
         if target is None:
             abort(404, f"The image {filename!r} cannot be read")
         return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
@@ -89,8 +100,7 @@ def thumb(item_id: int):
         item = get_snapshot().store.item(item_id)
     except KeyError:
         abort(404, f"No item with id {item_id}")
-    cfg = current_app.config
-    target = cached_thumbnail(image_file(item["path"]), Path(cfg["THUMB_DIR"]), int(cfg["THUMB_SIZE"]))
+    target = served_thumbnail(image_file(item["path"]), int(current_app.config["THUMB_SIZE"]))
     if target is None:
         abort(404, f"The image of item {item_id} cannot be read")
     return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)

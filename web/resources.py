@@ -80,9 +80,10 @@ class IndexHolder:
             self._snapshot = self._load()
             self.error = None
             logger.info("Reloaded index %s: %d items", self.directory, len(self._snapshot.facets))
-        except (OSError, ValueError) as err:
-            self._failed_key, self.error = key, str(err)
-            logger.error("Keeping the previous index; the new one cannot be used: %s", err)
+        except Exception as err:  # noqa: BLE001 -- whatever a broken index raises, the old one keeps serving
+            self._failed_key, self.error = key, str(err) or type(err).__name__
+            logger.error("Keeping the previous index; the new one cannot be used: %s", self.error,
+                         exc_info=not isinstance(err, (OSError, ValueError)))  # a trace only for the unforeseen
         finally:
             self._load_lock.release()
 
@@ -172,6 +173,10 @@ class Resources:
                                  f"{self.model.checkpoint}: rebuild it (scripts/rebuild_index.sh) "
                                  f"or pass the checkpoint it was built with") from err
             raise
+        except (ValueError, FileNotFoundError, Unavailable):
+            raise  # these name the file: `retrieval serve` says them in one line
+        except Exception as err:  # noqa: BLE001 -- an unreadable index is one line at start-up, not a trace
+            raise ValueError(f"The index {self.index_dir} cannot be used: {err or type(err).__name__}") from err
 
 
 def init_app(app: Flask) -> None:
@@ -189,9 +194,10 @@ def get_snapshot() -> Snapshot:
     if "snapshot" not in g:
         try:
             g.snapshot = resources().index().get()
-        except (Unavailable, OSError, ValueError) as err:
-            logger.error("Index unavailable: %s", err)
-            abort(503, f"The index is unavailable: {err}")
+        except Exception as err:  # noqa: BLE001 -- a file problem of the server: 503 naming it, never a 500
+            logger.error("Index unavailable: %s", err or type(err).__name__,
+                         exc_info=not isinstance(err, (Unavailable, OSError, ValueError)))
+            abort(503, f"The index is unavailable: {err or type(err).__name__}")
     return g.snapshot
 
 

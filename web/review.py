@@ -3,6 +3,7 @@ suggested labels and nearest labelled neighbours; accept / reject / skip (keyboa
 Decisions are appended to AUDIT_DIR/decisions.csv only when the server was started with --review."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from retrieval.audit.decisions import DECISIONS, append_decision, read_decisions
 from retrieval.audit.labels import KINDS, Issue
 from web.resources import get_snapshot
 
+logger = logging.getLogger(__name__)
 bp = Blueprint("review", __name__)
 PAGE_SIZE = 12
 OFF = "Decisions are off: start the server with --review to record them (the audit is read-only now)."
@@ -29,21 +31,34 @@ class AuditFiles:
         from retrieval.audit.labels import read_issues
         from retrieval.data.catalog import read_catalog
 
-        key = [os.stat(directory / "issues.csv").st_mtime_ns]
-        if catalog_dir is not None:
-            key.append(os.stat(catalog_dir / "labels.csv").st_mtime_ns)
+        issues_csv = directory / "issues.csv"
+        labels_csv = catalog_dir / "labels.csv" if catalog_dir is not None else None
+        key = [stat_or_503(issues_csv, "the audit's issues")]
+        if labels_csv is not None:
+            key.append(stat_or_503(labels_csv, "the catalog's labels"))
         with self._lock:
             if key != self._key:
                 try:
-                    self.issues = read_issues(directory / "issues.csv")
-                except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:  # hand-edited or not one
-                    abort(503, f"{directory / 'issues.csv'} cannot be read as an audit's issues ({err!r}); "
+                    issues = read_issues(issues_csv)
+                except (KeyError, TypeError, ValueError, OSError) as err:  # hand-edited or not one
+                    abort(503, f"{issues_csv} cannot be read as an audit's issues ({err!r}); "
                                "run 'retrieval audit' again")
-                self.groups = sorted({i.group for i in self.issues})
-                catalog = read_catalog(catalog_dir, check_files=False) if catalog_dir else None
+                try:  # a malformed labels.csv was a 500 (CatalogError)
+                    catalog = read_catalog(catalog_dir, check_files=False) if catalog_dir else None
+                except (ValueError, OSError) as err:
+                    abort(503, f"The catalog {labels_csv} cannot be read for the review's neighbour labels ({err})")
+                self.issues, self.groups = issues, sorted({i.group for i in issues})
                 self.labels = {it.image: it.labels for it in catalog.items} if catalog else {}
                 self._key = key
         return self
+
+
+def stat_or_503(path: Path, what: str) -> int:
+    """A file's modification time (the key of the files read), 503 naming it when it cannot be read."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError as err:
+        abort(503, f"{path} ({what}) cannot be read: {err.strerror or err}")
 
 
 FILES = AuditFiles()
@@ -119,8 +134,13 @@ def record(values) -> dict:
     if not match:
         abort(404, f"No {values['kind']} issue of {values['image']!r} in group {values['group']!r}")
     issue = match[0]
-    return append_decision(audit_dir() / "decisions.csv", issue.image, issue.group, issue.kind, issue.given,
-                           issue.suggested, values["decision"])
+    path = audit_dir() / "decisions.csv"
+    try:
+        return append_decision(path, issue.image, issue.group, issue.kind, issue.given, issue.suggested,
+                               values["decision"])
+    except OSError as err:  # a folder, no permission, a full disk: was a 500
+        logger.error("Cannot record a review decision in %s: %s", path, err)
+        abort(503, f"The decision was not recorded: {err.strerror or err}")
 
 
 @bp.get("/review")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 from pathlib import Path
 from dataclasses import asdict, dataclass, fields
@@ -62,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=port_number, default=8000, help="port (default: 8000; 0 = any free port)")
     server.add_argument("--threads", type=int, default=4, help="request threads (default: 4)")
     server.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N (default: cpu)")
-    server.add_argument("--max-upload-mb", type=float, default=10.0,
+    server.add_argument("--max-upload-mb", type=megabytes, default=10.0,
                         help="request body limit: larger uploads get 413 before they are read (default: 10 MB)")
     limits = p.add_argument_group("connection limits (see README, 'Reliability: web server')")
     for field in fields(ServerLimits):
@@ -103,11 +104,41 @@ def app_config(args: argparse.Namespace) -> dict:
     return config  # create_app makes every path absolute
 
 
+def megabytes(text: str) -> float:
+    """An upload limit for argparse: a number above 0 (-1 started a server whose every upload was a 413
+    "limit is -1 MB"). Like the commands' number_above(0), which web may not import."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
+    return value
+
+
+megabytes.__name__ = "float"
+
+
+def check_cache_dir(directory: Path, name: str) -> None:
+    """Create the thumbnail cache folder now, or raise a ValueError naming it (a file there made every
+    thumbnail a 500)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name} {directory}: cannot be the thumbnail cache "
+                         f"({'it is a file, not a folder' if directory.is_file() else err.strerror or err})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {directory}: cannot be the thumbnail cache (no permission to write in it)")
+
+
 def port_number(text: str) -> int:
     """A TCP port for argparse: 0 (any free one) to 65535 (70000 wrapped round to 4464)."""
-    from retrieval.commands.argtypes import parsed
-
-    port = parsed(text, int, "a port number")
+    try:
+        port = int(text)
+    except ValueError:  # web imports nothing of the CLI commands (test_sub_packages_import_in_flow_order)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
     return port
@@ -180,6 +211,7 @@ def main(argv=None) -> int:
     ensure_file_limit(limits.connection_limit)
     use_one_thread_per_search()
     app = create_app(app_config(args))
+    check_cache_dir(Path(app.config["THUMB_DIR"]), "--cache-dir" if args.cache_dir else "the thumbnail cache")
     snapshot = app.extensions["retrieval"].warm_up()  # refuses a fingerprint mismatch before listening
     try:
         server = make_server(app, args.host, args.port, args.threads, limits)

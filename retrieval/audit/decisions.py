@@ -32,14 +32,17 @@ def append_decision(path: str | Path, image: str, group: str, kind: str, given: 
            "group": group, "kind": kind, "given": given, "suggested": suggested, "decision": decision}
     line = io.StringIO()
     csv.DictWriter(line, FIELDS, lineterminator="\n").writerow(row)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        header = ",".join(FIELDS) + "\n" if os.fstat(fd).st_size == 0 else ""
-        os.write(fd, (header + line.getvalue()).encode())  # one write: a whole line or nothing
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # releases the lock
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            header = ",".join(FIELDS) + "\n" if os.fstat(fd).st_size == 0 else ""
+            os.write(fd, (header + line.getvalue()).encode())  # one write: a whole line or nothing
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
+    except OSError as err:  # a folder there, no permission, a full disk: named (the errno is kept)
+        raise OSError(err.errno, f"cannot record a decision in {path} ({err.strerror or err})") from None
     return row
 
 

@@ -306,6 +306,29 @@ def write_issues(path: Path, issues: list[Issue]) -> None:
 
 
 def read_issues(path: str | Path) -> list[Issue]:
-    """The rows of an issues.csv."""
+    """The rows of an issues.csv. A ValueError names the file (and line) of one that is not: a column
+    missing from the header, a row with a cell too few or too many (hand-edited, cut short: it made the
+    review a 500), a score that is not a number. Columns it does not know are ignored."""
+    from dataclasses import MISSING
+
+    names = [f.name for f in fields(Issue)]
+    required = [f.name for f in fields(Issue) if f.default is MISSING]
+    issues = []
     with open(path, newline="", encoding="utf-8") as f:
-        return [Issue(**{**row, "score": float(row["score"])}) for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        absent = [n for n in required if n not in header]
+        if absent:
+            raise ValueError(f"{path}: not an issues file (no column {', '.join(absent)}; its header is "
+                             f"{','.join(names)})")
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            if None in row or None in row.values():  # DictReader: extra cells under None, missing ones None
+                cells = len(header) - sum(v is None for v in row.values()) + len(row.get(None) or ())
+                raise ValueError(f"{where}: {cells} cells, the header has {len(header)}")
+            try:
+                score = float(row["score"])
+            except ValueError:
+                raise ValueError(f"{where}: score {row['score']!r} is not a number") from None
+            issues.append(Issue(**{**{n: row[n] for n in names if n in row}, "score": score}))
+    return issues
