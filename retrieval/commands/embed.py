@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 
 from retrieval.commands.argtypes import image_size
-from retrieval.data.catalog import read_catalog
+from retrieval.data.catalog import LABELS_FILE, read_catalog
 from retrieval.data.datasets import ImageCache
 from retrieval.data.embfile import HEAD_LABELS, MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
 from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
+from retrieval.embed.shards import check_out
 from retrieval.net.backbones import BACKBONES
 from retrieval.net.checkpoint import load_model
 from retrieval.net.model import POOL_WEIGHTINGS, SHARED_VIEWS, create_model
@@ -86,8 +87,9 @@ def main(argv=None) -> int:
 def embed(args, rank: int, device) -> int:
     """The command proper, on one rank."""
     out = Path(args.out)
-    if out.is_dir():  # before the embedding, not at its merge
-        raise FileExistsError(f"{out} is a folder; --out names the embeddings file to write (e.g. {out / 'EMB.h5'})")
+    # before the embedding, not at its merge: never replace a checkpoint, the labels or another file
+    check_out(out, {"--checkpoint": args.checkpoint, "the catalog's labels.csv": Path(args.catalog) / LABELS_FILE,
+                    "--image-cache": args.image_cache, "--trunk-cache": args.trunk_cache})
     catalog = read_catalog(args.catalog)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pretrained_only:

@@ -194,10 +194,13 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as err:
         parser.error(f"--config {path}: {err}")
+    except UnicodeDecodeError as err:  # a checkpoint given for its config.yaml: the codec's words alone named no file
+        parser.error(f"--config {path}: not a YAML text file (byte {err.start} is not UTF-8: a checkpoint or "
+                     "other binary file?); give a YAML file of option: value lines, such as a run's config.yaml")
     if not isinstance(loaded, dict):
         parser.error(f"--config {path}: holds a {type(loaded).__name__}, not option: value lines")
     actions = {}

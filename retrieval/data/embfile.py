@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,13 +391,20 @@ def open_partial(path: Path, n: int, dims: dict[str, int], meta: dict, covers: d
     and ``done``. Reopened when made by this job for the same images (same paths in the same
     order, same file sizes and times), else created afresh."""
     if path.exists():
-        f = open_h5(path, "r+")
-        why = partial_mismatch(f, n, meta, covers)
-        if why is None:
-            logger.info("Resuming %s at %d/%d images", path, f.attrs["done"], n)
-            return f, int(f.attrs["done"])
-        f.close()
-        logger.warning("Not resuming %s: %s; starting from zero", path, why)
+        try:
+            f = open_h5(path, "r+")  # another process's lock is a ValueError saying so, never a restart
+        except OSError as err:  # cut short (a full disk, a kill mid-write): our own work file, so made again
+            if not os.access(path, os.R_OK | os.W_OK):  # not its contents but where it is (permission, a
+                raise  # read-only disk): said as such
+            logger.warning("Not resuming %s: it cannot be read (%s); starting from zero", path, err)
+            path.unlink()
+        else:
+            why = partial_mismatch(f, n, meta, covers)
+            if why is None:
+                logger.info("Resuming %s at %d/%d images", path, f.attrs["done"], n)
+                return f, int(f.attrs["done"])
+            f.close()
+            logger.warning("Not resuming %s: %s; starting from zero", path, why)
     f = open_h5(path, "w")
     ends = np.cumsum(list(dims.values())).tolist()
     columns = {name: [end - dim, end] for (name, dim), end in zip(dims.items(), ends)}

@@ -60,11 +60,53 @@ def shard_count(out: Path, n: int, requested: int | None, world: int) -> int:
     return max(1, min(requested, n))
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links too, where both exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def not_embeddings(path: Path) -> str | None:
+    """Why the existing file ``path`` is not an embeddings file that --out may replace (None when it
+    is one: datasets ``vectors`` and ``ids``, as ``check_layout`` reads them; or empty)."""
+    if path.stat().st_size == 0:
+        return None
+    try:
+        with open_h5(path, "r") as f:
+            if "vectors" in f and "ids" in f:
+                return None
+            return f"an HDF5 file without datasets vectors and ids; it has: {', '.join(f.keys()) or 'nothing'}"
+    except OSError:
+        return "not an HDF5 file: a checkpoint, a CSV?"
+
+
+def check_out(out: Path, others: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse an --out that would replace what is not an embeddings file: a folder, one of the
+    job's inputs (``others``: {what: path}), or any other existing file that is not EMB.h5. An
+    existing embeddings file is replaced (or its work files resumed) as before."""
+    for what, other in (others or {}).items():
+        if other and same_file(out, Path(other)):
+            raise FileExistsError(f"--out {out} is the same file as {what}; give the embeddings a file of their own "
+                                  f"(e.g. {out.parent / 'EMB.h5'})")
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a folder; --out names the embeddings file to write (e.g. {out / 'EMB.h5'})")
+    why = not_embeddings(out) if out.exists() else None
+    if why:
+        raise FileExistsError(f"{out} exists and is not an embeddings file ({why}); embed would replace it: "
+                              "choose another --out, or delete the file if it is yours to lose")
+
+
 def shard_problem(path: Path, n: int, meta: dict, covers: dict) -> str | None:
     """Why shard ``path`` cannot be merged (None when it is finished and made by this job)."""
     if not path.exists():
         return "missing"
-    with open_h5(path, "r") as f:
+    try:
+        f = open_h5(path, "r")
+    except OSError as err:  # cut short: the run without --merge-only starts it afresh
+        return f"unreadable ({err})"
+    with f:
         why = partial_mismatch(f, n, meta, covers)
         done = int(f.attrs.get("done", 0))
     return why or (f"unfinished ({done}/{n} rows)" if done < n else None)
@@ -104,6 +146,7 @@ def merge_shards(out: Path, items: list[Item], meta: dict, count: int, transform
     delete them; ``transform`` (e.g. standardisation) applies to the shared vectors. Returns the
     file's attributes."""
     check_shards(out, items, meta, count)
+    check_out(out)  # again: a file may have been put there while the shards were computed
     paths = [shard_path(out, i, count) for i in range(count)]
     remove_stale_temporaries(out.parent)
     tmp = temporary_path(out)

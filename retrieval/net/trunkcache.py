@@ -45,9 +45,21 @@ def cache_key(model: RetrievalModel, start: int, items: list[Item]) -> str:
     }, sort_keys=True)
 
 
+def is_cache_key(value) -> bool:
+    """Whether an HDF5 ``key`` attribute is a trunk cache's (``cache_key``): what tells our caches,
+    which may be rebuilt, from other HDF5 files (EMB.h5, an image cache), which never are."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        key = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        return False
+    return isinstance(key, dict) and {"trunk", "start", "taps"} <= set(key)
+
+
 def cache_serves(stored_key: str | None, wanted_key: str, model: RetrievalModel, start: int) -> bool:
     """Whether a cache made under ``stored_key`` holds what this model needs below unit ``start``."""
-    if not stored_key:
+    if not is_cache_key(stored_key):
         return False
     stored, wanted = json.loads(stored_key), json.loads(wanted_key)
     stored.setdefault("pool_weighting", "none")  # caches made before the options existed
@@ -294,19 +306,51 @@ def _item_bytes(path: Path, n: int) -> int:
                    if isinstance(ds, h5py.Dataset) and ds.shape[:1] == (n,) and ds.dtype.kind in "fb")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# the name of the first dataset a trunk cache creates, as the root group's link-name heap holds it; the
+# heap is written in the file's first kilobytes, before any data, so a cache cut short keeps it
+CACHE_MARK = b"\x00prefix\x00"
+MARK_SPAN = 1 << 20  # bytes searched for it
+
+
+def cut_short_cache(path: Path) -> bool:
+    """Whether an unreadable file is a trunk cache of ours cut short (a full disk, a copy stopped), or
+    empty: then nothing is lost by rebuilding it. Anything else (a checkpoint, a CSV, another HDF5
+    file) may be the user's own and is never written over."""
+    with open(path, "rb") as f:
+        head = f.read(MARK_SPAN)
+    return not head or (head.startswith(HDF5_SIGNATURE) and CACHE_MARK in head)
+
+
+def not_a_cache(path: Path, why: str) -> ValueError:
+    """The error for a --trunk-cache path that holds something else: it is left as it is."""
+    return ValueError(f"{path} is not a trunk cache ({why}); it is left as it is: give --trunk-cache another "
+                      "path, or delete the file if it is an old cache you no longer need")
+
+
 def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
+    """Images already cached at ``path`` for this key (resumed), else 0 after laying out a new cache
+    there: only a trunk cache of ours (another model's, or one cut short) is replaced."""
+    if path.is_dir():
+        raise FileExistsError(f"trunk cache {path} is a folder; give --trunk-cache the cache file's name "
+                              f"(e.g. {path / 'trunk-cache.h5'})")
     if path.exists():
         try:
             with h5py.File(path, "r") as f:
+                if not is_cache_key(f.attrs.get("key")):
+                    raise not_a_cache(path, "an HDF5 file without a trunk cache's key: an embeddings file or "
+                                            "an image cache?")
                 if cache_serves(f.attrs.get("key"), key, model, start):
                     done = int(f.attrs.get("done", 0))
                     if done:
                         logger.info("Resuming trunk cache %s at %d/%d images", path, done, len(items))
                     return done
             logger.info("Trunk cache %s was made for another model or catalog: rebuilding", path)
-        except OSError as err:  # truncated (a full disk, a copy cut short) or not HDF5: derived, so made again
+        except OSError as err:  # truncated (a full disk, a copy cut short) or not HDF5
             if in_use(err):  # another run (sharing --trunk-cache) has it open: never rebuilt under it
                 raise  # build_trunk_cache says so
+            if not cut_short_cache(path):
+                raise not_a_cache(path, "not a readable HDF5 file: a checkpoint, a CSV?") from None
             logger.warning("Trunk cache %s cannot be read (%s): rebuilding", path, err)
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 ASIDE = {"best.pt": "best-without-early-learning.pt", "metrics.json": "metrics-without-early-learning.json"}
 # what the run before --fill-missing's leaves beside it
 FILL_ASIDE = {"best.pt": "best-before-filling.pt", "metrics.json": "metrics-before-filling.json"}
+# a run's files besides last.pt: a folder holding any is a run, which a fresh start would overwrite
+RUN_FILES = ("best.pt", "metrics.json", *ASIDE.values(), *FILL_ASIDE.values())
 # training options a resumed run must keep: the saved optimiser and schedule hold them (a changed one was
 # ignored, or failed: --optimizer sgd on AdamW's state), and the epochs' seeds follow --seed
 RESUME_FIXED = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "lr_steps", "trunk_lr_scale",
@@ -329,8 +331,9 @@ class Job:
         """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
         last = self.out / "last.pt"
         if not self.cfg.resume or not last.exists():  # without --resume, run() refused a last.pt at the start
-            if self.cfg.resume:
-                logger.warning("--resume: %s has no last.pt, starting afresh", self.out)
+            if self.cfg.resume:  # no epoch finished (check_run_folder refused a run's other files)
+                logger.warning("--resume: %s has no last.pt (no epoch finished): nothing to resume from, "
+                               "training from the start", self.out)
             return 0, [], -float("inf")
         ckpt, self._last = self._last_checkpoint(), None  # read once: see _last_checkpoint
         self.check_resumable(ckpt)
@@ -365,9 +368,7 @@ class Job:
             self.out.mkdir(parents=True, exist_ok=True)
             self.hold_run_folder()
             print(self.describe(), flush=True)
-        if not self.cfg.resume and (self.out / "last.pt").exists():  # before the trunk pass, which it would redo
-            raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue "
-                                  "it or choose another --out")
+        self.check_run_folder()  # before the trunk pass, which it would redo
         if self.cfg.resume and self._last_checkpoint() is not None:  # before the trunk pass: it may be refused
             self.check_resumable(self._last_checkpoint())
         self.prepare_inputs()
@@ -384,6 +385,25 @@ class Job:
         if self.main:
             self.warn_unlearnt(history)
         return history
+
+    def check_run_folder(self) -> None:
+        """Refuse an --out whose run this job would overwrite: last.pt without --resume, or a run's
+        other files (best.pt, metrics.json, copied or left after last.pt was deleted) with nothing
+        to resume them from, which training from the start would replace."""
+        if (self.out / "last.pt").exists():
+            if not self.cfg.resume:
+                raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue "
+                                      "it or choose another --out")
+            return
+        held = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not held:
+            return
+        if self.cfg.resume:
+            raise FileExistsError(f"{self.out} has no last.pt to resume from, but holds {', '.join(held)}, which "
+                                  "training from the start would overwrite; choose another --out, or move "
+                                  f"{' and '.join(held)} away")
+        raise FileExistsError(f"{self.out} already holds a run ({', '.join(held)}) but no last.pt to resume it "
+                              f"from; choose another --out, or move {' and '.join(held)} away to train afresh there")
 
     def warn_unlearnt(self, history: list[dict]) -> None:
         """Name each group the run predicts no better than its largest class (``unlearnt_groups``)."""
