@@ -35,6 +35,15 @@ def test_unknown_command_lists_valid_ones(capsys):
     (["train", "--catalog", "c", "--out", "o", "--lr", "nan"], "argument --lr: nan is not above 0"),
     (["train", "--catalog", "c", "--out", "o", "--range-loss", "-1"], "argument --range-loss: -1 is not at least 0"),
     (["train", "--catalog", "c", "--out", "o", "--val-fraction", "1"], "--val-fraction: 1 is not a share from 0 up to"),
+    # ZeroDivisionError (the last after the trunk pass), a negative-dimension tensor, or a model trained
+    # on a 0-wide embedding
+    (["train", "--catalog", "c", "--out", "o", "--gem-p", "0"], "argument --gem-p: 0 is not above 0"),
+    (["train", "--catalog", "c", "--out", "o", "--smoothing-c", "0"], "argument --smoothing-c: 0 is not above 0"),
+    (["train", "--catalog", "c", "--out", "o", "--head-scale", "0"], "argument --head-scale: 0 is not above 0"),
+    (["train", "--catalog", "c", "--out", "o", "--embed-dim", "0"], "argument --embed-dim: 0 is under 1"),
+    (["train", "--catalog", "c", "--out", "o", "--early-learning-momentum", "5"],
+     "argument --early-learning-momentum: 5 is not a share from 0 up to"),
+    (["train", "--catalog", "c", "--out", "o", "--trunk-lr-scale", "-1"], "argument --trunk-lr-scale: -1 is not above 0"),
     # --folds 0 or 1 wrote 35 / 118 "issues" scored by heads that had seen the items
     (["audit", "--checkpoint", "x.pt", "--catalog", "c", "--out", "o", "--folds", "1"], "argument --folds: 1 is under 2"),
     (["audit", "--checkpoint", "x.pt", "--catalog", "c", "--out", "o", "--min-confidence", "0"],
@@ -99,3 +108,13 @@ def test_sub_packages_import_in_flow_order():
     assert backwards == []
     web = Path(__file__).resolve().parents[1] / "web"
     assert not [p.name for p in web.glob("*.py") if "retrieval.commands" in p.read_text()]
+
+
+def test_train_help_shows_each_default_once(capsys):
+    # argparse's formatter said "(default: all) (default: None)" and nothing for --lr, --backbone, --seed
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: all) (default" not in text
+    assert "learning rate (default: 0.002)" in text and "the trunk network (default: efficientnet_lite0)" in text
+    assert "--resume continue RUN/last.pt" in text  # a switch has no "(default: False)"

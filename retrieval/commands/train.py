@@ -18,8 +18,23 @@ from retrieval.train.losses import GROUP_LOSSES, LOSS_NORMS, RANGE_DISTANCES, WE
 from retrieval.train.sampling import SAMPLINGS, parse_target
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one and the help does not already say it:
+    argparse's own formatter printed "(default: None)" after "(default: all)", and nothing for the
+    options without help text (--backbone, --lr, --seed)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or "default" in text or not action.option_strings
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction,
+                                       argparse.BooleanOptionalAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval train", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+    p = argparse.ArgumentParser(prog="retrieval train", formatter_class=DefaultsHelpFormatter, description=(
         "Train a shared trunk + shared embedding layer + one head per attribute group. On a CPU the "
         "default trains the embedding and heads on trunk features computed once and cached; on a GPU "
         "the whole network is fine-tuned. Launch with torchrun for several GPUs/processes."))
@@ -43,10 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "disk (default: half the machine's memory, shared by torchrun's local ranks; 0: disk)")
     data.add_argument("--workers", type=int, help="data loader processes (default: cores - 1)")
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", choices=BACKBONES)
+    model.add_argument("--backbone", choices=BACKBONES, help="the trunk network")
     model.add_argument("--weights", help="local trunk weights file (efficientnet_lite0 has packaged ImageNet weights)")
-    model.add_argument("--embed-dim", type=int)
-    model.add_argument("--embed-hidden", type=int, metavar="WIDTH",
+    model.add_argument("--embed-dim", type=at_least(1), help="width of the shared embedding")
+    model.add_argument("--embed-hidden", type=at_least(0), metavar="WIDTH",
                        help="a hidden layer of this width in the embedding layer (0 = one linear layer; default "
                             "1024); fc6's width with --shared-layers fc")
     model.add_argument("--shared-layers", choices=SHARED_LAYERS,
@@ -61,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "papers' retrieval features; 'retrieval evaluate --shared-view embedding' measures it "
                             "from the same file). 'retrieval embed --shared-view' changes it without training")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 3,5,8")
-    model.add_argument("--gem-p", type=float, help="GeM pooling exponent (1 = average pooling)")
+    model.add_argument("--gem-p", type=number_above(0), help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
                        help="auto: with --colour-weighting learned, learned when the trunk trains and map when "
                             "it is frozen, else none; "
@@ -77,8 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "those, weighted by where the trunk's last unit responds (finds the garment in clutter); "
                             "learned = a histogram per cell of the trunk's map, pooled by an attention that starts "
                             "as the attention weighting and trains with the heads")
-    model.add_argument("--dropout", type=float, help="dropout on the pooled features")
-    model.add_argument("--head-scale", type=float,
+    model.add_argument("--dropout", type=share_below_one, help="dropout on the pooled features")
+    model.add_argument("--head-scale", type=number_above(0),
                        help="scale of the cosine heads' logits (the inverse softmax temperature)")
     model.add_argument("--normalized-heads", action=argparse.BooleanOptionalAction,
                        help="unit-length label weights in the per-group heads: a pure cosine classifier "
@@ -99,10 +114,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--input", choices=("auto", "cached", "images"),
                        help="cached trunk outputs (with flips) or decoded images (full augmentation)")
     loss = p.add_argument_group("loss")
-    loss.add_argument("--method", choices=METHODS)
+    loss.add_argument("--method", choices=METHODS,
+                      help="multi-weight: a head per group, losses weighted by the groups' smoothed shares; "
+                           "multi-task: the same, equal weights; multi-label: one sigmoid head over all labels")
     loss.add_argument("--weighting", choices=WEIGHTINGS,
                       help="group: smoothed group weights (multi-weight); label: also per label in each group")
-    loss.add_argument("--smoothing-c", type=float, help="c in the weight floor mean(r)/c")
+    loss.add_argument("--smoothing-c", type=number_above(0), help="c in the weight floor mean(r)/c")
     loss.add_argument("--group-loss", choices=GROUP_LOSSES,
                       help="auto: softmax CE for single-label groups, sigmoid BCE for multi-label ones")
     loss.add_argument("--loss-norm", choices=LOSS_NORMS,
@@ -125,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "if the finished run's best epoch, or its lowest validation loss before a 5%% rise, "
                            "falls in its first quarter (wrong labels being learnt), trained again from the start "
                            f"at {EARLY_LEARNING:g}, keeping whichever validates better")
-    loss.add_argument("--early-learning-momentum", type=float, metavar="BETA",
+    loss.add_argument("--early-learning-momentum", type=share_below_one, metavar="BETA",
                       help="momentum of those running averages, in [0, 1)")
     loss.add_argument("--early-learning-balance", type=float, metavar="TAU",
                       help="the predictions that make a softmax group's early-learning targets are divided by "
@@ -141,7 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "probability is P or more, keeping whichever run validates better (the validation "
                            "items' labels are never filled; 0 = off); auto: P = 0.9 when a softmax group lacks "
                            "the labels of 5%% or more of the training items")
-    loss.add_argument("--label-smoothing", type=float, metavar="EPS",
+    loss.add_argument("--label-smoothing", type=share_below_one, metavar="EPS",
                       help="share of each softmax target spread evenly over the group's labels")
     loss.add_argument("--metric-scale", type=float, metavar="S",
                       help="add the per-group heads' loss at logit scale S (below --head-scale): a "
@@ -164,10 +181,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--min-steps", type=at_least(1), metavar="N",
                      help="without --epochs, train at least N optimisation steps (batches)")
     opt.add_argument("--batch-size", type=at_least(2), help="images a step (a batch of one is skipped: batch norm)")
-    opt.add_argument("--lr", type=number_above(0))
-    opt.add_argument("--trunk-lr-scale", type=float, help="learning rate factor of trainable trunk units")
-    opt.add_argument("--weight-decay", type=float)
-    opt.add_argument("--optimizer", choices=OPTIMIZERS)
+    opt.add_argument("--lr", type=number_above(0), help="learning rate")
+    opt.add_argument("--trunk-lr-scale", type=number_above(0), help="learning rate factor of trainable trunk units")
+    opt.add_argument("--weight-decay", type=number_above(0, inclusive=True), help="weight decay")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, help="the optimiser")
     opt.add_argument("--momentum", type=float, help="SGD momentum")
     opt.add_argument("--schedule", choices=SCHEDULES,
                      help="cosine: warm-up then cosine decay; step: x --lr-gamma at each epoch in --lr-steps")
@@ -179,7 +196,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="best.pt is the epoch with the highest validation mAP (shared and group view "
                           "among the validation items) or the lowest validation loss")
     opt.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    opt.add_argument("--seed", type=int)
+    opt.add_argument("--seed", type=int, help="seed of the weights' initialisation, the validation draw and the batches")
     opt.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
     p.set_defaults(**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING})
     return p
