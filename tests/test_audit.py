@@ -3,6 +3,7 @@ without losing lines and applied to a valid corrected copy."""
 import csv
 import dataclasses
 import shutil
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -197,6 +198,14 @@ def test_apply_writes_a_valid_corrected_copy(demo_catalog, tmp_path, capsys):
     assert cli(["catalog-info", str(out)]) == 0
     with pytest.raises(FileExistsError):
         apply_decisions(demo_catalog, read_decisions(decisions), out)
+    # a catalog without an image column was "retrieval audit: error: image"
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "labels.csv").write_text("photo,category\na.jpg,bag\n")
+    assert cli(["audit", "apply", "--catalog", str(headless), "--decisions", str(decisions),
+                "--out", str(tmp_path / "fixed2")]) == 1
+    assert "headless/labels.csv: missing header; the first line must be 'image,split,title" in capsys.readouterr().err
+    assert not (tmp_path / "fixed2").exists()
 
 
 def test_apply_reads_a_spreadsheets_export_as_the_catalog_does(tmp_path):
@@ -243,7 +252,14 @@ def test_apply_links_a_symlinks_file_and_leaves_nothing_when_it_fails(tmp_path, 
     log = tmp_path / "decisions.csv"
     append_decision(log, "links/b.jpg", "colour", "wrong", "blue", "red", "accept")
     out = tmp_path / "fixed"
-    monkeypatch.setattr(decisions, "read_catalog", lambda root: (_ for _ in ()).throw(RuntimeError("check failed")))
+    real = decisions.read_catalog  # the source reads; the copy's check fails
+
+    def copy_fails(root, check_files=True):
+        if Path(root) == src:
+            return real(root, check_files)
+        raise RuntimeError("check failed")
+
+    monkeypatch.setattr(decisions, "read_catalog", copy_fails)
     with pytest.raises(RuntimeError, match="check failed"):
         apply_decisions(src, read_decisions(log), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.csv", "shop"]  # nothing left behind

@@ -98,6 +98,7 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
         raise ValueError(f"{out}: the corrected catalog must go to a new folder, not over {src}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
+    read_catalog(src, check_files=False)  # a labels.csv that is no catalog (no image column: "error: image") named
     text = decode_labels_file(src / LABELS_FILE)  # and written as UTF-8 with commas
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text.split("\n", 1)[0]))
     header = header_names(reader.fieldnames or [])
