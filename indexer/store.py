@@ -265,14 +265,19 @@ class IndexStore:
         return as_vectors(x if view == "shared" else pad_columns(x, width), width, name=name)
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
-        if self._order is None:
-            self._order = np.argsort(self.ids, kind="stable")
-            self._sorted_ids = self.ids[self._order]
-        at = np.minimum(np.searchsorted(self._sorted_ids, ids), max(0, len(self) - 1))
-        found = (self._sorted_ids[at] == ids) if len(self) else np.zeros(len(ids), bool)
+        # the sort order and sorted ids are made together and published as one tuple: the web server's
+        # threads share a store, and one that saw the order set before the sorted ids failed (a 500
+        # right after an index reload); two threads computing it at once each publish the same
+        sorted_by_id = self._sorted_by_id
+        if sorted_by_id is None:
+            order = np.argsort(self.ids, kind="stable")
+            sorted_by_id = self._sorted_by_id = (order, self.ids[order])
+        order, sorted_ids = sorted_by_id
+        at = np.minimum(np.searchsorted(sorted_ids, ids), max(0, len(self) - 1))
+        found = (sorted_ids[at] == ids) if len(self) else np.zeros(len(ids), bool)
         if not found.all():
             raise KeyError(f"id(s) not in the index: {np.asarray(ids)[~found][:20].tolist()}")
-        return self._order[at]
+        return order[at]
 
     def _compact(self) -> None:
         logger.info("Rebuilding the HNSW shared view without %d removed items", len(self._dead))
@@ -294,7 +299,6 @@ class IndexStore:
             return (self._gpu or self.views["shared"]).search(queries, k)
 
     def _reset_caches(self) -> None:
-        self._order = None
-        self._sorted_ids = None
+        self._sorted_by_id = None  # (order of self.ids, the ids in that order), made by _positions
         self._gpu = None
 
