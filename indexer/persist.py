@@ -48,6 +48,35 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+def finish_interrupted_swap(target: Path) -> Path | None:
+    """Put an index back where a swap killed between its two renames left none: the previous index
+    is then ``.NAME.old-WRITER-*`` and the finished new one ``.NAME.tmp-WRITER-*`` (the swap starts
+    only once it is written). The new one goes in place, or the previous one where the new one is
+    gone; the next writer's clean-up deleted both before. Only a gone writer's; returns the directory
+    moved into place, or None."""
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<kind>tmp|old)-(?P<host>[\w-]+)-(?P<pid>\d+)-\w+$")
+    found = {"tmp": {}, "old": {}}
+    for entry in os.scandir(target.parent):
+        match = pattern.match(entry.name)
+        try:
+            if match and entry.is_dir(follow_symlinks=False) and writer_gone(
+                    match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime):
+                found[match["kind"]].setdefault((match["host"], match["pid"]), []).append(Path(entry.path))
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+    if not found["old"]:
+        return None  # a killed build of a first index: nothing was in place to lose
+    writer, olds = max(found["old"].items(), key=lambda kv: max(p.stat().st_mtime for p in kv[1]))
+    finished = [tmp for tmp in found["tmp"].get(writer, []) if (tmp / SIDECAR).is_file()]
+    chosen = finished[0] if finished else max(olds, key=lambda p: p.stat().st_mtime)
+    os.replace(chosen, target)
+    logger.warning("%s was missing (a swap stopped between its renames): put %s in its place (%s)", target,
+                   chosen.name, "the new index" if finished else "the previous index, the new one being gone")
+    return target
+
+
 def check_replaceable(target: Path) -> None:
     """Refuse an index target that is something else: a file, or a folder holding files but no
     sidecar.json (a catalog, a run: replacing the index deletes what was there). A missing or empty

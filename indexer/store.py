@@ -18,8 +18,9 @@ from indexer.filters import EXACT_SUBSET_MAX, filtered_search, pad_results, qual
 from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_kind, pad_columns, rebuild_hnsw,
                            to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
-from indexer.persist import (FORMAT, SIDECAR, check_expected, check_replaceable, fsync_file, read_sidecar, read_view,
-                             remove_stale_temporaries, swap_into_place, temporary_dir, view_file, view_files)
+from indexer.persist import (FORMAT, SIDECAR, check_expected, check_replaceable, finish_interrupted_swap, fsync_file,
+                             read_sidecar, read_view, remove_stale_temporaries, swap_into_place, temporary_dir,
+                             view_file, view_files)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class IndexStore:
         directory = Path(directory)
         check_replaceable(directory)  # before any work: a catalog or a file is never replaced
         directory.parent.mkdir(parents=True, exist_ok=True)
+        finish_interrupted_swap(directory)  # before the clean-up, which would delete both copies
         remove_stale_temporaries(directory)  # what a killed writer left (whole index copies)
         tmp = temporary_dir(directory)
         try:
@@ -221,6 +223,7 @@ class IndexStore:
         mmap: item arrays and flat / group view codes stay in the files' pages (page cache, shared and
         reclaimable) instead of being copied into the process: for servers, which never modify the index."""
         directory = Path(directory)
+        finish_interrupted_swap(directory)  # a swap killed between its renames left no index there
         sidecar = read_sidecar(directory)
         check_expected(sidecar, "fingerprint", expect_fingerprint, directory / SIDECAR)
         check_expected(sidecar, "dimension", expect_dimension, directory / SIDECAR)

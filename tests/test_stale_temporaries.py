@@ -84,3 +84,32 @@ def test_index_save_removes_dead_writers_copies(tmp_path, pids):
     IndexStore({"shared": build_index(x, np.arange(4))}, np.arange(4), list("abcd")).save(tmp_path / "live")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"live", names["live"], names["other host"], names["legacy young"], names["other index"]}
+
+
+def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pids, caplog):
+    # a kill between "index -> .old" and ".tmp -> index" left no index: serve and index add failed
+    # ("sidecar not found") and the next build's clean-up deleted both copies (an add's new items lost)
+    from indexer import IndexStore, build_index
+
+    dead, _ = pids
+
+    def index_of(n, where):
+        x = np.eye(n, 8, dtype=np.float32)
+        IndexStore({"shared": build_index(x, np.arange(n))}, np.arange(n), [f"{i}.jpg" for i in range(n)]).save(where)
+
+    for finished, expected in ((True, 6), (False, 4)):
+        root = tmp_path / f"finished-{finished}"
+        root.mkdir()
+        index_of(4, root / "live")
+        (root / "live").rename(root / f".live.old-{HOST}-{dead}-0a1b2c3d")  # the first rename happened
+        index_of(6, root / "new")
+        (root / "new").rename(root / f".live.tmp-{HOST}-{dead}-ab_c12de")  # the new index, finished
+        if not finished:  # the new one is gone (a clean-up, or never finished): the previous one is put back
+            import shutil
+
+            shutil.rmtree(root / f".live.tmp-{HOST}-{dead}-ab_c12de")
+        assert len(IndexStore.load(root / "live")) == expected
+        assert "a swap stopped between its renames" in caplog.text
+        assert len(IndexStore.load(root / "live")) == expected  # once in place, it stays
+        index_of(3, root / "live")  # the next writer's clean-up then removes the rest
+        assert sorted(p.name for p in root.iterdir()) == ["live"]
