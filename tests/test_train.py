@@ -115,6 +115,33 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     assert load_checkpoint(run / "best.pt")["epoch"] == 2
 
 
+def test_a_kill_between_the_two_checkpoints_keeps_the_best_epoch(demo_catalog, tiny_run, tmp_path, monkeypatch):
+    # last.pt was written before best.pt: a kill between them left last.pt at the best epoch without its
+    # best.pt, and the resumed run, finding no better epoch, never wrote it ("the best epoch before is
+    # not kept"); best.pt first, the resume replays the epoch and writes it
+    import retrieval.train.trainer as trainer
+
+    shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
+    real, run = trainer.atomic_save, tmp_path / "run"
+
+    def killed_at_epoch_1s_last_pt(ckpt, path):
+        if Path(path).name == "last.pt" and ckpt["epoch"] == 1:
+            raise KeyboardInterrupt  # the kill
+        real(ckpt, path)
+
+    monkeypatch.setattr(trainer, "atomic_save", killed_at_epoch_1s_last_pt)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_catalog, run, "--epochs", "2", "--trunk-cache", str(tmp_path / "trunk.h5"))
+    monkeypatch.undo()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    best_before = load_checkpoint(run / "best.pt")["epoch"]
+    assert train(demo_catalog, run, "--epochs", "2", "--resume", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
+    straight, resumed = load_checkpoint(tiny_run / "best.pt"), load_checkpoint(run / "best.pt")
+    assert resumed["epoch"] == straight["epoch"] and best_before == straight["epoch"]
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+
+
 def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog, tiny_run, tmp_path, capsys,
                                                                     monkeypatch, caplog):
     # another model configuration (named now), optimiser options the saved state holds (--lr was

@@ -675,18 +675,19 @@ class Job:
 
     def save_epoch(self, optimizer, scheduler, epoch, history, record, best):
         """Log the epoch; write best.pt when validation improved, and with it, at the last epoch and
-        otherwise every ``CHECKPOINT_EVERY_S``, last.pt and metrics.json. last.pt is never older than
-        best.pt, so a resumed run replays the epochs after it and finds best.pt's score again."""
+        otherwise every ``CHECKPOINT_EVERY_S``, last.pt and metrics.json. best.pt is written first: a
+        kill between the two leaves last.pt an epoch behind, and the resumed run replays that epoch and
+        writes best.pt again (last.pt first lost the best epoch: the resume found no better one)."""
         score = self.selection_score(record)
         improved = score > best
         if improved or epoch == self.cfg.epochs - 1 or time.monotonic() - self._saved_at >= CHECKPOINT_EVERY_S:
             ckpt = self.checkpoint(optimizer, scheduler, epoch, history, max(best, score))
-            atomic_save(ckpt, self.out / "last.pt")
             if improved:
-                ckpt.pop("optimizer"), ckpt.pop("scheduler"), ckpt.pop("early_learning", None)
+                kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "early_learning")}
                 if self.filled is not None:  # best.pt keeps how many were filled, last.pt which
-                    ckpt["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
-                atomic_save(ckpt, self.out / "best.pt")
+                    kept["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
+                atomic_save(kept, self.out / "best.pt")
+            atomic_save(ckpt, self.out / "last.pt")
             write_json(self.out / "metrics.json", history)
             self._saved_at = time.monotonic()
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
