@@ -274,6 +274,19 @@ def test_apply_links_a_symlinks_file_and_leaves_nothing_when_it_fails(tmp_path, 
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not an empty folder"):
         apply_decisions(src, read_decisions(log), tmp_path / "other")
+    # a killed apply's copy (.fixed2.partial-* before, no writer in its name) stayed for ever: now the
+    # next apply beside it removes a gone writer's
+    import subprocess
+
+    from indexer.stale import HOST
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f".fixed2.tmp-{HOST}-{gone.pid}-ab12cd34"
+    (left / "links").mkdir(parents=True)
+    (left / "links" / "a.jpg").write_bytes(b"half")
+    assert apply_decisions(src, read_decisions(log), tmp_path / "fixed2") == 1
+    assert not left.exists() and (tmp_path / "fixed2" / "labels.csv").is_file()
 
 
 def test_apply_passes_over_decisions_it_cannot_apply_and_says_so(tmp_path, capsys, caplog):

@@ -9,10 +9,10 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from indexer.persist import remove_stale_temporaries, temporary_dir
 from retrieval.atomic import atomic_write
 from retrieval.data.catalog import (LABEL_SEPARATOR, LABELS_FILE, RESERVED_COLUMNS, csv_delimiter, decode_labels_file,
                                     header_names, image_path_of, link_or_copy, parse_labels, read_catalog)
@@ -134,7 +134,8 @@ def apply_decisions(catalog_dir: str | Path, decisions: list[dict], out_dir: str
     if told:
         logger.warning("accepted decisions not applied: %s", "; ".join(told))
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_temporaries(out)  # a killed apply's copy (its writer is gone), which nothing else removes
+    work = temporary_dir(out)  # .OUT.tmp-HOST-PID-*: named by its writer (it was .OUT.partial-*, kept for ever)
     try:
         for row in rows:
             link_or_copy(src / row["image"], work / row["image"])
