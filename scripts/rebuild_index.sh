@@ -4,7 +4,8 @@
 #   scripts/rebuild_index.sh CATALOG CHECKPOINT INDEX_DIR [--type flat|ivf|hnsw|ivfpq] [--shared-view file|embedding] [embed options...]
 # One rebuild per INDEX_DIR at a time (flock on .INDEX_DIR.lock beside it; a second one exits 75 with
 # "another rebuild ... is running (pid N)"). SIGINT/SIGTERM/SIGHUP stop the running step too; the
-# embeddings work file stays, and the next run resumes it.
+# embeddings work file stays, and the next run resumes it (or, finished for the same checkpoint,
+# catalog and options, builds from it without embedding again).
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 CATALOG CHECKPOINT INDEX_DIR [--type TYPE] [--shared-view VIEW] [retrieval embed options]" >&2
@@ -72,10 +73,19 @@ step() {  # run a step in the background and wait for it, so that a signal reach
 
 work="$parent/.$name.rebuild"
 mkdir -p "$work"
-# the embeddings file survives an interrupted run: the next run resumes it
-step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
+# the embeddings file survives an interrupted run: the next run resumes it, or, once embed finished for
+# the same checkpoint, catalog and options (what $work/embedded records), goes straight to the build
+made="$({ stat -c '%s %Y' "$checkpoint" "$catalog/labels.csv" 2>/dev/null || true; } | tr '\n' ' ')$*"
+if [ -f "$work/embeddings.h5" ] && [ "$(cat "$work/embedded" 2>/dev/null)" = "$made" ]; then
+  echo "$0: $work/embeddings.h5 was finished by a run stopped after it: building the index from it"
+else
+  rm -f "$work/embedded"
+  step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
+  printf '%s' "$made" >"$work/embedded"
+fi
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place
 step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type" --shared-view "$shared_view"
 mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
+rm -f "$work/embedded"
 rmdir "$work" 2>/dev/null || true
 echo "Index $index_dir rebuilt from $checkpoint"

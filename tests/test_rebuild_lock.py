@@ -134,3 +134,38 @@ def test_embed_into_a_folder_is_refused_before_embedding(tiny_run, demo_catalog,
     assert embed(tiny_run, demo_catalog, tmp_path / "out") == 1
     assert "is a folder; --out names the embeddings file to write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work file begun
+
+
+def test_a_rebuild_stopped_after_its_embedding_does_not_embed_again(tmp_path):
+    # the finished embeddings file waited in the work folder, and the next run embedded everything again
+    fake = tmp_path / "retrieval"
+    fake.write_text('''#!/usr/bin/env bash
+echo "$1" >> "$CALLS"
+if [ "$1" = embed ]; then while [ "$1" != --out ]; do shift; done; touch "$2"; fi
+if [ "$1" = index ] && [ -e "$FAIL_BUILD" ]; then exit 1; fi
+''')
+    fake.chmod(0o755)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "labels.csv").write_text("image,colour\n")
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"model")
+    calls, fail = tmp_path / "calls", tmp_path / "fail"
+    env = {**os.environ, "RETRIEVAL": str(fake), "CALLS": str(calls), "FAIL_BUILD": str(fail)}
+    cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), str(tmp_path / "cat"), str(checkpoint),
+           str(tmp_path / "live"), "--device", "cpu"]
+
+    def rebuild():
+        calls.write_text("")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        return done.returncode, calls.read_text().split(), done.stdout + done.stderr
+
+    fail.touch()  # the index build fails (or is killed) after the embedding finished
+    assert rebuild()[:2] == (1, ["embed", "index"])
+    fail.unlink()
+    code, steps, said = rebuild()
+    assert (code, steps) == (0, ["index"]) and "finished by a run stopped after it" in said
+    fail.touch()
+    assert rebuild()[:2] == (1, ["embed", "index"])  # a fresh rebuild embeds
+    checkpoint.write_bytes(b"another model")  # a new checkpoint since: embedded again
+    fail.unlink()
+    assert rebuild()[:2] == (0, ["embed", "index"])
