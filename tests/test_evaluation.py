@@ -196,6 +196,25 @@ def test_a_bad_class_chart_or_an_empty_split_is_told_before_evaluating(catalog_d
             in capsys.readouterr().err)
 
 
+def test_a_report_is_replaced_as_a_whole(catalog_dir, tmp_path, monkeypatch):
+    # report.json and table.md were renamed into place before the chart was drawn: a run killed then left
+    # the new report beside the old chart (and a reader saw the mix while the chart was drawn)
+    import retrieval.evaluate.report as report_module
+
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    out = tmp_path / "r"
+    assert main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(report, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "draw_chart", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "2", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the whole report before, no temporaries
+
+
 def test_compare_needs_report_directories(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--compare", str(tmp_path)])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.atomic import atomic_write, write_text
+from retrieval.atomic import atomic_write
 from retrieval.data.catalog import Catalog
 from retrieval.data.embfile import (HEAD_LABELS, SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError,
                                     fuse_probabilities, group_vectors, ranks_by_cosine, read_attrs, read_paths,
@@ -124,10 +124,14 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     """Write report.json, table.md and chart.png into ``out_dir``; return the directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
-    write_text(out_dir / "table.md", format_table(report) + "\n")
-    with atomic_write(out_dir / "chart.png", "wb") as f:
-        draw_chart(report, f)
+    # every file written to its temporary first, then the three renamed in a row, report.json last (the
+    # blocks end in reverse order): a new report beside the chart of the one before lasted as long as the
+    # chart took to draw, and stayed when the run was killed then
+    with atomic_write(out_dir / REPORT_FILE) as report_file, atomic_write(out_dir / "table.md") as table, \
+            atomic_write(out_dir / "chart.png", "wb") as chart:
+        report_file.write(json.dumps(report, indent=2) + "\n")
+        table.write(format_table(report) + "\n")
+        draw_chart(report, chart)
     return out_dir
 
 
