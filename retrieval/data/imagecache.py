@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from retrieval.atomic import remove_stale_temporaries, temporary_path
 from retrieval.data.catalog import Catalog, digest_change, items_digest
 from retrieval.data.datasets import ImageDataset, check_image_cache, collate_images, loader_workers
 
@@ -30,7 +31,8 @@ def open_cache(path: Path, catalog: Catalog, size: int) -> int:
             if why is None:
                 return int(f.attrs.get("done", 0))
         logger.warning("Not resuming %s: %s; rebuilding it", path, why)
-    tmp = path.with_name(f".{path.name}.tmp")
+    remove_stale_temporaries(path.parent)  # a killed run's layout
+    tmp = temporary_path(path)  # named by its writer: two runs laying one out at once each keep their own
     with h5py.File(tmp, "w") as f:
         f.create_dataset("images", (len(paths), size, size, 3), dtype="uint8", chunks=(1, size, size, 3))
         f.create_dataset("paths", data=paths, dtype=h5py.string_dtype())

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retrieval.atomic import check_free_space, in_use
+from retrieval.atomic import check_free_space, hold_lock, in_use, remove_stale_temporaries, temporary_path
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.datasets import ImageCache, ImageDataset, collate_images, loader_workers
 from retrieval.data.images import normalize_batch
@@ -280,6 +280,13 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
     writing it (two runs sharing ``--trunk-cache``) is a ValueError saying so, never a rebuild under it."""
     path = Path(path)
     key = cache_key(model, start, items)
+    in_use_error = ValueError(f"trunk cache {path} is in use by another process (another run sharing --trunk-cache, "
+                              "still filling it?); wait for it to finish, or give this run its own --trunk-cache")
+    # held while the cache is made and filled: two runs started together each laid out a cache of their
+    # own and did the whole pass, the last rename throwing the other's work away
+    held = hold_lock(path.with_name(f".{path.name}.lock")) if path.parent.is_dir() else None
+    if isinstance(held, str):
+        raise in_use_error
     try:
         done = _open_or_create(model, items, start, path, key, device)
         if done < len(items):
@@ -291,8 +298,10 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
     except OSError as err:
         if not in_use(err):
             raise
-        raise ValueError(f"trunk cache {path} is in use by another process (another run sharing --trunk-cache, "
-                         "still filling it?); wait for it to finish, or give this run its own --trunk-cache") from None
+        raise in_use_error from None
+    finally:
+        if held is not None:
+            os.close(held)
     bad = [items[i].image for i in np.flatnonzero(~ok)]
     if bad:
         logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
@@ -355,7 +364,8 @@ def _open_or_create(model, items, start, path: Path, key: str, device) -> int:
     probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=device)
     model.trunk.eval()
     prefix, act, weight = frozen_outputs(model, probe, start, list(range(start)))
-    tmp = path.with_name(path.name + ".tmp")
+    remove_stale_temporaries(path.parent)  # a killed run's layout
+    tmp = temporary_path(path)  # named by its writer (a fixed NAME.tmp was shared by two runs)
     with h5py.File(tmp, "w") as f:
         n = len(items)
         f.create_dataset("prefix", (n, 2, prefix.shape[1]), dtype="float16", chunks=(min(n, 64), 2, prefix.shape[1]))
