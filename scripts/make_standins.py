@@ -47,4 +47,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a stand-in's labels.csv is written last
+        raise SystemExit("make_standins.py: interrupted; run it again to draw the unfinished stand-ins") from None
