@@ -107,10 +107,14 @@ def resolve_taps(taps: str, n_units: int) -> list[int]:
     if taps == "all":
         return list(range(1, n_units))
     try:
-        chosen = sorted({int(t) % n_units for t in taps.split(",")})
+        numbers = [int(t) for t in taps.split(",")]
     except ValueError:
         raise ValueError(f"Unknown taps {taps!r}; choose last, all or comma-separated unit numbers") from None
-    return chosen
+    outside = [t for t in numbers if not -n_units <= t < n_units]
+    if outside:  # 99 on a 5-unit trunk was unit 4, silently
+        raise ValueError(f"taps {taps!r}: the trunk has units 0 to {n_units - 1} (or -1 for the last), not "
+                         f"{', '.join(map(str, outside))}")
+    return sorted({t % n_units for t in numbers})
 
 
 def head_key(position: int, group: str) -> str:
