@@ -12,6 +12,7 @@ import yaml
 
 from conftest import TINY
 from retrieval.net.checkpoint import load_checkpoint, load_model
+from retrieval.train.loop import selection_score
 from retrieval.cli import main as cli
 from retrieval.data.catalog import read_catalog
 from retrieval.net.model import fingerprint
@@ -109,35 +110,39 @@ def test_resume_continues_exactly(demo_catalog, tiny_run, tmp_path):
     assert resumed["epoch"] == 1
     for key, value in straight["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
-    # best.pt deleted: the resumed run writes one at its next epoch (it finished without one)
+    # best.pt deleted: the resumed run writes one (it finished without one): from last.pt when that is the
+    # best epoch so far, else at its next epoch
     (run / "best.pt").unlink()
     assert train(demo_catalog, run, "--epochs", "3", "--resume", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
-    assert load_checkpoint(run / "best.pt")["epoch"] == 2
+    history = load_checkpoint(run / "last.pt")["history"]
+    scores = [selection_score(r, "map") for r in history]
+    last_was_best = scores[:2].index(max(scores[:2])) == 1
+    assert load_checkpoint(run / "best.pt")["epoch"] == (scores.index(max(scores)) if last_was_best else 2)
 
 
 def test_a_kill_between_the_two_checkpoints_keeps_the_best_epoch(demo_catalog, tiny_run, tmp_path, monkeypatch):
-    # last.pt was written before best.pt: a kill between them left last.pt at the best epoch without its
-    # best.pt, and the resumed run, finding no better epoch, never wrote it ("the best epoch before is
-    # not kept"); best.pt first, the resume replays the epoch and writes it
+    # a kill after last.pt of the best epoch, before its best.pt: the resume found no better epoch and
+    # best.pt kept an earlier one ("the best epoch before is not kept"); it is now written from last.pt
     import retrieval.train.trainer as trainer
 
     shutil.copy(tiny_run / "trunk-cache.h5", tmp_path / "trunk.h5")
     real, run = trainer.atomic_save, tmp_path / "run"
 
-    def killed_at_epoch_1s_last_pt(ckpt, path):
-        if Path(path).name == "last.pt" and ckpt["epoch"] == 1:
+    def killed_before_epoch_1s_best_pt(ckpt, path):
+        if Path(path).name == "best.pt" and ckpt["epoch"] == 1:
             raise KeyboardInterrupt  # the kill
         real(ckpt, path)
 
-    monkeypatch.setattr(trainer, "atomic_save", killed_at_epoch_1s_last_pt)
+    monkeypatch.setattr(trainer, "atomic_save", killed_before_epoch_1s_best_pt)
     with pytest.raises(KeyboardInterrupt):
         train(demo_catalog, run, "--epochs", "2", "--trunk-cache", str(tmp_path / "trunk.h5"))
     monkeypatch.undo()
-    assert load_checkpoint(run / "last.pt")["epoch"] == 0
-    best_before = load_checkpoint(run / "best.pt")["epoch"]
+    straight = load_checkpoint(tiny_run / "best.pt")
+    assert straight["epoch"] == 1  # the case: the last epoch is the best
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and load_checkpoint(run / "best.pt")["epoch"] == 0
     assert train(demo_catalog, run, "--epochs", "2", "--resume", "--trunk-cache", str(tmp_path / "trunk.h5")) == 0
-    straight, resumed = load_checkpoint(tiny_run / "best.pt"), load_checkpoint(run / "best.pt")
-    assert resumed["epoch"] == straight["epoch"] and best_before == straight["epoch"]
+    resumed = load_checkpoint(run / "best.pt")
+    assert resumed["epoch"] == 1 and "optimizer" not in resumed
     for key, value in straight["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 

@@ -327,6 +327,32 @@ class Job:
                                epoch=epoch, best_score=best, history=history, group_weights=self.weights,
                                train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode, **extra)
 
+    def best_of(self, ckpt: dict) -> dict:
+        """best.pt's content from an epoch's checkpoint: no optimiser, schedule or early-learning state,
+        and how many labels were filled rather than which."""
+        kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "early_learning")}
+        if isinstance(ckpt.get("filled_labels"), dict):
+            kept["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
+        return kept
+
+    def restore_best(self, ckpt: dict, history: list) -> bool:
+        """Write best.pt from last.pt when last.pt's epoch is the run's best and best.pt does not hold
+        it: a kill between the two writes of that epoch (best.pt missing, or an earlier epoch's)."""
+        scores = [self.selection_score(r) for r in history]
+        if not scores or scores.index(max(scores)) != len(scores) - 1 or history[-1].get("epoch") != ckpt["epoch"]:
+            return False
+        path = self.out / "best.pt"
+        if path.exists():
+            try:
+                if load_checkpoint(path).get("epoch") == ckpt["epoch"]:
+                    return False
+            except ValueError:  # unreadable: written again below
+                pass
+        atomic_save(self.best_of(ckpt), path)
+        logger.warning("%s did not hold epoch %d, the best, written to last.pt before a stop: written from it",
+                       path, ckpt["epoch"])
+        return True
+
     def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
         """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
         last = self.out / "last.pt"
@@ -352,6 +378,8 @@ class Job:
         logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
         history = ckpt.get("history", [])
         best = max((self.selection_score(r) for r in history), default=-float("inf"))
+        if self.main:
+            self.restore_best(ckpt, history)
         if not (self.out / "best.pt").exists():  # deleted: the next validated epoch writes one
             logger.warning("%s has no best.pt; the next epoch writes it (the best epoch before is not kept)", self.out)
             best = -float("inf")
@@ -675,19 +703,17 @@ class Job:
 
     def save_epoch(self, optimizer, scheduler, epoch, history, record, best):
         """Log the epoch; write best.pt when validation improved, and with it, at the last epoch and
-        otherwise every ``CHECKPOINT_EVERY_S``, last.pt and metrics.json. best.pt is written first: a
-        kill between the two leaves last.pt an epoch behind, and the resumed run replays that epoch and
-        writes best.pt again (last.pt first lost the best epoch: the resume found no better one)."""
+        otherwise every ``CHECKPOINT_EVERY_S``, last.pt and metrics.json. last.pt is never older than
+        best.pt, so a resumed run replays the epochs after it and finds best.pt's score again; a kill
+        between the two leaves last.pt at the best epoch, and the resume writes best.pt from it
+        (``restore``)."""
         score = self.selection_score(record)
         improved = score > best
         if improved or epoch == self.cfg.epochs - 1 or time.monotonic() - self._saved_at >= CHECKPOINT_EVERY_S:
             ckpt = self.checkpoint(optimizer, scheduler, epoch, history, max(best, score))
-            if improved:
-                kept = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "early_learning")}
-                if self.filled is not None:  # best.pt keeps how many were filled, last.pt which
-                    kept["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
-                atomic_save(kept, self.out / "best.pt")
             atomic_save(ckpt, self.out / "last.pt")
+            if improved:
+                atomic_save(self.best_of(ckpt), self.out / "best.pt")
             write_json(self.out / "metrics.json", history)
             self._saved_at = time.monotonic()
         accuracy = " ".join(f"{g}={a:.3f}" for g, a in record.get("val_accuracy", {}).items() if a is not None)
