@@ -15,7 +15,7 @@ from pathlib import Path
 
 import faiss
 
-from indexer.stale import writer_gone, writer_tag
+from indexer.stale import HOST, pid_alive, writer_gone, writer_tag
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +60,20 @@ def finish_interrupted_swap(target: Path) -> Path | None:
     found = {"tmp": {}, "old": {}}
     for entry in os.scandir(target.parent):
         match = pattern.match(entry.name)
-        try:
-            if match and entry.is_dir(follow_symlinks=False) and writer_gone(
-                    match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime):
-                found[match["kind"]].setdefault((match["host"], match["pid"]), []).append(Path(entry.path))
-        except FileNotFoundError:  # its writer finished meanwhile
-            continue
+        # a dead process of this host only: no age rule (a rename keeps an old index's time, so a live
+        # writer's .old of a day-old index looked gone, and a reader undid its swap)
+        if (match and match["host"] == HOST and not pid_alive(int(match["pid"]))
+                and (Path(entry.path) / SIDECAR).is_file()):  # an index: never a half-written copy
+            found[match["kind"]].setdefault(match["pid"], []).append(Path(entry.path))
     if not found["old"]:
         return None  # a killed build of a first index: nothing was in place to lose
     writer, olds = max(found["old"].items(), key=lambda kv: max(p.stat().st_mtime for p in kv[1]))
-    finished = [tmp for tmp in found["tmp"].get(writer, []) if (tmp / SIDECAR).is_file()]
+    finished = found["tmp"].get(writer, [])
     chosen = finished[0] if finished else max(olds, key=lambda p: p.stat().st_mtime)
-    os.replace(chosen, target)
+    try:
+        os.replace(chosen, target)
+    except OSError:  # another reader put one in place meanwhile (target exists now, or chosen is gone)
+        return None
     logger.warning("%s was missing (a swap stopped between its renames): put %s in its place (%s)", target,
                    chosen.name, "the new index" if finished else "the previous index, the new one being gone")
     return target

@@ -91,7 +91,7 @@ def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pid
     # ("sidecar not found") and the next build's clean-up deleted both copies (an add's new items lost)
     from indexer import IndexStore, build_index
 
-    dead, _ = pids
+    dead, live = pids
 
     def index_of(n, where):
         x = np.eye(n, 8, dtype=np.float32)
@@ -113,3 +113,14 @@ def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pid
         assert len(IndexStore.load(root / "live")) == expected  # once in place, it stays
         index_of(3, root / "live")  # the next writer's clean-up then removes the rest
         assert sorted(p.name for p in root.iterdir()) == ["live"]
+    # a live writer between its renames is left alone, whatever its copies' age (a rename keeps an old
+    # index's time: a reader undid a live swap of a day-old index)
+    root = tmp_path / "live-writer"
+    root.mkdir()
+    index_of(4, root / "live")
+    moved = root / f".live.old-{HOST}-{live}-0a1b2c3d"
+    (root / "live").rename(moved)
+    age(moved, 2 * DAY)
+    with pytest.raises(FileNotFoundError, match="Index sidecar not found"):
+        IndexStore.load(root / "live")
+    assert moved.is_dir()
