@@ -570,6 +570,19 @@ def test_a_trunk_cache_another_process_writes_is_named_in_use_not_rebuilt(demo_c
         maker.kill()
         maker.wait()
     assert train(demo_catalog, tmp_path / "r2", "--epochs", "1", "--trunk-cache", str(fresh)) == 0
+    # a finished cache is only read: in a folder where no lock file can be made (read-only, another
+    # user's) it still serves (the lock taken first said "Permission denied")
+    import retrieval.net.trunkcache as trunkcache
+
+    def no_lock_file(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    original = trunkcache.hold_lock
+    trunkcache.hold_lock = no_lock_file
+    try:
+        assert train(demo_catalog, tmp_path / "r3", "--epochs", "1", "--trunk-cache", str(fresh)) == 0
+    finally:
+        trunkcache.hold_lock = original
 
 
 def test_images_mode_skips_corrupt_images(demo_catalog, tmp_path, caplog):

@@ -284,7 +284,12 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
                               "still filling it?); wait for it to finish, or give this run its own --trunk-cache")
     # held while the cache is made and filled: two runs started together each laid out a cache of their
     # own and did the whole pass, the last rename throwing the other's work away
-    held = hold_lock(path.with_name(f".{path.name}.lock")) if path.parent.is_dir() else None
+    held = None
+    if path.parent.is_dir() and not cache_complete(path, key, model, start, len(items)):
+        try:  # a finished cache is only read: no lock file, so one in a read-only folder still serves
+            held = hold_lock(path.with_name(f".{path.name}.lock"))
+        except OSError:  # no lock file can be made there (read-only, another user's): writing will say why
+            held = None
     if isinstance(held, str):
         raise in_use_error
     try:
@@ -306,6 +311,15 @@ def build_trunk_cache(model: RetrievalModel, catalog: Catalog, items: list[Item]
     if bad:
         logger.warning("%d unreadable images skipped, e.g. %s", len(bad), ", ".join(bad[:5]))
     return path
+
+
+def cache_complete(path: Path, key: str, model: RetrievalModel, start: int, n: int) -> bool:
+    """Whether ``path`` is a finished trunk cache serving this model's ``n`` items (nothing to write)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return cache_serves(f.attrs.get("key"), key, model, start) and int(f.attrs.get("done", 0)) >= n
+    except (OSError, ValueError, KeyError):  # missing, cut short, in use, another kind: not finished here
+        return False
 
 
 def _item_bytes(path: Path, n: int) -> int:
