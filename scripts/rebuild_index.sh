@@ -75,8 +75,10 @@ work="$parent/.$name.rebuild"
 mkdir -p "$work"
 # the embeddings file survives an interrupted run: the next run resumes it, or, once embed finished for
 # the same checkpoint, catalog and options (what $work/embedded records), goes straight to the build
-made="$({ stat -c '%s %Y' "$checkpoint" "$catalog/labels.csv" 2>/dev/null || true; } | tr '\n' ' ')$*"
-if [ -f "$work/embeddings.h5" ] && [ "$(cat "$work/embedded" 2>/dev/null)" = "$made" ]; then
+# (the checkpoint and labels.csv through links; no file of the catalog newer than the finished embedding)
+made="$({ stat -L -c '%s %Y' "$checkpoint" "$catalog/labels.csv" 2>/dev/null || true; } | tr '\n' ' ')$*"
+if [ -f "$work/embeddings.h5" ] && [ "$(cat "$work/embedded" 2>/dev/null)" = "$made" ] \
+   && [ -z "$(find -L "$catalog" "$checkpoint" -newer "$work/embedded" -print -quit 2>/dev/null)" ]; then
   echo "$0: $work/embeddings.h5 was finished by a run stopped after it: building the index from it"
 else
   rm -f "$work/embedded"

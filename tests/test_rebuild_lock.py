@@ -167,5 +167,10 @@ if [ "$1" = index ] && [ -e "$FAIL_BUILD" ]; then exit 1; fi
     fail.touch()
     assert rebuild()[:2] == (1, ["embed", "index"])  # a fresh rebuild embeds
     checkpoint.write_bytes(b"another model")  # a new checkpoint since: embedded again
+    assert rebuild()[:2] == (1, ["embed", "index"])
+    import time
+
+    time.sleep(1.1)  # file times in whole seconds on some file systems
+    (tmp_path / "cat" / "a.jpg").write_bytes(b"a photo replaced")  # a catalog file newer: embedded again
     fail.unlink()
     assert rebuild()[:2] == (0, ["embed", "index"])
