@@ -470,6 +470,10 @@ def test_a_file_of_another_kind_is_no_image_cache(demo_catalog, embeddings, tmp_
                 "--image-size", "64", "--epochs", "1", "--trainable-blocks", "all", "--workers", "0",
                 "--image-cache", str(notes), "--device", "cpu"]) == 1
     assert f"{notes}: not an image cache (not an HDF5 file)" in capsys.readouterr().err
+    assert cli(["train", "--catalog", str(demo_catalog), "--out", str(tmp_path / "run2"), "--backbone", "tiny",
+                "--image-size", "64", "--epochs", "1", "--trainable-blocks", "all", "--workers", "0",
+                "--image-cache", str(tmp_path / "nothere.h5"), "--device", "cpu"]) == 1
+    assert "nothere.h5: no such image cache (make one with 'retrieval cache')" in capsys.readouterr().err
 
 
 def test_empty_and_test_only_groups_are_left_out(demo_catalog, tmp_path, caplog):

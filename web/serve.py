@@ -123,14 +123,14 @@ megabytes.__name__ = "float"
 
 def check_cache_dir(directory: Path, name: str) -> None:
     """Create the thumbnail cache folder now, or raise a ValueError naming it (a file there made every
-    thumbnail a 500)."""
+    thumbnail a 500); one that exists but cannot be written serves what it holds, with a warning."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"{name} {directory}: cannot be the thumbnail cache "
                          f"({'it is a file, not a folder' if directory.is_file() else err.strerror or err})") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {directory}: cannot be the thumbnail cache (no permission to write in it)")
+    if not os.access(directory, os.W_OK | os.X_OK):  # a cache filled beforehand (flask thumbs), then locked
+        logger.warning("%s %s cannot be written: thumbnails it lacks are answered 503", name, directory)
 
 
 def port_number(text: str) -> int:

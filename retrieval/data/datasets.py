@@ -109,6 +109,8 @@ def parse_dropout_profile(text: str, n_groups: int) -> list[float]:
 
 def check_image_cache(path: Path) -> None:
     """A ValueError naming ``path`` unless it is an HDF5 image cache (datasets ``images`` and ``paths``)."""
+    if not Path(path).exists():  # said as such, not "not an HDF5 file"
+        raise FileNotFoundError(f"{path}: no such image cache (make one with 'retrieval cache')")
     try:
         with h5py.File(path, "r") as f:
             if "images" in f and "paths" in f:
