@@ -99,7 +99,8 @@ def test_taps_and_gem():
     with pytest.raises(ValueError, match="choose last, all"):
         resolve_taps("top", 5)
     with pytest.raises(ValueError, match=r"taps '3,99': the trunk has units 0 to 4 \(or -1 for the last\), not 99"):
-        resolve_taps("3,99", 5)  # was unit 4, silently
+        resolve_taps("3,99", 5, strict=True)  # a new model's: was unit 4, silently
+    assert resolve_taps("3,99", 5) == [3, 4]  # a checkpoint trained so still loads as it was trained
     x = torch.tensor([[[[1.0, 3.0]]]])
     assert GeM(1)(x).item() == pytest.approx(2.0)
     assert GeM(3)(x).item() == pytest.approx(((1 + 27) / 2) ** (1 / 3))

@@ -38,8 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="no training: embed with the ImageNet trunk's pooled features (the off-the-shelf baseline)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES, help="with --pretrained-only")
     p.add_argument("--weights", help="with --pretrained-only: local trunk weights file")
-    p.add_argument("--taps", default="last", help="with --pretrained-only: pooled units (last, all, or 3,5,8); "
-                                                  "several are standardised and concatenated")
+    p.add_argument("--taps", default="last", help="with --pretrained-only: pooled units (last, all, or e.g. 2,3,4: "
+                                                  "numbers from 0, -1 the last); several are standardised and "
+                                                  "concatenated")
     p.add_argument("--gem-p", type=float, default=1.0, help="with --pretrained-only: pooling exponent (1 = average)")
     p.add_argument("--image-size", type=image_size, default=224, help="with --pretrained-only")
     p.add_argument("--pool-weighting", default="none", choices=POOL_WEIGHTINGS, help="with --pretrained-only")

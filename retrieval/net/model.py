@@ -100,8 +100,8 @@ def resolve_pool_weighting(config: ModelConfig, taps: list[int], n_units: int, f
     return choice if unit in taps else "none"
 
 
-def resolve_taps(taps: str, n_units: int) -> list[int]:
-    """Which trunk units are pooled: ``last``, ``all`` (every unit but the stem) or ``"2,4,8"``."""
+def resolve_taps(taps: str, n_units: int, strict: bool = False) -> list[int]:
+    """Which trunk units are pooled: ``last``, ``all`` (every unit but the stem) or ``"2,3,4"`` (unit numbers; -1 the last)."""
     if taps == "last":
         return [n_units - 1]
     if taps == "all":
@@ -111,7 +111,7 @@ def resolve_taps(taps: str, n_units: int) -> list[int]:
     except ValueError:
         raise ValueError(f"Unknown taps {taps!r}; choose last, all or comma-separated unit numbers") from None
     outside = [t for t in numbers if not -n_units <= t < n_units]
-    if outside:  # 99 on a 5-unit trunk was unit 4, silently
+    if outside and strict:  # a new model: 99 on a 5-unit trunk was unit 4, silently (a checkpoint keeps that)
         raise ValueError(f"taps {taps!r}: the trunk has units 0 to {n_units - 1} (or -1 for the last), not "
                          f"{', '.join(map(str, outside))}")
     return sorted({t % n_units for t in numbers})
@@ -477,7 +477,9 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
     config = ModelConfig(backbone=backbone, groups={g: list(v) for g, v in groups.items()},
                          multi_label_groups=list(multi_label_groups), method=method,
                          embed_dim=embed_dim, **kwargs)
-    return RetrievalModel(config, weights, frozen_trunk)
+    model = RetrievalModel(config, weights, frozen_trunk)
+    resolve_taps(config.taps, len(model.trunk), strict=True)  # a new model's units must exist
+    return model
 
 
 # what a checkpoint written before an option existed was trained with (the option's old value)
