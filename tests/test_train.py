@@ -147,6 +147,19 @@ def test_a_kill_between_the_two_checkpoints_keeps_the_best_epoch(demo_catalog, t
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
+def test_a_resume_keeps_a_better_best_pt_of_another_epoch(demo_catalog, tiny_run, tmp_path):
+    # --early-learning auto / --fill-missing keep the better run's best.pt, of another epoch than the
+    # last run's last.pt: a resume took the epoch numbers' difference for a lost best.pt and wrote over it
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    kept = load_checkpoint(run / "best.pt")
+    kept.update(epoch=0, best_score=1e9)  # the run before's, better than anything in last.pt's history
+    torch.save(kept, run / "best.pt")
+    before = (run / "best.pt").read_bytes()
+    assert train(demo_catalog, run, "--epochs", "2", "--resume") == 0  # nothing to do
+    assert (run / "best.pt").read_bytes() == before
+
+
 def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog, tiny_run, tmp_path, capsys,
                                                                     monkeypatch, caplog):
     # another model configuration (named now), optimiser options the saved state holds (--lr was

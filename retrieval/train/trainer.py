@@ -336,20 +336,20 @@ class Job:
         return kept
 
     def restore_best(self, ckpt: dict, history: list) -> bool:
-        """Write best.pt from last.pt when last.pt's epoch is the run's best and best.pt does not hold
-        it: a kill between the two writes of that epoch (best.pt missing, or an earlier epoch's)."""
+        """Write best.pt from last.pt when last.pt's epoch is the run's best and best.pt scores lower (or
+        is missing): a kill between the two writes of that epoch."""
         scores = [self.selection_score(r) for r in history]
         if not scores or scores.index(max(scores)) != len(scores) - 1 or history[-1].get("epoch") != ckpt["epoch"]:
             return False
         path = self.out / "best.pt"
-        if path.exists():
-            try:
-                if load_checkpoint(path).get("epoch") == ckpt["epoch"]:
-                    return False
-            except ValueError:  # unreadable: written again below
-                pass
+        try:  # best.pt scoring as well is kept: this epoch's, or the run before's (--early-learning auto and
+            # --fill-missing keep the better run's best.pt, another epoch number)
+            if load_checkpoint(path).get("best_score", -float("inf")) >= scores[-1]:
+                return False
+        except (ValueError, OSError):  # missing or unreadable: written below
+            pass
         atomic_save(self.best_of(ckpt), path)
-        logger.warning("%s did not hold epoch %d, the best, written to last.pt before a stop: written from it",
+        logger.warning("%s did not hold epoch %d, the best so far, written to last.pt before a stop: written from it",
                        path, ckpt["epoch"])
         return True
 
