@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -39,6 +40,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
         match = pattern.match(entry.name)
         try:
             stale = match and writer_gone(match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime)
+            if stale and not target.exists() and (Path(entry.path) / SIDECAR).is_file():
+                stale = False  # a whole index while none is in place: finish_interrupted_swap's, never deleted
         except FileNotFoundError:  # its writer finished meanwhile
             continue
         if stale:
@@ -46,6 +49,9 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             removed.append(Path(entry.path))
             logger.info("Removed %s, left by a writer that is gone", entry.path)
     return removed
+
+
+SWAP_GONE_AFTER_S = 600  # a swap's second rename follows its first at once: one stopped this long ago is dead
 
 
 def finish_interrupted_swap(target: Path) -> Path | None:
@@ -60,17 +66,23 @@ def finish_interrupted_swap(target: Path) -> Path | None:
     found = {"tmp": {}, "old": {}}
     for entry in os.scandir(target.parent):
         match = pattern.match(entry.name)
-        # a dead process of this host only: no age rule (a rename keeps an old index's time, so a live
-        # writer's .old of a day-old index looked gone, and a reader undid its swap)
-        if (match and match["host"] == HOST and not pid_alive(int(match["pid"]))
-                and (Path(entry.path) / SIDECAR).is_file()):  # an index: never a half-written copy
-            found[match["kind"]].setdefault(match["pid"], []).append(Path(entry.path))
+        try:
+            if not match or not (Path(entry.path) / SIDECAR).is_file():  # an index: never a half-written copy
+                continue
+            # the writer is gone: a dead process of this host, or a swap stopped long ago (since its rename,
+            # the inode's change time: a rename keeps an old index's modification time, and a live writer's
+            # .old of a day-old index looked gone by it); another host's, or a pid used again since
+            moved = time.time() - entry.stat(follow_symlinks=False).st_ctime
+            if (match["host"] == HOST and not pid_alive(int(match["pid"]))) or moved > SWAP_GONE_AFTER_S:
+                found[match["kind"]].setdefault((match["host"], match["pid"]), []).append(Path(entry.path))
+        except OSError:  # moved meanwhile (its writer finished, or another reader repairs)
+            continue
     if not found["old"]:
         return None  # a killed build of a first index: nothing was in place to lose
-    writer, olds = max(found["old"].items(), key=lambda kv: max(p.stat().st_mtime for p in kv[1]))
-    finished = found["tmp"].get(writer, [])
-    chosen = finished[0] if finished else max(olds, key=lambda p: p.stat().st_mtime)
     try:
+        writer, olds = max(found["old"].items(), key=lambda kv: max(p.stat().st_ctime for p in kv[1]))
+        finished = found["tmp"].get(writer, [])
+        chosen = finished[0] if finished else max(olds, key=lambda p: p.stat().st_ctime)
         os.replace(chosen, target)
     except OSError:  # another reader put one in place meanwhile (target exists now, or chosen is gone)
         return None

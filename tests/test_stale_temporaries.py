@@ -86,7 +86,7 @@ def test_index_save_removes_dead_writers_copies(tmp_path, pids):
     assert left == {"live", names["live"], names["other host"], names["legacy young"], names["other index"]}
 
 
-def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pids, caplog):
+def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pids, caplog, monkeypatch):
     # a kill between "index -> .old" and ".tmp -> index" left no index: serve and index add failed
     # ("sidecar not found") and the next build's clean-up deleted both copies (an add's new items lost)
     from indexer import IndexStore, build_index
@@ -124,3 +124,12 @@ def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pid
     with pytest.raises(FileNotFoundError, match="Index sidecar not found"):
         IndexStore.load(root / "live")
     assert moved.is_dir()
+    # another host's writer (a container restarted under a new name), or a pid used again since: gone when
+    # its swap stopped long ago, by the rename's change time (the repair did nothing, and the next save's
+    # clean-up deleted the previous index by its age)
+    import indexer.persist as persist
+
+    other = root / ".live.old-old-pod-7-4242-0a1b2c3d"
+    moved.rename(other)
+    monkeypatch.setattr(persist, "SWAP_GONE_AFTER_S", -1)  # as if it stopped an hour ago
+    assert len(IndexStore.load(root / "live")) == 4 and not other.exists()
