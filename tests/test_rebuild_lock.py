@@ -172,5 +172,10 @@ if [ "$1" = index ] && [ -e "$FAIL_BUILD" ]; then exit 1; fi
 
     time.sleep(1.1)  # file times in whole seconds on some file systems
     (tmp_path / "cat" / "a.jpg").write_bytes(b"a photo replaced")  # a catalog file newer: embedded again
+    assert rebuild()[:2] == (1, ["embed", "index"])
+    time.sleep(1.1)
+    photo = tmp_path / "cat" / "b.jpg"  # restored with its old times (cp -p, rsync -a): its change time says so
+    photo.write_bytes(b"from a backup")
+    os.utime(photo, (1, 1))
     fail.unlink()
     assert rebuild()[:2] == (0, ["embed", "index"])
