@@ -39,8 +39,10 @@ def test_an_unclosed_quote_is_named_not_read_as_one_cell_of_the_rows_after_it(tm
     rows[2] = '2.jpg,train,"Shirt 2, blue\nlong sleeves",red,dress'
     cat = read_catalog(write_catalog(tmp_path / "good", rows, images=[f"{i}.jpg" for i in range(6)]))
     assert len(cat.items) == 6 and cat.items[2].title == "Shirt 2, blue\nlong sleeves" and cat.items[3].image == "3.jpg"
-    # a description over lines with as many commas as a row has cells is no row (an earlier check refused it)
-    text = "Relaxed-fit tee.\nMade from soft, breathable cotton, with a crew neck, short sleeves, and a curved hem."
+    # a description over lines with as many commas as a row has cells, or naming files, is no row (earlier
+    # checks refused them)
+    text = ("Relaxed-fit tee.\nMade from soft, breathable cotton, with a crew neck, short sleeves, and a curved hem."
+            "\ncare.png, wash at 30, do not tumble dry, iron low\nfront.jpg, back.jpg, side.jpg, detail.jpg")
     rows[2] = f'2.jpg,train,"{text}",red,dress'
     for fast in (True, False):
         if not fast:

@@ -321,20 +321,18 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-IMAGE_CELL = re.compile(r"\.(jpe?g|png|webp|gif|bmp|tiff?|heic|heif|avif)$", re.IGNORECASE)
-
-
-def runaway_cell(value: str, delimiter: str, header: list[str]) -> bool:
+def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path) -> bool:
     """Whether a cell over several lines holds whole rows (a quote opened and never closed): a line
-    after its first that splits into at least the header's cells with an image file's name in the
-    image column. A description or title over several lines, commas and all, is no row."""
+    after its first whose image-column cell names a file of the catalog. A description or title over
+    several lines, commas and file names in its text and all, is no row."""
     at = header.index("image") if "image" in header else 0
     for line in value.split("\n")[1:]:
         try:
             cells = next(csv.reader([line], delimiter=delimiter), [])
         except csv.Error:  # a bare carriage return: no row of ours
             continue
-        if len(cells) >= len(header) and IMAGE_CELL.search(cells[at].strip()):
+        path = image_path_of(cells[at]) if len(cells) > max(at, 1) else ""
+        if path and not os.path.isabs(path) and os.path.isfile(os.path.join(root, path)):
             return True
     return False
 
@@ -381,7 +379,7 @@ class _RowReader:
         if stray:
             raise CatalogError(f"{where}: value {stray[1]!r} in column {stray[0]}, which has no name in the header")
         for name, value in row.items():  # a quote opened and never closed reads the rows after it as one cell
-            if value and "\n" in value and runaway_cell(value, self.delimiter, list(row)):
+            if value and "\n" in value and runaway_cell(value, self.delimiter, list(row), self.root):
                 lines = value.rstrip("\n").count("\n")  # an unclosed quote holds the last line end too
                 raise CatalogError(f"{self.csv_path}, line {line - lines}: the {name!r} cell runs on over "
                                    f"{lines + 1} lines, holding the rows after it (a stray '\"'? a cell that "

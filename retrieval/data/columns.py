@@ -117,7 +117,7 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     for i in range(len(header)):
         column = table.column(i)
         if pc.any(pc.match_substring(column, "\n")).as_py() and any(
-                runaway_cell(cell, delimiter, header) for cell in column.to_pylist() if "\n" in cell):
+                runaway_cell(cell, delimiter, header, root) for cell in column.to_pylist() if "\n" in cell):
             return None  # rows read as one cell of an unclosed quote: the row reader names its line
     images = [image_path_of(cell) for cell in columns["image"].to_pylist()]
     if not all(images) or len(set(images)) != len(images):
