@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\nretrieval {sys.argv[1] if len(sys.argv) > 1 else ''}: interrupted; what it finished is kept "
                   "(run the same command again to resume; a training run with --resume, from its last.pt, written "
-                  "at least every 30 s and at each better epoch)", file=sys.stderr)
+                  "at the end of each better epoch and of any epoch ending 30 s after the one before)",
+                  file=sys.stderr)
             return 130
     return dispatch(argv)
 
