@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\nretrieval {sys.argv[1] if len(sys.argv) > 1 else ''}: interrupted; what it finished is kept "
                   "(run the same command again to resume; a training run with --resume, from its last.pt, written "
-                  "at the end of each better epoch and of any epoch ending 30 s after the one before)",
+                  "at the end of each better epoch and of any epoch ending 30 s or more after its last save)",
                   file=sys.stderr)
             return 130
     return dispatch(argv)
