@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,19 @@ def needs_dataset():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@contextmanager
+def flock_held(path: Path, pid: str = "777"):
+    """Another process holding an exclusive flock on ``path``, with ``pid`` written in it as a holder
+    writes its own, for as long as the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time; "
+                               f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT); "
+                               f"fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b{pid!r}); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -300,20 +300,13 @@ def test_index_add_leaves_out_a_group_the_catalog_gained_since_the_build(embeddi
 def test_index_build_add_and_remove_wait_for_no_one_else_changing_the_index(embeddings, tmp_path, capsys):
     # two adds at once each read the same index and the last save dropped the other's items (both said
     # "Added 10 items"); the lock is the one scripts/rebuild_index.sh holds
-    import subprocess
-    import sys
-
+    from conftest import flock_held
     from indexer import IndexStore
 
     index = tmp_path / "index"
     assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
     assert cli(["index", "remove", "--index", str(index), "--ids", "0"]) == 0
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time; "
-                               f"fd = os.open({str(tmp_path / '.index.lock')!r}, os.O_RDWR | os.O_CREAT); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'777'); "
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with flock_held(tmp_path / ".index.lock"):
         capsys.readouterr()
         for argv in (["add", "--embeddings", str(embeddings)], ["remove", "--ids", "1"]):
             assert cli(["index", argv[0], "--index", str(index), *argv[1:]]) == 1
@@ -322,9 +315,6 @@ def test_index_build_add_and_remove_wait_for_no_one_else_changing_the_index(embe
         assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 1
         assert "is being changed by another process (pid 777" in capsys.readouterr().err
         assert len(IndexStore.load(index)) == 59  # untouched
-    finally:
-        holder.kill()
-        holder.wait()
     assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
     # a file given as the index left its lock file beside it (in a catalog: .labels.csv.lock)
     notes = tmp_path / "notes" / "labels.csv"

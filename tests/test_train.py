@@ -571,17 +571,11 @@ def test_a_trunk_cache_another_process_writes_is_named_in_use_not_rebuilt(demo_c
     # two runs started together, before either file existed: each laid out its own cache and did the whole
     # pass (the second's rename threw the first's away); the one making the cache now holds its lock
     fresh = tmp_path / "fresh.h5"
-    maker = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time; "
-                              f"fd = os.open({str(tmp_path / '.fresh.h5.lock')!r}, os.O_RDWR | os.O_CREAT); "
-                              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); "
-                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert maker.stdout.readline().strip() == "held"
+    from conftest import flock_held
+
+    with flock_held(tmp_path / ".fresh.h5.lock", "4242"):
         assert train(demo_catalog, tmp_path / "r2", "--epochs", "1", "--trunk-cache", str(fresh)) == 1
         assert "is in use by another process" in capsys.readouterr().err and not fresh.exists()
-    finally:
-        maker.kill()
-        maker.wait()
     assert train(demo_catalog, tmp_path / "r2", "--epochs", "1", "--trunk-cache", str(fresh)) == 0
     # a finished cache is only read: in a folder where no lock file can be made (read-only, another
     # user's) it still serves (the lock taken first said "Permission denied")
