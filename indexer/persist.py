@@ -33,15 +33,20 @@ def temporary_dir(target: Path) -> Path:
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` directories beside target whose writer is gone."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(?:(?P<host>[\w-]+)-(?P<pid>\d+)-)?\w+$")
+    """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` / ``.NAME.del-*`` directories beside target whose
+    writer is gone, but for a swap stopped between its renames while no index is in place."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<kind>tmp|old|del)-(?:(?P<host>[\w-]+)-(?P<pid>\d+)-)?\w+$")
+    # while no index is in place, the copies finish_interrupted_swap may need: an .old and its writer's .tmp
+    olds = set() if target.exists() else {
+        (m["host"], m["pid"]) for e in (os.scandir(target.parent) if target.parent.is_dir() else ())
+        for m in [pattern.match(e.name)] if m and m["kind"] == "old" and (Path(e.path) / SIDECAR).is_file()}
     removed = []
     for entry in os.scandir(target.parent) if target.parent.is_dir() else ():
         match = pattern.match(entry.name)
         try:
             stale = match and writer_gone(match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime)
-            if stale and not target.exists() and (Path(entry.path) / SIDECAR).is_file():
-                stale = False  # a whole index while none is in place: finish_interrupted_swap's, never deleted
+            if stale and match["kind"] != "del" and (match["host"], match["pid"]) in olds:
+                stale = False  # a swap stopped between its renames: finish_interrupted_swap's, never deleted
         except FileNotFoundError:  # its writer finished meanwhile
             continue
         if stale:
@@ -116,8 +121,10 @@ def swap_into_place(new: Path, target: Path) -> None:
         if old is not None:
             os.replace(old, target)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # renamed first: a kill during a long rmtree leaves a .del, never an .old to restore
+        gone = old.with_name(old.name.replace(".old-", ".del-", 1))
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def fsync_file(path: Path) -> None:

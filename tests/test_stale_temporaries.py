@@ -133,3 +133,14 @@ def test_a_swap_killed_between_its_renames_is_finished_not_deleted(tmp_path, pid
     moved.rename(other)
     monkeypatch.setattr(persist, "SWAP_GONE_AFTER_S", -1)  # as if it stopped an hour ago
     assert len(IndexStore.load(root / "live")) == 4 and not other.exists()
+    # a swap killed in its last step (deleting the index before, renamed .del first) and a killed first
+    # build's copy are never put in place, and the next build removes them (a half-deleted .old came back)
+    root = tmp_path / "after-swap"
+    root.mkdir()
+    for name in (f".live.del-{HOST}-{dead}-0a1b2c3d", f".live.tmp-{HOST}-{dead}-ab_c12de"):
+        index_of(4, root / "x")
+        (root / "x").rename(root / name)
+    with pytest.raises(FileNotFoundError, match="Index sidecar not found"):
+        IndexStore.load(root / "live")
+    index_of(3, root / "live")
+    assert sorted(p.name for p in root.iterdir()) == ["live"]
