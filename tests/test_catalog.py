@@ -49,6 +49,16 @@ def test_an_unclosed_quote_is_named_not_read_as_one_cell_of_the_rows_after_it(tm
             monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)
         cat = read_catalog(write_catalog(tmp_path / f"described-{fast}", rows, images=[f"{i}.jpg" for i in range(6)]))
         assert len(cat.items) == 6 and cat.items[2].title == text
+    # a title whose second line starts with a catalog file's name, then text: no row (it was refused)
+    monkeypatch.undo()
+    rows[2] = '2.jpg,train,"Two-pack of tees\n1.jpg, the yellow one, pairs with it",red,dress'
+    cat = read_catalog(write_catalog(tmp_path / "pairs", rows, images=[f"{i}.jpg" for i in range(6)]))
+    assert len(cat.items) == 6
+    # the photos absent (evaluate and index build read without them): an unclosed quote is still named
+    rows[2] = '2.jpg,train,"Shirt 2,red,dress'
+    bare = write_catalog(tmp_path / "bare", rows, images=[])
+    with pytest.raises(CatalogError, match=r"line 4: the 'title' cell runs on over 4 lines"):
+        read_catalog(bare, check_files=False)
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -321,18 +321,24 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+PATH_CELL = re.compile(r"^[^\s,;]+\.[A-Za-z0-9]{2,5}$")  # images/a.jpg, sku/1001.JFIF: no words, no spaces
+
+
 def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path) -> bool:
     """Whether a cell over several lines holds whole rows (a quote opened and never closed): a line
-    after its first whose image-column cell names a file of the catalog. A description or title over
-    several lines, commas and file names in its text and all, is no row."""
+    after its first that splits into the header's cells, with a file of the catalog, or a bare file
+    name when the photos are not there, in the image column. A description or title over several
+    lines, commas and file names in its text and all, is no row."""
     at = header.index("image") if "image" in header else 0
     for line in value.split("\n")[1:]:
+        if line.count(delimiter) < len(header) - 1:  # fewer cells than a row: no file system call
+            continue
         try:
             cells = next(csv.reader([line], delimiter=delimiter), [])
         except csv.Error:  # a bare carriage return: no row of ours
             continue
-        path = image_path_of(cells[at]) if len(cells) > max(at, 1) else ""
-        if path and not os.path.isabs(path) and os.path.isfile(os.path.join(root, path)):
+        path = image_path_of(cells[at]) if len(cells) >= len(header) else ""
+        if path and not os.path.isabs(path) and (os.path.isfile(os.path.join(root, path)) or PATH_CELL.match(path)):
             return True
     return False
 
