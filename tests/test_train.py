@@ -172,7 +172,8 @@ def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog
     monkeypatch.setattr(trainer.Job, "prepare_inputs", lambda job: pytest.fail("the trunk pass ran"))
     for extra, message in ((("--image-size", "96"), "another model configuration (image_size differ)"),
                            (("--lr", "0.5"), "(lr 0.002 there, 0.5 now)"),
-                           (("--optimizer", "sgd"), "optimizer 'adamw' there, 'sgd' now")):
+                           (("--optimizer", "sgd"), "optimizer 'adamw' there, 'sgd' now"),
+                           (("--select-by", "loss"), "select_by 'map' there, 'loss' now")):  # best.pt's scores
         assert train(demo_catalog, run, "--epochs", "3", "--resume", *extra) == 1
         assert message in capsys.readouterr().err, extra
     monkeypatch.undo()

@@ -45,7 +45,7 @@ RUN_FILES = ("best.pt", "metrics.json", *ASIDE.values(), *FILL_ASIDE.values())
 # training options a resumed run must keep: the saved optimiser and schedule hold them (a changed one was
 # ignored, or failed: --optimizer sgd on AdamW's state), and the epochs' seeds follow --seed
 RESUME_FIXED = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "lr_steps", "trunk_lr_scale",
-                "seed")
+                "seed", "select_by")  # select_by: the run's best scores (mAP, or minus the loss) compare only so
 # last.pt and metrics.json are written at an epoch's end when best.pt is (validation improved), at the
 # last epoch, and otherwise at most this often: a 60-item catalogue's 700 one-step epochs spent 108 of
 # their 146 s writing them every epoch (a 44 MB last.pt and an ever longer history)
