@@ -76,7 +76,8 @@ mkdir -p "$work"
 # the embeddings file survives an interrupted run: the next run resumes it, or, once embed finished for
 # the same checkpoint, catalog and options (what $work/embedded records), goes straight to the build
 # (the checkpoint and labels.csv through links; no file of the catalog written or changed since the
-# finished embedding: the change time too, which a copy keeping the old times (cp -p, rsync -a) cannot keep)
+# finished embedding: the change time too, which a copy keeping the old times (cp -p, rsync -a) cannot keep;
+# a new hard link or a chmod changes it as well, and costs an embedding again, never a stale index)
 made="$({ stat -L -c '%s %Y' "$checkpoint" "$catalog/labels.csv" 2>/dev/null || true; } | tr '\n' ' ')$*"
 if [ -f "$work/embeddings.h5" ] && [ "$(cat "$work/embedded" 2>/dev/null)" = "$made" ] \
    && [ -z "$(find -L "$catalog" "$checkpoint" \( -newer "$work/embedded" -o -cnewer "$work/embedded" \) \

@@ -76,7 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "papers' retrieval features; 'retrieval evaluate --shared-view embedding' measures it "
                             "from the same file). 'retrieval embed --shared-view' changes it without training")
     model.add_argument("--taps", help="trunk units pooled into the embedding: all, last, or e.g. 2,3,4 (numbers "
-                                      "from 0, -1 the last; efficientnet_lite has 9 units, the ResNets 5)")
+                                      "from 0, -1 the last; efficientnet_lite has 9 units, the ResNets 5, "
+                                      "alexnet 3, tiny 4)")
     model.add_argument("--gem-p", type=number_above(0), help="GeM pooling exponent (1 = average pooling)")
     model.add_argument("--pool-weighting", choices=POOL_WEIGHTINGS,
                        help="auto: with --colour-weighting learned, learned when the trunk trains and map when "
