@@ -126,7 +126,8 @@ class RetrievalModel(nn.Module):
     """Shared trunk and embedding layer; ``forward_heads`` gives ``{group: logits}`` of the heads,
     ``group_logits`` those the product scores labels with (label attention's for multi-label groups)."""
 
-    def __init__(self, config: ModelConfig, weights: str | None = None, frozen_trunk: bool = False):
+    def __init__(self, config: ModelConfig, weights: str | None = None, frozen_trunk: bool = False,
+                 strict_taps: bool = False):
         super().__init__()
         if config.pool_weighting not in POOL_WEIGHTINGS:
             raise ValueError(f"Unknown pool weighting {config.pool_weighting!r}; choose one of: "
@@ -137,7 +138,7 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"Unknown shared view {config.shared_view!r}; choose one of: {', '.join(SHARED_VIEWS)}")
         check_colour_weighting(config.colour_weighting)
         self.trunk = create_trunk(config.backbone, weights)
-        self.taps = resolve_taps(config.taps, len(self.trunk))
+        self.taps = resolve_taps(config.taps, len(self.trunk), strict_taps)  # a new model's first check
         # the checkpoint records what ran: auto resolved
         self.colour_bins = parse_bins(config.colour_bins)
         self.learned_colour = self.colour_bins is not None and config.colour_weighting == "learned"
@@ -460,7 +461,7 @@ class RetrievalModel(nn.Module):
 
 def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 256, *,
                  method: str = "multi-weight", multi_label_groups=(), weights: str | None = None,
-                 frozen_trunk: bool = False, **kwargs) -> RetrievalModel:
+                 frozen_trunk: bool = False, strict_taps: bool = True, **kwargs) -> RetrievalModel:
     """Build a retrieval model.
 
     Args:
@@ -472,14 +473,13 @@ def create_model(backbone: str, groups: dict[str, list[str]], embed_dim: int = 2
         weights: trunk weights file; ``None`` = packaged ImageNet weights when available.
         frozen_trunk: the whole trunk stays frozen (training from a trunk cache): settles
             ``pool_weighting="auto"`` (``resolve_pool_weighting``).
+        strict_taps: taps must name units of the trunk (a new model; a resumed run keeps what it had).
         **kwargs: other ``ModelConfig`` fields (taps, gem_p, image_size, dropout, head_scale).
     """
     config = ModelConfig(backbone=backbone, groups={g: list(v) for g, v in groups.items()},
                          multi_label_groups=list(multi_label_groups), method=method,
                          embed_dim=embed_dim, **kwargs)
-    model = RetrievalModel(config, weights, frozen_trunk)
-    resolve_taps(config.taps, len(model.trunk), strict=True)  # a new model's units must exist
-    return model
+    return RetrievalModel(config, weights, frozen_trunk, strict_taps)
 
 
 # what a checkpoint written before an option existed was trained with (the option's old value)

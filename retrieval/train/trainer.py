@@ -105,7 +105,8 @@ class Job:
                         "--trainable-blocks all fine-tunes it", len(self.train_items), FULL_TUNING_MIN_ITEMS)
         self.model = create_model(cfg.backbone, self.catalog.vocab, cfg.embed_dim, method=cfg.method,
                                   multi_label_groups=self.catalog.multi_label_groups(), weights=cfg.weights,
-                                  frozen_trunk=blocks != "all" and int(blocks) == 0, **options)
+                                  frozen_trunk=blocks != "all" and int(blocks) == 0,
+                                  strict_taps=not cfg.resume, **options)  # a run trained before the check resumes
         if cfg.label_attention and self.catalog.multi_label_groups() and not self.model.attended_groups and \
                 cfg.method != "multi-label" and self.main:
             logger.warning("label attention is off for this run: it needs the learned colour weighting "
