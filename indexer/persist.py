@@ -32,27 +32,33 @@ def temporary_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{writer_tag()}-", dir=target.parent))
 
 
+def copies_beside(target: Path) -> list[tuple[Path, re.Match]]:
+    """The ``.NAME.tmp-*`` / ``.NAME.old-*`` / ``.NAME.del-*`` entries beside target, each with its name's
+    parts: ``kind``, and the writer's ``host`` and ``pid`` (None in older versions' names)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<kind>tmp|old|del)-(?:(?P<host>[\w-]+)-(?P<pid>\d+)-)?\w+$")
+    entries = os.scandir(target.parent) if target.parent.is_dir() else ()
+    return [(Path(e.path), m) for e in entries for m in [pattern.match(e.name)] if m]
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` / ``.NAME.del-*`` directories beside target whose
     writer is gone, but for a swap stopped between its renames while no index is in place."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<kind>tmp|old|del)-(?:(?P<host>[\w-]+)-(?P<pid>\d+)-)?\w+$")
+    copies = copies_beside(target)
     # while no index is in place, the copies finish_interrupted_swap may need: an .old and its writer's .tmp
     olds = set() if target.exists() else {
-        (m["host"], m["pid"]) for e in (os.scandir(target.parent) if target.parent.is_dir() else ())
-        for m in [pattern.match(e.name)] if m and m["kind"] == "old" and (Path(e.path) / SIDECAR).is_file()}
+        (m["host"], m["pid"]) for path, m in copies if m["kind"] == "old" and (path / SIDECAR).is_file()}
     removed = []
-    for entry in os.scandir(target.parent) if target.parent.is_dir() else ():
-        match = pattern.match(entry.name)
+    for path, match in copies:
         try:
-            stale = match and writer_gone(match["host"], match["pid"], entry.stat(follow_symlinks=False).st_mtime)
+            stale = writer_gone(match["host"], match["pid"], path.stat(follow_symlinks=False).st_mtime)
             if stale and match["kind"] != "del" and (match["host"], match["pid"]) in olds:
                 stale = False  # a swap stopped between its renames: finish_interrupted_swap's, never deleted
         except FileNotFoundError:  # its writer finished meanwhile
             continue
         if stale:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
-            logger.info("Removed %s, left by a writer that is gone", entry.path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            logger.info("Removed %s, left by a writer that is gone", path)
     return removed
 
 
@@ -67,19 +73,17 @@ def finish_interrupted_swap(target: Path) -> Path | None:
     moved into place, or None."""
     if target.exists() or target.is_symlink() or not target.parent.is_dir():
         return None
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<kind>tmp|old)-(?P<host>[\w-]+)-(?P<pid>\d+)-\w+$")
     found = {"tmp": {}, "old": {}}
-    for entry in os.scandir(target.parent):
-        match = pattern.match(entry.name)
+    for path, match in copies_beside(target):
         try:
-            if not match or not (Path(entry.path) / SIDECAR).is_file():  # an index: never a half-written copy
-                continue
+            if match["kind"] not in found or match["pid"] is None or not (path / SIDECAR).is_file():
+                continue  # an index of a named writer: never a half-written copy
             # the writer is gone: a dead process of this host, or a swap stopped long ago (since its rename,
             # the inode's change time: a rename keeps an old index's modification time, and a live writer's
             # .old of a day-old index looked gone by it); another host's, or a pid used again since
-            moved = time.time() - entry.stat(follow_symlinks=False).st_ctime
+            moved = time.time() - path.stat(follow_symlinks=False).st_ctime
             if (match["host"] == HOST and not pid_alive(int(match["pid"]))) or moved > SWAP_GONE_AFTER_S:
-                found[match["kind"]].setdefault((match["host"], match["pid"]), []).append(Path(entry.path))
+                found[match["kind"]].setdefault((match["host"], match["pid"]), []).append(path)
         except OSError:  # moved meanwhile (its writer finished, or another reader repairs)
             continue
     if not found["old"]:
