@@ -336,23 +336,22 @@ class Job:
             kept["filled_labels"] = {g: int((f >= 0).sum()) for g, f in ckpt["filled_labels"].items()}
         return kept
 
-    def restore_best(self, ckpt: dict, history: list) -> bool:
-        """Write best.pt from last.pt when last.pt's epoch is the run's best and best.pt scores lower (or
-        is missing): a kill between the two writes of that epoch."""
-        scores = [self.selection_score(r) for r in history]
+    def restore_best(self, ckpt: dict, history: list, scores: list[float]) -> None:
+        """Write best.pt from last.pt when last.pt's epoch is the run's best (``scores``: each epoch of
+        ``history``'s selection score) and best.pt scores lower (or is missing): a kill between the two
+        writes of that epoch."""
         if not scores or scores.index(max(scores)) != len(scores) - 1 or history[-1].get("epoch") != ckpt["epoch"]:
-            return False
+            return
         path = self.out / "best.pt"
         try:  # best.pt scoring as well is kept: this epoch's, or the run before's (--early-learning auto and
             # --fill-missing keep the better run's best.pt, another epoch number)
             if load_checkpoint(path).get("best_score", -float("inf")) >= scores[-1]:
-                return False
+                return
         except (ValueError, OSError):  # missing or unreadable: written below
             pass
         atomic_save(self.best_of(ckpt), path)
         logger.warning("%s did not hold epoch %d, the best so far, written to last.pt before a stop: written from it",
                        path, ckpt["epoch"])
-        return True
 
     def restore(self, optimizer, scheduler) -> tuple[int, list, float]:
         """Resume from RUN/last.pt when asked; returns (first epoch, history, best selection score)."""
@@ -378,9 +377,10 @@ class Job:
                                "continues it as it was trained)", last)
         logger.info("Resuming %s after epoch %d", self.out, ckpt["epoch"])
         history = ckpt.get("history", [])
-        best = max((self.selection_score(r) for r in history), default=-float("inf"))
+        scores = [self.selection_score(r) for r in history]
+        best = max(scores, default=-float("inf"))
         if self.main:
-            self.restore_best(ckpt, history)
+            self.restore_best(ckpt, history, scores)
         if not (self.out / "best.pt").exists():  # deleted: the next validated epoch writes one
             logger.warning("%s has no best.pt; the next epoch writes it (the best epoch before is not kept)", self.out)
             best = -float("inf")
