@@ -27,8 +27,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if (default is None or default is argparse.SUPPRESS or "default" in text or not action.option_strings
-                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction,
-                                       argparse.BooleanOptionalAction))):
+                or action.nargs == 0):  # a switch (store_true / store_const / --x/--no-x) says it in its help
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
