@@ -251,6 +251,25 @@ def test_labels_differing_only_in_case_or_spaces_are_one(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("well_formed", [True, False])
+def test_missing_values_as_programs_write_them_are_unknown(tmp_path, monkeypatch, caplog, well_formed):
+    # pandas' astype(str) writes nan, SQL NULL, Excel #N/A: unknown like an empty cell, also inside a
+    # multi-label cell; N/A and None are labels (a bag's sleeve length, a collar)
+    from retrieval.data import columns
+
+    if not well_formed:
+        monkeypatch.setattr(columns, "read_columns", lambda *a: None)
+    rows = ["a.jpg,train,,nan,N/A", "b.jpg,train,,Red|NaN,None", "c.jpg,test,,NULL,x", "d.jpg,test,,#N/A,x",
+            "e.jpg,train,,Red,<NA>", "f.jpg,train,,nan,x"]
+    cat = read_catalog(write_catalog(tmp_path, rows))
+    assert [it.labels["colour"] for it in cat.items] == [(), ("Red",), (), (), ("Red",), ()]
+    assert [it.labels["type"] for it in cat.items] == [("N/A",), ("None",), ("x",), ("x",), (), ("x",)]
+    assert cat.vocab == {"colour": ["Red"], "type": ["N/A", "None", "x"]}
+    assert ("group 'colour': '#N/A' on 1 item, 'NULL' on 1 item, 'NaN' on 1 item, 'nan' on 2 items read as "
+            "unknown, as an empty cell is") in caplog.text
+    assert "group 'type': '<NA>' on 1 item read as unknown" in caplog.text
+
+
+@pytest.mark.parametrize("well_formed", [True, False])
 def test_columns_without_a_name_are_ignored_while_empty(tmp_path, monkeypatch, well_formed):
     # a spreadsheet's export with trailing separators: columns with no header name and no value
     from retrieval.data import columns

@@ -27,6 +27,10 @@ SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
 LABEL_SEPARATOR = "|"
+# what programs write for a missing value (pandas' NaN and <NA>, SQL's NULL, Excel's #N/A): no
+# attribute of a garment is called so, so a label spelt so is unknown, as an empty cell is; NA, N/A
+# and None stay labels (a bag's sleeve length "N/A", a collar "None")
+MISSING_MARKERS = frozenset({"nan", "null", "<na>", "#n/a", "nat"})
 MIN_UNSHARED_ITEMS = 20  # a group is judged an identifier column (unshared_labels) from this many labelled items
 
 
@@ -453,16 +457,16 @@ def read_catalog(root: str | Path, check_files: bool = True) -> Catalog:
         raise CatalogError(f"{csv_path}: no rows")
     cells = cells or {g: Counter(item.labels[g] for item in items) for g in groups}
     for g in groups:
+        unknown, told = missing_markers(cells[g])
+        if unknown:
+            logger.warning("%s: group %r: %s read as unknown, as an empty cell is (a missing value as a program "
+                           "writes it)", csv_path, g, told)
+            respell(items, g, cells, unknown)
         respelled, told = merge_spellings(cells[g])
         if respelled:
             logger.warning("%s: group %r: labels that differ only in letter case or spaces are one label, the "
                            "most frequent spelling: %s", csv_path, g, told)
-            for item in items:
-                item.labels[g] = respelled.get(item.labels[g], item.labels[g])
-            merged: Counter[tuple[str, ...]] = Counter()
-            for cell, n in cells[g].items():
-                merged[respelled.get(cell, cell)] += n
-            cells[g] = merged
+            respell(items, g, cells, respelled)
     vocab = {g: sorted({label for cell in cells[g] for label in cell}) for g in groups}
     left_out = {g: "no label on any row" for g in groups if not vocab[g]}
     left_out.update({g: why for g in groups if g not in left_out and (why := unshared_labels(cells[g]))})
@@ -478,6 +482,26 @@ def label_counts(cells: dict[tuple[str, ...], int]) -> Counter[str]:
     for cell, n in cells.items():
         counts.update(dict.fromkeys(cell, n))
     return counts
+
+
+def respell(items: list[Item], group: str, cells: dict[str, Counter], respelled: dict[tuple[str, ...], tuple[str, ...]]):
+    """Give ``group``'s cells (its items' labels and its count of items per cell) their new spelling."""
+    for item in items:
+        item.labels[group] = respelled.get(item.labels[group], item.labels[group])
+    merged: Counter[tuple[str, ...]] = Counter()
+    for cell, n in cells[group].items():
+        merged[respelled.get(cell, cell)] += n
+    cells[group] = merged
+
+
+def missing_markers(cells: dict[tuple[str, ...], int]) -> tuple[dict[tuple[str, ...], tuple[str, ...]], str]:
+    """A group's labels spelt as a missing value (``MISSING_MARKERS``, any letter case) dropped:
+    ({cell: the cell without them} for the cells that change, which spellings on how many items)."""
+    respelled = {cell: tuple(label for label in cell if label.casefold() not in MISSING_MARKERS) for cell in cells}
+    respelled = {cell: new for cell, new in respelled.items() if new != cell}
+    counts = label_counts(cells)
+    markers = sorted({label for cell in respelled for label in cell if label.casefold() in MISSING_MARKERS})
+    return respelled, ", ".join(f"{label!r} on {counts[label]:,} item{'s' * (counts[label] != 1)}" for label in markers)
 
 
 def merge_spellings(cells: dict[tuple[str, ...], int]) -> tuple[dict[tuple[str, ...], tuple[str, ...]], str]:
