@@ -184,3 +184,23 @@ def test_wide_standin_adds_four_groups_two_multi_label_each_kept_on_its_share(st
                                           ("Magenta", "warm"), ("Lavender", "cool"), ("Silver", "neutral")])
 def test_colour_family_reads_the_name_as_a_css_colour(name, family):
     assert colour_family(name) == family
+
+
+def test_snapshot_standin_turns_the_garment_on_a_plain_backdrop_deterministically(studio_catalog, tmp_path):
+    make_standin(studio_catalog, tmp_path / "a", "snapshot", n_items=8, seed=3)
+    make_standin(studio_catalog, tmp_path / "b", "snapshot", n_items=8, seed=3, workers=2)
+    a, b, source = read_catalog(tmp_path / "a"), read_catalog(tmp_path / "b"), read_catalog(studio_catalog)
+    assert a.groups == source.groups and len(a) == 8
+    assert all(a.path_of(i).read_bytes() == b.path_of(i).read_bytes() for i in a.items)
+    by_title = {it.title: it for it in source.items}
+    for item in a.items:
+        assert item.labels == by_title[item.title].labels and item.split == by_title[item.title].split
+        pixels = np.asarray(Image.open(a.path_of(item)).convert("RGB")).astype(int)
+        assert pixels.shape == (SIDE, SIDE, 3)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert (border.min(1) >= 235).mean() < 0.5  # a backdrop, not the white studio
+        assert border.std(0).max() < 40  # plain: one colour under uneven light, no clutter
+        if item.labels["baseColour"] != ("Black",):  # a dim backdrop can be near black
+            colour = COLOURS[item.labels["baseColour"][0]]
+            garment = np.abs(pixels - colour).sum(2) < 150  # cast, dimmed and compressed: near its colour
+            assert 0.03 < garment.mean() < 0.7

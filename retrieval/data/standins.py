@@ -29,10 +29,16 @@ deterministically from a seed and keeping the source's group names:
   multi-label, the last two other groups' labels together; each new group kept on a share of the
   items only (``WIDE_KEEP``). Made from the street, multi-label stand-in it has 11 groups, four of
   them multi-label.
+- ``snapshot``: each garment as a phone snapshot of it, as a small shop or a marketplace seller
+  takes them: cut from white, larger than on the street (55–85% of the frame), turned up to 25
+  degrees, with a soft shadow on a plain backdrop (one muted colour, uneven light, a weave), a
+  stronger colour cast than the street's, then a low-resolution camera and a harsh JPEG. Drawn on
+  2026-11-29 after every default was chosen: a check, never used to choose.
 """
 from __future__ import annotations
 
 import colorsys
+import io
 import logging
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -50,7 +56,7 @@ from retrieval.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("street", "multicolour", "multilabel", "missing", "noisy", "wide")
+KINDS = ("street", "multicolour", "multilabel", "missing", "noisy", "wide", "snapshot")
 NOISE = 0.3  # share of the labelled training items whose labels the noisy stand-in replaces, per group
 WIDE_KEEP = {"colourFamily": 1.0, "mainColour": 0.7, "department": 0.8, "occasion": 0.5}  # items labelled
 SIDE = 256  # stand-in images are SIDE × SIDE
@@ -128,6 +134,45 @@ def street_image(rng: np.random.Generator, garment: Image.Image, others: list[Im
     return relight(rng, canvas)
 
 
+def backdrop(rng: np.random.Generator) -> Image.Image:
+    """A plain surface under uneven light, as a garment laid on a floor, bed or table is shot: one
+    muted colour, a brightness falloff from a random point, a weave-like texture and sensor noise."""
+    hue, light, saturation = rng.uniform(0, 1), rng.uniform(0.35, 0.85), rng.uniform(0.05, 0.35)
+    base = np.array(colorsys.hls_to_rgb(hue, light, saturation), np.float32) * 255
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) / SIDE
+    cy, cx = rng.uniform(-0.2, 1.2, 2)
+    falloff = 1.15 - rng.uniform(0.2, 0.5) * np.hypot(yy - cy, xx - cx)
+    period = rng.uniform(3, 8)
+    weave = 1 + rng.uniform(0.02, 0.06) * np.sin(2 * np.pi * xx * SIDE / period) * np.sin(2 * np.pi * yy * SIDE / period)
+    pixels = base * (falloff * weave)[..., None] + rng.normal(0, rng.uniform(2, 6), (SIDE, SIDE, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def snapshot_image(rng: np.random.Generator, garment: Image.Image) -> Image.Image:
+    """The garment as a phone snapshot of it: 55–85% of the frame, turned up to 25 degrees, off
+    centre, with a soft shadow, on a ``backdrop``; then a cast (±25% red against blue), brightness
+    0.65–1.15, the camera's low resolution (96–160 px scaled back up) and a JPEG of quality 20–50."""
+    product = cut_out(garment, int(rng.uniform(0.55, 0.85) * SIDE))
+    product = product.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BILINEAR, expand=True)
+    if max(product.size) > SIDE:  # turned, it may outgrow the frame
+        product.thumbnail((SIDE, SIDE), Image.Resampling.BILINEAR)
+    canvas = backdrop(rng)
+    x = int(rng.integers(0, SIDE - product.width + 1))
+    y = int(rng.integers(0, SIDE - product.height + 1))
+    shade = product.getchannel("A").filter(ImageFilter.GaussianBlur(6)).point(lambda a: int(a * 0.45))
+    dx, dy = (int(v) for v in rng.integers(3, 10, 2))
+    canvas.paste((0, 0, 0), (x + dx, y + dy), shade)
+    canvas.paste(product, (x, y), product)
+    warmth, brightness = rng.uniform(-0.25, 0.25), rng.uniform(0.65, 1.15)
+    gains = brightness * np.array([1 + warmth, 1.0, 1 - warmth], np.float32)
+    canvas = Image.fromarray(np.clip(np.asarray(canvas, np.float32) * gains, 0, 255).astype(np.uint8))
+    low = int(rng.integers(96, 161))
+    canvas = canvas.resize((low, low), Image.Resampling.BILINEAR).resize((SIDE, SIDE), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    canvas.save(buffer, "JPEG", quality=int(rng.integers(20, 51)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
 def _random_crop(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     w = int(rng.integers(image.width // 4, image.width // 2 + 1))
     x, y = (int(v) for v in rng.integers(0, image.width - w + 1, 2))
@@ -169,6 +214,13 @@ def _street_row(catalog: Catalog, out: Path, seed: int, i: int, index: int) -> l
     return _row(catalog.items[index], catalog.groups, path)
 
 
+def _snapshot_row(catalog: Catalog, out: Path, seed: int, i: int, index: int) -> list[str]:
+    image = snapshot_image(np.random.default_rng([seed, i]), load_image(catalog.path_of(catalog.items[index])))
+    path = f"images/{i:06d}.jpg"
+    image.save(out / path, "JPEG", quality=95)  # the snapshot's own JPEG artefacts are in its pixels
+    return _row(catalog.items[index], catalog.groups, path)
+
+
 def capped(n_items: int, available: int, what: str) -> int:
     """``n_items``, or the ``available`` count when that is fewer (each source image is drawn once),
     with a warning saying so."""
@@ -183,6 +235,13 @@ def make_street(catalog: Catalog, out: Path, n_items: int, seed: int, workers: i
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(catalog.items), size=capped(n_items, len(catalog.items), "images"), replace=False)
     return _rows(partial(_street_row, catalog, out, seed), chosen, workers, "street stand-in")
+
+
+def make_snapshot(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
+    """Phone-snapshot rows (``snapshot_image``; images written under ``out/images``)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(catalog.items), size=capped(n_items, len(catalog.items), "images"), replace=False)
+    return _rows(partial(_snapshot_row, catalog, out, seed), chosen, workers, "snapshot stand-in")
 
 
 def _multicolour_row(catalog: Catalog, coloured: list[Item], shared: tuple[str, ...], out: Path, seed: int,
@@ -331,7 +390,7 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         source: a catalog of product photos on white (``labels.csv`` + images).
         out: folder of the stand-in (created; must not be the source).
         kind: one of ``KINDS``.
-        n_items: how many images ``street``, ``multicolour`` and ``multilabel`` draw (``missing``, ``noisy``
+        n_items: how many images ``street``, ``snapshot``, ``multicolour`` and ``multilabel`` draw (``missing``, ``noisy``
             and ``wide`` keep them all).
         seed: the same seed gives the same catalog.
         workers: processes drawing the images (the catalog is the same for any number).
@@ -351,6 +410,8 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         rows = make_noisy(catalog, out, seed)
     elif kind == "street":
         rows = make_street(catalog, out, n_items, seed, workers)
+    elif kind == "snapshot":
+        rows = make_snapshot(catalog, out, n_items, seed, workers)
     else:
         rows = make_multicolour(catalog, out, n_items, seed, workers, kind)
     labels = out / LABELS_FILE
