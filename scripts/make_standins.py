@@ -1,4 +1,4 @@
-"""Write stand-in catalogues (street, multicolour, multilabel, missing labels, noisy labels, many groups) drawn from a catalog of photos.
+"""Write stand-in catalogues (street, multicolour, multilabel, missing labels, noisy labels, many groups, phone snapshots) drawn from a catalog of photos.
 
     python scripts/make_standins.py --source ../shared/datasets/fashion-product-images --out /tmp/standins
     python scripts/make_standins.py --source /tmp/standins/street --kinds noisy --out /tmp/standins/street  # street/noisy
@@ -21,7 +21,7 @@ def get_args_parser():
     p.add_argument("--kinds", default="street,multicolour,missing",
                    help=f"comma-separated, of: {', '.join(KINDS)} (noisy: best made from a street stand-in; wide: from the street, multi-label one)")
     p.add_argument("--n-items", type=at_least(10), default=2000,
-                   help="images of the street, multicolour and multilabel stand-ins (at most the source's: more is capped, with a warning)")
+                   help="images of the street, snapshot, multicolour and multilabel stand-ins (at most the source's: more is capped, with a warning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes drawing the images (same catalog for any number)")
     return p
