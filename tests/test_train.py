@@ -170,7 +170,8 @@ def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog
     shutil.copytree(tiny_run, run)
     before = (run / "config.yaml").read_text()
     monkeypatch.setattr(trainer.Job, "prepare_inputs", lambda job: pytest.fail("the trunk pass ran"))
-    for extra, message in ((("--image-size", "96"), "another model configuration (image_size differ)"),
+    for extra, message in ((("--image-size", "96"), "another model configuration (image_size 64 there, 96 now): resume "
+                                                    "it with the options it was trained with (--image-size 64)"),
                            (("--lr", "0.5"), "(lr 0.002 there, 0.5 now)"),
                            (("--optimizer", "sgd"), "optimizer 'adamw' there, 'sgd' now"),
                            (("--select-by", "loss"), "select_by 'map' there, 'loss' now")):  # best.pt's scores
@@ -180,6 +181,25 @@ def test_resume_names_what_it_cannot_continue_before_the_trunk_pass(demo_catalog
     assert train(demo_catalog, run, "--epochs", "1", "--resume") == 0
     assert "has trained 2 epochs already (--epochs 1): nothing to do" in caplog.text
     assert (run / "config.yaml").read_text() == before
+
+
+def test_a_run_from_before_an_option_existed_resumes_with_its_old_value(demo_catalog, tmp_path, capsys):
+    # a last.pt written before --shared-view and --label-attention existed lacks both fields: it was
+    # trained with their old values (LEGACY), so the options that say so resume it; before, a missing
+    # field never equalled anything and every resume was refused, naming options nobody had changed
+    run = tmp_path / "run"
+    old = ("--shared-view", "embedding", "--no-label-attention")
+    assert train(demo_catalog, run, "--epochs", "1", *old) == 0
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / name)
+        for key in ("shared_view", "label_attention"):
+            del ckpt["model_config"][key]
+        torch.save(ckpt, run / name)
+    assert train(demo_catalog, run, "--epochs", "2", "--resume") == 1
+    assert ("(label_attention False there, True now; shared_view 'embedding' there, 'matches' now): resume it with "
+            "the options it was trained with (--no-label-attention --shared-view embedding)") in capsys.readouterr().err
+    assert train(demo_catalog, run, "--epochs", "2", "--resume", *old) == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
 def test_last_pt_follows_best_pt_and_a_stopped_run_resumes_from_the_last_one_written(demo_catalog, tiny_run,

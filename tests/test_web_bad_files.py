@@ -95,6 +95,35 @@ def test_a_broken_index_swapped_in_keeps_the_previous_one(web_data, tmp_path, na
     assert client.get("/api/health").get_json()["reload_error"] is None
 
 
+def test_a_swap_killed_between_its_renames_is_finished_by_the_server(web_data, tmp_path):
+    # a writer killed after "index -> .old" and before ".tmp -> index": serve exited with "No such file
+    # or directory: .../sidecar.json" at start-up (index add / remove put the new index in place), and a
+    # running server kept the index before the swap for good
+    import subprocess
+
+    from indexer.stale import HOST
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def killed_swap(index, new, tag):
+        os.rename(index, index.parent / f".{index.name}.old-{HOST}-{gone.pid}-{tag}")
+        os.rename(new, index.parent / f".{index.name}.tmp-{HOST}-{gone.pid}-{tag}")
+
+    index = copy_index(web_data, tmp_path)
+    new = tmp_path / "new"
+    shutil.copytree(index, new)
+    assert cli(["index", "remove", "--index", str(new), "--ids", "1"]) == 0
+    killed_swap(index, new, "0a1b2c3d")
+    client = create_app(make_config(web_data, tmp_path, INDEX_DIR=str(index))).test_client()
+    assert client.get("/api/health").get_json()["index_size"] == 59  # the new index, put in place
+    shutil.copytree(index, new)
+    assert cli(["index", "remove", "--index", str(new), "--ids", "2"]) == 0
+    killed_swap(index, new, "1a2b3c4d")  # under the running server
+    assert client.get("/api/health").get_json()["index_size"] == 58
+    assert (index / "sidecar.json").is_file()
+
+
 def test_an_index_that_breaks_before_the_first_request_is_a_503_naming_it(web_data, tmp_path):
     index = copy_index(web_data, tmp_path)
     empty_ids(index)

@@ -73,7 +73,16 @@ class IndexHolder:
         try:
             key = stat_key(self.directory)
         except OSError:
-            return  # between the two renames of a swap: keep serving the old index
+            # between the two renames of a swap: keep serving the old index, unless its writer is gone
+            # (killed there): then its new index is put in place and read as any other
+            from indexer.persist import finish_interrupted_swap
+
+            try:
+                if not finish_interrupted_swap(self.directory):
+                    return
+                key = stat_key(self.directory)
+            except OSError:
+                return
         if key in (snapshot.key, self._failed_key) or not self._load_lock.acquire(blocking=False):
             return
         try:
@@ -90,7 +99,9 @@ class IndexHolder:
     def _load(self) -> Snapshot:
         """Read the directory, retrying when it was swapped while being read."""
         from indexer import IndexStore
+        from indexer.persist import finish_interrupted_swap
 
+        finish_interrupted_swap(self.directory)  # a swap killed between its renames left no index to stat
         for _ in range(LOAD_ATTEMPTS):
             before = stat_key(self.directory)
             # memory-mapped: the item arrays and exact views live in the page cache, so a reload does

@@ -20,7 +20,7 @@ from retrieval.data.images import augment_batch, normalize_batch
 from retrieval.devices import Collectives, resolve_device, setup_distributed
 from retrieval.atomic import atomic_write, hold_lock
 from retrieval.net.checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from retrieval.net.model import create_model, model_options
+from retrieval.net.model import LEGACY, create_model, model_options
 from retrieval.net.trunkcache import build_trunk_cache
 from retrieval.train import sampling
 from retrieval.train.config import (AUTO_MIN_VALIDATION, EARLY_LEARNING, FILL_MIN_MISSING, FILL_MISSING,
@@ -50,6 +50,14 @@ RESUME_FIXED = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "sc
 # last epoch, and otherwise at most this often: a 60-item catalogue's 700 one-step epochs spent 108 of
 # their 146 s writing them every epoch (a 44 MB last.pt and an ever longer history)
 CHECKPOINT_EVERY_S = 30.0
+
+
+def option_flag(name: str, value) -> str:
+    """The ``retrieval train`` option that sets model field ``name`` to ``value``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
 
 
 class Job:
@@ -525,11 +533,15 @@ class Job:
         items that changed (``check_items_unchanged``)."""
         last = self.out / "last.pt"
         mine = self.model.config.to_dict()
-        theirs = ckpt["model_config"]
-        if theirs != mine:
-            keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
-            raise ValueError(f"{last}: was trained with another model configuration ({', '.join(keys)} differ); "
-                             "cannot resume it: train into a new --out")
+        theirs = {**LEGACY, **ckpt["model_config"]}  # a run from before an option existed had its old value
+        keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+        if keys:
+            told = "; ".join(f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys)
+            flags = [option_flag(k, theirs[k]) for k in keys if k not in ("groups", "multi_label_groups")]
+            how = (f"resume it with the options it was trained with ({' '.join(flags)})" if len(flags) == len(keys)
+                   else "the catalog's groups or labels changed since; it cannot be resumed")
+            raise ValueError(f"{last}: was trained with another model configuration ({told}): {how}, or train "
+                             "into a new --out")
         before = ckpt.get("train_config", {})
         changed = [f"{k} {before[k]!r} there, {getattr(self.cfg, k)!r} now" for k in RESUME_FIXED
                    if k in before and before[k] != getattr(self.cfg, k)]
