@@ -103,7 +103,7 @@ def test_evaluate_writes_hand_checked_report(catalog_dir, tmp_path, capsys):
     assert report["settings"] | {"embeddings": None, "catalog": None} == {
         "split": "test", "k": 3, "fingerprint": "sha-test", "embeddings": None, "n_items": 7,
         "n_missing": 1, "candidates": "labelled", "catalog": None, "title": "emb", "fused_with": None,
-        "shared_view": "embedding"}
+        "shared_view": "embedding", "multi_label_view_power": None}  # no multi-label group in the file
     for g, (paper, standard, queries) in EXPECTED.items():
         assert report["groups"][g]["map_paper"] == pytest.approx(paper)
         assert report["groups"][g]["map_standard"] == pytest.approx(standard)
@@ -258,6 +258,25 @@ def test_compare_notes_means_over_different_groups(catalog_dir, tmp_path):
     table = compare_reports([tmp_path / "both", tmp_path / "one"])
     assert table.endswith("The means are over different groups: both: type, colour; one: type.")
     assert "different groups" not in compare_reports([tmp_path / "both", tmp_path / "both"])
+
+
+def test_compare_notes_runs_ranked_by_other_rules(catalog_dir, tmp_path):
+    # an EMB.h5 embedded before the multi-label group view's rule changed, against one after: its
+    # colour group view moved with no word said (the report did not record the rule)
+    emb = write_embeddings(tmp_path / "emb.h5", ROWS)
+    main(["--embeddings", str(emb), "--catalog", str(catalog_dir), "--k", "3", "--out", str(tmp_path / "new")])
+    report = json.loads((tmp_path / "new" / "report.json").read_text())
+    report["settings"]["multi_label_view_power"] = 0.5
+    (tmp_path / "new" / "report.json").write_text(json.dumps(report))
+    del report["settings"]["multi_label_view_power"]
+    report["settings"]["shared_view"] = "matches"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.json").write_text(json.dumps(report))
+    table = compare_reports([tmp_path / "new", tmp_path / "old"])
+    assert "The runs differ in what the shared view ranks by (shared_view): new: embedding; old: matches." in table
+    assert ("the multi-label group views' rule (p·q / (|p| |q|)^power; reports before 2026-11-29 do not record it: "
+            "1.0, the cosine, then) (multi_label_view_power): new: 0.5; old: not recorded.") in table
+    assert "differ in" not in compare_reports([tmp_path / "new", tmp_path / "new"])
 
 
 def test_classification_section_is_written(catalog_dir, tmp_path):

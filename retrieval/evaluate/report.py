@@ -9,8 +9,9 @@ import numpy as np
 
 from retrieval.atomic import atomic_write
 from retrieval.data.catalog import Catalog
-from retrieval.data.embfile import (HEAD_LABELS, SHARED_VIEW_READS, SIGMOID_GROUPS, EmbeddingsError,
-                                    fuse_probabilities, group_vectors, ranks_by_cosine, read_attrs, read_paths,
+from retrieval.data.embfile import (HEAD_LABELS, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_READS, SIGMOID_GROUPS,
+                                    EmbeddingsError, fuse_probabilities, group_vectors, multi_label_view_power,
+                                    ranks_by_cosine, read_attrs, read_paths,
                                     read_probabilities, read_rows, shared_view_name, shared_view_rows)
 from retrieval.evaluate.classification import classify
 from retrieval.evaluate.metrics import evaluate_retrieval
@@ -75,6 +76,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         logger.warning("group vectors %r have no matching catalog group; ignored", g)
     views = {g: v for g, v in emb.group_vectors.items() if g in labels}
     probs = read_probabilities(emb_path, rows)
+    view_power = multi_label_view_power(emb.attrs)  # the rule the file's group views were written with
     if fuse:
         position = {p: i for i, p in enumerate(read_paths(fuse))}
         missing = [p for p in emb.paths if p not in position]
@@ -86,6 +88,7 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
         sigmoid = set(emb.sigmoid_groups if emb.sigmoid_groups is not None else catalog.multi_label_groups())
         sigmoid |= set(read_attrs(fuse).get(SIGMOID_GROUPS) or ())  # a group either model scores by sigmoids
         views = {g: v for g, v in group_vectors(probs, sigmoid).items() if g in labels}
+        view_power = MULTI_LABEL_VIEW_POWER if sigmoid & set(views) else None
     try:
         vectors = shared_view_rows(emb.vectors, emb.attrs, shared_view)
     except EmbeddingsError as err:
@@ -102,7 +105,8 @@ def evaluate_embeddings(emb_path: str | Path, catalog: Catalog, split: str = "te
                 "n_items": len(rows), "n_missing": n_missing, "candidates": candidates,
                 "catalog": str(Path(catalog.root).resolve()),
                 "fused_with": str(Path(fuse).resolve()) if fuse else None,
-                "shared_view": name}
+                "shared_view": name,
+                "multi_label_view_power": view_power}  # None without a multi-label group
     if sample_queries is not None:
         settings.update({"sample_queries": min(sample_queries, len(rows)), "seed": seed,
                          "interval": "95% percentile bootstrap over the sampled queries"})
@@ -246,6 +250,11 @@ def report_problem(report: dict) -> str | None:
     return None
 
 
+RANKING_SETTINGS = {"shared_view": "what the shared view ranks by",
+                    "multi_label_view_power": "the multi-label group views' rule (p·q / (|p| |q|)^power; "
+                                              "reports before 2026-11-29 do not record it: 1.0, the cosine, then)"}
+
+
 def compare_reports(dirs: list[str | Path]) -> str:
     """Markdown table, a row per group and a column per run: mAP@k paper / standard in %."""
     reports = {Path(d).resolve().name: load_report(d) for d in dirs}
@@ -265,6 +274,10 @@ def compare_reports(dirs: list[str | Path]) -> str:
         cells = [_pair(_view(r["groups"].get(g), view)) for _, r, view in columns]
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(_pair(_view(r["mean"], view)) for _, r, view in columns) + " |")
+    for key, what in RANKING_SETTINGS.items():  # the same files ranked by another rule score otherwise
+        told = {name: r["settings"].get(key, "not recorded") for name, r in reports.items()}
+        if len(set(map(str, told.values()))) > 1:
+            lines += ["", f"The runs differ in {what} ({key}): " + "; ".join(f"{n}: {v}" for n, v in told.items()) + "."]
     averaged = {name: r.get("views", {}).get("shared", {}).get("groups") for name, r in reports.items()}
     if len({tuple(g) for g in averaged.values() if g is not None}) > 1:  # the means do not compare
         lines += ["", "The means are over different groups: " + "; ".join(
