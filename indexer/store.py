@@ -113,6 +113,31 @@ class IndexStore:
         key = item_id if view == "shared" else self.position(item_id)
         return np.asarray(self._view(view).reconstruct(int(key)), dtype=np.float32)[None, :]
 
+    def vectors(self, item_ids, view: str = "shared") -> np.ndarray:
+        """Return the stored vectors [N, D] of several catalog ids in a view (IVF-PQ's shared view: its
+        PQ approximation; group views: as their codec stores them)."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        keys = ids if view == "shared" else self._positions(ids).astype(np.int64)
+        if not len(keys):
+            return np.empty((0, self._view(view).d), dtype=np.float32)
+        return np.asarray(self._view(view).reconstruct_batch(keys), dtype=np.float32)
+
+    def unlike(self, item_ids, vectors_by_view: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Which of ``item_ids`` (bool per id) hold, in a given view, another vector than the given one
+        would be stored as: group views compared after the view's codec (fp16 / 8-bit) rounds the given
+        one, the shared view exactly (to 1e-5; IVF-PQ's, an approximation, is not compared)."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        differ = np.zeros(len(ids), dtype=bool)
+        for view, vectors in vectors_by_view.items():
+            if not len(ids) or (view == "shared" and self.index_type == "ivfpq"):
+                continue
+            given = self._as_view_vectors(view, vectors, f"{view} vectors")
+            if view != "shared":
+                index = faiss.downcast_index(self._view(view))
+                given = index.sa_decode(index.sa_encode(given))
+            differ |= np.abs(given - self.vectors(ids, view)).max(axis=1) > (1e-5 if view == "shared" else 0)
+        return differ
+
     def sidecar(self) -> dict:
         """Return the JSON sidecar contents (see docs/formats.md); item arrays are written beside it."""
         return {"format": FORMAT, "fingerprint": self.fingerprint, "type": self.index_type,

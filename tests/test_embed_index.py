@@ -249,7 +249,54 @@ def test_index_build_add_remove(embeddings, demo_catalog, tmp_path):
     assert len(store) == 60
     scores, ids = store.search(np.eye(1, store.dimension, dtype=np.float32), 5, filters={"gender": ["women"]})
     assert all("women" in store.item(i)["labels"]["gender"] for i in ids[0] if i >= 0)
-    assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg"]) == 1
+    # a day's list of withdrawn products run again: what is gone is said, the rest removed, nothing saved
+    before = (index / "sidecar.json").read_bytes()
+    assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg", "--ids", "999"]) == 0
+    assert (index / "sidecar.json").read_bytes() == before
+    assert cli(["index", "remove", "--index", str(index)]) == 1  # nothing given
+
+
+def test_index_add_updates_the_items_whose_labels_title_or_photo_changed(embeddings, demo_catalog, tmp_path, caplog,
+                                                                         capsys):
+    # a label corrected, a title changed, a photo shot again under its name: "Added 0 items", the index
+    # kept the old labels and vector while the web page showed the new photo; an add with nothing new
+    # rewrote every file (and every server reloaded)
+    from indexer import IndexStore
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    stamp = (index / "sidecar.json").read_bytes()
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(embeddings)]) == 0
+    assert "Nothing to add or update" in capsys.readouterr().out
+    assert (index / "sidecar.json").read_bytes() == stamp  # left as it was
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    lines = (catalog / "labels.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")  # item 2: its category corrected
+    row[header.index("category")] = "corrected"
+    lines[3] = ",".join(row)
+    row = lines[5].split(",")  # item 4: its title
+    row[header.index("title")] = "a new title"
+    lines[5] = ",".join(row)
+    (catalog / "labels.csv").write_text("\n".join(lines) + "\n")
+    shot = tmp_path / "shot.h5"  # item 9's photo shot again: its vectors in the embeddings file change
+    shutil.copy(embeddings, shot)
+    with h5py.File(shot, "r+") as f:
+        f["vectors"][9] = f["vectors"][10]
+        for name in f["groups"]:
+            f["groups"][name][9] = f["groups"][name][10]
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(shot), "--catalog", str(catalog)]) == 0
+    out = capsys.readouterr().out
+    assert "Added 0 items to" in out and "updated 3 (a label, title or photo changed)" in out
+    store = IndexStore.load(index)
+    assert len(store) == 60 and sorted(store.ids.tolist()) == list(range(60))  # the same ids: links keep working
+    assert store.item(2)["labels"]["category"] == ["corrected"] and store.item(4)["title"] == "a new title"
+    with h5py.File(shot) as f:
+        assert np.allclose(store.vector(9), f["vectors"][10][None, :store.dimension], atol=1e-5)
+    assert store.search(store.vector(9), 1, filters={"category": ["corrected"]})[1][0, 0] == 2
+    assert cli(["index", "add", "--index", str(index), "--embeddings", str(shot), "--catalog", str(catalog)]) == 0
+    assert "Nothing to add or update" in capsys.readouterr().out
 
 
 def test_index_add_knows_an_item_by_its_image_not_its_row(embeddings, tmp_path, caplog):

@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     build.add_argument("--group-codec", choices=("fp16", "8bit"), default="fp16",
                        help="how group views store their values, searched exactly: fp16 (2 bytes a value, "
                             "default) or 8bit (1 byte; mAP@50 within 0.5 points on the development catalogue)")
-    add = sub.add_parser("add", help="add the products of EMB.h5 that the index does not hold yet")
+    add = sub.add_parser("add", help="add the products of EMB.h5 that the index does not hold yet, and update "
+                                     "those it holds whose labels, title or photo changed")
     add.add_argument("--index", required=True, metavar="INDEX_DIR")
     add.add_argument("--embeddings", required=True, metavar="EMB.h5")
     add.add_argument("--catalog", metavar="DIR", help="catalog for titles and labels (default: the one embedded)")
@@ -128,6 +129,29 @@ def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids
     return new, out
 
 
+def held_items(paths: list[str], store) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of an embeddings file whose image the index holds, their ids there)."""
+    by_path = dict(zip(store.paths, store.ids.tolist()))
+    rows = np.array([i for i, path in enumerate(paths) if path in by_path], dtype=np.int64)
+    return rows, np.array([by_path[paths[i]] for i in rows], dtype=np.int64)
+
+
+def changed_items(store, source, rows: np.ndarray, ids: np.ndarray, titles: list[str],
+                  labels: dict[str, list[tuple]], block: int = 65536) -> np.ndarray:
+    """Positions in ``rows`` (file rows of images the index holds, ``ids`` theirs there; ``titles`` and
+    ``labels`` theirs in the catalog now) whose title, labels or vectors differ from the index's: a
+    label corrected, a photo shot again under its name. A group the index has and the catalog lost
+    counts as unlabelled; one the catalog gained is not compared (the index cannot filter by it)."""
+    differ = np.zeros(len(rows), dtype=bool)
+    for start in range(0, len(rows), block):
+        part = slice(start, start + block)
+        for k, item in enumerate(store.items_by_id(ids[part]), start):
+            differ[k] = (item["title"] or "") != (titles[k] or "") or any(
+                sorted(held) != sorted(labels[g][k] if g in labels else ()) for g, held in item["labels"].items())
+        differ[part] |= store.unlike(ids[part], {view: source.take(view, rows[part]) for view in store.views})
+    return np.flatnonzero(differ)
+
+
 HELD_BY_PARENT = "RETRIEVAL_INDEX_LOCK"  # set by scripts/rebuild_index.sh for its steps: the lock it holds
 
 
@@ -182,8 +206,9 @@ def main(argv=None) -> int:
         with index_lock(args.index), BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
             new, ids = new_items(reader.paths, reader.ids, store.paths, store.ids)
-            paths = [reader.paths[i] for i in new]
-            titles, labels = item_metadata(paths, reader.attrs, args.catalog)
+            held, held_ids = held_items(reader.paths, store)
+            titles, labels = item_metadata([reader.paths[i] for i in np.concatenate([new, held])], reader.attrs,
+                                           args.catalog)
             extra = [g for g in labels if g not in store.vocabulary()]
             if extra:  # a column the catalog gained since the build: the index has no filter for it
                 logger.warning("the catalog's group(s) %s are not in the index (built before they were added): "
@@ -192,21 +217,38 @@ def main(argv=None) -> int:
                 labels = {g: v for g, v in labels.items() if g not in extra}
             source = vector_source(reader, store_reading(store.shared_view, args.embeddings, reader.attrs))
             check_group_views(store.multi_label_view_power, args.embeddings, reader.attrs)
-            views = {view: source.take(view, new) for view in store.views}
-            store.add(views, ids, paths, titles, labels)
-            store.save(args.index)
-        print(f"Added {len(new)} items to {args.index}; it now holds {len(store)}")
+            n = len(new)
+            changed = changed_items(store, source, held, held_ids, titles[n:], {g: v[n:] for g, v in labels.items()})
+            if len(changed):  # taken out and put back under their ids: links to them keep working
+                store.remove(held_ids[changed])
+            rows = np.concatenate([new, held[changed]])
+            picked = np.concatenate([np.arange(n), n + changed])
+            if len(rows):
+                store.add({view: source.take(view, rows) for view in store.views},
+                          np.concatenate([ids, held_ids[changed]]), [reader.paths[i] for i in rows],
+                          [titles[i] for i in picked], {g: [v[i] for i in picked] for g, v in labels.items()})
+                store.save(args.index)
+        if not len(rows):
+            print(f"Nothing to add or update: {args.index} holds every image of {args.embeddings} as it is "
+                  f"({len(store)} items); left as it was")
+        else:
+            print(f"Added {n} items to {args.index} and updated {len(changed)} (a label, title or photo changed); "
+                  f"it now holds {len(store)}")
     else:
         with index_lock(args.index):
+            if not args.paths and not args.ids:
+                raise ValueError("nothing to remove: give --paths or --ids")
             store = IndexStore.load(args.index)
             by_path = dict(zip(store.paths, store.ids.tolist()))
-            unknown = [p for p in args.paths if p not in by_path]
-            if unknown:
-                raise KeyError(f"not in the index: {', '.join(unknown[:10])}")
-            ids = sorted(set(args.ids) | {by_path[p] for p in args.paths})
-            if not ids:
-                raise ValueError("nothing to remove: give --paths or --ids")
-            store.remove(ids)
-            store.save(args.index)
-        print(f"Removed {len(ids)} items from {args.index}; it now holds {len(store)}")
+            held = set(store.ids.tolist())
+            gone = [p for p in args.paths if p not in by_path] + [str(i) for i in args.ids if i not in held]
+            if gone:  # removed before (a day's list run again), or never there: said, not an error
+                logger.warning("%d of the paths / ids given are not in %s (removed before, or never added): %s%s",
+                               len(gone), args.index, ", ".join(gone[:10]), ", ..." if len(gone) > 10 else "")
+            ids = sorted({i for i in args.ids if i in held} | {by_path[p] for p in args.paths if p in by_path})
+            if ids:
+                store.remove(ids)
+                store.save(args.index)
+        print(f"Removed {len(ids)} items from {args.index}; it now holds {len(store)}"
+              + ("" if ids else " (left as it was)"))
     return 0
