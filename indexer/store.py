@@ -240,6 +240,14 @@ class IndexStore:
         logger.info("Saved %d items (%s) to %s", len(self), ", ".join(self.views), directory)
         return directory
 
+    @staticmethod
+    def read_items(directory) -> Items:
+        """The item arrays of an index directory alone (ids, paths, titles, labels; memory-mapped), its
+        views left unread: what a new build of the directory keeps each image's id by."""
+        directory = Path(directory)
+        finish_interrupted_swap(directory)
+        return Items.load(directory, read_sidecar(directory)["labels"], mmap=True)
+
     @classmethod
     def load(cls, directory, expect_fingerprint: str | None = None, expect_dimension: int | None = None,
              use_gpu="auto", mmap: bool = False) -> "IndexStore":

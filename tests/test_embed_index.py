@@ -328,6 +328,38 @@ def test_index_add_knows_an_item_by_its_image_not_its_row(embeddings, tmp_path, 
     assert new.tolist() == [0, 2] and ids.tolist() == [10, 9]
 
 
+def test_a_new_build_keeps_each_images_id(embeddings, tmp_path):
+    # rebuild_index.sh after rows were inserted, sorted or removed: items were numbered by catalog row,
+    # so yesterday's /items/ID links opened other products (84-127 of 148 renumbered a rebuild)
+    from indexer import IndexStore
+    from retrieval.data.embfile import read_embeddings
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    first = {p: i for p, i in zip(IndexStore.load(index).paths, IndexStore.load(index).ids.tolist())}
+    moved = tmp_path / "moved.h5"  # tomorrow's file: rows reversed, the first five rows withdrawn
+    emb = read_embeddings(embeddings)
+    keep = np.arange(5, 60)[::-1]
+    with h5py.File(moved, "w") as f:
+        with h5py.File(embeddings) as src:
+            for key, value in src.attrs.items():
+                f.attrs[key] = value
+            f["vectors"] = src["vectors"][:][keep]
+            for name in src["groups"]:
+                f[f"groups/{name}"] = src["groups"][name][:][keep]
+            for name in src.get("probs", {}):
+                f[f"probs/{name}"] = src["probs"][name][:][keep]
+        f["ids"] = np.arange(len(keep))  # their new row ids
+        f["paths"] = np.array([emb.paths[i] for i in keep], dtype=h5py.string_dtype())
+    assert cli(["index", "build", "--embeddings", str(moved), "--out", str(index)]) == 0
+    store = IndexStore.load(index)
+    assert {p: i for p, i in zip(store.paths, store.ids.tolist())} == {p: first[p] for p in store.paths}
+    assert len(store) == 55 and store.item(first[emb.paths[30]])["path"] == emb.paths[30]
+    fresh = tmp_path / "fresh"  # no index there: numbered by row as before
+    assert cli(["index", "build", "--embeddings", str(moved), "--out", str(fresh)]) == 0
+    assert IndexStore.load(fresh).ids.tolist() == list(range(55))
+
+
 def test_index_add_leaves_out_a_group_the_catalog_gained_since_the_build(embeddings, demo_catalog, tmp_path, caplog):
     from indexer import IndexStore
 

@@ -64,9 +64,10 @@ def item_metadata(paths: list[str], attrs: dict, catalog_dir: str | None) -> tup
     return [it.title for it in items], labels
 
 
-def vector_source(reader, shared_view: str = "file"):
+def vector_source(reader, shared_view: str = "file", ids: np.ndarray | None = None):
     """An indexer VectorSource reading the views of an open EMB.h5 (BlockReader) block by block; its
-    shared view as ``shared_view`` says (``embfile.shared_view_rows``)."""
+    shared view as ``shared_view`` says (``embfile.shared_view_rows``); its items' ids the file's
+    (row ids) unless ``ids`` are given."""
     from indexer import VectorSource
 
     dataset = {"shared": "vectors", **{f"group-{name[len('groups/'):]}": name for name in reader.dims
@@ -78,7 +79,7 @@ def vector_source(reader, shared_view: str = "file"):
 
     dims = {view: reader.dims[name] for view, name in dataset.items()}
     dims["shared"] = read("shared", 0, 1).shape[1] if len(reader.ids) else dims["shared"]
-    return VectorSource(reader.ids, dims, read)
+    return VectorSource(reader.ids if ids is None else ids, dims, read)
 
 
 def store_reading(shared_view: str | None, path, attrs: dict) -> str:
@@ -127,6 +128,29 @@ def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids
                        "moved since it was built); they get ids %d to %d", int(taken.sum()), start,
                        start + int(taken.sum()) - 1)
     return new, out
+
+
+def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> np.ndarray:
+    """The ids a new build of ``index_dir`` gives an embeddings file's rows: an image the index there
+    holds keeps its id (yesterday's links to /items/ID name the same product), another one takes its
+    row id unless the index gave that id to another image (then the next free one, ``new_items``).
+    Row ids where no index is there, or where it cannot be read (said: it is being replaced anyway)."""
+    if not (index_dir / "sidecar.json").is_file():
+        return np.asarray(ids, dtype=np.int64)
+    from indexer import IndexStore
+
+    try:
+        before = IndexStore.read_items(index_dir)
+        held_paths, held_ids = before.paths.tolist(), np.asarray(before.ids, dtype=np.int64)
+    except (OSError, ValueError) as err:
+        logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
+                       "the old one's items may name other products", index_dir, err)
+        return np.asarray(ids, dtype=np.int64)
+    by_path = dict(zip(held_paths, held_ids.tolist()))
+    out = np.array([by_path.get(path, -1) for path in paths], dtype=np.int64)
+    new, new_ids = new_items(paths, ids, held_paths, held_ids)
+    out[new] = new_ids
+    return out
 
 
 def held_items(paths: list[str], store) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +218,8 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with index_lock(Path(args.out)), BlockReader(args.embeddings) as reader:
             titles, labels = item_metadata(reader.paths, reader.attrs, args.catalog)
-            store = build_store(vector_source(reader, args.shared_view), reader.paths, args.type, titles, labels,
+            ids = kept_ids(reader.paths, reader.ids, Path(args.out))
+            store = build_store(vector_source(reader, args.shared_view, ids), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
                                 shared_view=shared_view_name(reader.attrs, args.shared_view),
