@@ -85,7 +85,10 @@ if [ -f "$work/embeddings.h5" ] && [ "$(cat "$work/embedded" 2>/dev/null)" = "$m
   echo "$0: $work/embeddings.h5 was finished by a run stopped after it: building the index from it"
 else
   rm -f "$work/embedded"
-  step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "$@"
+  # the last rebuild's embeddings: the rows of images unchanged since are copied, the rest computed
+  reuse=()
+  if [ -f "$parent/$name.embeddings.h5" ]; then reuse=(--reuse "$parent/$name.embeddings.h5"); fi
+  step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "${reuse[@]}" "$@"
   printf '%s' "$made" >"$work/embedded"
 fi
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place

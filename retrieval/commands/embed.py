@@ -34,6 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(--nproc-per-node N, several nodes through its rendezvous) the rows are cut into shards, one "
         "resumable work file each beside --out, which rank 0 merges into the same file one process writes."))
     p.add_argument("--checkpoint", metavar="PT", help="trained checkpoint (RUN/best.pt)")
+    p.add_argument("--reuse", metavar="EMB.h5|none", default=None,
+                   help="an earlier embeddings file of the same model and options: the rows of images unchanged "
+                        "since (same path, size and modification time) are copied from it, the others computed "
+                        "(default: --out itself when it is one; none: compute every image)")
     p.add_argument("--pretrained-only", action="store_true",
                    help="no training: embed with the ImageNet trunk's pooled features (the off-the-shelf baseline)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONES, help="with --pretrained-only")
@@ -128,8 +132,11 @@ def embed(args, rank: int, device) -> int:
         if model.config.shared_view == "matches" and model.shared_view_weights:  # what weighed the groups
             meta[SHARED_VIEW_WEIGHTS] = json.dumps(model.shared_view_weights)
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
+    reuse = None if args.reuse == "none" else Path(args.reuse) if args.reuse else out
+    if args.reuse not in (None, "none") and not reuse.is_file() and rank == 0:
+        logger.warning("--reuse %s: no such file; computing every image", reuse)
     attrs = embed_catalog(model, catalog, out, meta, device, heads, standardise, args.batch_size, args.workers,
-                          image_cache, trunk_cache, start, args.split, args.shards, args.merge_only)
+                          image_cache, trunk_cache, start, args.split, args.shards, args.merge_only, reuse)
     if rank != 0:
         return 0
     print(f"Wrote {out}: {attrs['count']} vectors of dimension {attrs['dimension']}, "

@@ -36,6 +36,7 @@ MATCHES_EMBEDDING_WEIGHT = 0.5
 MULTI_LABEL_VIEW_POWER = 0.5
 # attribute: the power a file's multi-label group views were written with (files without it: 1, the cosine)
 MULTI_LABEL_VIEW_ATTR = "multi_label_view_power"
+STATS = "stats"  # dataset int64 [N, 2]: each row's image file (size, mtime_ns) when embedded (embed.reuse)
 # the ``matches`` shared view weighs each group by 1 / the spread of its p·q over pairs of items
 # (``group_spread_weights``), so that every group moves the ranking alike. Items used (the first ones):
 # all pairs of 2,000 items are 2M scores, a 32 MB matrix per group

@@ -2,6 +2,7 @@
 more per torchrun rank, and merge them into EMB.h5."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from retrieval.atomic import check_free_space
 from retrieval.data.catalog import Catalog, Item, items_digest
 from retrieval.data.embfile import h5_key, open_partial
 from retrieval.embed.inference import Outputs, iter_outputs, standardize
+from retrieval.embed.reuse import Reuse
 from retrieval.embed.shards import merge_shards, shard_count, shard_path, shard_rows
 
 logger = logging.getLogger(__name__)
@@ -35,40 +37,80 @@ def output_dims(model, catalog: Catalog, items: list[Item], device, image_cache,
     return {name: values.shape[1] for name, values in output_columns(probe).items()}
 
 
-def write_batch(f, o: Outputs, done: int) -> None:
-    """One batch's outputs as one slice of rows of the work file (unreadable rows stay not ok)."""
-    rows = o.positions + done
-    begin, end = int(rows[0]), int(rows[-1]) + 1
+def write_rows(f, o: Outputs, rows: np.ndarray) -> None:
+    """One batch's outputs into the work file's ``rows`` (increasing; one per output row)."""
     values = np.concatenate(list(output_columns(o).values()), axis=1)
-    block, ok = values, np.ones(len(rows), dtype=bool)
-    if end - begin > len(rows):  # unreadable images in between: their rows stay zero and not ok
-        block, ok = np.zeros((end - begin, values.shape[1]), dtype=np.float32), np.zeros(end - begin, dtype=bool)
-        block[rows - begin], ok[rows - begin] = values, True
-    f["outputs"][begin:end], f["ok"][begin:end] = block, ok
-    f.attrs["done"] = end
-    f.flush()  # on disk now: a killed process resumes from here
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice
+        f["outputs"][int(rows[0]):int(rows[-1]) + 1], f["ok"][int(rows[0]):int(rows[-1]) + 1] = values, True
+    else:
+        f["outputs"][rows], f["ok"][rows] = values, True
+
+
+def copy_reused(f, reuse: Reuse, rows: np.ndarray, done: int, block: int = 4096) -> np.ndarray:
+    """Write the rows of ``reuse``'s file that the items from ``done`` on can take (``rows``: each
+    one's row there, -1 for none) into the work file ``f``; returns ``rows`` with -1 where the file
+    could not give them after all (then they are computed)."""
+    columns = json.loads(f.attrs["columns"])
+    for first in range(0, len(rows), block):
+        at = np.flatnonzero(rows[first:first + block] >= 0)
+        values = reuse.read(rows[first + at], columns) if len(at) else None
+        if values is None:
+            rows[first:first + block] = -1
+            continue
+        f["outputs"][done + first + at], f["ok"][done + first + at] = values, True
+    return rows
 
 
 def embed_shard(model, catalog: Catalog, items: list[Item], path: Path, dims: dict, meta: dict, device,
-                heads: bool, batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0) -> None:
-    """Fill (or resume) the work file ``path`` with the outputs of ``items``; a finished one is left as it is."""
+                heads: bool, batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0,
+                reuse: Reuse | None = None) -> int:
+    """Fill (or resume) the work file ``path`` with the outputs of ``items``; a finished one is left as
+    it is. Items whose rows ``reuse`` holds are copied from it; the others computed, in order (a
+    resumed run's prefix ``done`` is complete, the copies after it are made again). Returns the
+    number of images copied."""
     f, done = open_partial(path, len(items), dims, meta, items_digest(items))
     if done == len(items):
         f.close()
         logger.info("%s is finished; not recomputed", path)
-        return
+        return 0
     bad: list[str] = []
     began = time.perf_counter()
     with f, tqdm(total=len(items), initial=done, unit="img", desc=f"embed {path.name}") as bar:
-        for o in iter_outputs(model, catalog, items[done:], device, batch_size, workers, image_cache,
-                              trunk_cache, start, heads, bad):
-            write_batch(f, o, done)
+        rows = reuse.rows(items[done:]) if reuse is not None else np.full(len(items) - done, -1)
+        if (rows >= 0).any():
+            rows = copy_reused(f, reuse, rows, done)
+        todo = np.flatnonzero(rows < 0)  # positions after done to compute
+        copied = len(rows) - len(todo)
+        f.attrs["done"] = done + (int(todo[0]) if len(todo) else len(rows))  # copies before the first computed
+        f.flush()
+        for o in iter_outputs(model, catalog, [items[done + i] for i in todo], device, batch_size, workers,
+                              image_cache, trunk_cache, start, heads, bad):
+            write_rows(f, o, done + todo[o.positions])
+            later = todo[o.positions[-1] + 1] if o.positions[-1] + 1 < len(todo) else len(rows)
+            f.attrs["done"] = done + int(later)  # what lies before the next one to compute is complete
+            f.flush()  # on disk now: a killed process resumes from here
             bar.n = f.attrs["done"]
-            bar.set_postfix(img_s=f"{(bar.n - done) / (time.perf_counter() - began):.1f}")
+            bar.set_postfix(img_s=f"{(bar.n - done - copied) / (time.perf_counter() - began):.1f}")
             bar.update(0)
         f.attrs["done"] = len(items)
     if bad:
         logger.warning("%d unreadable images skipped: %s", len(bad), ", ".join(bad[:10]))
+    return copied
+
+
+def open_reuse(path: Path | None, meta: dict, standardise: bool) -> Reuse | None:
+    """``Reuse`` of the earlier embeddings file ``path`` for this job, or None (said why) when none of
+    its rows can be copied."""
+    if path is None or not Path(path).is_file():
+        return None
+    if standardise:
+        logger.info("Not reusing %s: its vectors were standardised together; computing every image", path)
+        return None
+    earlier = Reuse(path, meta)
+    if earlier.why_not:
+        logger.info("Not reusing %s: %s; computing every image", path, earlier.why_not)
+        return None
+    return earlier
 
 
 def agreed_shard_count(out: Path, n: int, shards: int | None, world: int) -> int:
@@ -81,10 +123,12 @@ def agreed_shard_count(out: Path, n: int, shards: int | None, world: int) -> int
 
 def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads: bool, standardise: bool,
                   batch_size=64, workers=None, image_cache=None, trunk_cache=None, start=0, split="all",
-                  shards: int | None = None, merge_only: bool = False) -> dict | None:
+                  shards: int | None = None, merge_only: bool = False, reuse: Path | None = None) -> dict | None:
     """Embed the catalog's items into ``out``: this rank's shards (all of them without torchrun),
     then, on rank 0 once every rank is done, the merge. ``merge_only`` computes nothing and merges
-    finished shards. Returns the file's attributes on rank 0, None on the other ranks."""
+    finished shards. ``reuse``: an earlier embeddings file whose rows of unchanged images are copied
+    (``embed.reuse``; not for a standardised file, whose rows the merge transforms together).
+    Returns the file's attributes on rank 0, None on the other ranks."""
     items = catalog.split_items(split)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     count = agreed_shard_count(out, len(items), shards, world)
@@ -102,10 +146,19 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
         check_free_space(out.parent, needed + (len(items) * row_bytes if rank == 0 else 0),
                          f"embedding {len(items)} images ({sum(dims.values())} values each: the work files, "
                          f"then {out.name} beside them)")
-    for i in mine:
-        rows = shard_rows(len(items), i, count)
-        embed_shard(model, catalog, items[rows.start:rows.stop], shard_path(out, i, count), dims, meta, device,
-                    heads, batch_size, workers, image_cache, trunk_cache, start)
+    earlier = open_reuse(reuse, meta, standardise) if mine else None
+    copied = 0
+    try:
+        for i in mine:
+            rows = shard_rows(len(items), i, count)
+            copied += embed_shard(model, catalog, items[rows.start:rows.stop], shard_path(out, i, count), dims, meta,
+                                  device, heads, batch_size, workers, image_cache, trunk_cache, start, earlier)
+    finally:
+        if earlier is not None:
+            earlier.close()
+    if earlier is not None:
+        logger.info("Copied %d of %d images' rows from %s (unchanged since); computed the others", copied,
+                    sum(len(shard_rows(len(items), i, count)) for i in mine), reuse)
     if world > 1:
         dist.barrier()  # every shard is finished
     if rank != 0:

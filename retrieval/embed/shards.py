@@ -22,7 +22,7 @@ import numpy as np
 
 from retrieval.atomic import remove_stale_temporaries, temporary_path
 from retrieval.data.catalog import Item, items_digest
-from retrieval.data.embfile import group_name, open_h5, partial_mismatch
+from retrieval.data.embfile import STATS, group_name, open_h5, partial_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,9 @@ def merge_shards(out: Path, items: list[Item], meta: dict, count: int, transform
                 g["vectors"][...] = transform(g["vectors"][:])
             g.create_dataset("ids", data=np.array([it.row_id for it in items], dtype=np.int64)[ok])
             g.create_dataset("paths", data=[it.image for it, k in zip(items, ok) if k], dtype=h5py.string_dtype())
+            if all(it.stat for it in items):  # what a later embedding may copy rows by (embed.reuse)
+                g.create_dataset(STATS, data=np.array([it.stat for it, k in zip(items, ok) if k],
+                                                      dtype=np.int64).reshape(-1, 2))
             groups = sorted(group_name(k) for k in g["groups"].keys()) if "groups" in g else []
             attrs = {**meta, "dimension": int(g["vectors"].shape[1]), "count": int(ok.sum()),
                      "created": dt.datetime.now(dt.timezone.utc).isoformat(), "groups": json.dumps(groups),
