@@ -662,3 +662,29 @@ def test_a_group_named_like_a_parameter_filters_as_filter_dot_its_name():
     assert params.query_string({"view": ["back", "front"], "colour": ["red"]}, view="group-view") == \
         "?filter.view=back%2Cfront&colour=red&view=group-view"
     assert params.parse_filters(MultiDict([("view", "shared")]), vocab) == {}
+
+
+def test_thumbs_prune_deletes_what_no_indexed_image_shows_now(web_data, tmp_path):
+    # a week of withdrawn products and photos shot again left 11 of 116 cached thumbnails of images
+    # no longer indexed or changed since, and nothing ever removed them
+    import os
+
+    from web import create_app
+    from web_fixtures import make_config
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(web_data["catalog"], catalog)
+    runner = create_app(make_config(web_data, tmp_path, CATALOG_DIR=str(catalog))).test_cli_runner()
+    assert "60 thumbnails" in runner.invoke(args=["thumbs"]).output
+    thumbs = tmp_path / "thumbs"
+    before = set(thumbs.glob("*/*.jpg"))
+    assert len(before) == 60
+    shot = next(p for p in sorted(catalog.rglob("*")) if p.suffix in (".jpg", ".png"))
+    os.utime(shot, ns=(1, 1))  # a photo shot again: its thumbnail is made anew, the old one is stale
+    (thumbs / "ab").mkdir(exist_ok=True)
+    (thumbs / "ab" / ("ab" + "0" * 38 + ".jpg")).write_bytes(b"x")  # a withdrawn product's
+    (thumbs / "notes.txt").write_text("kept")  # not the cache's: left alone
+    result = runner.invoke(args=["thumbs", "--prune"])
+    assert "60 thumbnails" in result.output and "Pruned 2 cached images" in result.output, result.output
+    after = set(thumbs.glob("*/*.jpg"))
+    assert len(after) == 60 and len(after - before) == 1 and (thumbs / "notes.txt").is_file()

@@ -106,17 +106,46 @@ def thumb(item_id: int):
     return send_file(target, mimetype="image/jpeg", max_age=CACHE_SECONDS)
 
 
+def prune_cache(cache_dir: Path, keep: set[Path]) -> tuple[int, int]:
+    """Delete the cached JPEGs under ``cache_dir`` (``thumb_path``'s ``xx/<sha1>.jpg``) that are not in
+    ``keep``: (files deleted, bytes freed)."""
+    deleted = freed = 0
+    for path in cache_dir.glob("[0-9a-f][0-9a-f]/*.jpg"):
+        if path in keep:
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another pruning process took it
+            continue
+        deleted, freed = deleted + 1, freed + size
+    return deleted, freed
+
+
 @click.command("thumbs")
+@click.option("--prune", is_flag=True,
+              help="then delete the cached thumbnails and JPEG copies of images that are no longer indexed or "
+                   "changed since (a withdrawn product, a photo shot again): THUMB_DIR holds this index's only")
 @with_appcontext
-def thumbs_command():
+def thumbs_command(prune: bool):
     """Generate the thumbnails of every indexed item that are not cached yet."""
     cfg = current_app.config
     snapshot = resources().index().get()
+    cache_dir, size = Path(cfg["THUMB_DIR"]), int(cfg["THUMB_SIZE"])
     done = failed = 0
+    keep = set()
     for relative in snapshot.store.paths:
-        ok = cached_thumbnail(Path(cfg["CATALOG_DIR"]) / relative, Path(cfg["THUMB_DIR"]), int(cfg["THUMB_SIZE"]))
+        image = Path(cfg["CATALOG_DIR"]) / relative
+        ok = cached_thumbnail(image, cache_dir, size)
         done, failed = done + bool(ok), failed + (not ok)
-    click.echo(f"{done} thumbnails in {cfg['THUMB_DIR']}, {failed} unreadable images")
+        if ok:
+            keep.add(ok)
+            if image.suffix.lower() not in BROWSER_SUFFIXES:  # its display copy, when one was made
+                keep.add(thumb_path(cache_dir, image, DISPLAY_SIZE))
+    click.echo(f"{done} thumbnails in {cache_dir}, {failed} unreadable images")
+    if prune:
+        deleted, freed = prune_cache(cache_dir, keep)
+        click.echo(f"Pruned {deleted} cached images of no indexed image as it is now ({freed / 1e6:.1f} MB)")
 
 
 def init_app(app) -> None:
