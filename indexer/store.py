@@ -124,18 +124,18 @@ class IndexStore:
 
     def unlike(self, item_ids, vectors_by_view: Mapping[str, np.ndarray]) -> np.ndarray:
         """Which of ``item_ids`` (bool per id) hold, in a given view, another vector than the given one
-        would be stored as: group views compared after the view's codec (fp16 / 8-bit) rounds the given
-        one, the shared view exactly (to 1e-5; IVF-PQ's, an approximation, is not compared)."""
+        would be stored as: group views and IVF-PQ's shared view compared after the view's codec (fp16 /
+        8-bit, product quantization) rounds the given one, another shared view as it is (to 1e-5)."""
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         differ = np.zeros(len(ids), dtype=bool)
         for view, vectors in vectors_by_view.items():
-            if not len(ids) or (view == "shared" and self.index_type == "ivfpq"):
+            if not len(ids):
                 continue
             given = self._as_view_vectors(view, vectors, f"{view} vectors")
-            if view != "shared":
+            if view != "shared" or self.index_type == "ivfpq":
                 index = faiss.downcast_index(self._view(view))
                 given = index.sa_decode(index.sa_encode(given))
-            differ |= np.abs(given - self.vectors(ids, view)).max(axis=1) > (1e-5 if view == "shared" else 0)
+            differ |= np.abs(given - self.vectors(ids, view)).max(axis=1) > 1e-5
         return differ
 
     def sidecar(self) -> dict:

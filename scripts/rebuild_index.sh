@@ -88,7 +88,7 @@ else
   # the last rebuild's embeddings: the rows of images unchanged since are copied, the rest computed
   reuse=()
   if [ -f "$parent/$name.embeddings.h5" ]; then reuse=(--reuse "$parent/$name.embeddings.h5"); fi
-  step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" "${reuse[@]}" "$@"
+  step "$retrieval" embed --checkpoint "$checkpoint" --catalog "$catalog" --out "$work/embeddings.h5" ${reuse[@]+"${reuse[@]}"} "$@"
   printf '%s' "$made" >"$work/embedded"
 fi
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place

@@ -259,11 +259,11 @@ def test_missing_values_as_programs_write_them_are_unknown(tmp_path, monkeypatch
     if not well_formed:
         monkeypatch.setattr(columns, "read_columns", lambda *a: None)
     rows = ["a.jpg,train,,nan,N/A", "b.jpg,train,,Red|NaN,None", "c.jpg,test,,NULL,x", "d.jpg,test,,#N/A,x",
-            "e.jpg,train,,Red,<NA>", "f.jpg,train,,nan,x"]
+            "e.jpg,train,,Red,<NA>", "f.jpg,train,,nan,x", "g.jpg,train,,Red,NAT"]  # NAT: a colour code, kept
     cat = read_catalog(write_catalog(tmp_path, rows))
-    assert [it.labels["colour"] for it in cat.items] == [(), ("Red",), (), (), ("Red",), ()]
-    assert [it.labels["type"] for it in cat.items] == [("N/A",), ("None",), ("x",), ("x",), (), ("x",)]
-    assert cat.vocab == {"colour": ["Red"], "type": ["N/A", "None", "x"]}
+    assert [it.labels["colour"] for it in cat.items] == [(), ("Red",), (), (), ("Red",), (), ("Red",)]
+    assert [it.labels["type"] for it in cat.items] == [("N/A",), ("None",), ("x",), ("x",), (), ("x",), ("NAT",)]
+    assert cat.vocab == {"colour": ["Red"], "type": ["N/A", "NAT", "None", "x"]}
     assert ("group 'colour': '#N/A' on 1 item, 'NULL' on 1 item, 'NaN' on 1 item, 'nan' on 2 items read as "
             "unknown, as an empty cell is") in caplog.text
     assert "group 'type': '<NA>' on 1 item read as unknown" in caplog.text

@@ -352,6 +352,11 @@ def test_a_new_build_keeps_each_images_id(embeddings, tmp_path):
                 f[f"probs/{name}"] = src["probs"][name][:][keep]
         f["ids"] = np.arange(len(keep))  # their new row ids
         f["paths"] = np.array([emb.paths[i] for i in keep], dtype=h5py.string_dtype())
+    from indexer.stale import HOST
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    index.rename(tmp_path / f".index.old-{HOST}-{gone.pid}-0a1b2c3d")  # a swap killed between its renames
     assert cli(["index", "build", "--embeddings", str(moved), "--out", str(index)]) == 0
     store = IndexStore.load(index)
     assert {p: i for p, i in zip(store.paths, store.ids.tolist())} == {p: first[p] for p in store.paths}
@@ -665,3 +670,40 @@ def test_embed_copies_the_rows_of_unchanged_images_from_the_file_before(tiny_run
     caplog.clear()
     assert embed(tiny_run, catalog, tmp_path / "other.h5", "--reuse", str(tmp_path / "nope.h5")) == 0
     assert "--reuse" in caplog.text and "no such file" in caplog.text
+
+
+def test_embed_reuses_nothing_made_at_another_image_size_and_survives_an_unreadable_first_image(demo_catalog, tmp_path,
+                                                                                              caplog):
+    # the off-the-shelf trunk's fingerprint leaves out --image-size and --weights: a 64 px run copied the
+    # 32 px rows of the file before; and a catalog whose first image was unreadable wrote rows as wide as
+    # the vectors alone ("Can't broadcast (59, 342) -> (59, 256)")
+    from retrieval.data.embfile import read_embeddings
+
+    caplog.set_level(logging.INFO, logger="retrieval.embed.embedding")
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    out = tmp_path / "base.h5"
+    base = ["embed", "--pretrained-only", "--backbone", "tiny", "--catalog", str(catalog), "--out", str(out),
+            "--device", "cpu", "--workers", "0"]
+    assert cli(base + ["--image-size", "32"]) == 0
+    assert cli(base + ["--image-size", "64"]) == 0
+    assert "Not reusing" in caplog.text and "image_size differ" in caplog.text and "Copied" not in caplog.text
+    fresh = tmp_path / "fresh.h5"
+    assert cli(base[:-6] + ["--out", str(fresh), "--device", "cpu", "--workers", "0", "--image-size", "64"]) == 0
+    assert np.allclose(read_embeddings(out).vectors, read_embeddings(fresh).vectors, atol=1e-5)
+    first = read_catalog(catalog).items[0]
+    (catalog / first.image).write_bytes(b"not an image")
+    assert embed_ok(tmp_path, catalog)
+
+
+def embed_ok(tmp_path, catalog) -> bool:
+    run = tmp_path / "run"
+    assert cli(["train", "--catalog", str(catalog), "--out", str(run), "--epochs", "1", "--backbone", "tiny",
+                "--image-size", "32", "--workers", "0", "--device", "cpu"]) == 0
+    out = tmp_path / "emb.h5"
+    assert embed(run, catalog, out, "--trunk-cache", str(run / "trunk-cache.h5")) == 0
+    assert embed(run, catalog, tmp_path / "images.h5") == 0  # decoded from the files
+    from retrieval.data.embfile import read_embeddings
+
+    a, b = read_embeddings(out), read_embeddings(tmp_path / "images.h5")
+    return len(a.paths) == len(b.paths) == 59 and a.vectors.shape[1] > 256

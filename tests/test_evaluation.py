@@ -277,6 +277,12 @@ def test_compare_notes_runs_ranked_by_other_rules(catalog_dir, tmp_path):
     assert ("the multi-label group views' rule (p·q / (|p| |q|)^power; reports before 2026-11-29 do not record it: "
             "1.0, the cosine, then) (multi_label_view_power): new: 0.5; old: not recorded.") in table
     assert "differ in" not in compare_reports([tmp_path / "new", tmp_path / "new"])
+    for recorded in (None, 1.0):  # what a report before the record had: no note
+        report["settings"].update(shared_view="embedding", multi_label_view_power=recorded)
+        (tmp_path / "new" / "report.json").write_text(json.dumps(report))
+        del report["settings"]["multi_label_view_power"]
+        (tmp_path / "old" / "report.json").write_text(json.dumps(report))
+        assert "differ in" not in compare_reports([tmp_path / "new", tmp_path / "old"])
 
 
 def test_classification_section_is_written(catalog_dir, tmp_path):

@@ -243,6 +243,24 @@ def test_add_then_search_finds_new_items(tmp_path, catalog, index_type):
     assert len(IndexStore.load(tmp_path / "index")) == 405
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_unlike_tells_a_changed_vector_from_what_storage_rounds(catalog, kind, monkeypatch):
+    # index add updates an item whose vectors changed (a photo shot again): what the view stores for the
+    # given vectors (IVF-PQ's codes, the group codec's) is compared, so rounding is no change; IVF-PQ's
+    # shared view was not compared at all, and a reshot photo there was never picked up
+    import indexer.build
+
+    monkeypatch.setattr(indexer.build, "MIN_TRAIN_ITEMS", 100)  # 400 items train IVF / IVF-PQ
+    store = IndexStore({"shared": build_index(catalog["x"], catalog["ids"], kind), "group-color": group_view(catalog["gx"])},
+                       catalog["ids"], catalog["paths"], catalog["titles"], catalog["labels"])
+    assert store.index_type == kind
+    ids, x, gx = catalog["ids"][:40], catalog["x"][:40].copy(), catalog["gx"][:40].copy()
+    assert not store.unlike(ids, {"shared": x, "group-color": gx}).any()
+    x[3], gx[7] = catalog["x"][200], catalog["gx"][201]  # two photos shot again: other vectors
+    assert np.flatnonzero(store.unlike(ids, {"shared": x, "group-color": gx})).tolist() == [3, 7]
+    assert np.flatnonzero(store.unlike(ids, {"shared": x})).tolist() == [3]
+
+
 def test_add_refuses_present_ids_and_missing_views(catalog):
     store = make_store(catalog)
     with pytest.raises(ValueError, match="already in the index: \\[5\\]"):

@@ -123,7 +123,12 @@ def embed(args, rank: int, device) -> int:
         heads, standardise = True, False
     trunk_cache = open_trunk_cache(args.trunk_cache, model, catalog, start) if args.trunk_cache else None
     meta = {"fingerprint": fp, "backbone": model.config.backbone, "catalog": str(Path(args.catalog).resolve()),
-            "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else [])}
+            "split": args.split, "sigmoid_groups": json.dumps(model.sigmoid_groups if heads else []),
+            "image_size": model.config.image_size}  # what else tells the rows apart (--reuse, a resume)
+    if args.pretrained_only:  # a checkpoint's fingerprint covers its weights; a local weights file, by its stat
+        weights = Path(args.weights) if args.weights else None
+        meta["weights"] = f"{weights.resolve()}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights \
+            else "packaged"
     if heads:  # the vectors' first embedding_dim columns, L2-normalised, are the shared embedding alone
         meta.update(shared_view=model.config.shared_view, embedding_dim=model.config.embed_dim)
         meta[HEAD_LABELS] = json.dumps(model.config.groups)  # what probs/'s columns are, whatever the catalog becomes

@@ -135,9 +135,12 @@ def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> np.ndarray:
     holds keeps its id (yesterday's links to /items/ID name the same product), another one takes its
     row id unless the index gave that id to another image (then the next free one, ``new_items``).
     Row ids where no index is there, or where it cannot be read (said: it is being replaced anyway)."""
+    from indexer import IndexStore
+    from indexer.persist import finish_interrupted_swap
+
+    finish_interrupted_swap(index_dir)  # a swap killed between its renames: its index is the one replaced
     if not (index_dir / "sidecar.json").is_file():
         return np.asarray(ids, dtype=np.int64)
-    from indexer import IndexStore
 
     try:
         before = IndexStore.read_items(index_dir)

@@ -30,7 +30,8 @@ LABEL_SEPARATOR = "|"
 # what programs write for a missing value (pandas' NaN and <NA>, SQL's NULL, Excel's #N/A): no
 # attribute of a garment is called so, so a label spelt so is unknown, as an empty cell is; NA, N/A
 # and None stay labels (a bag's sleeve length "N/A", a collar "None")
-MISSING_MARKERS = frozenset({"nan", "null", "<na>", "#n/a", "nat"})
+MISSING_MARKERS = frozenset({"nan", "null", "#n/a"})  # in any letter case
+MISSING_EXACT = frozenset({"<NA>", "NaT"})  # as pandas writes them: "NAT" / "Nat" may be a colour code (natural)
 MIN_UNSHARED_ITEMS = 20  # a group is judged an identifier column (unshared_labels) from this many labelled items
 
 
@@ -495,12 +496,15 @@ def respell(items: list[Item], group: str, cells: dict[str, Counter], respelled:
 
 
 def missing_markers(cells: dict[tuple[str, ...], int]) -> tuple[dict[tuple[str, ...], tuple[str, ...]], str]:
-    """A group's labels spelt as a missing value (``MISSING_MARKERS``, any letter case) dropped:
+    """A group's labels spelt as a missing value (``MISSING_MARKERS`` in any letter case, ``MISSING_EXACT``) dropped:
     ({cell: the cell without them} for the cells that change, which spellings on how many items)."""
-    respelled = {cell: tuple(label for label in cell if label.casefold() not in MISSING_MARKERS) for cell in cells}
+    def missing(label: str) -> bool:
+        return label.casefold() in MISSING_MARKERS or label in MISSING_EXACT
+
+    respelled = {cell: tuple(label for label in cell if not missing(label)) for cell in cells}
     respelled = {cell: new for cell, new in respelled.items() if new != cell}
     counts = label_counts(cells)
-    markers = sorted({label for cell in respelled for label in cell if label.casefold() in MISSING_MARKERS})
+    markers = sorted({label for cell in respelled for label in cell if missing(label)})
     return respelled, ", ".join(f"{label!r} on {counts[label]:,} item{'s' * (counts[label] != 1)}" for label in markers)
 
 

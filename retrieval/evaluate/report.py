@@ -255,6 +255,9 @@ RANKING_SETTINGS = {"shared_view": "what the shared view ranks by",
                                               "reports before 2026-11-29 do not record it: 1.0, the cosine, then)"}
 
 
+UNRECORDED = {"multi_label_view_power": {"None", "1.0"}}  # what a report without the setting had
+
+
 def compare_reports(dirs: list[str | Path]) -> str:
     """Markdown table, a row per group and a column per run: mAP@k paper / standard in %."""
     reports = {Path(d).resolve().name: load_report(d) for d in dirs}
@@ -276,7 +279,13 @@ def compare_reports(dirs: list[str | Path]) -> str:
     lines.append("| **mean** | " + " | ".join(_pair(_view(r["mean"], view)) for _, r, view in columns) + " |")
     for key, what in RANKING_SETTINGS.items():  # the same files ranked by another rule score otherwise
         told = {name: r["settings"].get(key, "not recorded") for name, r in reports.items()}
-        if len(set(map(str, told.values()))) > 1:
+        recorded = {str(v) for v in told.values() if v != "not recorded"}
+        if "not recorded" in told.values() and key in UNRECORDED:
+            # a report from before the record agrees with any rule it could have had (the power: none, or 1.0)
+            differ = len(recorded) > 1 or bool(recorded - UNRECORDED[key])
+        else:
+            differ = len(set(map(str, told.values()))) > 1
+        if differ:
             lines += ["", f"The runs differ in {what} ({key}): " + "; ".join(f"{n}: {v}" for n, v in told.items()) + "."]
     averaged = {name: r.get("views", {}).get("shared", {}).get("groups") for name, r in reports.items()}
     if len({tuple(g) for g in averaged.values() if g is not None}) > 1:  # the means do not compare
