@@ -92,7 +92,8 @@ else
   printf '%s' "$made" >"$work/embedded"
 fi
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place
-step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type" --shared-view "$shared_view"
+# (left as it is when it holds what the build would write: nothing changed, no server reloads)
+step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type" --shared-view "$shared_view" --skip-unchanged
 mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
 rm -f "$work/embedded"
 rmdir "$work" 2>/dev/null || true

@@ -503,13 +503,19 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
     cmd = ["bash", str(ROOT / "scripts" / "rebuild_index.sh"), str(demo_catalog), str(tiny_run / "best.pt"),
            str(index)]
     # the second run replaces the first index in place; the index build's options in either order
-    # (the second copies every image's row from the first's embeddings: nothing changed)
-    for options, view, copied in [([], "matches", 0), (["--shared-view", "embedding", "--type", "flat"], "embedding", 60)]:
+    # (the second copies every image's row from the first's embeddings: nothing changed; the third,
+    # with the second's options, leaves the index as it was: no rewrite, no server reload)
+    runs = [([], "matches", 0), (["--shared-view", "embedding", "--type", "flat"], "embedding", 60),
+            (["--type", "flat", "--shared-view", "embedding"], "embedding", 60)]
+    for options, view, copied in runs:
+        before = (index / "sidecar.json").read_bytes() if index.exists() else None
         result = subprocess.run(cmd + options + ["--device", "cpu", "--workers", "0"], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads((index / "sidecar.json").read_text())["shared_view"] == view
         assert (f"Copied {copied} of 60 images' rows" in result.stderr) == bool(copied), result.stderr[-2000:]
+        assert ("is up to date" in result.stdout) == (options == runs[2][0]), result.stdout
+    assert (index / "sidecar.json").read_bytes() == before
     assert (tmp_path / "live.embeddings.h5").exists()
     assert [p.name for p in tmp_path.glob(".live*")] == [".live.lock"]  # the lock file stays (flock)
 
@@ -707,3 +713,22 @@ def embed_ok(tmp_path, catalog) -> bool:
 
     a, b = read_embeddings(out), read_embeddings(tmp_path / "images.h5")
     return len(a.paths) == len(b.paths) == 59 and a.vectors.shape[1] > 256
+
+
+def test_build_skip_unchanged_rebuilds_only_what_changed(embeddings, demo_catalog, tmp_path, capsys):
+    index = tmp_path / "index"
+    build = ["index", "build", "--embeddings", str(embeddings), "--out", str(index), "--skip-unchanged"]
+    assert cli(build) == 0 and "Built" in capsys.readouterr().out
+    stamp = (index / "sidecar.json").read_bytes()
+    assert cli(build) == 0 and "is up to date" in capsys.readouterr().out
+    assert (index / "sidecar.json").read_bytes() == stamp
+    for extra in (["--group-codec", "8bit"], ["--shared-view", "embedding"]):  # other options: built
+        assert cli(build + extra) == 0 and "Built" in capsys.readouterr().out
+    assert cli(build) == 0 and "Built" in capsys.readouterr().out  # back to the first options
+    catalog = tmp_path / "catalog"
+    shutil.copytree(demo_catalog, catalog)
+    lines = (catalog / "labels.csv").read_text().splitlines()
+    lines[2] = lines[2].replace(lines[2].split(",")[2], "a new title", 1)  # one title changed
+    (catalog / "labels.csv").write_text("\n".join(lines) + "\n")
+    assert cli(build + ["--catalog", str(catalog)]) == 0 and "Built" in capsys.readouterr().out
+    assert cli(build + ["--catalog", str(catalog)]) == 0 and "is up to date" in capsys.readouterr().out
