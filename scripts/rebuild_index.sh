@@ -97,4 +97,4 @@ step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$cat
 mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
 rm -f "$work/embedded"
 rmdir "$work" 2>/dev/null || true
-echo "Index $index_dir rebuilt from $checkpoint"
+echo "Index $index_dir is up to date with $catalog and $checkpoint"
