@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Embed the whole catalog with a checkpoint and build a fresh index, then swap it into place
-# atomically: a running `retrieval serve` picks it up without a restart.
+# Embed the catalog with a checkpoint (copying the rows of images unchanged since the last rebuild)
+# and build a fresh index keeping each image's id, then swap it into place atomically: a running
+# `retrieval serve` picks it up without a restart. With nothing changed the index is left as it was.
 #   scripts/rebuild_index.sh CATALOG CHECKPOINT INDEX_DIR [--type flat|ivf|hnsw|ivfpq] [--shared-view file|embedding] [embed options...]
 # One rebuild per INDEX_DIR at a time (flock on .INDEX_DIR.lock beside it; a second one exits 75 with
 # "another rebuild ... is running (pid N)"). SIGINT/SIGTERM/SIGHUP stop the running step too; the

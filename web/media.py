@@ -16,7 +16,7 @@ from web.resources import catalog_dir, get_snapshot, resources
 logger = logging.getLogger(__name__)
 
 bp = Blueprint("media", __name__)
-CACHE_SECONDS = 300  # ids may point at other images after a rebuild: keep browser caching short
+CACHE_SECONDS = 300  # a photo shot again under its name keeps its id and path: keep browser caching short
 BROWSER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".avif")  # served as they are
 DISPLAY_SIZE = 1600  # the longer side of the JPEG copy served for other formats (HEIC, TIFF)
 

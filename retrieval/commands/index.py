@@ -46,10 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add.add_argument("--index", required=True, metavar="INDEX_DIR")
     add.add_argument("--embeddings", required=True, metavar="EMB.h5")
     add.add_argument("--catalog", metavar="DIR", help="catalog for titles and labels (default: the one embedded)")
-    remove = sub.add_parser("remove", help="remove withdrawn products by catalog image path or row id")
+    remove = sub.add_parser("remove", help="remove withdrawn products by catalog image path or item id (as in /items/ID)")
     remove.add_argument("--index", required=True, metavar="INDEX_DIR")
     remove.add_argument("--paths", nargs="*", default=[], metavar="IMAGE", help="image paths as in labels.csv")
-    remove.add_argument("--ids", nargs="*", type=int, default=[], metavar="ID", help="catalog row ids")
+    remove.add_argument("--ids", nargs="*", type=int, default=[], metavar="ID", help="item ids (as in /items/ID)")
     return p
 
 
