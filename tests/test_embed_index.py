@@ -514,7 +514,7 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads((index / "sidecar.json").read_text())["shared_view"] == view
         assert (f"Copied {copied} of 60 images' rows" in result.stderr) == bool(copied), result.stderr[-2000:]
-        assert ("is up to date" in result.stdout) == (options == runs[2][0]), result.stdout
+        assert ("left as it was" in result.stdout) == (options == runs[2][0]), result.stdout
     assert (index / "sidecar.json").read_bytes() == before
     assert (tmp_path / "live.embeddings.h5").exists()
     assert [p.name for p in tmp_path.glob(".live*")] == [".live.lock"]  # the lock file stays (flock)

@@ -32,7 +32,9 @@ def output_columns(o: Outputs) -> dict[str, np.ndarray]:
 def output_dims(model, catalog: Catalog, items: list[Item], device, image_cache, trunk_cache, start, heads) -> dict:
     """Width of every output, from the model's outputs on the first item."""
     # the first readable item's (one unreadable image first made the file as wide as the vectors alone)
-    probe = next(iter_outputs(model, catalog, items, device, 1, 0, image_cache, trunk_cache, start, heads), None)
+    probe = next(iter_outputs(model, catalog, items[:1], device, 1, 0, image_cache, trunk_cache, start, heads), None)
+    if probe is None and len(items) > 1:
+        probe = next(iter_outputs(model, catalog, items[1:], device, 1, 0, image_cache, trunk_cache, start, heads), None)
     if probe is None:
         return {"vectors": model.config.embed_dim}
     return {name: values.shape[1] for name, values in output_columns(probe).items()}
