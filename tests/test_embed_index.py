@@ -725,6 +725,7 @@ def test_build_skip_unchanged_rebuilds_only_what_changed(embeddings, demo_catalo
     for extra in (["--group-codec", "8bit"], ["--shared-view", "embedding"]):  # other options: built
         assert cli(build + extra) == 0 and "Built" in capsys.readouterr().out
     assert cli(build) == 0 and "Built" in capsys.readouterr().out  # back to the first options
+    assert cli(build + ["--type", "ivf"]) == 0 and "is up to date" in capsys.readouterr().out  # 60 items: flat
     catalog = tmp_path / "catalog"
     shutil.copytree(demo_catalog, catalog)
     lines = (catalog / "labels.csv").read_text().splitlines()

@@ -165,16 +165,18 @@ def up_to_date(index_dir: Path, reader, args, titles: list[str], labels: dict[st
     would write: the same fingerprint, index type, shared view, group codec and view rule, the same
     views, groups and images, and no image whose title, labels or vectors differ (``changed_items``)."""
     from indexer import IndexStore
-    from indexer.index import group_codec
+    from indexer.index import MIN_TRAIN_ITEMS, group_codec
 
     if not (index_dir / "sidecar.json").is_file():
         return False
+    # the type the build would make: IVF and IVF-PQ below MIN_TRAIN_ITEMS build flat
+    kind = "flat" if args.type in ("ivf", "ivfpq") and len(reader.paths) < MIN_TRAIN_ITEMS else args.type
     try:
         store = IndexStore.load(index_dir)
     except (OSError, ValueError):
         return False  # rebuilt, which names what is wrong if it still is
     views = {"shared", *(f"group-{n[len('groups/'):]}" for n in reader.dims if n.startswith("groups/"))}
-    same = (store.fingerprint == str(reader.attrs.get("fingerprint", "")) and store.index_type == args.type
+    same = (store.fingerprint == str(reader.attrs.get("fingerprint", "")) and store.index_type == kind
             and store.shared_view == shared_view_name(reader.attrs, args.shared_view)
             and group_codec(store.views) in (args.group_codec, None)
             and store.multi_label_view_power == multi_label_view_power(reader.attrs)
