@@ -28,7 +28,7 @@ def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
 
 def build_store(source: VectorSource, paths, index_type: str = "flat", titles=None, labels=None, *,
                 fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", shared_view: str | None = None,
-                multi_label_view_power: float | None = None,
+                multi_label_view_power: float | None = None, next_id: int | None = None,
                 **build_kwargs) -> IndexStore:
     """Build an IndexStore with the "shared" view of index_type and an exact compact view per group.
 
@@ -40,6 +40,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
         group_codec: how group views store their values: fp16 (2 bytes) or 8bit (1 byte).
         shared_view: what the shared view's vectors are (as the embeddings name it), kept in the sidecar.
         multi_label_view_power: how the embeddings scaled their multi-label group views, kept in the sidecar.
+        next_id: the id new items are numbered from (above every id the index this build replaces gave).
         use_gpu, build_kwargs: passed to build_view (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
     """
     ids = source.ids
@@ -56,7 +57,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
     return IndexStore(built, ids, paths, align_to_ids(titles, ids, "", "titles"), labels,
                       fingerprint=fingerprint, use_gpu=use_gpu, shared_view=shared_view,
-                      multi_label_view_power=multi_label_view_power)
+                      multi_label_view_power=multi_label_view_power, next_id=next_id)
 
 
 def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, **kwargs) -> IndexStore:

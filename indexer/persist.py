@@ -189,6 +189,8 @@ def sidecar_type_errors(sidecar: dict) -> list[str]:
     else:
         wrong += [f"views[{view!r}] is {dim!r}, not a dimension (a whole number above 0)"
                   for view, dim in views.items() if not is_count(dim) or dim < 1]
+    if "next_id" in sidecar and not is_count(sidecar["next_id"]):
+        wrong.append(f"next_id is {sidecar['next_id']!r}, not a whole number")
     files = sidecar.get("files")
     if files is not None:
         if not isinstance(files, dict):

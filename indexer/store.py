@@ -38,7 +38,8 @@ class IndexStore:
 
     def __init__(self, views: Mapping[str, faiss.Index], ids, paths=None, titles=None, labels=None, *,
                  items: Items | None = None, fingerprint: str = "", created: str | None = None, use_gpu="auto",
-                 shared_view: str | None = None, multi_label_view_power: float | None = None):
+                 shared_view: str | None = None, multi_label_view_power: float | None = None,
+                 next_id: int | None = None):
         check_views(views)
         self.views = dict(views)
         if items is None:
@@ -46,6 +47,9 @@ class IndexStore:
             items = Items.from_lists(ids, text_list(paths, len(ids), "paths"), text_list(titles, len(ids), "titles"),
                                      align_labels(labels, len(ids)))
         self.items = items
+        # above every id this index ever gave (a withdrawn product's included): new items are numbered
+        # from here, so an id never names another product (an index saved before it: above its ids)
+        self.next_id = max(int(next_id or 0), int(np.max(items.ids, initial=-1)) + 1)
         self.fingerprint = fingerprint
         self.shared_view = shared_view  # what the embeddings say the shared view holds (None: not recorded)
         # the power the embeddings' multi-label group views were scaled with (None: none, or not recorded)
@@ -144,7 +148,7 @@ class IndexStore:
                 "dimension": self.dimension, "count": len(self), "metric": "inner_product",
                 "created": self.created, "views": {view: int(index.d) for view, index in self.views.items()},
                 "files": view_files(self.views),
-                "group_codec": group_codec(self.views), "labels": self.vocabulary(),
+                "group_codec": group_codec(self.views), "labels": self.vocabulary(), "next_id": self.next_id,
                 **({"shared_view": self.shared_view} if self.shared_view else {}),
                 **({"multi_label_view_power": self.multi_label_view_power}
                    if self.multi_label_view_power is not None else {})}
@@ -191,6 +195,7 @@ class IndexStore:
             else:
                 self.views[view].add(x)
         self.items = self.items.concat(new)
+        self.next_id = max(self.next_id, int(np.max(ids, initial=-1)) + 1)
         self._reset_caches()
         logger.info("Added %d items; the index now holds %d", len(ids), len(self))
 
@@ -241,12 +246,15 @@ class IndexStore:
         return directory
 
     @staticmethod
-    def read_items(directory) -> Items:
+    def read_items(directory) -> tuple[Items, int]:
         """The item arrays of an index directory alone (ids, paths, titles, labels; memory-mapped), its
-        views left unread: what a new build of the directory keeps each image's id by."""
+        views left unread, and the id it numbers new items from (``next_id``): what a new build of the
+        directory keeps each image's id by."""
         directory = Path(directory)
         finish_interrupted_swap(directory)
-        return Items.load(directory, read_sidecar(directory)["labels"], mmap=True)
+        sidecar = read_sidecar(directory)
+        items = Items.load(directory, sidecar["labels"], mmap=True)
+        return items, max(int(sidecar.get("next_id", 0)), int(np.max(items.ids, initial=-1)) + 1)
 
     @classmethod
     def load(cls, directory, expect_fingerprint: str | None = None, expect_dimension: int | None = None,
@@ -267,7 +275,7 @@ class IndexStore:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],
                        use_gpu=use_gpu, shared_view=sidecar.get("shared_view"),
-                       multi_label_view_power=sidecar.get("multi_label_view_power"))
+                       multi_label_view_power=sidecar.get("multi_label_view_power"), next_id=sidecar.get("next_id"))
         except ValueError as err:
             raise ValueError(f"Inconsistent index directory {directory}: {err}") from err
 

@@ -151,7 +151,8 @@ def test_sidecar_follows_formats_md(tmp_path, catalog):
         ["group-color.faiss", "shared.faiss", "sidecar.json", *(f"items-{name}.npy" for name in ITEM_ARRAYS)])
     side = json.loads((tmp_path / "index" / "sidecar.json").read_text())
     assert {"format", "fingerprint", "type", "dimension", "count", "metric", "created", "views", "files",
-            "group_codec", "labels"} == set(side)
+            "group_codec", "labels", "next_id"} == set(side)
+    assert side["next_id"] == int(catalog["ids"].max()) + 1  # new items are numbered from here
     assert side["files"] == {"shared": "shared.faiss", "group-color": "group-color.faiss"}
     assert side["format"] == 2 and side["metric"] == "inner_product" and side["type"] == "flat"
     assert side["dimension"] == 16 and side["views"] == {"shared": 16, "group-color": 8}

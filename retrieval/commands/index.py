@@ -115,49 +115,39 @@ def check_group_views(store_power: float | None, path, attrs: dict) -> None:
                          f"again from it (scripts/rebuild_index.sh)")
 
 
-def new_items(paths: list[str], ids: np.ndarray, held_paths: list[str], held_ids: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+def new_items(paths: list[str], held_paths: list[str], next_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows of an embeddings file whose image the index does not hold, the ids they get there). An
     image is the item (a catalogue's rows move when rows are inserted, sorted or removed, so a file's
-    row ids name other images than the index's did); a new image keeps its row id unless the index
-    gives that id to another image, when it gets the next free one above both files' ids (warned)."""
+    row ids name other images than the index's did); new images are numbered from ``next_id``, above
+    every id the index ever gave, so a withdrawn product's id never names another one."""
     held = set(held_paths)
     new = np.array([i for i, path in enumerate(paths) if path not in held], dtype=np.int64)
-    out = np.asarray(ids, dtype=np.int64)[new]
-    taken = np.isin(out, held_ids)
-    if taken.any():
-        start = int(max(np.max(held_ids, initial=-1), np.max(ids, initial=-1))) + 1
-        out[taken] = np.arange(start, start + int(taken.sum()))
-        logger.warning("%d new images have row ids that the index gives to other images (the catalogue's rows "
-                       "moved since it was built); they get ids %d to %d", int(taken.sum()), start,
-                       start + int(taken.sum()) - 1)
-    return new, out
+    return new, np.arange(next_id, next_id + len(new), dtype=np.int64)
 
 
-def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> np.ndarray:
-    """The ids a new build of ``index_dir`` gives an embeddings file's rows: an image the index there
-    holds keeps its id (yesterday's links to /items/ID name the same product), another one takes its
-    row id unless the index gave that id to another image (then the next free one, ``new_items``).
-    Row ids where no index is there, or where it cannot be read (said: it is being replaced anyway)."""
+def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> tuple[np.ndarray, int | None]:
+    """(the ids a new build of ``index_dir`` gives an embeddings file's rows, the id it numbers later
+    items from): an image the index there holds keeps its id (yesterday's links to /items/ID name the
+    same product), a new one takes the next id the index never gave (``new_items``). Row ids where no
+    index is there, or where it cannot be read (said: it is being replaced anyway)."""
     from indexer import IndexStore
     from indexer.persist import finish_interrupted_swap
 
     finish_interrupted_swap(index_dir)  # a swap killed between its renames: its index is the one replaced
     if not (index_dir / "sidecar.json").is_file():
-        return np.asarray(ids, dtype=np.int64)
-
+        return np.asarray(ids, dtype=np.int64), None
     try:
-        before = IndexStore.read_items(index_dir)
+        before, next_id = IndexStore.read_items(index_dir)
         held_paths, held_ids = before.paths.tolist(), np.asarray(before.ids, dtype=np.int64)
     except (OSError, ValueError) as err:
         logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
                        "the old one's items may name other products", index_dir, err)
-        return np.asarray(ids, dtype=np.int64)
+        return np.asarray(ids, dtype=np.int64), None
     by_path = dict(zip(held_paths, held_ids.tolist()))
     out = np.array([by_path.get(path, -1) for path in paths], dtype=np.int64)
-    new, new_ids = new_items(paths, ids, held_paths, held_ids)
+    new, new_ids = new_items(paths, held_paths, next_id)
     out[new] = new_ids
-    return out
+    return out, next_id
 
 
 def up_to_date(index_dir: Path, reader, args, titles: list[str], labels: dict[str, list[tuple]]) -> bool:
@@ -260,19 +250,19 @@ def main(argv=None) -> int:
                 print(f"{args.out} is up to date with {args.embeddings} (the same model, options, images, labels "
                       "and vectors): left as it was")
                 return 0
-            ids = kept_ids(reader.paths, reader.ids, Path(args.out))
+            ids, next_id = kept_ids(reader.paths, reader.ids, Path(args.out))
             store = build_store(vector_source(reader, args.shared_view, ids), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
                                 shared_view=shared_view_name(reader.attrs, args.shared_view),
-                                multi_label_view_power=multi_label_view_power(reader.attrs))
+                                multi_label_view_power=multi_label_view_power(reader.attrs), next_id=next_id)
             store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
     elif args.action == "add":
         with index_lock(args.index), BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
-            new, ids = new_items(reader.paths, reader.ids, store.paths, store.ids)
+            new, ids = new_items(reader.paths, store.paths, store.next_id)
             held, held_ids = held_items(reader.paths, store)
             titles, labels = item_metadata([reader.paths[i] for i in np.concatenate([new, held])], reader.attrs,
                                            args.catalog)
