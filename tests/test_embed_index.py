@@ -647,8 +647,11 @@ def test_embed_copies_the_rows_of_unchanged_images_from_the_file_before(tiny_run
     out = tmp_path / "emb.h5"
     assert embed(tiny_run, catalog, out, "--batch-size", "4") == 0
     caplog.clear()
-    assert embed(tiny_run, catalog, out, "--batch-size", "4") == 0  # nothing changed: every row copied
-    assert "Copied 60 of 60 images' rows" in caplog.text
+    stamp = out.stat().st_mtime_ns
+    assert embed(tiny_run, catalog, out, "--batch-size", "4") == 0  # nothing changed: the file left as it was
+    assert "is up to date" in caplog.text and out.stat().st_mtime_ns == stamp
+    assert embed(tiny_run, catalog, tmp_path / "copy.h5", "--batch-size", "4", "--reuse", str(out)) == 0
+    assert "Copied 60 of 60 images' rows" in caplog.text  # into another file: every row copied
     shutil.copy(out, tmp_path / "before.h5")
     items = read_catalog(catalog).items
     for item in items[::7]:  # photos shot again under their names, scattered through the batches

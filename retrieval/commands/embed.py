@@ -144,6 +144,8 @@ def embed(args, rank: int, device) -> int:
                           image_cache, trunk_cache, start, args.split, args.shards, args.merge_only, reuse)
     if rank != 0:
         return 0
-    print(f"Wrote {out}: {attrs['count']} vectors of dimension {attrs['dimension']}, "
+    print(f"{'Left' if attrs.get('unchanged') else 'Wrote'} {out}"
+          f"{' as it was (every image unchanged since it was written)' if attrs.get('unchanged') else ''}: "
+          f"{attrs['count']} vectors of dimension {attrs['dimension']}, "
           f"groups {', '.join(json.loads(attrs['groups'])) or '-'}, fingerprint {fp[:16]}")
     return 0

@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from retrieval.atomic import check_free_space
 from retrieval.data.catalog import Catalog, Item, items_digest
-from retrieval.data.embfile import h5_key, open_partial
+from retrieval.data.embfile import h5_key, open_h5, open_partial
 from retrieval.embed.inference import Outputs, iter_outputs, standardize
 from retrieval.embed.reuse import Reuse
-from retrieval.embed.shards import merge_shards, shard_count, shard_path, shard_rows
+from retrieval.embed.shards import merge_shards, same_file, shard_count, shard_path, shard_rows
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,16 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
     if merge_only and out.is_file() and not any(shard_path(out, i, count).exists() for i in range(count)):
         raise ValueError(f"{out} is complete (its shards were merged and removed): nothing to merge")
     mine = [] if merge_only else list(range(rank, count, world))
+    if world == 1 and not merge_only and reuse is not None and out.is_file() and same_file(reuse, out) \
+            and not any(shard_path(out, i, count).exists() for i in range(count)):
+        earlier = open_reuse(reuse, meta, standardise)
+        if earlier is not None:
+            whole = len(earlier.row_of) == len(items) and np.array_equal(earlier.rows(items), np.arange(len(items)))
+            earlier.close()
+            if whole:  # every image unchanged, in the same order, none skipped: nothing to write
+                logger.info("%s is up to date (the same model, options and images): left as it was", out)
+                with open_h5(out, "r") as f:
+                    return {**f.attrs, "unchanged": True}
     if rank >= count and not merge_only:
         logger.warning("Rank %d has no shard: the job has %d (pass --shards to cut it anew)", rank, count)
     if mine:
