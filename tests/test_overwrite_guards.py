@@ -64,7 +64,9 @@ def test_embed_still_replaces_an_embeddings_file(demo_catalog, tiny_run, tmp_pat
     assert embed(tiny_run / "best.pt", demo_catalog, out) == 0
     first = out.stat().st_mtime_ns
     assert embed(tiny_run / "best.pt", demo_catalog, out) == 0
-    assert out.stat().st_mtime_ns != first
+    assert out.stat().st_mtime_ns == first  # every image unchanged: left as it was
+    assert embed(tiny_run / "best.pt", demo_catalog, out, "--reuse", "none") == 0
+    assert out.stat().st_mtime_ns != first  # computed again and replaced
     with h5py.File(out) as f:
         assert len(f["ids"]) == 60
     empty = tmp_path / "empty.h5"
