@@ -258,6 +258,7 @@ def test_index_build_add_remove(embeddings, demo_catalog, tmp_path):
     before = (index / "sidecar.json").read_bytes()
     assert cli(["index", "remove", "--index", str(index), "--paths", "images/nope.jpg", "--ids", "999"]) == 0
     assert (index / "sidecar.json").read_bytes() == before
+    assert (tmp_path / "live.embeddings.h5").stat().st_mtime_ns == kept  # nor the embeddings beside it
     assert cli(["index", "remove", "--index", str(index)]) == 1  # nothing given
 
 
@@ -522,6 +523,7 @@ def test_rebuild_script_swaps_index(tiny_run, demo_catalog, tmp_path):
             (["--type", "flat", "--shared-view", "embedding"], "embedding", 60)]
     for options, view, copied in runs:
         before = (index / "sidecar.json").read_bytes() if index.exists() else None
+        kept = (tmp_path / "live.embeddings.h5").stat().st_mtime_ns if index.exists() else None
         result = subprocess.run(cmd + options + ["--device", "cpu", "--workers", "0"], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
