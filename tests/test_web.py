@@ -688,3 +688,4 @@ def test_thumbs_prune_deletes_what_no_indexed_image_shows_now(web_data, tmp_path
     assert "60 thumbnails" in result.output and "Pruned 2 cached images" in result.output, result.output
     after = set(thumbs.glob("*/*.jpg"))
     assert len(after) == 60 and len(after - before) == 1 and (thumbs / "notes.txt").is_file()
+    assert all(any(folder.iterdir()) for folder in thumbs.iterdir() if folder.is_dir())  # emptied ones removed

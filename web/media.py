@@ -119,6 +119,11 @@ def prune_cache(cache_dir: Path, keep: set[Path]) -> tuple[int, int]:
         except FileNotFoundError:  # another pruning process took it
             continue
         deleted, freed = deleted + 1, freed + size
+    for folder in cache_dir.glob("[0-9a-f][0-9a-f]"):
+        try:
+            folder.rmdir()  # only when the prune emptied it
+        except OSError:
+            pass
     return deleted, freed
 
 
@@ -145,7 +150,7 @@ def thumbs_command(prune: bool):
     click.echo(f"{done} thumbnails in {cache_dir}, {failed} unreadable images")
     if prune:
         deleted, freed = prune_cache(cache_dir, keep)
-        click.echo(f"Pruned {deleted} cached images of no indexed image as it is now ({freed / 1e6:.1f} MB)")
+        click.echo(f"Pruned {deleted} cached images of no indexed image as it is now ({freed / 1024:,.0f} KiB)")
 
 
 def init_app(app) -> None:
