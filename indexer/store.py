@@ -47,9 +47,6 @@ class IndexStore:
             items = Items.from_lists(ids, text_list(paths, len(ids), "paths"), text_list(titles, len(ids), "titles"),
                                      align_labels(labels, len(ids)))
         self.items = items
-        # above every id this index ever gave (a withdrawn product's included): new items are numbered
-        # from here, so an id never names another product (an index saved before it: above its ids)
-        self.next_id = max(int(next_id or 0), int(np.max(items.ids, initial=-1)) + 1)
         self.fingerprint = fingerprint
         self.shared_view = shared_view  # what the embeddings say the shared view holds (None: not recorded)
         # the power the embeddings' multi-label group views were scaled with (None: none, or not recorded)
@@ -61,6 +58,11 @@ class IndexStore:
         self.exact_subset_max = EXACT_SUBSET_MAX
         self._dead = (np.setdiff1d(faiss.vector_to_array(faiss.downcast_index(self.views["shared"]).id_map),
                                    self.ids) if self.index_type == "hnsw" else np.empty(0, np.int64))
+        # above every id this index ever gave (a withdrawn product's included): new items are numbered
+        # from here, so an id never names another product (an index saved before it: above its ids
+        # and, for HNSW, its removed nodes' ids)
+        self.next_id = max(int(next_id or 0), int(np.max(items.ids, initial=-1)) + 1,
+                           int(np.max(self._dead, initial=-1)) + 1)
         self._check_counts()
         self._reset_caches()
 

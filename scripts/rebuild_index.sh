@@ -94,14 +94,9 @@ else
 fi
 # index build writes beside INDEX_DIR (removing what killed builds left there) and renames into place
 # (left as it is when it holds what the build would write: nothing changed, no server reloads)
-sidecar() { stat -c '%i %Y' "$index_dir/sidecar.json" 2>/dev/null || true; }  # a save makes a new one
-before=$(sidecar)
 step "$retrieval" index build --embeddings "$work/embeddings.h5" --catalog "$catalog" --out "$index_dir" --type "$type" --shared-view "$shared_view" --skip-unchanged
-if [ -n "$before" ] && [ "$before" = "$(sidecar)" ] && [ -f "$parent/$name.embeddings.h5" ]; then
-  rm -f "$work/embeddings.h5"  # the index was left as it was: so is the embeddings file it was built from
-else
-  mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
-fi
+# always: an index left as it was says nothing of the file (new image times, an item added outside)
+mv -f "$work/embeddings.h5" "$parent/$name.embeddings.h5"
 rm -f "$work/embedded"
 rmdir "$work" 2>/dev/null || true
 echo "Index $index_dir is up to date with $catalog and $checkpoint"

@@ -315,6 +315,20 @@ def test_remove_unknown_ids_names_them(catalog):
     assert len(store) == 400
 
 
+def test_an_hnsw_index_saved_before_next_id_numbers_above_its_removed_nodes(tmp_path, catalog):
+    # next_id of an index saved before the field came from its ids alone: a removed HNSW node's id (still
+    # in the graph) was given to a new item
+    store = make_store(catalog, "hnsw")
+    top = int(catalog["ids"].max())
+    store.remove([top])
+    store.save(tmp_path / "index")
+    side = json.loads((tmp_path / "index" / "sidecar.json").read_text())
+    assert side["next_id"] == top + 1
+    del side["next_id"]
+    (tmp_path / "index" / "sidecar.json").write_text(json.dumps(side))
+    assert IndexStore.load(tmp_path / "index").next_id == top + 1
+
+
 def test_hnsw_remove_then_re_add_same_id(catalog):
     store = make_store(catalog, "hnsw")
     store.remove([5, 8])

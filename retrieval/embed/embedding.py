@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from retrieval.atomic import check_free_space
 from retrieval.data.catalog import Catalog, Item, items_digest
-from retrieval.data.embfile import h5_key, open_h5, open_partial
+from retrieval.data.embfile import decode_attr, h5_key, open_h5, open_partial
 from retrieval.embed.inference import Outputs, iter_outputs, standardize
 from retrieval.embed.reuse import Reuse
 from retrieval.embed.shards import merge_shards, same_file, shard_count, shard_path, shard_rows
@@ -116,6 +116,16 @@ def open_reuse(path: Path | None, meta: dict, standardise: bool) -> Reuse | None
     return earlier
 
 
+def is_whole(earlier: Reuse, items: list[Item], meta: dict) -> bool:
+    """Whether ``earlier``'s file is what embedding ``items`` would write: every image unchanged and
+    in the same order under the same row ids, none skipped, the same catalog folder and split."""
+    f = earlier.file
+    return (len(earlier.row_of) == len(items) and np.array_equal(earlier.rows(items), np.arange(len(items)))
+            and np.array_equal(f["ids"][:], [it.row_id for it in items])
+            and all(decode_attr(k, f.attrs.get(k)) == meta[k] for k in ("catalog", "split"))
+            and decode_attr("skipped", f.attrs.get("skipped", "[]")) == [])
+
+
 def agreed_shard_count(out: Path, n: int, shards: int | None, world: int) -> int:
     """The shard count, decided by rank 0 (which may find work files of an earlier run) for all ranks."""
     count = [shard_count(out, n, shards, world) if world == 1 or dist.get_rank() == 0 else None]
@@ -138,16 +148,13 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
     if merge_only and out.is_file() and not any(shard_path(out, i, count).exists() for i in range(count)):
         raise ValueError(f"{out} is complete (its shards were merged and removed): nothing to merge")
     mine = [] if merge_only else list(range(rank, count, world))
-    if world == 1 and not merge_only and reuse is not None and out.is_file() and same_file(reuse, out) \
+    earlier = open_reuse(reuse, meta, standardise) if mine else None
+    if earlier is not None and world == 1 and same_file(reuse, out) and is_whole(earlier, items, meta) \
             and not any(shard_path(out, i, count).exists() for i in range(count)):
-        earlier = open_reuse(reuse, meta, standardise)
-        if earlier is not None:
-            whole = len(earlier.row_of) == len(items) and np.array_equal(earlier.rows(items), np.arange(len(items)))
-            earlier.close()
-            if whole:  # every image unchanged, in the same order, none skipped: nothing to write
-                logger.info("%s is up to date (the same model, options and images): left as it was", out)
-                with open_h5(out, "r") as f:
-                    return {**f.attrs, "unchanged": True}
+        earlier.close()  # every image unchanged, in the same order under the same rows, none skipped
+        logger.info("%s is up to date (the same model, options, catalog and images): left as it was", out)
+        with open_h5(out, "r") as f:
+            return {**f.attrs, "unchanged": True}
     if rank >= count and not merge_only:
         logger.warning("Rank %d has no shard: the job has %d (pass --shards to cut it anew)", rank, count)
     if mine:
@@ -159,7 +166,6 @@ def embed_catalog(model, catalog: Catalog, out: Path, meta: dict, device, heads:
         check_free_space(out.parent, needed + (len(items) * row_bytes if rank == 0 else 0),
                          f"embedding {len(items)} images ({sum(dims.values())} values each: the work files, "
                          f"then {out.name} beside them)")
-    earlier = open_reuse(reuse, meta, standardise) if mine else None
     copied = 0
     try:
         for i in mine:
