@@ -28,6 +28,12 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
 HNSW_COMPACT_SHARE = 0.25  # rebuild an HNSW view once this share of its nodes are removed items
 
 
+def first_unused_id(recorded: int | None, *given: np.ndarray) -> int:
+    """The id new items are numbered from: the recorded ``next_id`` (an index saved before it: none),
+    or above every id in ``given`` where that is higher."""
+    return max([int(recorded or 0), *(int(np.max(ids, initial=-1)) + 1 for ids in given)])
+
+
 def utc_now() -> str:
     """Return the current UTC time in ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -61,8 +67,7 @@ class IndexStore:
         # above every id this index ever gave (a withdrawn product's included): new items are numbered
         # from here, so an id never names another product (an index saved before it: above its ids
         # and, for HNSW, its removed nodes' ids)
-        self.next_id = max(int(next_id or 0), int(np.max(items.ids, initial=-1)) + 1,
-                           int(np.max(self._dead, initial=-1)) + 1)
+        self.next_id = first_unused_id(next_id, items.ids, self._dead)
         self._check_counts()
         self._reset_caches()
 
@@ -134,9 +139,9 @@ class IndexStore:
         8-bit, product quantization) rounds the given one, another shared view as it is (to 1e-5)."""
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         differ = np.zeros(len(ids), dtype=bool)
+        if not len(ids):
+            return differ
         for view, vectors in vectors_by_view.items():
-            if not len(ids):
-                continue
             given = self._as_view_vectors(view, vectors, f"{view} vectors")
             if view != "shared" or self.index_type == "ivfpq":
                 index = faiss.downcast_index(self._view(view))
@@ -197,7 +202,7 @@ class IndexStore:
             else:
                 self.views[view].add(x)
         self.items = self.items.concat(new)
-        self.next_id = max(self.next_id, int(np.max(ids, initial=-1)) + 1)
+        self.next_id = first_unused_id(self.next_id, ids)
         self._reset_caches()
         logger.info("Added %d items; the index now holds %d", len(ids), len(self))
 
@@ -256,7 +261,7 @@ class IndexStore:
         finish_interrupted_swap(directory)
         sidecar = read_sidecar(directory)
         items = Items.load(directory, sidecar["labels"], mmap=True)
-        return items, max(int(sidecar.get("next_id", 0)), int(np.max(items.ids, initial=-1)) + 1)
+        return items, first_unused_id(sidecar.get("next_id"), items.ids)
 
     @classmethod
     def load(cls, directory, expect_fingerprint: str | None = None, expect_dimension: int | None = None,

@@ -131,20 +131,18 @@ def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> tuple[np.nda
     same product), a new one takes the next id the index never gave (``new_items``). Row ids where no
     index is there, or where it cannot be read (said: it is being replaced anyway)."""
     from indexer import IndexStore
-    from indexer.persist import finish_interrupted_swap
 
-    finish_interrupted_swap(index_dir)  # a swap killed between its renames: its index is the one replaced
-    if not (index_dir / "sidecar.json").is_file():
-        return np.asarray(ids, dtype=np.int64), None
-    try:
+    try:  # (read_items finishes a swap killed between its renames: its index is the one replaced)
         before, next_id = IndexStore.read_items(index_dir)
-        held_paths, held_ids = before.paths.tolist(), np.asarray(before.ids, dtype=np.int64)
     except (OSError, ValueError) as err:
-        logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
-                       "the old one's items may name other products", index_dir, err)
+        if (index_dir / "sidecar.json").is_file():  # no index there (a first build) goes unsaid
+            logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
+                           "the old one's items may name other products", index_dir, err)
         return np.asarray(ids, dtype=np.int64), None
-    by_path = dict(zip(held_paths, held_ids.tolist()))
-    out = np.array([by_path.get(path, -1) for path in paths], dtype=np.int64)
+    held_paths = before.paths.tolist()
+    out = np.full(len(paths), -1, dtype=np.int64)
+    held, held_ids = held_items(paths, held_paths, before.ids)
+    out[held] = held_ids
     new, new_ids = new_items(paths, held_paths, next_id)
     out[new] = new_ids
     return out, next_id
@@ -157,33 +155,31 @@ def up_to_date(index_dir: Path, reader, args, titles: list[str], labels: dict[st
     from indexer import IndexStore
     from indexer.index import MIN_TRAIN_ITEMS, group_codec
 
-    if not (index_dir / "sidecar.json").is_file():
-        return False
     # the type the build would make: IVF and IVF-PQ below MIN_TRAIN_ITEMS build flat
     kind = "flat" if args.type in ("ivf", "ivfpq") and len(reader.paths) < MIN_TRAIN_ITEMS else args.type
     try:
         store = IndexStore.load(index_dir)
     except (OSError, ValueError):
-        return False  # rebuilt, which names what is wrong if it still is
+        return False  # none there, or rebuilt, which names what is wrong if it still is
+    held_paths = store.paths
     views = {"shared", *(f"group-{n[len('groups/'):]}" for n in reader.dims if n.startswith("groups/"))}
     same = (store.fingerprint == str(reader.attrs.get("fingerprint", "")) and store.index_type == kind
             and store.shared_view == shared_view_name(reader.attrs, args.shared_view)
             and group_codec(store.views) in (args.group_codec, None)
             and store.multi_label_view_power == multi_label_view_power(reader.attrs)
             and set(store.views) == views and set(store.vocabulary()) == set(labels)
-            and len(store) == len(reader.paths) and set(store.paths) == set(reader.paths))
+            and len(store) == len(reader.paths) and set(held_paths) == set(reader.paths))
     if not same:
         return False
-    rows, ids = held_items(reader.paths, store)
+    rows, ids = held_items(reader.paths, held_paths, store.ids)
     source = vector_source(reader, store_reading(store.shared_view, reader.path, reader.attrs))
-    at = np.asarray(rows)
-    return not len(changed_items(store, source, rows, ids, [titles[i] for i in at], {g: [v[i] for i in at]
-                                                                                    for g, v in labels.items()}))
+    return not len(changed_items(store, source, rows, ids, [titles[i] for i in rows], {g: [v[i] for i in rows]
+                                                                                      for g, v in labels.items()}))
 
 
-def held_items(paths: list[str], store) -> tuple[np.ndarray, np.ndarray]:
+def held_items(paths: list[str], held_paths: list[str], held_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows of an embeddings file whose image the index holds, their ids there)."""
-    by_path = dict(zip(store.paths, store.ids.tolist()))
+    by_path = dict(zip(held_paths, held_ids.tolist()))
     rows = np.array([i for i, path in enumerate(paths) if path in by_path], dtype=np.int64)
     return rows, np.array([by_path[paths[i]] for i in rows], dtype=np.int64)
 
@@ -262,8 +258,9 @@ def main(argv=None) -> int:
     elif args.action == "add":
         with index_lock(args.index), BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
-            new, ids = new_items(reader.paths, store.paths, store.next_id)
-            held, held_ids = held_items(reader.paths, store)
+            held_paths = store.paths  # every item's path, made once
+            new, ids = new_items(reader.paths, held_paths, store.next_id)
+            held, held_ids = held_items(reader.paths, held_paths, store.ids)
             titles, labels = item_metadata([reader.paths[i] for i in np.concatenate([new, held])], reader.attrs,
                                            args.catalog)
             extra = [g for g in labels if g not in store.vocabulary()]
@@ -296,8 +293,8 @@ def main(argv=None) -> int:
             if not args.paths and not args.ids:
                 raise ValueError("nothing to remove: give --paths or --ids")
             store = IndexStore.load(args.index)
-            by_path = dict(zip(store.paths, store.ids.tolist()))
-            held = set(store.ids.tolist())
+            held_ids = store.ids.tolist()
+            by_path, held = dict(zip(store.paths, held_ids)), set(held_ids)
             gone = [p for p in args.paths if p not in by_path] + [str(i) for i in args.ids if i not in held]
             if gone:  # removed before (a day's list run again), or never there: said, not an error
                 logger.warning("%d of the paths / ids given are not in %s (removed before, or never added): %s%s",
