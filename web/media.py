@@ -41,15 +41,15 @@ def write_thumbnail(image: Path, target: Path, size: int) -> bool:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         logger.warning("Cannot make a thumbnail of %s: %s", image, err)
         return False
-    for attempt in range(2):
+    def save() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_write(target, "wb") as f:
-                small.save(f, "JPEG", quality=85, optimize=True)
-            return True
-        except FileNotFoundError:  # `thumbs --prune` removed the emptied folder in between: once more
-            if attempt:
-                raise
+        with atomic_write(target, "wb") as f:
+            small.save(f, "JPEG", quality=85, optimize=True)
+
+    try:
+        save()
+    except FileNotFoundError:  # `thumbs --prune` removed the emptied folder in between: once more
+        save()
     return True
 
 

@@ -46,8 +46,8 @@ class Reuse:
                         dtype=np.int64)
 
     def read(self, rows: np.ndarray, columns: dict[str, list[int]]) -> np.ndarray | None:
-        """The given rows (any order) laid out as a work file's ``columns`` ({dataset: [start, stop]});
-        None when the file lacks a dataset or has another width (then they are computed)."""
+        """The given rows (any order, at least one) laid out as a work file's ``columns`` ({dataset:
+        [start, stop]}); None when the file lacks a dataset or has another width (then they are computed)."""
         width = max(stop for _, stop in columns.values())
         out = np.empty((len(rows), width), dtype=np.float32)
         order = np.argsort(rows)
@@ -55,7 +55,7 @@ class Reuse:
         for name, (start, stop) in columns.items():
             if name not in self.file or self.file[name].shape[1:] != (stop - start,):
                 return None
-            out[order, start:stop] = self.file[name][ordered] if len(rows) else 0
+            out[order, start:stop] = self.file[name][ordered]
         return out
 
     def close(self) -> None:
