@@ -230,18 +230,14 @@ def capped(n_items: int, available: int, what: str) -> int:
     return min(n_items, available)
 
 
-def make_street(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
-    """Street-style rows (images written under ``out/images``)."""
+def make_drawn(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1,
+               kind: str = "street") -> list[list[str]]:
+    """Rows of a kind drawn one source image each, ``street`` (``street_image``) or ``snapshot``
+    (``snapshot_image``); images written under ``out/images``."""
+    row = {"street": _street_row, "snapshot": _snapshot_row}[kind]
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(catalog.items), size=capped(n_items, len(catalog.items), "images"), replace=False)
-    return _rows(partial(_street_row, catalog, out, seed), chosen, workers, "street stand-in")
-
-
-def make_snapshot(catalog: Catalog, out: Path, n_items: int, seed: int, workers: int = 1) -> list[list[str]]:
-    """Phone-snapshot rows (``snapshot_image``; images written under ``out/images``)."""
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(catalog.items), size=capped(n_items, len(catalog.items), "images"), replace=False)
-    return _rows(partial(_snapshot_row, catalog, out, seed), chosen, workers, "snapshot stand-in")
+    return _rows(partial(row, catalog, out, seed), chosen, workers, f"{kind} stand-in")
 
 
 def _multicolour_row(catalog: Catalog, coloured: list[Item], shared: tuple[str, ...], out: Path, seed: int,
@@ -408,10 +404,8 @@ def make_standin(source: str | Path, out: str | Path, kind: str, n_items: int = 
         rows = make_missing(catalog, out, seed)
     elif kind == "noisy":
         rows = make_noisy(catalog, out, seed)
-    elif kind == "street":
-        rows = make_street(catalog, out, n_items, seed, workers)
-    elif kind == "snapshot":
-        rows = make_snapshot(catalog, out, n_items, seed, workers)
+    elif kind in ("street", "snapshot"):
+        rows = make_drawn(catalog, out, n_items, seed, workers, kind)
     else:
         rows = make_multicolour(catalog, out, n_items, seed, workers, kind)
     labels = out / LABELS_FILE
