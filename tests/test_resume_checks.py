@@ -142,6 +142,27 @@ def test_image_cache_notices_a_replaced_image(catalog, tmp_path, caplog):
     assert rebuilt.serves(items[1]) and (rebuilt.read(victim) == expected).all()
 
 
+def test_a_second_image_cache_run_of_one_file_is_refused(catalog, tmp_path, capsys):
+    """While one `retrieval cache` fills a file, a second of the same file stops at once, naming the
+    file and the writer's pid, and leaves the file as it was; once the first is done it runs."""
+    from retrieval.atomic import hold_lock
+
+    cache = tmp_path / "images.h5"
+    build = ["cache", "--catalog", str(catalog), "--out", str(cache), "--image-size", "64", "--workers", "0"]
+    held = hold_lock(tmp_path / ".images.h5.lock")  # as the first run holds it
+    assert isinstance(held, int)
+    try:
+        assert cli(build) != 0
+        err = capsys.readouterr().err
+        assert str(cache) in err and f"pid {os.getpid()}" in err and "another process" in err
+        assert not cache.exists()
+    finally:
+        os.close(held)
+    assert cli(build) == 0
+    with h5py.File(cache) as f:
+        assert int(f.attrs["done"]) == len(images(catalog)) and f["ok"][:].all()
+
+
 def test_a_full_disk_is_told_before_the_trunk_pass_and_the_embedding(demo_catalog, tiny_run, tmp_path, monkeypatch,
                                                                        capsys):
     """With too little free space, train and embed stop at once, saying how much they need and where,

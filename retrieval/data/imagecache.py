@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retrieval.atomic import remove_stale_temporaries, temporary_path
+from retrieval.atomic import hold_lock, remove_stale_temporaries, temporary_path
 from retrieval.data.catalog import Catalog, digest_change, items_digest
 from retrieval.data.datasets import ImageDataset, check_image_cache, collate_images, loader_workers
 
@@ -44,8 +45,21 @@ def open_cache(path: Path, catalog: Catalog, size: int) -> int:
 
 
 def build_image_cache(catalog: Catalog, path: str | Path, size: int = 224, workers: int | None = None) -> int:
-    """Fill (or resume) the image cache; returns the number of unreadable images."""
+    """Fill (or resume) the image cache; returns the number of unreadable images. Another process
+    filling the same file (a second ``retrieval cache`` of it) is a ValueError naming it: two writers
+    of one file each redid the other's rows, or one failed inside HDF5 with "unable to lock file"."""
     path = Path(path)
+    held = hold_lock(path.with_name(f".{path.name}.lock"))
+    if isinstance(held, str):
+        raise ValueError(f"image cache {path} is being written by another process (pid {held}, another "
+                         "'retrieval cache' of it?); wait for it to finish, or give this run another --out")
+    try:
+        return _fill(catalog, path, size, workers)
+    finally:
+        os.close(held)
+
+
+def _fill(catalog: Catalog, path: Path, size: int, workers: int | None) -> int:
     done = open_cache(path, catalog, size)
     dataset = ImageDataset(catalog, catalog.items[done:], size)
     loader = DataLoader(dataset, batch_size=32, num_workers=loader_workers(workers), collate_fn=collate_images)
