@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 TARGETS_MS = {"similar-by-id": 20.0, "search-by-upload": 150.0}
@@ -205,14 +206,20 @@ def soak(host: str, port: int, make_request, seconds: float, concurrency: int, i
          swap_every: float, pid: int | None) -> bool:
     """Run mixed traffic for seconds, swapping the index every swap_every; print failures, p99, memory growth."""
     from indexer import IndexStore
+    from retrieval.commands.index import index_lock
 
-    stop, swaps, warm, marks, began = threading.Event(), [], min(10.0, seconds / 10), {"warm": None}, time.monotonic()
+    stop, warm, marks, began = threading.Event(), min(10.0, seconds / 10), {"warm": None}, time.monotonic()
+    swaps, skipped = [], []
 
     def background():
         marks["warm"] = None if stop.wait(warm) else rss_mb(pid)  # RSS once caches and pools are warm
-        while index_dir and not stop.wait(began + swap_every * (len(swaps) + 1) - time.monotonic()):
-            IndexStore.load(index_dir).save(index_dir)  # written beside it, then renamed: what a rebuild does
-            swaps.append(time.monotonic())
+        while index_dir and not stop.wait(began + swap_every * (len(swaps) + len(skipped) + 1) - time.monotonic()):
+            try:  # under the index's update lock, as index add / build and rebuild_index.sh change it
+                with index_lock(Path(index_dir)):
+                    IndexStore.load(index_dir).save(index_dir)  # written beside it, then renamed, as a rebuild
+                swaps.append(time.monotonic())
+            except ValueError:  # another process is changing the index: its save is not written over
+                skipped.append(time.monotonic())
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
@@ -225,7 +232,8 @@ def soak(host: str, port: int, make_request, seconds: float, concurrency: int, i
     failed = f"{len(r['errors'])} failed" + (f" {sorted({str(e) for e in r['errors']})}" if r["errors"] else "")
     print(f"Soak {seconds:.0f} s, concurrency {concurrency}: {len(r['latencies']) + len(r['errors'])} requests, "
           f"{failed}, p50 {percentile(r['latencies'], 50):.1f} ms, p99 {percentile(r['latencies'], 99):.1f} ms, "
-          f"{len(swaps)} index swaps{'' if index_dir else ' (no index dir)'}; server RSS after {warm:.0f} s "
+          f"{len(swaps)} index swaps{'' if index_dir else ' (no index dir)'}"
+          f"{f' ({len(skipped)} left out: another process was changing the index)' if skipped else ''}; server RSS after {warm:.0f} s "
           f"warm-up {mb(marks['warm'])}, end {mb(end)} (growth {growth}), peak {mb(seen['peak'])}")
     return not r["errors"]
 

@@ -298,3 +298,24 @@ def test_soak_swaps_the_index_and_reports_failures_p99_and_memory(web_data, tmp_
     out = capsys.readouterr().out
     assert ok and " 0 failed," in out and re.search(r" [2-4] index swaps", out), out
     assert re.search(r"warm-up \d+ MB, end \d+ MB \(growth [+-]\d+ MB\)", out), out
+
+
+def test_soak_leaves_an_index_another_process_is_changing_alone(web_data, tmp_path, capsys):
+    """The soak's swaps take the index's update lock (as index add and rebuild_index.sh do): while
+    another process holds it, the soak writes nothing and says how many swaps it left out."""
+    from retrieval.atomic import hold_lock
+
+    load_test = script_module("load_test")
+    index = copy_index(web_data, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
+    held = hold_lock(index.parent / f".{index.name}.lock")
+    assert isinstance(held, int)
+    try:
+        with served(web_data, tmp_path, INDEX_DIR=str(index)) as (host, port, _):
+            ok = load_test.soak(host, port, lambda n: ("GET", f"/api/items/{n % 40 + 1}/similar?k=5"), 3.0, 2,
+                                str(index), 1.0, os.getpid())
+    finally:
+        os.close(held)
+    out = capsys.readouterr().out
+    assert ok and " 0 index swaps (" in out and re.search(r"\(\d+ left out: another process", out), out
+    assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == before
