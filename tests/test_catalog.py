@@ -59,6 +59,21 @@ def test_an_unclosed_quote_is_named_not_read_as_one_cell_of_the_rows_after_it(tm
     bare = write_catalog(tmp_path / "bare", rows, images=[])
     with pytest.raises(CatalogError, match=r"line 4: the 'title' cell runs on over 4 lines"):
         read_catalog(bare, check_files=False)
+    # and when the image names have no extension either (sku/1001), by the split column's names
+    rows = [f"sku/{1000 + i},train,Shirt {i},red,dress" for i in range(6)]
+    rows[2] = 'sku/1002,train,"Shirt 2,red,dress'
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)
+        bare = write_catalog(tmp_path / f"bare-sku-{fast}", rows, images=[])
+        with pytest.raises(CatalogError, match=r"line 4: the 'title' cell runs on over 4 lines"):
+            read_catalog(bare, check_files=False)
+    # a description line whose cells fall so that a split name lands in the split column, but whose
+    # image cell is words, is still no row
+    monkeypatch.undo()
+    rows[2] = 'sku/1002,train,"Soft tee\nmade for travel, train, or gym,red,dress",red,dress'
+    cat = read_catalog(write_catalog(tmp_path / "words", rows, images=[]), check_files=False)
+    assert len(cat.items) == 6
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -332,9 +332,12 @@ PATH_CELL = re.compile(r"^[^\s,;]+\.[A-Za-z0-9]{2,5}$")  # images/a.jpg, sku/100
 def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path) -> bool:
     """Whether a cell over several lines holds whole rows (a quote opened and never closed): a line
     after its first that splits into the header's cells, with a file of the catalog, or a bare file
-    name when the photos are not there, in the image column. A description or title over several
-    lines, commas and file names in its text and all, is no row."""
+    name when the photos are not there, in the image column, or a path of one word there and a split
+    name (train, val, ...) in the split column (image names without an extension, the photos not
+    there). A description or title over several lines, commas and file names in its text and all,
+    is no row."""
     at = header.index("image") if "image" in header else 0
+    split_at = header.index("split") if "split" in header else None
     for line in value.split("\n")[1:]:
         if line.count(delimiter) < len(header) - 1:  # fewer cells than a row: no file system call
             continue
@@ -343,7 +346,10 @@ def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path
         except csv.Error:  # a bare carriage return: no row of ours
             continue
         path = image_path_of(cells[at]) if len(cells) >= len(header) else ""
-        if path and not os.path.isabs(path) and (os.path.isfile(os.path.join(root, path)) or PATH_CELL.match(path)):
+        if not path or os.path.isabs(path):
+            continue
+        if os.path.isfile(os.path.join(root, path)) or PATH_CELL.match(path) or (
+                split_at is not None and split_name(cells[split_at]) and not any(c.isspace() for c in path)):
             return True
     return False
 
