@@ -34,6 +34,7 @@ class Query:
     own_shared_view: str  # the model's ``shared_view``, for indexes that do not say theirs
     name: str = ""
     shared_view_weights: dict[str, float] = field(default_factory=dict)  # the model's (the index was embedded with it)
+    group_view_prior: dict = field(default_factory=dict)  # the model's (cooccurrence.py), as embed mixed the views
 
     def vector(self, view: str, shared_view: str | None, multi_label_view_power: float | None = None) -> np.ndarray:
         """The query's [1, D] vector in an index view (``shared`` or ``group-<name>``); ``shared_view``:
@@ -47,8 +48,8 @@ class Query:
             return shared_vectors(self.embedding, self.probs, self.sigmoid_groups, shared_view or self.own_shared_view,
                                   self.shared_view_weights)
         group = view.removeprefix("group-")
-        return group_vectors({group: self.probs[group]}, self.sigmoid_groups,
-                             index_view_power(multi_label_view_power))[group]
+        return group_vectors(self.probs, self.sigmoid_groups, index_view_power(multi_label_view_power),
+                             self.group_view_prior)[group]
 
 
 def shared_labels(labels: dict[str, list[str]], query_labels: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -117,7 +118,7 @@ def describe_upload(model, image, device: str = "cpu", name: str = "") -> Query:
     out = describe_image(model, image, device, "embedding")
     return Query(out.vectors[:1], {g: p[:1] for g, p in out.probs.items()}, tuple(model.sigmoid_groups),
                  predicted_labels(model, out.probs), query_labels(model, out.probs), thumbnail_bytes(image),
-                 model.config.shared_view, name, dict(model.shared_view_weights))
+                 model.config.shared_view, name, dict(model.shared_view_weights), model.group_view_prior)
 
 
 def with_urls(item: dict) -> dict:

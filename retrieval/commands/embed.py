@@ -13,7 +13,8 @@ import torch.distributed as dist
 from retrieval.commands.argtypes import image_size
 from retrieval.data.catalog import LABELS_FILE, read_catalog
 from retrieval.data.datasets import ImageCache
-from retrieval.data.embfile import HEAD_LABELS, MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER, SHARED_VIEW_WEIGHTS
+from retrieval.data.embfile import (GROUP_VIEW_PRIOR, HEAD_LABELS, MULTI_LABEL_VIEW_ATTR, MULTI_LABEL_VIEW_POWER,
+                                    SHARED_VIEW_WEIGHTS)
 from retrieval.devices import resolve_device, setup_distributed
 from retrieval.embed.embedding import embed_catalog
 from retrieval.embed.inference import open_trunk_cache
@@ -136,6 +137,8 @@ def embed(args, rank: int, device) -> int:
             meta[MULTI_LABEL_VIEW_ATTR] = MULTI_LABEL_VIEW_POWER
         if model.config.shared_view == "matches" and model.shared_view_weights:  # what weighed the groups
             meta[SHARED_VIEW_WEIGHTS] = json.dumps(model.shared_view_weights)
+        if model.group_view_prior:  # the groups whose views were mixed with the other heads' say, and how much
+            meta[GROUP_VIEW_PRIOR] = json.dumps(model.group_view_prior["strength"])
     image_cache = ImageCache(args.image_cache) if args.image_cache else None
     reuse = None if args.reuse == "none" else Path(args.reuse) if args.reuse else out
     if args.reuse not in (None, "none") and not reuse.is_file() and rank == 0:

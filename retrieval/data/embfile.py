@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from retrieval.atomic import in_use
+from retrieval.data.cooccurrence import apply_prior
 from retrieval.data.catalog import digest_change
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ SIGMOID_GROUPS = "sigmoid_groups"  # attribute: groups whose head scores are ind
 SHARED_VIEW_READS = ("file", "embedding")  # read a file's shared view as stored, or its embedding alone
 SHARED_VIEW_WEIGHTS = "shared_view_weights"  # attribute: the matches view's group weights (``group_spread_weights``)
 HEAD_LABELS = "head_labels"  # attribute: each group's labels in the order of its heads' columns (``probs/``)
-JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS, SHARED_VIEW_WEIGHTS, HEAD_LABELS)
+# attribute: the strength of each group view's prior (``cooccurrence.py``) the file's group views were mixed with
+GROUP_VIEW_PRIOR = "group_view_prior"
+JSON_ATTRS = ("groups", "skipped", SIGMOID_GROUPS, SHARED_VIEW_WEIGHTS, HEAD_LABELS, GROUP_VIEW_PRIOR)
 CHUNK_ROWS = 65536  # rows read at a time by ``select_rows``
 # the shared embedding's weight in the ``matches`` shared view (``shared_vectors``): its cosine counts
 # a quarter beside the groups' mean chance of a match. Measured post hoc on thirteen catalogues (mAP@50
@@ -211,18 +214,19 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups,
-                  power: float = MULTI_LABEL_VIEW_POWER) -> dict[str, np.ndarray]:
+                  power: float = MULTI_LABEL_VIEW_POWER, prior: dict | None = None) -> dict[str, np.ndarray]:
     """Group-focused vectors from head probabilities, ranked by inner product: the rule for the
     model's own outputs and for fused scores alike.
 
     Softmax groups keep their probabilities (p·q is the model's probability that two items share
-    the label). Sigmoid groups are divided by their length to the ``power`` (``MULTI_LABEL_VIEW_POWER``),
+    the label), mixed, for the groups of the model's ``prior`` (``cooccurrence.apply_prior``; the
+    other groups' probabilities are needed then), with what the other heads say of them. Sigmoid groups are divided by their length to the ``power`` (``MULTI_LABEL_VIEW_POWER``),
     so two items score p·q / (|p| |q|)^power: at 1 (the rule before, and ``with-groups``'s) the cosine,
     which ranks the candidate with exactly the query's set of labels first; at 0 the expected number
     of labels they share, which favours items with many likely labels (before the head fit made the
     sigmoids decisive, the demo catalog's colours: 38.2 against the cosine's 67.5 mAP@50)."""
     out = {}
-    for g, p in probs.items():
+    for g, p in apply_prior(probs, prior).items():
         v = np.asarray(p, dtype=np.float32)
         if g in sigmoid_groups:
             v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) ** np.float32(power)

@@ -41,7 +41,7 @@ def outputs_from_pooled(model: RetrievalModel, pooled: torch.Tensor, positions, 
     if heads:
         logits = model.group_logits(emb, pooled)
         probs = {g: model.probabilities(g, z).float().cpu().numpy() for g, z in logits.items()}
-        group_vectors = embfile.group_vectors(probs, model.sigmoid_groups)
+        group_vectors = embfile.group_vectors(probs, model.sigmoid_groups, prior=model.group_view_prior)
     vectors = embfile.shared_vectors(emb.float().cpu().numpy(), probs, model.sigmoid_groups,
                                      shared_view or model.config.shared_view, model.shared_view_weights)
     return Outputs(np.asarray(positions), vectors, probs, group_vectors)

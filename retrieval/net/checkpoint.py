@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from retrieval.atomic import atomic_write
+from retrieval.data.cooccurrence import prior_from_state
 from retrieval.net.model import RetrievalModel, fingerprint, model_from_config
 
 logger = logging.getLogger(__name__)
@@ -58,4 +59,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
     model = model_from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     model.shared_view_weights = dict(ckpt.get("shared_view_weights") or {})  # none before they existed: equal
+    model.group_view_prior = prior_from_state(ckpt.get("group_view_prior"))  # none before it existed
     return model.to(device).eval(), ckpt

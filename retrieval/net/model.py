@@ -180,6 +180,9 @@ class RetrievalModel(nn.Module):
         # the matches shared view's group weights (embfile.group_spread_weights), set after training from
         # the validation items' probabilities and kept in the checkpoint (not a parameter: no state-dict key)
         self.shared_view_weights: dict[str, float] = {}
+        # what the other heads say of each single-label group, mixed into its group view where the
+        # validation items chose it (cooccurrence.py): set after training, kept in the checkpoint
+        self.group_view_prior: dict = {}
         if self.attended_groups:
             self.label_head = nn.Conv1d(self.colour_dim + 1 + self.trunk.channels[self.colour_unit],
                                         sum(self.label_sizes), 1)

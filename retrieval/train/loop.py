@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from retrieval.data import embfile
+from retrieval.data.cooccurrence import fit_strengths
 from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
@@ -131,10 +132,13 @@ def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") ->
 
 
 @torch.no_grad()
-def validate(state: TrainState, batches, targets, items, groups: list[str], limit: int = 5000) -> dict:
+def validate(state: TrainState, batches, targets, items, groups: list[str], limit: int = 5000,
+             cooccurrence: dict | None = None) -> dict:
     """Validation loss (weighted, and per group), top-1 accuracy per group, retrieval mAP among
-    the validation items (the shared embedding and the group view, standard normalisation) and the
-    ``matches`` shared view's group weights from their probabilities (``embfile.group_spread_weights``)."""
+    the validation items (the shared embedding and the group view, standard normalisation), the
+    ``matches`` shared view's group weights from their probabilities (``embfile.group_spread_weights``)
+    and, given the training labels' ``cooccurrence``, the strength of each group view's prior
+    (``cooccurrence.fit_strengths``; the group views this mAP ranks are the heads' own)."""
     state.model.eval()
     if not items:
         return {}
@@ -161,9 +165,15 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
     probs = {g: np.concatenate(v) for g, v in batch_probs.items() if v}
     # the matches shared view's group weights, from items the model has not learnt (as a catalogue's new ones)
     weights = embfile.group_spread_weights(probs)
+    prior = {}
+    if cooccurrence and seen:  # the first ``limit`` items, as validation_map ranks
+        order = torch.cat(seen)[:limit].tolist()
+        prior = fit_strengths({g: p[:limit] for g, p in probs.items()},
+                              {g: [items[i].labels[g] for i in order] for g in cooccurrence}, cooccurrence)
     return {"val_loss": total_loss / n_, "val_group_loss": {g: v / n_ for g, v in group_loss.items()},
             "val_accuracy": {g: h / c if c else None for g, (h, c) in hits.items()},
             **({"shared_view_weights": weights} if weights else {}),
+            **({"group_view_prior": prior} if prior else {}),
             **validation_map(items, groups, seen, vectors, embfile.group_vectors(probs, state.model.sigmoid_groups),
                              limit)}
 

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from retrieval.data.catalog import items_digest, read_catalog, training_catalog
+from retrieval.data.cooccurrence import label_cooccurrence, prior_state
 from retrieval.data.datasets import (ImageCache, ImageDataset, build_targets, collate_images, drop_labels,
                                      loader_workers, missing_at_random, parse_dropout_profile)
 from retrieval.data.images import augment_batch, normalize_batch
@@ -145,6 +146,10 @@ class Job:
             self.classes = sampling.item_classes(self.targets.multi_hot[group])
             self.class_group = group
         softmax = {g: len(self.catalog.vocab[g]) for g in self.softmax_groups()}
+        # what each single-label group's labels say of the others' on the training items, for the group
+        # views' prior (cooccurrence.py), whose strength each validation chooses
+        single = [g for g in softmax if g not in self.model.sigmoid_groups]
+        self.cooccurrence = label_cooccurrence(self.train_items, self.catalog.vocab, single) if len(single) > 1 else {}
         # (the multi-label method has no softmax group, so no early learning at all)
         sigmoid = [g for g in self.catalog.groups if self.kinds[g] == "bce"] if cfg.early_learning_sigmoid else []
         held = {**softmax, **{g: len(self.catalog.vocab[g]) for g in sigmoid}}
@@ -332,6 +337,8 @@ class Job:
         extra["training_items"] = self.items_key()
         if history and history[-1].get("shared_view_weights"):  # this epoch's: the weights of these heads
             extra["shared_view_weights"] = history[-1]["shared_view_weights"]
+        if history and history[-1].get("group_view_prior"):  # this epoch's, with the matrices it mixes by
+            extra["group_view_prior"] = prior_state(history[-1]["group_view_prior"], self.cooccurrence)
         return make_checkpoint(self.model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                epoch=epoch, best_score=best, history=history, group_weights=self.weights,
                                train_config=asdict(self.cfg), start_unit=self.start, input_mode=self.mode, **extra)
@@ -494,7 +501,7 @@ class Job:
             self.share_bad_rows()
             if self.main:
                 record.update(validate(state, self.val_batches(), self.val_targets, self.val_items,
-                                       self.catalog.groups))
+                                       self.catalog.groups, cooccurrence=self.cooccurrence))
                 history.append(record)
                 self.save_epoch(optimizer, scheduler, epoch, history, record, best)
                 best = max(best, self.selection_score(record))
