@@ -11,8 +11,8 @@ import torch
 
 from retrieval.cli import main as cli
 from retrieval.data import cooccurrence
-from retrieval.data.cooccurrence import (apply_prior, fit_strengths, label_cooccurrence, prior_from_state,
-                                         prior_state)
+from retrieval.data.cooccurrence import apply_prior, label_cooccurrence, prior_from_state, prior_state
+from retrieval.train.loop import fit_strengths
 
 
 def item(**labels):

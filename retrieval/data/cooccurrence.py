@@ -11,18 +11,16 @@ ranks by
     p'_g = (1 - s_g) p_g + s_g mean_h (p_h · C_hg)
 
 with s_g chosen among ``STRENGTHS`` on the validation items by the group view's mAP there (0 where
-none is better: a group whose head is right keeps it). Single-label (softmax) groups only, both as
-the group and as the sources. Measured post hoc on the default's files of 19 catalogues (README,
-issue 16): the group view's mean -0.2 to +1.6 mAP@50, +1.1 on the snapshot stand-in.
+none is better: a group whose head is right keeps it; ``train.loop.fit_strengths``). Single-label
+(softmax) groups only, both as the group and as the sources. Measured post hoc on the default's
+files of 31 catalogues and seeds (docs/quality.md, issue 16): the group view's mean -0.2 to +1.6
+mAP@50, +1.1 on the snapshot stand-in.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 STRENGTHS = (0.05,)  # the s_g tried besides 0 (post hoc, 19 catalogues: 0.1-0.3 lost more where it lost)
 MAX_CELLS = 1 << 20  # a source-group pair whose matrix is larger is left out (a group of thousands of labels)
@@ -65,35 +63,6 @@ def apply_prior(probs: Mapping[str, np.ndarray], prior: Mapping | None) -> dict[
         if told is not None and s:
             out[g] = ((1 - s) * np.asarray(probs[g], dtype=np.float32) + s * told).astype(np.float32)
     return out
-
-
-def fit_strengths(probs: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[tuple]],
-                  cooccurrence: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """{g: s_g} for the groups where mixing (``STRENGTHS``) raises the group view's mAP@min(50, n-1)
-    among the validation items (``probs`` and ``labels`` in one item order) over their own head's;
-    the best strength, the smallest on a tie. Groups where none does are left out."""
-    from retrieval.evaluate.metrics import evaluate_retrieval
-
-    n = len(next(iter(probs.values()))) if probs else 0
-    if n < 3:
-        return {}
-    chosen = {}
-    for g, sources in cooccurrence.items():
-        told = from_others(probs, sources) if g in probs and g in labels else None
-        if told is None:
-            continue
-
-        def score(s: float) -> float:
-            view = ((1 - s) * probs[g] + s * told).astype(np.float32)
-            entry = evaluate_retrieval(view, {g: labels[g]}, k=min(50, n - 1),
-                                       vectors_by_group={g: view})["groups"][g].get("group_view") or {}
-            return entry.get("map_standard") or 0.0
-
-        own = score(0.0)
-        best, at = max((score(s), -s) for s in STRENGTHS)
-        if best > own + 1e-9:
-            chosen[g] = -at
-    return chosen
 
 
 def prior_state(strength: Mapping[str, float], cooccurrence: Mapping[str, Mapping[str, np.ndarray]]) -> dict:

@@ -3,6 +3,7 @@ a small ``TrainState``, each testable on its own. Data, checkpoints and resume l
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from retrieval.data import embfile
-from retrieval.data.cooccurrence import fit_strengths
+from retrieval.data.cooccurrence import STRENGTHS, from_others
 from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import evaluate_retrieval
 from retrieval.net.model import RetrievalModel
@@ -131,6 +132,35 @@ def train_one_epoch(state: TrainState, batches, targets, desc: str = "epoch") ->
             "seconds": elapsed, "waiting_s": waited, "first_step_s": first}
 
 
+def fit_strengths(probs: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[tuple]],
+                  cooccurrence: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """{g: s_g} for the groups where mixing with what the other heads say (``cooccurrence.apply_prior``,
+    at a strength of ``STRENGTHS``) raises the group view's mAP@min(50, n-1) among the validation items
+    (``probs`` and ``labels`` in one item order) over their own head's; the best strength, the
+    smallest on a tie. Groups where none does are left out."""
+    n = len(next(iter(probs.values()))) if probs else 0
+    if n < 3:
+        return {}
+    chosen = {}
+    for g, sources in cooccurrence.items():
+        told = from_others(probs, sources) if g in probs and g in labels else None
+        if told is None:
+            continue
+
+        def score(s: float) -> float:
+            view = ((1 - s) * probs[g] + s * told).astype(np.float32)
+            entry = evaluate_retrieval(view, {g: labels[g]}, k=min(50, n - 1),
+                                       vectors_by_group={g: view})["groups"][g].get("group_view") or {}
+            return entry.get("map_standard") or 0.0
+
+        own = score(0.0)
+        best, at = max((score(s), -s) for s in STRENGTHS)
+        if best > own + 1e-9:
+            chosen[g] = -at
+    return chosen
+
+
+
 @torch.no_grad()
 def validate(state: TrainState, batches, targets, items, groups: list[str], limit: int = 5000,
              cooccurrence: dict | None = None) -> dict:
@@ -138,7 +168,7 @@ def validate(state: TrainState, batches, targets, items, groups: list[str], limi
     the validation items (the shared embedding and the group view, standard normalisation), the
     ``matches`` shared view's group weights from their probabilities (``embfile.group_spread_weights``)
     and, given the training labels' ``cooccurrence``, the strength of each group view's prior
-    (``cooccurrence.fit_strengths``; the group views this mAP ranks are the heads' own)."""
+    (``fit_strengths``; the group views this mAP ranks are the heads' own)."""
     state.model.eval()
     if not items:
         return {}
