@@ -210,7 +210,48 @@ def sidecar_type_errors(sidecar: dict) -> list[str]:
     power = sidecar.get("multi_label_view_power")
     if power is not None and (isinstance(power, bool) or not isinstance(power, (int, float))):
         wrong.append(f"multi_label_view_power is {power!r}, not a number")
+    if "retired" in sidecar:
+        wrong += retired_errors(sidecar["retired"])
     return wrong
+
+
+def retired_errors(retired) -> list[str]:
+    """What is wrong with a sidecar's ``retired`` record (``{"paths": [image path], "ids": [id]}``, aligned:
+    the id each image the index held and holds no more had), each naming the field. A server reads it with
+    every index: the checks are set and type passes over the lists, the offending entry sought only then."""
+    paths, ids = (retired.get(name) if isinstance(retired, dict) else None for name in ("paths", "ids"))
+    if not isinstance(paths, list) or not isinstance(ids, list):
+        what = "an object without the lists 'paths' and 'ids'" if isinstance(retired, dict) else json_kind(retired)
+        return [f'retired is {what}, not an object {{"paths": [image paths], "ids": [ids]}}']
+    wrong = []
+    if not set(map(type, paths)) <= {str}:
+        at = next(k for k, path in enumerate(paths) if not isinstance(path, str))
+        wrong.append(f"retired.paths[{at}] is {json_kind(paths[at])}, not an image path (a string)")
+    elif len(set(paths)) != len(paths):
+        wrong.append(f"retired.paths lists {twice(paths)!r} twice")
+    if not set(map(type, ids)) <= {int} or not 0 <= min(ids, default=0) <= max(ids, default=0) < 2**63:
+        at = next(k for k, i in enumerate(ids) if not is_count(i) or not 0 <= i < 2**63)
+        wrong.append(f"retired.ids[{at}] is {json_kind(ids[at])}, not an id (a whole number, 0 or more)")
+    elif len(set(ids)) != len(ids):
+        wrong.append(f"retired.ids lists {twice(ids)} twice (an id names one image)")
+    if len(paths) != len(ids):
+        wrong.append(f"retired.paths has {len(paths)} entries, retired.ids {len(ids)}")
+    return wrong
+
+
+def twice(values: list):
+    """The first value of a list that an earlier entry has too."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+
+
+def retired_items(sidecar: dict) -> dict[str, int]:
+    """{image path: id} of a checked sidecar's ``retired`` record (an index saved before it: none)."""
+    retired = sidecar.get("retired")
+    return dict(zip(retired["paths"], retired["ids"])) if retired else {}
 
 
 class IndexMismatch(ValueError):

@@ -19,8 +19,8 @@ from indexer.index import (as_ids, as_vectors, check_views, group_codec, index_k
                            to_gpu, want_gpu)
 from indexer.items import Items, align_labels, text_list
 from indexer.persist import (FORMAT, SIDECAR, check_expected, check_replaceable, finish_interrupted_swap, fsync_file,
-                             read_sidecar, read_view, remove_stale_temporaries, swap_into_place, temporary_dir,
-                             view_file, view_files)
+                             read_sidecar, read_view, remove_stale_temporaries, retired_items, swap_into_place,
+                             temporary_dir, view_file, view_files)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ def first_unused_id(recorded: int | None, *given: np.ndarray) -> int:
     return max([int(recorded or 0), *(int(np.max(ids, initial=-1)) + 1 for ids in given)])
 
 
+def id_array(retired: Mapping[str, int]) -> np.ndarray:
+    """The ids of a retired record ({image path: id}) as an int64 array."""
+    return np.fromiter(retired.values(), dtype=np.int64, count=len(retired))
+
+
 def utc_now() -> str:
     """Return the current UTC time in ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -45,7 +50,7 @@ class IndexStore:
     def __init__(self, views: Mapping[str, faiss.Index], ids, paths=None, titles=None, labels=None, *,
                  items: Items | None = None, fingerprint: str = "", created: str | None = None, use_gpu="auto",
                  shared_view: str | None = None, multi_label_view_power: float | None = None,
-                 next_id: int | None = None):
+                 next_id: int | None = None, retired: Mapping[str, int] | None = None):
         check_views(views)
         self.views = dict(views)
         if items is None:
@@ -64,10 +69,14 @@ class IndexStore:
         self.exact_subset_max = EXACT_SUBSET_MAX
         self._dead = (np.setdiff1d(faiss.vector_to_array(faiss.downcast_index(self.views["shared"]).id_map),
                                    self.ids) if self.index_type == "hnsw" else np.empty(0, np.int64))
-        # above every id this index ever gave (a withdrawn product's included): new items are numbered
-        # from here, so an id never names another product (an index saved before it: above its ids
-        # and, for HNSW, its removed nodes' ids)
-        self.next_id = first_unused_id(next_id, items.ids, self._dead)
+        # {image path: id} of every item this index held and holds no more (removed, or left out of a
+        # build over it): a path that comes back takes its id again, so a re-listed product's old links
+        # work again, and no other path is given it (an index saved before the record: none)
+        self.retired = dict(retired or {})
+        # above every id this index ever gave (a withdrawn product's included): other new items are
+        # numbered from here, so an id never names another product (an index saved before it: above
+        # its ids and, for HNSW, its removed nodes' ids)
+        self.next_id = first_unused_id(next_id, items.ids, self._dead, id_array(self.retired))
         self._check_counts()
         self._reset_caches()
 
@@ -151,6 +160,7 @@ class IndexStore:
 
     def sidecar(self) -> dict:
         """Return the JSON sidecar contents (see docs/formats.md); item arrays are written beside it."""
+        retired = sorted(self.retired.items())
         return {"format": FORMAT, "fingerprint": self.fingerprint, "type": self.index_type,
                 "dimension": self.dimension, "count": len(self), "metric": "inner_product",
                 "created": self.created, "views": {view: int(index.d) for view, index in self.views.items()},
@@ -158,7 +168,9 @@ class IndexStore:
                 "group_codec": group_codec(self.views), "labels": self.vocabulary(), "next_id": self.next_id,
                 **({"shared_view": self.shared_view} if self.shared_view else {}),
                 **({"multi_label_view_power": self.multi_label_view_power}
-                   if self.multi_label_view_power is not None else {})}
+                   if self.multi_label_view_power is not None else {}),
+                **({"retired": {"paths": [path for path, _ in retired], "ids": [i for _, i in retired]}}
+                   if retired else {})}
 
     # ---- search -----------------------------------------------------------------------------
     def search(self, vectors, k: int, filters: dict | None = None, view: str = "shared"):
@@ -184,12 +196,14 @@ class IndexStore:
 
     # ---- updates ----------------------------------------------------------------------------
     def add(self, vectors_by_view, ids, paths, titles=None, labels=None) -> None:
-        """Add new items to every view (vectors_by_view: {view: [N, D]}, or an array for "shared")."""
+        """Add new items to every view (vectors_by_view: {view: [N, D]}, or an array for "shared"); their
+        paths and ids leave ``retired``."""
         if not isinstance(vectors_by_view, Mapping):
             vectors_by_view = {"shared": vectors_by_view}
         ids = as_ids(ids)
         batch = self._check_new_vectors(vectors_by_view, len(ids))
-        new = Items.from_lists(ids, text_list(paths, len(ids), "paths"), text_list(titles, len(ids), "titles"),
+        paths = text_list(paths, len(ids), "paths")
+        new = Items.from_lists(ids, paths, text_list(titles, len(ids), "titles"),
                                align_labels(labels, len(ids), groups=self.items.labels.groups))
         clash = np.intersect1d(ids, self.ids)
         if len(clash):
@@ -202,12 +216,16 @@ class IndexStore:
             else:
                 self.views[view].add(x)
         self.items = self.items.concat(new)
+        if self.retired:  # a path back (under its id or another), or an id given again: held now, not retired
+            back, given = set(paths), set(ids.tolist())
+            self.retired = {path: i for path, i in self.retired.items() if path not in back and i not in given}
         self.next_id = first_unused_id(self.next_id, ids)
         self._reset_caches()
         logger.info("Added %d items; the index now holds %d", len(ids), len(self))
 
     def remove(self, ids) -> None:
-        """Remove withdrawn items from every view without rebuilding (KeyError naming unknown ids)."""
+        """Remove withdrawn items from every view without rebuilding, their paths' ids kept in ``retired``
+        (KeyError naming unknown ids)."""
         ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         positions = self._positions(ids)
         keep = np.ones(len(self), dtype=bool)
@@ -221,6 +239,9 @@ class IndexStore:
             gone = ids if view == "shared" else positions.astype(np.int64)
             removed = index.remove_ids(faiss.IDSelectorArray(gone) if ivf else faiss.IDSelectorBatch(gone))
             assert removed == len(ids), f"view {view}: removed {removed} of {len(ids)} ids"
+        # each path keeps its id: the product withdrawn takes it again when it comes back (``add`` of an
+        # updated item puts it back at once, which ends its record there)
+        self.retired.update(zip(self.items.paths.take(positions).tolist(), ids.tolist()))
         self.items = self.items.take(np.flatnonzero(keep))
         if len(self._dead) > HNSW_COMPACT_SHARE * self.views["shared"].ntotal:
             self._compact()
@@ -253,15 +274,16 @@ class IndexStore:
         return directory
 
     @staticmethod
-    def read_items(directory) -> tuple[Items, int]:
+    def read_items(directory) -> tuple[Items, int, dict[str, int]]:
         """The item arrays of an index directory alone (ids, paths, titles, labels; memory-mapped), its
-        views left unread, and the id it numbers new items from (``next_id``): what a new build of the
-        directory keeps each image's id by."""
+        views left unread, the id it numbers new items from (``next_id``) and its retired record
+        ({image path: id}): what a new build of the directory keeps each image's id by."""
         directory = Path(directory)
         finish_interrupted_swap(directory)
         sidecar = read_sidecar(directory)
         items = Items.load(directory, sidecar["labels"], mmap=True)
-        return items, first_unused_id(sidecar.get("next_id"), items.ids)
+        retired = retired_items(sidecar)
+        return items, first_unused_id(sidecar.get("next_id"), items.ids, id_array(retired)), retired
 
     @classmethod
     def load(cls, directory, expect_fingerprint: str | None = None, expect_dimension: int | None = None,
@@ -282,7 +304,8 @@ class IndexStore:
             items = Items.load(directory, sidecar["labels"], mmap=mmap)
             return cls(views, None, items=items, fingerprint=sidecar["fingerprint"], created=sidecar["created"],
                        use_gpu=use_gpu, shared_view=sidecar.get("shared_view"),
-                       multi_label_view_power=sidecar.get("multi_label_view_power"), next_id=sidecar.get("next_id"))
+                       multi_label_view_power=sidecar.get("multi_label_view_power"), next_id=sidecar.get("next_id"),
+                       retired=retired_items(sidecar))
         except ValueError as err:
             raise ValueError(f"Inconsistent index directory {directory}: {err}") from err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,37 +116,46 @@ def check_group_views(store_power: float | None, path, attrs: dict) -> None:
                          f"again from it (scripts/rebuild_index.sh)")
 
 
-def new_items(paths: list[str], held_paths: list[str], next_id: int) -> tuple[np.ndarray, np.ndarray]:
+def new_items(paths: list[str], held_paths: list[str], next_id: int,
+              retired: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """(rows of an embeddings file whose image the index does not hold, the ids they get there). An
     image is the item (a catalogue's rows move when rows are inserted, sorted or removed, so a file's
-    row ids name other images than the index's did); new images are numbered from ``next_id``, above
-    every id the index ever gave, so a withdrawn product's id never names another one."""
+    row ids name other images than the index's did): one the index held before takes the id it had
+    there (``retired``: a re-listed product's old links work again); the others are numbered from
+    ``next_id``, above every id the index ever gave, so a withdrawn product's id never names another one."""
     held = set(held_paths)
-    new = np.array([i for i, path in enumerate(paths) if path not in held], dtype=np.int64)
-    return new, np.arange(next_id, next_id + len(new), dtype=np.int64)
+    new = [i for i, path in enumerate(paths) if path not in held]
+    fresh = iter(range(next_id, next_id + len(new)))
+    ids = [retired[paths[i]] if paths[i] in retired else next(fresh) for i in new]
+    return np.array(new, dtype=np.int64), np.array(ids, dtype=np.int64)
 
 
-def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> tuple[np.ndarray, int | None]:
+def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> tuple[np.ndarray, int | None, dict[str, int]]:
     """(the ids a new build of ``index_dir`` gives an embeddings file's rows, the id it numbers later
-    items from): an image the index there holds keeps its id (yesterday's links to /items/ID name the
-    same product), a new one takes the next id the index never gave (``new_items``). Row ids where no
-    index is there, or where it cannot be read (said: it is being replaced anyway)."""
+    items from, its retired record): an image the index there holds keeps its id (yesterday's links to
+    /items/ID name the same product), one it held before takes that id again and a new one the next id
+    the index never gave (``new_items``); the images it holds that the file lacks are retired with their
+    ids, beside those retired before and not back. Row ids and no record where no index is there, or
+    where it cannot be read (said: it is being replaced anyway)."""
     from indexer import IndexStore
 
     try:  # (read_items finishes a swap killed between its renames: its index is the one replaced)
-        before, next_id = IndexStore.read_items(index_dir)
+        before, next_id, retired = IndexStore.read_items(index_dir)
     except (OSError, ValueError) as err:
         if (index_dir / "sidecar.json").is_file():  # no index there (a first build) goes unsaid
             logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
                            "the old one's items may name other products", index_dir, err)
-        return np.asarray(ids, dtype=np.int64), None
+        return np.asarray(ids, dtype=np.int64), None, {}
     held_paths = before.paths.tolist()
     out = np.full(len(paths), -1, dtype=np.int64)
     held, held_ids = held_items(paths, held_paths, before.ids)
     out[held] = held_ids
-    new, new_ids = new_items(paths, held_paths, next_id)
+    new, new_ids = new_items(paths, held_paths, next_id, retired)
     out[new] = new_ids
-    return out, next_id
+    listed = set(paths)
+    retired = {path: i for path, i in retired.items() if path not in listed}
+    retired.update((path, i) for path, i in zip(held_paths, before.ids.tolist()) if path not in listed)
+    return out, next_id, retired
 
 
 def up_to_date(index_dir: Path, reader, args, titles: list[str], labels: dict[str, list[tuple]]) -> bool:
@@ -246,12 +256,13 @@ def main(argv=None) -> int:
                 print(f"{args.out} is up to date with {args.embeddings} (the same model, options, images, labels "
                       "and vectors): left as it was")
                 return 0
-            ids, next_id = kept_ids(reader.paths, reader.ids, Path(args.out))
+            ids, next_id, retired = kept_ids(reader.paths, reader.ids, Path(args.out))
             store = build_store(vector_source(reader, args.shared_view, ids), reader.paths, args.type, titles, labels,
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
                                 shared_view=shared_view_name(reader.attrs, args.shared_view),
                                 multi_label_view_power=multi_label_view_power(reader.attrs), next_id=next_id)
+            store.retired = retired  # the images the index held and this build leaves out keep their ids
             store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
@@ -259,7 +270,8 @@ def main(argv=None) -> int:
         with index_lock(args.index), BlockReader(args.embeddings) as reader:
             store = IndexStore.load(args.index, expect_fingerprint=str(reader.attrs.get("fingerprint", "")))
             held_paths = store.paths  # every item's path, made once
-            new, ids = new_items(reader.paths, held_paths, store.next_id)
+            new, ids = new_items(reader.paths, held_paths, store.next_id, store.retired)
+            back = sum(reader.paths[i] in store.retired for i in new)
             held, held_ids = held_items(reader.paths, held_paths, store.ids)
             titles, labels = item_metadata([reader.paths[i] for i in np.concatenate([new, held])], reader.attrs,
                                            args.catalog)
@@ -286,8 +298,9 @@ def main(argv=None) -> int:
             print(f"Nothing to add or update: {args.index} holds every image of {args.embeddings} as it is "
                   f"({len(store)} items); left as it was")
         else:
-            print(f"Added {n} items to {args.index} and updated {len(changed)} (a label, title or photo changed); "
-                  f"it now holds {len(store)}")
+            returned = f" ({back} withdrawn before, back under their ids)" if back else ""
+            print(f"Added {n} items to {args.index}{returned} and updated {len(changed)} (a label, title or photo "
+                  f"changed); it now holds {len(store)}")
     else:
         with index_lock(args.index):
             if not args.paths and not args.ids:
