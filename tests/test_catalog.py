@@ -74,6 +74,17 @@ def test_an_unclosed_quote_is_named_not_read_as_one_cell_of_the_rows_after_it(tm
     rows[2] = 'sku/1002,train,"Soft tee\nmade for travel, train, or gym,red,dress",red,dress'
     cat = read_catalog(write_catalog(tmp_path / "words", rows, images=[]), check_files=False)
     assert len(cat.items) == 6
+    # nor is one whose image cell is one word unlike the row's own image path (a list of sports), the
+    # photos there or not (a review of stop 47 found it refused)
+    rows = [f"img/{i}.jpg,train,Shirt {i},red,dress" for i in range(6)]
+    rows[2] = 'img/2.jpg,train,"Good for:\nrunning,training,stretching,gym,yoga\ngym,train,yoga,relax,rest",red,dress'
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(columns, "read_columns", lambda *a, **k: None)
+        for photos in (True, False):
+            root = write_catalog(tmp_path / f"sports-{fast}-{photos}", rows,
+                                 images=[f"img/{i}.jpg" for i in range(6)] if photos else [])
+            assert len(read_catalog(root, check_files=photos).items) == 6
 
 
 @pytest.mark.parametrize("fast", [True, False])

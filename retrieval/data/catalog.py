@@ -329,15 +329,21 @@ def link_or_copy(source: Path, target: Path) -> None:
 PATH_CELL = re.compile(r"^[^\s,;]+\.[A-Za-z0-9]{2,5}$")  # images/a.jpg, sku/1001.JFIF: no words, no spaces
 
 
-def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path) -> bool:
+def path_shape(path: str) -> tuple[str, str]:
+    """An image path's folder and extension (lower case): 'sku/1001' and 'sku/1002' share one."""
+    return posixpath.dirname(path), posixpath.splitext(path)[1].lower()
+
+
+def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path, image: str = "") -> bool:
     """Whether a cell over several lines holds whole rows (a quote opened and never closed): a line
     after its first that splits into the header's cells, with a file of the catalog, or a bare file
-    name when the photos are not there, in the image column, or a path of one word there and a split
-    name (train, val, ...) in the split column (image names without an extension, the photos not
-    there). A description or title over several lines, commas and file names in its text and all,
-    is no row."""
+    name when the photos are not there, in the image column, or there a path of the row's own
+    ``image``'s folder and extension, one word, beside a split name (train, val, ...) in the split
+    column (image names without an extension, the photos not there). A description or title over
+    several lines, commas, file names and split names in its text and all, is no row."""
     at = header.index("image") if "image" in header else 0
     split_at = header.index("split") if "split" in header else None
+    shape = path_shape(image_path_of(image)) if image else None
     for line in value.split("\n")[1:]:
         if line.count(delimiter) < len(header) - 1:  # fewer cells than a row: no file system call
             continue
@@ -349,7 +355,8 @@ def runaway_cell(value: str, delimiter: str, header: list[str], root: str | Path
         if not path or os.path.isabs(path):
             continue
         if os.path.isfile(os.path.join(root, path)) or PATH_CELL.match(path) or (
-                split_at is not None and split_name(cells[split_at]) and not any(c.isspace() for c in path)):
+                split_at is not None and split_name(cells[split_at]) and path_shape(path) == shape
+                and not any(c.isspace() for c in path)):
             return True
     return False
 
@@ -396,7 +403,8 @@ class _RowReader:
         if stray:
             raise CatalogError(f"{where}: value {stray[1]!r} in column {stray[0]}, which has no name in the header")
         for name, value in row.items():  # a quote opened and never closed reads the rows after it as one cell
-            if value and "\n" in value and runaway_cell(value, self.delimiter, list(row), self.root):
+            if value and "\n" in value and runaway_cell(value, self.delimiter, list(row), self.root,
+                                                          row.get("image") or ""):
                 lines = value.rstrip("\n").count("\n")  # an unclosed quote holds the last line end too
                 raise CatalogError(f"{self.csv_path}, line {line - lines}: the {name!r} cell runs on over "
                                    f"{lines + 1} lines, holding the rows after it (a stray '\"'? a cell that "

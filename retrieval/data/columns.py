@@ -114,12 +114,14 @@ def read_columns(csv_path: Path, root: Path, check_files: bool
     columns = {h: table.column(i).slice(1) for i, h in enumerate(header) if h}
     if any(not h and any(cell.strip() for cell in table.column(i).slice(1).to_pylist()) for i, h in enumerate(header)):
         return None  # a value in a column without a name: the row reader names it
+    cells = columns["image"].to_pylist()
     for i in range(len(header)):
-        column = table.column(i)
+        column = table.column(i).slice(1)
         if pc.any(pc.match_substring(column, "\n")).as_py() and any(
-                runaway_cell(cell, delimiter, header, root) for cell in column.to_pylist() if "\n" in cell):
+                runaway_cell(cell, delimiter, header, root, cells[r])
+                for r, cell in enumerate(column.to_pylist()) if "\n" in cell):
             return None  # rows read as one cell of an unclosed quote: the row reader names its line
-    images = [image_path_of(cell) for cell in columns["image"].to_pylist()]
+    images = [image_path_of(cell) for cell in cells]
     if not all(images) or len(set(images)) != len(images):
         return None
     found = file_stats(root, images)
