@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -214,12 +214,14 @@ def soak(host: str, port: int, make_request, seconds: float, concurrency: int, i
     def background():
         marks["warm"] = None if stop.wait(warm) else rss_mb(pid)  # RSS once caches and pools are warm
         while index_dir and not stop.wait(began + swap_every * (len(swaps) + len(skipped) + 1) - time.monotonic()):
-            try:  # under the index's update lock, as index add / build and rebuild_index.sh change it
-                with index_lock(Path(index_dir)):
-                    IndexStore.load(index_dir).save(index_dir)  # written beside it, then renamed, as a rebuild
+            with ExitStack() as held:  # under the index's update lock, as index add / build and rebuild_index.sh
+                try:
+                    held.enter_context(index_lock(Path(index_dir)))
+                except ValueError:  # another process is changing the index: its save is not written over
+                    skipped.append(time.monotonic())
+                    continue
+                IndexStore.load(index_dir).save(index_dir)  # written beside it, then renamed, as a rebuild
                 swaps.append(time.monotonic())
-            except ValueError:  # another process is changing the index: its save is not written over
-                skipped.append(time.monotonic())
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
