@@ -137,8 +137,9 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def read_sidecar(directory: Path) -> dict:
-    """Return the parsed sidecar of an index directory, with clear errors when missing or corrupt."""
+def read_sidecar(directory: Path, ignore_retired: bool = False) -> dict:
+    """Return the parsed sidecar of an index directory, with clear errors when missing or corrupt
+    (``ignore_retired``: without its ``retired`` record, read or not)."""
     path = directory / SIDECAR
     if not path.is_file():
         raise FileNotFoundError(f"Index sidecar not found: {path} (is {directory} an index directory?)")
@@ -150,6 +151,8 @@ def read_sidecar(directory: Path) -> dict:
         raise IndexMismatch(f"{path} is an index of format {sidecar.get('format', 1)}, this version reads "
                             f"format {FORMAT}; rebuild it (retrieval index build, or scripts/rebuild_index.sh)",
                             "format")
+    if ignore_retired and isinstance(sidecar, dict):
+        sidecar.pop("retired", None)
     missing = [f for f in SIDECAR_FIELDS if not isinstance(sidecar, dict) or f not in sidecar]
     if missing:
         raise ValueError(f"Corrupt index sidecar {path}: missing field(s) {', '.join(missing)}")

@@ -274,13 +274,14 @@ class IndexStore:
         return directory
 
     @staticmethod
-    def read_items(directory) -> tuple[Items, int, dict[str, int]]:
+    def read_items(directory, ignore_retired: bool = False) -> tuple[Items, int, dict[str, int]]:
         """The item arrays of an index directory alone (ids, paths, titles, labels; memory-mapped), its
         views left unread, the id it numbers new items from (``next_id``) and its retired record
-        ({image path: id}): what a new build of the directory keeps each image's id by."""
+        ({image path: id}; with ``ignore_retired`` none, read or not): what a new build of the directory
+        keeps each image's id by."""
         directory = Path(directory)
         finish_interrupted_swap(directory)
-        sidecar = read_sidecar(directory)
+        sidecar = read_sidecar(directory, ignore_retired)
         items = Items.load(directory, sidecar["labels"], mmap=True)
         retired = retired_items(sidecar)
         return items, first_unused_id(sidecar.get("next_id"), items.ids, id_array(retired)), retired

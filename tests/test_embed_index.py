@@ -553,6 +553,29 @@ def test_a_malformed_retired_record_names_the_file_and_field(embeddings, tmp_pat
     assert message in capsys.readouterr().err
 
 
+def test_a_build_over_an_index_with_a_malformed_retired_record_keeps_the_held_ids(embeddings, tmp_path, caplog):
+    """A bad retired record (a hand edit) costs only the withdrawn products' old ids: a build over the
+    index keeps every held image's id (it renumbered the whole index by catalog row, a review found),
+    says why, and writes a sound record; the returning product takes an id above every one given."""
+    from indexer import IndexStore
+    from retrieval.data.embfile import read_embeddings
+
+    index = tmp_path / "index"
+    assert cli(["index", "build", "--embeddings", str(embeddings), "--out", str(index)]) == 0
+    assert cli(["index", "remove", "--index", str(index), "--ids", "3"]) == 0
+    side = json.loads((index / "sidecar.json").read_text())
+    (index / "sidecar.json").write_text(json.dumps({**side, "retired": {"paths": side["retired"]["paths"],
+                                                                        "ids": [-1]}}))
+    reversed_rows = write_rows(embeddings, tmp_path / "reversed.h5", list(range(59, -1, -1)))
+    assert cli(["index", "build", "--embeddings", str(reversed_rows), "--out", str(index)]) == 0
+    assert "retired.ids[0]" in caplog.text and "products withdrawn before come back under new ids" in caplog.text
+    store = IndexStore.load(index)
+    paths = read_embeddings(embeddings).paths
+    by_path = dict(zip(store.paths, store.ids.tolist()))
+    assert all(by_path[p] == i for i, p in enumerate(paths) if i != 3)  # every held image as it was
+    assert by_path[paths[3]] == 60 and store.next_id == 61 and store.retired == {}
+
+
 def test_an_updated_item_keeps_its_id_and_is_not_retired(embeddings, demo_catalog, tmp_path, capsys):
     # index add takes a changed item out and puts it back under its id at once: it is held, not withdrawn
     from indexer import IndexStore

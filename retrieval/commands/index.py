@@ -142,10 +142,15 @@ def kept_ids(paths: list[str], ids: np.ndarray, index_dir: Path) -> tuple[np.nda
     try:  # (read_items finishes a swap killed between its renames: its index is the one replaced)
         before, next_id, retired = IndexStore.read_items(index_dir)
     except (OSError, ValueError) as err:
-        if (index_dir / "sidecar.json").is_file():  # no index there (a first build) goes unsaid
-            logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links to "
-                           "the old one's items may name other products", index_dir, err)
-        return np.asarray(ids, dtype=np.int64), None, {}
+        try:  # a malformed retired record alone: every held image keeps its id all the same
+            before, next_id, retired = IndexStore.read_items(index_dir, ignore_retired=True)
+        except (OSError, ValueError):
+            if (index_dir / "sidecar.json").is_file():  # no index there (a first build) goes unsaid
+                logger.warning("%s cannot be read (%s): the new index numbers its items by catalog row, so links "
+                               "to the old one's items may name other products", index_dir, err)
+            return np.asarray(ids, dtype=np.int64), None, {}
+        logger.warning("%s (%s): the new index keeps every image's id there, but products withdrawn before come "
+                       "back under new ids", index_dir, err)
     held_paths = before.paths.tolist()
     out = np.full(len(paths), -1, dtype=np.int64)
     held, held_ids = held_items(paths, held_paths, before.ids)
