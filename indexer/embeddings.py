@@ -29,6 +29,7 @@ def align_to_ids(values, ids: np.ndarray, default, name: str) -> list | None:
 def build_store(source: VectorSource, paths, index_type: str = "flat", titles=None, labels=None, *,
                 fingerprint: str = "", group_codec: str = "fp16", use_gpu="auto", shared_view: str | None = None,
                 multi_label_view_power: float | None = None, next_id: int | None = None,
+                retired: dict[str, int] | None = None,
                 **build_kwargs) -> IndexStore:
     """Build an IndexStore with the "shared" view of index_type and an exact compact view per group.
 
@@ -41,6 +42,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
         shared_view: what the shared view's vectors are (as the embeddings name it), kept in the sidecar.
         multi_label_view_power: how the embeddings scaled their multi-label group views, kept in the sidecar.
         next_id: the id new items are numbered from (above every id the index this build replaces gave).
+        retired: {image path: id} of the images the index this build replaces held and this one leaves out.
         use_gpu, build_kwargs: passed to build_view (nlist, m_hnsw, pq_m, nprobe, ef_search, ...).
     """
     ids = source.ids
@@ -57,7 +59,7 @@ def build_store(source: VectorSource, paths, index_type: str = "flat", titles=No
     labels = {g: align_to_ids(v, ids, [], f"labels[{g!r}]") for g, v in (labels or {}).items()}
     return IndexStore(built, ids, paths, align_to_ids(titles, ids, "", "titles"), labels,
                       fingerprint=fingerprint, use_gpu=use_gpu, shared_view=shared_view,
-                      multi_label_view_power=multi_label_view_power, next_id=next_id)
+                      multi_label_view_power=multi_label_view_power, next_id=next_id, retired=retired)
 
 
 def build_store_from_embeddings(emb: dict, index_type: str = "flat", titles=None, labels=None, **kwargs) -> IndexStore:

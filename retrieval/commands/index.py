@@ -266,8 +266,8 @@ def main(argv=None) -> int:
                                 fingerprint=str(reader.attrs.get("fingerprint", "")),
                                 group_codec=args.group_codec, use_gpu=use_gpu(args.gpu),
                                 shared_view=shared_view_name(reader.attrs, args.shared_view),
-                                multi_label_view_power=multi_label_view_power(reader.attrs), next_id=next_id)
-            store.retired = retired  # the images the index held and this build leaves out keep their ids
+                                multi_label_view_power=multi_label_view_power(reader.attrs), next_id=next_id,
+                                retired=retired)  # the images the index held and this build leaves out
             store.save(args.out)
         print(f"Built {args.out}: {len(store)} items, {store.index_type}, views {', '.join(store.views)} "
               f"(shared: {store.shared_view}, {store.views['shared'].d}-d)")
