@@ -52,6 +52,11 @@ def from_others(probs: Mapping[str, np.ndarray], sources: Mapping[str, np.ndarra
     return np.mean(told, axis=0) if told else None
 
 
+def mixed(p: np.ndarray, told: np.ndarray, strength: float) -> np.ndarray:
+    """A group's probabilities ``p`` mixed with what the other heads say of it: (1 - s) p + s told."""
+    return ((1 - strength) * np.asarray(p, dtype=np.float32) + strength * told).astype(np.float32)
+
+
 def apply_prior(probs: Mapping[str, np.ndarray], prior: Mapping | None) -> dict[str, np.ndarray]:
     """``probs`` with each group of ``prior`` ({"strength": {g: s}, "sources": {g: {h: C_hg}}}) mixed
     with what its sources' heads say of it; the other groups as given."""
@@ -61,7 +66,7 @@ def apply_prior(probs: Mapping[str, np.ndarray], prior: Mapping | None) -> dict[
     for g, s in prior.get("strength", {}).items():
         told = from_others(probs, prior["sources"].get(g, {})) if g in probs else None
         if told is not None and s:
-            out[g] = ((1 - s) * np.asarray(probs[g], dtype=np.float32) + s * told).astype(np.float32)
+            out[g] = mixed(probs[g], told, s)
     return out
 
 
@@ -80,5 +85,5 @@ def prior_from_state(state: Mapping | None) -> dict:
     if not state or not state.get("strength"):
         return {}
     return {"strength": {g: float(s) for g, s in state["strength"].items()},
-            "sources": {g: {h: np.asarray(c, dtype=np.float32) for h, c in hs.items()}  # tensors or lists
+            "sources": {g: {h: np.asarray(c, dtype=np.float32) for h, c in hs.items()}
                         for g, hs in state["sources"].items()}}

@@ -220,8 +220,8 @@ def group_vectors(probs: dict[str, np.ndarray], sigmoid_groups,
 
     Softmax groups keep their probabilities (p·q is the model's probability that two items share
     the label), mixed, for the groups of the model's ``prior`` (``cooccurrence.apply_prior``; the
-    other groups' probabilities are needed then), with what the other heads say of them. Sigmoid groups are divided by their length to the ``power`` (``MULTI_LABEL_VIEW_POWER``),
-    so two items score p·q / (|p| |q|)^power: at 1 (the rule before, and ``with-groups``'s) the cosine,
+    other groups' probabilities are needed then), with what the other heads say of them. Sigmoid
+    groups are divided by their length to the ``power`` (``MULTI_LABEL_VIEW_POWER``), so two items score p·q / (|p| |q|)^power: at 1 (the rule before, and ``with-groups``'s) the cosine,
     which ranks the candidate with exactly the query's set of labels first; at 0 the expected number
     of labels they share, which favours items with many likely labels (before the head fit made the
     sigmoids decisive, the demo catalog's colours: 38.2 against the cosine's 67.5 mAP@50)."""

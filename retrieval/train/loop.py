@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from retrieval.data import embfile
-from retrieval.data.cooccurrence import STRENGTHS, from_others
+from retrieval.data.cooccurrence import STRENGTHS, from_others, mixed
 from retrieval.data.datasets import Targets
 from retrieval.evaluate.metrics import ap_means, evaluate_retrieval, label_matrix, rank_views
 from retrieval.net.model import RetrievalModel
@@ -146,16 +146,17 @@ def fit_strengths(probs: Mapping[str, np.ndarray], labels: Mapping[str, Sequence
     n = min(len(next(iter(probs.values()))) if probs else 0, FIT_ITEMS)
     if n < 3:
         return {}
+    probs = {g: p[:n] for g, p in probs.items()}
     queries, chosen = np.arange(n), {}
     for g, sources in cooccurrence.items():
-        told = from_others({h: p[:n] for h, p in probs.items()}, sources) if g in probs and g in labels else None
+        told = from_others(probs, sources) if g in probs and g in labels else None
         if told is None:
             continue
         sets = labels[g][:n]
         y = label_matrix(sets, sorted({label for s in sets for label in s}))
 
         def score(s: float) -> float:  # the group view alone, ranked as evaluate_retrieval ranks it
-            view = ((1 - s) * probs[g][:n] + s * told).astype(np.float32)
+            view = mixed(probs[g], told, s)
             return ap_means(*rank_views({g: (view, [g])}, {g: y}, queries, min(50, n - 1))[g, g][1:])[
                 "map_standard"] or 0.0
 
